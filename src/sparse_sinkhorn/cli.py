@@ -1,0 +1,56 @@
+"""The ``sparse-sinkhorn`` console script.
+
+Each subcommand lives in its own module and registers itself through a function
+``add_subparser(subparsers) -> None`` that sets ``func`` (a callable taking the parsed
+``argparse.Namespace`` and returning an exit code) as a default on its parser.
+Modules are imported lazily so that ``--help`` stays fast and an optional dependency
+missing for one experiment never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (module, description) for every subcommand group; each module defines ``add_subparser``.
+_COMMANDS: tuple[str, ...] = (
+    "sparse_sinkhorn.experiments.sorting",
+    "sparse_sinkhorn.experiments.lm",
+    "sparse_sinkhorn.experiments.image",
+    "sparse_sinkhorn.experiments.classify",
+    "sparse_sinkhorn.experiments.generate",
+    "sparse_sinkhorn.data.cli",
+    "sparse_sinkhorn.bench_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparse-sinkhorn",
+        description="Sparse Sinkhorn Attention: the paper's experiments and tools.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and name.startswith(err.name):
+                continue  # that subcommand is not part of this build
+            raise
+        module.add_subparser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Readers (and an IDX writer) for the standard on-disk image formats.
+
+* **IDX** (MNIST, Fashion-MNIST): ``*-ubyte`` or ``*-ubyte.gz``; big-endian header
+  ``0x00 0x00 <type code> <ndim>`` followed by ``ndim`` uint32 sizes and the raw data.
+* **CIFAR-10 python pickles**, the official files of ``cifar-10-python.tar.gz``:
+  ``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``; each a dict with ``b"data"``
+  (uint8 array (10000, 3072), channel-planar: 1024 R, then 1024 G, then 1024 B values, each
+  plane row-major) and ``b"labels"`` (list of ints). They are read with a restricted unpickler
+  that only admits numpy's array-reconstruction globals, so a tampered file cannot run code.
+
+Axis legend: N images, H height, W width, C channels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# IDX type code -> big-endian numpy dtype.
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == _GZIP_MAGIC:
+        return gzip.decompress(raw)
+    return raw
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (raw or gzip-compressed, detected by magic bytes) into a numpy array.
+
+    Returns native-endian data of the stored type (uint8 for MNIST images and labels), shape
+    as stored: images ``(N, H, W)``, labels ``(N,)``.
+    """
+    path = Path(path)
+    data = _read_maybe_gzip(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (magic bytes {data[:4]!r})")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX type code {code:#04x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, ndim={ndim})")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path}: IDX payload has {len(data) - header} bytes, expected {expected} "
+            f"for shape {shape} and dtype {dtype}"
+        )
+    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file; gzip-compressed (with a fixed mtime) if ``path`` ends in .gz.
+
+    Output is byte-for-byte deterministic for the same array.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
+    native = arr.dtype.newbyteorder("=")
+    if native not in codes:
+        raise ValueError(
+            f"cannot store dtype {arr.dtype} in IDX; use one of {sorted(map(str, codes))}"
+        )
+    if arr.ndim > 255:
+        raise ValueError(f"IDX supports at most 255 dims, got {arr.ndim}")
+    big = np.dtype(_IDX_DTYPES[codes[native]])
+    payload = struct.pack(">BBBB", 0, 0, codes[native], arr.ndim)
+    payload += struct.pack(f">{arr.ndim}I", *arr.shape)
+    payload += np.ascontiguousarray(arr, dtype=big).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".gz"):
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
+            gz.write(payload)
+        path.write_bytes(buf.getvalue())
+    else:
+        path.write_bytes(payload)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem, root / stem.replace("-idx", ".idx")):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"no IDX file {stem}(.gz) in {root}")
+
+
+def load_idx_split(root: str | os.PathLike[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-layout split: ``(images uint8 (N, H, W), labels uint8 (N,))``.
+
+    ``split`` is ``"train"`` or ``"test"`` (files ``train-*`` / ``t10k-*``).
+    """
+    prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{root}: {split} has {images.shape[0]} images but {labels.shape[0]} labels"
+        )
+    return images, labels
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR pickle needs: ndarray/dtype and the reconstruct helpers."""
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    try:  # numpy >= 2 keeps these under numpy._core; old pickles name numpy.core
+        from numpy._core import multiarray, numeric
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    for mod in ("numpy.core", "numpy._core"):
+        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only numpy array-reconstruction globals.
+
+    Plain containers (dict, list, bytes, str, int) need no globals; anything else (``os.system``,
+    ``builtins.eval``, arbitrary classes) raises ``pickle.UnpicklingError``.
+    """
+
+    _ALLOWED = _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name} from a data pickle "
+                "(only numpy arrays are allowed)"
+            ) from None
+
+
+def safe_pickle_load(path: str | os.PathLike[str]) -> Any:
+    """Load a pickle of numpy arrays and plain containers with :class:`RestrictedUnpickler`."""
+    with Path(path).open("rb") as fh:
+        return RestrictedUnpickler(fh, encoding="bytes").load()
+
+
+def read_cifar_batch(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One official CIFAR-10 batch file -> ``(images uint8 (N, 32, 32, 3) HWC, labels int64 (N,))``.
+
+    The file stores each image channel-planar (R plane, G plane, B plane); it is returned in
+    height-width-channel order so that flattening gives RGBRGB... per pixel, row-major.
+    """
+    batch = safe_pickle_load(path)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path}: not a CIFAR-10 batch (need b'data' and b'labels', got {keys})")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}"
+        )
+    # (N, 3072) -> (N, C=3, H=32, W=32) -> (N, H, W, C)
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def load_cifar10(root: str | os.PathLike[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 split from ``root`` (the dir holding ``cifar-10-batches-py`` or that dir itself).
+
+    ``"train"`` concatenates ``data_batch_1..5`` (50,000 images), ``"test"`` is ``test_batch``.
+    """
+    root = Path(root)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    if split == "train":
+        names = [f"data_batch_{i}" for i in range(1, 6)]
+    elif split == "test":
+        names = ["test_batch"]
+    else:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    parts = [read_cifar_batch(root / n) for n in names]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,0 +1,447 @@
+"""``train()``: the one training loop every experiment uses, on one process or under torchrun.
+
+Single process::
+
+    config = TrainConfig(steps=1000, batch_size=64)
+    result = train(model, dataset, loss_fn, config, out_dir="runs/x")
+
+Several processes (the same script, unchanged)::
+
+    torchrun --standalone --nproc_per_node=2 my_experiment.py
+
+Each step, every rank takes ``grad_accum`` micro-batches of ``batch_size // (world_size *
+grad_accum)`` examples (see :mod:`sparse_sinkhorn.train.sampling`), back-propagates
+``loss / grad_accum`` (DDP averages over ranks, so the gradient is the mean over the global
+batch when ``loss_fn`` returns a per-example mean), syncs gradients only on the last
+micro-batch (``no_sync``), clips, and steps AdamW and the LR schedule. Rank 0 writes
+``metrics.jsonl``, runs ``eval_fn`` and writes checkpoints; the other ranks wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from sparse_sinkhorn.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints, save_checkpoint
+from sparse_sinkhorn.train.config import TrainConfig
+from sparse_sinkhorn.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    init_distributed,
+)
+from sparse_sinkhorn.train.helpers import (
+    as_json_dict,
+    autocast,
+    autocast_dtype,
+    check_dataset,
+    check_plain_data,
+    check_world,
+    move_to_device,
+    rank0_call,
+    run_eval,
+)
+from sparse_sinkhorn.train.loading import config_differences, load_checkpoint, resolve_checkpoint
+from sparse_sinkhorn.train.metrics import MetricsWriter
+from sparse_sinkhorn.train.optim import build_optimizer, build_scheduler
+from sparse_sinkhorn.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from sparse_sinkhorn.train.sampling import MicroBatchSampler, steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, Any]]]
+EvalFn = Callable[[nn.Module], Mapping[str, Any]]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (identical on every rank)."""
+
+    step: int  # optimizer steps completed
+    metrics: dict[str, float]  # the last logged training row
+    eval_metrics: dict[str, float]  # the last eval_fn result, keys prefixed "eval/"
+    out_dir: Path
+    checkpoint: Path | None  # the final checkpoint directory
+    resumed_from: Path | None = None  # the checkpoint this run started from, if any
+    history: list[dict[str, float]] = field(default_factory=list)  # rows logged by this call
+
+
+@dataclass
+class _Run:
+    """Everything the step function needs, built once by :func:`train`."""
+
+    config: TrainConfig
+    info: DistInfo
+    raw_model: nn.Module
+    model: nn.Module  # raw_model or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    loss_fn: LossFn
+
+
+def _train_step(run: _Run, batches: Any) -> tuple[torch.Tensor, dict[str, float], Any]:
+    """One optimizer step over ``grad_accum`` micro-batches.
+
+    Returns the summed micro-batch losses of this rank (a tensor), summed metrics and the
+    gradient norm before clipping (a tensor, or None without clipping).
+    """
+    config, model = run.config, run.model
+    loss_sum = torch.zeros((), device=run.info.device)
+    metric_sums: dict[str, float] = {}
+    for micro in range(config.grad_accum):
+        batch = move_to_device(next(batches), run.info.device)
+        last = micro == config.grad_accum - 1
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
+        with sync or nullcontext():
+            with autocast(run.info.device, run.amp_dtype):
+                loss, metrics = run.loss_fn(model, batch)
+            scaled = loss / config.grad_accum
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = None
+    if config.clip_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.clip_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return loss_sum, metric_sums, grad_norm
+
+
+@dataclass
+class _Window:
+    """Throughput accounting between two log rows."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    tokens: float = 0.0
+
+
+def _reduce_row(
+    run: _Run,
+    step: int,
+    lr: float,
+    step_out: tuple[torch.Tensor, dict[str, float], Any],
+    window: _Window,
+    elapsed: float,
+) -> dict[str, float]:
+    """The metrics row of ``step``: loss/metrics averaged over every micro-batch of every rank."""
+    loss_sum, metric_sums, grad_norm = step_out
+    keys = sorted(k for k in metric_sums if k != "tokens")
+    values = [loss_sum.item(), window.tokens, *(metric_sums[k] for k in keys)]
+    totals = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=run.info.device))
+    parts = run.info.world_size * run.config.grad_accum
+    seconds = max(time.perf_counter() - window.start, 1e-9)
+    row: dict[str, float] = {"step": step, "loss": totals[0].item() / parts, "lr": lr}
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    row.update({key: totals[2 + i].item() / parts for i, key in enumerate(keys)})
+    row["examples_per_s"] = window.steps * run.config.batch_size / seconds
+    if "tokens" in metric_sums:
+        row["tokens_per_s"] = totals[1].item() / seconds
+    row["elapsed"] = elapsed
+    return row
+
+
+def _save(run: _Run, step: int, out_dir: Path, extra: dict[str, Any]) -> Path:
+    """Checkpoint after ``step`` updates: rank 0 writes, every rank returns the path."""
+    rng_states = all_gather_objects(capture_rng_state())  # collective: every rank's RNG
+    per_epoch = extra["steps_per_epoch"]
+
+    def write() -> Path:
+        state = {
+            "format_version": 1,
+            "step": step,
+            "epoch": step // per_epoch,
+            "position": step % per_epoch,  # optimizer steps already taken in this epoch
+            "steps_per_epoch": per_epoch,
+            "examples_seen": step * run.config.batch_size,
+            "world_size": run.info.world_size,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "grad_scaler": None if run.scaler is None else run.scaler.state_dict(),
+            "rng": rng_states,
+            "elapsed": extra["elapsed"],
+            "extra_state": extra["extra_state"],
+        }
+        config = {
+            "format_version": 1,
+            "step": step,
+            "model_config": extra["model_config"],
+            "train_config": run.config.to_dict(),
+            "world_size": run.info.world_size,
+        }
+        return save_checkpoint(
+            out_dir / CHECKPOINTS_DIR,
+            step,
+            run.raw_model,
+            config=config,
+            trainer_state=state,
+            keep=run.config.keep_checkpoints,
+        )
+
+    return rank0_call(run.info, write)
+
+
+def _prepare_fresh(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = list_checkpoints(out_dir / CHECKPOINTS_DIR)
+    if existing:
+        raise FileExistsError(
+            f"{out_dir} already holds checkpoints (newest: {existing[-1][1].name}); pass "
+            "resume=True to continue that run, or choose a new out_dir"
+        )
+
+
+# TrainConfig fields that may change between a run and its resumption without a warning.
+_HARMLESS = {"progress", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_workers"}
+
+
+def _resume(
+    run: _Run, out_dir: Path, resume: bool | str | Path, model_config: dict[str, Any] | None
+) -> tuple[int, float, Path]:
+    """Load the checkpoint ``resume`` designates; returns (step, elapsed seconds, its path)."""
+    source = Path(resume) if isinstance(resume, (str, Path)) else out_dir
+    if not source.exists():
+        raise FileNotFoundError(
+            f"resume path {source} does not exist; pass resume=False to start a new run, or "
+            "point resume at an existing run dir or checkpoint dir"
+        )
+    ckpt = rank0_call(run.info, lambda: resolve_checkpoint(source))
+    state = load_checkpoint(ckpt, run.raw_model, run.optimizer, run.scheduler, model_config)
+    if run.scaler is not None and state.get("grad_scaler"):
+        run.scaler.load_state_dict(state["grad_scaler"])
+    rng_states = state["rng"]
+    restore_rng_state(rng_states[run.info.rank % len(rng_states)])
+    diffs = config_differences(state["config"].get("train_config", {}), run.config.to_dict())
+    diffs = [d for d in diffs if d.split(":")[0] not in _HARMLESS]
+    if diffs and run.info.is_main:
+        logger.warning("resuming %s with a different TrainConfig: %s", ckpt, "; ".join(diffs))
+    if state["step"] > run.config.steps:
+        raise ValueError(
+            f"checkpoint {ckpt} is at step {state['step']}, past TrainConfig.steps="
+            f"{run.config.steps}; raise steps to continue training"
+        )
+    if run.info.is_main:
+        logger.info("resumed from %s at step %d", ckpt, state["step"])
+    return int(state["step"]), float(state.get("elapsed", 0.0)), ckpt
+
+
+def _build_run(model: nn.Module, loss_fn: LossFn, config: TrainConfig, info: DistInfo) -> _Run:
+    model.to(info.device)
+    optimizer = build_optimizer(model, config)
+    amp_dtype = autocast_dtype(config.amp, info.device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return _Run(
+        config=config,
+        info=info,
+        raw_model=model,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config),
+        scaler=scaler,
+        amp_dtype=amp_dtype,
+        loss_fn=loss_fn,
+    )
+
+
+def _wrap_ddp(run: _Run) -> nn.Module:
+    if not run.info.is_distributed:
+        return run.raw_model
+    device_ids = [run.info.local_rank] if run.info.device.type == "cuda" else None
+    return DistributedDataParallel(
+        run.raw_model,
+        device_ids=device_ids,
+        find_unused_parameters=run.config.find_unused_parameters,
+    )
+
+
+def _loader(
+    run: _Run, dataset: Dataset[Any], num_examples: int, start_step: int, collate_fn: Any
+) -> DataLoader[Any]:
+    config = run.config
+    sampler = MicroBatchSampler(
+        num_examples=num_examples,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        rank=run.info.rank,
+        world_size=run.info.world_size,
+        seed=config.seed,
+        start_step=start_step,
+        steps=config.steps,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=config.num_workers,
+        pin_memory=run.info.device.type == "cuda",
+        # A private generator keeps the loader from drawing on the global torch RNG.
+        generator=torch.Generator().manual_seed(config.seed + start_step),
+    )
+
+
+def _progress_bar(config: TrainConfig, info: DistInfo, start_step: int) -> Any:
+    if not (config.progress and info.is_main):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(total=config.steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _report(run: _Run, row: dict[str, float], writer: MetricsWriter | None, bar: Any) -> None:
+    if not run.info.is_main:
+        return
+    if writer is not None:
+        writer.write(row)
+    shown = {k: v for k, v in row.items() if k in ("loss", "tokens_per_s", "examples_per_s")}
+    if bar is not None and "loss" in row:
+        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+    logger.info(
+        "step %d/%d %s",
+        row["step"],
+        run.config.steps,
+        " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"),
+    )
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    loss_fn: LossFn,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    eval_fn: EvalFn | None = None,
+    resume: bool | str | Path = False,
+    model_config: Mapping[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` for ``config.steps`` optimizer steps.
+
+    Args:
+        model: any ``nn.Module``; moved to this rank's device and wrapped in DDP under torchrun.
+        dataset: a map-style dataset; batches are built by ``collate_fn`` (default collate).
+        loss_fn: ``loss_fn(model, batch) -> (loss, metrics)``; ``model`` is the (possibly
+            DDP-wrapped) module, ``batch`` is already on the device, ``loss`` is the mean over
+            the micro-batch and ``metrics`` maps names to floats, with an optional ``"tokens"``
+            count for tokens/s. Every rank must return the same metric keys.
+        eval_fn: ``eval_fn(unwrapped_model) -> metrics``, run on rank 0 only (eval mode,
+            ``no_grad``, RNG state preserved) every ``eval_every`` steps and at the end; its
+            results are broadcast to every rank and logged as ``eval/<name>``.
+        resume: ``True`` continues from ``out_dir``'s latest valid checkpoint; a path continues
+            from that checkpoint dir or run dir. ``False`` starts fresh (and refuses an
+            ``out_dir`` that already holds checkpoints).
+        model_config: JSON-ready dict saved in every ``config.json``; on resume it must equal the
+            saved one (``ConfigMismatchError`` names the differing keys).
+        extra_state: tensors/plain data stored in ``trainer_state.pt`` (e.g. a vocabulary).
+
+    Seeds torch/random/numpy with ``config.seed + rank``; build the model before calling (seed
+    it yourself with :func:`seed_everything` for a reproducible init). Leaves any process group
+    initialised: call :func:`cleanup_distributed` at the end of a torchrun script.
+    """
+    info = init_distributed()
+    check_world(config, info)
+    num_examples = check_dataset(dataset, config.batch_size)
+    model_cfg = as_json_dict(model_config, "model_config")
+    check_plain_data(extra_state or {})
+    out = Path(out_dir)
+    seed_everything(config.seed + info.rank)
+    run = _build_run(model, loss_fn, config, info)
+    start_step, elapsed0, resumed_from = 0, 0.0, None
+    if resume is False:
+        rank0_call(info, lambda: _prepare_fresh(out))
+    else:
+        expected = model_cfg if model_config is not None else None
+        start_step, elapsed0, resumed_from = _resume(run, out, resume, expected)
+        rank0_call(info, lambda: out.mkdir(parents=True, exist_ok=True))
+    run.model = _wrap_ddp(run)
+    extra = {
+        "model_config": model_cfg,
+        "extra_state": extra_state or {},
+        "elapsed": elapsed0,
+        "steps_per_epoch": steps_per_epoch(num_examples, config.batch_size),
+    }
+    loader = _loader(run, dataset, num_examples, start_step, collate_fn)
+    writer = None
+    if info.is_main:
+        writer = MetricsWriter(out, resume_step=start_step if resumed_from else None)
+    bar = _progress_bar(config, info, start_step)
+    try:
+        result = _loop(run, iter(loader), start_step, out, extra, eval_fn, writer, bar)
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()
+    result.resumed_from = resumed_from
+    return result
+
+
+def _loop(
+    run: _Run,
+    batches: Any,
+    start_step: int,
+    out_dir: Path,
+    extra: dict[str, Any],
+    eval_fn: EvalFn | None,
+    writer: MetricsWriter | None,
+    bar: Any,
+) -> TrainResult:
+    config = run.config
+    t0, window = time.perf_counter(), _Window()
+    result = TrainResult(
+        step=start_step, metrics={}, eval_metrics={}, out_dir=out_dir, checkpoint=None
+    )
+    for step in range(start_step + 1, config.steps + 1):
+        lr = float(run.scheduler.get_last_lr()[0])  # the LR this update uses
+        step_out = _train_step(run, batches)
+        window.steps += 1
+        window.tokens += step_out[1].get("tokens", 0.0)
+        extra["elapsed_now"] = time.perf_counter() - t0
+        row: dict[str, float] = {}
+        if _is_due(step, config.log_every, config.steps):
+            row = _reduce_row(
+                run, step, lr, step_out, window, extra["elapsed"] + extra["elapsed_now"]
+            )
+            result.metrics, window = dict(row), _Window()
+        if eval_fn is not None and _is_due(step, config.eval_every, config.steps):
+            result.eval_metrics = rank0_call(run.info, lambda: run_eval(eval_fn, run.raw_model))
+            row = {"step": step, **row, **result.eval_metrics}
+        if row:
+            _report(run, row, writer, bar)
+            result.history.append(row)
+        if bar is not None:
+            bar.update(1)
+        if _is_due(step, config.ckpt_every, config.steps):
+            ckpt_extra = {**extra, "elapsed": extra["elapsed"] + extra["elapsed_now"]}
+            result.checkpoint = _save(run, step, out_dir, ckpt_extra)
+        result.step = step
+    return result

@@ -1,1 +1,20 @@
-"""nn."""
+"""Modules: sort nets, attention layers, Transformer encoder/decoder layers."""
+
+from __future__ import annotations
+
+from .attention import CrossAttention, SinkhornSelfAttention
+from .config import ATTENTION_KINDS, AttentionConfig
+from .layers import FeedForward, TransformerDecoderLayer, TransformerEncoderLayer
+from .sortnet import SORT_NETS, SortNet
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "SORT_NETS",
+    "AttentionConfig",
+    "CrossAttention",
+    "FeedForward",
+    "SinkhornSelfAttention",
+    "SortNet",
+    "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
+]

@@ -1,1 +1,34 @@
-"""ops."""
+"""Pure functional ops on ``(B, H, L, D)`` tensors: no parameters, no state."""
+
+from __future__ import annotations
+
+from .attention import SinkhornPlan, attend_with_plan, sinkhorn_attention, sinkhorn_plan
+from .baselines import dense_attention, local_attention, sparse_attention, sparse_pattern
+from .blocks import block_summaries, causal_block_summaries, num_blocks, pad_to_blocks
+from .reference import (
+    reference_dense_attention,
+    reference_sinkhorn_attention,
+    reference_sinkhorn_balance,
+)
+from .sinkhorn import hard_routing, sample_gumbel, sinkhorn_balance
+
+__all__ = [
+    "SinkhornPlan",
+    "attend_with_plan",
+    "block_summaries",
+    "causal_block_summaries",
+    "dense_attention",
+    "hard_routing",
+    "local_attention",
+    "num_blocks",
+    "pad_to_blocks",
+    "reference_dense_attention",
+    "reference_sinkhorn_attention",
+    "reference_sinkhorn_balance",
+    "sample_gumbel",
+    "sinkhorn_attention",
+    "sinkhorn_balance",
+    "sinkhorn_plan",
+    "sparse_attention",
+    "sparse_pattern",
+]

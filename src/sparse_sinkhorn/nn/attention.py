@@ -1,0 +1,178 @@
+"""Attention modules: Sinkhorn self-attention (with the baselines behind one switch) and
+dense cross-attention. Modules own weights; the maths lives in :mod:`sparse_sinkhorn.ops`.
+
+Axes: B batch, L length, S memory length, D model dim, H heads, E head dim, N blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..ops import (
+    SinkhornPlan,
+    dense_attention,
+    local_attention,
+    sinkhorn_attention,
+    sparse_attention,
+)
+from ..ops.blocks import block_summaries, causal_block_summaries
+from .config import AttentionConfig
+from .sortnet import SortNet
+
+
+class SinkhornSelfAttention(nn.Module):
+    """Multi-head self-attention with Sparse Sinkhorn attention or a baseline.
+
+    ``attention`` picks the kind: ``"sinkhorn"`` (local + sorted blocks), ``"mixture"``
+    (sinkhorn + dense), ``"dense"``, ``"local"`` or ``"sparse"`` (Sparse Transformer).
+    The sort net reads masked block summaries of the layer input; in a causal layer the
+    query side uses leak-free prefix summaries (SPEC §2.7), so the layer is exactly causal.
+    Gumbel noise and dropout apply in training mode only.
+
+    Args (beyond :class:`AttentionConfig`'s fields, which are accepted as keywords):
+        d_model: model width ``D``; must be divisible by ``n_heads``.
+        n_heads: heads ``H``.
+        causal: decoder self-attention.
+        dropout: attention-weight dropout (training only).
+        bias: biases in the projections.
+
+    Shapes: ``x`` ``(B, L, D)`` with any ``L <= max_len`` (any ``L`` for ``bilinear``),
+    ``key_padding_mask`` ``(B, L)`` bool (True = real token) -> ``(B, L, D)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        causal: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+        attention: str = "sinkhorn",
+        **config: Any,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.config = AttentionConfig(kind=attention, **config)
+        if causal and self.config.n_sortcut is not None:
+            raise ValueError("SortCut (n_sortcut) is for encoders only; it cannot be causal")
+        self.d_model, self.n_heads, self.causal, self.dropout = d_model, n_heads, causal, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.sort_net: SortNet | None = None
+        if self.config.uses_sorting:
+            self.sort_net = SortNet(
+                d_model, n_heads, self.config.max_blocks, kind=self.config.sort_net
+            )
+
+    @classmethod
+    def from_config(
+        cls, d_model: int, n_heads: int, config: AttentionConfig, **kwargs: Any
+    ) -> SinkhornSelfAttention:
+        fields = asdict(config)
+        return cls(d_model, n_heads, attention=fields.pop("kind"), **fields, **kwargs)
+
+    def sort_logits(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)``."""
+        assert self.sort_net is not None, "only sinkhorn/mixture layers have a sort net"
+        cfg = self.config
+        keys = block_summaries(
+            x, cfg.block_size, key_padding_mask=key_padding_mask, pooling=cfg.pooling
+        )  # (B, N, D)
+        rows = keys
+        if self.causal:
+            rows = causal_block_summaries(
+                x, cfg.block_size, key_padding_mask=key_padding_mask, pooling=cfg.pooling
+            )  # (B, N, D): row i sees positions <= i*W only
+        return self.sort_net(rows, keys)
+
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        *,
+        return_plan: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | tuple[Tensor, SinkhornPlan | None]:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected x of shape (B, L, {self.d_model}), got {tuple(x.shape)}")
+        q, k, v = rearrange(
+            self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.n_heads
+        )  # each (B, H, L, E)
+        out, plan = self._attend(q, k, v, x, key_padding_mask, generator)
+        y = self.out(rearrange(out, "b h l e -> b l (h e)"))  # (B, L, D)
+        return (y, plan) if return_plan else y
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        mask: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, SinkhornPlan | None]:
+        cfg = self.config
+        p = self.dropout if self.training else 0.0
+        common: dict[str, Any] = dict(is_causal=self.causal, key_padding_mask=mask, dropout_p=p)
+        if cfg.kind == "dense":
+            return dense_attention(q, k, v, **common), None
+        if cfg.kind == "local":
+            return local_attention(q, k, v, block_size=cfg.block_size, **common), None
+        if cfg.kind == "sparse":
+            return sparse_attention(
+                q, k, v, block_size=cfg.block_size, mode=cfg.sparse_mode, **common
+            ), None
+        out, plan = sinkhorn_attention(
+            q,
+            k,
+            v,
+            self.sort_logits(x, mask),
+            block_size=cfg.block_size,
+            n_sortcut=cfg.n_sortcut,
+            mixture=cfg.kind == "mixture",
+            hard=cfg.hard,
+            n_iters=cfg.n_iters,
+            temperature=cfg.temperature,
+            gumbel_noise=cfg.gumbel_noise and self.training,
+            generator=generator,
+            return_plan=True,
+            **common,
+        )
+        return out, plan
+
+
+class CrossAttention(nn.Module):
+    """Dense multi-head attention from ``x`` ``(B, L, D)`` to ``memory`` ``(B, S, D)``,
+    with its own query and key/value projections."""
+
+    def __init__(
+        self, d_model: int, n_heads: int, *, dropout: float = 0.0, bias: bool = True
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(
+        self, x: Tensor, memory: Tensor, memory_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        q = rearrange(self.q(x), "b l (h e) -> b h l e", h=self.n_heads)
+        k, v = rearrange(self.kv(memory), "b s (two h e) -> two b h s e", two=2, h=self.n_heads)
+        out = dense_attention(
+            q,
+            k,
+            v,
+            key_padding_mask=memory_padding_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, L, E)
+        return self.out(rearrange(out, "b h l e -> b l (h e)"))

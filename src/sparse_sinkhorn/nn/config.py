@@ -1,0 +1,61 @@
+"""Attention configuration shared by layers and models (a frozen, validated dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .sortnet import SORT_NETS
+
+ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How a self-attention layer attends. Every field is used by at least one kind."""
+
+    kind: str = "sinkhorn"  # one of ATTENTION_KINDS; "mixture" = sinkhorn + dense
+    block_size: int = 64  # tokens per block (sinkhorn, mixture, local, sparse stride)
+    max_len: int = 4096  # longest input; sizes the linear/mlp sort net (N_max = max_len / W)
+    n_sortcut: int | None = None  # SortCut budget in blocks (sinkhorn encoders only)
+    hard: bool = False  # straight-through hard routing
+    sort_net: str = "linear"  # "linear" (paper) | "mlp" | "bilinear" (length-agnostic)
+    pooling: str = "sum"  # block summaries: "sum" (paper) | "mean"
+    n_iters: int = 8  # Sinkhorn balancing rounds
+    temperature: float = 0.75  # Gumbel-Sinkhorn temperature tau
+    gumbel_noise: bool = True  # add Gumbel noise in training mode (never in eval)
+    sparse_mode: str = "fixed"  # Sparse Transformer pattern: "fixed" | "strided"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTENTION_KINDS:
+            raise ValueError(
+                f"unknown attention kind {self.kind!r}; choose one of {ATTENTION_KINDS}"
+            )
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {self.block_size}")
+        if self.max_len <= 0:
+            raise ValueError(f"max_len must be > 0, got {self.max_len}")
+        if self.n_sortcut is not None:
+            if self.kind != "sinkhorn":
+                raise ValueError(
+                    f"n_sortcut applies to attention kind 'sinkhorn' only, not {self.kind!r}"
+                )
+            if self.n_sortcut <= 0:
+                raise ValueError(f"n_sortcut must be > 0, got {self.n_sortcut}")
+        if self.sort_net not in SORT_NETS:
+            raise ValueError(f"sort_net must be one of {SORT_NETS}, got {self.sort_net!r}")
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be 'sum' or 'mean', got {self.pooling!r}")
+        if self.n_iters < 0:
+            raise ValueError(f"n_iters must be >= 0, got {self.n_iters}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.sparse_mode not in ("fixed", "strided"):
+            raise ValueError(f"sparse_mode must be 'fixed' or 'strided', got {self.sparse_mode!r}")
+
+    @property
+    def uses_sorting(self) -> bool:
+        return self.kind in ("sinkhorn", "mixture")
+
+    @property
+    def max_blocks(self) -> int:
+        return -(-self.max_len // self.block_size)

@@ -1,0 +1,85 @@
+"""The meta sorting network: block summaries -> per-head block-routing logits (SPEC §2.3).
+
+Axes: B batch, H heads, N blocks, M key blocks (== N), D model dim, E per-head sort dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+SORT_NETS = ("linear", "mlp", "bilinear")
+
+
+class SortNet(nn.Module):
+    """Scores every (query block, key block) pair, per head.
+
+    * ``"linear"`` (the paper's default and best): one linear layer ``D -> H * max_blocks``
+      on each query-block summary, sliced to the actual ``N`` columns.
+    * ``"mlp"``: two layers with a ReLU (the paper's ablation).
+    * ``"bilinear"`` (length-agnostic, beyond the paper): ``R_ij = (W_q x_i)·(W_k x_j)/√E``;
+      it has no ``max_blocks`` and works for any number of blocks.
+
+    Args:
+        d_model: summary width ``D``.
+        n_heads: heads ``H`` (one routing matrix each).
+        max_blocks: the most blocks a sequence may have (``linear`` / ``mlp`` only).
+        kind: one of :data:`SORT_NETS`.
+        d_hidden: hidden width of ``mlp`` (default ``D``) and per-head width of ``bilinear``
+            (default ``D // H``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        max_blocks: int | None,
+        *,
+        kind: str = "linear",
+        d_hidden: int | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in SORT_NETS:
+            raise ValueError(f"sort net kind must be one of {SORT_NETS}, got {kind!r}")
+        if kind != "bilinear" and (max_blocks is None or max_blocks <= 0):
+            raise ValueError(f"sort net {kind!r} needs max_blocks > 0, got {max_blocks}")
+        self.kind = kind
+        self.n_heads = n_heads
+        self.max_blocks = max_blocks
+        self.net: nn.Module
+        if kind == "linear":
+            assert max_blocks is not None
+            self.net = nn.Linear(d_model, n_heads * max_blocks)
+        elif kind == "mlp":
+            assert max_blocks is not None
+            hidden = d_hidden or d_model
+            self.net = nn.Sequential(
+                nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, n_heads * max_blocks)
+            )
+        else:
+            self.d_sort = d_hidden or max(1, d_model // n_heads)
+            self.net = nn.Linear(d_model, n_heads * self.d_sort)  # query-block side
+            self.key_net = nn.Linear(d_model, n_heads * self.d_sort)  # key-block side
+
+    def forward(self, query_summary: Tensor, key_summary: Tensor | None = None) -> Tensor:
+        """``(B, N, D)`` row summaries (and key summaries for bilinear) -> ``(B, H, N, N)``.
+
+        ``key_summary`` defaults to ``query_summary``; only ``bilinear`` reads it (the
+        linear nets score columns by learned weights).
+        """
+        n = query_summary.shape[1]
+        if self.kind == "bilinear":
+            keys = query_summary if key_summary is None else key_summary
+            q = rearrange(self.net(query_summary), "b n (h e) -> b h n e", h=self.n_heads)
+            k = rearrange(self.key_net(keys), "b m (h e) -> b h m e", h=self.n_heads)
+            return torch.einsum("bhne,bhme->bhnm", q, k) * self.d_sort**-0.5
+        assert self.max_blocks is not None
+        if n > self.max_blocks and not torch.compiler.is_compiling():
+            raise ValueError(
+                f"the input has {n} blocks but this {self.kind!r} sort net was built for at "
+                f"most max_blocks={self.max_blocks}; build it with a larger max_len, or use "
+                "sort_net='bilinear', which has no length limit"
+            )
+        scores = rearrange(self.net(query_summary), "b n (h m) -> b h n m", h=self.n_heads)
+        return scores[..., :n]  # (B, H, N, N)

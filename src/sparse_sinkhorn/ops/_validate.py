@@ -1,0 +1,110 @@
+"""Early, helpful errors for the functional ops (skipped while ``torch.compile`` traces)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .blocks import num_blocks
+
+
+def check_qkv(query: Tensor, key: Tensor, value: Tensor, *, same_length: bool) -> None:
+    """Shapes ``(B, H, L, D)`` with matching batch, heads, dtype and device."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if query.shape[:2] != key.shape[:2] or key.shape[:2] != value.shape[:2]:
+        raise ValueError(
+            "query, key and value must share batch and heads (B, H): got "
+            f"{tuple(query.shape[:2])}, {tuple(key.shape[:2])}, {tuple(value.shape[:2])}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key head dims differ: {query.shape[-1]} vs {key.shape[-1]}")
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(f"key and value lengths differ: {key.shape[2]} vs {value.shape[2]}")
+    if same_length and query.shape[2] != key.shape[2]:
+        raise ValueError(
+            "block-sparse attention pairs query block i with key block i, so query and key "
+            f"lengths must match: got {query.shape[2]} and {key.shape[2]}"
+        )
+    if query.dtype != key.dtype or key.dtype != value.dtype:
+        raise TypeError(
+            f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if query.device != key.device or key.device != value.device:
+        raise ValueError(
+            f"query, key, value devices differ: {query.device}, {key.device}, {value.device}"
+        )
+
+
+def check_common(
+    key: Tensor,
+    *,
+    key_padding_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+) -> None:
+    batch, _, length, _ = key.shape
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                "key_padding_mask must be a bool tensor (True = real token), "
+                f"got dtype {key_padding_mask.dtype}"
+            )
+        if tuple(key_padding_mask.shape) != (batch, length):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, L) = {(batch, length)}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+
+
+def check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def check_sinkhorn(
+    key: Tensor,
+    sort_logits: Tensor,
+    *,
+    block_size: int,
+    is_causal: bool,
+    n_sortcut: int | None,
+    n_iters: int,
+    temperature: float,
+) -> None:
+    check_block_size(block_size)
+    batch, heads, length, _ = key.shape
+    n = num_blocks(length, block_size)
+    want = (batch, heads, n, n)
+    if tuple(sort_logits.shape) != want:
+        raise ValueError(
+            f"sort_logits must have shape (B, H, N, N) = {want} for L={length}, "
+            f"block_size={block_size} (N = ceil(L / block_size) = {n}); "
+            f"got {tuple(sort_logits.shape)}"
+        )
+    if not sort_logits.is_floating_point():
+        raise TypeError(f"sort_logits must be floating point, got {sort_logits.dtype}")
+    if n_sortcut is not None:
+        if is_causal:
+            raise ValueError(
+                "SortCut (n_sortcut) is for encoders only: every query sees the first n "
+                "sorted blocks, which would include the future; use is_causal=False"
+            )
+        if isinstance(n_sortcut, bool) or not isinstance(n_sortcut, int) or n_sortcut <= 0:
+            raise ValueError(f"n_sortcut must be a positive int, got {n_sortcut!r}")
+        if n_sortcut > n:
+            raise ValueError(
+                f"n_sortcut={n_sortcut} is larger than the number of blocks N={n} "
+                f"(L={length}, block_size={block_size})"
+            )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
+        raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")

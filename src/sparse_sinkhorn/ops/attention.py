@@ -1,0 +1,354 @@
+"""Sparse Sinkhorn attention: a sort *plan* (logits -> P) kept apart from the compute.
+
+Axes: B batch, H heads, L length, D head dim, N blocks, R rows of the plan (N, or n for
+SortCut), W block size, Q/K query/key positions inside a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from . import _validate
+from .baselines import dense_attention
+from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask
+from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
+
+
+@dataclass(frozen=True, repr=False)
+class SinkhornPlan:
+    """Where every block's keys and values come from.
+
+    Attributes:
+        P: ``(B, H, R, N)`` float32 sort matrix; row ``r`` mixes key blocks into slot ``r``
+            (``R = N``, or ``n`` with SortCut). With ``hard=True`` its forward value is 0/1
+            and its gradient the soft matrix's (straight-through).
+        indices: ``(B, H, R)`` long, the block with the largest weight per row (the hard
+            choice), -1 where a row receives no block (causal row 0, padding-only blocks).
+        block_size: tokens per block ``W``.
+        is_causal, n_sortcut, hard: how the plan was made.
+        key_mask: ``(B, N*W)`` bool, True = real key (after internal padding), or None.
+    """
+
+    P: Tensor
+    indices: Tensor
+    block_size: int
+    is_causal: bool
+    n_sortcut: int | None
+    hard: bool
+    key_mask: Tensor | None
+
+    def __repr__(self) -> str:
+        b, h, r, n = self.P.shape
+        return (
+            f"SinkhornPlan(batch={b}, heads={h}, rows={r}, blocks={n}, "
+            f"block_size={self.block_size}, causal={self.is_causal}, "
+            f"sortcut={self.n_sortcut}, hard={self.hard}, padded={self.key_mask is not None})"
+        )
+
+    def slot_weight(self) -> Tensor:
+        """``(B, H, R, W)``: total weight of *real* keys mixed into each sorted slot."""
+        p = self.P.detach()
+        if self.key_mask is None:
+            return p.sum(-1)[..., None].expand(*p.shape[:-1], self.block_size)
+        m = rearrange(self.key_mask, "b (n w) -> b n w", w=self.block_size).to(p.dtype)
+        return torch.einsum("bhrn,bnw->bhrw", p, m)
+
+    def to_dense(self, length: int) -> Tensor:
+        """The token-level attention pattern, ``(B, H, L, L)`` float32 (for plots and tests).
+
+        Entry ``[t, s]`` is how much key position ``s`` enters query ``t``'s key set: 1 for
+        its local block (causal triangle, real keys), plus ``P[i, j]`` for each position of
+        key block ``j`` mixed into query block ``i``'s sorted block (for SortCut: the summed
+        weight of ``j`` over the first ``n`` rows, for every query). O(L²): small L only.
+        """
+        w = self.block_size
+        b, h, _, n = self.P.shape
+        pos = torch.arange(n * w, device=self.P.device)
+        blk = pos // w
+        if self.n_sortcut is None:
+            local = (blk[:, None] == blk[None, :]).float()  # (NW, NW)
+            if self.is_causal:
+                local = local * (pos[None, :] <= pos[:, None]).float()
+            p_tok = self.P.detach().repeat_interleave(w, -2).repeat_interleave(w, -1)
+            pattern = local + p_tok  # (B, H, NW, NW)
+        else:
+            col = self.P.detach().sum(-2).repeat_interleave(w, -1)  # (B, H, NW)
+            pattern = col[..., None, :].expand(b, h, n * w, n * w)
+        if self.key_mask is not None:
+            pattern = pattern * self.key_mask[:, None, None, :].float()
+        return pattern[..., :length, :length].contiguous()
+
+
+def sinkhorn_plan(
+    sort_logits: Tensor,
+    *,
+    block_size: int,
+    is_causal: bool = False,
+    key_mask: Tensor | None = None,
+    n_sortcut: int | None = None,
+    hard: bool = False,
+    n_iters: int = 8,
+    temperature: float = 0.75,
+    gumbel_noise: bool = False,
+    generator: torch.Generator | None = None,
+) -> SinkhornPlan:
+    """Balance ``(B, H, N, N)`` routing logits into a :class:`SinkhornPlan`.
+
+    ``key_mask`` is the ``(B, N*W)`` bool mask of real tokens after internal padding (see
+    :func:`sparse_sinkhorn.ops.blocks.padded_mask`); padding-only blocks are dropped from the
+    balancing (rows and columns), so whole-block padding never changes the plan.
+    """
+    n = sort_logits.shape[-1]
+    allowed = allowed_entries(
+        n,
+        n,
+        causal=is_causal,
+        block_valid=block_validity(key_mask, block_size),
+        device=sort_logits.device,
+    )
+    p = sinkhorn_balance(
+        sort_logits,
+        n_iters=n_iters,
+        temperature=temperature,
+        causal=is_causal,
+        gumbel_noise=gumbel_noise,
+        generator=generator,
+        allowed=allowed,
+    )  # (B, H, N, N) float32
+    if n_sortcut is not None:
+        p = p[..., :n_sortcut, :]  # (B, H, n, N): only the first n sorted blocks are kept
+        if allowed is not None:
+            allowed = allowed[..., :n_sortcut, :]
+    if hard:
+        p, indices = hard_routing(p, allowed)
+    else:
+        has_any = (p > 0).any(-1) if allowed is None else allowed.expand_as(p).any(-1)
+        indices = torch.where(has_any, p.argmax(-1), torch.full_like(p[..., 0], -1).long())
+    return SinkhornPlan(p, indices, block_size, is_causal, n_sortcut, hard, key_mask)
+
+
+def sinkhorn_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    sort_logits: Tensor,
+    *,
+    block_size: int,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    n_sortcut: int | None = None,
+    mixture: bool = False,
+    hard: bool = False,
+    n_iters: int = 8,
+    temperature: float = 0.75,
+    gumbel_noise: bool = False,
+    generator: torch.Generator | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_plan: bool = False,
+) -> Tensor | tuple[Tensor, SinkhornPlan]:
+    """Sparse Sinkhorn attention (Tay et al., 2020) on ``(B, H, L, D)`` tensors.
+
+    Each query block attends, under one softmax, to its own (local) block and to the key /
+    value block sorted into its place by the Gumbel-Sinkhorn plan ``P``. Any ``L`` works
+    (padded internally to a multiple of ``block_size``). Memory is O(L·W + N²) per head.
+
+    Args:
+        query, key, value: ``(B, H, L, D)`` (``value`` may have another last dim).
+        sort_logits: ``(B, H, N, N)`` block-routing scores, ``N = ceil(L / block_size)``;
+            row ``i`` scores which key block to place beside query block ``i``.
+        block_size: tokens per block ``W``.
+        is_causal: decoder attention: causal local triangle, sorted blocks strictly from the
+            past, prefix-causal balancing; output ``t`` depends on inputs ``<= t`` only
+            (given logits whose row ``i`` depends on positions ``<= i*W``).
+        key_padding_mask: ``(B, L)`` bool, True = real token. Padding never influences a real
+            output: padded keys/values are zeroed before sorting, padding-only blocks leave
+            the balancing, and sorted slots holding no real key are masked.
+        n_sortcut: SortCut budget ``n`` (in blocks): every query attends to the first ``n``
+            sorted blocks only (``n*W`` keys). Encoders only.
+        mixture: add dense attention (Sinkhorn Mixture; O(L²)).
+        hard: straight-through hard routing (argmax block per row forward, soft backward).
+        n_iters, temperature, gumbel_noise, generator: see :func:`sinkhorn_balance`.
+        dropout_p: dropout on the attention weights (pass 0 in eval, like SDPA).
+        scale: score scale, default ``1/sqrt(D)``.
+        return_plan: also return the :class:`SinkhornPlan`.
+
+    Returns:
+        ``(B, H, L, Dv)`` in the input dtype, and the plan if ``return_plan``.
+
+    Equivalent PyTorch (non-causal, no padding, L a multiple of W)::
+
+        P = sinkhorn_balance(sort_logits)                          # (B, H, N, N)
+        kb = rearrange(key, "b h (n w) d -> b h n w d", w=W)       # same for value, query
+        ks = einsum("bhij,bhjwd->bhiwd", P, kb)                    # sorted keys, values
+        scores = cat([qb @ kb.mT, qb @ ks.mT], -1) * scale         # (B, H, N, W, 2W)
+        out = softmax(scores) @ cat([vb, vs], -2)
+    """
+    if not torch.compiler.is_compiling():
+        _validate.check_qkv(query, key, value, same_length=True)
+        _validate.check_common(
+            key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale
+        )
+        _validate.check_sinkhorn(
+            key,
+            sort_logits,
+            block_size=block_size,
+            is_causal=is_causal,
+            n_sortcut=n_sortcut,
+            n_iters=n_iters,
+            temperature=temperature,
+        )
+    batch, _, length, _ = query.shape
+    key_mask = padded_mask(key_padding_mask, batch, length, block_size, query.device)
+    plan = sinkhorn_plan(
+        sort_logits,
+        block_size=block_size,
+        is_causal=is_causal,
+        key_mask=key_mask,
+        n_sortcut=n_sortcut,
+        hard=hard,
+        n_iters=n_iters,
+        temperature=temperature,
+        gumbel_noise=gumbel_noise,
+        generator=generator,
+    )
+    out = attend_with_plan(query, key, value, plan, dropout_p=dropout_p, scale=scale)
+    if mixture:
+        out = out + dense_attention(
+            query,
+            key,
+            value,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            scale=scale,
+        )
+    return (out, plan) if return_plan else out
+
+
+def attend_with_plan(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    plan: SinkhornPlan,
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> Tensor:
+    """Local + sorted attention (or SortCut) given a plan; ``(B, H, L, Dv)`` out."""
+    w = plan.block_size
+    length = query.shape[2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (pad_to_blocks(t, w) for t in (query, key, value))  # (B, H, N*W, D)
+    if plan.key_mask is not None:
+        real = plan.key_mask[:, None, :, None].to(k.dtype)  # (B, 1, N*W, 1)
+        k, v = k * real, v * real  # padded content can never reach a sorted block
+    kb = rearrange(k, "b h (n w) d -> b h n w d", w=w)
+    vb = rearrange(v, "b h (n w) d -> b h n w d", w=w)
+    p = plan.P.to(k.dtype)  # (B, H, R, N)
+    ks = torch.einsum("bhrn,bhnwd->bhrwd", p, kb)  # (B, H, R, W, D) sorted keys
+    vs = torch.einsum("bhrn,bhnwd->bhrwd", p, vb)  # (B, H, R, W, Dv) sorted values
+    slot_ok = _slot_mask(plan)  # (B, H, R, W) or None
+    if plan.n_sortcut is not None:
+        out = _sortcut(q, ks, vs, slot_ok, scale, dropout_p)
+    else:
+        out = _local_and_sorted(q, kb, vb, ks, vs, slot_ok, plan, scale, dropout_p)
+    return out[:, :, :length].to(query.dtype)
+
+
+def _slot_mask(plan: SinkhornPlan) -> Tensor | None:
+    """Sorted slots that hold some real key; None when every slot does."""
+    if plan.key_mask is None and not plan.is_causal:
+        return None
+    return plan.slot_weight() > 0
+
+
+def _local_and_sorted(
+    q: Tensor,
+    kb: Tensor,
+    vb: Tensor,
+    ks: Tensor,
+    vs: Tensor,
+    slot_ok: Tensor | None,
+    plan: SinkhornPlan,
+    scale: float,
+    dropout_p: float,
+) -> Tensor:
+    w = plan.block_size
+    qb = rearrange(q, "b h (n w) d -> b h n w d", w=w)
+    s_loc = torch.einsum("bhnqd,bhnkd->bhnqk", qb, kb)  # (B, H, N, W, W)
+    s_srt = torch.einsum("bhnqd,bhnkd->bhnqk", qb, ks)  # (B, H, N, W, W)
+    scores = torch.cat([s_loc, s_srt], dim=-1).to(_acc(q)) * scale  # (B, H, N, W, 2W)
+    keep = _local_keep(plan, q.device)  # broadcastable to (B, H, N, W, W) or None
+    if keep is not None or slot_ok is not None:
+        n = kb.shape[2]
+        keep_loc = (
+            keep
+            if keep is not None
+            else torch.ones(1, 1, 1, 1, w, dtype=torch.bool, device=q.device)
+        )
+        keep_srt = (
+            slot_ok[..., None, :]
+            if slot_ok is not None
+            else torch.ones(1, 1, 1, 1, w, dtype=torch.bool, device=q.device)
+        )  # (B, H, N, 1, W)
+        shape = (scores.shape[0], scores.shape[1], n, w, w)
+        mask = torch.cat([keep_loc.expand(shape), keep_srt.expand(shape)], dim=-1)
+        attn = _masked_softmax(scores, mask)
+    else:
+        attn = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, p=dropout_p)
+    attn = attn.to(vb.dtype)
+    a_loc, a_srt = attn[..., :w], attn[..., w:]
+    out = torch.einsum("bhnqk,bhnkd->bhnqd", a_loc, vb) + torch.einsum(
+        "bhnqk,bhnkd->bhnqd", a_srt, vs
+    )  # (B, H, N, W, Dv)
+    return rearrange(out, "b h n w d -> b h (n w) d")
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """Softmax dtype: float32 for half inputs, else the input's (float64 stays float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _masked_softmax(scores: Tensor, keep: Tensor) -> Tensor:
+    """Softmax over kept entries; a row with nothing kept gets all-zero weights (no NaN)."""
+    attn = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    return attn * keep.any(dim=-1, keepdim=True).to(attn.dtype)
+
+
+def _local_keep(plan: SinkhornPlan, device: torch.device) -> Tensor | None:
+    """Local-block mask: causal triangle and real keys; None when all are kept."""
+    w = plan.block_size
+    keep: Tensor | None = None
+    if plan.is_causal:
+        pos = torch.arange(w, device=device)
+        keep = (pos[None, :] <= pos[:, None])[None, None, None]  # (1, 1, 1, W, W)
+    if plan.key_mask is not None:
+        real = rearrange(plan.key_mask, "b (n w) -> b 1 n 1 w", w=w)  # (B, 1, N, 1, W)
+        keep = real if keep is None else keep & real
+    return keep
+
+
+def _sortcut(
+    q: Tensor, ks: Tensor, vs: Tensor, slot_ok: Tensor | None, scale: float, dropout_p: float
+) -> Tensor:
+    k_cut = rearrange(ks, "b h r w d -> b h (r w) d")  # (B, H, n*W, D)
+    v_cut = rearrange(vs, "b h r w d -> b h (r w) d")
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k_cut).to(_acc(q)) * scale  # (B, H, N*W, n*W)
+    if slot_ok is not None:
+        attn = _masked_softmax(scores, rearrange(slot_ok, "b h r w -> b h 1 (r w)"))
+    else:
+        attn = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, p=dropout_p)
+    return torch.einsum("bhqk,bhkd->bhqd", attn.to(v_cut.dtype), v_cut)
+
+
+__all__ = ["SinkhornPlan", "attend_with_plan", "num_blocks", "sinkhorn_attention", "sinkhorn_plan"]

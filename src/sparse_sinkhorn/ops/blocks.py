@@ -1,0 +1,112 @@
+"""Contiguous blocking, padding to a multiple of the block size, and masked block pooling.
+
+Axes: B batch, H heads, L length, D feature/head dim, N blocks, W block size (tokens per block).
+Block ``i`` always holds positions ``[i*W, (i+1)*W)`` — contiguous, never strided.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """Blocks needed to cover ``length`` tokens (the last one may be partly padding)."""
+    return -(-length // block_size)
+
+
+def pad_to_blocks(x: Tensor, block_size: int, *, dim: int = -2) -> Tensor:
+    """Zero-pad ``x`` along ``dim`` up to the next multiple of ``block_size`` (no copy if none)."""
+    length = x.shape[dim]
+    extra = num_blocks(length, block_size) * block_size - length
+    if extra == 0:
+        return x
+    dim = dim % x.dim()
+    pad = [0, 0] * (x.dim() - dim - 1) + [0, extra]
+    return F.pad(x, pad)
+
+
+def padded_mask(
+    key_padding_mask: Tensor | None, batch: int, length: int, block_size: int, device: torch.device
+) -> Tensor | None:
+    """The ``(B, N*W)`` bool mask (True = real) after internal padding, or None if all real."""
+    padded_len = num_blocks(length, block_size) * block_size
+    if key_padding_mask is None and padded_len == length:
+        return None
+    if key_padding_mask is None:
+        key_padding_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    return pad_to_blocks(key_padding_mask, block_size, dim=-1)  # pads with False
+
+
+def block_summaries(
+    x: Tensor,
+    block_size: int,
+    *,
+    key_padding_mask: Tensor | None = None,
+    pooling: str = "sum",
+) -> Tensor:
+    """Masked pooling of each contiguous block (SPEC §2.2).
+
+    Args:
+        x: ``(B, L, D)``; any ``L`` (padded internally).
+        key_padding_mask: ``(B, L)`` bool, True = real token; padding is excluded from the pool.
+        pooling: ``"sum"`` (the paper) or ``"mean"`` (over the real tokens of the block).
+
+    Returns:
+        ``(B, N, D)``; a block with no real token pools to 0.
+    """
+    mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
+    x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
+    if mask is not None:
+        x = x * mask[..., None].to(x.dtype)
+    blocks = rearrange(x, "b (n w) d -> b n w d", w=block_size)
+    pooled = blocks.sum(dim=2)  # (B, N, D)
+    if pooling == "sum":
+        return pooled
+    if pooling != "mean":
+        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+    if mask is None:
+        return pooled / block_size
+    count = rearrange(mask, "b (n w) -> b n w", w=block_size).sum(-1)  # (B, N)
+    return pooled / count.clamp_min(1)[..., None].to(x.dtype)
+
+
+def causal_block_summaries(
+    x: Tensor,
+    block_size: int,
+    *,
+    key_padding_mask: Tensor | None = None,
+    pooling: str = "sum",
+) -> Tensor:
+    """Leak-free query-side summaries for causal routing (SPEC §2.7).
+
+    Row ``i`` of the causal sort matrix is decided at the *first* position of block ``i``, so
+    its summary may use tokens ``0 .. i*W`` only: the pool of all real tokens up to and
+    including position ``i*W`` (``"sum"``), or their mean (``"mean"``). Any output at
+    position ``t`` in block ``i`` (``t >= i*W``) therefore depends on positions ``<= t`` only.
+
+    Args / Returns: as :func:`block_summaries`; ``(B, N, D)``.
+    """
+    mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
+    x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
+    if mask is not None:
+        x = x * mask[..., None].to(x.dtype)
+    prefix = x.cumsum(dim=1)[:, ::block_size]  # (B, N, D): sum over positions <= i*W
+    if pooling == "sum":
+        return prefix
+    if pooling != "mean":
+        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+    if mask is None:
+        positions = torch.arange(0, x.shape[1], block_size, device=x.device) + 1  # (N,)
+        return prefix / positions[None, :, None].to(x.dtype)
+    count = mask.cumsum(dim=1)[:, ::block_size]  # (B, N)
+    return prefix / count.clamp_min(1)[..., None].to(x.dtype)
+
+
+def block_validity(mask: Tensor | None, block_size: int) -> Tensor | None:
+    """``(B, N)`` bool: True where a block holds at least one real token (mask is padded)."""
+    if mask is None:
+        return None
+    return rearrange(mask, "b (n w) -> b n w", w=block_size).any(dim=-1)

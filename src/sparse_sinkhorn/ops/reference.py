@@ -1,0 +1,166 @@
+"""Slow, readable oracles for every fast path (tests run them in float64).
+
+Axes: B batch, H heads, L length, D head dim, N blocks, R plan rows, W block size.
+
+Nothing here is blocked: Sinkhorn balancing is written as explicit loops over rows, and
+Sinkhorn attention as one dense problem per head — the sorted keys are built with the
+``(R*W, N*W)`` token-level permutation ``kron(P, I_W)``, and every query scores all ``N*W``
+original keys and all ``R*W`` sorted keys, with an ``(L, N*W + R*W)`` mask saying which of
+them it may see. Use it on small shapes only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .blocks import num_blocks
+from .sinkhorn import sample_gumbel
+
+
+def reference_sinkhorn_balance(
+    logits: Tensor,
+    *,
+    n_iters: int = 8,
+    temperature: float = 0.75,
+    causal: bool = False,
+    allowed: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Sinkhorn balancing by the definition, one row / column at a time (float64).
+
+    ``allowed`` (broadcastable bool) restricts the support; ``causal`` adds ``j < i``.
+    Causal columns are normalised over rows ``<= i`` only (prefix-causal balancing).
+    """
+    s = logits.double() + (0 if noise is None else noise.double())
+    s = s / temperature
+    n_rows, n_cols = s.shape[-2:]
+    ok = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if allowed is not None:
+        ok = ok & allowed
+    if causal:
+        i = torch.arange(n_rows)[:, None]
+        j = torch.arange(n_cols)[None, :]
+        ok = ok & (j < i)
+    s = torch.where(ok, s, torch.zeros_like(s))  # masked entries are ignored below
+
+    def lse(x: Tensor, keep: Tensor, dim: int) -> Tensor:
+        """log of the sum of exp over kept entries (0 where nothing is kept)."""
+        total = torch.where(keep, x.exp(), torch.zeros_like(x)).sum(dim=dim, keepdim=True)
+        return torch.log(torch.where(total > 0, total, torch.ones_like(total)))
+
+    for _ in range(n_iters):
+        if causal:  # column sums over rows <= i only, then rows
+            cols = [lse(s[..., : i + 1, :], ok[..., : i + 1, :], dim=-2) for i in range(n_rows)]
+            s = torch.where(ok, s - torch.cat(cols, dim=-2), s)
+            s = torch.where(ok, s - lse(s, ok, dim=-1), s)
+        else:
+            s = torch.where(ok, s - lse(s, ok, dim=-1), s)
+            s = torch.where(ok, s - lse(s, ok, dim=-2), s)
+    return torch.where(ok, s.exp(), torch.zeros_like(s))
+
+
+def reference_dense_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    keep: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """``softmax(q kᵀ · scale, masked by keep) v``; rows with no kept key give 0."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = query @ key.transpose(-1, -2) * scale
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    attn = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return attn @ value
+
+
+def reference_sinkhorn_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    sort_logits: Tensor,
+    *,
+    block_size: int,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    n_sortcut: int | None = None,
+    mixture: bool = False,
+    hard: bool = False,
+    n_iters: int = 8,
+    temperature: float = 0.75,
+    gumbel_noise: bool = False,
+    generator: torch.Generator | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The oracle for :func:`sparse_sinkhorn.ops.sinkhorn_attention` (no dropout)."""
+    batch, heads, length, _ = query.shape
+    w = block_size
+    n = num_blocks(length, w)
+    lp = n * w
+    dt = torch.float64
+    q, k, v = (_pad(t.to(dt), lp) for t in (query, key, value))  # (B, H, Lp, D)
+    real = torch.ones(batch, length, dtype=torch.bool, device=query.device)
+    if key_padding_mask is not None:
+        real = key_padding_mask
+    real = torch.cat([real, real.new_zeros(batch, lp - length)], dim=1)  # (B, Lp)
+
+    block_real = real.view(batch, n, w).any(-1)  # (B, N)
+    allowed = (block_real[:, :, None] & block_real[:, None, :])[:, None]  # (B, 1, N, N)
+    noise = None
+    if gumbel_noise:
+        noise = sample_gumbel(sort_logits.shape, device=sort_logits.device, generator=generator)
+    p = reference_sinkhorn_balance(
+        sort_logits,
+        n_iters=n_iters,
+        temperature=temperature,
+        causal=is_causal,
+        allowed=allowed,
+        noise=noise,
+    )  # (B, H, N, N)
+    rows = n if n_sortcut is None else n_sortcut
+    p = p[..., :rows, :]
+    if hard:
+        one_hot = torch.zeros_like(p)
+        has = p.sum(-1) > 0
+        one_hot.scatter_(-1, p.argmax(-1, keepdim=True), 1.0)
+        p = one_hot * has[..., None] + (p - p.detach())
+
+    # Token-level permutation: sorted slot (r, s) = sum_j P[r, j] * token (j, s).
+    eye = torch.eye(w, dtype=dt, device=query.device)
+    perm = torch.einsum("bhrn,st->bhrsnt", p, eye).reshape(batch, heads, rows * w, lp)
+    realf = real[:, None, :, None].to(dt)  # (B, 1, Lp, 1)
+    k_sorted = perm @ (k * realf)  # (B, H, R*W, D)
+    v_sorted = perm @ (v * realf)
+    slot_real = (perm.detach() @ realf).squeeze(-1) > 0  # (B, H, R*W)
+
+    pos = torch.arange(lp, device=query.device)
+    q_blk = pos[:, None] // w  # (Lp, 1)
+    slot_blk = torch.arange(rows * w, device=query.device)[None, :] // w  # (1, R*W)
+    if n_sortcut is None:
+        local = (q_blk == pos[None, :] // w) & real[:, None, None, :]  # (B, 1, Lp, Lp)
+        if is_causal:
+            local = local & (pos[None, :] <= pos[:, None])
+        sorted_ok = (q_blk == slot_blk) & slot_real[:, :, None, :]  # (B, H, Lp, R*W)
+    else:
+        local = torch.zeros(1, 1, lp, lp, dtype=torch.bool, device=query.device)
+        sorted_ok = slot_real[:, :, None, :].expand(batch, heads, lp, rows * w)
+    keep = torch.cat([local.expand(batch, heads, lp, lp), sorted_ok], dim=-1)
+    keys = torch.cat([k, k_sorted], dim=-2)  # (B, H, Lp + R*W, D)
+    values = torch.cat([v, v_sorted], dim=-2)
+    out = reference_dense_attention(q, keys, values, keep=keep, scale=scale)
+    if mixture:
+        dense_keep = real[:, None, None, :].expand(batch, heads, lp, lp)
+        if is_causal:
+            dense_keep = dense_keep & (pos[None, :] <= pos[:, None])
+        out = out + reference_dense_attention(q, k, v, keep=dense_keep, scale=scale)
+    return out[:, :, :length]
+
+
+def _pad(x: Tensor, length: int) -> Tensor:
+    extra = length - x.shape[-2]
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:-2], extra, x.shape[-1])], dim=-2)

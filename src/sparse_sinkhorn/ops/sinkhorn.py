@@ -1,0 +1,167 @@
+"""Log-domain Gumbel-Sinkhorn balancing (SPEC §2.4) and its prefix-causal variant (§2.7).
+
+Axes: B batch, H heads, N query blocks (rows), M key blocks (columns; M == N unless SortCut
+keeps fewer rows downstream).
+
+All balancing runs in float32 whatever the input dtype. Entries that are not allowed (a
+padding block, or ``j >= i`` under causal masking) are held at a large negative *finite*
+value after every half-step, so that fully masked rows never produce NaN and never leak into
+the normalisation of allowed entries; ``P`` is exactly 0 there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Held in masked log-entries; exp() of it is exactly 0 in float32, and it stays finite.
+_NEG = -1.0e30
+
+
+def sample_gumbel(
+    shape: torch.Size | tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Standard Gumbel noise ``-log(-log u)``, ``u ~ U(0, 1)``, in float32."""
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    tiny = torch.finfo(torch.float32).tiny
+    neg_log_u = (-torch.log(u.clamp_min(tiny))).clamp_min(tiny)  # in (0, inf)
+    return -torch.log(neg_log_u)
+
+
+def causal_block_mask(n: int, *, device: torch.device | str | None = None) -> Tensor:
+    """``(N, N)`` bool: row i may receive column j iff ``j < i`` (strictly earlier blocks)."""
+    idx = torch.arange(n, device=device)
+    return idx[None, :] < idx[:, None]
+
+
+def allowed_entries(
+    n_rows: int,
+    n_cols: int,
+    *,
+    causal: bool,
+    block_valid: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """Which entries of the ``(N, M)`` sort matrix may be non-zero.
+
+    Args:
+        block_valid: ``(B, N)`` bool, True where a block holds at least one real token.
+            Padding-only blocks are removed from both rows and columns, so a sequence padded
+            with whole blocks gets exactly the plan of the unpadded sequence.
+
+    Returns:
+        ``None`` (everything allowed) or a bool tensor broadcastable to ``(B, H, N, M)``.
+    """
+    allowed: Tensor | None = None
+    if causal:
+        allowed = causal_block_mask(n_rows, device=device)[None, None]  # (1, 1, N, N)
+    if block_valid is not None:
+        valid = block_valid[:, None, :, None] & block_valid[:, None, None, :]  # (B, 1, N, N)
+        allowed = valid if allowed is None else allowed & valid
+    return allowed
+
+
+def _normalise(s: Tensor, allowed: Tensor | None, dim: int, *, prefix: bool) -> Tensor:
+    """``s - logsumexp(s, dim)`` (or a cumulative log-sum-exp along ``dim``), re-masked."""
+    lse = torch.logcumsumexp(s, dim=dim) if prefix else torch.logsumexp(s, dim=dim, keepdim=True)
+    out = s - lse
+    if allowed is not None:
+        out = torch.where(allowed, out, torch.full_like(out, _NEG))
+    return out
+
+
+def sinkhorn_balance(
+    logits: Tensor,
+    *,
+    n_iters: int = 8,
+    temperature: float = 0.75,
+    causal: bool = False,
+    gumbel_noise: bool = False,
+    generator: torch.Generator | None = None,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """Turn block-routing scores into a (soft) block permutation matrix.
+
+    ``S = (logits + gumbel) / temperature``, then ``n_iters`` rounds of log-domain
+    normalisation, ``P = exp(S)``, computed in float32 even for half-precision logits.
+
+    * Non-causal: each round normalises rows, then columns (the paper's order); ``P`` tends to
+      a doubly stochastic matrix, exactly column-stochastic after the last round.
+    * ``causal=True``: entries ``j >= i`` are masked (row 0 is all zero), columns are normalised
+      with a *prefix* log-sum-exp over rows ``<= i`` (``torch.logcumsumexp``) and each round
+      ends with the row step, so row ``i`` depends on logits rows ``<= i`` only and every row
+      ``i >= 1`` is a convex combination of earlier blocks (sums to 1 exactly).
+
+    Args:
+        logits: ``(..., N, M)`` scores, any float dtype.
+        n_iters: balancing rounds (0 gives the unnormalised ``exp(S)``, masked; the paper
+            reports 5–10 rounds suffice).
+        temperature: ``tau > 0``; smaller is closer to a hard permutation.
+        gumbel_noise: add Gumbel noise (training); sampled from ``generator`` if given.
+        allowed: optional bool mask broadcastable to ``logits`` (see :func:`allowed_entries`);
+            with ``causal=True`` the causal mask is added to it.
+
+    Returns:
+        ``P``: float32 (float64 for float64 logits), same shape as ``logits``; exactly 0
+        where not allowed.
+
+    Equivalent PyTorch (non-causal, no mask)::
+
+        S = logits / temperature
+        for _ in range(n_iters):
+            S = S - S.logsumexp(-1, keepdim=True)
+            S = S - S.logsumexp(-2, keepdim=True)
+        P = S.exp()
+    """
+    if not torch.compiler.is_compiling():
+        _check_balance_args(logits, n_iters, temperature)
+    s = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64
+    if gumbel_noise:
+        s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)
+    s = s / temperature
+    if causal:
+        causal_mask = causal_block_mask(s.shape[-2], device=s.device)
+        allowed = causal_mask if allowed is None else allowed & causal_mask
+    if allowed is not None:
+        s = torch.where(allowed, s, torch.full_like(s, _NEG))
+    for _ in range(n_iters):
+        if causal:
+            s = _normalise(s, allowed, dim=-2, prefix=True)
+            s = _normalise(s, allowed, dim=-1, prefix=False)
+        else:
+            s = _normalise(s, allowed, dim=-1, prefix=False)
+            s = _normalise(s, allowed, dim=-2, prefix=False)
+    p = s.exp()
+    if allowed is not None:
+        p = torch.where(allowed, p, torch.zeros_like(p))
+    return p
+
+
+def hard_routing(p: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Straight-through hard routing: forward one-hot of the row argmax, backward ``P``'s.
+
+    Returns:
+        ``(P_st, indices)``: ``P_st`` has ``P``'s shape and dtype, with forward value a 0/1
+        matrix (a row with no allowed entry stays all zero); ``indices`` is ``(..., N)``
+        long, the chosen column per row or -1 where the row has no allowed entry.
+    """
+    idx = p.argmax(dim=-1)  # (..., N)
+    has_any = (p > 0).any(dim=-1) if allowed is None else allowed.expand_as(p).any(dim=-1)
+    one_hot = torch.nn.functional.one_hot(idx, p.shape[-1]).to(p.dtype)
+    one_hot = one_hot * has_any[..., None].to(p.dtype)
+    p_st = one_hot + (p - p.detach())
+    return p_st, torch.where(has_any, idx, torch.full_like(idx, -1))
+
+
+def _check_balance_args(logits: Tensor, n_iters: int, temperature: float) -> None:
+    if logits.dim() < 2:
+        raise ValueError(f"sort logits must have at least 2 dims (..., N, M), got {logits.shape}")
+    if not logits.is_floating_point():
+        raise TypeError(f"sort logits must be floating point, got {logits.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if n_iters < 0:
+        raise ValueError(f"n_iters must be >= 0, got {n_iters}")

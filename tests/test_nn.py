@@ -1,0 +1,165 @@
+"""Modules: exact causality, padding invariance through the sort net, determinism, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_sinkhorn.nn import (
+    AttentionConfig,
+    CrossAttention,
+    SinkhornSelfAttention,
+    SortNet,
+    TransformerDecoderLayer,
+    TransformerEncoderLayer,
+)
+
+D_MODEL, HEADS = 16, 2
+SORT_NETS = ["linear", "mlp", "bilinear"]
+
+
+def _layer(causal: bool, **kw: object) -> SinkhornSelfAttention:
+    cfg: dict = dict(block_size=4, max_len=64, attention="sinkhorn")
+    cfg.update(kw)
+    return SinkhornSelfAttention(D_MODEL, HEADS, causal=causal, **cfg).double()
+
+
+def _run(layer: torch.nn.Module, x: torch.Tensor, seed: int = 3, **kw: object) -> torch.Tensor:
+    out = layer(x, generator=torch.Generator().manual_seed(seed), **kw)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+# (kind, sort net, hard): sort options only exist for the sinkhorn kinds.
+VARIANTS = [(k, "linear", False) for k in ("dense", "local", "sparse")] + [
+    (k, s, h) for k in ("sinkhorn", "mixture") for s in SORT_NETS for h in (False, True)
+]
+
+
+@pytest.mark.parametrize(("kind", "sort_net", "hard"), VARIANTS)
+@pytest.mark.parametrize("training", [False, True])
+def test_module_is_exactly_causal(kind: str, sort_net: str, hard: bool, training: bool) -> None:
+    layer = _layer(True, attention=kind, sort_net=sort_net, hard=hard, pooling="mean")
+    layer.train(training)
+    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
+    y = _run(layer, x)
+    for t in (0, 3, 4, 9, 15, 17):
+        x2 = x.clone()
+        x2[:, t + 1 :] = torch.randn_like(x2[:, t + 1 :]) * 10
+        y2 = _run(layer, x2)
+        torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("kind", "sort_net", "hard"), VARIANTS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_module_padding_invariance(kind: str, sort_net: str, hard: bool, causal: bool) -> None:
+    layer = _layer(causal, attention=kind, sort_net=sort_net, hard=hard)
+    x = torch.randn(2, 21, D_MODEL, dtype=torch.float64)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[0, 13:] = False
+    x2 = torch.where(mask[..., None], x, torch.randn_like(x) * 100)  # new padded content
+    real = mask[..., None]
+    for training in (False, True):  # training: the same Gumbel noise through the generator
+        layer.train(training)
+        y, y2 = (_run(layer, t, key_padding_mask=mask) for t in (x, x2))
+        torch.testing.assert_close(y * real, y2 * real, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sort_net", SORT_NETS)
+@pytest.mark.parametrize("sortcut", [None, 2])
+def test_example_alone_equals_example_padded_in_a_batch(sort_net: str, sortcut: int | None) -> None:
+    layer = _layer(False, sort_net=sort_net, n_sortcut=sortcut).eval()
+    x = torch.randn(1, 30, D_MODEL, dtype=torch.float64)
+    alone = layer(x[:, :13])
+    mask = torch.zeros(1, 30, dtype=torch.bool)
+    mask[:, :13] = True
+    padded = layer(x, key_padding_mask=mask)
+    torch.testing.assert_close(padded[:, :13], alone, atol=1e-12, rtol=0)
+
+
+def test_eval_is_deterministic_and_training_noise_follows_generator() -> None:
+    layer = _layer(False)
+    x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
+    layer.eval()
+    torch.testing.assert_close(_run(layer, x, seed=1), _run(layer, x, seed=2), atol=0, rtol=0)
+    layer.train()
+    torch.testing.assert_close(_run(layer, x, seed=1), _run(layer, x, seed=1), atol=0, rtol=0)
+    assert not torch.allclose(_run(layer, x, seed=1), _run(layer, x, seed=2))
+
+
+def test_return_plan_and_gradients_reach_the_sort_net() -> None:
+    layer = _layer(False)
+    x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
+    y, plan = layer(x, return_plan=True)
+    assert plan is not None and plan.P.shape == (2, HEADS, 4, 4)
+    y.square().sum().backward()
+    assert layer.sort_net is not None
+    grad = layer.sort_net.net.weight.grad
+    assert grad is not None and grad.abs().sum() > 0  # the sort net is really trained
+
+
+def test_sort_net_length_limits() -> None:
+    linear = SortNet(D_MODEL, HEADS, max_blocks=3)
+    with pytest.raises(ValueError, match="has 4 blocks but this 'linear' sort net was built"):
+        linear(torch.randn(1, 4, D_MODEL))
+    bilinear = SortNet(D_MODEL, HEADS, max_blocks=None, kind="bilinear")
+    assert bilinear(torch.randn(1, 40, D_MODEL)).shape == (1, HEADS, 40, 40)
+
+
+def test_bad_config_errors() -> None:
+    with pytest.raises(ValueError, match="unknown attention kind 'flash'"):
+        SinkhornSelfAttention(D_MODEL, HEADS, attention="flash")
+    with pytest.raises(ValueError, match="not divisible by n_heads=3"):
+        SinkhornSelfAttention(D_MODEL, 3)
+    with pytest.raises(ValueError, match="encoders only"):
+        SinkhornSelfAttention(D_MODEL, HEADS, causal=True, n_sortcut=2)
+    with pytest.raises(ValueError, match="n_sortcut applies to attention kind 'sinkhorn'"):
+        AttentionConfig(kind="dense", n_sortcut=2)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        AttentionConfig(temperature=0.0)
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, L, 16\)"):
+        _layer(False)(torch.randn(2, 8, 5, dtype=torch.float64))
+
+
+def test_decoder_layer_is_causal_and_uses_memory() -> None:
+    cfg = AttentionConfig(block_size=4, max_len=32)
+    layer = TransformerDecoderLayer(D_MODEL, HEADS, 32, cfg).double().eval()
+    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+    memory = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    y = layer(x, memory=memory)
+    x2 = x.clone()
+    x2[:, 6:] = 0.0
+    torch.testing.assert_close(layer(x2, memory=memory)[:, :6], y[:, :6], atol=1e-12, rtol=0)
+    assert not torch.allclose(layer(x, memory=memory * 2), y)
+    with pytest.raises(ValueError, match="pass memory"):
+        layer(x)
+
+
+def test_encoder_layer_and_cross_attention_respect_padding() -> None:
+    cfg = AttentionConfig(block_size=4, max_len=32, n_sortcut=2)
+    enc = TransformerEncoderLayer(D_MODEL, HEADS, 32, cfg).double().eval()
+    x = torch.randn(2, 13, D_MODEL, dtype=torch.float64)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, 9:] = False
+    x2 = torch.where(mask[..., None], x, torch.randn_like(x))
+    real = mask[..., None]
+    torch.testing.assert_close(enc(x, mask) * real, enc(x2, mask) * real, atol=1e-12, rtol=0)
+    cross = CrossAttention(D_MODEL, HEADS).double()
+    q = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    torch.testing.assert_close(cross(q, x, mask), cross(q, x2, mask), atol=1e-12, rtol=0)
+
+
+@pytest.mark.compile
+def test_compile_fullgraph_forward_backward() -> None:
+    torch._dynamo.reset()
+    layer = _layer(True).float().eval()
+    x = torch.randn(2, 16, D_MODEL, requires_grad=True)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 12:] = False
+    eager = layer(x, key_padding_mask=mask)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x, key_padding_mask=mask)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
+    (grad_c,) = torch.autograd.grad(out.square().sum(), x)
+    (grad_e,) = torch.autograd.grad(eager.square().sum(), x)
+    torch.testing.assert_close(grad_c, grad_e, atol=1e-4, rtol=1e-3)

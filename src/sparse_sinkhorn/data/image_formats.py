@@ -13,6 +13,7 @@ Axis legend: N images, H height, W width, C channels.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import os
@@ -124,11 +125,19 @@ def load_idx_split(root: str | os.PathLike[str], split: str) -> tuple[np.ndarray
     return images, labels
 
 
+def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes; latin-1 only."""
+    if encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return codecs.encode(obj, "latin1")
+
+
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The only globals a CIFAR pickle needs: ndarray/dtype and the reconstruct helpers."""
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,  # bytes in protocol-2 pickles made by Python 3
     }
     try:  # numpy >= 2 keeps these under numpy._core; old pickles name numpy.core
         from numpy._core import multiarray, numeric

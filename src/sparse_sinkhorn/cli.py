@@ -14,7 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# (module, description) for every subcommand group; each module defines ``add_subparser``.
+# Every module that adds subcommands; each defines ``add_subparser``.
 _COMMANDS: tuple[str, ...] = (
     "sparse_sinkhorn.experiments.sorting",
     "sparse_sinkhorn.experiments.lm",
@@ -22,7 +22,6 @@ _COMMANDS: tuple[str, ...] = (
     "sparse_sinkhorn.experiments.classify",
     "sparse_sinkhorn.experiments.generate",
     "sparse_sinkhorn.data.cli",
-    "sparse_sinkhorn.bench_cli",
 )
 
 

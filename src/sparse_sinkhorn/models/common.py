@@ -1,0 +1,124 @@
+"""Pieces the models share: token embedding with sinusoidal positions, layer stacks.
+
+Axes: B batch, L length, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import TransformerDecoderLayer, TransformerEncoderLayer
+from .config import TransformerConfig
+
+
+def sinusoidal_positions(
+    length: int, dim: int, *, offset: int = 0, device: torch.device | None = None
+) -> Tensor:
+    """``(L, D)`` fixed sinusoidal position codes (any length, so models generalise to 2L)."""
+    pos = torch.arange(offset, offset + length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )  # (D/2,)
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by ``sqrt(D)`` plus sinusoidal positions, then dropout."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.d_model = config.d_model
+        self.tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_id)
+        nn.init.normal_(self.tokens.weight, std=config.d_model**-0.5)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, ids: Tensor, *, offset: int = 0) -> Tensor:
+        x = self.tokens(ids) * self.d_model**0.5  # (B, L, D)
+        pos = sinusoidal_positions(ids.shape[1], self.d_model, offset=offset, device=ids.device)
+        return self.drop(x + pos.to(x.dtype))
+
+
+class Encoder(nn.Module):
+    """A stack of pre-LN encoder layers with a final LayerNorm: ``(B, L, D) -> (B, L, D)``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        c = config
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff, c.attention, dropout=c.dropout)
+            for _ in range(c.n_layers)
+        )
+        self.norm = nn.LayerNorm(c.d_model)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, key_padding_mask)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    """A stack of causal pre-LN decoder layers (cross-attention optional)."""
+
+    def __init__(self, config: TransformerConfig, n_layers: int, *, cross_attention: bool) -> None:
+        super().__init__()
+        c = config
+        self.layers = nn.ModuleList(
+            TransformerDecoderLayer(
+                c.d_model,
+                c.n_heads,
+                c.d_ff,
+                c.attention,
+                dropout=c.dropout,
+                cross_attention=cross_attention,
+            )
+            for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(c.d_model)
+
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, key_padding_mask, memory, memory_padding_mask)
+        return self.norm(x)
+
+
+def check_ids(ids: Tensor, config: TransformerConfig, name: str = "ids") -> None:
+    """Token ids must be a (B, L) integer tensor within the vocabulary and the length limit."""
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"{name} must be a (B, L) integer tensor, got {ids.dtype} {tuple(ids.shape)}"
+        )
+    if (
+        ids.shape[1] > config.attention.max_len
+        and config.attention.sort_net != "bilinear"
+        and config.attention.uses_sorting
+    ):
+        raise ValueError(
+            f"{name} has length {ids.shape[1]} > attention.max_len={config.attention.max_len}; "
+            "build the model with a larger max_len or sort_net='bilinear'"
+        )
+
+
+def sample_next(
+    logits: Tensor, *, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    """Greedy (``temperature == 0``) or sampled next tokens from ``(B, V)`` logits."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

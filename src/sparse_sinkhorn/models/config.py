@@ -1,0 +1,97 @@
+"""Model configurations: frozen dataclasses, validated, saved as JSON beside checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+from ..nn.config import AttentionConfig
+
+C = TypeVar("C", bound="TransformerConfig")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """What every model shares. ``attention.max_len`` is the longest input the model takes
+    (it sizes the linear sort net); positions are sinusoidal, so they need no table."""
+
+    vocab_size: int  # token ids are 0 .. vocab_size - 1
+    d_model: int = 128  # model width
+    n_heads: int = 4  # attention heads
+    n_layers: int = 2  # (encoder) layers
+    d_ff: int = 512  # feed-forward hidden width
+    dropout: float = 0.1  # residual / attention / feed-forward dropout (training only)
+    pad_id: int = 0  # padding token (masked everywhere)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # self-attention
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attention, dict):  # built from JSON
+            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(
+                f"pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the class name so :func:`config_from_dict` can rebuild it."""
+        return {"type": type(self).__name__, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        data = {k: v for k, v in data.items() if k != "type"}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig(TransformerConfig):
+    """Encoder-decoder; source and target share one vocabulary."""
+
+    n_decoder_layers: int = 2  # decoder layers (encoder layers: n_layers)
+    bos_id: int = 1  # start-of-sequence token fed to the decoder first
+
+
+@dataclass(frozen=True)
+class LanguageModelConfig(TransformerConfig):
+    """Decoder-only language model (also the pixel-wise image model)."""
+
+
+@dataclass(frozen=True)
+class ClassifierConfig(TransformerConfig):
+    """Encoder with pooling and a classification head; one sequence or a pair."""
+
+    n_classes: int = 2  # output classes
+    pooling: str = "mean"  # "mean" over real tokens | "first" (the [CLS] position)
+    pair: str = "none"  # "none" | "concat" (one sequence, segment ids) | "separate" (siamese)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
+        if self.pooling not in ("mean", "first"):
+            raise ValueError(f"pooling must be 'mean' or 'first', got {self.pooling!r}")
+        if self.pair not in ("none", "concat", "separate"):
+            raise ValueError(f"pair must be 'none', 'concat' or 'separate', got {self.pair!r}")
+
+
+_CONFIGS: dict[str, type[TransformerConfig]] = {
+    c.__name__: c for c in (Seq2SeqConfig, LanguageModelConfig, ClassifierConfig)
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> TransformerConfig:
+    """Rebuild any model config from :meth:`TransformerConfig.to_dict` output."""
+    name = data.get("type")
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model config type {name!r}; expected one of {sorted(_CONFIGS)}")
+    return _CONFIGS[name].from_dict(data)

@@ -3,14 +3,16 @@
 Each subcommand lives in its own module and registers itself through a function
 ``add_subparser(subparsers) -> None`` that sets ``func`` (a callable taking the parsed
 ``argparse.Namespace`` and returning an exit code) as a default on its parser.
-Modules are imported lazily so that ``--help`` stays fast and an optional dependency
-missing for one experiment never breaks the others.
+Errors about the user's input, files or data (a corrupt checkpoint, a checkpoint from
+another config, a dataset not fetched yet) are printed as one line and exit with status 2;
+set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,13 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the user's input, files or data: shown as one line."""
+    from .data.fetch import FetchError
+    from .data.registry import DatasetNotFoundError
+    from .train.checkpoint import CheckpointError, ConfigMismatchError
+
+    return (CheckpointError, ConfigMismatchError, DatasetNotFoundError, FetchError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as err:
+        if os.environ.get("SPARSE_SINKHORN_DEBUG"):
+            raise
+        print(f"sparse-sinkhorn: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -65,12 +65,18 @@ def noisy_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, fl
     return loss, {"mse": loss.item()}
 
 
-def run(out: Path, **overrides: Any) -> TrainResult:
+def run(out: Path, resume: bool | Path = False, **overrides: Any) -> TrainResult:
     settings: dict[str, Any] = dict(steps=4, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1)
     settings.update(overrides)
     config = TrainConfig(progress=False, **settings)
     return train(
-        build_model(), build_dataset(), mse_loss, config, out_dir=out, model_config=MODEL_CONFIG
+        build_model(),
+        build_dataset(),
+        mse_loss,
+        config,
+        out_dir=out,
+        model_config=MODEL_CONFIG,
+        resume=resume,
     )
 
 
@@ -81,12 +87,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, nargs="+", default=[1])
     args = parser.parse_args()
-    try:  # one run per grad_accum value, into OUT/accum_<k>
-        for accum in args.grad_accum:
-            out = args.out / f"accum_{accum}"
-            run(out, steps=args.steps, batch_size=args.batch_size, grad_accum=accum)
-    finally:
-        cleanup_distributed()
+    settings = dict(steps=args.steps, batch_size=args.batch_size, ckpt_every=2, keep_checkpoints=3)
+    for accum in args.grad_accum:  # one run per grad_accum value, into OUT/accum_<k>
+        run(args.out / f"accum_{accum}", grad_accum=accum, **settings)
+    # and the first one again, resumed from its step-2 checkpoint, into OUT/resumed
+    first = args.out / f"accum_{args.grad_accum[0]}" / "checkpoints" / "step_0000002"
+    run(args.out / "resumed", grad_accum=args.grad_accum[0], resume=first, **settings)
+    cleanup_distributed()  # on success only: its barrier would wait for a crashed rank
 
 
 if __name__ == "__main__":

@@ -94,3 +94,12 @@ def test_two_processes_match_one(
     ddp_loss = [row["loss"] for row in read_metrics(ddp / "metrics.jsonl")]
     single_loss = [row["loss"] for row in read_metrics(single / "metrics.jsonl")]
     assert ddp_loss == pytest.approx(single_loss, abs=1e-6)
+
+
+def test_resume_under_torchrun_matches_uninterrupted(torchrun_dir: Path) -> None:
+    """The helper resumed accum_1 from its step-2 checkpoint on 2 ranks into ``resumed``."""
+    resumed = torchrun_dir / "resumed"
+    _assert_same_weights(resumed / FINAL, torchrun_dir / "accum_1" / FINAL)
+    rows = read_metrics(resumed / "metrics.jsonl")
+    full = read_metrics(torchrun_dir / "accum_1" / "metrics.jsonl")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full[2:]]

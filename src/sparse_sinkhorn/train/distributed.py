@@ -7,6 +7,7 @@ them it is a no-op that describes a world of one process.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,16 @@ def init_distributed() -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group, if any (call once at the end of a torchrun script)."""
+    """Leave the process group, if any: call it once on every rank at the end of a torchrun script.
+
+    It first frees garbage (tensors in reference cycles that gloo work objects may still hold
+    would otherwise be destroyed during interpreter shutdown, which can abort the process with
+    "terminate called without an active exception") and waits for every rank, so no rank tears
+    its connections down while another still talks to it.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

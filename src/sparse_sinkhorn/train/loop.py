@@ -320,7 +320,8 @@ def _report(run: _Run, row: dict[str, float], writer: MetricsWriter | None, bar:
         return
     if writer is not None:
         writer.write(row)
-    shown = {k: v for k, v in row.items() if k in ("loss", "tokens_per_s", "examples_per_s")}
+    speed = "tokens_per_s" if "tokens_per_s" in row else "examples_per_s"
+    shown = {k: v for k, v in row.items() if k in ("loss", speed)}
     if bar is not None and "loss" in row:
         bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
     logger.info(

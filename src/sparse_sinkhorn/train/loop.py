@@ -32,18 +32,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from sparse_sinkhorn.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints, save_checkpoint
 from sparse_sinkhorn.train.config import TrainConfig
 from sparse_sinkhorn.train.distributed import (
     DistInfo,
-    all_gather_objects,
     all_reduce_sum,
     init_distributed,
 )
 from sparse_sinkhorn.train.helpers import (
     as_json_dict,
     autocast,
-    autocast_dtype,
     check_dataset,
     check_plain_data,
     check_world,
@@ -51,15 +48,20 @@ from sparse_sinkhorn.train.helpers import (
     rank0_call,
     run_eval,
 )
-from sparse_sinkhorn.train.loading import config_differences, load_checkpoint, resolve_checkpoint
 from sparse_sinkhorn.train.metrics import MetricsWriter
-from sparse_sinkhorn.train.optim import build_optimizer, build_scheduler
-from sparse_sinkhorn.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from sparse_sinkhorn.train.rng import seed_everything
 from sparse_sinkhorn.train.sampling import MicroBatchSampler, steps_per_epoch
+from sparse_sinkhorn.train.state import (
+    LossFn,
+    Run,
+    build_run,
+    prepare_fresh,
+    resume_run,
+    save_run,
+)
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, Any]]]
 EvalFn = Callable[[nn.Module], Mapping[str, Any]]
 
 
@@ -76,22 +78,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # rows logged by this call
 
 
-@dataclass
-class _Run:
-    """Everything the step function needs, built once by :func:`train`."""
-
-    config: TrainConfig
-    info: DistInfo
-    raw_model: nn.Module
-    model: nn.Module  # raw_model or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler | None
-    amp_dtype: torch.dtype | None
-    loss_fn: LossFn
-
-
-def _train_step(run: _Run, batches: Any) -> tuple[torch.Tensor, dict[str, float], Any]:
+def _train_step(run: Run, batches: Any) -> tuple[torch.Tensor, dict[str, float], Any]:
     """One optimizer step over ``grad_accum`` micro-batches.
 
     Returns the summed micro-batch losses of this rank (a tensor), summed metrics and the
@@ -138,7 +125,7 @@ class _Window:
 
 
 def _reduce_row(
-    run: _Run,
+    run: Run,
     step: int,
     lr: float,
     step_out: tuple[torch.Tensor, dict[str, float], Any],
@@ -163,109 +150,7 @@ def _reduce_row(
     return row
 
 
-def _save(run: _Run, step: int, out_dir: Path, extra: dict[str, Any]) -> Path:
-    """Checkpoint after ``step`` updates: rank 0 writes, every rank returns the path."""
-    rng_states = all_gather_objects(capture_rng_state())  # collective: every rank's RNG
-    per_epoch = extra["steps_per_epoch"]
-
-    def write() -> Path:
-        state = {
-            "format_version": 1,
-            "step": step,
-            "epoch": step // per_epoch,
-            "position": step % per_epoch,  # optimizer steps already taken in this epoch
-            "steps_per_epoch": per_epoch,
-            "examples_seen": step * run.config.batch_size,
-            "world_size": run.info.world_size,
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "grad_scaler": None if run.scaler is None else run.scaler.state_dict(),
-            "rng": rng_states,
-            "elapsed": extra["elapsed"],
-            "extra_state": extra["extra_state"],
-        }
-        config = {
-            "format_version": 1,
-            "step": step,
-            "model_config": extra["model_config"],
-            "train_config": run.config.to_dict(),
-            "world_size": run.info.world_size,
-        }
-        return save_checkpoint(
-            out_dir / CHECKPOINTS_DIR,
-            step,
-            run.raw_model,
-            config=config,
-            trainer_state=state,
-            keep=run.config.keep_checkpoints,
-        )
-
-    return rank0_call(run.info, write)
-
-
-def _prepare_fresh(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    existing = list_checkpoints(out_dir / CHECKPOINTS_DIR)
-    if existing:
-        raise FileExistsError(
-            f"{out_dir} already holds checkpoints (newest: {existing[-1][1].name}); pass "
-            "resume=True to continue that run, or choose a new out_dir"
-        )
-
-
-# TrainConfig fields that may change between a run and its resumption without a warning.
-_HARMLESS = {"progress", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_workers"}
-
-
-def _resume(
-    run: _Run, out_dir: Path, resume: bool | str | Path, model_config: dict[str, Any] | None
-) -> tuple[int, float, Path]:
-    """Load the checkpoint ``resume`` designates; returns (step, elapsed seconds, its path)."""
-    source = Path(resume) if isinstance(resume, (str, Path)) else out_dir
-    if not source.exists():
-        raise FileNotFoundError(
-            f"resume path {source} does not exist; pass resume=False to start a new run, or "
-            "point resume at an existing run dir or checkpoint dir"
-        )
-    ckpt = rank0_call(run.info, lambda: resolve_checkpoint(source))
-    state = load_checkpoint(ckpt, run.raw_model, run.optimizer, run.scheduler, model_config)
-    if run.scaler is not None and state.get("grad_scaler"):
-        run.scaler.load_state_dict(state["grad_scaler"])
-    rng_states = state["rng"]
-    restore_rng_state(rng_states[run.info.rank % len(rng_states)])
-    diffs = config_differences(state["config"].get("train_config", {}), run.config.to_dict())
-    diffs = [d for d in diffs if d.split(":")[0] not in _HARMLESS]
-    if diffs and run.info.is_main:
-        logger.warning("resuming %s with a different TrainConfig: %s", ckpt, "; ".join(diffs))
-    if state["step"] > run.config.steps:
-        raise ValueError(
-            f"checkpoint {ckpt} is at step {state['step']}, past TrainConfig.steps="
-            f"{run.config.steps}; raise steps to continue training"
-        )
-    if run.info.is_main:
-        logger.info("resumed from %s at step %d", ckpt, state["step"])
-    return int(state["step"]), float(state.get("elapsed", 0.0)), ckpt
-
-
-def _build_run(model: nn.Module, loss_fn: LossFn, config: TrainConfig, info: DistInfo) -> _Run:
-    model.to(info.device)
-    optimizer = build_optimizer(model, config)
-    amp_dtype = autocast_dtype(config.amp, info.device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return _Run(
-        config=config,
-        info=info,
-        raw_model=model,
-        model=model,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, config),
-        scaler=scaler,
-        amp_dtype=amp_dtype,
-        loss_fn=loss_fn,
-    )
-
-
-def _wrap_ddp(run: _Run) -> nn.Module:
+def _wrap_ddp(run: Run) -> nn.Module:
     if not run.info.is_distributed:
         return run.raw_model
     device_ids = [run.info.local_rank] if run.info.device.type == "cuda" else None
@@ -277,7 +162,7 @@ def _wrap_ddp(run: _Run) -> nn.Module:
 
 
 def _loader(
-    run: _Run, dataset: Dataset[Any], num_examples: int, start_step: int, collate_fn: Any
+    run: Run, dataset: Dataset[Any], num_examples: int, start_step: int, collate_fn: Any
 ) -> DataLoader[Any]:
     config = run.config
     sampler = MicroBatchSampler(
@@ -315,7 +200,7 @@ def _is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def _report(run: _Run, row: dict[str, float], writer: MetricsWriter | None, bar: Any) -> None:
+def _report(run: Run, row: dict[str, float], writer: MetricsWriter | None, bar: Any) -> None:
     if not run.info.is_main:
         return
     if writer is not None:
@@ -375,13 +260,13 @@ def train(
     check_plain_data(extra_state or {})
     out = Path(out_dir)
     seed_everything(config.seed + info.rank)
-    run = _build_run(model, loss_fn, config, info)
+    run = build_run(model, loss_fn, config, info)
     start_step, elapsed0, resumed_from = 0, 0.0, None
     if resume is False:
-        rank0_call(info, lambda: _prepare_fresh(out))
+        rank0_call(info, lambda: prepare_fresh(out))
     else:
         expected = model_cfg if model_config is not None else None
-        start_step, elapsed0, resumed_from = _resume(run, out, resume, expected)
+        start_step, elapsed0, resumed_from = resume_run(run, out, resume, expected)
         rank0_call(info, lambda: out.mkdir(parents=True, exist_ok=True))
     run.model = _wrap_ddp(run)
     extra = {
@@ -403,11 +288,12 @@ def train(
         if bar is not None:
             bar.close()
     result.resumed_from = resumed_from
+    result.checkpoint = result.checkpoint or resumed_from  # nothing left to train: that one
     return result
 
 
 def _loop(
-    run: _Run,
+    run: Run,
     batches: Any,
     start_step: int,
     out_dir: Path,
@@ -443,6 +329,6 @@ def _loop(
             bar.update(1)
         if _is_due(step, config.ckpt_every, config.steps):
             ckpt_extra = {**extra, "elapsed": extra["elapsed"] + extra["elapsed_now"]}
-            result.checkpoint = _save(run, step, out_dir, ckpt_extra)
+            result.checkpoint = save_run(run, step, out_dir, ckpt_extra)
         result.step = step
     return result

@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/sparse-sinkhorn sort
+	$(BIN)/sparse-sinkhorn sort --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -76,12 +76,17 @@ def test_tiny_sort_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert _sort(tmp_path, "--attention", "sinkhorn", "--steps", "6", "--resume") == 0
     lines = (tmp_path / "run" / "sinkhorn" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 6
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
+        _sort(tmp_path, "--attention", "sinkhorn", "--steps", "2")
+    assert _sort(tmp_path, "--attention", "sinkhorn", "--steps", "2", "--overwrite") == 0
+    lines = (tmp_path / "run" / "sinkhorn" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 2
 
 
 def test_sort_bad_input(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown attention kind 'flash'"):
         _sort(tmp_path, "--attention", "flash")
-    with pytest.raises(SystemExit, match="no run directory"):
+    with pytest.raises(SystemExit, match="--resume: no checkpoints in"):
         _sort(tmp_path, "--attention", "dense", "--resume")
     with pytest.raises(SystemExit, match="--steps must be > 0"):
         _sort(tmp_path, "--steps", "0")

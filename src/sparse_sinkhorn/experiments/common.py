@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,39 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> Non
     )
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
         "--resume",
         action="store_true",
         help="continue each run from its latest checkpoint in --out",
     )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete earlier runs of the same attention kinds in --out first",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
+    """Check (or clear) one training run's directory before :func:`train` uses it.
+
+    Every rank checks (so all raise the same error); only the main rank deletes.
+    """
+    has_run = (run_dir / "checkpoints").is_dir()
+    if resume and not has_run:
+        raise SystemExit(
+            f"error: --resume: no checkpoints in {run_dir}; start without --resume, or pass "
+            "the --out of an earlier run"
+        )
+    if has_run and not resume:
+        if not overwrite:
+            raise SystemExit(
+                f"error: {run_dir} already holds a run; pass --resume to continue it, "
+                "--overwrite to start over, or another --out"
+            )
+        if is_main:
+            shutil.rmtree(run_dir)
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -30,12 +30,14 @@ from ..data.sorting import BOS_ID, PAD_ID, SortingDataset, sorting_batch
 from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerEncoderLayer
 from ..train import TrainConfig, init_distributed, train
+from ..train.distributed import barrier
 from ..train.seq_metrics import sequence_metrics
 from .common import (
     add_common_args,
     format_table,
     parse_kinds,
     plot_sort_matrices,
+    prepare_run_dir,
     setup_logging,
     write_results,
 )
@@ -263,13 +265,16 @@ def run(args: argparse.Namespace) -> int:
         preset = replace(preset, block_size=args.block_size)
     if args.n_eval is not None:
         preset = replace(preset, n_eval=args.n_eval, eval_batch=min(preset.eval_batch, args.n_eval))
-    if args.resume and not Path(args.out).is_dir():
-        raise SystemExit(
-            f"error: --resume: no run directory {args.out!r}; "
-            "start without --resume or pass the --out of an earlier run"
-        )
     kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
+    for kind in kinds:
+        prepare_run_dir(
+            Path(args.out) / kind,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            is_main=dist.rank == 0,
+        )
+    barrier()
     results = [run_kind(kind, preset, args) for kind in kinds]
     if dist.rank != 0:
         return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,50 @@ def test_resume_with_another_config_is_refused(
 
 def test_bos_is_not_a_symbol() -> None:
     assert BOS_ID < FIRST_SYMBOL
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
+    """The same global batch over 2 gloo ranks ends with the weights of one process."""
+    from safetensors.torch import load_file
+
+    flags = [
+        "sort",
+        "--attention",
+        "dense",
+        "--steps",
+        "3",
+        "--length",
+        "8",
+        "--block-size",
+        "4",
+        "--n-eval",
+        "2",
+        "--no-progress",
+    ]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "sparse_sinkhorn.cli",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [*torchrun, *flags, "--out", str(tmp_path / "two")],
+        check=True,
+        env=env,
+        timeout=240,
+        capture_output=True,
+    )
+    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    last = [
+        sorted((tmp_path / run / "dense" / "checkpoints").glob("step_*"))[-1]
+        for run in ("one", "two")
+    ]
+    assert [p.name for p in last] == ["step_0000003"] * 2
+    weights = [load_file(p / "model.safetensors") for p in last]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, atol=1e-5, rtol=1e-4)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..data.sorting import BOS_ID, PAD_ID, SortingDataset, sorting_batch
 from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerEncoderLayer
-from ..train import TrainConfig, init_distributed, train
+from ..train import TrainConfig, cleanup_distributed, init_distributed, train
 from ..train.distributed import barrier
 from ..train.seq_metrics import sequence_metrics
 from .common import (
@@ -276,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         )
     barrier()
     results = [run_kind(kind, preset, args) for kind in kinds]
+    cleanup_distributed()  # every rank, on success (see its docstring)
     if dist.rank != 0:
         return 0
     table = results_table(results, preset)

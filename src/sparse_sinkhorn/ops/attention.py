@@ -7,6 +7,7 @@ SortCut), W block size, Q/K query/key positions inside a block.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -251,13 +252,15 @@ def attend_with_plan(
     kb = rearrange(k, "b h (n w) d -> b h n w d", w=w)
     vb = rearrange(v, "b h (n w) d -> b h n w d", w=w)
     p = plan.P.to(k.dtype)  # (B, H, R, N)
-    ks = torch.einsum("bhrn,bhnwd->bhrwd", p, kb)  # (B, H, R, W, D) sorted keys
-    vs = torch.einsum("bhrn,bhnwd->bhrwd", p, vb)  # (B, H, R, W, Dv) sorted values
     slot_ok = _slot_mask(plan)  # (B, H, R, W) or None
     if plan.n_sortcut is not None:
+        ks = torch.einsum("bhrn,bhnwd->bhrwd", p, kb)  # (B, H, n, W, D) sorted keys
+        vs = torch.einsum("bhrn,bhnwd->bhrwd", p, vb)  # (B, H, n, W, Dv) sorted values
         out = _sortcut(q, ks, vs, slot_ok, scale, dropout_p)
     else:
-        out = _local_and_sorted(q, kb, vb, ks, vs, slot_ok, plan, scale, dropout_p)
+        k2 = _LocalAndSorted.apply(p, kb)  # (B, H, N, 2W, D): [K_i ; sum_j P_ij K_j]
+        v2 = _LocalAndSorted.apply(p, vb)  # (B, H, N, 2W, Dv)
+        out = _local_and_sorted(q, k2, v2, slot_ok, plan, scale, dropout_p)
     return out[:, :, :length].to(query.dtype)
 
 
@@ -268,59 +271,98 @@ def _slot_mask(plan: SinkhornPlan) -> Tensor | None:
     return plan.slot_weight() > 0
 
 
+class _LocalAndSorted(torch.autograd.Function):
+    """``[x_i ; sum_j P_ij x_j]`` for every block ``i``, written in place into one buffer.
+
+    ``(B, H, N, N)`` P and ``(B, H, N, W, D)`` blocks give ``(B, H, N, 2W, D)``: the local
+    block followed by the sorted one, i.e. ``cat([xb, einsum("bhij,bhjwd->bhiwd", P, xb)], -2)``
+    without the concatenation copy. The sort matmul writes straight into the second half of
+    the output (a strided view BLAS handles natively), and the backward reads the two halves
+    of the incoming gradient as views; only ``P`` and ``x`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, xb: Tensor) -> Tensor:
+        b, h, n, w, d = xb.shape
+        p3 = rearrange(p, "b h i j -> (b h) i j")  # (B*H, N, N)
+        x3 = rearrange(xb, "b h n w d -> (b h) n (w d)")  # (B*H, N, W*D)
+        out = xb.new_empty(b * h, n, 2, w * d)  # (B*H, N, 2, W*D)
+        out[:, :, 0] = x3
+        if torch.compiler.is_compiling():
+            out[:, :, 1] = torch.bmm(p3, x3)  # the compiler plans buffers itself
+        else:
+            torch.bmm(p3, x3, out=out[:, :, 1])  # sorted half, written in place
+        ctx.save_for_backward(p3, x3)
+        ctx.dims = (b, w)
+        return rearrange(out, "(b h) n two (w d) -> b h n (two w) d", b=b, w=w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        p3, x3 = ctx.saved_tensors
+        b, w = ctx.dims
+        g = rearrange(grad, "b h n (two w) d -> (b h) n two (w d)", two=2)  # (B*H, N, 2, W*D)
+        g_loc, g_srt = g[:, :, 0], g[:, :, 1]  # (B*H, N, W*D) strided views
+        grad_p = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_p = rearrange(torch.bmm(g_srt, x3.mT), "(b h) i j -> b h i j", b=b)
+        if ctx.needs_input_grad[1]:
+            grad_x3 = torch.baddbmm(g_loc, p3.mT, g_srt)  # local + P^T @ sorted
+            grad_x = rearrange(grad_x3, "(b h) n (w d) -> b h n w d", b=b, w=w)
+        return grad_p, grad_x
+
+
 def _local_and_sorted(
     q: Tensor,
-    kb: Tensor,
-    vb: Tensor,
-    ks: Tensor,
-    vs: Tensor,
+    k2: Tensor,
+    v2: Tensor,
     slot_ok: Tensor | None,
     plan: SinkhornPlan,
     scale: float,
     dropout_p: float,
 ) -> Tensor:
+    """Each query block attends to its ``2W`` keys ``[local ; sorted]`` under one softmax.
+
+    One fused ``scaled_dot_product_attention`` over ``B*H`` x ``N`` blocks: no ``(W, 2W)``
+    score tensor is materialised or saved for backward.
+    """
     w = plan.block_size
-    qb = rearrange(q, "b h (n w) d -> b h n w d", w=w)
-    s_loc = torch.einsum("bhnqd,bhnkd->bhnqk", qb, kb)  # (B, H, N, W, W)
-    s_srt = torch.einsum("bhnqd,bhnkd->bhnqk", qb, ks)  # (B, H, N, W, W)
-    scores = torch.cat([s_loc, s_srt], dim=-1).to(_acc(q)) * scale  # (B, H, N, W, 2W)
-    keep = _local_keep(plan, q.device)  # broadcastable to (B, H, N, W, W) or None
-    if keep is not None or slot_ok is not None:
-        n = kb.shape[2]
-        keep_loc = (
-            keep
-            if keep is not None
-            else torch.ones(1, 1, 1, 1, w, dtype=torch.bool, device=q.device)
-        )
-        keep_srt = (
-            slot_ok[..., None, :]
-            if slot_ok is not None
-            else torch.ones(1, 1, 1, 1, w, dtype=torch.bool, device=q.device)
-        )  # (B, H, N, 1, W)
-        shape = (scores.shape[0], scores.shape[1], n, w, w)
-        mask = torch.cat([keep_loc.expand(shape), keep_srt.expand(shape)], dim=-1)
-        attn = _masked_softmax(scores, mask)
-    else:
-        attn = scores.softmax(dim=-1)
-    if dropout_p > 0:
-        attn = F.dropout(attn, p=dropout_p)
-    attn = attn.to(vb.dtype)
-    a_loc, a_srt = attn[..., :w], attn[..., w:]
-    out = torch.einsum("bhnqk,bhnkd->bhnqd", a_loc, vb) + torch.einsum(
-        "bhnqk,bhnkd->bhnqd", a_srt, vs
-    )  # (B, H, N, W, Dv)
-    return rearrange(out, "b h n w d -> b h (n w) d")
+    batch, heads = k2.shape[:2]
+    qb = rearrange(q, "b h (n w) d -> (b h) n w d", w=w)  # (B*H, N, W, D)
+    k4 = rearrange(k2, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, D)
+    v4 = rearrange(v2, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, Dv)
+    keep = _local_and_sorted_keep(plan, slot_ok, batch, heads, q.device)
+    out = _sdpa(qb, k4, v4, keep, scale, dropout_p)  # (B*H, N, W, Dv)
+    return rearrange(out, "(b h) n w d -> b h (n w) d", b=batch)
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    """Softmax dtype: float32 for half inputs, else the input's (float64 stays float64)."""
-    return torch.promote_types(x.dtype, torch.float32)
+def _local_and_sorted_keep(
+    plan: SinkhornPlan, slot_ok: Tensor | None, batch: int, heads: int, device: torch.device
+) -> Tensor | None:
+    """``(B*H, N, W or 1, 2W)`` bool keep-mask over ``[local ; sorted]`` keys, or None."""
+    keep = _local_keep(plan, device)  # broadcastable to (B, H, N, W, W) or None
+    if keep is None and slot_ok is None:
+        return None
+    w = plan.block_size
+    n = plan.P.shape[-1]
+    rows = w if plan.is_causal else 1  # only the causal triangle depends on the query
+    shape = (batch, heads, n, rows, w)
+    ones = torch.ones(1, 1, 1, 1, w, dtype=torch.bool, device=device)
+    keep_loc = (ones if keep is None else keep).expand(shape)
+    keep_srt = (ones if slot_ok is None else slot_ok[..., None, :]).expand(shape)  # (B,H,N,1,W)
+    mask = torch.cat([keep_loc, keep_srt], dim=-1)  # (B, H, N, rows, 2W)
+    return rearrange(mask, "b h n q k -> (b h) n q k")
 
 
-def _masked_softmax(scores: Tensor, keep: Tensor) -> Tensor:
-    """Softmax over kept entries; a row with nothing kept gets all-zero weights (no NaN)."""
-    attn = scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(dim=-1)
-    return attn * keep.any(dim=-1, keepdim=True).to(attn.dtype)
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float
+) -> Tensor:
+    """Fused SDPA with a bool keep-mask; a query row with no key kept gets output 0 (no NaN)."""
+    if keep is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    any_key = keep.any(dim=-1, keepdim=True)  # rows that see at least one key
+    safe = keep | ~any_key  # a fully masked row attends uniformly; zeroed below
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p, scale=scale)
+    return out * any_key.to(out.dtype)
 
 
 def _local_keep(plan: SinkhornPlan, device: torch.device) -> Tensor | None:
@@ -341,14 +383,8 @@ def _sortcut(
 ) -> Tensor:
     k_cut = rearrange(ks, "b h r w d -> b h (r w) d")  # (B, H, n*W, D)
     v_cut = rearrange(vs, "b h r w d -> b h (r w) d")
-    scores = torch.einsum("bhqd,bhkd->bhqk", q, k_cut).to(_acc(q)) * scale  # (B, H, N*W, n*W)
-    if slot_ok is not None:
-        attn = _masked_softmax(scores, rearrange(slot_ok, "b h r w -> b h 1 (r w)"))
-    else:
-        attn = scores.softmax(dim=-1)
-    if dropout_p > 0:
-        attn = F.dropout(attn, p=dropout_p)
-    return torch.einsum("bhqk,bhkd->bhqd", attn.to(v_cut.dtype), v_cut)
+    keep = None if slot_ok is None else rearrange(slot_ok, "b h r w -> b h 1 (r w)")
+    return _sdpa(q, k_cut, v_cut, keep, scale, dropout_p)  # (B, H, N*W, Dv)
 
 
 __all__ = ["SinkhornPlan", "attend_with_plan", "num_blocks", "sinkhorn_attention", "sinkhorn_plan"]

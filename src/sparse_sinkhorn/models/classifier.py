@@ -6,6 +6,7 @@ Axes: B batch, L length, D model dim, C classes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import Embedding, Encoder, check_ids
@@ -20,10 +21,22 @@ class Classifier(nn.Module):
       as a learned segment embedding: ``forward(ids, mask, segment_ids=...)``.
     * ``pair="separate"``: both sentences encoded by the same encoder, features
       ``[u, v, |u - v|, u * v]``: ``forward(ids, mask, ids_b=..., mask_b=...)``.
+
+    Inputs may be right-padded to any length (``mask`` True on real tokens): padding never
+    changes the logits. With SortCut (``attention.n_sortcut = n``) every input needs at least
+    ``n`` blocks, so a shorter batch is padded internally to ``n * block_size`` positions
+    (invariant by the rule above): a short sentence simply fills fewer than ``n`` sorted slots.
     """
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
+        att = config.attention
+        need = (att.n_sortcut or 1) * att.block_size
+        if att.n_sortcut is not None and att.sort_net != "bilinear" and need > att.max_len:
+            raise ValueError(
+                f"SortCut needs n_sortcut * block_size = {att.n_sortcut} * {att.block_size} "
+                f"= {need} positions, more than attention.max_len={att.max_len}"
+            )
         self.config = config
         self.embed = Embedding(config)
         self.encoder = Encoder(config)
@@ -41,6 +54,11 @@ class Classifier(nn.Module):
         check_ids(ids, self.config)
         if mask is None:
             mask = ids != self.config.pad_id
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"key_padding_mask shape {tuple(mask.shape)} differs from ids {tuple(ids.shape)}"
+            )
+        ids, mask, segment_ids = self._pad_for_sortcut(ids, mask, segment_ids)
         x = self.embed(ids)
         if self.segments is not None:
             if segment_ids is None:
@@ -51,6 +69,24 @@ class Classifier(nn.Module):
             return h[:, 0]
         weights = mask[..., None].to(h.dtype)
         return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def min_length(self) -> int:
+        """Shortest padded length the encoder takes: ``n_sortcut * block_size`` or 1."""
+        att = self.config.attention
+        return 1 if att.n_sortcut is None else att.n_sortcut * att.block_size
+
+    def _pad_for_sortcut(
+        self, ids: Tensor, mask: Tensor, segment_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Right-pad ``(B, L)`` inputs to :meth:`min_length` (padding is invisible)."""
+        extra = self.min_length() - ids.shape[1]
+        if extra <= 0:
+            return ids, mask, segment_ids
+        ids = F.pad(ids, (0, extra), value=self.config.pad_id)  # (B, n*W)
+        mask = F.pad(mask, (0, extra), value=False)
+        if segment_ids is not None:
+            segment_ids = F.pad(segment_ids, (0, extra), value=0)
+        return ids, mask, segment_ids
 
     def forward(
         self,

@@ -1,0 +1,397 @@
+"""Document classification and NLI with SortCut (the paper's Tables 6 and 7).
+
+Small 2-layer encoders with randomly initialised embeddings compare dense attention
+(Transformer), local attention, Sinkhorn attention and SortCut with budgets 2×8, 2×16 and
+2×32 (``n_sortcut = 2`` blocks of 8/16/32 tokens). Accuracy is measured on the held-out
+split; the table is printed beside the paper's rows, with ``results.json``, ``results.md``
+and a plot of accuracy against attention memory (analytic score entries per head).
+
+One process::
+
+    sparse-sinkhorn classify --dataset imdb --data-dir /tmp/ssdata   # cpu preset, all kinds
+    sparse-sinkhorn classify --dataset imdb --level char --attention sortcut-2x32
+    sparse-sinkhorn nli --dataset snli --preset paper
+
+Several processes (same flags)::
+
+    torchrun --standalone --nproc_per_node=2 -m sparse_sinkhorn.cli nli --dataset snli
+
+The tokenizer is trained on the training split and saved as ``tokenizer.json`` in the run
+directory (and in each attention kind's directory beside its checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..data import Tokenizer
+from ..models import Classifier, ClassifierConfig
+from ..nn import AttentionConfig
+from ..train import TrainConfig, cleanup_distributed, init_distributed, seed_everything, train
+from ..train.distributed import barrier
+from ..train.helpers import rank0_call
+from .classify_common import (
+    CLASSIFY_DATASETS,
+    EVAL_SPLIT,
+    LEVELS,
+    NLI_DATASETS,
+    PAPER_ROWS,
+    VARIANTS,
+    TaskPreset,
+    Variant,
+    attention_memory,
+    build_tokenizer,
+    collate_fn,
+    evaluate,
+    get_preset,
+    load_pairs,
+    load_texts,
+    make_loss_fn,
+    pair_dataset,
+    plot_accuracy_vs_memory,
+    subsample,
+    text_dataset,
+)
+from .common import (
+    add_common_args,
+    format_table,
+    parse_kinds,
+    prepare_run_dir,
+    setup_logging,
+    write_results,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def model_config(
+    preset: TaskPreset, variant: Variant, vocab_size: int, n_classes: int, pair: str, pad_id: int
+) -> ClassifierConfig:
+    block = variant.block(preset.block_size)
+    max_len = 2 * preset.max_len + 2 if pair == "concat" else preset.max_len
+    max_len = max(max_len, (variant.n_sortcut or 1) * block)  # room for SortCut's minimum
+    attention = AttentionConfig(
+        kind=variant.kind, block_size=block, max_len=max_len, n_sortcut=variant.n_sortcut
+    )
+    return ClassifierConfig(
+        vocab_size=vocab_size,
+        d_model=preset.d_model,
+        n_heads=preset.n_heads,
+        n_layers=preset.n_layers,
+        d_ff=preset.d_ff,
+        dropout=preset.dropout,
+        pad_id=pad_id,
+        attention=attention,
+        n_classes=n_classes,
+        pooling="mean",
+        pair=pair,
+    )
+
+
+def _prepare_tokenizer(
+    out: Path, texts: list[str], level: str, preset: TaskPreset, args: argparse.Namespace
+) -> None:
+    """Train the tokenizer on the training texts and save it, unless ``--resume`` finds one."""
+    path = out / TOKENIZER_FILE
+    if path.is_file() and not args.overwrite:
+        if not args.resume:
+            raise FileExistsError(
+                f"{out} already holds a run ({path}); pass --resume to continue it, "
+                "--overwrite to start over, or another --out"
+            )
+        logger.info("tokenizer: %s (saved with the run)", path)
+        return
+    if args.resume:
+        raise FileNotFoundError(f"--resume: {path} is missing; the run cannot be continued")
+    build_tokenizer(texts, level, preset.max_vocab).save(path)
+
+
+def _tokenizer(
+    out: Path, texts: list[str], level: str, preset: TaskPreset, args: argparse.Namespace
+) -> Tokenizer:
+    """The run's tokenizer, always read back from ``out/tokenizer.json`` (rank 0 writes it)."""
+    try:
+        rank0_call(init_distributed(), lambda: _prepare_tokenizer(out, texts, level, preset, args))
+    except (FileExistsError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    tok = Tokenizer.load(out / TOKENIZER_FILE)
+    logger.info("tokenizer: %s, %d entries", out / TOKENIZER_FILE, tok.vocab_size)
+    return tok
+
+
+def _datasets(
+    args: argparse.Namespace, preset: TaskPreset, out: Path
+) -> tuple[Tokenizer, Dataset[Any], Dataset[Any], int, str]:
+    """Tokenizer, training and held-out datasets, classes, and the pair encoding."""
+    split = EVAL_SPLIT[args.dataset]
+    if args.task == "nli":
+        train_pairs = load_pairs(args.dataset, "train", args.data_dir)
+        eval_pairs = load_pairs(args.dataset, split, args.data_dir)
+        texts = train_pairs.premises + train_pairs.hypotheses
+        tok = _tokenizer(out, texts, args.level, preset, args)
+        keep_tr = subsample(len(train_pairs), preset.train_examples, args.seed)
+        keep_ev = subsample(len(eval_pairs), preset.eval_examples, args.seed + 1)
+        train_p = pair_dataset(tok, train_pairs, preset.max_len, keep_tr, args.pair)
+        eval_p = pair_dataset(tok, eval_pairs, preset.max_len, keep_ev, args.pair)
+        return tok, train_p, eval_p, 3, args.pair
+    train_texts = load_texts(args.dataset, "train", args.data_dir)
+    eval_texts = load_texts(args.dataset, split, args.data_dir)
+    if not len(train_texts) or not len(eval_texts):
+        raise SystemExit(
+            f"error: {args.dataset}: empty split ({len(train_texts)} training, "
+            f"{len(eval_texts)} {split} examples)"
+        )
+    tok = _tokenizer(out, train_texts.texts, args.level, preset, args)
+    keep_tr = subsample(len(train_texts), preset.train_examples, args.seed)
+    keep_ev = subsample(len(eval_texts), preset.eval_examples, args.seed + 1)
+    n_classes = max(max(train_texts.labels), max(eval_texts.labels)) + 1
+    train_ds = text_dataset(tok, train_texts, preset.max_len, keep_tr)
+    eval_ds = text_dataset(tok, eval_texts, preset.max_len, keep_ev)
+    return tok, train_ds, eval_ds, max(n_classes, 2), "none"
+
+
+def run_variant(
+    variant: Variant,
+    preset: TaskPreset,
+    args: argparse.Namespace,
+    data: tuple[Tokenizer, Dataset[Any], Dataset[Any], int, str],
+    out: Path,
+) -> dict[str, Any]:
+    """Train one attention variant and score it on the held-out split."""
+    tok, train_ds, eval_ds, n_classes, pair = data
+    seed_everything(args.seed)
+    config = model_config(preset, variant, tok.vocab_size, n_classes, pair, tok.pad_id)
+    model = Classifier(config)
+    run_dir = out / variant.name
+    info = init_distributed()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    train_cfg = TrainConfig(
+        steps=preset.steps,
+        batch_size=preset.batch_size,
+        lr=preset.lr,
+        warmup_steps=min(preset.warmup_steps, preset.steps // 2),
+        seed=args.seed,
+        log_every=max(1, min(50, preset.steps // 4)),
+        ckpt_every=max(1, preset.steps // 2),
+        progress=not args.no_progress,
+    )
+    t0 = time.perf_counter()
+    result = train(
+        model,
+        train_ds,
+        make_loss_fn(pair),
+        train_cfg,
+        out_dir=run_dir,
+        collate_fn=collate_fn(pair, tok.pad_id),
+        resume=args.resume,
+        model_config=config.to_dict(),
+    )
+    seconds = time.perf_counter() - t0
+    scores = {"accuracy": float("nan"), "examples": 0.0}
+    if info.is_main:  # the other ranks' results are not reported
+        scores = evaluate(model, eval_ds, pair, tok.pad_id, preset.eval_batch)
+    block = variant.block(preset.block_size)
+    return {
+        "attention": variant.name,
+        "label": variant.label,
+        "accuracy": scores["accuracy"],
+        "eval_examples": int(scores["examples"]),
+        "train_loss": result.metrics.get("loss"),
+        "train_acc": result.metrics.get("acc"),
+        "train_seconds": round(seconds, 1),
+        "block_size": block,
+        "n_sortcut": variant.n_sortcut,
+        "memory": attention_memory(variant, preset.max_len, block),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": config.to_dict(),
+    }
+
+
+def results_table(
+    results: list[dict[str, Any]], paper: dict[str, float], preset: TaskPreset, pair: str
+) -> str:
+    length = 2 * preset.max_len + 2 if pair == "concat" else preset.max_len
+    rows = [
+        [
+            r["label"],
+            r["block_size"] if r["attention"] not in ("dense",) else None,
+            r["accuracy"],
+            r["memory"],
+            r["train_seconds"],
+            paper.get(r["attention"]),
+        ]
+        for r in results
+    ]
+    headers = [
+        "attention",
+        "block b",
+        "accuracy %",
+        f"score entries/head @L={length}",
+        "train s",
+        "paper accuracy %",
+    ]
+    return format_table(headers, rows)
+
+
+def _apply_overrides(preset: TaskPreset, args: argparse.Namespace) -> TaskPreset:
+    changes: dict[str, Any] = {}
+    for flag, field in (
+        ("steps", "steps"),
+        ("max_len", "max_len"),
+        ("block_size", "block_size"),
+        ("batch_size", "batch_size"),
+        ("train_examples", "train_examples"),
+        ("eval_examples", "eval_examples"),
+        ("d_model", "d_model"),
+    ):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if value <= 0:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be > 0, got {value}")
+        changes[field] = value
+    if "d_model" in changes:
+        changes["d_ff"] = 2 * changes["d_model"]
+        if changes["d_model"] % preset.n_heads:
+            raise SystemExit(
+                f"error: --d-model {changes['d_model']} is not divisible by "
+                f"n_heads={preset.n_heads}"
+            )
+    return replace(preset, **changes)
+
+
+def _previous_results(out: Path) -> list[dict[str, Any]]:
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text()).get("results", []))
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    preset = _apply_overrides(get_preset(args.dataset, args.level, args.preset), args)
+    out = Path(args.out.replace("DATASET-LEVEL", f"{args.dataset}-{args.level}"))
+    if args.resume and not out.is_dir():
+        raise SystemExit(
+            f"error: --resume: no run directory {str(out)!r}; "
+            "start without --resume or pass the --out of an earlier run"
+        )
+    names = parse_kinds(args.attention, tuple(VARIANTS))
+    variants = [VARIANTS[n] for n in names]
+    dist = init_distributed()
+    for v in variants:
+        prepare_run_dir(
+            out / v.name, resume=args.resume, overwrite=args.overwrite, is_main=dist.rank == 0
+        )
+    barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    data = _datasets(args, preset, out)
+    logger.info(
+        "%s %s (%s): %d training / %d held-out examples, vocabulary %d",
+        args.dataset,
+        args.level,
+        EVAL_SPLIT[args.dataset],
+        len(data[1]),  # type: ignore[arg-type]
+        len(data[2]),  # type: ignore[arg-type]
+        data[0].vocab_size,
+    )
+    results = [run_variant(v, preset, args, data, out) for v in variants]
+    cleanup_distributed()  # every rank, on success
+    if dist.rank != 0:
+        return 0
+    if args.resume or args.overwrite:  # keep the earlier run's kinds that were not rerun now
+        rerun = {r["attention"] for r in results}
+        results = [r for r in _previous_results(out) if r["attention"] not in rerun] + results
+        results.sort(key=lambda r: list(VARIANTS).index(r["attention"]))
+    paper = PAPER_ROWS.get((args.dataset, args.level), {})
+    table = results_table(results, paper, preset, data[4])
+    split = EVAL_SPLIT[args.dataset]
+    title = (
+        f"{args.dataset} ({args.level} level), accuracy on {split} "
+        f"({results[-1]['eval_examples']} examples), preset {args.preset}"
+    )
+    print(f"\n{title}\n")
+    print(table)
+    if not paper:
+        print("\n(no paper rows recovered for this dataset/level; the paper reports SST, not MR)")
+    plot = plot_accuracy_vs_memory(results, out / "accuracy_vs_memory.png", title)
+    payload = {
+        "experiment": args.task,
+        "dataset": args.dataset,
+        "level": args.level,
+        "eval_split": split,
+        "pair_encoding": data[4],
+        "preset": args.preset,
+        "settings": asdict(preset),
+        "tokenizer": str(out / TOKENIZER_FILE),
+        "memory_note": "analytic score entries per head and layer at L = max_len: dense L^2, "
+        "local L*b, sinkhorn L*2b + N^2, sortcut L*n*b + N^2 (N = L/b)",
+        "results": results,
+        "paper": paper,
+        "plot": str(plot),
+    }
+    path = write_results(out, payload, table)
+    print(f"\nresults: {path}\nplot: {plot}")
+    return 0
+
+
+def _add_parser(
+    subparsers: argparse._SubParsersAction, task: str, datasets: tuple[str, ...], help_: str
+) -> None:
+    parser = subparsers.add_parser(task, help=help_, description=__doc__.split("\n\n")[1])
+    parser.add_argument("--dataset", required=True, choices=datasets, help="dataset to train on")
+    parser.add_argument(
+        "--level", default="word", choices=LEVELS, help="word or character tokens (default: word)"
+    )
+    parser.add_argument(
+        "--attention",
+        default="all",
+        help=f"one of {', '.join(VARIANTS)}, a comma list, or 'all' (default)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory (default: $SPARSE_SINKHORN_DATA or ~/.cache/sparse-sinkhorn/data)",
+    )
+    if task == "nli":
+        parser.add_argument(
+            "--pair",
+            default="separate",
+            choices=("separate", "concat"),
+            help="separate: siamese encoder, features [u, v, |u-v|, u*v] (default); "
+            "concat: one sequence [CLS] premise [SEP] hypothesis with segment ids",
+        )
+    for flag, what in (
+        ("--max-len", "tokens kept per text (per sentence for NLI)"),
+        ("--block-size", "block size of sinkhorn/local"),
+        ("--batch-size", "batch size"),
+        ("--train-examples", "train on a seeded subsample of this many examples"),
+        ("--eval-examples", "score a seeded subsample of the held-out split"),
+        ("--d-model", "model width (d_ff = 2 * d_model)"),
+    ):
+        parser.add_argument(flag, type=int, default=None, help=f"override the preset's {what}")
+    add_common_args(parser, default_out=f"runs/{task}/DATASET-LEVEL")
+    parser.set_defaults(func=run, task=task, **({"pair": "none"} if task != "nli" else {}))
+
+
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
+    _add_parser(
+        subparsers,
+        "classify",
+        CLASSIFY_DATASETS,
+        "document classification: IMDb, MR, SST (paper Table 6)",
+    )
+    _add_parser(subparsers, "nli", NLI_DATASETS, "natural language inference: SNLI, MNLI (Table 7)")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import TransformerDecoderLayer, TransformerEncoderLayer
+from ..nn.cache import DecodingCache
 from .config import TransformerConfig
 
 
@@ -87,9 +88,16 @@ class Decoder(nn.Module):
         key_padding_mask: Tensor | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
+        cache: DecodingCache | None = None,
     ) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, key_padding_mask, memory, memory_padding_mask)
+        """``cache``: incremental decoding state, one entry per layer (eval mode)."""
+        if cache is not None and len(cache.layers) != len(self.layers):
+            raise ValueError(
+                f"the cache has {len(cache.layers)} layers but the decoder has {len(self.layers)}"
+            )
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            x = layer(x, key_padding_mask, memory, memory_padding_mask, cache=layer_cache)
         return self.norm(x)
 
 

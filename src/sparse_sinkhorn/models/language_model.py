@@ -1,6 +1,6 @@
 """Decoder-only language model (text and pixel-wise image generation).
 
-Axes: B batch, L length, D model dim, V vocabulary.
+Axes: B batch, L length, P prompt length, D model dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..nn.cache import DecodingCache
 from .common import Decoder, Embedding, check_ids, sample_next
 from .config import LanguageModelConfig
 
@@ -23,10 +24,37 @@ class LanguageModel(nn.Module):
         self.embed = Embedding(config)
         self.decoder = Decoder(config, config.n_layers, cross_attention=False)
 
-    def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def new_cache(self) -> DecodingCache:
+        """An empty incremental-decoding cache for :meth:`forward` (eval mode)."""
+        return DecodingCache.for_layers(len(self.decoder.layers))
+
+    def forward(
+        self,
+        ids: Tensor,
+        key_padding_mask: Tensor | None = None,
+        *,
+        cache: DecodingCache | None = None,
+    ) -> Tensor:
+        """Next-token logits ``(B, L, V)`` for ``ids`` ``(B, L)``.
+
+        With ``cache`` (eval mode, no padding), ``ids`` are the positions after the
+        ``cache.length`` already decoded; the logits equal those of the full forward on the
+        whole sequence at these positions (see :mod:`sparse_sinkhorn.nn.cache`).
+        """
+        offset = 0 if cache is None else cache.length
         check_ids(ids, self.config)
-        x = self.decoder(self.embed(ids), key_padding_mask)
+        self._check_length(offset + ids.shape[1])
+        x = self.embed(ids, offset=offset)
+        x = self.decoder(x, key_padding_mask, cache=cache)
         return x @ self.embed.tokens.weight.T
+
+    def _check_length(self, length: int) -> None:
+        att = self.config.attention
+        if length > att.max_len and att.uses_sorting and att.sort_net != "bilinear":
+            raise ValueError(
+                f"sequence length {length} > attention.max_len={att.max_len} of this "
+                f"{att.sort_net!r} sort net; generate fewer tokens or use a shorter prompt"
+            )
 
     @torch.no_grad()
     def generate(
@@ -37,14 +65,25 @@ class LanguageModel(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Continue ``prompt`` ``(B, P)``; returns ``(B, P + max_new_tokens)``.
 
-        Recomputes the whole prefix each step (exact; O(L²) steps). Use ``model.eval()``.
+        ``use_cache=True`` decodes incrementally (the prompt once, then one position per
+        step, exactly the full forward's logits); ``False`` recomputes the whole prefix each
+        step (O(L²) steps, the reference). Call ``model.eval()`` first.
         """
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be (B, P) with P >= 1, got {tuple(prompt.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self._check_length(prompt.shape[1] + max(max_new_tokens - 1, 0))
         out = prompt
+        cache = self.new_cache() if use_cache else None
+        step_in = prompt
         for _ in range(max_new_tokens):
-            logits = self(out)[:, -1]
+            logits = self(step_in if use_cache else out, cache=cache)[:, -1]  # (B, V)
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
             out = torch.cat([out, nxt[:, None]], dim=1)
+            step_in = nxt[:, None]
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .attention import CrossAttention, SinkhornSelfAttention
+from .cache import AttentionCache, DecodingCache
 from .config import ATTENTION_KINDS, AttentionConfig
 from .layers import FeedForward, TransformerDecoderLayer, TransformerEncoderLayer
 from .sortnet import SORT_NETS, SortNet
@@ -10,8 +11,10 @@ from .sortnet import SORT_NETS, SortNet
 __all__ = [
     "ATTENTION_KINDS",
     "SORT_NETS",
+    "AttentionCache",
     "AttentionConfig",
     "CrossAttention",
+    "DecodingCache",
     "FeedForward",
     "SinkhornSelfAttention",
     "SortNet",

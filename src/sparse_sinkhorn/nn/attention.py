@@ -21,6 +21,7 @@ from ..ops import (
     sparse_attention,
 )
 from ..ops.blocks import block_summaries, causal_block_summaries
+from .cache import AttentionCache
 from .config import AttentionConfig
 from .sortnet import SortNet
 
@@ -99,15 +100,39 @@ class SinkhornSelfAttention(nn.Module):
         *,
         return_plan: bool = False,
         generator: torch.Generator | None = None,
+        cache: AttentionCache | None = None,
     ) -> Tensor | tuple[Tensor, SinkhornPlan | None]:
+        """``x`` ``(B, L, D)`` -> ``(B, L, D)`` (and the plan if ``return_plan``).
+
+        With ``cache`` (incremental decoding, eval mode, causal layers, no padding mask), ``x``
+        holds the *new* positions only: an empty cache runs the full forward on them and
+        keeps its state; a filled one attends from them one at a time. Either way the output
+        equals the full causal forward of the whole sequence at those positions.
+        """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected x of shape (B, L, {self.d_model}), got {tuple(x.shape)}")
         q, k, v = rearrange(
             self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.n_heads
         )  # each (B, H, L, E)
-        out, plan = self._attend(q, k, v, x, key_padding_mask, generator)
+        if cache is None:
+            out, plan = self._attend(q, k, v, x, key_padding_mask, generator)
+        else:
+            self._check_cache_use(key_padding_mask)
+            if cache.length == 0:
+                out, plan = self._attend(q, k, v, x, None, None)
+                cache.prefill(k, v, x, self.config, self.sort_net)
+            else:
+                out, plan = cache.step(q, k, v, x, self.config, self.sort_net), None
         y = self.out(rearrange(out, "b h l e -> b l (h e)"))  # (B, L, D)
         return (y, plan) if return_plan else y
+
+    def _check_cache_use(self, key_padding_mask: Tensor | None) -> None:
+        if not self.causal:
+            raise ValueError("a decoding cache needs a causal (decoder) self-attention layer")
+        if self.training:
+            raise ValueError("incremental decoding is for eval mode only; call model.eval()")
+        if key_padding_mask is not None:
+            raise ValueError("incremental decoding takes no key_padding_mask (no padding)")
 
     def _attend(
         self,

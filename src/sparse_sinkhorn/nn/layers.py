@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .attention import CrossAttention, SinkhornSelfAttention
+from .cache import AttentionCache
 from .config import AttentionConfig
 
 
@@ -74,8 +75,10 @@ class TransformerDecoderLayer(nn.Module):
         key_padding_mask: Tensor | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
+        cache: AttentionCache | None = None,
     ) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask))
+        """``cache``: incremental decoding state of the self-attention (eval mode)."""
+        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask, cache=cache))
         if self.cross is not None:
             if memory is None:
                 raise ValueError("this decoder layer has cross-attention: pass memory")

@@ -1,0 +1,271 @@
+"""Incremental decoding: a per-layer cache whose step-by-step outputs equal the full causal
+forward exactly (eval mode), for Sinkhorn attention and every baseline.
+
+Axes: B batch, H heads, T tokens seen so far, E head dim, D model dim, N blocks, W block size.
+
+Why this works for causal Sinkhorn attention (SPEC §2.7):
+
+* the routing row of query block ``i`` reads the prefix summary of the layer input up to and
+  including position ``i*W`` (:func:`~sparse_sinkhorn.ops.blocks.causal_block_summaries`), so
+  it is known as soon as the first token of block ``i`` arrives; key block ``j < i`` is
+  summarised whole and is complete by then;
+* prefix-causal balancing makes row ``i`` of ``P`` depend on logit rows ``<= i`` only, so the
+  row computed from the ``(i+1) x (i+1)`` prefix equals row ``i`` of the full plan; it is
+  computed once per block, and with it the sorted keys/values ``sum_{j<i} P_ij K_j`` of block
+  ``i`` (which mix only earlier, complete blocks);
+* the local half is the causal triangle inside block ``i``: the cached keys of positions
+  ``i*W .. t``.
+
+Dense, local, sparse and mixture layers keep the keys and values of every position and apply
+their causal mask row for the new query. A :class:`DecodingCache` holds one
+:class:`AttentionCache` per decoder layer; the first call (``length == 0``) runs the ordinary
+full forward on the prompt and fills the cache from it (so a prompt's outputs are the full
+forward's), later calls add tokens one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ..ops import sinkhorn_plan
+from ..ops.blocks import block_summaries, causal_block_summaries
+from .config import AttentionConfig
+from .sortnet import SortNet
+
+
+@dataclass
+class AttentionCache:
+    """Decoding state of one causal self-attention layer (mutable; one per layer).
+
+    Attributes:
+        k, v: ``(B, H, T, E)`` keys and values of every position seen so far.
+        x_sum: ``(B, D)`` sum of the layer inputs seen so far (causal row summaries).
+        block_sum: ``(B, D)`` sum of the layer inputs of the current, incomplete block.
+        row_summaries: ``(B, n, D)`` routing-row summary of each block started so far.
+        key_summaries: ``(B, m, D)`` summary of each complete block.
+        sorted_k, sorted_v: ``(B, H, W, E)`` the current block's sorted keys/values, or None
+            (block 0, which receives no sorted block, or before the block's first token).
+        sorted_ok: ``(B, H, 1, W)`` bool, which sorted slots hold some weight.
+    """
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    x_sum: Tensor | None = None
+    block_sum: Tensor | None = None
+    row_summaries: Tensor | None = None
+    key_summaries: Tensor | None = None
+    sorted_k: Tensor | None = None
+    sorted_v: Tensor | None = None
+    sorted_ok: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens seen so far ``T``."""
+        return 0 if self.k is None else int(self.k.shape[2])
+
+    def prefill(
+        self,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        config: AttentionConfig,
+        sort_net: SortNet | None,
+    ) -> None:
+        """Fill an empty cache from a whole prompt (its outputs come from the full forward).
+
+        Args:
+            k, v: ``(B, H, L, E)`` keys and values of the prompt.
+            x: ``(B, L, D)`` the layer input (what the sort net summarises).
+        """
+        if self.length:
+            raise RuntimeError("prefill needs an empty cache")
+        self.k, self.v = k, v
+        if not config.uses_sorting:
+            return
+        w, length = config.block_size, x.shape[1]
+        started, complete = -(-length // w), length // w  # blocks begun / finished
+        self.x_sum = x.sum(dim=1)  # (B, D)
+        self.block_sum = x[:, complete * w :].sum(dim=1)  # (B, D); zeros when none
+        self.row_summaries = causal_block_summaries(x, w, pooling=config.pooling)[:, :started]
+        self.key_summaries = block_summaries(x, w, pooling=config.pooling)[:, :complete]
+        if length % w:  # the next token continues block `complete`, already routed
+            self._route_block(complete, config, sort_net)
+
+    def step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        config: AttentionConfig,
+        sort_net: SortNet | None,
+    ) -> Tensor:
+        """Attend from new tokens, one at a time, updating the cache.
+
+        Args:
+            q, k, v: ``(B, H, L, E)`` the new tokens' projections.
+            x: ``(B, L, D)`` their layer inputs.
+
+        Returns:
+            ``(B, H, L, E)``: what the full causal forward gives at those positions.
+        """
+        outs = []
+        for t in range(q.shape[2]):
+            one = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+            if config.uses_sorting:
+                outs.append(self._step_sorting(*one, x[:, t], config, sort_net))
+            else:
+                outs.append(self._step_baseline(*one, config))
+        return torch.cat(outs, dim=2)
+
+    def _append(self, k: Tensor, v: Tensor) -> int:
+        """Add one position's ``(B, H, 1, E)`` key/value; returns its position ``t``."""
+        t = self.length
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)  # (B, H, T+1, E)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return t
+
+    def _step_baseline(self, q: Tensor, k: Tensor, v: Tensor, config: AttentionConfig) -> Tensor:
+        """One token of dense / local / sparse attention: the causal mask row of position t."""
+        t = self._append(k, v)
+        assert self.k is not None and self.v is not None
+        keep = baseline_keep_row(config, t, device=q.device)  # (T,)
+        return _attend(q, self.k, self.v, keep[None, None, None])
+
+    def _step_sorting(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        config: AttentionConfig,
+        sort_net: SortNet | None,
+    ) -> Tensor:
+        """One token of Sinkhorn (or mixture) attention; ``q`` ``(B, H, 1, E)``, ``x`` ``(B, D)``.
+
+        Block ``i = t // W``: keys are ``[K_{iW..t} ; sorted K of block i]`` under one softmax.
+        """
+        w = config.block_size
+        t = self._append(k, v)
+        block = t // w
+        self.x_sum = x if self.x_sum is None else self.x_sum + x
+        self.block_sum = x if self.block_sum is None or t % w == 0 else self.block_sum + x
+        if t % w == 0:  # the first token of a block decides its routing row
+            row = self.x_sum if config.pooling == "sum" else self.x_sum / (t + 1)
+            self.row_summaries = _append_row(self.row_summaries, row)
+            self._route_block(block, config, sort_net)
+        if t % w == w - 1:  # the block is complete: its key summary is final
+            key = self.block_sum if config.pooling == "sum" else self.block_sum / w
+            self.key_summaries = _append_row(self.key_summaries, key)
+        assert self.k is not None and self.v is not None
+        keys, values = self.k[:, :, block * w :], self.v[:, :, block * w :]  # local triangle
+        keep = torch.ones(*keys.shape[:2], 1, keys.shape[2], dtype=torch.bool, device=q.device)
+        if self.sorted_k is not None:
+            assert self.sorted_v is not None and self.sorted_ok is not None
+            keys = torch.cat([keys, self.sorted_k], dim=2)  # (B, H, t - iW + 1 + W, E)
+            values = torch.cat([values, self.sorted_v], dim=2)
+            keep = torch.cat([keep, self.sorted_ok], dim=-1)
+        out = _attend(q, keys, values, keep)
+        if config.kind == "mixture":
+            out = out + _attend(q, self.k, self.v, None)
+        return out
+
+    def _route_block(self, block: int, config: AttentionConfig, sort_net: SortNet | None) -> None:
+        """Row ``block`` of the causal plan -> the block's sorted keys and values."""
+        self.sorted_k = self.sorted_v = self.sorted_ok = None
+        if block == 0:
+            return  # block 0 receives no sorted block (its sorted half is fully masked)
+        assert sort_net is not None and self.row_summaries is not None
+        assert self.key_summaries is not None and self.k is not None and self.v is not None
+        w = config.block_size
+        rows = self.row_summaries[:, : block + 1]  # (B, i+1, D)
+        keys = self.key_summaries[:, :block]  # (B, i, D): complete earlier blocks
+        keys = torch.cat([keys, torch.zeros_like(keys[:, :1])], dim=1)  # column i: masked
+        logits = sort_net(rows, keys)  # (B, H, i+1, i+1)
+        plan = sinkhorn_plan(
+            logits,
+            block_size=w,
+            is_causal=True,
+            hard=config.hard,
+            n_iters=config.n_iters,
+            temperature=config.temperature,
+        )
+        p_row = plan.P[:, :, block, :block].to(self.k.dtype)  # (B, H, i)
+        kb = rearrange(self.k[:, :, : block * w], "b h (n w) e -> b h n w e", w=w)
+        vb = rearrange(self.v[:, :, : block * w], "b h (n w) e -> b h n w e", w=w)
+        self.sorted_k = torch.einsum("bhn,bhnwe->bhwe", p_row, kb)  # (B, H, W, E)
+        self.sorted_v = torch.einsum("bhn,bhnwe->bhwe", p_row, vb)
+        weight = plan.P[:, :, block, :block].detach().sum(-1)  # (B, H)
+        self.sorted_ok = (weight > 0)[:, :, None, None].expand(-1, -1, 1, w)  # (B, H, 1, W)
+
+
+@dataclass
+class DecodingCache:
+    """The decoding state of a whole decoder: one :class:`AttentionCache` per layer.
+
+    Example::
+
+        model.eval()
+        cache = DecodingCache.for_layers(len(model.decoder.layers))
+        logits = model(prompt, cache=cache)          # (B, P, V): the full forward
+        logits = model(next_ids[:, None], cache=cache)  # (B, 1, V): one more position
+    """
+
+    layers: list[AttentionCache] = field(default_factory=list)
+
+    @classmethod
+    def for_layers(cls, n_layers: int) -> DecodingCache:
+        if n_layers <= 0:
+            raise ValueError(f"n_layers must be > 0, got {n_layers}")
+        return cls([AttentionCache() for _ in range(n_layers)])
+
+    @property
+    def length(self) -> int:
+        """Positions already decoded (the position offset of the next token)."""
+        return self.layers[0].length if self.layers else 0
+
+
+def baseline_keep_row(
+    config: AttentionConfig, t: int, *, device: torch.device | None = None
+) -> Tensor:
+    """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline layer.
+
+    Mirrors :func:`~sparse_sinkhorn.ops.local_attention` (own block) and
+    :func:`~sparse_sinkhorn.ops.sparse_pattern` (fixed: own block plus each block's last
+    position; strided: ``|t-s| < W`` or ``(t-s) % W == 0``); dense keeps everything.
+    """
+    w = config.block_size
+    s = torch.arange(t + 1, device=device)
+    if config.kind == "dense":
+        return torch.ones(t + 1, dtype=torch.bool, device=device)
+    if config.kind == "local":
+        return s // w == t // w
+    if config.kind == "sparse":
+        if config.sparse_mode == "fixed":
+            return (s // w == t // w) | (s % w >= w - 1)
+        return ((t - s) < w) | ((t - s) % w == 0)
+    raise ValueError(f"no cached baseline for attention kind {config.kind!r}")
+
+
+def _append_row(rows: Tensor | None, row: Tensor) -> Tensor:
+    """``(B, n, D)`` + ``(B, D)`` -> ``(B, n+1, D)``."""
+    return row[:, None] if rows is None else torch.cat([rows, row[:, None]], dim=1)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    """Softmax attention of ``(B, H, 1, E)`` queries; rows with no kept key give 0."""
+    scores = torch.einsum("bhqe,bhke->bhqk", q, k) * q.shape[-1] ** -0.5  # (B, H, 1, S)
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    scores = scores.to(acc)
+    if keep is None:
+        return torch.einsum("bhqk,bhke->bhqe", scores.softmax(-1).to(v.dtype), v)
+    scores = scores.masked_fill(~keep, torch.finfo(acc).min)
+    attn = scores.softmax(-1) * keep.any(-1, keepdim=True).to(acc)
+    return torch.einsum("bhqk,bhke->bhqe", attn.to(v.dtype), v)
+
+
+__all__ = ["AttentionCache", "DecodingCache", "baseline_keep_row"]

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from .case import run_case
 from .machine import machine_info
+from .sweep import run_subprocess
 
 
 def matmul_gflops(n: int = 4096, repeats: int = 5) -> float:
@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     for length in args.lengths:
         spec = dict(level="op", contender="sinkhorn", length=length, modes=["fwdbwd"],
                     repeats=args.repeats, budget_s=600)  # fmt: skip
-        r = run_case(spec)[0]
+        r = run_subprocess(spec, timeout=900)[0]  # fresh process: its own memory peak
+        if r["status"] != "ok":
+            print(f"L={length}: {r['status']} {r.get('note', '')}")
+            continue
         flops = 3 * op_flops(length)
         rate = flops / r["time_s"] / 1e9
         rows.append((length, r["time_s"], r["peak_mem_mb"], flops, op_bytes(length)))

@@ -1,0 +1,652 @@
+"""Language modelling (the paper's Tables 2 and 4): ``sparse-sinkhorn lm``.
+
+Decoder-only LMs with dense (Transformer), local, Sparse Transformer, Sinkhorn and Sinkhorn
+Mixture attention, trained on a plain-text corpus at the character level (bits per
+character) or on byte-level BPE subwords (perplexity per subword token)::
+
+    sparse-sinkhorn data fetch shakespeare
+    sparse-sinkhorn lm --level char                      # cpu preset, all five kinds
+    sparse-sinkhorn lm --level subword --attention sinkhorn,dense
+    sparse-sinkhorn lm --level char --corpus /data/lm1b --preset paper   # LM1B shards
+    sparse-sinkhorn generate --run runs/lm-char/sinkhorn --prompt "ROMEO:"
+
+Data: Shakespeare's plays from the data directory (split by play into train/valid/test by
+the fetch step), or any plain-text corpus given with ``--corpus`` (see :func:`load_corpus`).
+The tokenizer (characters, or BPE with the preset's vocabulary) is trained on the training
+split only and saved with each run as ``<out>/<kind>/tokenizer.json``; ``--resume`` and
+``generate`` reuse that file. Evaluation: the held-out text is cut into non-overlapping
+windows of the training length (each window starts without context), evenly spaced windows
+up to the preset's ``eval_windows`` are scored, and every target token counts:
+``bits/char = mean cross-entropy (nats) / ln 2`` and ``perplexity = exp(mean cross-entropy)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..data import DatasetNotFoundError, Tokenizer, TokenWindows, load_shakespeare
+from ..data.tokenize import train_bpe, train_char_level
+from ..models import LanguageModel, LanguageModelConfig
+from ..nn import AttentionConfig
+from ..train import TrainConfig, init_distributed, plot_metrics, read_metrics, train
+from .common import add_common_args, format_table, parse_kinds, setup_logging, write_results
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("char", "subword")
+KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")
+NAMES = {
+    "dense": "Transformer",
+    "local": "Local Attention",
+    "sparse": "Sparse Transformer",
+    "sinkhorn": "Sinkhorn",
+    "mixture": "Sinkhorn Mixture",
+}
+# Paper Table 2 (LM1B subword perplexity; Base, Big) and Table 4 (LM1B bits/char, Big).
+PAPER_SUBWORD: dict[str, tuple[float | None, float | None]] = {
+    "dense": (41.57, 27.59),
+    "local": (44.23, None),
+    "sparse": (41.89, None),
+    "sinkhorn": (40.79, 28.39),
+    "mixture": (40.11, 27.34),
+}
+PAPER_CHAR: dict[str, float | None] = {
+    "dense": 1.121,
+    "local": None,
+    "sparse": 1.134,
+    "sinkhorn": 1.132,
+    "mixture": 1.119,
+}
+TASK_FILE = "run.json"  # what `generate` needs to know about a run directory
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class LMPreset:
+    seq_len: int  # training window (tokens)
+    block_size: int  # attention block size b (also the local / sparse window)
+    d_model: int
+    n_heads: int
+    n_layers: int
+    d_ff: int
+    dropout: float
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_windows: int  # held-out windows scored per split (evenly spaced)
+    eval_batch: int
+    vocab_size: int  # BPE vocabulary (subword); ignored for characters
+    max_train_chars: int | None  # read at most this much training text (None: all)
+
+
+PRESETS: dict[tuple[str, str], LMPreset] = {
+    # Minutes per attention kind on a 2-core CPU (measured: see README).
+    ("char", "cpu"): LMPreset(
+        seq_len=256,
+        block_size=32,
+        d_model=128,
+        n_heads=4,
+        n_layers=2,
+        d_ff=512,
+        dropout=0.0,
+        steps=300,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=30,
+        eval_windows=256,
+        eval_batch=32,
+        vocab_size=0,
+        max_train_chars=None,
+    ),
+    ("subword", "cpu"): LMPreset(
+        seq_len=128,
+        block_size=16,
+        d_model=128,
+        n_heads=4,
+        n_layers=2,
+        d_ff=512,
+        dropout=0.0,
+        steps=300,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=30,
+        eval_windows=256,
+        eval_batch=32,
+        vocab_size=2048,
+        max_train_chars=None,
+    ),
+    # The paper's Table 4 setting: character LM at length 1024, "Big" dims (SPEC §4).
+    ("char", "paper"): LMPreset(
+        seq_len=1024,
+        block_size=64,
+        d_model=1024,
+        n_heads=16,
+        n_layers=6,
+        d_ff=4096,
+        dropout=0.1,
+        steps=300_000,
+        batch_size=32,
+        lr=2e-4,
+        warmup_steps=8_000,
+        eval_windows=4_000,
+        eval_batch=8,
+        vocab_size=0,
+        max_train_chars=None,
+    ),
+    # Table 2 "Base": 6 layers, d=512, 8 heads, ff 2048, b=64, 32k subwords, 300K steps.
+    ("subword", "paper"): LMPreset(
+        seq_len=512,
+        block_size=64,
+        d_model=512,
+        n_heads=8,
+        n_layers=6,
+        d_ff=2048,
+        dropout=0.1,
+        steps=300_000,
+        batch_size=64,
+        lr=5e-4,
+        warmup_steps=8_000,
+        eval_windows=4_000,
+        eval_batch=32,
+        vocab_size=32_768,
+        max_train_chars=None,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- metrics
+def bits_per_unit(total_nats: float, count: int) -> float:
+    """Mean cross-entropy in bits: ``total_nats / count / ln 2`` (bits/char, bits/dim)."""
+    if count <= 0:
+        raise ValueError(f"count must be > 0, got {count}")
+    return total_nats / count / math.log(2)
+
+
+def perplexity(total_nats: float, count: int) -> float:
+    """``exp(total_nats / count)``: perplexity per token."""
+    if count <= 0:
+        raise ValueError(f"count must be > 0, got {count}")
+    return math.exp(total_nats / count)
+
+
+def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Next-token cross-entropy (mean over every target token of the batch)."""
+    inputs, targets = batch
+    logits = model(inputs)  # (B, L, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss, {"tokens": float(targets.numel())}
+
+
+@torch.no_grad()
+def total_nll(
+    model: nn.Module, data: Dataset[tuple[Tensor, Tensor]], batch_size: int
+) -> tuple[float, int]:
+    """``(sum of next-token cross-entropies in nats, number of targets)`` over ``data``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    n = len(data)  # type: ignore[arg-type]
+    for start in range(0, n, batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, n))]
+        inputs = torch.stack([x for x, _ in items]).to(device)  # (B, L)
+        targets = torch.stack([y for _, y in items]).to(device)
+        logits = model(inputs).float()  # (B, L, V)
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+    model.train(was_training)
+    return total, count
+
+
+class Subset(Dataset[tuple[Tensor, Tensor]]):
+    """Evenly spaced items of a dataset (at most ``limit``)."""
+
+    def __init__(self, data: Dataset[tuple[Tensor, Tensor]], limit: int) -> None:
+        n = len(data)  # type: ignore[arg-type]
+        k = min(n, limit)
+        self.data = data
+        self.index = [i * n // k for i in range(k)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.data[self.index[i]]
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    train: str
+    valid: str
+    test: str
+    split: str  # how the held-out text was chosen (documented in results.json)
+
+
+def _read_files(files: Sequence[Path], max_chars: int | None) -> str:
+    parts: list[str] = []
+    size = 0
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        size += len(text)
+        if max_chars is not None and size >= max_chars:
+            break
+    out = "\n".join(parts)
+    return out if max_chars is None else out[:max_chars]
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"
+    )
+    if not files:
+        raise SystemExit(f"error: --corpus {path}: no text files in this directory")
+    return files
+
+
+def _named_split(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root / f"{name}.txt"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load_corpus(path: str | Path, max_chars: int | None = None) -> Corpus:
+    """A plain-text corpus and its held-out splits. Recognised layouts, in order:
+
+    1. LM1B (``1-billion-word-language-modeling-benchmark-r13output``): training text from
+       ``training-monolingual.tokenized.shuffled/``; test = held-out shard
+       ``news.en.heldout-00000-of-00050`` (the usual test set), valid = shard ``00001``.
+    2. A directory with ``train``, ``valid`` (or ``validation``) and ``test`` entries, each a
+       file (``train.txt`` also works) or a directory of shards.
+    3. Anything else (one file or a directory of shards): its lines in order, the first 90%
+       for training, the next 5% valid, the last 5% test.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise SystemExit(
+            f"error: --corpus {root} does not exist; pass a plain-text file or a directory "
+            "of text shards (e.g. LM1B's 1-billion-word-language-modeling-benchmark-r13output)"
+        )
+    lm1b = next(iter(sorted(root.rglob("training-monolingual.tokenized.shuffled"))), None)
+    if lm1b is not None:
+        held = lm1b.parent / "heldout-monolingual.tokenized.shuffled"
+        test_f = held / "news.en.heldout-00000-of-00050"
+        valid_f = held / "news.en.heldout-00001-of-00050"
+        if not (test_f.is_file() and valid_f.is_file()):
+            raise SystemExit(f"error: LM1B held-out shards 00000/00001 not found in {held}")
+        return Corpus(
+            "lm1b",
+            _read_files(_text_files(lm1b), max_chars),
+            _read_files([valid_f], None),
+            _read_files([test_f], None),
+            "LM1B: valid = heldout-00001, test = heldout-00000",
+        )
+    if root.is_dir():
+        parts = {n: _named_split(root, n) for n in ("train", "valid", "validation", "test")}
+        valid = parts["valid"] or parts["validation"]
+        if parts["train"] and valid and parts["test"]:
+            return Corpus(
+                root.name,
+                _read_files(_text_files(parts["train"]), max_chars),
+                _read_files(_text_files(valid), None),
+                _read_files(_text_files(parts["test"]), None),
+                "the corpus's own train/valid/test",
+            )
+    lines = _read_files(_text_files(root), None).splitlines(keepends=True)
+    if len(lines) < 20:
+        raise SystemExit(
+            f"error: --corpus {root} has {len(lines)} lines; need at least 20 to split "
+            "90/5/5 into train/valid/test (or give train/valid/test files)"
+        )
+    a, b = len(lines) * 90 // 100, len(lines) * 95 // 100
+    train_text = "".join(lines[:a])
+    return Corpus(
+        root.name,
+        train_text if max_chars is None else train_text[:max_chars],
+        "".join(lines[a:b]),
+        "".join(lines[b:]),
+        "lines in order: first 90% train, next 5% valid, last 5% test",
+    )
+
+
+def load_text(args: argparse.Namespace, max_chars: int | None) -> Corpus:
+    if args.corpus:
+        return load_corpus(args.corpus, max_chars)
+    try:
+        splits = [load_shakespeare(s, args.data_dir) for s in ("train", "valid", "test")]
+    except DatasetNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    train_text = splits[0] if max_chars is None else splits[0][:max_chars]
+    return Corpus("shakespeare", train_text, splits[1], splits[2], "by play (the fetch step)")
+
+
+def build_tokenizer(level: str, text: str, vocab_size: int) -> Tokenizer:
+    """Characters of ``text``, or byte-level BPE with ``vocab_size`` entries trained on it."""
+    if level == "char":
+        return train_char_level(text)
+    chunks = text.splitlines()  # BPE trains from an iterator of lines
+    return train_bpe(chunks, vocab_size)
+
+
+def encode(tokenizer: Tokenizer, text: str) -> Tensor:
+    """The whole text as one 1-D id stream (encoded line by line, in parallel)."""
+    lines = text.splitlines(keepends=True)
+    ids = [i for line in tokenizer.encode_batch(lines) for i in line]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- runs
+def model_config(preset: LMPreset, kind: str, vocab_size: int) -> LanguageModelConfig:
+    attention = AttentionConfig(
+        kind=kind, block_size=preset.block_size, max_len=4 * preset.seq_len
+    )  # max_len > seq_len lets `generate` continue past the training length
+    return LanguageModelConfig(
+        vocab_size=vocab_size,
+        d_model=preset.d_model,
+        n_heads=preset.n_heads,
+        n_layers=preset.n_layers,
+        d_ff=preset.d_ff,
+        dropout=preset.dropout,
+        pad_id=0,  # [PAD]: never in the token stream
+        attention=attention,
+    )
+
+
+def run_tokenizer(
+    run_dir: Path, level: str, corpus: Corpus, preset: LMPreset, resume: bool
+) -> Tokenizer:
+    """The run's tokenizer: reused from ``run_dir`` when resuming, else trained and saved."""
+    path = run_dir / TOKENIZER_FILE
+    if resume and path.is_file():
+        return Tokenizer.load(path)
+    tokenizer = build_tokenizer(level, corpus.train, preset.vocab_size)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def run_kind(
+    kind: str,
+    preset: LMPreset,
+    corpus: Corpus,
+    streams: dict[str, tuple[Tensor, ...]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Train one attention kind; valid/test metrics on held-out windows."""
+    run_dir = Path(args.out) / kind
+    resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
+    if args.resume and not resume:
+        logger.info("%s: no checkpoint in %s, starting it fresh", kind, run_dir)
+    tokenizer = run_tokenizer(run_dir, args.level, corpus, preset, resume)
+    key = json.dumps(tokenizer.backend.get_vocab(), sort_keys=True)
+    if key not in streams:  # encode the text once per distinct vocabulary
+        streams.clear()
+        streams[key] = tuple(
+            encode(tokenizer, t) for t in (corpus.train, corpus.valid, corpus.test)
+        )
+    train_ids, valid_ids, test_ids = streams[key]
+    (run_dir / TASK_FILE).write_text(
+        json.dumps({"task": "lm", "level": args.level, "corpus": corpus.name}, indent=2) + "\n"
+    )
+    torch.manual_seed(args.seed)
+    config = model_config(preset, kind, tokenizer.vocab_size)
+    model = LanguageModel(config)
+    train_data = TokenWindows(train_ids, preset.seq_len)
+    evals = {
+        name: Subset(_windows(ids, preset.seq_len, name), preset.eval_windows)
+        for name, ids in (("valid", valid_ids), ("test", test_ids))
+    }
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, data in evals.items():
+            nats, count = total_nll(m, data, preset.eval_batch)
+            out[f"{name}/nll"] = nats / count
+            if args.level == "char":
+                out[f"{name}/bits_per_char"] = bits_per_unit(nats, count)
+            else:
+                out[f"{name}/perplexity"] = perplexity(nats, count)
+        return out
+
+    train_cfg = TrainConfig(
+        steps=preset.steps,
+        batch_size=preset.batch_size,
+        lr=preset.lr,
+        warmup_steps=min(preset.warmup_steps, max(1, preset.steps // 10)),
+        seed=args.seed,
+        log_every=max(1, min(25, preset.steps // 10)),
+        eval_every=max(1, preset.steps // 4),
+        ckpt_every=max(1, preset.steps // 4),
+        progress=not args.no_progress,
+    )
+    t0 = time.perf_counter()
+    result = train(
+        model,
+        train_data,
+        lm_loss,
+        train_cfg,
+        out_dir=run_dir,
+        eval_fn=eval_fn,
+        resume=resume,
+        model_config=config.to_dict(),
+    )
+    seconds = time.perf_counter() - t0
+    curve = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss",))
+    return {
+        "kind": kind,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_loss": result.metrics.get("loss"),
+        "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
+        "tokens_per_s": result.metrics.get("tokens_per_s"),
+        "train_seconds": seconds,
+        "eval_tokens": {k: len(d) * preset.seq_len for k, d in evals.items()},
+        "loss_png": str(curve),
+        "run_dir": str(run_dir),
+        "config": config.to_dict(),
+    }
+
+
+def _windows(ids: Tensor, seq_len: int, split: str) -> TokenWindows:
+    if ids.numel() < seq_len + 1:
+        raise SystemExit(
+            f"error: the {split} split has {ids.numel()} tokens, fewer than one window of "
+            f"{seq_len + 1}; use a larger corpus or a smaller preset"
+        )
+    return TokenWindows(ids, seq_len)
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Training loss of every kind on one figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    for r in results:
+        rows = [row for row in read_metrics(Path(r["run_dir"]) / "metrics.jsonl") if "loss" in row]
+        ax.plot([row["step"] for row in rows], [row["loss"] for row in rows], label=r["kind"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def results_table(results: list[dict[str, Any]], level: str) -> str:
+    rows: list[list[Any]] = []
+    for r in results:
+        e = r["eval"]
+        if level == "char":
+            paper = PAPER_CHAR.get(r["kind"])
+            rows.append(
+                [
+                    NAMES[r["kind"]],
+                    e.get("valid/bits_per_char"),
+                    e.get("test/bits_per_char"),
+                    paper,
+                    r["params"],
+                    round(r["train_seconds"]),
+                ]
+            )
+        else:
+            base, big = PAPER_SUBWORD.get(r["kind"], (None, None))
+            rows.append(
+                [
+                    NAMES[r["kind"]],
+                    e.get("valid/perplexity"),
+                    e.get("test/perplexity"),
+                    base,
+                    big,
+                    r["params"],
+                    round(r["train_seconds"]),
+                ]
+            )
+    if level == "char":
+        headers = [
+            "attention",
+            "valid bits/char ↓",
+            "test bits/char ↓",
+            "paper LM1B bits/char (Big, T4)",
+            "params",
+            "train s",
+        ]
+    else:
+        headers = [
+            "attention",
+            "valid ppl ↓",
+            "test ppl ↓",
+            "paper LM1B ppl Base (T2)",
+            "paper Big (T2)",
+            "params",
+            "train s",
+        ]
+    return format_table(headers, rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.level not in LEVELS:
+        raise SystemExit(f"error: unknown --level {args.level!r}; choose char or subword")
+    preset = PRESETS[(args.level, args.preset)]
+    args.out = args.out or f"runs/lm-{args.level}"
+    if args.steps is not None:
+        if args.steps <= 0:
+            raise SystemExit(f"error: --steps must be > 0, got {args.steps}")
+        preset = replace(preset, steps=args.steps)
+    overrides = {
+        "seq_len": args.length,
+        "block_size": args.block_size,
+        "batch_size": args.batch_size,
+        "vocab_size": args.vocab_size,
+        "eval_windows": args.eval_windows,
+        "max_train_chars": args.max_train_chars,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            if value <= 0:
+                raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {value}")
+            preset = replace(preset, **{name: value})
+    if args.resume and not Path(args.out).is_dir():
+        raise SystemExit(
+            f"error: --resume: no run directory {args.out!r}; "
+            "start without --resume or pass the --out of an earlier run"
+        )
+    kinds = parse_kinds(args.attention, KINDS, KINDS)
+    corpus = load_text(args, preset.max_train_chars)
+    logger.info(
+        "corpus %s: %d train / %d valid / %d test chars",
+        corpus.name,
+        len(corpus.train),
+        len(corpus.valid),
+        len(corpus.test),
+    )
+    dist = init_distributed()
+    streams: dict[str, tuple[Tensor, ...]] = {}
+    results = [run_kind(kind, preset, corpus, streams, args) for kind in kinds]
+    if dist.rank != 0:
+        return 0
+    table = results_table(results, args.level)
+    metric = "bits/char" if args.level == "char" else "perplexity per subword token"
+    print(
+        f"\n{args.level} LM on {corpus.name} ({metric}; preset {args.preset}, length "
+        f"{preset.seq_len}, b={preset.block_size}, {preset.steps} steps). The paper's columns "
+        "are LM1B with far larger models and 300K steps: compare the ranking, not the values.\n"
+    )
+    print(table)
+    curves = plot_curves(results, Path(args.out) / "loss_curves.png", f"{args.level} LM")
+    payload = {
+        "experiment": f"lm-{args.level}",
+        "preset": args.preset,
+        "corpus": {
+            "name": corpus.name,
+            "split": corpus.split,
+            "chars": {
+                "train": len(corpus.train),
+                "valid": len(corpus.valid),
+                "test": len(corpus.test),
+            },
+        },
+        "settings": asdict(preset),
+        "metric": metric,
+        "results": results,
+        "loss_curves_png": str(curves),
+        "paper": {"subword_ppl_base_big": PAPER_SUBWORD, "char_bits_per_char_big": PAPER_CHAR},
+    }
+    path = write_results(Path(args.out), payload, table)
+    print(f"\nresults: {path}\nloss curves: {curves}")
+    return 0
+
+
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "lm",
+        help="language modelling: char bits/char, subword perplexity (paper Tables 2, 4)",
+        description="Train decoder-only LMs per attention kind on a plain-text corpus.",
+    )
+    parser.add_argument("--level", default="char", help="char (default) or subword")
+    parser.add_argument(
+        "--attention",
+        default="all",
+        help=f"one of {', '.join(KINDS)}, a comma list, or 'all' (default)",
+    )
+    parser.add_argument("--data-dir", default=None, help="data directory (see `data fetch`)")
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="plain-text file or directory (e.g. LM1B) instead of Shakespeare",
+    )
+    parser.add_argument("--length", type=int, default=None, help="override the window length")
+    parser.add_argument("--block-size", type=int, default=None, help="override the block size")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the BPE vocab")
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="override held-out windows per split"
+    )
+    parser.add_argument(
+        "--max-train-chars", type=int, default=None, help="read at most this much training text"
+    )
+    add_common_args(parser, default_out="runs/lm-<level>")
+    parser.set_defaults(func=run, out=None)

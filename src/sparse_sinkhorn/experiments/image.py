@@ -134,7 +134,7 @@ def pixel_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def test_nll(
+def pixel_nll(
     model: nn.Module, data: Dataset[tuple[Tensor, Tensor]], batch_size: int
 ) -> tuple[float, int]:
     """``(sum of sub-pixel cross-entropies in nats, number of sub-pixels)``."""
@@ -252,7 +252,7 @@ def run_kind(
     evals = Subset(PixelSequences(test_set), preset.eval_images)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        nats, count = test_nll(m, evals, preset.eval_batch)
+        nats, count = pixel_nll(m, evals, preset.eval_batch)
         return {"test/bits_per_dim": bits_per_unit(nats, count)}
 
     train_cfg = TrainConfig(

@@ -113,6 +113,30 @@ def test_corpus_line_split(tmp_path: Path) -> None:
         load_corpus(tmp_path / "nope")
 
 
+def test_corpus_lm1b_and_named_layouts(tmp_path: Path) -> None:
+    root = tmp_path / "1-billion-word-language-modeling-benchmark-r13output"
+    train_dir = root / "training-monolingual.tokenized.shuffled"
+    held = root / "heldout-monolingual.tokenized.shuffled"
+    train_dir.mkdir(parents=True)
+    held.mkdir()
+    (train_dir / "news.en-00001-of-00100").write_text("a train sentence .\n")
+    (held / "news.en.heldout-00000-of-00050").write_text("the test shard .\n")
+    (held / "news.en.heldout-00001-of-00050").write_text("the valid shard .\n")
+    corpus = load_corpus(tmp_path)
+    assert (corpus.name, corpus.train, corpus.test) == (
+        "lm1b",
+        "a train sentence .\n",
+        "the test shard .\n",
+    )
+    assert corpus.valid == "the valid shard .\n"
+    named = tmp_path / "named"
+    named.mkdir()
+    for split in ("train", "valid", "test"):
+        (named / f"{split}.txt").write_text(f"{split} text\n")
+    corpus = load_corpus(named, max_chars=3)
+    assert (corpus.train, corpus.valid, corpus.test) == ("tra", "valid text\n", "test text\n")
+
+
 def test_lm_char_end_to_end_resume_and_generate(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

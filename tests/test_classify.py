@@ -259,3 +259,17 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["classify", "--dataset", "mr", "--steps", "0", "--out", out])
     with pytest.raises(SystemExit, match="no run directory"):
         main(["classify", "--dataset", "mr", "--resume", "--out", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_every_preset_builds_every_variant(preset: str) -> None:
+    from sparse_sinkhorn.experiments.classify import model_config
+    from sparse_sinkhorn.experiments.classify_common import _SIZES, get_preset
+
+    for dataset, level in _SIZES:
+        p = get_preset(dataset, level, preset)
+        pair = "separate" if dataset in ("snli", "mnli") else "none"
+        for v in VARIANTS.values():
+            cfg = model_config(p, v, vocab_size=100, n_classes=3, pair=pair, pad_id=0)
+            att = cfg.attention
+            assert att.max_len >= p.max_len and att.max_len >= (att.n_sortcut or 1) * att.block_size

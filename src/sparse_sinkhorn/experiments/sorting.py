@@ -89,8 +89,8 @@ PRESETS = {
         batch_size=32,
         lr=2e-3,
         warmup_steps=50,
-        n_eval=200,
-        eval_batch=100,
+        n_eval=500,
+        eval_batch=250,
     ),
     # The paper's setting: length 256 -> 512, b = 32, Transformer-base-sized model.
     "paper": SortPreset(

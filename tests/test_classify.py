@@ -237,6 +237,8 @@ def test_nli_end_to_end(tmp_path: Path, pair: str) -> None:
         and res["results"][0]["config"]["n_classes"] == 3
     )
     assert res["paper"] == {"dense": 78.87, "sortcut-2x16": 80.30}
+    if pair == "concat":  # [CLS] p [SEP] h: L = 2 * 16 + 2 = 34, N = 9 blocks of 4
+        assert res["results"][0]["memory"] == 34 * 8 + 9**2
 
 
 def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

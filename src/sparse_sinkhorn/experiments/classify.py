@@ -75,12 +75,17 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def sequence_length(preset: TaskPreset, pair: str) -> int:
+    """Longest encoder input: ``max_len``, or both sentences and two specials for concat."""
+    return 2 * preset.max_len + 2 if pair == "concat" else preset.max_len
+
+
 def model_config(
     preset: TaskPreset, variant: Variant, vocab_size: int, n_classes: int, pair: str, pad_id: int
 ) -> ClassifierConfig:
     block = variant.block(preset.block_size)
-    max_len = 2 * preset.max_len + 2 if pair == "concat" else preset.max_len
-    max_len = max(max_len, (variant.n_sortcut or 1) * block)  # room for SortCut's minimum
+    shortest = (variant.n_sortcut or 1) * block  # SortCut pads shorter inputs to n * b
+    max_len = max(sequence_length(preset, pair), shortest)
     attention = AttentionConfig(
         kind=variant.kind, block_size=block, max_len=max_len, n_sortcut=variant.n_sortcut
     )
@@ -214,7 +219,7 @@ def run_variant(
         "train_seconds": round(seconds, 1),
         "block_size": block,
         "n_sortcut": variant.n_sortcut,
-        "memory": attention_memory(variant, preset.max_len, block),
+        "memory": attention_memory(variant, sequence_length(preset, pair), block),
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": config.to_dict(),
     }
@@ -223,7 +228,7 @@ def run_variant(
 def results_table(
     results: list[dict[str, Any]], paper: dict[str, float], preset: TaskPreset, pair: str
 ) -> str:
-    length = 2 * preset.max_len + 2 if pair == "concat" else preset.max_len
+    length = sequence_length(preset, pair)
     rows = [
         [
             r["label"],

@@ -79,6 +79,7 @@ def test_image_end_to_end_and_generate(data_dir: Path, tmp_path: Path) -> None:
     assert 0 < r["eval"]["test/bits_per_dim"] < 20
     assert r["block_size"] == 12  # two rows of 6 pixels
     assert (out / "sinkhorn" / "samples.png").is_file()
+    assert main([*argv, *TINY, "--no-progress", "--overwrite"]) == 0  # starts over
     png = tmp_path / "more.png"
     run = str(out / "sinkhorn")
     assert main(["generate", "--run", run, "--samples", "2", "--out", str(png)]) == 0

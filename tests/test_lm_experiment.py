@@ -153,6 +153,8 @@ def test_lm_char_end_to_end_resume_and_generate(
     resume = [*args, "--attention", "sinkhorn", "--steps", "3", *TINY, "--no-progress"]
     assert main([*resume, "--resume"]) == 0
     assert tok_file.read_bytes() == before  # the saved tokenizer is reused
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(resume)
     rows = [json.loads(x) for x in (out / "sinkhorn" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3
     capsys.readouterr()

@@ -36,7 +36,14 @@ from ..models import LanguageModel, LanguageModelConfig
 from ..models.common import sample_next
 from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, train
-from .common import add_common_args, format_table, parse_kinds, setup_logging, write_results
+from .common import (
+    add_common_args,
+    format_table,
+    parse_kinds,
+    prepare_run_dir,
+    setup_logging,
+    write_results,
+)
 from .lm import NAMES, Subset, bits_per_unit, plot_curves
 
 logger = logging.getLogger(__name__)
@@ -240,6 +247,7 @@ def run_kind(
 ) -> dict[str, Any]:
     run_dir = Path(args.out) / kind
     resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
+    prepare_run_dir(run_dir, resume=resume, overwrite=getattr(args, "overwrite", False))
     shape = train_set.image_shape
     dims = train_set.seq_len
     block = block_size_for(preset, shape)

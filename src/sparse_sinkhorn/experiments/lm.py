@@ -42,7 +42,14 @@ from ..data.tokenize import train_bpe, train_char_level
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, read_metrics, train
-from .common import add_common_args, format_table, parse_kinds, setup_logging, write_results
+from .common import (
+    add_common_args,
+    format_table,
+    parse_kinds,
+    prepare_run_dir,
+    setup_logging,
+    write_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -397,6 +404,7 @@ def run_kind(
     resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
     if args.resume and not resume:
         logger.info("%s: no checkpoint in %s, starting it fresh", kind, run_dir)
+    prepare_run_dir(run_dir, resume=resume, overwrite=getattr(args, "overwrite", False))
     tokenizer = run_tokenizer(run_dir, args.level, corpus, preset, resume)
     key = json.dumps(tokenizer.backend.get_vocab(), sort_keys=True)
     if key not in streams:  # encode the text once per distinct vocabulary

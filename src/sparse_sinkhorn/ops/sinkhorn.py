@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # Held in masked log-entries; exp() of it is exactly 0 in float32, and it stays finite.
 _NEG = -1.0e30
@@ -127,6 +128,16 @@ def sinkhorn_balance(
         allowed = causal_mask if allowed is None else allowed & causal_mask
     if allowed is not None:
         s = torch.where(allowed, s, torch.full_like(s, _NEG))
+    if s.requires_grad and not torch.compiler.is_compiling():
+        # Keep only S0 for backward and recompute the rounds there: the 2 * n_iters
+        # intermediate (N, N) states then exist only while this (last) part of the backward
+        # runs, not beside every attention activation (most of the op's memory at long L).
+        return checkpoint(_balance_rounds, s, allowed, n_iters, causal, use_reentrant=False)
+    return _balance_rounds(s, allowed, n_iters, causal)
+
+
+def _balance_rounds(s: Tensor, allowed: Tensor | None, n_iters: int, causal: bool) -> Tensor:
+    """The ``n_iters`` normalisation rounds on scaled, masked log-scores; returns ``P``."""
     for _ in range(n_iters):
         if causal:
             s = _normalise(s, allowed, dim=-2, prefix=True)

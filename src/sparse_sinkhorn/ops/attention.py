@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from . import _validate
-from .baselines import dense_attention
+from .baselines import dense_attention, masked_sdpa
 from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
 
@@ -331,7 +330,7 @@ def _local_and_sorted(
     k4 = rearrange(k2, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, D)
     v4 = rearrange(v2, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, Dv)
     keep = _local_and_sorted_keep(plan, slot_ok, batch, heads, q.device)
-    out = _sdpa(qb, k4, v4, keep, scale, dropout_p)  # (B*H, N, W, Dv)
+    out = masked_sdpa(qb, k4, v4, keep, dropout_p, scale)  # (B*H, N, W, Dv)
     return rearrange(out, "(b h) n w d -> b h (n w) d", b=batch)
 
 
@@ -353,18 +352,6 @@ def _local_and_sorted_keep(
     return rearrange(mask, "b h n q k -> (b h) n q k")
 
 
-def _sdpa(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float, dropout_p: float
-) -> Tensor:
-    """Fused SDPA with a bool keep-mask; a query row with no key kept gets output 0 (no NaN)."""
-    if keep is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    any_key = keep.any(dim=-1, keepdim=True)  # rows that see at least one key
-    safe = keep | ~any_key  # a fully masked row attends uniformly; zeroed below
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p, scale=scale)
-    return out * any_key.to(out.dtype)
-
-
 def _local_keep(plan: SinkhornPlan, device: torch.device) -> Tensor | None:
     """Local-block mask: causal triangle and real keys; None when all are kept."""
     w = plan.block_size
@@ -384,7 +371,7 @@ def _sortcut(
     k_cut = rearrange(ks, "b h r w d -> b h (r w) d")  # (B, H, n*W, D)
     v_cut = rearrange(vs, "b h r w d -> b h (r w) d")
     keep = None if slot_ok is None else rearrange(slot_ok, "b h r w -> b h 1 (r w)")
-    return _sdpa(q, k_cut, v_cut, keep, scale, dropout_p)  # (B, H, N*W, Dv)
+    return masked_sdpa(q, k_cut, v_cut, keep, dropout_p, scale)  # (B, H, N*W, Dv)
 
 
 __all__ = ["SinkhornPlan", "attend_with_plan", "num_blocks", "sinkhorn_attention", "sinkhorn_plan"]

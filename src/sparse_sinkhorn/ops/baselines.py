@@ -44,7 +44,7 @@ def dense_attention(
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         mask = real if mask is None else mask & real
-    return _masked_sdpa(query, key, value, mask, dropout_p, scale)
+    return masked_sdpa(query, key, value, mask, dropout_p, scale)
 
 
 def local_attention(
@@ -79,7 +79,7 @@ def local_attention(
         real = rearrange(mask, "b (n w) -> b 1 n 1 w", w=w).expand(-1, heads, -1, -1, -1)
         real = rearrange(real, "b h n q w -> (b h) n q w")  # (B*H, N, 1, W)
         keep = real if keep is None else keep & real
-    out = _masked_sdpa(qb, kb, vb, keep, dropout_p, scale)  # (B*H, N, W, Dv)
+    out = masked_sdpa(qb, kb, vb, keep, dropout_p, scale)  # (B*H, N, W, Dv)
     out = rearrange(out, "(b h) n w d -> b h (n w) d", b=batch)
     return out[:, :, :length]
 
@@ -147,7 +147,7 @@ def sparse_attention(
     )[None, None]  # (1, 1, L, L)
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
-    return _masked_sdpa(query, key, value, mask, dropout_p, scale)
+    return masked_sdpa(query, key, value, mask, dropout_p, scale)
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -157,7 +157,7 @@ def _causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
     return s <= t + (k_len - q_len)
 
 
-def _masked_sdpa(
+def masked_sdpa(
     query: Tensor,
     key: Tensor,
     value: Tensor,

@@ -59,30 +59,36 @@ def _sort(tmp_path: Path, *extra: str) -> int:
             "--n-eval",
             "4",
             "--no-progress",
+            *(() if "--seeds" in extra else ("--seeds", "1")),
             *extra,
         ]
     )
 
 
 def test_tiny_sort_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _sort(tmp_path, "--attention", "sinkhorn,local", "--steps", "4") == 0
+    assert _sort(tmp_path, "--attention", "sinkhorn,local", "--steps", "4", "--seeds", "2") == 0
     printed = capsys.readouterr().out
     assert "| sinkhorn |" in printed and "| local |" in printed and "0.4054" in printed
+    assert " ± " in printed
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["kind"] for r in results["results"]] == ["sinkhorn", "local"]
     for r in results["results"]:
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
         for key in ("L=8/edit_distance", "L=8/exact_match", "L=16/edit_distance"):
+            values = [run["eval"][key] for run in r["runs"]]
             assert 0.0 <= r["eval"][key] <= 100.0
+            assert r["eval"][key] == pytest.approx(sum(values) / 2)
+            assert r["eval_std"][key] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
     assert Path(results["results"][0]["sort_matrix_png"]).stat().st_size > 1000
     assert results["machine"]["torch"] == torch.__version__
     # Resuming a finished run continues from its checkpoint and trains 2 more steps.
     assert _sort(tmp_path, "--attention", "sinkhorn", "--steps", "6", "--resume") == 0
-    lines = (tmp_path / "run" / "sinkhorn" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "run" / "sinkhorn" / "seed0" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 6
     with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
         _sort(tmp_path, "--attention", "sinkhorn", "--steps", "2")
     assert _sort(tmp_path, "--attention", "sinkhorn", "--steps", "2", "--overwrite") == 0
-    lines = (tmp_path / "run" / "sinkhorn" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "run" / "sinkhorn" / "seed0" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 2
 
 
@@ -93,6 +99,8 @@ def test_sort_bad_input(tmp_path: Path) -> None:
         _sort(tmp_path, "--attention", "dense", "--resume")
     with pytest.raises(SystemExit, match="--steps must be > 0"):
         _sort(tmp_path, "--steps", "0")
+    with pytest.raises(SystemExit, match="--seeds must be > 0"):
+        _sort(tmp_path, "--seeds", "0")
 
 
 def test_resume_with_another_config_is_refused(
@@ -116,6 +124,8 @@ def test_resume_with_another_config_is_refused(
             "dense",
             "--steps",
             "3",
+            "--seeds",
+            "1",
             "--resume",
         ]
     )
@@ -145,6 +155,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
         "4",
         "--n-eval",
         "2",
+        "--seeds",
+        "1",
         "--no-progress",
     ]
     torchrun = [
@@ -166,7 +178,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
     )
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
     last = [
-        sorted((tmp_path / run / "dense" / "checkpoints").glob("step_*"))[-1]
+        sorted((tmp_path / run / "dense" / "seed0" / "checkpoints").glob("step_*"))[-1]
         for run in ("one", "two")
     ]
     assert [p.name for p in last] == ["step_0000003"] * 2

@@ -17,7 +17,9 @@ Several processes (same flags)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ class SortPreset:
     warmup_steps: int
     n_eval: int  # evaluation examples per length
     eval_batch: int
+    n_seeds: int  # training runs per kind (different seeds); the table shows mean ± std
 
 
 PRESETS = {
@@ -91,6 +94,7 @@ PRESETS = {
         warmup_steps=50,
         n_eval=500,
         eval_batch=250,
+        n_seeds=3,
     ),
     # The paper's setting: length 256 -> 512, b = 32, Transformer-base-sized model.
     "paper": SortPreset(
@@ -108,6 +112,7 @@ PRESETS = {
         warmup_steps=4_000,
         n_eval=1_000,
         eval_batch=50,
+        n_seeds=1,
     ),
 }
 
@@ -155,14 +160,43 @@ def evaluate(model: Seq2Seq, dataset: SortingDataset, batch_size: int) -> dict[s
 
 
 def run_kind(kind: str, preset: SortPreset, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one attention kind and evaluate it at L and 2L."""
-    torch.manual_seed(args.seed)
+    """Train one attention kind once per seed; mean and standard deviation of each metric."""
+    runs = [run_seed(kind, preset, args, seed) for seed in seeds_of(preset, args)]
+    metrics = runs[0]["eval"].keys()
+    stats = {
+        k: (
+            statistics.fmean(r["eval"][k] for r in runs),
+            statistics.stdev(r["eval"][k] for r in runs) if len(runs) > 1 else 0.0,
+        )
+        for k in metrics
+    }
+    return {
+        "kind": kind,
+        "eval": {k: mean for k, (mean, _) in stats.items()},
+        "eval_std": {k: std for k, (_, std) in stats.items()},
+        "runs": runs,
+        "sort_matrix_png": runs[0]["sort_matrix_png"],
+        "config": model_config(preset, kind).to_dict(),
+    }
+
+
+def seeds_of(preset: SortPreset, args: argparse.Namespace) -> list[int]:
+    return [args.seed + i for i in range(preset.n_seeds)]
+
+
+def run_dir(out: str, kind: str, seed: int) -> Path:
+    return Path(out) / kind / f"seed{seed}"
+
+
+def run_seed(kind: str, preset: SortPreset, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Train one attention kind with one seed and evaluate it at L and 2L."""
+    torch.manual_seed(seed)
     config = model_config(preset, kind)
     model = Seq2Seq(config)
     train_data = SortingDataset(
-        preset.steps * preset.batch_size, preset.length, preset.n_symbols, seed=args.seed * 10 + 1
+        preset.steps * preset.batch_size, preset.length, preset.n_symbols, seed=seed * 10 + 1
     )
-    evals = {
+    evals = {  # the same evaluation sets for every seed
         f"L={n}": SortingDataset(preset.n_eval, n, preset.n_symbols, seed=args.seed * 10 + 2)
         for n in (preset.length, 2 * preset.length)
     }
@@ -180,7 +214,7 @@ def run_kind(kind: str, preset: SortPreset, args: argparse.Namespace) -> dict[st
         batch_size=preset.batch_size,
         lr=preset.lr,
         warmup_steps=preset.warmup_steps,
-        seed=args.seed,
+        seed=seed,
         log_every=25,
         ckpt_every=max(1, preset.steps // 4),
         progress=not args.no_progress,
@@ -190,20 +224,19 @@ def run_kind(kind: str, preset: SortPreset, args: argparse.Namespace) -> dict[st
         train_data,
         loss_fn,
         train_cfg,
-        out_dir=Path(args.out) / kind,
+        out_dir=run_dir(args.out, kind, seed),
         eval_fn=eval_fn,
         resume=args.resume,
         model_config=config.to_dict(),
     )
     plan_png = None
-    if kind in ("sinkhorn", "mixture"):
+    if kind in ("sinkhorn", "mixture") and seed == args.seed:
         plan_png = save_sort_matrix(model, evals[f"L={preset.length}"], Path(args.out), kind)
     return {
-        "kind": kind,
+        "seed": seed,
         "train_loss": result.metrics.get("loss"),
         "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
         "sort_matrix_png": plan_png,
-        "config": config.to_dict(),
     }
 
 
@@ -224,18 +257,23 @@ def save_sort_matrix(model: Seq2Seq, data: SortingDataset, out: Path, kind: str)
 
 
 def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
+    """Mean (± standard deviation over seeds, when there are several) beside the paper."""
     n1, n2 = preset.length, 2 * preset.length
+
+    def cell(r: dict[str, Any], key: str, digits: int) -> str:
+        mean, std = r["eval"][key], r["eval_std"][key]
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if preset.n_seeds > 1 else "")
+
     rows: list[list[Any]] = []
     for r in results:
-        e = r["eval"]
         paper = PAPER_ROWS.get(r["kind"])
         rows.append(
             [
                 r["kind"],
-                e[f"L={n1}/edit_distance"],
-                e[f"L={n1}/exact_match"],
-                e[f"L={n2}/edit_distance"],
-                e[f"L={n2}/exact_match"],
+                cell(r, f"L={n1}/edit_distance", 4),
+                cell(r, f"L={n1}/exact_match", 1),
+                cell(r, f"L={n2}/edit_distance", 4),
+                cell(r, f"L={n2}/exact_match", 1),
                 paper[1] if paper else None,
                 paper[2] if paper else None,
             ]
@@ -263,13 +301,17 @@ def run(args: argparse.Namespace) -> int:
         preset = replace(preset, length=args.length)
     if args.block_size is not None:
         preset = replace(preset, block_size=args.block_size)
+    if args.seeds is not None:
+        if args.seeds <= 0:
+            raise SystemExit(f"error: --seeds must be > 0, got {args.seeds}")
+        preset = replace(preset, n_seeds=args.seeds)
     if args.n_eval is not None:
         preset = replace(preset, n_eval=args.n_eval, eval_batch=min(preset.eval_batch, args.n_eval))
     kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
-    for kind in kinds:
+    for kind, seed in itertools.product(kinds, seeds_of(preset, args)):
         prepare_run_dir(
-            Path(args.out) / kind,
+            run_dir(args.out, kind, seed),
             resume=args.resume,
             overwrite=args.overwrite,
             is_main=dist.rank == 0,
@@ -282,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
     table = results_table(results, preset)
     print(
         f"\nSorting, train length {preset.length}, evaluated at {preset.length} and "
-        f"{2 * preset.length} ({preset.n_eval} examples each, greedy decoding)\n"
+        f"{2 * preset.length} ({preset.n_eval} examples each, greedy decoding; mean over "
+        f"{preset.n_seeds} seed(s))\n"
     )
     print(table)
     payload = {
@@ -318,5 +361,11 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--length", type=int, default=None, help="override the training length")
     parser.add_argument("--block-size", type=int, default=None, help="override the block size")
     parser.add_argument("--n-eval", type=int, default=None, help="override eval examples")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="train each kind with this many seeds (--seed, --seed+1, ...) and report mean ± std",
+    )
     add_common_args(parser, default_out="runs/sort")
     parser.set_defaults(func=run)

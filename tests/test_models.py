@@ -65,22 +65,24 @@ def test_language_model_is_causal_end_to_end(kind: str) -> None:
         torch.testing.assert_close(model(ids2)[:, : t + 1], logits[:, : t + 1], atol=1e-10, rtol=0)
 
 
-def test_seq2seq_decoding_is_consistent_with_teacher_forcing() -> None:
-    cfg = Seq2SeqConfig(**SMALL, attention=ATT)
+@pytest.mark.parametrize("kind", ["sinkhorn", "mixture", "dense", "local", "sparse"])
+def test_seq2seq_decoding_is_consistent_with_teacher_forcing(kind: str) -> None:
+    cfg = Seq2SeqConfig(**SMALL, attention=AttentionConfig(kind=kind, block_size=4, max_len=64))
     model = Seq2Seq(cfg).double().eval()
     src = torch.randint(2, 12, (3, 9))
-    out = model.generate(src, 7)
-    assert out.shape == (3, 7)
+    out = model.generate(src, 11)
+    assert out.shape == (3, 11) and not (out == cfg.pad_id).any()
     tgt_in = torch.cat([torch.full((3, 1), cfg.bos_id), out[:, :-1]], dim=1)
-    greedy = model(src, tgt_in).argmax(-1)
-    assert torch.equal(greedy, out)  # greedy decoding == argmax of the teacher-forced pass
-    sampled = model.generate(
-        src, 7, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0)
+    logits = model(src, tgt_in)
+    logits[..., cfg.pad_id] = float("-inf")
+    assert torch.equal(logits.argmax(-1), out)  # greedy == argmax of the teacher-forced pass
+    assert torch.equal(model.generate(src, 11, use_cache=False), out)  # cache is exact
+    kwargs: dict = dict(temperature=1.0, top_k=3)
+    sampled = model.generate(src, 11, generator=torch.Generator().manual_seed(0), **kwargs)
+    uncached = model.generate(
+        src, 11, generator=torch.Generator().manual_seed(0), use_cache=False, **kwargs
     )
-    again = model.generate(
-        src, 7, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0)
-    )
-    assert torch.equal(sampled, again)
+    assert torch.equal(sampled, uncached)
 
 
 def test_seq2seq_source_padding_is_invisible() -> None:

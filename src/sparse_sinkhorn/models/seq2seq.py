@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..nn.cache import DecodingCache
 from .common import Decoder, Embedding, Encoder, check_ids, sample_next
 from .config import Seq2SeqConfig
 
@@ -33,10 +34,23 @@ class Seq2Seq(nn.Module):
         mask = src != self.config.pad_id
         return self.encoder(self.embed(src), mask), mask
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
-        """Teacher-forced decoder: ``tgt_in`` ``(B, T)`` -> logits ``(B, T, V)``."""
+    def decode(
+        self,
+        tgt_in: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        *,
+        cache: DecodingCache | None = None,
+    ) -> Tensor:
+        """Teacher-forced decoder: ``tgt_in`` ``(B, T)`` -> logits ``(B, T, V)``.
+
+        With ``cache`` (eval mode; ``tgt_in`` without padding), ``tgt_in`` are the positions
+        after the ``cache.length`` already decoded, and the logits equal the full pass's.
+        """
         check_ids(tgt_in, self.config, "tgt_in")
-        x = self.decoder(self.embed(tgt_in), tgt_in != self.config.pad_id, memory, memory_mask)
+        offset = 0 if cache is None else cache.length
+        mask = None if cache is not None else tgt_in != self.config.pad_id
+        x = self.decoder(self.embed(tgt_in, offset=offset), mask, memory, memory_mask, cache=cache)
         return x @ self.embed.tokens.weight.T  # tied output projection
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
@@ -52,15 +66,22 @@ class Seq2Seq(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Greedy (``temperature=0``) or sampled decoding: ``(B, S)`` -> ``(B, max_new_tokens)``.
 
-        Runs in eval mode semantics (call ``model.eval()`` first for deterministic routing).
+        The padding token is never emitted. ``use_cache=True`` decodes incrementally with an
+        exact cache (one new position per step); ``False`` recomputes the whole prefix each
+        step. Call ``model.eval()`` first.
         """
         memory, mask = self.encode(src)
         out = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
+        cache = DecodingCache.for_layers(len(self.decoder.layers)) if use_cache else None
+        step_in = out
         for _ in range(max_new_tokens):
-            logits = self.decode(out, memory, mask)[:, -1]  # (B, V)
+            logits = self.decode(step_in if use_cache else out, memory, mask, cache=cache)[:, -1]
+            logits[:, self.config.pad_id] = float("-inf")  # (B, V); padding is not an output
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
             out = torch.cat([out, nxt[:, None]], dim=1)
+            step_in = nxt[:, None]
         return out[:, 1:]

@@ -42,6 +42,7 @@ from ..data.tokenize import train_bpe, train_char_level
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, read_metrics, train
+from ..train.helpers import rank0_call
 from .common import (
     add_common_args,
     format_table,
@@ -383,13 +384,19 @@ def model_config(preset: LMPreset, kind: str, vocab_size: int) -> LanguageModelC
 def run_tokenizer(
     run_dir: Path, level: str, corpus: Corpus, preset: LMPreset, resume: bool
 ) -> Tokenizer:
-    """The run's tokenizer: reused from ``run_dir`` when resuming, else trained and saved."""
+    """The run's tokenizer: reused from ``run_dir`` when resuming, else trained and saved.
+
+    Rank 0 trains and writes it; every rank then reads the same file back.
+    """
     path = run_dir / TOKENIZER_FILE
-    if resume and path.is_file():
-        return Tokenizer.load(path)
-    tokenizer = build_tokenizer(level, corpus.train, preset.vocab_size)
-    tokenizer.save(path)
-    return tokenizer
+    if not (resume and path.is_file()):
+
+        def build_and_save() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            build_tokenizer(level, corpus.train, preset.vocab_size).save(path)
+
+        rank0_call(init_distributed(), build_and_save)  # also a barrier
+    return Tokenizer.load(path)
 
 
 def run_kind(

@@ -65,6 +65,7 @@ from .common import (
     add_common_args,
     format_table,
     parse_kinds,
+    positive_overrides,
     prepare_run_dir,
     setup_logging,
     write_results,
@@ -252,22 +253,20 @@ def results_table(
 
 
 def _apply_overrides(preset: TaskPreset, args: argparse.Namespace) -> TaskPreset:
-    changes: dict[str, Any] = {}
-    for flag, field in (
-        ("steps", "steps"),
-        ("max_len", "max_len"),
-        ("block_size", "block_size"),
-        ("batch_size", "batch_size"),
-        ("train_examples", "train_examples"),
-        ("eval_examples", "eval_examples"),
-        ("d_model", "d_model"),
-    ):
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if value <= 0:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be > 0, got {value}")
-        changes[field] = value
+    changes: dict[str, Any] = dict(
+        positive_overrides(
+            args,
+            {
+                "steps": "steps",
+                "max_len": "max_len",
+                "block_size": "block_size",
+                "batch_size": "batch_size",
+                "train_examples": "train_examples",
+                "eval_examples": "eval_examples",
+                "d_model": "d_model",
+            },
+        )
+    )
     if "d_model" in changes:
         changes["d_ff"] = 2 * changes["d_model"]
         if changes["d_model"] % preset.n_heads:

@@ -65,6 +65,22 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> Non
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def positive_overrides(args: argparse.Namespace, fields: Mapping[str, str]) -> dict[str, int]:
+    """The preset fields the user overrode: ``{field: flag attribute}`` -> ``{field: value}``.
+
+    Every override flag is an optional positive int; ``<= 0`` is a one-line error.
+    """
+    changes: dict[str, int] = {}
+    for field, name in fields.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if value <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {value}")
+        changes[field] = value
+    return changes
+
+
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
     """Check (or clear) one training run's directory before :func:`train` uses it.
 

@@ -40,6 +40,7 @@ from .common import (
     add_common_args,
     format_table,
     parse_kinds,
+    positive_overrides,
     prepare_run_dir,
     setup_logging,
     write_results,
@@ -337,17 +338,19 @@ def run(args: argparse.Namespace) -> int:
         )
     args.out = args.out or f"runs/image-{args.dataset}"
     preset = PRESETS[args.preset]
-    for name, value in (
-        ("steps", args.steps),
-        ("block_size", args.block_size),
-        ("batch_size", args.batch_size),
-        ("eval_images", args.eval_images),
-        ("n_samples", args.samples),
-    ):
-        if value is not None:
-            if value <= 0:
-                raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {value}")
-            preset = replace(preset, **{name: value})
+    preset = replace(
+        preset,
+        **positive_overrides(
+            args,
+            {
+                "steps": "steps",
+                "block_size": "block_size",
+                "batch_size": "batch_size",
+                "eval_images": "eval_images",
+                "n_samples": "samples",
+            },
+        ),
+    )
     if args.resume and not Path(args.out).is_dir():
         raise SystemExit(
             f"error: --resume: no run directory {args.out!r}; "

@@ -47,6 +47,7 @@ from .common import (
     add_common_args,
     format_table,
     parse_kinds,
+    positive_overrides,
     prepare_run_dir,
     setup_logging,
     write_results,
@@ -567,23 +568,21 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: unknown --level {args.level!r}; choose char or subword")
     preset = PRESETS[(args.level, args.preset)]
     args.out = args.out or f"runs/lm-{args.level}"
-    if args.steps is not None:
-        if args.steps <= 0:
-            raise SystemExit(f"error: --steps must be > 0, got {args.steps}")
-        preset = replace(preset, steps=args.steps)
-    overrides = {
-        "seq_len": args.length,
-        "block_size": args.block_size,
-        "batch_size": args.batch_size,
-        "vocab_size": args.vocab_size,
-        "eval_windows": args.eval_windows,
-        "max_train_chars": args.max_train_chars,
-    }
-    for name, value in overrides.items():
-        if value is not None:
-            if value <= 0:
-                raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {value}")
-            preset = replace(preset, **{name: value})
+    preset = replace(
+        preset,
+        **positive_overrides(
+            args,
+            {
+                "steps": "steps",
+                "seq_len": "length",
+                "block_size": "block_size",
+                "batch_size": "batch_size",
+                "vocab_size": "vocab_size",
+                "eval_windows": "eval_windows",
+                "max_train_chars": "max_train_chars",
+            },
+        ),
+    )
     if args.resume and not Path(args.out).is_dir():
         raise SystemExit(
             f"error: --resume: no run directory {args.out!r}; "

@@ -39,6 +39,7 @@ from .common import (
     format_table,
     parse_kinds,
     plot_sort_matrices,
+    positive_overrides,
     prepare_run_dir,
     setup_logging,
     write_results,
@@ -293,20 +294,19 @@ def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     preset = PRESETS[args.preset]
-    if args.steps is not None:
-        if args.steps <= 0:
-            raise SystemExit(f"error: --steps must be > 0, got {args.steps}")
-        preset = replace(preset, steps=args.steps)
-    if args.length is not None:
-        preset = replace(preset, length=args.length)
-    if args.block_size is not None:
-        preset = replace(preset, block_size=args.block_size)
-    if args.seeds is not None:
-        if args.seeds <= 0:
-            raise SystemExit(f"error: --seeds must be > 0, got {args.seeds}")
-        preset = replace(preset, n_seeds=args.seeds)
-    if args.n_eval is not None:
-        preset = replace(preset, n_eval=args.n_eval, eval_batch=min(preset.eval_batch, args.n_eval))
+    changes = positive_overrides(
+        args,
+        {
+            "steps": "steps",
+            "length": "length",
+            "block_size": "block_size",
+            "n_seeds": "seeds",
+            "n_eval": "n_eval",
+        },
+    )
+    if "n_eval" in changes:
+        changes["eval_batch"] = min(preset.eval_batch, changes["n_eval"])
+    preset = replace(preset, **changes)
     kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
     for kind, seed in itertools.product(kinds, seeds_of(preset, args)):

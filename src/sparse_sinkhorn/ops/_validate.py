@@ -39,6 +39,21 @@ def check_qkv(query: Tensor, key: Tensor, value: Tensor, *, same_length: bool) -
         )
 
 
+def check_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    same_length: bool,
+    key_padding_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+) -> None:
+    """Everything every attention op checks: :func:`check_qkv` and :func:`check_common`."""
+    check_qkv(query, key, value, same_length=same_length)
+    check_common(key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale)
+
+
 def check_common(
     key: Tensor,
     *,

@@ -190,9 +190,14 @@ def sinkhorn_attention(
         out = softmax(scores) @ cat([vb, vs], -2)
     """
     if not torch.compiler.is_compiling():
-        _validate.check_qkv(query, key, value, same_length=True)
-        _validate.check_common(
-            key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale
+        _validate.check_inputs(
+            query,
+            key,
+            value,
+            same_length=True,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            scale=scale,
         )
         _validate.check_sinkhorn(
             key,

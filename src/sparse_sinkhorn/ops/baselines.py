@@ -32,9 +32,14 @@ def dense_attention(
     keys ``<= t + S - L``), as in incremental decoding.
     """
     if not torch.compiler.is_compiling():
-        _validate.check_qkv(query, key, value, same_length=False)
-        _validate.check_common(
-            key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale
+        _validate.check_inputs(
+            query,
+            key,
+            value,
+            same_length=False,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            scale=scale,
         )
     if key_padding_mask is None and (not is_causal or query.shape[2] == key.shape[2]):
         return F.scaled_dot_product_attention(
@@ -60,9 +65,14 @@ def local_attention(
 ) -> Tensor:
     """Each query block attends to its own block only (non-overlapping windows of W)."""
     if not torch.compiler.is_compiling():
-        _validate.check_qkv(query, key, value, same_length=True)
-        _validate.check_common(
-            key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale
+        _validate.check_inputs(
+            query,
+            key,
+            value,
+            same_length=True,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            scale=scale,
         )
         _validate.check_block_size(block_size)
     batch, heads, length, _ = query.shape
@@ -132,9 +142,14 @@ def sparse_attention(
 ) -> Tensor:
     """Sparse Transformer attention emulated with a mask, as the paper did (O(L²) memory)."""
     if not torch.compiler.is_compiling():
-        _validate.check_qkv(query, key, value, same_length=True)
-        _validate.check_common(
-            key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale
+        _validate.check_inputs(
+            query,
+            key,
+            value,
+            same_length=True,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            scale=scale,
         )
         _validate.check_block_size(block_size)
     mask = sparse_pattern(

@@ -8,14 +8,27 @@ from torch import Tensor
 from .blocks import num_blocks
 
 
-def check_qkv(query: Tensor, key: Tensor, value: Tensor, *, same_length: bool) -> None:
-    """Shapes ``(B, H, L, D)`` with matching batch, heads, dtype and device."""
+def check_qkv(
+    query: Tensor, key: Tensor, value: Tensor, *, same_length: bool, gqa: bool = False
+) -> None:
+    """Shapes ``(B, H, L, D)`` with matching batch, heads, dtype and device.
+
+    With ``gqa``, key and value may have ``H_kv`` heads where ``H_kv`` divides ``H``
+    (grouped-query / multi-query attention).
+    """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if query.shape[:2] != key.shape[:2] or key.shape[:2] != value.shape[:2]:
+    heads, kv_heads = query.shape[1], key.shape[1]
+    grouped = gqa and key.shape[:2] == value.shape[:2] and query.shape[0] == key.shape[0]
+    if grouped and (kv_heads == 0 or heads % kv_heads != 0):
+        raise ValueError(
+            f"grouped-query attention needs the key/value heads to divide the query heads: "
+            f"got H={heads} query heads and H_kv={kv_heads} key/value heads"
+        )
+    if not grouped and (query.shape[:2] != key.shape[:2] or key.shape[:2] != value.shape[:2]):
         raise ValueError(
             "query, key and value must share batch and heads (B, H): got "
             f"{tuple(query.shape[:2])}, {tuple(key.shape[:2])}, {tuple(value.shape[:2])}"
@@ -48,9 +61,10 @@ def check_inputs(
     key_padding_mask: Tensor | None,
     dropout_p: float,
     scale: float | None,
+    gqa: bool = False,
 ) -> None:
     """Everything every attention op checks: :func:`check_qkv` and :func:`check_common`."""
-    check_qkv(query, key, value, same_length=same_length)
+    check_qkv(query, key, value, same_length=same_length, gqa=gqa)
     check_common(key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale)
 
 

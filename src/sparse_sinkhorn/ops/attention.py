@@ -159,9 +159,17 @@ def sinkhorn_attention(
     (padded internally to a multiple of ``block_size``). Memory is O(L·W + N²) per head.
 
     Args:
-        query, key, value: ``(B, H, L, D)`` (``value`` may have another last dim).
+        query, key, value: ``(B, H, L, D)`` (``value`` may have another last dim). Key and
+            value may have ``H_kv`` heads where ``H_kv`` divides ``H`` (grouped-query / multi-
+            query attention, as SDPA's ``enable_gqa``): query heads ``g*H/H_kv .. (g+1)*H/H_kv
+            - 1`` share key/value head ``g``. The result equals the op on key/value repeated
+            with ``repeat_interleave(H // H_kv, dim=1)``.
         sort_logits: ``(B, H, N, N)`` block-routing scores, ``N = ceil(L / block_size)``;
-            row ``i`` scores which key block to place beside query block ``i``.
+            row ``i`` scores which key block to place beside query block ``i``. Routing is
+            per *query* head even with grouped key/value heads: each query head mixes its
+            group's shared key/value blocks with its own plan (GQA shares the K/V
+            projections and cache to save memory; routing is an O(N²) per-head choice that
+            costs little, and one plan per query head keeps ``H_kv = H`` the ordinary case).
         block_size: tokens per block ``W``.
         is_causal: decoder attention: causal local triangle, sorted blocks strictly from the
             past, prefix-causal balancing; output ``t`` depends on inputs ``<= t`` only
@@ -198,9 +206,10 @@ def sinkhorn_attention(
             key_padding_mask=key_padding_mask,
             dropout_p=dropout_p,
             scale=scale,
+            gqa=True,
         )
         _validate.check_sinkhorn(
-            key,
+            query,  # (B, H, L, D): the plan has one routing matrix per query head
             sort_logits,
             block_size=block_size,
             is_causal=is_causal,
@@ -208,7 +217,10 @@ def sinkhorn_attention(
             n_iters=n_iters,
             temperature=temperature,
         )
-    batch, _, length, _ = query.shape
+    batch, heads, length, _ = query.shape
+    if key.shape[1] != heads:  # grouped-query attention: each K/V head serves H / H_kv heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
     key_mask = padded_mask(key_padding_mask, batch, length, block_size, query.device)
     plan = sinkhorn_plan(
         sort_logits,

@@ -1,8 +1,14 @@
 """Seq2seq sorting (the paper's Table 1): ``sparse-sinkhorn sort``.
 
-An encoder-decoder reads a random sequence of symbols and writes it sorted. Models train at
-length L and are evaluated by greedy decoding at L and at 2L (length generalisation), on
-normalised edit distance (lower is better) and exact match (% of perfect outputs).
+The task and its metrics follow Tensor2Tensor's ``algorithmic_sort_problem``, which the paper
+ran: training sequences have lengths uniform in ``[1, L]``, the dev set lengths uniform in
+``[1, 2L]``, symbols come from an alphabet of ``2L`` (with replacement), and inputs and targets
+end in EOS (see :mod:`sparse_sinkhorn.data.sorting`). An encoder-decoder reads the sequence and
+writes it sorted. The headline is greedy decoding until EOS (at most ``2L + 1`` tokens), scored
+by exact match and by Tensor2Tensor's edit distance (summed Levenshtein distances over summed
+reference lengths, EOS included in both sequences); Tensor2Tensor's own eval metrics are
+teacher-forced, so the teacher-forced figures are reported beside them. Each metric is also split
+into dev sequences of length ``<= L`` (``dev_short``) and ``> L`` (``dev_long``).
 
 One process::
 
@@ -20,6 +26,7 @@ import argparse
 import itertools
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.sorting import BOS_ID, PAD_ID, SortingDataset, sorting_batch
+from ..data.sorting import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SortingDataset,
+    collate_sorting,
+    sorting_batch,
+    strip_after_eos,
+    vocab_size,
+)
 from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerEncoderLayer
 from ..train import TrainConfig, cleanup_distributed, init_distributed, train
@@ -49,20 +65,25 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("sinkhorn", "dense", "local", "sparse", "mixture")
 DEFAULT_KINDS = ("sinkhorn", "dense", "local", "sparse")
+PROTOCOL = "t2t"  # Tensor2Tensor's algorithmic_sort_problem (see the module docstring)
+DEV_SEED = 20_200_713  # the dev set is the same for every kind, seed and --seed
 
-# The paper's Table 1 (train at 256, evaluate at 512): edit distance, exact match %.
+# The paper's Table 1 (Tensor2Tensor's sort problem, train length 256, dev up to 512, b = 32):
+# edit distance, exact match %.
 PAPER_ROWS = {
     "dense": ("Transformer", 0.4252, 45.69),
     "local": ("Local Attention", 0.4340, 21.12),
     "sparse": ("Sparse Transformer", 0.4176, 46.88),
     "sinkhorn": ("Sinkhorn (b=32)", 0.4054, 49.24),
 }
+SPLITS = ("dev", "dev_short", "dev_long")  # all dev sequences, length <= L, length > L
+METRICS = ("exact_match", "edit_distance")
 
 
 @dataclass(frozen=True)
 class SortPreset:
-    length: int  # training length L (evaluated at L and 2L)
-    n_symbols: int  # alphabet size
+    length: int  # training length L: train lengths U[1, L], dev lengths U[1, 2L]
+    n_symbols: int  # alphabet size (Tensor2Tensor: 2L)
     block_size: int  # attention block size b
     d_model: int
     n_heads: int
@@ -73,34 +94,40 @@ class SortPreset:
     batch_size: int
     lr: float
     warmup_steps: int
-    n_eval: int  # evaluation examples per length
+    n_eval: int  # dev sequences
     eval_batch: int
     n_seeds: int  # training runs per kind (different seeds); the table shows mean ± std
+    temperature: float  # Gumbel-Sinkhorn temperature (Sinkhorn kinds)
+    n_iters: int  # Sinkhorn balancing rounds (Sinkhorn kinds)
 
 
 PRESETS = {
-    # Minutes on a 2-core CPU for all four kinds.
+    # Minutes on a 2-core CPU for all four kinds, three seeds each (sizes: our assumption).
     "cpu": SortPreset(
         length=32,
-        n_symbols=8,
+        n_symbols=64,
         block_size=8,
         d_model=64,
         n_heads=4,
         n_layers=2,
         d_ff=128,
         dropout=0.0,
-        steps=500,
+        steps=1000,
         batch_size=32,
         lr=2e-3,
-        warmup_steps=50,
-        n_eval=500,
+        warmup_steps=100,
+        n_eval=1000,
         eval_batch=250,
         n_seeds=3,
+        temperature=0.75,
+        n_iters=8,
     ),
-    # The paper's setting: length 256 -> 512, b = 32, Transformer-base-sized model.
+    # The paper's setting: length 256 -> dev up to 512, b = 32, 512 symbols. Model size, steps,
+    # batch and learning rate are not stated by the paper: Transformer-base sizes are our
+    # assumption.
     "paper": SortPreset(
         length=256,
-        n_symbols=64,
+        n_symbols=512,
         block_size=32,
         d_model=512,
         n_heads=8,
@@ -114,14 +141,27 @@ PRESETS = {
         n_eval=1_000,
         eval_batch=50,
         n_seeds=1,
+        temperature=0.75,
+        n_iters=8,
     ),
 }
 
 
+def max_input_length(preset: SortPreset) -> int:
+    """The longest source (2L symbols + EOS); decoding is capped at the same length."""
+    return 2 * preset.length + 1
+
+
 def model_config(preset: SortPreset, kind: str) -> Seq2SeqConfig:
-    attention = AttentionConfig(kind=kind, block_size=preset.block_size, max_len=2 * preset.length)
+    attention = AttentionConfig(
+        kind=kind,
+        block_size=preset.block_size,
+        max_len=max_input_length(preset),
+        temperature=preset.temperature,
+        n_iters=preset.n_iters,
+    )
     return Seq2SeqConfig(
-        vocab_size=SortingDataset(1, 1, preset.n_symbols).vocab_size,
+        vocab_size=vocab_size(preset.n_symbols),
         d_model=preset.d_model,
         n_heads=preset.n_heads,
         n_layers=preset.n_layers,
@@ -134,30 +174,91 @@ def model_config(preset: SortPreset, kind: str) -> Seq2SeqConfig:
     )
 
 
-def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Teacher-forced cross-entropy of the sorted target."""
-    src, tgt = batch
-    tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS_ID), tgt[:, :-1]], dim=1)
-    logits = model(src, tgt_in)  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
-    return loss, {"tokens": float(tgt.numel())}
+def make_loss_fn(
+    length: int,
+) -> Callable[[nn.Module, tuple[Tensor, Tensor]], tuple[Tensor, dict[str, float]]]:
+    """Teacher-forced cross-entropy over the real target tokens (EOS included, padding not).
+
+    The token sum is divided by a fixed count, ``examples * (length + 1)``, rather than by the
+    batch's own token count, so any split of a global batch over ranks and micro-batches gives
+    the same gradient as one process.
+    """
+
+    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        src, tgt = batch  # (B, S), (B, T)
+        tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS_ID), tgt[:, :-1]], dim=1)
+        logits = model(src, tgt_in)  # (B, T, V)
+        total = F.cross_entropy(
+            logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD_ID, reduction="sum"
+        )
+        return total / (tgt.shape[0] * (length + 1)), {"tokens": float((tgt != PAD_ID).sum())}
+
+    return loss_fn
+
+
+def _split_metrics(
+    preds: list[list[int]], targets: list[list[int]], lengths: list[int], length: int
+) -> dict[str, float]:
+    """``{split}/{metric}`` over all dev sequences and over those of length <= L and > L."""
+    out: dict[str, float] = {}
+    for split in SPLITS:
+        keep = [
+            i
+            for i, n in enumerate(lengths)
+            if split == "dev" or (n <= length) == (split == "dev_short")
+        ]
+        if not keep:
+            continue
+        metrics = sequence_metrics([preds[i] for i in keep], [targets[i] for i in keep])
+        out.update({f"{split}/{k}": v for k, v in metrics.items()})
+    return out
 
 
 @torch.no_grad()
-def evaluate(model: Seq2Seq, dataset: SortingDataset, batch_size: int) -> dict[str, float]:
-    """Greedy decoding of every example; edit distance and exact match."""
+def evaluate(
+    model: Seq2Seq, dataset: SortingDataset, batch_size: int, length: int
+) -> dict[str, float]:
+    """Greedy decoding until EOS, and teacher-forced argmax, over the whole dev set.
+
+    Keys ``dev/exact_match``, ``dev_short/edit_distance`` ... (greedy) and the same with a
+    ``_tf`` suffix on the split (``dev_tf/exact_match`` ...) for the teacher-forced figures.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    preds: list[list[int]] = []
-    targets: list[list[int]] = []
-    for start in range(0, len(dataset), batch_size):
-        src, tgt = sorting_batch(dataset, range(start, min(start + batch_size, len(dataset))))
-        out = model.generate(src.to(device), dataset.length)
-        preds += out.tolist()
-        targets += tgt.tolist()
+    order = sorted(range(len(dataset)), key=dataset.length_of)  # batches of similar lengths
+    greedy: dict[int, list[int]] = {}
+    forced: dict[int, list[int]] = {}
+    targets: dict[int, list[int]] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        src, tgt = (t.to(device) for t in sorting_batch(dataset, idx))  # (B, S), (B, T)
+        out = model.generate(src, max_input_length_of(dataset), eos_id=EOS_ID)  # (B, <= 2L+1)
+        tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS_ID), tgt[:, :-1]], dim=1)
+        argmax = model(src, tgt_in).argmax(-1)  # (B, T)
+        for row, i in enumerate(idx):
+            real = tgt[row] != PAD_ID
+            targets[i] = tgt[row][real].tolist()
+            forced[i] = argmax[row][real].tolist()
+            greedy[i] = strip_after_eos(out[row].tolist())
     model.train(was_training)
-    return sequence_metrics(preds, targets)
+    ids = range(len(dataset))
+    lengths = [len(targets[i]) - 1 for i in ids]
+    tgts = [targets[i] for i in ids]
+    result = _split_metrics([greedy[i] for i in ids], tgts, lengths, length)
+    tf = _split_metrics([forced[i] for i in ids], tgts, lengths, length)
+    result.update({k.replace("/", "_tf/", 1): v for k, v in tf.items()})
+    return result
+
+
+def max_input_length_of(dataset: SortingDataset) -> int:
+    """Decoding cap for a dataset: its longest sequence plus EOS."""
+    return dataset.max_length + 1
+
+
+def dev_set(preset: SortPreset) -> SortingDataset:
+    """Dev sequences of lengths U[1, 2L], the same for every kind and seed."""
+    return SortingDataset(preset.n_eval, 2 * preset.length, preset.n_symbols, seed=DEV_SEED)
 
 
 def run_kind(kind: str, preset: SortPreset, args: argparse.Namespace) -> dict[str, Any]:
@@ -190,31 +291,24 @@ def run_dir(out: str, kind: str, seed: int) -> Path:
 
 
 def run_seed(kind: str, preset: SortPreset, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """Train one attention kind with one seed and evaluate it at L and 2L."""
+    """Train one attention kind with one seed and evaluate it on the dev set."""
     torch.manual_seed(seed)
     config = model_config(preset, kind)
     model = Seq2Seq(config)
     train_data = SortingDataset(
         preset.steps * preset.batch_size, preset.length, preset.n_symbols, seed=seed * 10 + 1
     )
-    evals = {  # the same evaluation sets for every seed
-        f"L={n}": SortingDataset(preset.n_eval, n, preset.n_symbols, seed=args.seed * 10 + 2)
-        for n in (preset.length, 2 * preset.length)
-    }
+    dev = dev_set(preset)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         assert isinstance(m, Seq2Seq)
-        return {
-            f"{name}/{k}": v
-            for name, data in evals.items()
-            for k, v in evaluate(m, data, preset.eval_batch).items()
-        }
+        return evaluate(m, dev, preset.eval_batch, preset.length)
 
     train_cfg = TrainConfig(
         steps=preset.steps,
         batch_size=preset.batch_size,
         lr=preset.lr,
-        warmup_steps=preset.warmup_steps,
+        warmup_steps=min(preset.warmup_steps, preset.steps - 1),
         seed=seed,
         log_every=25,
         ckpt_every=max(1, preset.steps // 4),
@@ -223,16 +317,17 @@ def run_seed(kind: str, preset: SortPreset, args: argparse.Namespace, seed: int)
     result = train(
         model,
         train_data,
-        loss_fn,
+        make_loss_fn(preset.length),
         train_cfg,
         out_dir=run_dir(args.out, kind, seed),
+        collate_fn=collate_sorting,
         eval_fn=eval_fn,
         resume=args.resume,
         model_config=config.to_dict(),
     )
     plan_png = None
     if kind in ("sinkhorn", "mixture") and seed == args.seed:
-        plan_png = save_sort_matrix(model, evals[f"L={preset.length}"], Path(args.out), kind)
+        plan_png = save_sort_matrix(model, dev, Path(args.out), kind)
     return {
         "seed": seed,
         "train_loss": result.metrics.get("loss"),
@@ -243,9 +338,10 @@ def run_seed(kind: str, preset: SortPreset, args: argparse.Namespace, seed: int)
 
 @torch.no_grad()
 def save_sort_matrix(model: Seq2Seq, data: SortingDataset, out: Path, kind: str) -> str:
-    """Heat map of the first encoder layer's learned sort matrices on one example."""
+    """Heat map of the first encoder layer's learned sort matrices on the longest dev example."""
     model.eval()
-    src, _ = sorting_batch(data, [0])
+    longest = max(range(len(data)), key=data.length_of)
+    src, _ = sorting_batch(data, [longest])
     src = src.to(next(model.parameters()).device)
     layer = model.encoder.layers[0]
     assert isinstance(layer, TransformerEncoderLayer)
@@ -253,15 +349,18 @@ def save_sort_matrix(model: Seq2Seq, data: SortingDataset, out: Path, kind: str)
     _, plan = layer.attn(x, src != PAD_ID, return_plan=True)
     assert plan is not None
     path = out / f"sort_matrix_{kind}.png"
-    plot_sort_matrices(plan.P[0], path, f"{kind}: encoder layer 0 sort matrix P (eval)")
+    n = data.length_of(longest)
+    plot_sort_matrices(plan.P[0], path, f"{kind}: encoder layer 0 sort matrix P (eval, length {n})")
     return str(path)
 
 
 def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
     """Mean (± standard deviation over seeds, when there are several) beside the paper."""
-    n1, n2 = preset.length, 2 * preset.length
+    n = preset.length
 
     def cell(r: dict[str, Any], key: str, digits: int) -> str:
+        if key not in r["eval"]:
+            return "–"
         mean, std = r["eval"][key], r["eval_std"][key]
         return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if preset.n_seeds > 1 else "")
 
@@ -271,22 +370,26 @@ def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
         rows.append(
             [
                 r["kind"],
-                cell(r, f"L={n1}/edit_distance", 4),
-                cell(r, f"L={n1}/exact_match", 1),
-                cell(r, f"L={n2}/edit_distance", 4),
-                cell(r, f"L={n2}/exact_match", 1),
-                paper[1] if paper else None,
+                cell(r, "dev/exact_match", 1),
+                cell(r, "dev/edit_distance", 3),
+                cell(r, "dev_short/exact_match", 1),
+                cell(r, "dev_long/exact_match", 1),
+                cell(r, "dev_tf/exact_match", 1),
+                cell(r, "dev_tf/edit_distance", 3),
                 paper[2] if paper else None,
+                paper[1] if paper else None,
             ]
         )
     headers = [
         "attention",
-        f"edit dist. @{n1} ↓",
-        f"exact % @{n1} ↑",
-        f"edit dist. @{n2} ↓",
-        f"exact % @{n2} ↑",
-        "paper edit dist. (256→512)",
+        "exact % ↑",
+        "edit dist. ↓",
+        f"exact % (len ≤ {n})",
+        f"exact % (len > {n})",
+        "teacher-forced exact %",
+        "teacher-forced edit dist.",
         "paper exact %",
+        "paper edit dist.",
     ]
     return format_table(headers, rows)
 
@@ -302,8 +405,11 @@ def run(args: argparse.Namespace) -> int:
             "block_size": "block_size",
             "n_seeds": "seeds",
             "n_eval": "n_eval",
+            "n_symbols": "n_symbols",
         },
     )
+    if "length" in changes and "n_symbols" not in changes:
+        changes["n_symbols"] = 2 * changes["length"]  # Tensor2Tensor's alphabet: 2L symbols
     if "n_eval" in changes:
         changes["eval_batch"] = min(preset.eval_batch, changes["n_eval"])
     preset = replace(preset, **changes)
@@ -323,15 +429,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = results_table(results, preset)
     print(
-        f"\nSorting, train length {preset.length}, evaluated at {preset.length} and "
-        f"{2 * preset.length} ({preset.n_eval} examples each, greedy decoding; mean over "
-        f"{preset.n_seeds} seed(s))\n"
+        f"\nSorting (Tensor2Tensor protocol): train lengths U[1, {preset.length}], "
+        f"{preset.n_eval} dev sequences of lengths U[1, {2 * preset.length}], "
+        f"{preset.n_symbols} symbols; greedy decoding until EOS (teacher-forced beside it); "
+        f"mean over {preset.n_seeds} seed(s)\n"
     )
     print(table)
     payload = {
         "experiment": "sort",
         "preset": args.preset,
-        "settings": asdict(preset),
+        "settings": {**asdict(preset), "protocol": PROTOCOL, "dev_seed": DEV_SEED},
         "results": results,
         "paper": {
             k: {"name": v[0], "edit_distance": v[1], "exact_match": v[2]}
@@ -350,7 +457,8 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sort",
         help="seq2seq sorting (paper Table 1)",
-        description="Train encoder-decoders to sort random sequences; evaluate at L and 2L.",
+        description="Train encoder-decoders to sort random sequences of lengths U[1, L] "
+        "(Tensor2Tensor's sort problem); evaluate on dev lengths U[1, 2L].",
     )
     parser.add_argument(
         "--attention",
@@ -358,9 +466,22 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         help=f"one of {', '.join(KINDS)}, a comma list, or 'all' "
         f"(= {', '.join(DEFAULT_KINDS)}; default)",
     )
-    parser.add_argument("--length", type=int, default=None, help="override the training length")
+    parser.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="override the training length L (dev lengths go to 2L)",
+    )
     parser.add_argument("--block-size", type=int, default=None, help="override the block size")
-    parser.add_argument("--n-eval", type=int, default=None, help="override eval examples")
+    parser.add_argument(
+        "--n-symbols",
+        type=int,
+        default=None,
+        help="override the alphabet size (default: the preset's, or 2 * --length)",
+    )
+    parser.add_argument(
+        "--n-eval", type=int, default=None, help="override the number of dev sequences"
+    )
     parser.add_argument(
         "--seeds",
         type=int,

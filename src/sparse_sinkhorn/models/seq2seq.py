@@ -67,21 +67,32 @@ class Seq2Seq(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        eos_id: int | None = None,
     ) -> Tensor:
-        """Greedy (``temperature=0``) or sampled decoding: ``(B, S)`` -> ``(B, max_new_tokens)``.
+        """Greedy (``temperature=0``) or sampled decoding: ``(B, S)`` -> ``(B, T)``.
 
-        The padding token is never emitted. ``use_cache=True`` decodes incrementally with an
-        exact cache (one new position per step); ``False`` recomputes the whole prefix each
-        step. Call ``model.eval()`` first.
+        ``T == max_new_tokens`` unless ``eos_id`` is given: then a row that has emitted
+        ``eos_id`` continues with the padding id, and decoding stops once every row has
+        emitted it (``T <= max_new_tokens``). The padding token is never emitted otherwise.
+        ``use_cache=True`` decodes incrementally with an exact cache (one new position per
+        step); ``False`` recomputes the whole prefix each step. Call ``model.eval()`` first.
         """
         memory, mask = self.encode(src)
         out = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         cache = DecodingCache.for_layers(len(self.decoder.layers)) if use_cache else None
         step_in = out
         for _ in range(max_new_tokens):
             logits = self.decode(step_in if use_cache else out, memory, mask, cache=cache)[:, -1]
             logits[:, self.config.pad_id] = float("-inf")  # (B, V); padding is not an output
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done, self.config.pad_id)  # (B,)
+                done |= nxt == eos_id
             out = torch.cat([out, nxt[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+            # A finished row's padding is fed back as-is: the decoder attends causally, so what
+            # a finished row reads later never changes its own (already emitted) tokens.
             step_in = nxt[:, None]
         return out[:, 1:]

@@ -1,0 +1,381 @@
+"""Sparse Sinkhorn attention inside Hugging Face ``transformers`` causal language models.
+
+Needs the ``hf`` extra (``pip install "sparse-sinkhorn[hf]"``); ``import sparse_sinkhorn`` never
+imports transformers, this module does.
+
+::
+
+    from transformers import AutoModelForCausalLM
+    from sparse_sinkhorn import hf
+
+    model = AutoModelForCausalLM.from_pretrained("path/to/llama")   # or any Llama / GPT-2 model
+    hf.convert(model, block_size=64)           # every self-attention layer: Sinkhorn attention
+    ...                                        # train (the sort nets are new parameters)
+    model.save_pretrained("out")
+    model = hf.from_pretrained("out")          # the same model, trained sort nets included
+
+How it plugs in: :func:`register` adds the attention function :func:`sinkhorn_attention_forward`
+to transformers' ``AttentionInterface`` under the name ``"sinkhorn"`` (with SDPA's boolean mask
+builder in ``AttentionMaskInterface``), and :func:`convert` gives each self-attention module a
+:class:`~sparse_sinkhorn.nn.SortNet` submodule (``<layer>.sort_net``) and switches the model to
+``attn_implementation="sinkhorn"``; the options are stored in ``config.sinkhorn_attention``.
+
+What the attention function computes, for queries ``(B, H, Lq, E)`` and the keys/values
+``(B, H_kv, T, E)`` that transformers hands it (after rotary embeddings; during generation the
+KV cache has already been applied, so ``T`` covers the whole prefix and ``Lq`` the new tokens):
+
+* **Sort net input**: block summaries of the *values* of all ``H_kv`` heads,
+  ``(B, T, H_kv*E)``. Values are a linear image of the layer input (no rotary phase, unlike
+  the keys), and the KV cache holds them for every past position, so routing needs no state
+  beyond transformers' own cache. Routing is per query head (``(B, H, N, N)`` logits); each
+  head mixes its group's shared key/value blocks (see
+  :func:`sparse_sinkhorn.ops.sinkhorn_attention`).
+* **Causal** always: query rows use the leak-free prefix summaries and the op's exact
+  causality, so output ``t`` depends on tokens ``<= t`` only.
+* **Padding** (left, right, or anywhere) from the boolean attention mask: the real tokens of
+  each sequence are moved to the front (order kept) before blocking, so block boundaries
+  count from a sequence's first real token and a padded sequence attends exactly as it does
+  alone; outputs are moved back afterwards.
+* **Decoding**: with ``Lq < T`` the function recomputes Sinkhorn attention over the cached
+  prefix (zero queries for the old positions, whose outputs are discarded) and returns the last
+  ``Lq`` positions. Prefix-causal balancing makes plan row ``i`` depend on logit rows
+  ``<= i`` only, the row summaries on positions ``<= i*W`` and the sorted blocks on earlier,
+  complete blocks, so this equals the full forward at those positions (to float rounding).
+  The cost of one decoding step is one Sinkhorn forward over the prefix, O(T·W + N²) per head,
+  not O(W): exactness is bought with recomputation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .nn.config import AttentionConfig
+from .nn.sortnet import SortNet
+from .ops import sinkhorn_attention
+from .ops.blocks import block_summaries, causal_block_summaries
+
+try:
+    import transformers
+    from transformers import AttentionInterface, PreTrainedModel
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'sparse_sinkhorn.hf needs transformers: pip install "sparse-sinkhorn[hf]"'
+    ) from e
+
+ATTN_IMPLEMENTATION = "sinkhorn"
+CONFIG_KEY = "sinkhorn_attention"
+
+# model_type -> the attention module class converted (its import path in transformers).
+SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention"),
+    "gpt2": ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"),
+}
+
+# The convert() options beyond block_size, with their defaults (AttentionConfig's).
+_DEFAULTS = AttentionConfig()
+OPTIONS: dict[str, Any] = {
+    "max_len": None,  # default: the model's max_position_embeddings / n_positions
+    "sort_net": _DEFAULTS.sort_net,
+    "pooling": _DEFAULTS.pooling,
+    "hard": _DEFAULTS.hard,
+    "n_iters": _DEFAULTS.n_iters,
+    "temperature": _DEFAULTS.temperature,
+    "gumbel_noise": _DEFAULTS.gumbel_noise,
+    "mixture": False,
+}
+# Attention-function keyword arguments of features this integration does not implement.
+_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+
+
+def register() -> None:
+    """Make ``attn_implementation="sinkhorn"`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sinkhorn_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any) -> Any:
+    """Switch every self-attention layer of a causal LM to Sinkhorn attention, in place.
+
+    Args:
+        model: a transformers causal LM of a supported family (:data:`SUPPORTED_FAMILIES`:
+            Llama-style models with any number of key/value heads, GPT-2).
+        block_size: tokens per block ``W``.
+        **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
+            net; default the model's maximum positions), ``sort_net`` (``"linear"``, ``"mlp"``,
+            ``"bilinear"``), ``pooling`` (``"sum"``/``"mean"``), ``hard``, ``n_iters``,
+            ``temperature``, ``gumbel_noise`` (training mode only), ``mixture`` (add dense
+            attention). Defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
+
+    Returns:
+        ``model``, whose attention modules now own a ``sort_net`` (new, randomly initialised
+        parameters: train them) and whose ``config.sinkhorn_attention`` records the options.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model)}")
+    config = model.config
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model family {family!r} is not supported; supported: "
+            f"{sorted(SUPPORTED_FAMILIES)} (causal LMs)"
+        )
+    if any(getattr(config, name, False) for name in ("add_cross_attention", "is_encoder_decoder")):
+        raise ValueError("Sinkhorn attention here is for decoder-only models (no cross-attention)")
+    unknown = set(attention_options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"unknown attention option(s) {sorted(unknown)}; known: block_size, {sorted(OPTIONS)}"
+        )
+    options = {**OPTIONS, **attention_options, "block_size": block_size}
+    if options["max_len"] is None:
+        options["max_len"] = _max_positions(config)
+    att = _attention_config(options)
+    modules = _attention_modules(model, family)
+    if any(hasattr(m, "sort_net") for m in modules):
+        raise ValueError("this model is already converted (its attention layers have sort nets)")
+    heads, kv_heads, head_dim = _head_shape(config)
+    for module in modules:
+        weight = next(module.parameters())
+        module.sort_net = SortNet(kv_heads * head_dim, heads, att.max_blocks, kind=att.sort_net).to(
+            device=weight.device, dtype=weight.dtype
+        )
+        object.__setattr__(module, "sinkhorn_config", att)  # a plain attribute, not a module
+    setattr(config, CONFIG_KEY, options)
+    register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """Load a causal LM saved after :func:`convert`, with its trained sort nets.
+
+    ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
+    not ``attn_implementation``). ``path`` is a local directory written by ``save_pretrained``.
+    """
+    if "attn_implementation" in kwargs:
+        raise TypeError("from_pretrained sets attn_implementation='sinkhorn' itself")
+    register()
+    config = transformers.AutoConfig.from_pretrained(path)
+    options = getattr(config, CONFIG_KEY, None)
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"{os.fspath(path)!r} holds no {CONFIG_KEY!r} options in its config: it was not "
+            "saved from a model converted with sparse_sinkhorn.hf.convert"
+        )
+    options = dict(options)
+    block_size = options.pop("block_size")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the sort-net weights are loaded below
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    delattr(model.config, CONFIG_KEY)
+    convert(model, block_size=block_size, **options)
+    state = {k: v for k, v in _load_weights(path).items() if ".sort_net." in k}
+    expected = {k for k in model.state_dict() if ".sort_net." in k}
+    if set(state) != expected:
+        raise ValueError(
+            f"the checkpoint's sort-net weights do not match the model: missing "
+            f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}"
+        )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def sinkhorn_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The transformers attention function (registered as ``"sinkhorn"``).
+
+    Args:
+        module: a converted attention module (has ``sort_net`` and ``sinkhorn_config``).
+        query: ``(B, H, Lq, E)``; key, value: ``(B, H_kv, T, E)`` with ``H_kv`` dividing ``H``
+            and ``Lq <= T`` (``Lq < T`` while decoding with a KV cache).
+        attention_mask: None (causal, no padding) or the ``(B, 1, Lq, T)`` boolean mask
+            transformers builds for ``"sinkhorn"`` (causal and key padding, True = attend).
+
+    Returns:
+        ``(B, Lq, H, E)`` and None (no attention weights).
+    """
+    att: AttentionConfig | None = getattr(module, "sinkhorn_config", None)
+    sort_net: SortNet | None = getattr(module, "sort_net", None)
+    if att is None or sort_net is None:
+        raise ValueError(
+            f"{type(module).__name__} has no sort net: convert the model first with "
+            "sparse_sinkhorn.hf.convert(model, block_size=...)"
+        )
+    if is_causal is False or not getattr(module, "is_causal", True):
+        raise ValueError("Sinkhorn attention in transformers models is causal self-attention only")
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"Sinkhorn attention does not support {name!r}")
+    batch, _, q_len, _ = query.shape
+    length = key.shape[2]
+    if q_len > length:
+        raise ValueError(f"more queries ({q_len}) than keys ({length})")
+    real = _key_padding(attention_mask, batch, q_len, length, query.device)
+    if q_len < length:  # decoding: earlier positions' outputs are not needed, only their K/V
+        old = query.new_zeros(batch, query.shape[1], length - q_len, query.shape[3])
+        query = torch.cat([old, query], dim=2)  # (B, H, T, E)
+    order = mask = None
+    if real is not None and not bool(real.all()):
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first
+        query, key, value = (_gather(t, order) for t in (query, key, value))
+        mask = torch.arange(length, device=real.device) < real.sum(1, keepdim=True)  # (B, T)
+    logits = _sort_logits(sort_net, value, att, mask)  # (B, H, N, N)
+    out = sinkhorn_attention(
+        query,
+        key,
+        value,
+        logits.to(query.dtype),
+        block_size=att.block_size,
+        is_causal=True,
+        key_padding_mask=mask,
+        mixture=att.kind == "mixture",
+        hard=att.hard,
+        n_iters=att.n_iters,
+        temperature=att.temperature,
+        gumbel_noise=att.gumbel_noise and module.training,
+        dropout_p=dropout,
+        scale=scaling,
+    )
+    assert isinstance(out, Tensor)
+    if order is not None:
+        out = _gather(out, torch.argsort(order, dim=1))  # back to the original positions
+    return out[:, :, length - q_len :].transpose(1, 2).contiguous(), None
+
+
+def _sort_logits(
+    sort_net: SortNet, value: Tensor, att: AttentionConfig, mask: Tensor | None
+) -> Tensor:
+    """``(B, H, N, N)`` routing logits from block summaries of the values of every KV head."""
+    x = rearrange(value, "b h t e -> b t (h e)")  # (B, T, H_kv*E)
+    x = x.to(next(sort_net.parameters()).dtype)
+    w = att.block_size
+    keys = block_summaries(x, w, key_padding_mask=mask, pooling=att.pooling)  # (B, N, H_kv*E)
+    rows = causal_block_summaries(x, w, key_padding_mask=mask, pooling=att.pooling)
+    return sort_net(rows, keys)
+
+
+def _key_padding(
+    attention_mask: Tensor | None, batch: int, q_len: int, length: int, device: torch.device
+) -> Tensor | None:
+    """``(B, T)`` bool real-key mask from the 4-D causal mask (None: no padding).
+
+    The mask must be exactly causal (end-aligned) and key padding; anything else (sliding
+    windows, packed sequences, custom masks) is refused rather than silently ignored.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        raise TypeError(
+            "Sinkhorn attention expects the boolean mask transformers builds for "
+            f"attn_implementation='sinkhorn', got dtype {attention_mask.dtype}"
+        )
+    if attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (q_len, length):
+        raise ValueError(
+            f"attention_mask must be (B, 1, {q_len}, {length}), got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask[:, 0].expand(batch, q_len, length)  # (B, Lq, T)
+    real = mask[:, -1]  # the last query sees every real key
+    pos = torch.arange(length, device=device)
+    causal = pos[None, :] <= pos[length - q_len :, None]  # (Lq, T)
+    if not torch.equal(mask, causal[None] & real[:, None, :]):
+        raise ValueError(
+            "Sinkhorn attention supports causal attention with key padding only; this mask has "
+            "another pattern (sliding window, packed sequences or a custom mask?)"
+        )
+    return real
+
+
+def _gather(x: Tensor, order: Tensor) -> Tensor:
+    """``x`` ``(B, H, T, E)`` with positions reordered by ``order`` ``(B, T)``."""
+    return x.gather(2, order[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[3]))
+
+
+def _attention_config(options: dict[str, Any]) -> AttentionConfig:
+    return AttentionConfig(
+        kind="mixture" if options["mixture"] else "sinkhorn",
+        block_size=options["block_size"],
+        max_len=options["max_len"],
+        hard=options["hard"],
+        sort_net=options["sort_net"],
+        pooling=options["pooling"],
+        n_iters=options["n_iters"],
+        temperature=options["temperature"],
+        gumbel_noise=options["gumbel_noise"],
+    )
+
+
+def _attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
+    module_name, class_name = SUPPORTED_FAMILIES[family]
+    cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+    found = [m for m in model.modules() if isinstance(m, cls)]
+    if not found:
+        raise ValueError(f"no {class_name} layers found in this {family!r} model")
+    return found
+
+
+def _head_shape(config: Any) -> tuple[int, int, int]:
+    """(query heads H, key/value heads H_kv, head dim E) from a transformers config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return heads, kv_heads, head_dim
+
+
+def _max_positions(config: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise ValueError("the config has no maximum length; pass max_len=")
+
+
+def _load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Every tensor of a local ``save_pretrained`` directory (single or sharded safetensors)."""
+    from safetensors.torch import load_file
+
+    root = os.fspath(path)
+    single = os.path.join(root, "model.safetensors")
+    if os.path.isfile(single):
+        return load_file(single)
+    index = os.path.join(root, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"no model.safetensors(.index.json) in {root!r}")
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(root, shard)))
+    return state
+
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "CONFIG_KEY",
+    "OPTIONS",
+    "SUPPORTED_FAMILIES",
+    "convert",
+    "from_pretrained",
+    "register",
+    "sinkhorn_attention_forward",
+]

@@ -1,0 +1,279 @@
+"""Sinkhorn attention inside transformers models (tiny random configs, nothing downloaded)."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+from sparse_sinkhorn import hf  # noqa: E402
+
+VOCAB, BLOCK, PAD = 37, 4, 0
+FAMILIES = ["llama", "llama-gqa", "llama-mqa", "gpt2"]
+TOL = 1e-5  # float32: different lengths / batch layouts round differently
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(family: str, **options: object) -> torch.nn.Module:
+    if family.startswith("llama"):
+        kv = {"llama": 4, "llama-gqa": 2, "llama-mqa": 1}[family]
+        cfg = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=kv,
+            max_position_embeddings=64,
+            pad_token_id=PAD,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            pad_token_id=PAD,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = GPT2LMHeadModel(cfg)
+    return hf.convert(model, block_size=BLOCK, **options).eval()
+
+
+def _ids(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length))
+
+
+def _step_kwarg(model: torch.nn.Module) -> str:
+    """The forward's KV-cache keyword (renamed across transformers releases)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def test_import_does_not_import_transformers() -> None:
+    code = "import sys, sparse_sinkhorn; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_adds_sort_nets_as_submodules(family: str) -> None:
+    model = _model(family, sort_net="bilinear", n_iters=5)
+    nets = [name for name, _ in model.named_modules() if name.endswith(".sort_net")]
+    assert len(nets) == 2  # one per self-attention layer
+    keys = [k for k in model.state_dict() if ".sort_net." in k]
+    assert keys and all(any(k.startswith(n) for n in nets) for k in keys)
+    trained = {id(p) for p in model.parameters()}
+    assert all(id(p) in trained for n in nets for p in model.get_submodule(n).parameters())
+    assert model.config._attn_implementation == "sinkhorn"
+    opts = model.config.sinkhorn_attention
+    assert opts["block_size"] == BLOCK and opts["sort_net"] == "bilinear" and opts["n_iters"] == 5
+    assert opts["max_len"] == 64  # the model's maximum positions by default
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("training", [False, True])
+def test_exact_causality(family: str, training: bool) -> None:
+    """Changing tokens after t leaves every logit at positions <= t bit-identical."""
+    model = _model(family).train(training)
+    ids = _ids(2, 23)  # 5.75 blocks
+    for t in (0, 3, 4, 9, 17):
+        changed = ids.clone()
+        changed[:, t + 1 :] = _ids(2, 22 - t)
+        torch.manual_seed(1)  # same Gumbel noise in training mode
+        a = model(ids).logits[:, : t + 1]
+        torch.manual_seed(1)
+        b = model(changed).logits[:, : t + 1]
+        assert torch.equal(a, b), (family, t)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(family: str, side: str) -> None:
+    """A sequence alone and the same sequence padded inside a longer batch agree."""
+    model = _model(family)
+    alone = _ids(1, 10)
+    other = _ids(1, 17)
+    pad = torch.full((1, 7), PAD)
+    row = torch.cat([pad, alone], 1) if side == "left" else torch.cat([alone, pad], 1)
+    batch = torch.cat([row, other])
+    mask = (torch.arange(17) >= 7) if side == "left" else (torch.arange(17) < 10)
+    mask = torch.stack([mask, torch.ones(17, dtype=torch.bool)]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses
+    got = model(batch, attention_mask=mask, position_ids=positions).logits[0]
+    want = model(alone).logits[0]
+    real = mask[0].bool()
+    torch.testing.assert_close(got[real], want, atol=TOL, rtol=0)
+    assert torch.isfinite(got).all()  # padded positions stay finite too
+    # the longer, unpadded row is unaffected by its neighbour's padding
+    torch.testing.assert_close(
+        model(batch, attention_mask=mask, position_ids=positions).logits[1],
+        model(other).logits[0],
+        atol=TOL,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("options", [{}, {"hard": True, "sort_net": "bilinear"}, {"mixture": True}])
+def test_kv_cache_equals_full_forward(family: str, options: dict) -> None:
+    """Prefill + one token at a time through transformers' DynamicCache == full forward."""
+    model = _model(family, **options)
+    ids = _ids(2, 22)
+    full = model(ids).logits
+    key = _step_kwarg(model)
+    for prompt in (1, 4, 7):  # one token, a block boundary, mid-block
+        cache = DynamicCache(config=model.config)
+        outs = [model(ids[:, :prompt], use_cache=True, **{key: cache}).logits]
+        for t in range(prompt, ids.shape[1]):
+            outs.append(model(ids[:, t : t + 1], use_cache=True, **{key: cache}).logits)
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_cache_equals_without_and_full_forward(family: str) -> None:
+    """Left-padded batch: greedy tokens with the KV cache == without; logits == full forward."""
+    model = _model(family)
+    prompt = _ids(2, 9)
+    prompt[0, :3] = PAD
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    kw = dict(
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=PAD,
+    )
+    cached = model.generate(prompt, use_cache=True, **kw)
+    plain = model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    seq = cached.sequences
+    full_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - 9, dtype=mask.dtype)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(seq, attention_mask=full_mask, position_ids=positions).logits
+    got = torch.stack(cached.logits, 1)  # (B, new, V): logits predicting each new token
+    torch.testing.assert_close(got, full[:, 8:-1], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_training_reduces_the_loss_and_trains_the_sort_nets(family: str) -> None:
+    model = _model(family).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".sort_net." in k}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = _ids(4, 24)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    after = {k: v for k, v in model.state_dict().items() if ".sort_net." in k}
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_save_and_load_round_trip(family: str, tmp_path: Path) -> None:
+    model = _model(family, pooling="mean", temperature=0.5)
+    with torch.no_grad():  # stand-in for training: sort nets differ from any fresh init
+        for name, p in model.named_parameters():
+            if ".sort_net." in name:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path).eval()
+    assert loaded.config.sinkhorn_attention == model.config.sinkhorn_attention
+    assert loaded.config._attn_implementation == "sinkhorn"
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ids = _ids(2, 13)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_from_pretrained_refuses_an_unconverted_checkpoint(tmp_path: Path) -> None:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"not\s+saved from a model converted"):
+        hf.from_pretrained(tmp_path)
+
+
+def test_convert_errors() -> None:
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        hf.convert(torch.nn.Linear(2, 2), block_size=4)  # type: ignore[arg-type]
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with pytest.raises(ValueError, match="model family 'mistral' is not supported"):
+        hf.convert(mistral, block_size=4)
+    with pytest.raises(TypeError, match="unknown attention option"):
+        hf.convert(_plain_gpt2(), block_size=4, n_sortcut=2)
+    with pytest.raises(ValueError, match="block_size"):
+        hf.convert(_plain_gpt2(), block_size=0)
+    with pytest.raises(ValueError, match="sort_net"):
+        hf.convert(_plain_gpt2(), block_size=4, sort_net="conv")
+    model = hf.convert(_plain_gpt2(), block_size=4, max_len=16)
+    with pytest.raises(ValueError, match="already converted"):
+        hf.convert(model, block_size=4)
+    with pytest.raises(ValueError, match="max_blocks=4"):  # 24 tokens > max_len=16
+        model(_ids(1, 24))
+
+
+def test_attention_function_refuses_other_mask_patterns() -> None:
+    model = _model("llama-gqa")
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 8, 8)
+    k = v = torch.randn(1, 2, 8, 8)
+    ones = torch.ones(8, 8, dtype=torch.bool)
+    window = ones.tril() & ~ones.tril(-3)  # a sliding window of 3
+    with pytest.raises(ValueError, match="causal attention with key padding only"):
+        hf.sinkhorn_attention_forward(attn, q, k, v, window[None, None])
+    with pytest.raises(ValueError, match="does not support 'sliding_window'"):
+        hf.sinkhorn_attention_forward(attn, q, k, v, None, sliding_window=4)
+    with pytest.raises(ValueError, match="causal self-attention only"):
+        hf.sinkhorn_attention_forward(attn, q, k, v, None, is_causal=False)
+    out, weights = hf.sinkhorn_attention_forward(attn, q, k, v, None)
+    assert out.shape == (1, 8, 4, 8) and weights is None
+
+
+def _plain_gpt2() -> GPT2LMHeadModel:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    return GPT2LMHeadModel(cfg)

@@ -67,8 +67,9 @@ class Classifier(nn.Module):
         h = self.encoder(x, mask)  # (B, L, D)
         if self.config.pooling == "first":
             return h[:, 0]
-        weights = mask[..., None].to(h.dtype)
-        return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        real = mask[..., None]  # (B, L, 1)
+        count = real.sum(1).clamp_min(1).to(h.dtype)  # (B, 1)
+        return torch.where(real, h, h.new_zeros(())).sum(1) / count  # padding never summed
 
     def min_length(self) -> int:
         """Shortest padded length the encoder takes: ``n_sortcut * block_size`` or 1."""

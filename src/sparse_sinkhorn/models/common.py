@@ -107,6 +107,15 @@ def check_ids(ids: Tensor, config: TransformerConfig, name: str = "ids") -> None
         raise ValueError(
             f"{name} must be a (B, L) integer tensor, got {ids.dtype} {tuple(ids.shape)}"
         )
+    if 0 in ids.shape:
+        raise ValueError(f"{name} is empty: shape {tuple(ids.shape)}; B and L must be >= 1")
+    if not torch.compiler.is_compiling():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"{name} holds token ids outside the vocabulary [0, {config.vocab_size}): "
+                f"min {low}, max {high}"
+            )
     if (
         ids.shape[1] > config.attention.max_len
         and config.attention.sort_net != "bilinear"

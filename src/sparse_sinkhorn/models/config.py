@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from ..nn.config import AttentionConfig
+from ..nn.config import AttentionConfig, check_field_types
 
 C = TypeVar("C", bound="TransformerConfig")
 
@@ -26,7 +26,15 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):  # built from JSON
-            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+            try:
+                object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+            except TypeError as err:
+                raise TypeError(f"attention config: {err}") from err
+        if not isinstance(self.attention, AttentionConfig):
+            raise TypeError(
+                f"attention must be an AttentionConfig (or its dict), got {self.attention!r}"
+            )
+        check_field_types(self)
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -91,6 +99,8 @@ _CONFIGS: dict[str, type[TransformerConfig]] = {
 
 def config_from_dict(data: dict[str, Any]) -> TransformerConfig:
     """Rebuild any model config from :meth:`TransformerConfig.to_dict` output."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a model config must be a JSON object, got {type(data).__name__}")
     name = data.get("type")
     if name not in _CONFIGS:
         raise ValueError(f"unknown model config type {name!r}; expected one of {sorted(_CONFIGS)}")

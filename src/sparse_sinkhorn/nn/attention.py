@@ -26,6 +26,18 @@ from .config import AttentionConfig
 from .sortnet import SortNet
 
 
+def check_sizes(d_model: int, n_heads: int, dropout: float) -> None:
+    """Positive int width and heads, heads dividing the width, dropout in [0, 1)."""
+    for name, value in (("d_model", d_model), ("n_heads", n_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if d_model % n_heads != 0:
+        raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+    ok = isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+    if not ok or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
 class SinkhornSelfAttention(nn.Module):
     """Multi-head self-attention with Sparse Sinkhorn attention or a baseline.
 
@@ -58,8 +70,7 @@ class SinkhornSelfAttention(nn.Module):
         **config: Any,
     ) -> None:
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        check_sizes(d_model, n_heads, dropout)
         self.config = AttentionConfig(kind=attention, **config)
         if causal and self.config.n_sortcut is not None:
             raise ValueError("SortCut (n_sortcut) is for encoders only; it cannot be causal")
@@ -181,8 +192,7 @@ class CrossAttention(nn.Module):
         self, d_model: int, n_heads: int, *, dropout: float = 0.0, bias: bool = True
     ) -> None:
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        check_sizes(d_model, n_heads, dropout)
         self.n_heads, self.dropout = n_heads, dropout
         self.q = nn.Linear(d_model, d_model, bias=bias)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)

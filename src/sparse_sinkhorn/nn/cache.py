@@ -264,7 +264,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     if keep is None:
         return torch.einsum("bhqk,bhke->bhqe", scores.softmax(-1).to(v.dtype), v)
     scores = scores.masked_fill(~keep, torch.finfo(acc).min)
-    attn = scores.softmax(-1) * keep.any(-1, keepdim=True).to(acc)
+    attn = scores.softmax(-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    # where, not a zero weight: a NaN/Inf value at a masked position must not reach the output
+    v = torch.where(keep.any(-2)[..., None], v, v.new_zeros(()))  # keep: (., ., 1, S)
     return torch.einsum("bhqk,bhke->bhqe", attn.to(v.dtype), v)
 
 

@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 from .sortnet import SORT_NETS
 
 ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse")
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    if annotation.endswith(" | None"):
+        return value is None or _type_ok(value, annotation.removesuffix(" | None"))
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok and math.isfinite(value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    return True  # nested configs and anything else: checked by their own class
+
+
+def check_field_types(config: Any) -> None:
+    """Every int/float/bool/str field of a config dataclass holds that type (float: finite).
+
+    Configs are rebuilt from JSON files a user may have edited; a wrong type is a
+    ``TypeError`` naming the field instead of a failure deep inside a layer.
+    """
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not _type_ok(value, str(f.type)):
+            raise TypeError(
+                f"{type(config).__name__}.{f.name} must be {f.type}, got "
+                f"{type(value).__name__} {value!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -26,6 +58,7 @@ class AttentionConfig:
     sparse_mode: str = "fixed"  # Sparse Transformer pattern: "fixed" | "strided"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.kind not in ATTENTION_KINDS:
             raise ValueError(
                 f"unknown attention kind {self.kind!r}; choose one of {ATTENTION_KINDS}"

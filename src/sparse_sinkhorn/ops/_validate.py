@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .blocks import num_blocks
+
+
+def check_number(name: str, value: object, *, low: float, low_ok: bool = False) -> float:
+    """A finite real number above ``low`` (or equal to it when ``low_ok``); returns it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < low or (value == low and not low_ok):
+        bound = f">= {low:g}" if low_ok else f"> {low:g}"
+        hint = "" if math.isfinite(value) else " (it must be finite)"
+        raise ValueError(f"{name} must be {bound}, got {value!r}{hint}")
+    return float(value)
+
+
+def check_tensor(name: str, value: object, device: torch.device | None = None) -> Tensor:
+    """``value`` is a tensor (on ``device`` when given); returns it."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if device is not None and value.device != device:
+        raise ValueError(
+            f"{name} is on {value.device} but query/key/value are on {device}; "
+            f"move it with .to({str(device)!r})"
+        )
+    return value
 
 
 def check_qkv(
@@ -17,10 +42,16 @@ def check_qkv(
     (grouped-query / multi-query attention).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if 0 in t.shape:
+            raise ValueError(
+                f"{name} has an empty dimension: (B, H, L, D) = {tuple(t.shape)}; every size "
+                "must be >= 1"
+            )
     heads, kv_heads = query.shape[1], key.shape[1]
     grouped = gqa and key.shape[:2] == value.shape[:2] and query.shape[0] == key.shape[0]
     if grouped and (kv_heads == 0 or heads % kv_heads != 0):
@@ -77,6 +108,7 @@ def check_common(
 ) -> None:
     batch, _, length, _ = key.shape
     if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, key.device)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(
                 "key_padding_mask must be a bool tensor (True = real token), "
@@ -87,10 +119,10 @@ def check_common(
                 f"key_padding_mask must have shape (B, L) = {(batch, length)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-    if not 0.0 <= dropout_p < 1.0:
+    if check_number("dropout_p", dropout_p, low=0.0, low_ok=True) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+    if scale is not None:
+        check_number("scale", scale, low=0.0)
 
 
 def check_block_size(block_size: int) -> None:
@@ -109,6 +141,7 @@ def check_sinkhorn(
     temperature: float,
 ) -> None:
     check_block_size(block_size)
+    check_tensor("sort_logits", sort_logits, key.device)
     batch, heads, length, _ = key.shape
     n = num_blocks(length, block_size)
     want = (batch, heads, n, n)
@@ -133,7 +166,6 @@ def check_sinkhorn(
                 f"n_sortcut={n_sortcut} is larger than the number of blocks N={n} "
                 f"(L={length}, block_size={block_size})"
             )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_number("temperature", temperature, low=0.0)
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
         raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _validate
 from .baselines import dense_attention, masked_sdpa
-from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask
+from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask, zero_padding
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
 
 
@@ -263,8 +263,9 @@ def attend_with_plan(
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (pad_to_blocks(t, w) for t in (query, key, value))  # (B, H, N*W, D)
     if plan.key_mask is not None:
-        real = plan.key_mask[:, None, :, None].to(k.dtype)  # (B, 1, N*W, 1)
-        k, v = k * real, v * real  # padded content can never reach a sorted block
+        real = plan.key_mask[:, None, :, None]  # (B, 1, N*W, 1)
+        # where, not a product: NaN/Inf at a padded position can never reach a sorted block
+        k, v = zero_padding(k, real), zero_padding(v, real)
     kb = rearrange(k, "b h (n w) d -> b h n w d", w=w)
     vb = rearrange(v, "b h (n w) d -> b h n w d", w=w)
     p = plan.P.to(k.dtype)  # (B, H, R, N)

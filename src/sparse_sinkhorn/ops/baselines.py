@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor
 
 from . import _validate
-from .blocks import pad_to_blocks, padded_mask
+from .blocks import pad_to_blocks, padded_mask, zero_padding
 
 
 def dense_attention(
@@ -47,6 +47,7 @@ def dense_attention(
         )
     mask = _causal_mask(query.shape[2], key.shape[2], query.device) if is_causal else None
     if key_padding_mask is not None:
+        key, value = _drop_padding(key, value, key_padding_mask)
         real = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         mask = real if mask is None else mask & real
     return masked_sdpa(query, key, value, mask, dropout_p, scale)
@@ -78,6 +79,8 @@ def local_attention(
     batch, heads, length, _ = query.shape
     w = block_size
     mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None
+    if key_padding_mask is not None:
+        key, value = _drop_padding(key, value, key_padding_mask)
     qb, kb, vb = (
         rearrange(pad_to_blocks(t, w), "b h (n w) d -> (b h) n w d", w=w)
         for t in (query, key, value)
@@ -161,8 +164,19 @@ def sparse_attention(
         device=query.device,
     )[None, None]  # (1, 1, L, L)
     if key_padding_mask is not None:
+        key, value = _drop_padding(key, value, key_padding_mask)
         mask = mask & key_padding_mask[:, None, None, :]
     return masked_sdpa(query, key, value, mask, dropout_p, scale)
+
+
+def _drop_padding(key: Tensor, value: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values with padded positions set to exactly 0 (NaN/Inf there included).
+
+    A masked score alone is not enough: SDPA adds ``-inf`` to a NaN score (still NaN) and
+    multiplies a NaN value by its zero weight (still NaN).
+    """
+    real = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
+    return zero_padding(key, real), zero_padding(value, real)
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -188,4 +202,4 @@ def masked_sdpa(
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=safe, dropout_p=dropout_p, scale=scale
     )
-    return out * any_key.to(out.dtype)
+    return zero_padding(out, any_key)

@@ -40,6 +40,15 @@ def padded_mask(
     return pad_to_blocks(key_padding_mask, block_size, dim=-1)  # pads with False
 
 
+def zero_padding(x: Tensor, real: Tensor) -> Tensor:
+    """``x`` with every position where ``real`` (broadcastable bool) is False set to exactly 0.
+
+    ``torch.where``, not a multiplication: NaN or Inf at a padded position would survive
+    ``x * 0`` (``nan * 0 = nan``) and reach real outputs.
+    """
+    return torch.where(real, x, x.new_zeros(()))
+
+
 def block_summaries(
     x: Tensor,
     block_size: int,
@@ -60,7 +69,7 @@ def block_summaries(
     mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
     x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
     if mask is not None:
-        x = x * mask[..., None].to(x.dtype)
+        x = zero_padding(x, mask[..., None])
     blocks = rearrange(x, "b (n w) d -> b n w d", w=block_size)
     pooled = blocks.sum(dim=2)  # (B, N, D)
     if pooling == "sum":
@@ -92,7 +101,7 @@ def causal_block_summaries(
     mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
     x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
     if mask is not None:
-        x = x * mask[..., None].to(x.dtype)
+        x = zero_padding(x, mask[..., None])
     prefix = x.cumsum(dim=1)[:, ::block_size]  # (B, N, D): sum over positions <= i*W
     if pooling == "sum":
         return prefix

@@ -15,8 +15,14 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ._validate import check_number
+
 # Held in masked log-entries; exp() of it is exactly 0 in float32, and it stays finite.
 _NEG = -1.0e30
+# Scaled scores are clamped to [-_BIG, _BIG]: logits near the float maximum, or a tiny
+# temperature, would otherwise overflow to +-inf and turn the log-sum-exps into NaN. exp()
+# saturates far inside this range, so the clamp changes no ordinary result.
+_BIG = 1.0e30
 
 
 def sample_gumbel(
@@ -122,7 +128,7 @@ def sinkhorn_balance(
     s = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64
     if gumbel_noise:
         s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)
-    s = s / temperature
+    s = (s / temperature).clamp(-_BIG, _BIG)
     if causal:
         causal_mask = causal_block_mask(s.shape[-2], device=s.device)
         allowed = causal_mask if allowed is None else allowed & causal_mask
@@ -172,7 +178,6 @@ def _check_balance_args(logits: Tensor, n_iters: int, temperature: float) -> Non
         raise ValueError(f"sort logits must have at least 2 dims (..., N, M), got {logits.shape}")
     if not logits.is_floating_point():
         raise TypeError(f"sort logits must be floating point, got {logits.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if n_iters < 0:
-        raise ValueError(f"n_iters must be >= 0, got {n_iters}")
+    check_number("temperature", temperature, low=0.0)
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
+        raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")

@@ -4,13 +4,16 @@ Each subcommand lives in its own module and registers itself through a function
 ``add_subparser(subparsers) -> None`` that sets ``func`` (a callable taking the parsed
 ``argparse.Namespace`` and returning an exit code) as a default on its parser.
 Errors about the user's input, files or data (a corrupt checkpoint, a checkpoint from
-another config, a dataset not fetched yet) are printed as one line and exit with status 2;
-set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
+another config, a dataset not fetched yet), bad values (``ValueError``/``TypeError`` from the
+library's checks), file-system failures (missing, unreadable or unwritable paths, a full disk:
+``OSError``) and a subcommand's own ``SystemExit("error: ...")`` are printed as one line on
+stderr and exit with status 2; set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -46,11 +49,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a problem with the user's input, files or data: shown as one line."""
+    import pickle
+
     from .data.fetch import FetchError
     from .data.registry import DatasetNotFoundError
     from .train.checkpoint import CheckpointError, ConfigMismatchError
 
-    return (CheckpointError, ConfigMismatchError, DatasetNotFoundError, FetchError)
+    return (
+        CheckpointError,
+        ConfigMismatchError,
+        DatasetNotFoundError,
+        FetchError,
+        pickle.UnpicklingError,
+        OSError,  # missing/unreadable/unwritable paths, a full disk, a read-only file system
+        ValueError,  # the library's argument and file-content checks
+        TypeError,
+        MemoryError,
+    )
+
+
+class UsageError(SystemExit):
+    """A subcommand's ``SystemExit("error: ...")`` after :func:`main` printed it: exit status 2.
+
+    ``str()`` is still the message (for callers and tests that match it).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def one_line(err: BaseException | str) -> str:
+    """The message of an error as one line (an ``OSError`` as ``what: path``)."""
+    if isinstance(err, OSError) and err.strerror:
+        paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+        text = f"{err.strerror}: {' -> '.join(paths)}" if paths else err.strerror
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            text += " (the disk is full; files written before this one are intact)"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            text += " (no permission to use this path; choose another --out or --data-dir)"
+    elif isinstance(err, MemoryError):
+        text = "out of memory" + (f" ({err})" if str(err) else "")
+    else:
+        text = str(err) or type(err).__name__
+    text = " ".join(text.split())
+    return text.removeprefix("error: ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,10 +107,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except UsageError:
+        raise
+    except SystemExit as err:
+        if not isinstance(err.code, str):
+            raise
+        if os.environ.get("SPARSE_SINKHORN_DEBUG"):
+            raise
+        print(f"sparse-sinkhorn: error: {one_line(err.code)}", file=sys.stderr)
+        raise UsageError(err.code) from None
     except _user_errors() as err:
         if os.environ.get("SPARSE_SINKHORN_DEBUG"):
             raise
-        print(f"sparse-sinkhorn: error: {err}", file=sys.stderr)
+        print(f"sparse-sinkhorn: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

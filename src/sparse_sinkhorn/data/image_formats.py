@@ -132,29 +132,140 @@ def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
     return codecs.encode(obj, "latin1")
 
 
+# numpy kinds a data pickle may hold: bool, signed/unsigned int, float, complex. Object
+# arrays are refused: their raw bytes would be read as pointers (a forged file segfaults).
+_SAFE_KINDS = frozenset("biufc")
+_MAX_DIMS = 32
+
+
+def _text(value: Any, what: str) -> str:
+    if isinstance(value, bytes):  # Python 2 pickles read with encoding="bytes"
+        value = value.decode("latin1")
+    if not isinstance(value, str):
+        raise pickle.UnpicklingError(f"refusing {what} {value!r} in a data pickle")
+    return value
+
+
+def _safe_dtype(spec: Any) -> np.dtype:
+    """A plain numeric numpy dtype from its pickled name, or UnpicklingError."""
+    if isinstance(spec, _DtypeStub):
+        return spec.get()
+    if isinstance(spec, np.dtype):
+        dtype = spec
+    else:
+        try:
+            dtype = np.dtype(_text(spec, "dtype"))
+        except TypeError as err:
+            raise pickle.UnpicklingError(f"refusing dtype {spec!r} ({err})") from None
+    if dtype.kind not in _SAFE_KINDS or dtype.hasobject or dtype.fields or dtype.subdtype:
+        raise pickle.UnpicklingError(
+            f"refusing dtype {dtype} in a data pickle (only plain numeric arrays are allowed)"
+        )
+    return dtype
+
+
+class _DtypeStub:
+    """``numpy.dtype(name, align, copy)`` + its ``__setstate__``, checked before numpy sees it."""
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = False) -> None:
+        self.dtype = _safe_dtype(name)
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 5 or state[0] not in (3, 4):
+            raise pickle.UnpicklingError(f"refusing dtype state {state!r}")
+        if any(part is not None for part in state[2:5]):  # subarray, names, fields
+            raise pickle.UnpicklingError("refusing a structured/sub-array dtype in a data pickle")
+        order = _text(state[1], "byte order")
+        if order not in ("<", ">", "|", "="):
+            raise pickle.UnpicklingError(f"refusing byte order {order!r}")
+        if order in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(order)
+
+    def get(self) -> np.dtype:
+        return self.dtype
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or len(value) > _MAX_DIMS:
+        raise pickle.UnpicklingError(f"refusing array shape {value!r}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise pickle.UnpicklingError(f"refusing array shape {value!r}")
+    return value
+
+
+def _from_bytes(raw: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    """A fresh array from raw bytes whose length must match shape x itemsize exactly."""
+    if not isinstance(raw, (bytes, bytearray)):
+        raise pickle.UnpicklingError(
+            f"refusing array data of type {type(raw).__name__} (only raw numeric bytes)"
+        )
+    count = 1
+    for n in shape:
+        count *= n
+    if len(raw) != count * dtype.itemsize:
+        raise pickle.UnpicklingError(
+            f"array data is {len(raw)} bytes but shape {shape} of {dtype} needs "
+            f"{count * dtype.itemsize}: the file is damaged"
+        )
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape, order=order).copy()
+
+
+class _ArrayStub:
+    """``_reconstruct(ndarray, ...)`` + ``__setstate__``: rebuilt with ``np.frombuffer``."""
+
+    def __init__(self, cls: Any, shape: Any = (0,), tag: Any = b"b") -> None:
+        if cls is not np.ndarray:
+            raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r} (only numpy.ndarray)")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+            raise pickle.UnpicklingError("refusing an ndarray state that is not numpy's format 1")
+        _, shape, dtype, fortran, raw = state
+        order = "F" if fortran is True else "C"
+        self.array = _from_bytes(raw, _safe_dtype(dtype), _shape(shape), order)
+
+    def get(self) -> np.ndarray:
+        if self.array is None:
+            raise pickle.UnpicklingError("an ndarray in the pickle was never given its data")
+        return self.array
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """``numpy._core.numeric._frombuffer`` (protocol-5 pickles), checked."""
+    return _from_bytes(buf, _safe_dtype(dtype), _shape(shape), "F" if order == "F" else "C")
+
+
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    """``multiarray.scalar(dtype, bytes)`` (numpy scalars), numeric only."""
+    return _from_bytes(data, _safe_dtype(dtype), (), "C")[()]
+
+
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a CIFAR pickle needs: ndarray/dtype and the reconstruct helpers."""
+    """The only globals a CIFAR pickle needs: ndarray/dtype and the reconstruct helpers.
+
+    None of them is numpy's own: each is a checked stand-in that admits plain numeric arrays
+    only and builds them with ``np.frombuffer`` from exactly sized raw bytes.
+    """
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): np.ndarray,  # only as the class argument of _reconstruct
+        ("numpy", "dtype"): _DtypeStub,
         ("_codecs", "encode"): _latin1_encode,  # bytes in protocol-2 pickles made by Python 3
     }
-    try:  # numpy >= 2 keeps these under numpy._core; old pickles name numpy.core
-        from numpy._core import multiarray, numeric
-    except ImportError:  # pragma: no cover - numpy < 2
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
     for mod in ("numpy.core", "numpy._core"):
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]
+        allowed[(f"{mod}.multiarray", "_reconstruct")] = _ArrayStub
+        allowed[(f"{mod}.multiarray", "scalar")] = _scalar
+        allowed[(f"{mod}.numeric", "_frombuffer")] = _frombuffer
     return allowed
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only numpy array-reconstruction globals.
+    """An unpickler that admits plain numeric numpy arrays, lists, dicts, strings and numbers.
 
-    Plain containers (dict, list, bytes, str, int) need no globals; anything else (``os.system``,
-    ``builtins.eval``, arbitrary classes) raises ``pickle.UnpicklingError``.
+    Plain containers (dict, list, tuple, bytes, str, int, float) need no globals; numpy arrays
+    go through checked stand-ins (no object, structured or sub-array dtypes; raw data of the
+    exact size). Anything else (``os.system``, ``builtins.eval``, arbitrary classes) raises
+    ``pickle.UnpicklingError``.
     """
 
     _ALLOWED = _numpy_globals()
@@ -167,6 +278,30 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"refusing to load global {module}.{name} from a data pickle "
                 "(only numpy arrays are allowed)"
             ) from None
+
+    def load(self) -> Any:
+        return _finish(super().load(), depth=0)
+
+
+_PLAIN = (str, bytes, bytearray, int, float, bool, type(None))
+
+
+def _finish(obj: Any, depth: int) -> Any:
+    """Replace the stand-ins by their arrays/dtypes; refuse anything not plain data."""
+    if depth > 100:
+        raise pickle.UnpicklingError("refusing a data pickle nested more than 100 levels deep")
+    if isinstance(obj, (_ArrayStub, _DtypeStub)):
+        return obj.get()
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj
+    if isinstance(obj, _PLAIN):
+        return obj
+    if isinstance(obj, dict):
+        return {_finish(k, depth + 1): _finish(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_finish(v, depth + 1) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    raise pickle.UnpicklingError(f"refusing a {type(obj).__name__} in a data pickle")
 
 
 def safe_pickle_load(path: str | os.PathLike[str]) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from ..data import Tokenizer
 from ..models import LanguageModel, LanguageModelConfig, config_from_dict
-from ..train import CheckpointError, load_model_weights, read_config
+from ..train import CheckpointError, load_model_weights, read_config, resolve_checkpoint
+from ..train.loading import check_shapes_match
 from .common import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -36,24 +38,70 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def load_run(run_dir: str | Path) -> tuple[LanguageModel, dict[str, Any]]:
-    """The trained model (eval mode) and the task description of a run directory."""
+    """The trained model (eval mode) and the task description of a run directory.
+
+    Every file of the run directory is checked before it is used: ``run.json`` must describe
+    an lm or image run, ``config.json`` must be a valid language-model config whose sizes
+    match the weights actually stored (so a tampered config cannot allocate terabytes), and
+    the checkpoint must pass its manifest. Any problem is a one-line error.
+    """
     root = Path(run_dir)
+    if not root.is_dir():
+        raise SystemExit(f"error: --run {root} is not a directory; pass --run <out>/<kind>")
     task_path = root / TASK_FILE
     if not task_path.is_file():
         raise SystemExit(
             f"error: {root} is not a run directory of `sparse-sinkhorn lm` or `image` (no "
             f"{TASK_FILE}); pass --run <out>/<kind>, e.g. runs/lm-char/sinkhorn"
         )
-    task = json.loads(task_path.read_text())
+    task = _read_task(task_path)
     try:
-        config = config_from_dict(read_config(root)["model_config"])
-    except (CheckpointError, KeyError) as err:
+        ckpt = resolve_checkpoint(root)
+        config = config_from_dict(read_config(ckpt / "config.json")["model_config"])
+    except (CheckpointError, FileNotFoundError) as err:
         raise SystemExit(f"error: {root}: no usable checkpoint ({err}); train it first") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise SystemExit(f"error: {ckpt / 'config.json'}: invalid model config ({err})") from None
     if not isinstance(config, LanguageModelConfig):
         raise SystemExit(f"error: {root} holds a {type(config).__name__}, not a language model")
+    check_shapes_match(ckpt, lambda: LanguageModel(config))
     model = LanguageModel(config)
-    load_model_weights(root, model)
+    load_model_weights(ckpt, model)
+    if task["task"] == "image":
+        _check_image_task(task, config, task_path)
     return model.eval(), task
+
+
+def _read_task(path: Path) -> dict[str, Any]:
+    try:
+        task = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SystemExit(f"error: {path}: unreadable ({err})") from None
+    if not isinstance(task, dict) or task.get("task") not in ("lm", "image"):
+        raise SystemExit(f'error: {path}: not a run description (need "task": lm or image)')
+    if task["task"] == "lm" and task.get("level", "char") not in ("char", "subword"):
+        raise SystemExit(f"error: {path}: level must be 'char' or 'subword'")
+    return task
+
+
+def _check_image_task(task: dict[str, Any], config: LanguageModelConfig, path: Path) -> None:
+    shape, start = task.get("image_shape"), task.get("start_id")
+    ints = isinstance(shape, list) and all(type(n) is int and n > 0 for n in shape)
+    if not ints or not 2 <= len(shape) <= 3:
+        raise SystemExit(f"error: {path}: image_shape must be 2 or 3 positive ints, got {shape}")
+    pixels = 1
+    for n in shape:
+        pixels *= n
+    att = config.attention
+    if att.uses_sorting and att.sort_net != "bilinear" and pixels > att.max_len:
+        raise SystemExit(
+            f"error: {path}: image_shape {shape} needs {pixels} positions but the model "
+            f"takes at most {att.max_len}"
+        )
+    if type(start) is not int or not 0 <= start < config.vocab_size:
+        raise SystemExit(
+            f"error: {path}: start_id must be a token id in [0, {config.vocab_size}), got {start}"
+        )
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, level: str) -> list[int]:
@@ -97,8 +145,11 @@ def timed_generate(
 def _check_args(args: argparse.Namespace) -> None:
     if args.tokens is not None and args.tokens <= 0:
         raise SystemExit(f"error: --tokens must be > 0, got {args.tokens}")
-    if args.temperature < 0:
-        raise SystemExit(f"error: --temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise SystemExit(
+            f"error: --temperature must be a finite number >= 0 (0 = greedy), "
+            f"got {args.temperature}"
+        )
     if args.top_k is not None and args.top_k <= 0:
         raise SystemExit(f"error: --top-k must be > 0, got {args.top_k}")
     if args.samples <= 0:
@@ -118,7 +169,15 @@ def generate_text(model: LanguageModel, task: dict[str, Any], args: argparse.Nam
     path = Path(args.run) / TOKENIZER_FILE
     if not path.is_file():
         raise SystemExit(f"error: {path} is missing; the run's tokenizer is needed to decode")
-    tokenizer = Tokenizer.load(path)
+    try:
+        tokenizer = Tokenizer.load(path)
+    except Exception as err:  # the tokenizers library raises its own exception types
+        raise SystemExit(f"error: {path}: unreadable tokenizer ({err})") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(
+            f"error: {path} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}; the run directory was altered"
+        )
     ids = encode_prompt(tokenizer, args.prompt, task.get("level", "char"))
     tokens = args.tokens or 200
     _fits(model, len(ids) + tokens)

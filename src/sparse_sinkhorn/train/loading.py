@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,60 @@ def _candidates(root: Path) -> list[Path]:
     if latest_file.is_file():
         try:
             name = json.loads(latest_file.read_text(encoding="utf-8"))["checkpoint"]
-            latest = root / str(name)
+            # The pointer names a step_* directory of this run; never a path that leaves it.
+            if not isinstance(name, str) or not _STEP_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a step_* checkpoint name")
+            latest = root / name
             ordered = [latest] + [p for p in ordered if p != latest]
         except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("ignoring unreadable %s (%s); scanning step_* dirs", latest_file, err)
-    return ordered
+    return [p for p in ordered if _inside(p, root)]
+
+
+_STEP_NAME = re.compile(r"step_\d+")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """``path`` (after resolving links) lies in ``root``: a link cannot lead a run elsewhere."""
+    try:
+        return path.resolve().parent == root.resolve()
+    except OSError:
+        return False
+
+
+def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the weights in a checkpoint's safetensors file (header only)."""
+    from safetensors import safe_open
+
+    file = Path(path) / MODEL_FILE
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from err
+
+
+def check_shapes_match(ckpt: Path, factory: Callable[[], nn.Module]) -> None:
+    """Build ``factory()`` on the meta device (no memory) and compare its weight shapes with
+    the ones stored in ``ckpt``; a config whose sizes disagree is a :class:`CheckpointError`
+    before any real allocation (a tampered config cannot ask for terabytes)."""
+    try:
+        with torch.device("meta"):
+            meta = factory()
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: unusable model config ({err})") from err
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    stored = stored_shapes(ckpt)
+    bad = [
+        f"{k}: config gives {expected.get(k)}, stored {shape}"
+        for k, shape in stored.items()
+        if expected.get(k) != shape
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{ckpt}: config.json does not match the stored weights ({'; '.join(bad[:3])}"
+            f"{'; ...' if len(bad) > 3 else ''}); the run directory was altered"
+        )
 
 
 def is_checkpoint_dir(path: Path) -> bool:

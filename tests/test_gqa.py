@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_sinkhorn.ops import reference_sinkhorn_attention, sinkhorn_attention
+from sparse_sinkhorn.nn import AttentionConfig, SortNet
+from sparse_sinkhorn.nn.cache import AttentionCache
+from sparse_sinkhorn.ops import (
+    block_summaries,
+    causal_block_summaries,
+    reference_sinkhorn_attention,
+    sinkhorn_attention,
+)
 
 B, H, D = 2, 4, 4
 
@@ -116,3 +123,27 @@ def test_sort_logits_need_query_heads() -> None:
     q, k, v, _ = _inputs(2, 16, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="sort_logits must have shape"):
         sinkhorn_attention(q, k, v, torch.randn(B, 2, 4, 4), block_size=4)
+
+
+@pytest.mark.parametrize("kind", ["sinkhorn", "mixture"])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_gqa_decoding_cache_equals_full_forward(kind: str, hard: bool, kv_heads: int) -> None:
+    """The incremental cache keeps H_kv heads and steps to the full causal forward's outputs."""
+    block, length, d_x = 4, 22, 6
+    cfg = AttentionConfig(kind=kind, block_size=block, max_len=32, hard=hard)
+    sort_net = SortNet(d_x, H, cfg.max_blocks).double()
+    q, k, v, _ = _inputs(kv_heads, length, block)
+    x = torch.randn(B, length, d_x, dtype=torch.float64)
+    logits = sort_net(causal_block_summaries(x, block), block_summaries(x, block))
+    full = sinkhorn_attention(
+        q, k, v, logits, block_size=block, is_causal=True, mixture=kind == "mixture", hard=hard
+    )
+    assert isinstance(full, torch.Tensor)
+    for prompt in (1, 4, 6):
+        cache = AttentionCache()
+        cache.prefill(k[:, :, :prompt], v[:, :, :prompt], x[:, :prompt], cfg, sort_net)
+        rest = (t[:, :, prompt:] for t in (q, k, v))
+        got = cache.step(*rest, x[:, prompt:], cfg, sort_net)
+        assert cache.k is not None and cache.k.shape[1] == kv_heads
+        torch.testing.assert_close(got, full[:, :, prompt:], rtol=0, atol=1e-10)

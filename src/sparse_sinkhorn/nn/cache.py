@@ -42,7 +42,9 @@ class AttentionCache:
     """Decoding state of one causal self-attention layer (mutable; one per layer).
 
     Attributes:
-        k, v: ``(B, H, T, E)`` keys and values of every position seen so far.
+        k, v: ``(B, H_kv, T, E)`` keys and values of every position seen so far; ``H_kv``
+            may divide the query heads ``H`` (grouped-query attention: the cache keeps the
+            ``H_kv`` heads, each serving ``H / H_kv`` query heads).
         x_sum: ``(B, D)`` sum of the layer inputs seen so far (causal row summaries).
         block_sum: ``(B, D)`` sum of the layer inputs of the current, incomplete block.
         row_summaries: ``(B, n, D)`` routing-row summary of each block started so far.
@@ -162,7 +164,9 @@ class AttentionCache:
             key = self.block_sum if config.pooling == "sum" else self.block_sum / w
             self.key_summaries = _append_row(self.key_summaries, key)
         assert self.k is not None and self.v is not None
-        keys, values = self.k[:, :, block * w :], self.v[:, :, block * w :]  # local triangle
+        heads = q.shape[1]
+        keys = _repeat_kv(self.k[:, :, block * w :], heads)  # local triangle, (B, H, ., E)
+        values = _repeat_kv(self.v[:, :, block * w :], heads)
         keep = torch.ones(*keys.shape[:2], 1, keys.shape[2], dtype=torch.bool, device=q.device)
         if self.sorted_k is not None:
             assert self.sorted_v is not None and self.sorted_ok is not None
@@ -195,8 +199,13 @@ class AttentionCache:
             temperature=config.temperature,
         )
         p_row = plan.P[:, :, block, :block].to(self.k.dtype)  # (B, H, i)
-        kb = rearrange(self.k[:, :, : block * w], "b h (n w) e -> b h n w e", w=w)
-        vb = rearrange(self.v[:, :, : block * w], "b h (n w) e -> b h n w e", w=w)
+        heads = p_row.shape[1]  # routing is per query head, also with grouped K/V heads
+        kb = rearrange(
+            _repeat_kv(self.k[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w
+        )
+        vb = rearrange(
+            _repeat_kv(self.v[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w
+        )
         self.sorted_k = torch.einsum("bhn,bhnwe->bhwe", p_row, kb)  # (B, H, W, E)
         self.sorted_v = torch.einsum("bhn,bhnwe->bhwe", p_row, vb)
         weight = plan.P[:, :, block, :block].detach().sum(-1)  # (B, H)
@@ -256,8 +265,14 @@ def _append_row(rows: Tensor | None, row: Tensor) -> Tensor:
     return row[:, None] if rows is None else torch.cat([rows, row[:, None]], dim=1)
 
 
+def _repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """``(B, H_kv, S, E)`` -> ``(B, H, S, E)``: each key/value head serves ``H / H_kv`` heads."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     """Softmax attention of ``(B, H, 1, E)`` queries; rows with no kept key give 0."""
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])  # grouped-query K/V
     scores = torch.einsum("bhqe,bhke->bhqk", q, k) * q.shape[-1] ** -0.5  # (B, H, 1, S)
     acc = torch.promote_types(scores.dtype, torch.float32)
     scores = scores.to(acc)

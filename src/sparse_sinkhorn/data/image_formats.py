@@ -320,8 +320,12 @@ def read_cifar_batch(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarr
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"{path}: not a CIFAR-10 batch (need b'data' and b'labels', got {keys})")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise ValueError(f"{path}: data must be a uint8 array, got {type(data).__name__}")
+    if not isinstance(labels, list) or not all(type(y) is int and 0 <= y < 10 for y in labels):
+        raise ValueError(f"{path}: labels must be a list of ints in [0, 10)")
+    labels = np.asarray(labels, dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
         raise ValueError(
             f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}"

@@ -16,6 +16,7 @@ from sparse_sinkhorn.experiments.classify_common import (
     VARIANTS,
     attention_memory,
     evaluate,
+    held_out,
     load_texts,
     text_dataset,
 )
@@ -239,6 +240,33 @@ def test_nli_end_to_end(tmp_path: Path, pair: str) -> None:
     assert res["paper"] == {"dense": 78.87, "sortcut-2x16": 80.30}
     if pair == "concat":  # [CLS] p [SEP] h: L = 2 * 16 + 2 = 34, N = 9 blocks of 4
         assert res["results"][0]["memory"] == 34 * 8 + 9**2
+
+
+def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) -> None:
+    """Without a dev file, a fixed tenth of the training pairs is held out as dev (and not
+    trained on); with one, that file is the dev split."""
+    _snli(tmp_path / "data")
+    res = _run(
+        "nli", tmp_path / "data", tmp_path / "run", "--dataset", "snli", "--attention", "dense",
+        "--max-len", "16",
+    )  # fmt: skip
+    assert res["pair_encoding"] == "concat"
+    r = res["results"][0]
+    n_train = 36  # 48 rows, "-" rows dropped
+    assert list(r["examples_by_split"]) == ["test", "dev (held out from train)"]
+    assert r["examples_by_split"]["dev (held out from train)"] == n_train // 10
+    assert "dev (held out from train) accuracy %" in (tmp_path / "run" / "results.md").read_text()
+    dev, train = held_out(n_train)
+    assert len(dev) == n_train // 10 and not set(dev) & set(train)
+    assert sorted(dev + train) == list(range(n_train)) and held_out(n_train) == (dev, train)
+    # An SNLI dev file is used as it is.
+    root = tmp_path / "data" / "snli"
+    (root / "snli_1.0_dev.jsonl").write_bytes((root / "snli_1.0_test.jsonl").read_bytes())
+    res = _run(
+        "nli", tmp_path / "data", tmp_path / "run2", "--dataset", "snli", "--attention", "dense",
+        "--max-len", "16",
+    )  # fmt: skip
+    assert res["results"][0]["examples_by_split"] == {"test": 12, "dev": 12}
 
 
 def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ Every function raises :class:`~sparse_sinkhorn.data.registry.DatasetNotFoundErro
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -79,14 +80,19 @@ def load_text_classification(
     return LabeledTexts(texts, data.labels)
 
 
-def load_nli(name: str, split: str = "train", data_dir: PathLike | None = None) -> LabeledPairs:
-    """SNLI (``train``/``dev``/``test``) or MNLI (``train``/``dev_matched``/``dev_mismatched``)
-    pairs, labels entailment/neutral/contradiction = 0/1/2, ``"-"`` rows dropped."""
+def nli_path(name: str, split: str, data_dir: PathLike | None = None) -> Path:
+    """Where the jsonl file of an SNLI/MNLI split lives (it may be missing)."""
     if name not in NLI_SPLITS:
         raise ValueError(f"not an NLI dataset: {name!r}; choose from {tuple(NLI_SPLITS)}")
     _check_split(name, split, NLI_SPLITS[name])
     prefix = "snli_1.0" if name == "snli" else "multinli_1.0"
-    path = dataset_dir(name, data_dir) / f"{prefix}_{split}.jsonl"
+    return dataset_dir(name, data_dir) / f"{prefix}_{split}.jsonl"
+
+
+def load_nli(name: str, split: str = "train", data_dir: PathLike | None = None) -> LabeledPairs:
+    """SNLI (``train``/``dev``/``test``) or MNLI (``train``/``dev_matched``/``dev_mismatched``)
+    pairs, labels entailment/neutral/contradiction = 0/1/2, ``"-"`` rows dropped."""
+    path = nli_path(name, split, data_dir)
     if not path.is_file():
         raise FileNotFoundError(
             f"{name} split {split!r} is not in {path.parent} (the registry copy of SNLI has only "

@@ -41,6 +41,7 @@ from ..train.distributed import barrier
 from ..train.helpers import rank0_call
 from .classify_common import (
     CLASSIFY_DATASETS,
+    DEV_SPLIT,
     EVAL_SPLIT,
     LEVELS,
     NLI_DATASETS,
@@ -53,6 +54,8 @@ from .classify_common import (
     collate_fn,
     evaluate,
     get_preset,
+    has_split,
+    held_out,
     load_pairs,
     load_texts,
     make_loss_fn,
@@ -74,6 +77,8 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+# Tokenizer, training data, held-out datasets by split name (the main one first), classes, pair.
+Data = tuple[Tokenizer, Dataset[Any], dict[str, Dataset[Any]], int, str]
 
 
 def sequence_length(preset: TaskPreset, pair: str) -> int:
@@ -136,21 +141,37 @@ def _tokenizer(
     return tok
 
 
-def _datasets(
-    args: argparse.Namespace, preset: TaskPreset, out: Path
-) -> tuple[Tokenizer, Dataset[Any], Dataset[Any], int, str]:
-    """Tokenizer, training and held-out datasets, classes, and the pair encoding."""
+def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
+    """Tokenizer, training data, held-out datasets by split (the main held-out split first),
+    classes, and the pair encoding."""
     split = EVAL_SPLIT[args.dataset]
     if args.task == "nli":
         train_pairs = load_pairs(args.dataset, "train", args.data_dir)
         eval_pairs = load_pairs(args.dataset, split, args.data_dir)
-        texts = train_pairs.premises + train_pairs.hypotheses
+        dev_split = DEV_SPLIT[args.dataset]
+        train_ids = list(range(len(train_pairs)))
+        if has_split(args.dataset, dev_split, args.data_dir):
+            dev_pairs = load_pairs(args.dataset, dev_split, args.data_dir)
+            dev_ids = list(range(len(dev_pairs)))
+        else:  # no dev file (the registry copy of SNLI): hold out training pairs instead
+            dev_pairs, (dev_ids, train_ids) = train_pairs, held_out(len(train_pairs))
+            dev_split = f"{dev_split} (held out from train)"
+        texts = [train_pairs.premises[i] for i in train_ids]
+        texts += [train_pairs.hypotheses[i] for i in train_ids]
         tok = _tokenizer(out, texts, args.level, preset, args)
-        keep_tr = subsample(len(train_pairs), preset.train_examples, args.seed)
+        keep_tr = [
+            train_ids[i] for i in subsample(len(train_ids), preset.train_examples, args.seed)
+        ]
         keep_ev = subsample(len(eval_pairs), preset.eval_examples, args.seed + 1)
+        keep_dev = [
+            dev_ids[i] for i in subsample(len(dev_ids), preset.eval_examples, args.seed + 2)
+        ]
         train_p = pair_dataset(tok, train_pairs, preset.max_len, keep_tr, args.pair)
-        eval_p = pair_dataset(tok, eval_pairs, preset.max_len, keep_ev, args.pair)
-        return tok, train_p, eval_p, 3, args.pair
+        evals = {
+            split: pair_dataset(tok, eval_pairs, preset.max_len, keep_ev, args.pair),
+            dev_split: pair_dataset(tok, dev_pairs, preset.max_len, keep_dev, args.pair),
+        }
+        return tok, train_p, evals, 3, args.pair
     train_texts = load_texts(args.dataset, "train", args.data_dir)
     eval_texts = load_texts(args.dataset, split, args.data_dir)
     if not len(train_texts) or not len(eval_texts):
@@ -164,18 +185,18 @@ def _datasets(
     n_classes = max(max(train_texts.labels), max(eval_texts.labels)) + 1
     train_ds = text_dataset(tok, train_texts, preset.max_len, keep_tr)
     eval_ds = text_dataset(tok, eval_texts, preset.max_len, keep_ev)
-    return tok, train_ds, eval_ds, max(n_classes, 2), "none"
+    return tok, train_ds, {split: eval_ds}, max(n_classes, 2), "none"
 
 
 def run_variant(
     variant: Variant,
     preset: TaskPreset,
     args: argparse.Namespace,
-    data: tuple[Tokenizer, Dataset[Any], Dataset[Any], int, str],
+    data: Data,
     out: Path,
 ) -> dict[str, Any]:
     """Train one attention variant and score it on the held-out split."""
-    tok, train_ds, eval_ds, n_classes, pair = data
+    tok, train_ds, evals, n_classes, pair = data
     seed_everything(args.seed)
     config = model_config(preset, variant, tok.vocab_size, n_classes, pair, tok.pad_id)
     model = Classifier(config)
@@ -206,15 +227,21 @@ def run_variant(
         model_config=config.to_dict(),
     )
     seconds = time.perf_counter() - t0
-    scores = {"accuracy": float("nan"), "examples": 0.0}
+    by_split = {name: {"accuracy": float("nan"), "examples": 0.0} for name in evals}
     if info.is_main:  # the other ranks' results are not reported
-        scores = evaluate(model, eval_ds, pair, tok.pad_id, preset.eval_batch)
+        by_split = {
+            name: evaluate(model, ds, pair, tok.pad_id, preset.eval_batch)
+            for name, ds in evals.items()
+        }
+    scores = next(iter(by_split.values()))  # the main held-out split
     block = variant.block(preset.block_size)
     return {
         "attention": variant.name,
         "label": variant.label,
         "accuracy": scores["accuracy"],
         "eval_examples": int(scores["examples"]),
+        "accuracy_by_split": {name: sc["accuracy"] for name, sc in by_split.items()},
+        "examples_by_split": {name: int(sc["examples"]) for name, sc in by_split.items()},
         "train_loss": result.metrics.get("loss"),
         "train_acc": result.metrics.get("acc"),
         "train_seconds": round(seconds, 1),
@@ -230,11 +257,13 @@ def results_table(
     results: list[dict[str, Any]], paper: dict[str, float], preset: TaskPreset, pair: str
 ) -> str:
     length = sequence_length(preset, pair)
+    extra = [k for k in results[0].get("accuracy_by_split", {})][1:]  # beyond the main split
     rows = [
         [
             r["label"],
             r["block_size"] if r["attention"] not in ("dense",) else None,
             r["accuracy"],
+            *(r.get("accuracy_by_split", {}).get(k) for k in extra),
             r["memory"],
             r["train_seconds"],
             paper.get(r["attention"]),
@@ -245,6 +274,7 @@ def results_table(
         "attention",
         "block b",
         "accuracy %",
+        *(f"{k} accuracy %" for k in extra),
         f"score entries/head @L={length}",
         "train s",
         "paper accuracy %",
@@ -309,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         args.level,
         EVAL_SPLIT[args.dataset],
         len(data[1]),  # type: ignore[arg-type]
-        len(data[2]),  # type: ignore[arg-type]
+        len(next(iter(data[2].values()))),  # type: ignore[arg-type]
         data[0].vocab_size,
     )
     results = [run_variant(v, preset, args, data, out) for v in variants]
@@ -373,10 +403,11 @@ def _add_parser(
     if task == "nli":
         parser.add_argument(
             "--pair",
-            default="separate",
-            choices=("separate", "concat"),
-            help="separate: siamese encoder, features [u, v, |u-v|, u*v] (default); "
-            "concat: one sequence [CLS] premise [SEP] hypothesis with segment ids",
+            default="concat",
+            choices=("concat", "separate"),
+            help="concat: one sequence [CLS] premise [SEP] hypothesis with segment ids, as "
+            "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
+            "features [u, v, |u-v|, u*v]",
         )
     for flag, what in (
         ("--max-len", "tokens kept per text (per sentence for NLI)"),

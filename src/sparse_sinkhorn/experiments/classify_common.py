@@ -39,6 +39,7 @@ from ..data import (
     train_word_level,
 )
 from ..data.datasets import PairEncoding
+from ..data.load import nli_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ NLI_DATASETS = ("snli", "mnli")
 LEVELS = ("word", "char")
 # Held-out split each dataset is scored on.
 EVAL_SPLIT = {"imdb": "test", "mr": "test", "sst": "test", "snli": "test", "mnli": "dev_matched"}
+# NLI's second held-out split. Where SNLI's dev file is missing (the registry copy has train and
+# test only), DEV_HOLDOUT training pairs (a tenth of them where fewer), the same for every seed
+# and variant, are held out of training to stand in for it.
+DEV_SPLIT = {"snli": "dev", "mnli": "dev_mismatched"}
+DEV_HOLDOUT = 5_000
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,22 @@ def load_pairs(dataset: str, split: str, data_dir: str | None) -> LabeledPairs:
         return load_nli(dataset, split, data_dir)
     except FileNotFoundError as err:
         raise _missing(err) from None
+
+
+def has_split(dataset: str, split: str, data_dir: str | None) -> bool:
+    """Whether the NLI dataset's ``split`` file is in the data directory."""
+    return nli_path(dataset, split, data_dir).is_file()
+
+
+def held_out(n: int) -> tuple[list[int], list[int]]:
+    """``(dev, train)`` sorted indices of ``n`` training items: a fixed seeded set of
+    ``DEV_HOLDOUT`` of them (a tenth where that is less) and the rest."""
+    size = min(DEV_HOLDOUT, n // 10)
+    if size < 1:
+        raise ValueError(f"cannot hold out a dev set from {n} training examples (need >= 10)")
+    dev = subsample(n, size, seed=20_200_713)
+    taken = set(dev)
+    return dev, [i for i in range(n) if i not in taken]
 
 
 def subsample(n: int, keep: int | None, seed: int) -> list[int]:

@@ -366,9 +366,12 @@ def encode(tokenizer: Tokenizer, text: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- runs
-def model_config(preset: LMPreset, kind: str, vocab_size: int) -> LanguageModelConfig:
+def model_config(
+    preset: LMPreset, kind: str, vocab_size: int, **attention_options: Any
+) -> LanguageModelConfig:
+    """The LM for one attention kind; ``attention_options`` override AttentionConfig fields."""
     attention = AttentionConfig(
-        kind=kind, block_size=preset.block_size, max_len=4 * preset.seq_len
+        kind=kind, block_size=preset.block_size, max_len=4 * preset.seq_len, **attention_options
     )  # max_len > seq_len lets `generate` continue past the training length
     return LanguageModelConfig(
         vocab_size=vocab_size,
@@ -406,9 +409,19 @@ def run_kind(
     corpus: Corpus,
     streams: dict[str, tuple[Tensor, ...]],
     args: argparse.Namespace,
+    *,
+    name: str | None = None,
+    seed: int | None = None,
+    attention_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one attention kind; valid/test metrics on held-out windows."""
-    run_dir = Path(args.out) / kind
+    """Train one attention kind; valid/test metrics on held-out windows.
+
+    ``name`` (default: the kind) names the run directory ``<out>/<name>``; ``seed`` (default:
+    ``--seed``) seeds the model and the data order; ``attention_options`` override
+    :class:`AttentionConfig` fields (the SortNet ablation's variants).
+    """
+    seed = args.seed if seed is None else seed
+    run_dir = Path(args.out) / (name or kind)
     resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
     if args.resume and not resume:
         logger.info("%s: no checkpoint in %s, starting it fresh", kind, run_dir)
@@ -424,8 +437,8 @@ def run_kind(
     (run_dir / TASK_FILE).write_text(
         json.dumps({"task": "lm", "level": args.level, "corpus": corpus.name}, indent=2) + "\n"
     )
-    torch.manual_seed(args.seed)
-    config = model_config(preset, kind, tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    config = model_config(preset, kind, tokenizer.vocab_size, **(attention_options or {}))
     model = LanguageModel(config)
     train_data = TokenWindows(train_ids, preset.seq_len)
     evals = {
@@ -449,7 +462,7 @@ def run_kind(
         batch_size=preset.batch_size,
         lr=preset.lr,
         warmup_steps=min(preset.warmup_steps, max(1, preset.steps // 10)),
-        seed=args.seed,
+        seed=seed,
         log_every=max(1, min(25, preset.steps // 10)),
         eval_every=max(1, preset.steps // 4),
         ckpt_every=max(1, preset.steps // 4),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +52,8 @@ from ..train.seq_metrics import sequence_metrics
 from .common import (
     add_common_args,
     format_table,
+    mean_and_std,
+    mean_std_cell,
     parse_kinds,
     plot_sort_matrices,
     positive_overrides,
@@ -152,13 +153,11 @@ def max_input_length(preset: SortPreset) -> int:
     return 2 * preset.length + 1
 
 
-def model_config(preset: SortPreset, kind: str) -> Seq2SeqConfig:
+def model_config(preset: SortPreset, kind: str, **attention_options: Any) -> Seq2SeqConfig:
+    """The model for one attention kind; ``attention_options`` override AttentionConfig fields."""
+    options = {"temperature": preset.temperature, "n_iters": preset.n_iters, **attention_options}
     attention = AttentionConfig(
-        kind=kind,
-        block_size=preset.block_size,
-        max_len=max_input_length(preset),
-        temperature=preset.temperature,
-        n_iters=preset.n_iters,
+        kind=kind, block_size=preset.block_size, max_len=max_input_length(preset), **options
     )
     return Seq2SeqConfig(
         vocab_size=vocab_size(preset.n_symbols),
@@ -264,18 +263,11 @@ def dev_set(preset: SortPreset) -> SortingDataset:
 def run_kind(kind: str, preset: SortPreset, args: argparse.Namespace) -> dict[str, Any]:
     """Train one attention kind once per seed; mean and standard deviation of each metric."""
     runs = [run_seed(kind, preset, args, seed) for seed in seeds_of(preset, args)]
-    metrics = runs[0]["eval"].keys()
-    stats = {
-        k: (
-            statistics.fmean(r["eval"][k] for r in runs),
-            statistics.stdev(r["eval"][k] for r in runs) if len(runs) > 1 else 0.0,
-        )
-        for k in metrics
-    }
+    mean, std = mean_and_std([r["eval"] for r in runs])
     return {
         "kind": kind,
-        "eval": {k: mean for k, (mean, _) in stats.items()},
-        "eval_std": {k: std for k, (_, std) in stats.items()},
+        "eval": mean,
+        "eval_std": std,
         "runs": runs,
         "sort_matrix_png": runs[0]["sort_matrix_png"],
         "config": model_config(preset, kind).to_dict(),
@@ -290,10 +282,22 @@ def run_dir(out: str, kind: str, seed: int) -> Path:
     return Path(out) / kind / f"seed{seed}"
 
 
-def run_seed(kind: str, preset: SortPreset, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """Train one attention kind with one seed and evaluate it on the dev set."""
+def run_seed(
+    kind: str,
+    preset: SortPreset,
+    args: argparse.Namespace,
+    seed: int,
+    *,
+    name: str | None = None,
+    attention_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one attention kind with one seed and evaluate it on the dev set.
+
+    ``name`` (default: the kind) names the run directory ``<out>/<name>/seed<seed>``;
+    ``attention_options`` override :class:`AttentionConfig` fields (the ablation's variants).
+    """
     torch.manual_seed(seed)
-    config = model_config(preset, kind)
+    config = model_config(preset, kind, **(attention_options or {}))
     model = Seq2Seq(config)
     train_data = SortingDataset(
         preset.steps * preset.batch_size, preset.length, preset.n_symbols, seed=seed * 10 + 1
@@ -319,7 +323,7 @@ def run_seed(kind: str, preset: SortPreset, args: argparse.Namespace, seed: int)
         train_data,
         make_loss_fn(preset.length),
         train_cfg,
-        out_dir=run_dir(args.out, kind, seed),
+        out_dir=run_dir(args.out, name or kind, seed),
         collate_fn=collate_sorting,
         eval_fn=eval_fn,
         resume=args.resume,
@@ -327,7 +331,7 @@ def run_seed(kind: str, preset: SortPreset, args: argparse.Namespace, seed: int)
     )
     plan_png = None
     if kind in ("sinkhorn", "mixture") and seed == args.seed:
-        plan_png = save_sort_matrix(model, dev, Path(args.out), kind)
+        plan_png = save_sort_matrix(model, dev, Path(args.out), name or kind)
     return {
         "seed": seed,
         "train_loss": result.metrics.get("loss"),
@@ -359,10 +363,7 @@ def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
     n = preset.length
 
     def cell(r: dict[str, Any], key: str, digits: int) -> str:
-        if key not in r["eval"]:
-            return "–"
-        mean, std = r["eval"][key], r["eval_std"][key]
-        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if preset.n_seeds > 1 else "")
+        return mean_std_cell(r["eval"].get(key), r["eval_std"].get(key), digits, preset.n_seeds)
 
     rows: list[list[Any]] = []
     for r in results:

@@ -75,7 +75,8 @@ class SinkhornSelfAttention(nn.Module):
         if causal and self.config.n_sortcut is not None:
             raise ValueError("SortCut (n_sortcut) is for encoders only; it cannot be causal")
         self.d_model, self.n_heads, self.causal, self.dropout = d_model, n_heads, causal, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        # Queries, keys and values; with ``share_kv`` the keys double as values.
+        self.qkv = nn.Linear(d_model, (2 if self.config.share_kv else 3) * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
         self.sort_net: SortNet | None = None
         if self.config.uses_sorting:
@@ -122,9 +123,11 @@ class SinkhornSelfAttention(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected x of shape (B, L, {self.d_model}), got {tuple(x.shape)}")
-        q, k, v = rearrange(
-            self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.n_heads
-        )  # each (B, H, L, E)
+        n_proj = self.qkv.out_features // self.d_model  # 3, or 2 with share_kv
+        parts = rearrange(
+            self.qkv(x), "b l (n h e) -> n b h l e", n=n_proj, h=self.n_heads
+        )  # (n_proj, B, H, L, E)
+        q, k, v = parts if len(parts) == 3 else (parts[0], parts[1], parts[1])
         if cache is None:
             out, plan = self._attend(q, k, v, x, key_padding_mask, generator)
         else:

@@ -56,6 +56,7 @@ class AttentionConfig:
     temperature: float = 0.75  # Gumbel-Sinkhorn temperature tau
     gumbel_noise: bool = True  # add Gumbel noise in training mode (never in eval)
     sparse_mode: str = "fixed"  # Sparse Transformer pattern: "fixed" | "strided"
+    share_kv: bool = False  # keys double as values (one projection fewer; an ablation)
 
     def __post_init__(self) -> None:
         check_field_types(self)

@@ -1,0 +1,51 @@
+"""The SortNet ablation command and the K = V option it needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_sinkhorn.cli import main
+from sparse_sinkhorn.experiments.ablate import VARIANTS
+from sparse_sinkhorn.nn import SinkhornSelfAttention
+from sparse_sinkhorn.ops import sinkhorn_attention
+from sparse_sinkhorn.train import read_config
+
+
+def test_tiny_ablation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ab"
+    flags = ["ablate", "--out", str(out), "--steps", "3", "--seeds", "2", "--no-progress"]
+    flags += ["--length", "8", "--block-size", "4", "--n-eval", "12"]
+    assert main([*flags, "--variants", "linear,0-iters,kv-tied"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 0-iters |" in printed and "52.4" in printed and " ± " in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "sort" and res["settings"]["n_seeds"] == 2
+    assert [r["variant"] for r in res["results"]] == ["linear", "0-iters", "kv-tied"]
+    for r in res["results"]:
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
+        values = [run["eval"]["dev/exact_match"] for run in r["runs"]]
+        assert r["eval"]["dev/exact_match"] == pytest.approx(sum(values) / 2)
+    for name, overrides in VARIANTS.items():
+        if name not in ("linear", "0-iters", "kv-tied"):
+            continue
+        saved = read_config(out / name / "seed0")["model_config"]
+        assert saved["attention"]["kind"] == "sinkhorn"
+        for field, value in overrides.items():
+            assert saved["attention"][field] == value
+    with pytest.raises(SystemExit, match="unknown variant 'bogus'"):
+        main([*flags, "--variants", "bogus"])
+
+
+def test_share_kv_uses_keys_as_values() -> None:
+    torch.manual_seed(0)
+    layer = SinkhornSelfAttention(32, 4, block_size=4, max_len=16, share_kv=True).eval()
+    assert layer.qkv.out_features == 2 * 32  # no value projection
+    x = torch.randn(2, 16, 32)
+    q, k = layer.qkv(x).view(2, 16, 2, 4, 8).permute(2, 0, 3, 1, 4)  # (B, H, L, E) each
+    expected = sinkhorn_attention(q, k, k, layer.sort_logits(x), block_size=4, gumbel_noise=False)
+    got = layer(x)
+    torch.testing.assert_close(got, layer.out(expected.transpose(1, 2).reshape(2, 16, 32)))

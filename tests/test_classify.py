@@ -259,6 +259,18 @@ def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) 
     dev, train = held_out(n_train)
     assert len(dev) == n_train // 10 and not set(dev) & set(train)
     assert sorted(dev + train) == list(range(n_train)) and held_out(n_train) == (dev, train)
+    # Several seeds: one run directory each, mean ± std over them in the table.
+    res = _run(
+        "nli", tmp_path / "data", tmp_path / "seeds", "--dataset", "snli", "--attention",
+        "dense", "--max-len", "16", "--seeds", "2", "--seed", "5",
+    )  # fmt: skip
+    r = res["results"][0]
+    assert [run["seed"] for run in r["runs"]] == [5, 6]
+    accs = [run["accuracy_by_split"]["test"] for run in r["runs"]]
+    assert r["accuracy"] == pytest.approx(sum(accs) / 2)
+    assert r["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    assert all((tmp_path / "seeds" / "dense" / f"seed{s}").is_dir() for s in (5, 6))
+    assert " ± " in (tmp_path / "seeds" / "results.md").read_text()
     # An SNLI dev file is used as it is.
     root = tmp_path / "data" / "snli"
     (root / "snli_1.0_dev.jsonl").write_bytes((root / "snli_1.0_test.jsonl").read_bytes())

@@ -23,6 +23,7 @@ directory (and in each attention kind's directory beside its checkpoints).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import shutil
@@ -67,6 +68,8 @@ from .classify_common import (
 from .common import (
     add_common_args,
     format_table,
+    mean_and_std,
+    mean_std_cell,
     parse_kinds,
     positive_overrides,
     prepare_run_dir,
@@ -194,13 +197,14 @@ def run_variant(
     args: argparse.Namespace,
     data: Data,
     out: Path,
+    seed: int,
 ) -> dict[str, Any]:
-    """Train one attention variant and score it on the held-out split."""
+    """Train one attention variant with one seed and score it on the held-out splits."""
     tok, train_ds, evals, n_classes, pair = data
-    seed_everything(args.seed)
+    seed_everything(seed)
     config = model_config(preset, variant, tok.vocab_size, n_classes, pair, tok.pad_id)
     model = Classifier(config)
-    run_dir = out / variant.name
+    run_dir = variant_dir(out, variant.name, seed, args)
     info = init_distributed()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +214,7 @@ def run_variant(
         batch_size=preset.batch_size,
         lr=preset.lr,
         warmup_steps=min(preset.warmup_steps, preset.steps // 2),
-        seed=args.seed,
+        seed=seed,
         log_every=max(1, min(50, preset.steps // 4)),
         ckpt_every=max(1, preset.steps // 2),
         progress=not args.no_progress,
@@ -238,6 +242,7 @@ def run_variant(
     return {
         "attention": variant.name,
         "label": variant.label,
+        "seed": seed,
         "accuracy": scores["accuracy"],
         "eval_examples": int(scores["examples"]),
         "accuracy_by_split": {name: sc["accuracy"] for name, sc in by_split.items()},
@@ -253,17 +258,54 @@ def run_variant(
     }
 
 
+def variant_dir(out: Path, name: str, seed: int, args: argparse.Namespace) -> Path:
+    """``<out>/<variant>`` for one seed; ``<out>/<variant>/seed<seed>`` for several."""
+    return out / name if args.seeds in (None, 1) else out / name / f"seed{seed}"
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    return [args.seed + i for i in range(args.seeds or 1)]
+
+
+def run_seeds(
+    variant: Variant, preset: TaskPreset, args: argparse.Namespace, data: Data, out: Path
+) -> dict[str, Any]:
+    """One variant over ``--seeds`` seeds: the first run's record, with accuracies replaced by
+    their mean over the seeds (standard deviations beside them) and every run under ``runs``."""
+    runs = [run_variant(variant, preset, args, data, out, seed) for seed in seeds_of(args)]
+    mean, std = mean_and_std([r["accuracy_by_split"] for r in runs])
+    main_split = next(iter(mean))
+    return {
+        **runs[0],
+        "seed": None if len(runs) > 1 else runs[0]["seed"],
+        "accuracy": mean[main_split],
+        "accuracy_std": std[main_split],
+        "accuracy_by_split": mean,
+        "accuracy_by_split_std": std,
+        "train_seconds": round(sum(r["train_seconds"] for r in runs), 1),
+        "runs": [
+            {k: r[k] for k in ("seed", "accuracy_by_split", "train_loss", "train_seconds")}
+            for r in runs
+        ],
+    }
+
+
 def results_table(
     results: list[dict[str, Any]], paper: dict[str, float], preset: TaskPreset, pair: str
 ) -> str:
     length = sequence_length(preset, pair)
-    extra = [k for k in results[0].get("accuracy_by_split", {})][1:]  # beyond the main split
+    splits = list(results[0].get("accuracy_by_split", {}))  # the main split first
+
+    def acc(r: dict[str, Any], split: str) -> str:
+        n = len(r.get("runs", [None]))
+        mean, std = r.get("accuracy_by_split", {}), r.get("accuracy_by_split_std", {})
+        return mean_std_cell(mean.get(split), std.get(split), 2, n)
+
     rows = [
         [
             r["label"],
             r["block_size"] if r["attention"] not in ("dense",) else None,
-            r["accuracy"],
-            *(r.get("accuracy_by_split", {}).get(k) for k in extra),
+            *(acc(r, k) for k in splits),
             r["memory"],
             r["train_seconds"],
             paper.get(r["attention"]),
@@ -273,8 +315,7 @@ def results_table(
     headers = [
         "attention",
         "block b",
-        "accuracy %",
-        *(f"{k} accuracy %" for k in extra),
+        *(f"{k} accuracy %" for k in splits),
         f"score entries/head @L={length}",
         "train s",
         "paper accuracy %",
@@ -326,9 +367,14 @@ def run(args: argparse.Namespace) -> int:
     names = parse_kinds(args.attention, tuple(VARIANTS))
     variants = [VARIANTS[n] for n in names]
     dist = init_distributed()
-    for v in variants:
+    if args.seeds is not None and args.seeds <= 0:
+        raise SystemExit(f"error: --seeds must be > 0, got {args.seeds}")
+    for v, seed in itertools.product(variants, seeds_of(args)):
         prepare_run_dir(
-            out / v.name, resume=args.resume, overwrite=args.overwrite, is_main=dist.rank == 0
+            variant_dir(out, v.name, seed, args),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            is_main=dist.rank == 0,
         )
     barrier()
     out.mkdir(parents=True, exist_ok=True)
@@ -342,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         len(next(iter(data[2].values()))),  # type: ignore[arg-type]
         data[0].vocab_size,
     )
-    results = [run_variant(v, preset, args, data, out) for v in variants]
+    results = [run_seeds(v, preset, args, data, out) for v in variants]
     cleanup_distributed()  # every rank, on success
     if dist.rank != 0:
         return 0
@@ -355,7 +401,8 @@ def run(args: argparse.Namespace) -> int:
     split = EVAL_SPLIT[args.dataset]
     title = (
         f"{args.dataset} ({args.level} level), accuracy on {split} "
-        f"({results[-1]['eval_examples']} examples), preset {args.preset}"
+        f"({results[-1]['eval_examples']} examples), preset {args.preset}, "
+        f"mean over {len(seeds_of(args))} seed(s)"
     )
     print(f"\n{title}\n")
     print(table)
@@ -409,6 +456,13 @@ def _add_parser(
             "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
             "features [u, v, |u-v|, u*v]",
         )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="train each variant with this many seeds (--seed, --seed+1, ...) and report "
+        "mean ± std (default: 1)",
+    )
     for flag, what in (
         ("--max-len", "tokens kept per text (per sentence for NLI)"),
         ("--block-size", "block size of sinkhorn/local"),

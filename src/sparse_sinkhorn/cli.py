@@ -22,6 +22,7 @@ from collections.abc import Sequence
 # Every module that adds subcommands; each defines ``add_subparser``.
 _COMMANDS: tuple[str, ...] = (
     "sparse_sinkhorn.experiments.sorting",
+    "sparse_sinkhorn.experiments.ablate",
     "sparse_sinkhorn.experiments.lm",
     "sparse_sinkhorn.experiments.image",
     "sparse_sinkhorn.experiments.classify",
@@ -54,8 +55,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.fetch import FetchError
     from .data.registry import DatasetNotFoundError
     from .train.checkpoint import CheckpointError, ConfigMismatchError
+    from .train.rundir import RunLockedError
 
     return (
+        RunLockedError,
         CheckpointError,
         ConfigMismatchError,
         DatasetNotFoundError,

@@ -178,8 +178,10 @@ class _DtypeStub:
         order = _text(state[1], "byte order")
         if order not in ("<", ">", "|", "="):
             raise pickle.UnpicklingError(f"refusing byte order {order!r}")
-        if order in ("<", ">"):
-            self.dtype = self.dtype.newbyteorder(order)
+        if order == "<":
+            self.dtype = self.dtype.newbyteorder("<")
+        elif order == ">":
+            self.dtype = self.dtype.newbyteorder(">")
 
     def get(self) -> np.dtype:
         return self.dtype
@@ -207,7 +209,8 @@ def _from_bytes(raw: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -
             f"array data is {len(raw)} bytes but shape {shape} of {dtype} needs "
             f"{count * dtype.itemsize}: the file is damaged"
         )
-    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape, order=order).copy()
+    flat = np.frombuffer(raw, dtype=dtype, count=count)
+    return flat.reshape(shape, order="F" if order == "F" else "C").copy()
 
 
 class _ArrayStub:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from ..nn import ATTENTION_KINDS
+from ..train.checkpoint import list_checkpoints
+from ..train.rundir import allow_overwrite, check_writable, hold_run_lock, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,17 @@ def parse_kinds(
     return kinds
 
 
+def seed_arg(text: str) -> int:
+    """An argparse ``type``: a seed in ``[0, 2**31)`` (derived seeds must fit every RNG)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**31), got {value}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> None:
     """Flags every experiment takes."""
     parser.add_argument(
@@ -50,7 +63,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> Non
         "--out", default=default_out, help="output directory (default: %(default)s)"
     )
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="random seed (default: 0)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "--resume",
@@ -82,24 +95,35 @@ def positive_overrides(args: argparse.Namespace, fields: Mapping[str, str]) -> d
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
-    """Check (or clear) one training run's directory before :func:`train` uses it.
+    """Check one training run's directory before :func:`train` uses it; touch nothing yet.
 
-    Every rank checks (so all raise the same error); only the main rank deletes.
+    * ``--out`` must be a directory this process can write (else a one-line error).
+    * The main rank takes the run dir's lock for the rest of the process: a second process
+      writing the same run gets a one-line error (a lock left by a dead process is free).
+    * ``--overwrite`` only *marks* an existing run for replacement: :func:`train` removes it
+      when the new run starts, after its data, tokenizer and model were built, so a command
+      that fails before that (missing data, a bad flag) leaves the earlier run intact.
+    * ``--resume`` of a run dir that exists but holds no complete checkpoint (killed before or
+      during its first checkpoint write) starts that run from step 0.
+
+    Every rank checks (so all raise the same error).
     """
-    has_run = (run_dir / "checkpoints").is_dir()
-    if resume and not has_run:
+    check_writable(run_dir)
+    has_run = bool(list_checkpoints(run_dir / "checkpoints"))
+    if resume and not has_run and not run_dir.is_dir():
         raise SystemExit(
             f"error: --resume: no checkpoints in {run_dir}; start without --resume, or pass "
             "the --out of an earlier run"
         )
-    if has_run and not resume:
-        if not overwrite:
-            raise SystemExit(
-                f"error: {run_dir} already holds a run; pass --resume to continue it, "
-                "--overwrite to start over, or another --out"
-            )
-        if is_main:
-            shutil.rmtree(run_dir)
+    if has_run and not resume and not overwrite:
+        raise SystemExit(
+            f"error: {run_dir} already holds a run; pass --resume to continue it, "
+            "--overwrite to start over, or another --out"
+        )
+    if is_main:
+        hold_run_lock(run_dir)
+        if has_run and not resume:
+            allow_overwrite(run_dir)
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -136,12 +160,80 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+# Payload fields that must agree for two runs' results to share one results.json.
+_SAME_RUN_FIELDS = ("experiment", "preset", "settings", "dataset", "level", "pair_encoding")
+
+
+def _row_key(row: Any) -> tuple[Any, Any] | None:
+    if not isinstance(row, dict):
+        return None
+    kind = row.get("kind", row.get("attention"))
+    return None if kind is None else (str(kind), row.get("seed"))
+
+
+def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``payload`` plus the rows of ``old`` (an earlier ``results.json``) for kinds it did not
+    re-run, when both come from the same experiment, preset and settings.
+
+    Returns the merged payload and the kinds kept from ``old`` (empty when nothing was kept).
+    Raises ``ValueError`` when ``old`` is from an incompatible run.
+    """
+    merged = dict(payload)
+    if not isinstance(old, dict) or not isinstance(old.get("results"), list):
+        raise ValueError("the earlier results.json is not a results file")
+    differ = [k for k in _SAME_RUN_FIELDS if old.get(k) != payload.get(k)]
+    if differ:
+        raise ValueError(f"the earlier results.json differs in {', '.join(differ)}")
+    new_rows = list(payload.get("results", []))
+    rerun = {_row_key(r) for r in new_rows}
+    kept = [r for r in old["results"] if _row_key(r) is not None and _row_key(r) not in rerun]
+    merged["results"] = kept + new_rows
+    return merged, sorted({str(r.get("kind", r.get("attention"))) for r in kept})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a failure (full
+    disk, read-only directory) leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path:
-    """``results.json`` (with the machine) and ``results.md`` (the printed table)."""
+    """``results.json`` (with the machine) and ``results.md`` (the printed table).
+
+    An existing ``results.json`` from the same experiment, preset and settings keeps the rows
+    of the kinds this run did not re-run (``sort --attention dense`` into an ``--out`` with a
+    sinkhorn run keeps the sinkhorn row); one from a different run is renamed to
+    ``results.previous.json`` with a warning instead of being lost. Both files are replaced
+    atomically under the directory's lock.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
-    path.write_text(json.dumps({**payload, "machine": machine_info()}, indent=2) + "\n")
-    (out_dir / "results.md").write_text(table + "\n")
+    with run_lock(out_dir):
+        document = dict(payload)
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                document, kept = merge_results(old, payload)
+            except (ValueError, UnicodeDecodeError) as err:
+                backup = out_dir / "results.previous.json"
+                os.replace(path, backup)
+                logger.warning("%s: %s; it is kept as %s", path, err, backup)
+            else:
+                if kept:
+                    logger.info("results.json keeps the earlier rows of: %s", ", ".join(kept))
+                    table += (
+                        "\n\nKept from an earlier run with the same settings (see results.json): "
+                        + ", ".join(kept)
+                    )
+        text = json.dumps({**document, "machine": machine_info()}, indent=2) + "\n"
+        _atomic_write(path, text)
+        _atomic_write(out_dir / "results.md", table + "\n")
     return path
 
 

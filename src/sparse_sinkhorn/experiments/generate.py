@@ -86,8 +86,9 @@ def _read_task(path: Path) -> dict[str, Any]:
 
 def _check_image_task(task: dict[str, Any], config: LanguageModelConfig, path: Path) -> None:
     shape, start = task.get("image_shape"), task.get("start_id")
-    ints = isinstance(shape, list) and all(type(n) is int and n > 0 for n in shape)
-    if not ints or not 2 <= len(shape) <= 3:
+    if not isinstance(shape, list) or not all(type(n) is int and n > 0 for n in shape):
+        raise SystemExit(f"error: {path}: image_shape must be 2 or 3 positive ints, got {shape}")
+    if not 2 <= len(shape) <= 3:
         raise SystemExit(f"error: {path}: image_shape must be 2 or 3 positive ints, got {shape}")
     pixels = 1
     for n in shape:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from sparse_sinkhorn.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from sparse_sinkhorn.train.config import TrainConfig
 from sparse_sinkhorn.train.distributed import (
     DistInfo,
@@ -48,8 +49,9 @@ from sparse_sinkhorn.train.helpers import (
     rank0_call,
     run_eval,
 )
-from sparse_sinkhorn.train.metrics import MetricsWriter
+from sparse_sinkhorn.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from sparse_sinkhorn.train.rng import seed_everything
+from sparse_sinkhorn.train.rundir import LOCK_FILE, run_lock
 from sparse_sinkhorn.train.sampling import MicroBatchSampler, steps_per_epoch
 from sparse_sinkhorn.train.state import (
     LossFn,
@@ -259,6 +261,44 @@ def train(
     model_cfg = as_json_dict(model_config, "model_config")
     check_plain_data(extra_state or {})
     out = Path(out_dir)
+    if resume is True and rank0_call(info, lambda: _started_without_checkpoint(out)):
+        # Stopped before its first checkpoint was complete: nothing to continue from.
+        if info.is_main:
+            logger.info("%s has no checkpoint yet: starting the run from step 0", out)
+        resume = False
+    with ExitStack() as stack:
+        if info.is_main and (resume is False or out.is_dir()):
+            stack.enter_context(run_lock(out))  # one writer per run dir: RunLockedError
+        return _train(
+            model, dataset, loss_fn, config, info, out, num_examples, model_cfg, collate_fn,
+            eval_fn, resume, model_config, extra_state,
+        )  # fmt: skip
+
+
+def _started_without_checkpoint(out: Path) -> bool:
+    """``out`` holds a run that began (lock, metrics or a checkpoint folder) but has no
+    complete checkpoint: it was stopped before or during its first checkpoint write."""
+    if not out.is_dir() or list_checkpoints(out / CHECKPOINTS_DIR):
+        return False
+    marks = (out / CHECKPOINTS_DIR, out / METRICS_FILE, out / LOCK_FILE)
+    return any(mark.exists() for mark in marks)
+
+
+def _train(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    loss_fn: LossFn,
+    config: TrainConfig,
+    info: DistInfo,
+    out: Path,
+    num_examples: int,
+    model_cfg: dict[str, Any],
+    collate_fn: Callable[[list[Any]], Any] | None,
+    eval_fn: EvalFn | None,
+    resume: bool | str | Path,
+    model_config: Mapping[str, Any] | None,
+    extra_state: dict[str, Any] | None,
+) -> TrainResult:
     seed_everything(config.seed + info.rank)
     run = build_run(model, loss_fn, config, info)
     start_step, elapsed0, resumed_from = 0, 0.0, None
@@ -268,6 +308,8 @@ def train(
         expected = model_cfg if model_config is not None else None
         start_step, elapsed0, resumed_from = resume_run(run, out, resume, expected)
         rank0_call(info, lambda: out.mkdir(parents=True, exist_ok=True))
+        if start_step == config.steps:
+            return _finished_run(run, out, start_step, resumed_from, eval_fn)
     run.model = _wrap_ddp(run)
     extra = {
         "model_config": model_cfg,
@@ -290,6 +332,37 @@ def train(
     result.resumed_from = resumed_from
     result.checkpoint = result.checkpoint or resumed_from  # nothing left to train: that one
     return result
+
+
+def _finished_run(
+    run: Run, out: Path, step: int, checkpoint: Path, eval_fn: EvalFn | None
+) -> TrainResult:
+    """``resume`` of a run whose last checkpoint is its final step (e.g. killed before its
+    results were written): nothing to train; the final metrics are rebuilt by evaluating the
+    final checkpoint, and the last logged training row is read back from ``metrics.jsonl``."""
+    if run.info.is_main:
+        logger.info("%s already finished at step %d; re-evaluating its final checkpoint", out, step)
+    eval_metrics: dict[str, float] = {}
+    if eval_fn is not None:
+        eval_metrics = rank0_call(run.info, lambda: run_eval(eval_fn, run.raw_model))
+    metrics = rank0_call(run.info, lambda: _last_train_row(out / METRICS_FILE))
+    return TrainResult(
+        step=step,
+        metrics=metrics,
+        eval_metrics=eval_metrics,
+        out_dir=out,
+        checkpoint=checkpoint,
+        resumed_from=checkpoint,
+    )
+
+
+def _last_train_row(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    rows = [row for row in read_metrics(path) if "loss" in row]
+    if not rows:
+        return {}
+    return {k: v for k, v in rows[-1].items() if not k.startswith("eval/")}
 
 
 def _loop(

@@ -8,6 +8,7 @@ caller's ``extra_state``; ``config.json`` holds ``model_config`` and the ``Train
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from sparse_sinkhorn.train.config import TrainConfig
 from sparse_sinkhorn.train.distributed import DistInfo, all_gather_objects
 from sparse_sinkhorn.train.helpers import autocast_dtype, rank0_call
 from sparse_sinkhorn.train.loading import config_differences, load_checkpoint, resolve_checkpoint
+from sparse_sinkhorn.train.metrics import METRICS_FILE
 from sparse_sinkhorn.train.optim import build_optimizer, build_scheduler
 from sparse_sinkhorn.train.rng import capture_rng_state, restore_rng_state
+from sparse_sinkhorn.train.rundir import take_overwrite
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +106,28 @@ def save_run(run: Run, step: int, out_dir: Path, extra: dict[str, Any]) -> Path:
 
 
 def prepare_fresh(out_dir: Path) -> None:
+    """Make ``out_dir`` ready for a new run.
+
+    A run already there is an error, unless :func:`~sparse_sinkhorn.train.rundir.allow_overwrite`
+    marked the directory: its checkpoints and metrics are removed now, once the new run has
+    everything it needs. What an interrupted first checkpoint write left (a ``checkpoints``
+    folder without any ``step_*`` checkpoint) is cleared.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = list_checkpoints(out_dir / CHECKPOINTS_DIR)
+    root = out_dir / CHECKPOINTS_DIR
+    existing = list_checkpoints(root)
+    if existing and take_overwrite(out_dir):
+        logger.info("replacing the earlier run in %s", out_dir)
+        shutil.rmtree(root)
+        (out_dir / METRICS_FILE).unlink(missing_ok=True)
+        existing = []
     if existing:
         raise FileExistsError(
             f"{out_dir} already holds checkpoints (newest: {existing[-1][1].name}); pass "
             "resume=True to continue that run, or choose a new out_dir"
         )
+    if root.is_dir():  # only leftovers of a first checkpoint write that never finished
+        shutil.rmtree(root)
 
 
 # TrainConfig fields that may change between a run and its resumption without a warning.

@@ -93,3 +93,14 @@ def test_image_errors(data_dir: Path, tmp_path: Path) -> None:
         main(["image", "--dataset", "mnist", "--data-dir", str(data_dir), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="cifar-10-batches-py"):
         main(["image", "--dataset", "cifar10", "--data-dir", str(data_dir)])
+
+
+def test_image_several_seeds(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "seeds"
+    argv = ["image", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--out", str(out)]
+    assert main([*argv, "--attention", "local", "--seeds", "2", *TINY, "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())["results"][0]
+    values = [run["eval"]["test/bits_per_dim"] for run in res["runs"]]
+    assert [run["seed"] for run in res["runs"]] == [0, 1] and len(set(values)) == 2
+    assert res["eval"]["test/bits_per_dim"] == pytest.approx(sum(values) / 2)
+    assert " ± " in (out / "results.md").read_text()

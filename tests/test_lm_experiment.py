@@ -200,3 +200,20 @@ def test_lm_errors(data_dir: Path, tmp_path: Path) -> None:
         main(["lm", "--resume", "--out", str(tmp_path / "missing"), "--data-dir", str(data_dir)])
     with pytest.raises(SystemExit, match="--corpus"):
         main(["lm", "--corpus", str(tmp_path / "nothing.txt"), "--out", str(tmp_path / "o")])
+
+
+def test_lm_several_seeds(data_dir: Path, tmp_path: Path) -> None:
+    """--seeds 2: one run directory per seed, the table's mean ± std over them."""
+    out = tmp_path / "seeds"
+    argv = ["lm", "--data-dir", str(data_dir), "--out", str(out), "--attention", "dense"]
+    assert main([*argv, "--steps", "2", "--seeds", "2", "--seed", "3", *TINY, "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())["results"][0]
+    assert [run["seed"] for run in res["runs"]] == [3, 4]
+    values = [run["eval"]["test/bits_per_char"] for run in res["runs"]]
+    assert values[0] != values[1]  # different seeds, different models
+    assert res["eval"]["test/bits_per_char"] == pytest.approx(sum(values) / 2)
+    assert res["eval_std"]["test/bits_per_char"] == pytest.approx(
+        abs(values[0] - values[1]) / 2**0.5
+    )
+    assert all((out / "dense" / f"seed{s}" / "checkpoints").is_dir() for s in (3, 4))
+    assert " ± " in (out / "results.md").read_text()

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,14 @@ from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, train
 from .common import (
     add_common_args,
+    add_seeds_arg,
     format_table,
     parse_kinds,
     positive_overrides,
     prepare_run_dir,
+    run_over_seeds,
+    seed_list,
+    seeds_cell,
     setup_logging,
     write_results,
 )
@@ -245,8 +250,13 @@ def run_kind(
     train_set: ImageTokens,
     test_set: ImageTokens,
     args: argparse.Namespace,
+    *,
+    seed: int | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    run_dir = Path(args.out) / kind
+    """Train one attention kind with one seed (default ``--seed``) in ``<out>/<name or kind>``."""
+    seed = args.seed if seed is None else seed
+    run_dir = Path(args.out) / (name or kind)
     resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
     prepare_run_dir(run_dir, resume=resume, overwrite=getattr(args, "overwrite", False))
     shape = train_set.image_shape
@@ -255,7 +265,7 @@ def run_kind(
     run_dir.mkdir(parents=True, exist_ok=True)
     task = {"task": "image", "dataset": args.dataset, "image_shape": list(shape)}
     (run_dir / TASK_FILE).write_text(json.dumps({**task, "start_id": START_ID}, indent=2) + "\n")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     config = model_config(preset, kind, dims, block)
     model = LanguageModel(config)
     evals = Subset(PixelSequences(test_set), preset.eval_images)
@@ -269,7 +279,7 @@ def run_kind(
         batch_size=preset.batch_size,
         lr=preset.lr,
         warmup_steps=min(preset.warmup_steps, max(1, preset.steps // 10)),
-        seed=args.seed,
+        seed=seed,
         log_every=max(1, min(25, preset.steps // 10)),
         ckpt_every=max(1, preset.steps // 4),
         progress=not args.no_progress,
@@ -288,7 +298,7 @@ def run_kind(
     seconds = time.perf_counter() - t0
     curve = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss",))
     t1 = time.perf_counter()
-    samples = sample_images(model, preset.n_samples, shape, seed=args.seed)
+    samples = sample_images(model, preset.n_samples, shape, seed=seed)
     sample_seconds = time.perf_counter() - t1
     real = torch.stack([test_set.pixels[i] for i in range(preset.n_samples)]).reshape(-1, *shape)
     grid = save_grid(
@@ -313,7 +323,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
     rows = [
         [
             NAMES[r["kind"]],
-            r["eval"].get("test/bits_per_dim"),
+            seeds_cell(r, "test/bits_per_dim", 3),
             PAPER_ROWS.get(r["kind"]),
             r["params"],
             round(r["train_seconds"]),
@@ -364,7 +374,15 @@ def run(args: argparse.Namespace) -> int:
             train_set.pixels[: args.train_images].reshape(-1, *train_set.image_shape).numpy()
         )
     dist = init_distributed()
-    results = [run_kind(kind, preset, train_set, test_set, args) for kind in kinds]
+    seeds = seed_list(args)
+    results = [
+        run_over_seeds(
+            partial(run_kind, kind, preset, train_set, test_set, args),
+            kind,
+            seeds,
+        )
+        for kind in kinds
+    ]
     if dist.rank != 0:
         return 0
     table = results_table(results)
@@ -372,7 +390,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\nPixel-wise generation on {args.dataset} {train_set.image_shape} "
         f"({train_set.seq_len} sub-pixel tokens, bits/dim on {n_eval} "
-        f"test images; preset {args.preset}, {preset.steps} steps). NOTE: the paper's column is "
+        f"test images; preset {args.preset}, {preset.steps} steps, mean over {len(seeds)} "
+        "seed(s)). NOTE: the paper's column is "
         "CIFAR-10, a different dataset: compare the ranking, not the values.\n"
     )
     print(table)
@@ -415,5 +434,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--train-images", type=int, default=None, help="use only the first N training images"
     )
+    add_seeds_arg(parser)
     add_common_args(parser, default_out="runs/image-<dataset>")
     parser.set_defaults(func=run, out=None)

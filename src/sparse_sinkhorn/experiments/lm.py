@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,14 @@ from ..train import TrainConfig, init_distributed, plot_metrics, read_metrics, t
 from ..train.helpers import rank0_call
 from .common import (
     add_common_args,
+    add_seeds_arg,
     format_table,
     parse_kinds,
     positive_overrides,
     prepare_run_dir,
+    run_over_seeds,
+    seed_list,
+    seeds_cell,
     setup_logging,
     write_results,
 )
@@ -527,14 +532,13 @@ def plot_curves(results: list[dict[str, Any]], path: Path, title: str) -> Path:
 def results_table(results: list[dict[str, Any]], level: str) -> str:
     rows: list[list[Any]] = []
     for r in results:
-        e = r["eval"]
         if level == "char":
             paper = PAPER_CHAR.get(r["kind"])
             rows.append(
                 [
                     NAMES[r["kind"]],
-                    e.get("valid/bits_per_char"),
-                    e.get("test/bits_per_char"),
+                    seeds_cell(r, "valid/bits_per_char", 3),
+                    seeds_cell(r, "test/bits_per_char", 3),
                     paper,
                     r["params"],
                     round(r["train_seconds"]),
@@ -545,8 +549,8 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
             rows.append(
                 [
                     NAMES[r["kind"]],
-                    e.get("valid/perplexity"),
-                    e.get("test/perplexity"),
+                    seeds_cell(r, "valid/perplexity", 2),
+                    seeds_cell(r, "test/perplexity", 2),
                     base,
                     big,
                     r["params"],
@@ -612,14 +616,23 @@ def run(args: argparse.Namespace) -> int:
     )
     dist = init_distributed()
     streams: dict[str, tuple[Tensor, ...]] = {}
-    results = [run_kind(kind, preset, corpus, streams, args) for kind in kinds]
+    seeds = seed_list(args)
+    results = [
+        run_over_seeds(
+            partial(run_kind, kind, preset, corpus, streams, args),
+            kind,
+            seeds,
+        )
+        for kind in kinds
+    ]
     if dist.rank != 0:
         return 0
     table = results_table(results, args.level)
     metric = "bits/char" if args.level == "char" else "perplexity per subword token"
     print(
         f"\n{args.level} LM on {corpus.name} ({metric}; preset {args.preset}, length "
-        f"{preset.seq_len}, b={preset.block_size}, {preset.steps} steps). The paper's columns "
+        f"{preset.seq_len}, b={preset.block_size}, {preset.steps} steps, mean over {len(seeds)} "
+        "seed(s)). The paper's columns "
         "are LM1B with far larger models and 300K steps: compare the ranking, not the values.\n"
     )
     print(table)
@@ -675,5 +688,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-train-chars", type=int, default=None, help="read at most this much training text"
     )
+    add_seeds_arg(parser)
     add_common_args(parser, default_out="runs/lm-<level>")
     parser.set_defaults(func=run, out=None)

@@ -170,7 +170,7 @@ def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
             dev_ids[i] for i in subsample(len(dev_ids), preset.eval_examples, args.seed + 2)
         ]
         train_p = pair_dataset(tok, train_pairs, preset.max_len, keep_tr, args.pair)
-        evals = {
+        evals: dict[str, Dataset[Any]] = {
             split: pair_dataset(tok, eval_pairs, preset.max_len, keep_ev, args.pair),
             dev_split: pair_dataset(tok, dev_pairs, preset.max_len, keep_dev, args.pair),
         }

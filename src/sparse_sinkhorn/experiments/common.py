@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import platform
-from collections.abc import Iterable, Mapping, Sequence
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,75 @@ def plot_sort_matrices(matrices: torch.Tensor, path: Path, title: str) -> Path:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def mean_and_std(evals: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-metric mean and sample standard deviation over seeds (std 0 for one seed).
+
+    Every run must report the same metric names.
+    """
+    if not evals:
+        raise ValueError("no runs to summarise")
+    names = list(evals[0])
+    if any(list(e) != names for e in evals):
+        raise ValueError("runs report different metrics; cannot average them over seeds")
+    mean = {k: statistics.fmean(e[k] for e in evals) for k in names}
+    std = {k: statistics.stdev(e[k] for e in evals) if len(evals) > 1 else 0.0 for k in names}
+    return mean, std
+
+
+def mean_std_cell(mean: float | None, std: float | None, digits: int, n_seeds: int) -> str:
+    """``"mean ± std"`` (just the mean for one seed; "–" when there is no value)."""
+    if mean is None:
+        return "–"
+    if n_seeds > 1 and std is not None:
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def run_over_seeds(
+    run_one: Callable[..., dict[str, Any]], name: str, seeds: Sequence[int]
+) -> dict[str, Any]:
+    """Call ``run_one(seed=seed, name=run_name)`` for every seed; summarise its ``"eval"``.
+
+    ``run_name`` is ``name`` for one seed and ``name/seed<seed>`` for several. The result is
+    the first run's record with ``eval`` replaced by the mean over the seeds, ``eval_std``
+    beside it, ``train_seconds`` summed, and each run's seed, metrics and loss under ``runs``.
+    """
+    runs = [run_one(seed=s, name=name if len(seeds) == 1 else f"{name}/seed{s}") for s in seeds]
+    mean, std = mean_and_std([r["eval"] for r in runs])
+    return {
+        **runs[0],
+        "eval": mean,
+        "eval_std": std,
+        "train_seconds": sum(r["train_seconds"] for r in runs),
+        "runs": [
+            {"seed": s, "eval": r["eval"], "train_loss": r.get("train_loss")}
+            for s, r in zip(seeds, runs, strict=True)
+        ],
+    }
+
+
+def add_seeds_arg(parser: argparse.ArgumentParser, default: int = 1) -> None:
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="train each kind with this many seeds (--seed, --seed+1, ...) and report "
+        f"mean ± std (default: {default})",
+    )
+
+
+def seed_list(args: argparse.Namespace, default: int = 1) -> list[int]:
+    """``--seed, --seed + 1, ...``: ``--seeds`` of them (``default`` when not given)."""
+    n = default if args.seeds is None else args.seeds
+    if n <= 0:
+        raise SystemExit(f"error: --seeds must be > 0, got {n}")
+    return [args.seed + i for i in range(n)]
+
+
+def seeds_cell(result: Mapping[str, Any], key: str, digits: int) -> str:
+    """One metric of a :func:`run_over_seeds` record as ``"mean ± std"``."""
+    n_seeds = len(result.get("runs", [None]))
+    std = result.get("eval_std", {}).get(key)
+    return mean_std_cell(result["eval"].get(key), std, digits, n_seeds)

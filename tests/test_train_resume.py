@@ -85,7 +85,7 @@ def _assert_equal_weights(a: Path, b: Path) -> None:
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0, msg=key)
+        assert torch.equal(wa[key], wb[key]), key  # bit for bit
 
 
 def test_killed_run_resumes_exactly(tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
                 document, kept = merge_results(old, payload)
             except (ValueError, UnicodeDecodeError) as err:
                 backup = out_dir / "results.previous.json"
-                os.replace(path, backup)
+                _atomic_write(backup, path.read_text(encoding="utf-8", errors="replace"))
                 logger.warning("%s: %s; it is kept as %s", path, err, backup)
             else:
                 if kept:

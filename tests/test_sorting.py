@@ -314,3 +314,33 @@ def test_two_process_torchrun_matches_one_process(tmp_path: Path) -> None:
     # gradients to ~1e-5 (the updates themselves are ~1e-3).
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, atol=1e-4, rtol=1e-3)
+
+
+def test_parallel_jobs_give_the_runs_of_one_process(tmp_path: Path) -> None:
+    """--jobs 2 trains the runs in two one-thread worker processes: the same weights, bit for
+    bit, and the same results as one after another in this (one-thread) process."""
+    from safetensors.torch import load_file
+
+    flags = ["--attention", "dense", "--steps", "3", "--seeds", "2", "--no-progress"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["sort", "--out", str(tmp_path / "serial"), "--length", "8", *flags]) == 0
+        assert (
+            main(["sort", "--out", str(tmp_path / "jobs"), "--length", "8", *flags, "--jobs", "2"])
+            == 0
+        )
+    finally:
+        torch.set_num_threads(before)
+    results = [
+        json.loads((tmp_path / d / "results.json").read_text())["results"]
+        for d in ("serial", "jobs")
+    ]
+    assert results[0][0]["eval"] == results[1][0]["eval"]
+    for seed in (0, 1):
+        last = [
+            sorted((tmp_path / d / "dense" / f"seed{seed}" / "checkpoints").glob("step_*"))[-1]
+            for d in ("serial", "jobs")
+        ]
+        weights = [load_file(p / "model.safetensors") for p in last]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

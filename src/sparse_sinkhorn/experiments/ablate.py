@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from ..train import cleanup_distributed, init_distributed
-from ..train.distributed import barrier
 from . import lm, sorting
 from .common import (
     add_common_args,
+    add_jobs_arg,
     format_table,
+    group_by_name,
     mean_and_std,
     mean_std_cell,
     positive_overrides,
-    prepare_run_dir,
     setup_logging,
     write_results,
 )
@@ -83,15 +83,7 @@ def parse_variants(value: str) -> list[str]:
     return names
 
 
-def run_sort_variant(
-    name: str, preset: sorting.SortPreset, args: argparse.Namespace
-) -> dict[str, Any]:
-    runs = [
-        sorting.run_seed(
-            "sinkhorn", preset, args, seed, name=name, attention_options=VARIANTS[name]
-        )
-        for seed in sorting.seeds_of(preset, args)
-    ]
+def summarize_variant(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     mean, std = mean_and_std([r["eval"] for r in runs])
     return {"variant": name, "eval": mean, "eval_std": std, "runs": runs}
 
@@ -113,8 +105,7 @@ def run_lm_variant(
         )
         for seed in range(args.seed, args.seed + args.n_seeds)
     ]
-    mean, std = mean_and_std([r["eval"] for r in runs])
-    return {"variant": name, "eval": mean, "eval_std": std, "runs": runs}
+    return summarize_variant(name, runs)
 
 
 def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str:
@@ -166,15 +157,12 @@ def run(args: argparse.Namespace) -> int:
         preset = replace(SORT_PRESET, n_seeds=n_seeds, **overrides)
         if args.preset == "paper":
             preset = replace(sorting.PRESETS["paper"], n_seeds=n_seeds, **overrides)
-        for name, seed in itertools.product(variants, sorting.seeds_of(preset, args)):
-            prepare_run_dir(
-                sorting.run_dir(args.out, name, seed),
-                resume=args.resume,
-                overwrite=args.overwrite,
-                is_main=dist.rank == 0,
-            )
-        barrier()
-        results = [run_sort_variant(name, preset, args) for name in variants]
+        pairs = list(itertools.product(variants, sorting.seeds_of(preset, args)))
+        runs = sorting.train_runs(
+            args, preset, [("sinkhorn", seed, name, VARIANTS[name]) for name, seed in pairs]
+        )
+        groups = group_by_name(pairs, runs)
+        results = [summarize_variant(name, groups[name]) for name in variants]
         settings: dict[str, Any] = asdict(preset)
     else:
         lm_preset = LM_PRESET if args.preset == "paper" else lm.PRESETS[("subword", "cpu")]
@@ -237,5 +225,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--corpus", default=None, help="plain-text corpus, e.g. LM1B's shards (lm task)"
     )
+    add_jobs_arg(parser)
     add_common_args(parser, default_out="runs/ablate")
     parser.set_defaults(func=run)

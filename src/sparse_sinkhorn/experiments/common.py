@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..nn import ATTENTION_KINDS
+from ..train import init_distributed
 from ..train.checkpoint import list_checkpoints
 from ..train.rundir import allow_overwrite, check_writable, hold_run_lock, run_lock
 
@@ -335,3 +336,58 @@ def seeds_cell(result: Mapping[str, Any], key: str, digits: int) -> str:
     n_seeds = len(result.get("runs", [None]))
     std = result.get("eval_std", {}).get(key)
     return mean_std_cell(result["eval"].get(key), std, digits, n_seeds)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    setup_logging()
+
+
+def _call(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
+    fn, fn_args, fn_kwargs = job
+    return fn(*fn_args, **fn_kwargs)
+
+
+def map_runs(
+    jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]], n_procs: int
+) -> list[Any]:
+    """Run independent training runs ``fn(*args, **kwargs)``, in order, ``n_procs`` at a time.
+
+    ``n_procs > 1`` starts that many worker processes (spawned, one intra-op thread each, so
+    small CPU models use one core each instead of contending for all of them); ``fn`` must be a
+    module-level function and its arguments picklable. Under torchrun (several ranks) the runs
+    always go one after another in this process: the ranks train each run together.
+    """
+    if n_procs <= 0:
+        raise SystemExit(f"error: --jobs must be > 0, got {n_procs}")
+    if n_procs == 1 or len(jobs) <= 1 or init_distributed().world_size > 1:
+        return [_call(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    workers = min(n_procs, len(jobs))
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(1,)
+    ) as pool:
+        return list(pool.map(_call, jobs))
+
+
+def add_jobs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many runs at once in worker processes of one thread each "
+        "(one process per CPU core suits the cpu preset; default: 1)",
+    )
+
+
+def group_by_name(
+    pairs: Sequence[tuple[str, int]], runs: Sequence[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``(name, seed)`` pairs and their runs -> each name's runs, in seed order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for (name, _), run in zip(pairs, runs, strict=True):
+        groups.setdefault(name, []).append(run)
+    return groups

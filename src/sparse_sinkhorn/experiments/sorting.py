@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,10 @@ from ..train.distributed import barrier
 from ..train.seq_metrics import sequence_metrics
 from .common import (
     add_common_args,
+    add_jobs_arg,
     format_table,
+    group_by_name,
+    map_runs,
     mean_and_std,
     mean_std_cell,
     parse_kinds,
@@ -260,9 +263,8 @@ def dev_set(preset: SortPreset) -> SortingDataset:
     return SortingDataset(preset.n_eval, 2 * preset.length, preset.n_symbols, seed=DEV_SEED)
 
 
-def run_kind(kind: str, preset: SortPreset, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one attention kind once per seed; mean and standard deviation of each metric."""
-    runs = [run_seed(kind, preset, args, seed) for seed in seeds_of(preset, args)]
+def summarize_kind(kind: str, preset: SortPreset, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One attention kind's runs (one per seed): mean and standard deviation of each metric."""
     mean, std = mean_and_std([r["eval"] for r in runs])
     return {
         "kind": kind,
@@ -338,6 +340,48 @@ def run_seed(
         "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
         "sort_matrix_png": plan_png,
     }
+
+
+def prepared_run_seed(
+    kind: str,
+    preset: SortPreset,
+    args: argparse.Namespace,
+    seed: int,
+    *,
+    name: str | None = None,
+    attention_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_seed` in a worker process, which takes its run directory's lock itself."""
+    path = run_dir(args.out, name or kind, seed)
+    prepare_run_dir(path, resume=args.resume, overwrite=args.overwrite)
+    return run_seed(kind, preset, args, seed, name=name, attention_options=attention_options)
+
+
+def train_runs(
+    args: argparse.Namespace,
+    preset: SortPreset,
+    runs: Sequence[tuple[str, int, str, dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Check every run directory first, then train ``(kind, seed, name, attention_options)``
+    runs, ``--jobs`` at a time (one after another under torchrun); results in order."""
+    dist = init_distributed()
+    parallel = args.jobs > 1 and dist.world_size == 1
+    for _, seed, name, _ in runs:
+        prepare_run_dir(  # in parallel mode only checked here; each worker locks its own
+            run_dir(args.out, name, seed),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            is_main=dist.rank == 0 and not parallel,
+        )
+    barrier()
+    if parallel:
+        args.no_progress = True  # several runs at once: their bars would interleave
+    fn = prepared_run_seed if parallel else run_seed
+    jobs = [
+        (fn, (kind, preset, args, seed), {"name": name, "attention_options": options})
+        for kind, seed, name, options in runs
+    ]
+    return map_runs(jobs, args.jobs)
 
 
 @torch.no_grad()
@@ -416,15 +460,10 @@ def run(args: argparse.Namespace) -> int:
     preset = replace(preset, **changes)
     kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
-    for kind, seed in itertools.product(kinds, seeds_of(preset, args)):
-        prepare_run_dir(
-            run_dir(args.out, kind, seed),
-            resume=args.resume,
-            overwrite=args.overwrite,
-            is_main=dist.rank == 0,
-        )
-    barrier()
-    results = [run_kind(kind, preset, args) for kind in kinds]
+    pairs = list(itertools.product(kinds, seeds_of(preset, args)))
+    runs = train_runs(args, preset, [(kind, seed, kind, {}) for kind, seed in pairs])
+    groups = group_by_name(pairs, runs)
+    results = [summarize_kind(kind, preset, groups[kind]) for kind in kinds]
     cleanup_distributed()  # every rank, on success (see its docstring)
     if dist.rank != 0:
         return 0
@@ -489,5 +528,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="train each kind with this many seeds (--seed, --seed+1, ...) and report mean ± std",
     )
+    add_jobs_arg(parser)
     add_common_args(parser, default_out="runs/sort")
     parser.set_defaults(func=run)

@@ -20,15 +20,14 @@ def run_cli(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[in
 
 
 def assert_one_line_error(argv: Sequence[str], capsys: pytest.CaptureFixture[str], *match: str):
-    """Exit status 2, exactly one stderr line starting ``sparse-sinkhorn: error:`` (or
-    argparse's usage + one error line), no traceback, and every ``match`` in it."""
+    """Exit status 2, exactly one stderr line ``sparse-sinkhorn...: error: ...`` (no usage
+    block, no traceback, no log lines), and every ``match`` in it."""
     code, err = run_cli(argv, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
     assert code == 2, (argv, code, err)
     assert "Traceback" not in err, err
-    assert len(errors) == 1, err
-    assert all(not line.startswith(" ") or line.startswith("usage") for line in lines), err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sparse-sinkhorn") and ": error: " in lines[0], err
     for text in match:
-        assert text in errors[0], (text, errors[0])
-    return errors[0]
+        assert text in lines[0], (text, lines[0])
+    return lines[0]

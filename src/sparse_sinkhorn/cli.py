@@ -18,6 +18,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # Every module that adds subcommands; each defines ``add_subparser``.
 _COMMANDS: tuple[str, ...] = (
@@ -31,8 +32,18 @@ _COMMANDS: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``prog: error: msg (see prog --help)``.
+
+    Sub-parsers are built from the parent's class, so every subcommand gets it too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparse-sinkhorn",
         description="Sparse Sinkhorn Attention: the paper's experiments and tools.",
     )

@@ -19,6 +19,7 @@ Layout (what ``sparse-sinkhorn data fetch NAME`` writes)::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -134,11 +135,15 @@ def get_info(name: str) -> DatasetInfo:
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The data directory: ``data_dir`` > ``$SPARSE_SINKHORN_DATA`` > ``~/.cache/...``."""
     if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return DEFAULT_DATA_DIR.expanduser()
+        root = Path(data_dir).expanduser()
+    else:
+        env = os.environ.get(ENV_VAR)
+        root = Path(env).expanduser() if env else DEFAULT_DATA_DIR.expanduser()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"the data directory {root} is a file, not a directory", str(root)
+        )
+    return root
 
 
 def is_present(name: str, data_dir: str | os.PathLike[str] | None = None) -> bool:

@@ -1,0 +1,58 @@
+"""Bad library input is one ValueError/TypeError naming the argument, never a deep failure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_sinkhorn import SinkhornSelfAttention, sinkhorn_attention
+from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+from sparse_sinkhorn.nn import AttentionConfig
+from sparse_sinkhorn.ops import dense_attention, local_attention
+
+Q = torch.randn(2, 2, 8, 4)
+LOGITS = torch.randn(2, 2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: sinkhorn_attention(Q[:, :, :0], Q[:, :, :0], Q[:, :, :0], LOGITS[..., :0, :0],
+                                    block_size=4), ValueError, "empty dimension"),
+        (lambda: dense_attention(Q[:0], Q[:0], Q[:0]), ValueError, "empty dimension"),
+        (lambda: local_attention(Q[..., :0], Q[..., :0], Q[..., :0], block_size=4),
+         ValueError, "empty dimension"),
+        (lambda: sinkhorn_attention(Q, Q, Q, LOGITS, block_size=4, key_padding_mask=[[True] * 8]),
+         TypeError, "key_padding_mask must be a torch.Tensor"),
+        (lambda: sinkhorn_attention(Q, Q, Q, LOGITS.to("meta"), block_size=4),
+         ValueError, "sort_logits is on meta"),
+        (lambda: dense_attention(Q, Q, Q, key_padding_mask=torch.ones(2, 8, dtype=torch.bool,
+                                                                      device="meta")),
+         ValueError, "key_padding_mask is on meta"),
+        (lambda: sinkhorn_attention(Q, Q, Q, LOGITS, block_size=4, scale=float("inf")),
+         ValueError, "scale must be > 0"),
+        (lambda: sinkhorn_attention(Q, Q, Q, LOGITS, block_size=4, temperature=float("nan")),
+         ValueError, "temperature must be > 0"),
+        (lambda: sinkhorn_attention(Q, Q, Q, LOGITS, block_size=4, temperature="hot"),
+         TypeError, "temperature must be a real number"),
+        (lambda: dense_attention(Q, Q, Q, dropout_p=-0.1), ValueError, "dropout_p must be >= 0"),
+        (lambda: SinkhornSelfAttention(8, 0), ValueError, "n_heads must be a positive int"),
+        (lambda: SinkhornSelfAttention(0, 2), ValueError, "d_model must be a positive int"),
+        (lambda: SinkhornSelfAttention(8, 2, dropout=-0.5), ValueError, "dropout must be"),
+        (lambda: AttentionConfig(block_size="8"), TypeError, "block_size must be int"),
+        (lambda: AttentionConfig(temperature=float("inf")), TypeError, "temperature must be float"),
+        (lambda: LanguageModelConfig(vocab_size=10, d_model=2.5), TypeError, "d_model must be int"),
+        (lambda: LanguageModelConfig(vocab_size=10, attention={"bogus": 1}), TypeError, "bogus"),
+    ],
+)  # fmt: skip
+def test_bad_argument_is_one_clear_error(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("ids", [[[0, 10]], [[-1, 2]], [[]]])
+def test_token_ids_out_of_range_or_empty(ids) -> None:
+    att = AttentionConfig(kind="dense", block_size=4, max_len=16)
+    model = LanguageModel(LanguageModelConfig(vocab_size=10, d_model=8, n_heads=2, attention=att))
+    with pytest.raises(ValueError, match=r"outside the vocabulary|empty"):
+        model(torch.tensor(ids, dtype=torch.long).reshape(1, -1))

@@ -81,8 +81,18 @@ def main() -> None:
     summary = {
         name: {k: v for k, v in r.items() if k != "train_loss"} for name, r in results.items()
     }
-    summary["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads}
+    summary["machine"] = {"cpu": _cpu_name(), "threads": args.threads}
     print(json.dumps(summary, indent=1))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _bytes(text: str) -> torch.Tensor:
@@ -95,9 +105,9 @@ def _train(model: LlamaForCausalLM, data: torch.Tensor, args: argparse.Namespace
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / warmup)
-        * 0.5
-        * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+        ),
     )
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every model
     losses = []

@@ -272,6 +272,9 @@ def test_attention_function_refuses_other_mask_patterns() -> None:
         hf.sinkhorn_attention_forward(attn, q, k, v, None, is_causal=False)
     out, weights = hf.sinkhorn_attention_forward(attn, q, k, v, None)
     assert out.shape == (1, 8, 4, 8) and weights is None
+    packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])  # two documents in one row
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(_ids(1, 12), position_ids=packed, use_cache=False)
 
 
 def _plain_gpt2() -> GPT2LMHeadModel:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from transformers import (  # noqa: E402
+# A plain import, not importorskip: the dev extra installs transformers (the hf extra), so CI
+# runs these tests and a broken install fails loudly instead of skipping.
+from transformers import (
     DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
@@ -23,7 +23,7 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
 )
 
-from sparse_sinkhorn import hf  # noqa: E402
+from sparse_sinkhorn import hf
 
 VOCAB, BLOCK, PAD = 37, 4, 0
 FAMILIES = ["llama", "llama-gqa", "llama-mqa", "gpt2"]

@@ -1,7 +1,7 @@
 """Sparse Sinkhorn attention inside Hugging Face ``transformers`` causal language models.
 
-Needs the ``hf`` extra (``pip install "sparse-sinkhorn[hf]"``); ``import sparse_sinkhorn`` never
-imports transformers, this module does.
+Needs the ``hf`` extra (``pip install ".[hf]"`` from a checkout); ``import sparse_sinkhorn``
+never imports transformers, this module does.
 
 ::
 
@@ -66,7 +66,7 @@ try:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'sparse_sinkhorn.hf needs transformers: pip install "sparse-sinkhorn[hf]"'
+        'sparse_sinkhorn.hf needs transformers: pip install ".[hf]" (the hf extra)'
     ) from e
 
 ATTN_IMPLEMENTATION = "sinkhorn"

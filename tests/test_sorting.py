@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,17 @@ def test_batches_are_padded_with_the_padding_id() -> None:
         assert (src[row, n:] == PAD_ID).all() and (tgt[row, n:] == PAD_ID).all()
     with pytest.raises(ValueError, match="empty batch"):
         collate_sorting([])
+
+
+def test_pure_python_levenshtein_equals_rapidfuzz() -> None:
+    """The fallback used where rapidfuzz is not installed (e.g. an offline GPU machine)."""
+    from sparse_sinkhorn.train.seq_metrics import levenshtein_python
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.randrange(4) for _ in range(rng.randrange(0, 12))]
+        b = [rng.randrange(4) for _ in range(rng.randrange(0, 12))]
+        assert levenshtein_python(a, b) == levenshtein(a, b)
 
 
 def test_t2t_edit_distance_and_exact_match_by_hand() -> None:

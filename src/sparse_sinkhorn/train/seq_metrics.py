@@ -9,14 +9,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from rapidfuzz.distance import Levenshtein
+_distance: Callable[[list[int], list[int]], int] | None
+try:  # the ``train`` extra; a pure-Python fallback keeps runs working where it is missing
+    from rapidfuzz.distance import Levenshtein
+
+    _distance = Levenshtein.distance
+except ImportError:  # e.g. an offline GPU machine with only torch preinstalled
+    _distance = None
 
 
 def levenshtein(prediction: Sequence[int], target: Sequence[int]) -> int:
     """Insertions + deletions + substitutions turning ``prediction`` into ``target``."""
-    return int(Levenshtein.distance(list(prediction), list(target)))
+    a, b = list(prediction), list(target)
+    if _distance is not None:
+        return int(_distance(a, b))
+    return levenshtein_python(a, b)
+
+
+def levenshtein_python(a: Sequence[int], b: Sequence[int]) -> int:
+    """The same distance by the textbook dynamic programme, O(len(a) * len(b))."""
+    row = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, x in enumerate(a, start=1):
+        diag, row[0] = row[0], i
+        for j, y in enumerate(b, start=1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (x != y))
+    return row[-1]
 
 
 def sequence_metrics(

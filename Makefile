@@ -5,9 +5,11 @@ VENV ?= .venv
 # The torch release the project is developed and tested against; override with TORCH=torch==X.Y.Z
 # (or TORCH=torch for the newest) where another build is wanted.
 TORCH ?= torch==2.13.0
+# Training runs `make run` trains at once (one process of one thread each): one per CPU core.
+JOBS ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench gpu-check gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/sparse-sinkhorn sort --overwrite
+	$(BIN)/sparse-sinkhorn sort --overwrite --jobs $(JOBS)
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -33,6 +35,20 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.attention
+
+# The CUDA checks (gpu-marked tests, then a short CUDA benchmark into benchmarks/results/cuda/,
+# then the README's GPU section), in <= 8 min on one H200. No venv and no network: the machine's
+# preinstalled torch, the project from src/, the peer from the wheels in benchmarks/wheels/.
+# Without CUDA it prints one line and exits 0. COPY_TO=dir also copies the results there.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check
+
+# Refresh benchmarks/wheels/ (needs the network; the wheels are committed, ~130 KB).
+gpu-wheels:
+	rm -f benchmarks/wheels/*.whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --dest benchmarks/wheels \
+		-r benchmarks/wheels/requirements.txt
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

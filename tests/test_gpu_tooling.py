@@ -95,12 +95,12 @@ def group_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     if cuda._peer_version() is not None:
         contenders.append(cuda.PEER)
     for level in ("op", "layer"):
-        spec = dict(level=level, head_dim=16, heads=2, block=32, lengths=[128, 256],
+        spec = dict(level=level, head_dim=16, heads=2, block=32, lengths=[128],
                     contenders=contenders, repeats=1, case_budget_s=30, time_s=120,
                     rows_path=str(rows_path), device="cpu")  # fmt: skip
         cuda.run_group(spec)
     groups = [("op", 16), ("layer", 16)]
-    return cuda._gather(rows_path, groups, [128, 256, 512], contenders)
+    return cuda._gather(rows_path, groups, [128, 512], contenders)
 
 
 def test_cuda_group_runner_on_cpu(group_rows: list[dict]) -> None:
@@ -124,7 +124,7 @@ def test_report_and_readme_section(group_rows: list[dict], tmp_path: Path) -> No
     assert "still unmeasured" in text and "old" not in text
     assert text.startswith("# x\n\nbefore\n") and text.endswith("\n\nafter\n")
 
-    rows = [dict(r, length=65536) if r["length"] == 256 else r for r in group_rows]
+    rows = [dict(r, length=65536) if r["length"] == 128 else r for r in group_rows]
     meta = {"machine": {"gpu": "Test GPU", "torch": "2.x", "cuda": "13.0"}, "heads": 2,
             "block": 32, "repeats": 1, "results": rows}  # fmt: skip
     (results / "cuda.json").write_text(json.dumps(meta))
@@ -141,7 +141,15 @@ def test_report_and_readme_section(group_rows: list[dict], tmp_path: Path) -> No
     assert text.count(cuda_report.START) == 1 and text.count(cuda_report.END) == 1
 
 
-def test_readme_has_the_gpu_markers() -> None:
+def test_readme_gpu_section_is_generated_from_the_committed_results() -> None:
+    """The README's GPU section is exactly what ``benchmarks.cuda_report`` renders from
+    ``benchmarks/results/cuda/`` (the "unmeasured" text while there are no GPU results)."""
     text = (ROOT / "README.md").read_text()
     assert text.count(cuda_report.START) == 1 and text.count(cuda_report.END) == 1
-    assert "make gpu-check" in text
+    current = text.split(cuda_report.START, 1)[1].split(cuda_report.END, 1)[0]
+    res = ROOT / "benchmarks" / "results" / "cuda"
+    meta = cuda_report._load(res / "cuda.json")
+    expected = cuda_report.section(meta, cuda_report._load(res / "gpu_check.json"),
+                                   images="benchmarks/results/cuda/")  # fmt: skip
+    assert current.strip() == expected.strip(), "run: python -m benchmarks.cuda_report"
+    assert "make gpu-check" in text.split("## Development", 1)[1]

@@ -46,7 +46,7 @@ def _cell(row: dict[str, Any] | None) -> str:
         return row["status"]
     text = f"{_fmt_time(row['time_s'])} / {row['peak_mem_mb']:,.0f} MiB"
     if row.get("tflops") is not None:
-        text += f" / {row['tflops']:.1f} TF/s"
+        text += f" / {row['tflops']:.3g} TF/s"
     return text
 
 
@@ -120,7 +120,7 @@ def targets(meta: dict[str, Any]) -> str:
         cells = []
         for d in dims:
             a = get(d, name)
-            cells.append("unmeasured" if a is None or "tflops" not in a else f"{a['tflops']:.1f}")
+            cells.append("unmeasured" if a is None or "tflops" not in a else f"{a['tflops']:.3g}")
         lines.append(
             f"| `{name}` achieved TFLOP/s (its own FLOP count) | " + " | ".join(cells) + " |"
         )

@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case-budget", type=float, default=12.0, help="seconds per case")
     p.add_argument("--time-limit", type=float, default=200.0, help="seconds for everything")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke run of this script (the tests), not a benchmark")  # fmt: skip
     p.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group (JSON spec)
     args = p.parse_args(argv)
     if args.group:
@@ -269,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
+    from .machine import machine_info
+
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks.cuda: no CUDA device; nothing measured", file=sys.stderr)
         return 0
     start = time.monotonic()
@@ -288,19 +292,20 @@ def main(argv: list[str] | None = None) -> int:
         share = left / (len(groups) - i)  # what an earlier group leaves over, a later one gets
         spec = dict(level=level, head_dim=d, heads=args.heads, block=args.block,
                     lengths=args.lengths, contenders=contenders, repeats=args.repeats,
-                    case_budget_s=args.case_budget, time_s=max(share - 8, 1.0),
-                    rows_path=str(rows_path))  # fmt: skip
+                    case_budget_s=args.case_budget, time_s=max(share - 10, 1.0),
+                    rows_path=str(rows_path), device=args.device)  # fmt: skip
         cmd = [sys.executable, "-m", "benchmarks.cuda", "--group", json.dumps(spec)]
         root = Path(__file__).resolve().parent.parent
         try:
-            proc = subprocess.run(cmd, cwd=root, timeout=max(share, 5) + 20, check=False)
+            proc = subprocess.run(cmd, cwd=root, timeout=max(share, 10) + 5, check=False)
             if proc.returncode != 0:
                 print(f"group {level} D={d} exited with {proc.returncode}", file=sys.stderr)
         except subprocess.TimeoutExpired:
             print(f"group {level} D={d} stopped at its time limit", file=sys.stderr)
     rows = _gather(rows_path, groups, args.lengths, contenders)
     meta = {
-        "machine": device_info(),
+        "machine": device_info() if args.device == "cuda" else machine_info("cpu"),
+        "device": args.device,
         "dtype": "bf16",
         "mode": "fwdbwd",
         "batch": 1,

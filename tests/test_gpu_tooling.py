@@ -113,6 +113,24 @@ def test_cuda_group_runner_on_cpu(group_rows: list[dict]) -> None:
     assert unreached and all(r["status"] == "not run" for r in unreached)
 
 
+def test_cuda_benchmark_driver_on_cpu(tmp_path: Path) -> None:
+    """The driver end to end (a group in its own process, rows gathered into cuda.json)."""
+    argv = ["-m", "benchmarks.cuda", "--device", "cpu", "--levels", "op", "--head-dims", "16",
+            "--heads", "2", "--block", "32", "--lengths", "128", "--repeats", "1",
+            "--contenders", "sinkhorn", "sdpa_flash", "--time-limit", "60",
+            "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "cuda.json").read_text())
+    assert meta["device"] == "cpu" and meta["machine"]["torch"]
+    assert [(r["contender"], r["status"]) for r in meta["results"]] == [
+        ("sinkhorn", "ok"),
+        ("sdpa_flash", "ok"),
+    ]
+
+
 def test_report_and_readme_section(group_rows: list[dict], tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n\n{cuda_report.START}\nold\n{cuda_report.END}\n\nafter\n")

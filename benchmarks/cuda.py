@@ -17,12 +17,14 @@ lengths first. Per case: 1 warm-up, then up to 3 timed ``torch.autograd.grad`` c
 against a fixed cotangent (median; fewer when over ``--case-budget``); peak memory is
 ``torch.cuda.max_memory_allocated`` during the runs minus the memory allocated before them
 (inputs, weights), so it counts activations, outputs and gradients. A case whose predicted
-time (last time × growth in L, ²for SDPA, ^1.2 otherwise) exceeds the case budget or the
-group's remaining time is "skipped". TFLOP/s: the op's own forward FLOP count × 3 (backward
-= 2 × forward; nothing recomputed counted) over the median time.
+time (its time at the previous length × the growth in L squared for SDPA, to the power 1.2
+otherwise) exceeds the case budget or the group's remaining time is "skipped". TFLOP/s: the
+op's own forward FLOP count × 3 (backward = 2 × forward; nothing recomputed counted) over the
+median time.
 
-Rows go to ``<out>/cuda.jsonl`` as they are measured; ``<out>/cuda.json`` gathers them with
-the device name, torch and CUDA versions (``python -m benchmarks.cuda_report`` renders them).
+Rows go to ``<out>/cuda.jsonl`` as they are measured (kept only if the driver dies);
+``<out>/cuda.json`` gathers them with the device name, torch and CUDA versions
+(``python -m benchmarks.cuda_report`` renders them).
 """
 
 from __future__ import annotations
@@ -327,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
     }
     (out / "cuda.json").write_text(json.dumps(meta, indent=1) + "\n")
+    rows_path.unlink(missing_ok=True)  # gathered into cuda.json
     print(f"wrote {out / 'cuda.json'} ({len(rows)} rows, {meta['wall_s']} s)", file=sys.stderr)
     return 0
 

@@ -42,7 +42,7 @@ bench: setup
 # Without CUDA it prints one line and exits 0. COPY_TO=dir also copies the results there.
 GPU_PYTHON ?= python3
 gpu-check:
-	$(GPU_PYTHON) -m benchmarks.gpu_check
+	@$(GPU_PYTHON) -m benchmarks.gpu_check
 
 # Refresh benchmarks/wheels/ (needs the network; the wheels are committed, ~130 KB).
 gpu-wheels:

@@ -16,6 +16,7 @@ from torch import Tensor
 from . import _validate
 from .baselines import dense_attention, masked_sdpa
 from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask, zero_padding
+from .lse_merge import merged_backward, merged_forward
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
 
 
@@ -257,7 +258,26 @@ def attend_with_plan(
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> Tensor:
-    """Local + sorted attention (or SortCut) given a plan; ``(B, H, L, Dv)`` out."""
+    """Local + sorted attention (or SortCut) given a plan; ``(B, H, L, Dv)`` out.
+
+    Which path a call takes (all equal the dense reference; see ``tests/test_ops_sinkhorn``):
+
+    ============================  =====================================================
+    two-part (the common path)    no padding (``L`` a multiple of ``W``, no
+                                  ``key_padding_mask``), no dropout, not SortCut, not
+                                  under ``torch.compile``: local and sorted blocks as two
+                                  mask-free attention calls merged through their
+                                  log-sum-exp (:mod:`.lse_merge`); the causal local block
+                                  is a plain causal call
+    masked ``[local ; sorted]``   padding or dropout: one SDPA over ``2W`` keys per block
+                                  with a boolean keep-mask
+    SortCut                       one SDPA over the ``n*W`` sorted keys (a mask only
+                                  with padding)
+    ============================  =====================================================
+
+    Hard routing (``plan.hard``) gathers the chosen blocks by index on every path (O(L·D)
+    instead of the ``N x N`` mix); its backward is the soft plan's (straight-through).
+    """
     w = plan.block_size
     length = query.shape[2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -269,16 +289,28 @@ def attend_with_plan(
     kb = rearrange(k, "b h (n w) d -> b h n w d", w=w)
     vb = rearrange(v, "b h (n w) d -> b h n w d", w=w)
     p = plan.P.to(k.dtype)  # (B, H, R, N)
-    slot_ok = _slot_mask(plan)  # (B, H, R, W) or None
+    idx = plan.indices if plan.hard else None  # (B, H, R): gather instead of mixing
     if plan.n_sortcut is not None:
-        ks = torch.einsum("bhrn,bhnwd->bhrwd", p, kb)  # (B, H, n, W, D) sorted keys
-        vs = torch.einsum("bhrn,bhnwd->bhrwd", p, vb)  # (B, H, n, W, Dv) sorted values
-        out = _sortcut(q, ks, vs, slot_ok, scale, dropout_p)
+        ks = _SortedBlocks.apply(p, kb, idx)  # (B, H, n, W, D) sorted keys
+        vs = _SortedBlocks.apply(p, vb, idx)  # (B, H, n, W, Dv) sorted values
+        out = _sortcut(q, ks, vs, _slot_mask(plan), scale, dropout_p)
+    elif _two_part_applies(plan, dropout_p):
+        out = _TwoPartSinkhorn.apply(q, k, v, p, plan.indices, plan.hard, plan.is_causal, scale)
     else:
-        k2 = _LocalAndSorted.apply(p, kb)  # (B, H, N, 2W, D): [K_i ; sum_j P_ij K_j]
-        v2 = _LocalAndSorted.apply(p, vb)  # (B, H, N, 2W, Dv)
-        out = _local_and_sorted(q, k2, v2, slot_ok, plan, scale, dropout_p)
+        k2 = _LocalAndSorted.apply(p, kb, idx)  # (B, H, N, 2W, D): [K_i ; sum_j P_ij K_j]
+        v2 = _LocalAndSorted.apply(p, vb, idx)  # (B, H, N, 2W, Dv)
+        out = _local_and_sorted(q, k2, v2, _slot_mask(plan), plan, scale, dropout_p)
     return out[:, :, :length].to(query.dtype)
+
+
+def _two_part_applies(plan: SinkhornPlan, dropout_p: float) -> bool:
+    """Whether the mask-free two-part path computes this call (see :func:`attend_with_plan`)."""
+    return (
+        plan.key_mask is None
+        and dropout_p == 0.0
+        and plan.n_sortcut is None
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _slot_mask(plan: SinkhornPlan) -> Tensor | None:
@@ -288,34 +320,170 @@ def _slot_mask(plan: SinkhornPlan) -> Tensor | None:
     return plan.slot_weight() > 0
 
 
+def _mix(p3: Tensor, x3: Tensor, idx3: Tensor | None) -> Tensor:
+    """Sorted rows ``P @ x``: ``(G, R, N)`` P and ``(G, N, F)`` x give ``(G, R, F)``.
+
+    With ``idx3`` (``(G, R)`` long, -1 = no block) ``P`` is a 0/1 selection and the rows
+    are gathered instead (O(R·F), not O(R·N·F)); a row with index -1 is 0.
+    """
+    if idx3 is None:
+        return torch.bmm(p3, x3)
+    rows = torch.arange(x3.shape[0], device=x3.device)[:, None]  # (G, 1)
+    picked = x3[rows, idx3.clamp_min(0)]  # (G, R, F), a fresh tensor
+    return picked.masked_fill_(idx3[..., None] < 0, 0.0)
+
+
+def _mix_backward_x(p3: Tensor, g3: Tensor, idx3: Tensor | None, n: int) -> Tensor:
+    """``P^T @ g`` (``(G, N, F)``) for the forward value of ``P``; a scatter when hard."""
+    return _add_mix_backward_x(g3.new_zeros(g3.shape[0], n, g3.shape[-1]), p3, g3, idx3)
+
+
+def _add_mix_backward_x(
+    acc: Tensor, p3: Tensor, g3: Tensor, idx3: Tensor | None, *, zero_if_no_block: bool = False
+) -> Tensor:
+    """``acc += P^T @ g`` in place (``acc`` ``(G, N, F)``); a scatter-add when hard.
+
+    ``zero_if_no_block``: the caller guarantees ``g`` is 0 on rows with index -1.
+    """
+    if idx3 is None:
+        return acc.baddbmm_(p3.mT, g3)
+    if not zero_if_no_block:  # rows that received no block add nothing
+        g3 = torch.where((idx3 >= 0)[..., None], g3, g3.new_zeros(()))
+    return acc.scatter_add_(1, idx3.clamp_min(0)[..., None].expand_as(g3), g3)
+
+
+class _TwoPartSinkhorn(torch.autograd.Function):
+    """The common path in one autograd node: sorted blocks, two merged attention parts.
+
+    ``(B, H, N*W, D)`` q, k, v, the ``(B, H, N, N)`` plan ``P`` and its ``(B, H, N)`` block
+    indices (hard routing gathers by them) give ``(B, H, N*W, Dv)``::
+
+        ks_i = sum_j P_ij k_j     vs_i = sum_j P_ij v_j            (or k_idx(i), v_idx(i))
+        out_i = softmax([q_i k_i^T ; q_i ks_i^T] * scale) [v_i ; vs_i]   via lse_merge
+
+    Blocks are flattened to ``(B*H*N, 1, W, D)`` rows for the attention kernels (no copy
+    for contiguous inputs). Saved: q, k, v, P, ``ks``, ``vs``, ``out`` and the ``lse``. The
+    backward adds ``P^T dks`` into ``dk`` in place (a scatter-add when hard) and returns
+    the soft ``dP = dks k^T + dvs v^T`` (straight-through for hard routing).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        p: Tensor,
+        indices: Tensor,
+        hard: bool,
+        causal: bool,
+        scale: float,
+    ) -> Tensor:
+        b, h, n = p.shape[:3]
+        w = q.shape[2] // n
+        g = b * h
+        p3 = p.reshape(g, n, n)  # (G, N, N)
+        idx3 = indices.reshape(g, n) if hard else None  # (G, N)
+        q4, k4, v4 = (t.reshape(g * n, 1, w, t.shape[-1]) for t in (q, k, v))  # (G*N, 1, W, D)
+        ks = _mix(p3, k4.view(g, n, -1), idx3).view(k4.shape)  # (G*N, 1, W, D)
+        vs = _mix(p3, v4.view(g, n, -1), idx3).view(v4.shape)  # (G*N, 1, W, Dv)
+        no_sorted = (indices.reshape(g * n, 1, 1) < 0) if causal else None  # causal block 0
+        out, lse, info = merged_forward(q4, k4, v4, ks, vs, causal, scale, no_sorted)
+        ctx.save_for_backward(q4, k4, v4, p3, idx3, ks, vs, out, lse, no_sorted)
+        ctx.opts = (causal, scale, info, q.shape)
+        return out.view(b, h, n * w, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q4, k4, v4, p3, idx3, ks, vs, out, lse, no_sorted = ctx.saved_tensors
+        causal, scale, info, q_shape = ctx.opts
+        g, n = p3.shape[:2]
+        b, h, length, _ = q_shape
+        dout = grad.reshape(out.shape)  # (G*N, 1, W, Dv)
+        dq, dk, dv, dks, dvs = merged_backward(
+            dout, q4, k4, v4, ks, vs, out, lse, causal, scale, no_sorted, info
+        )
+        dks3, dvs3 = dks.view(g, n, -1), dvs.view(g, n, -1)  # (G, N, W*D)
+        grad_p = None
+        if ctx.needs_input_grad[3]:  # soft dP = dks k^T + dvs v^T (straight-through if hard)
+            grad_p = torch.bmm(dks3, k4.view(g, n, -1).mT)
+            grad_p = grad_p.baddbmm_(dvs3, v4.view(g, n, -1).mT).view(*q_shape[:2], n, n)
+        # dk += P^T dks, dv += P^T dvs (dks = 0 on blocks without a sorted block)
+        _add_mix_backward_x(dk.view(g, n, -1), p3, dks3, idx3, zero_if_no_block=True)
+        _add_mix_backward_x(dv.view(g, n, -1), p3, dvs3, idx3, zero_if_no_block=True)
+        return (
+            dq.view(q_shape),
+            dk.view(b, h, length, -1),
+            dv.view(b, h, length, -1),
+            grad_p,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class _SortedBlocks(torch.autograd.Function):
+    """Sorted blocks ``sum_j P_rj x_j``: ``(B, H, R, N)`` P, ``(B, H, N, W, D)`` blocks ->
+    ``(B, H, R, W, D)``; with ``indices`` (hard routing) a gather by index.
+
+    Backward: ``dP = g x^T`` (the soft, straight-through gradient: O(R·N·W·D) in every
+    mode) and ``dx = P^T g`` (a scatter-add when hard). Only ``P`` and ``x`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, xb: Tensor, indices: Tensor | None) -> Tensor:
+        b, h, n, w, d = xb.shape
+        p3 = rearrange(p, "b h r j -> (b h) r j")  # (B*H, R, N)
+        x3 = xb.reshape(b * h, n, w * d)  # (B*H, N, W*D)
+        idx3 = None if indices is None else indices.reshape(b * h, -1)  # (B*H, R)
+        out = _mix(p3, x3, idx3)  # (B*H, R, W*D)
+        ctx.save_for_backward(p3, xb, idx3)
+        return out.view(b, h, -1, w, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        p3, xb, idx3 = ctx.saved_tensors
+        b, h, n, w, d = xb.shape
+        g3 = grad.reshape(b * h, -1, w * d)  # (B*H, R, W*D)
+        grad_p = grad_x = None
+        if ctx.needs_input_grad[0]:
+            x3 = xb.reshape(b * h, n, w * d)
+            grad_p = torch.bmm(g3, x3.mT).view(b, h, -1, n)
+        if ctx.needs_input_grad[1]:
+            grad_x = _mix_backward_x(p3, g3, idx3, n).view(b, h, n, w, d)
+        return grad_p, grad_x, None
+
+
 class _LocalAndSorted(torch.autograd.Function):
     """``[x_i ; sum_j P_ij x_j]`` for every block ``i``, written in place into one buffer.
 
     ``(B, H, N, N)`` P and ``(B, H, N, W, D)`` blocks give ``(B, H, N, 2W, D)``: the local
     block followed by the sorted one, i.e. ``cat([xb, einsum("bhij,bhjwd->bhiwd", P, xb)], -2)``
-    without the concatenation copy. The sort matmul writes straight into the second half of
-    the output (a strided view BLAS handles natively), and the backward reads the two halves
-    of the incoming gradient as views; only ``P`` and ``x`` are saved.
+    without the concatenation copy. The sort matmul (or, with ``indices``, the hard gather)
+    writes straight into the second half of the output, and the backward reads the two
+    halves of the incoming gradient as views; only ``P`` and ``x`` are saved.
     """
 
     @staticmethod
-    def forward(ctx: Any, p: Tensor, xb: Tensor) -> Tensor:
+    def forward(ctx: Any, p: Tensor, xb: Tensor, indices: Tensor | None) -> Tensor:
         b, h, n, w, d = xb.shape
         p3 = rearrange(p, "b h i j -> (b h) i j")  # (B*H, N, N)
         x3 = rearrange(xb, "b h n w d -> (b h) n (w d)")  # (B*H, N, W*D)
+        idx3 = None if indices is None else indices.reshape(b * h, n)  # (B*H, N)
         out = xb.new_empty(b * h, n, 2, w * d)  # (B*H, N, 2, W*D)
         out[:, :, 0] = x3
-        if torch.compiler.is_compiling():
-            out[:, :, 1] = torch.bmm(p3, x3)  # the compiler plans buffers itself
-        else:
+        if idx3 is None and not torch.compiler.is_compiling():
             torch.bmm(p3, x3, out=out[:, :, 1])  # sorted half, written in place
-        ctx.save_for_backward(p3, x3)
+        else:
+            out[:, :, 1] = _mix(p3, x3, idx3)
+        ctx.save_for_backward(p3, x3, idx3)
         ctx.dims = (b, w)
         return rearrange(out, "(b h) n two (w d) -> b h n (two w) d", b=b, w=w)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        p3, x3 = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        p3, x3, idx3 = ctx.saved_tensors
         b, w = ctx.dims
         g = rearrange(grad, "b h n (two w) d -> (b h) n two (w d)", two=2)  # (B*H, N, 2, W*D)
         g_loc, g_srt = g[:, :, 0], g[:, :, 1]  # (B*H, N, W*D) strided views
@@ -323,9 +491,9 @@ class _LocalAndSorted(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_p = rearrange(torch.bmm(g_srt, x3.mT), "(b h) i j -> b h i j", b=b)
         if ctx.needs_input_grad[1]:
-            grad_x3 = torch.baddbmm(g_loc, p3.mT, g_srt)  # local + P^T @ sorted
+            grad_x3 = g_loc + _mix_backward_x(p3, g_srt, idx3, x3.shape[1])  # local + P^T g
             grad_x = rearrange(grad_x3, "(b h) n (w d) -> b h n w d", b=b, w=w)
-        return grad_p, grad_x
+        return grad_p, grad_x, None
 
 
 def _local_and_sorted(

@@ -71,13 +71,58 @@ def allowed_entries(
     return allowed
 
 
-def _normalise(s: Tensor, allowed: Tensor | None, dim: int, *, prefix: bool) -> Tensor:
-    """``s - logsumexp(s, dim)`` (or a cumulative log-sum-exp along ``dim``), re-masked."""
-    lse = torch.logcumsumexp(s, dim=dim) if prefix else torch.logsumexp(s, dim=dim, keepdim=True)
-    out = s - lse
-    if allowed is not None:
-        out = torch.where(allowed, out, torch.full_like(out, _NEG))
-    return out
+def _floor(dtype: torch.dtype) -> float:
+    """How far below a line's maximum a term may lie and still go through ``exp()``.
+
+    ``exp(-80)`` (float32) and ``exp(-700)`` (float64) are normal numbers, and ``N`` such
+    terms vanish in rounding next to the maximum's term, 1. Arguments further down are
+    clamped there: on CPU, ``exp()`` of an argument whose result underflows (the masked
+    value ``_NEG`` above all) and ``log(0)`` take a scalar slow path about 10x slower.
+    """
+    return 700.0 if dtype == torch.float64 else 80.0
+
+
+def _logsumexp(s: Tensor, dim: int, masked: Tensor | None) -> Tensor:
+    """``logsumexp(s, dim, keepdim=True)``; with masked entries, through in-range ``exp()``.
+
+    Terms more than :func:`_floor` below the line's maximum count as ``exp(-floor)``: equal
+    to ``torch.logsumexp`` to rounding, and a fully masked line stays finite.
+    """
+    if masked is None:
+        return torch.logsumexp(s, dim=dim, keepdim=True)
+    m = s.detach().amax(dim=dim, keepdim=True)
+    return m + (s - m).clamp_min(-_floor(s.dtype)).exp().sum(dim=dim, keepdim=True).log()
+
+
+# A prefix term may lie this far from its line's reference entry (its float64 exp() stays a
+# normal, finite number, with room for N-term sums); further out, the prefix falls back.
+_PREFIX_RANGE = 600.0
+
+
+def prefix_logsumexp(s: Tensor, first: Tensor, masked: Tensor) -> Tensor:
+    """``torch.logcumsumexp(s, -1)``, as ``c + log(cumsum(exp(s - c)))`` in float64.
+
+    ``logcumsumexp`` does one scalar log-add-exp per element, in sequence; this is one
+    vectorised exp, a cumulative sum and a log along the contiguous last dim, and its
+    backward a reverse cumulative sum. The shift ``c`` of each line is its *first real
+    entry* (``first``: its index, ``(..., 1)``), so entry ``i`` depends on entries
+    ``<= i`` only, bit for bit (a line's maximum would leak later entries into earlier
+    ones' rounding). Float64 keeps every term within ``_PREFIX_RANGE`` of ``c`` exact to
+    float32 (float64) rounding; an entry whose prefix holds a real term further out takes
+    ``torch.logcumsumexp``'s value instead (computed only when some entry needs it; the
+    choice for entry ``i`` also depends on entries ``<= i`` only). ``masked`` entries are
+    clamped into range (they are masked again after every half-step).
+    """
+    c = s.detach().gather(-1, first).to(torch.float64)  # (..., 1)
+    shifted = s.to(torch.float64) - c
+    floor = _floor(torch.float64)
+    lse = shifted.clamp(-floor, floor).exp().cumsum(dim=-1).log() + c
+    if not torch.compiler.is_compiling():
+        far = (shifted.detach().abs() > _PREFIX_RANGE) & ~masked
+        if bool(far.any()):
+            unsafe = far.cumsum(dim=-1) > 0  # some real term of the prefix is out of range
+            lse = torch.where(unsafe, torch.logcumsumexp(s.to(torch.float64), dim=-1), lse)
+    return lse.to(s.dtype)
 
 
 def sinkhorn_balance(
@@ -144,17 +189,42 @@ def sinkhorn_balance(
 
 def _balance_rounds(s: Tensor, allowed: Tensor | None, n_iters: int, causal: bool) -> Tensor:
     """The ``n_iters`` normalisation rounds on scaled, masked log-scores; returns ``P``."""
+    masked = None if allowed is None else ~allowed
+    if causal:
+        assert masked is not None
+        return _causal_rounds(s, masked, n_iters)
     for _ in range(n_iters):
-        if causal:
-            s = _normalise(s, allowed, dim=-2, prefix=True)
-            s = _normalise(s, allowed, dim=-1, prefix=False)
-        else:
-            s = _normalise(s, allowed, dim=-1, prefix=False)
-            s = _normalise(s, allowed, dim=-2, prefix=False)
-    p = s.exp()
-    if allowed is not None:
-        p = torch.where(allowed, p, torch.zeros_like(p))
-    return p
+        s = _remask(s - _logsumexp(s, -1, masked), masked)  # rows
+        s = _remask(s - _logsumexp(s, -2, masked), masked)  # columns
+    return _exp(s, masked)
+
+
+def _causal_rounds(s: Tensor, masked: Tensor, n_iters: int) -> Tensor:
+    """Prefix-causal rounds, computed on ``S^T`` so the cumulative sum over rows runs along
+    the contiguous last dim (``St[j, i] = S[i, j]``)::
+
+        column step:  St[j, i] -= log sum_{r <= i} exp(St[j, r])     (prefix over rows)
+        row step:     St[j, i] -= log sum_j exp(St[j, i])              (ends each round)
+    """
+    st = s.mT.contiguous()  # (..., M, N)
+    masked_t = masked.mT
+    first = (~masked_t).int().argmax(dim=-1, keepdim=True)  # first real row of each column
+    first = first.expand(*st.shape[:-1], 1)
+    for _ in range(n_iters):
+        st = _remask(st - prefix_logsumexp(st, first, masked_t), masked_t)
+        st = _remask(st - _logsumexp(st, -2, masked_t), masked_t)
+    return _exp(st, masked_t).mT.contiguous()
+
+
+def _remask(s: Tensor, masked: Tensor | None) -> Tensor:
+    return s if masked is None else s.masked_fill(masked, _NEG)
+
+
+def _exp(s: Tensor, masked: Tensor | None) -> Tensor:
+    """``exp(s)``, exactly 0 where masked (masked entries never reach ``exp()``)."""
+    if masked is None:
+        return s.exp()
+    return s.masked_fill(masked, 0.0).exp().masked_fill(masked, 0.0)
 
 
 def hard_routing(p: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,218 @@
+"""The mask-free two-part path (local block + sorted block merged through their log-sum-exp),
+the hard-routing gather, and which attention kernels the common paths reach.
+
+Lengths here are multiples of the block size and there is no padding or dropout, so
+``sinkhorn_attention`` takes the two-part path (``ops.attention.attend_with_plan``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sparse_sinkhorn.ops import attention as attention_mod
+from sparse_sinkhorn.ops import reference_sinkhorn_attention, sinkhorn_attention
+
+B, H, D = 2, 3, 8
+
+MODES = [
+    dict(is_causal=False),
+    dict(is_causal=False, hard=True),
+    dict(is_causal=True),
+    dict(is_causal=True, hard=True),
+    dict(is_causal=False, mixture=True),
+    dict(is_causal=True, mixture=True),
+    dict(is_causal=False, n_sortcut=2),
+    dict(is_causal=False, n_sortcut=2, hard=True),
+]
+SHAPES = [(4, 16), (8, 24), (1, 5), (16, 16)]  # (block, length): 4, 3, 5 and 1 block(s)
+
+
+def _ids(mode: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in mode.items())
+
+
+def _inputs(length: int, block: int, dtype=torch.float64, kv_heads: int = H, device="cpu"):
+    n = length // block
+    q = torch.randn(B, H, length, D, dtype=dtype, device=device)
+    k, v = (torch.randn(B, kv_heads, length, D, dtype=dtype, device=device) for _ in range(2))
+    logits = torch.randn(B, H, n, n, dtype=dtype, device=device)
+    return [t.requires_grad_() for t in (q, k, v, logits)]
+
+
+def _check_against_reference(mode: dict, block: int, length: int, kv_heads: int = H) -> None:
+    if mode.get("n_sortcut", 0) > length // block:
+        pytest.skip("budget larger than N")
+    inputs = _inputs(length, block, kv_heads=kv_heads)
+    weight = torch.randn(B, H, length, D, dtype=torch.float64)
+    rep = H // kv_heads
+    outs, grads = [], []
+    for fn in (sinkhorn_attention, reference_sinkhorn_attention):
+        q, k, v, logits = inputs
+        if fn is reference_sinkhorn_attention:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        out = fn(q, k, v, logits, block_size=block, **mode)
+        assert isinstance(out, torch.Tensor)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * weight).sum(), inputs))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=0)
+    for name, fast, ref in zip(["q", "k", "v", "logits"], *grads, strict=True):
+        torch.testing.assert_close(fast, ref, atol=1e-10, rtol=0, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=_ids)
+@pytest.mark.parametrize(("block", "length"), SHAPES)
+def test_two_part_matches_reference_forward_and_backward(mode, block, length) -> None:
+    _check_against_reference(mode, block, length)
+
+
+@pytest.mark.parametrize("mode", MODES[:4], ids=_ids)
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_two_part_gqa_matches_reference(mode, kv_heads) -> None:
+    _check_against_reference(mode, 4, 16, kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("mode", MODES[:4], ids=_ids)
+def test_two_part_in_plain_matmuls_matches_reference(mode) -> None:
+    """With SDPA's flash backend switched off the parts run as plain matmuls (the path CUDA
+    float32 takes); same result."""
+    with sdpa_kernel(SDPBackend.MATH):
+        _check_against_reference(mode, 4, 16)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m["is_causal"]], ids=_ids)
+def test_two_part_exact_causality(mode) -> None:
+    length, w = 20, 4
+    q, k, v, logits = (t.detach() for t in _inputs(length, w))
+    out = sinkhorn_attention(q, k, v, logits, block_size=w, **mode)
+    for t in range(length):
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
+        logits2 = logits.clone()
+        logits2[:, :, t // w + 1 :] = torch.randn_like(logits2[:, :, t // w + 1 :])
+        out2 = sinkhorn_attention(q2, k2, v2, logits2, block_size=w, **mode)
+        assert isinstance(out, torch.Tensor) and isinstance(out2, torch.Tensor)
+        torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], atol=0, rtol=0)
+
+
+def test_common_paths_take_the_two_part_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    real = attention_mod._two_part_applies
+
+    def spy(plan, dropout_p):  # type: ignore[no-untyped-def]
+        calls.append(real(plan, dropout_p))
+        return calls[-1]
+
+    monkeypatch.setattr(attention_mod, "_two_part_applies", spy)
+    q, k, v, logits = (t.detach() for t in _inputs(16, 4))
+    for mode in MODES[:6]:
+        sinkhorn_attention(q, k, v, logits, block_size=4, **mode)
+    assert calls and all(calls)
+    calls.clear()
+    mask = torch.ones(B, 16, dtype=torch.bool)
+    mask[0, 10:] = False
+    sinkhorn_attention(q, k, v, logits, block_size=4, key_padding_mask=mask)  # padding
+    sinkhorn_attention(q[:, :, :15], k[:, :, :15], v[:, :, :15], logits, block_size=4)  # L % W
+    sinkhorn_attention(q, k, v, logits, block_size=4, dropout_p=0.1)  # dropout
+    assert calls == [False, False, False]
+
+
+class _AttentionKernels(TorchDispatchMode):
+    """Records every attention kernel call (name, whether it got a mask) and every bmm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention: list[tuple[str, bool]] = []
+        self.bmm_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if "attention" in name:
+            names = [a.name for a in func._schema.arguments]
+            mask = kwargs.get("attn_mask")
+            if mask is None and "attn_mask" in names and names.index("attn_mask") < len(args):
+                mask = args[names.index("attn_mask")]
+            self.attention.append((name, mask is not None))
+        if name == "bmm":
+            self.bmm_shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
+        return func(*args, **kwargs)
+
+
+FLASH_MODES = [m for m in MODES if not m.get("n_sortcut")] + [dict(is_causal=False, n_sortcut=2)]
+
+
+def _run_on_flash_only(mode: dict, device: str, dtype: torch.dtype) -> _AttentionKernels:
+    q, k, v, logits = _inputs(64, 16, dtype=dtype, device=device)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), _AttentionKernels() as seen:
+        out = sinkhorn_attention(q, k, v, logits, block_size=16, **mode)
+        assert isinstance(out, torch.Tensor)
+        torch.autograd.grad(out.float().square().sum(), (q, k, v, logits))
+    assert torch.isfinite(out).all()
+    return seen
+
+
+@pytest.mark.parametrize("mode", FLASH_MODES, ids=_ids)
+def test_common_paths_use_the_flash_kernel_without_a_mask_cpu(mode: dict) -> None:
+    """Issue 12: no boolean mask on the common paths (causal local block, no padding), so
+    SDPA keeps its flash backend. CPU's flash kernel also accepts masks, so the test records
+    the kernels reached under ``sdpa_kernel(FLASH_ATTENTION)`` and checks none got a mask."""
+    seen = _run_on_flash_only(mode, "cpu", torch.float32)
+    names = {name for name, _ in seen.attention}
+    assert names, "no attention kernel ran"
+    assert names <= {
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    }, names
+    assert not any(masked for _, masked in seen.attention), seen.attention
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", FLASH_MODES, ids=_ids)
+def test_common_paths_use_the_flash_kernel_without_a_mask_cuda(mode: dict) -> None:
+    """On CUDA the flash backend refuses masks: running under ``FLASH_ATTENTION`` alone at
+    all proves the common paths pass none (bf16: FlashAttention needs half precision)."""
+    seen = _run_on_flash_only(mode, "cuda", torch.bfloat16)
+    names = {name for name, _ in seen.attention}
+    assert names <= {
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_backward",
+    }, names
+    assert not any(masked for _, masked in seen.attention), seen.attention
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES[:4], ids=_ids)
+def test_two_part_cuda_bf16_close_to_reference(mode: dict) -> None:
+    q, k, v, logits = _inputs(64, 16, dtype=torch.bfloat16, device="cuda")
+    out = sinkhorn_attention(q, k, v, logits, block_size=16, **mode)
+    ref = reference_sinkhorn_attention(
+        q.double(), k.double(), v.double(), logits.double(), block_size=16, **mode
+    )
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("mode", [dict(is_causal=False), dict(is_causal=True)], ids=_ids)
+@pytest.mark.parametrize("n_sortcut", [None, 2])
+def test_hard_routing_gathers_instead_of_mixing(mode: dict, n_sortcut: int | None) -> None:
+    """Hard routing's forward gathers the chosen blocks: no (N, N) matmul with the plan, in
+    training (grad enabled) and in eval; its backward still mixes (straight-through)."""
+    if mode["is_causal"] and n_sortcut:
+        pytest.skip("SortCut is for encoders only")
+    n = 8
+    q, k, v, logits = _inputs(4 * n, 4)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), _AttentionKernels() as seen:
+            out = sinkhorn_attention(
+                q, k, v, logits, block_size=4, hard=True, n_sortcut=n_sortcut, **mode
+            )
+        plan_mixes = [s for s in seen.bmm_shapes if s[0][-1] == n]
+        assert plan_mixes == [], plan_mixes
+    assert isinstance(out, torch.Tensor)
+    with _AttentionKernels() as seen:
+        torch.autograd.grad(out.sum(), logits)
+    assert any(s[0][-1] == 4 * D for s in seen.bmm_shapes)  # dP = g x^T, soft gradient

@@ -151,7 +151,7 @@ def section(meta: dict[str, Any] | None, check: dict[str, Any] | None, images: s
         return UNMEASURED
     m = meta["machine"]
     total = (
-        f"; the whole `make gpu-check` took {check['total_wall_s']:.0f} s"
+        f"; `make gpu-check` ran its tests and this benchmark in {check['total_wall_s']:.0f} s"
         if check and "total_wall_s" in check
         else ""
     )

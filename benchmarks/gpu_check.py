@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"gpu-check: {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(RESULTS, ignore_errors=True)  # no stale file may pass for this run's
+    RESULTS.mkdir(parents=True)
     wheels = unpack_wheels()
     print(f"gpu-check: unpacked {len(wheels)} wheels into {SITE.relative_to(ROOT)}", flush=True)
     env = environment()

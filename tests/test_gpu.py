@@ -422,7 +422,7 @@ def test_cuda_torchrun_sort_smoke(tmp_path: Path) -> None:
         ["-m", "sparse_sinkhorn.cli", "sort", "--out", str(out), "--length", "8",
          "--block-size", "4", "--n-eval", "12", "--no-progress", "--seeds", "1",
          "--attention", "sinkhorn", "--steps", "4"],
-        timeout=240,
+        timeout=120,
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["machine"].get("gpu"), results["machine"]
@@ -432,14 +432,14 @@ def test_cuda_torchrun_sort_smoke(tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_cuda_torchrun_nccl_ddp_step() -> None:
     """One torchrun rank joins an nccl group and trains a DDP-wrapped Sinkhorn model."""
-    proc = _torchrun([str(HELPER), "nccl"], timeout=240)
+    proc = _torchrun([str(HELPER), "nccl"], timeout=120)
     assert "OK backend=nccl" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.slow
 def test_cpu_smoke_torchrun_gloo_ddp_step() -> None:
     """The same helper on the CPU with gloo."""
-    proc = _torchrun([str(HELPER), "gloo"], timeout=240)
+    proc = _torchrun([str(HELPER), "gloo"], timeout=120)
     assert "OK backend=gloo" in proc.stdout, proc.stdout[-2000:]
 
 

@@ -27,16 +27,20 @@ logger = logging.getLogger(__name__)
 
 
 def parse_kinds(
-    value: str, allowed: Sequence[str] = ATTENTION_KINDS, all_kinds: Sequence[str] | None = None
+    value: str,
+    allowed: Sequence[str] = ATTENTION_KINDS,
+    all_kinds: Sequence[str] | None = None,
+    *,
+    what: str = "attention kind",
 ) -> list[str]:
-    """``"all"``, one kind, or a comma-separated list -> list of kinds (validated)."""
+    """``"all"``, one name, or a comma-separated list -> list of names (validated)."""
     if value == "all":
         return list(all_kinds or allowed)
     kinds = [k.strip() for k in value.split(",") if k.strip()]
     bad = [k for k in kinds if k not in allowed]
     if bad or not kinds:
         raise SystemExit(
-            f"error: unknown attention kind {', '.join(bad) or value!r}; "
+            f"error: unknown {what} {', '.join(bad) or value!r}; "
             f"choose from {', '.join(allowed)} or 'all'"
         )
     return kinds

@@ -135,7 +135,7 @@ def _tests_line(check: dict[str, Any] | None) -> str:
         return "The `gpu`-marked tests' outcome was not recorded."
     t = check["tests"]
     parts = [f"{t.get(k, 0)} {k}" for k in ("passed", "failed", "errors", "skipped") if t.get(k)]
-    text = f"`gpu`-marked tests (`tests/test_gpu.py`): {', '.join(parts) or 'none ran'}"
+    text = f"`gpu`-marked tests: {', '.join(parts) or 'none ran'}"
     if t.get("status") == "timeout":
         text += " (stopped at their time limit)"
     if t.get("failed_ids"):

@@ -5,7 +5,8 @@ On a machine with a CUDA device and a preinstalled torch (no network needed):
 1. unpacks the peer's pure-Python wheels (``benchmarks/wheels/``, fetched by
    ``make gpu-wheels``) into ``build/gpu-site`` and puts it and ``src/`` on ``PYTHONPATH``
    (nothing is pip-installed; the project runs from source);
-2. runs the ``gpu``-marked tests (``tests/test_gpu.py``) under a time limit;
+2. runs the ``gpu``-marked tests (``tests/test_gpu.py`` and any other test file that has
+   some) under a time limit;
 3. runs the short CUDA benchmark (``benchmarks.cuda``) in the time left;
 4. writes ``benchmarks/results/cuda/`` (``cuda.json`` with the device, torch and CUDA versions,
    ``gpu_check.json`` with the tests' outcome and wall times, ``tests.log``, ``cuda.md``, plots)
@@ -75,10 +76,20 @@ def environment() -> dict[str, str]:
     return env
 
 
+def gpu_test_files(tests: Path = ROOT / "tests") -> list[str]:
+    """The test files holding ``gpu``-marked tests (collecting only these keeps test modules
+    that need packages the GPU machine lacks, e.g. transformers, out of the run)."""
+    return sorted(
+        f.relative_to(ROOT).as_posix()
+        for f in tests.glob("test_*.py")
+        if "pytest.mark.gpu" in f.read_text()
+    )
+
+
 def run_tests(env: dict[str, str], limit: float, results: Path) -> dict[str, Any]:
-    """``pytest -m gpu tests/test_gpu.py``; the log and a JUnit XML go to ``results``."""
+    """``pytest -m gpu`` on :func:`gpu_test_files`; the log and a JUnit XML go to ``results``."""
     junit = results / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "gpu", "-q", "-rfEs",
+    cmd = [sys.executable, "-m", "pytest", *gpu_test_files(), "-m", "gpu", "-q", "-rfEs",
            "--durations=15", "-p", "no:cacheprovider", f"--junitxml={junit}"]  # fmt: skip
     print("gpu-check: " + " ".join(cmd[1:]), flush=True)
     t0 = time.monotonic()

@@ -46,6 +46,13 @@ def test_gpu_check_without_cuda_prints_one_line_and_exits_0() -> None:
     assert len(proc.stdout.splitlines()) == 1 and "nothing to run" in proc.stdout
 
 
+def test_gpu_check_collects_every_file_with_gpu_tests() -> None:
+    files = gpu_check.gpu_test_files()
+    assert "tests/test_gpu.py" in files and "tests/test_hf.py" not in files
+    for f in (ROOT / "tests").glob("test_*.py"):
+        assert (f"tests/{f.name}" in files) == ("pytest.mark.gpu" in f.read_text())
+
+
 def test_committed_wheels_are_pure_python_and_pinned() -> None:
     wheels = sorted((ROOT / "benchmarks" / "wheels").glob("*.whl"))
     assert {w.name.split("-")[0] for w in wheels} == PEER_WHEELS

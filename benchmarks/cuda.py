@@ -59,13 +59,15 @@ def forward_flops(
     """The op's own forward FLOPs (batch 1): what its kernels compute, masked entries included.
 
     Sinkhorn: the sorting contractions ``P @ K``, ``P @ V`` (2 x 2·R·N·W·D, R = N rows, or n
-    with SortCut) and the scores and values over each query's keys (2 x 2·L·S·D, S = 2W, or
-    n·W with SortCut). SDPA: 4·L²·D, half of it causal. The peer: not counted (None).
+    with SortCut; none with hard routing, which gathers one block per row) and the scores and
+    values over each query's keys (2 x 2·L·S·D, S = 2W, or n·W with SortCut). SDPA: 4·L²·D,
+    half of it causal. The peer: not counted (None).
     """
     n = -(-length // block)
     d = head_dim
     if contender in ("sinkhorn", "sinkhorn_hard", "sinkhorn_causal"):
-        per_head = 2 * (2 * n * n * block * d) + 2 * (2 * length * 2 * block * d)
+        sort = 0 if contender == "sinkhorn_hard" else 2 * (2 * n * n * block * d)
+        per_head = sort + 2 * (2 * length * 2 * block * d)
     elif contender == "sortcut":
         per_head = 2 * (2 * N_SORTCUT * n * block * d) + 2 * (2 * length * N_SORTCUT * block * d)
     elif contender == "sdpa_flash":

@@ -92,6 +92,7 @@ def test_flop_counts() -> None:
     assert cuda.forward_flops("sdpa_flash", 4096, 8, d, w) == 8 * 4 * 4096**2 * d
     assert cuda.forward_flops("sdpa_flash_causal", 4096, 8, d, w) == 8 * 2 * 4096**2 * d
     assert cuda.forward_flops("peer", 4096, 8, d, w) is None
+    assert cuda.forward_flops("sinkhorn_hard", 4096, 8, d, w) == 8 * 8 * 4096 * w * d  # a gather
 
 
 @pytest.fixture(scope="module")

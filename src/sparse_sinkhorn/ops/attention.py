@@ -6,6 +6,7 @@ SortCut), W block size, Q/K query/key positions inside a block.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,6 +353,26 @@ def _add_mix_backward_x(
     return acc.scatter_add_(1, idx3.clamp_min(0)[..., None].expand_as(g3), g3)
 
 
+def _row_chunks(n: int, causal: bool) -> list[tuple[int, int]]:
+    """Row ranges for the plan matmuls. A causal plan is strictly lower triangular, so
+    rows ``[r0, r1)`` only need columns ``< r1``: four row chunks skip about 3/8 of the
+    ``N x N`` mix (and of its gradients); one chunk otherwise."""
+    if not causal or n < 8:
+        return [(0, n)]
+    bounds = [round(n * i / 4) for i in range(5)]
+    return list(itertools.pairwise(bounds))
+
+
+def _mix_rows(p3: Tensor, x3: Tensor, idx3: Tensor | None, chunks: list[tuple[int, int]]) -> Tensor:
+    """:func:`_mix` by row chunks (see :func:`_row_chunks`)."""
+    if idx3 is not None or len(chunks) == 1:
+        return _mix(p3, x3, idx3)
+    out = x3.new_empty(x3.shape[0], p3.shape[1], x3.shape[-1])
+    for r0, r1 in chunks:
+        torch.bmm(p3[:, r0:r1, :r1], x3[:, :r1], out=out[:, r0:r1])
+    return out
+
+
 class _TwoPartSinkhorn(torch.autograd.Function):
     """The common path in one autograd node: sorted blocks, two merged attention parts.
 
@@ -385,8 +406,9 @@ class _TwoPartSinkhorn(torch.autograd.Function):
         p3 = p.reshape(g, n, n)  # (G, N, N)
         idx3 = indices.reshape(g, n) if hard else None  # (G, N)
         q4, k4, v4 = (t.reshape(g * n, 1, w, t.shape[-1]) for t in (q, k, v))  # (G*N, 1, W, D)
-        ks = _mix(p3, k4.view(g, n, -1), idx3).view(k4.shape)  # (G*N, 1, W, D)
-        vs = _mix(p3, v4.view(g, n, -1), idx3).view(v4.shape)  # (G*N, 1, W, Dv)
+        chunks = _row_chunks(n, causal)
+        ks = _mix_rows(p3, k4.view(g, n, -1), idx3, chunks).view(k4.shape)  # (G*N, 1, W, D)
+        vs = _mix_rows(p3, v4.view(g, n, -1), idx3, chunks).view(v4.shape)  # (G*N, 1, W, Dv)
         no_sorted = (indices.reshape(g * n, 1, 1) < 0) if causal else None  # causal block 0
         out, lse, info = merged_forward(q4, k4, v4, ks, vs, causal, scale, no_sorted)
         ctx.save_for_backward(q4, k4, v4, p3, idx3, ks, vs, out, lse, no_sorted)
@@ -404,13 +426,24 @@ class _TwoPartSinkhorn(torch.autograd.Function):
             dout, q4, k4, v4, ks, vs, out, lse, causal, scale, no_sorted, info
         )
         dks3, dvs3 = dks.view(g, n, -1), dvs.view(g, n, -1)  # (G, N, W*D)
+        k3, v3 = k4.view(g, n, -1), v4.view(g, n, -1)
+        chunks = _row_chunks(n, causal)
         grad_p = None
         if ctx.needs_input_grad[3]:  # soft dP = dks k^T + dvs v^T (straight-through if hard)
-            grad_p = torch.bmm(dks3, k4.view(g, n, -1).mT)
-            grad_p = grad_p.baddbmm_(dvs3, v4.view(g, n, -1).mT).view(*q_shape[:2], n, n)
+            grad_p = p3.new_zeros(g, n, n) if len(chunks) > 1 else p3.new_empty(g, n, n)
+            for r0, r1 in chunks:  # causal: row i needs columns j < i only
+                part = grad_p[:, r0:r1, :r1]
+                torch.bmm(dks3[:, r0:r1], k3[:, :r1].mT, out=part)
+                part.baddbmm_(dvs3[:, r0:r1], v3[:, :r1].mT)
+            grad_p = grad_p.view(*q_shape[:2], n, n)
         # dk += P^T dks, dv += P^T dvs (dks = 0 on blocks without a sorted block)
-        _add_mix_backward_x(dk.view(g, n, -1), p3, dks3, idx3, zero_if_no_block=True)
-        _add_mix_backward_x(dv.view(g, n, -1), p3, dvs3, idx3, zero_if_no_block=True)
+        if idx3 is None:
+            for c0, c1 in chunks:  # causal: column j receives rows i > j only
+                dk.view(g, n, -1)[:, c0:c1].baddbmm_(p3[:, c0:, c0:c1].mT, dks3[:, c0:])
+                dv.view(g, n, -1)[:, c0:c1].baddbmm_(p3[:, c0:, c0:c1].mT, dvs3[:, c0:])
+        else:
+            _add_mix_backward_x(dk.view(g, n, -1), p3, dks3, idx3, zero_if_no_block=True)
+            _add_mix_backward_x(dv.view(g, n, -1), p3, dvs3, idx3, zero_if_no_block=True)
         return (
             dq.view(q_shape),
             dk.view(b, h, length, -1),

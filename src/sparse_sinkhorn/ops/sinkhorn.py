@@ -11,9 +11,10 @@ the normalisation of allowed entries; ``P`` is exactly 0 there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ._validate import check_number
 
@@ -72,12 +73,13 @@ def allowed_entries(
 
 
 def _floor(dtype: torch.dtype) -> float:
-    """How far below a line's maximum a term may lie and still go through ``exp()``.
+    """How far from a line's reference value an exponent may go through ``exp()``.
 
-    ``exp(-80)`` (float32) and ``exp(-700)`` (float64) are normal numbers, and ``N`` such
-    terms vanish in rounding next to the maximum's term, 1. Arguments further down are
-    clamped there: on CPU, ``exp()`` of an argument whose result underflows (the masked
-    value ``_NEG`` above all) and ``log(0)`` take a scalar slow path about 10x slower.
+    ``exp(+-80)`` (float32) and ``exp(+-700)`` (float64) are normal, finite numbers, with
+    room for sums of thousands of terms. Exponents further down are clamped there: next to a
+    term >= 1 they vanish in rounding either way, and on CPU ``exp()`` of an argument whose
+    result underflows (the masked value ``_NEG`` above all) takes a scalar slow path about
+    10x slower.
     """
     return 700.0 if dtype == torch.float64 else 80.0
 
@@ -86,43 +88,53 @@ def _logsumexp(s: Tensor, dim: int, masked: Tensor | None) -> Tensor:
     """``logsumexp(s, dim, keepdim=True)``; with masked entries, through in-range ``exp()``.
 
     Terms more than :func:`_floor` below the line's maximum count as ``exp(-floor)``: equal
-    to ``torch.logsumexp`` to rounding, and a fully masked line stays finite.
+    to ``torch.logsumexp`` to rounding (the maximum's term is 1), and a fully masked line
+    stays finite.
     """
     if masked is None:
         return torch.logsumexp(s, dim=dim, keepdim=True)
     m = s.detach().amax(dim=dim, keepdim=True)
-    return m + (s - m).clamp_min(-_floor(s.dtype)).exp().sum(dim=dim, keepdim=True).log()
+    return m + _exp_in_range(s - m).sum(dim=dim, keepdim=True).log()
 
 
-# A prefix term may lie this far from its line's reference entry (its float64 exp() stays a
-# normal, finite number, with room for N-term sums); further out, the prefix falls back.
-_PREFIX_RANGE = 600.0
+def _exp_in_range(t: Tensor) -> Tensor:
+    """``exp(t.clamp(-floor, floor))``, in place when ``t`` is a fresh no-grad temporary."""
+    floor = _floor(t.dtype)
+    if t.requires_grad:
+        return t.clamp(-floor, floor).exp()
+    return t.clamp_(-floor, floor).exp_()
 
 
-def prefix_logsumexp(s: Tensor, first: Tensor, masked: Tensor) -> Tensor:
-    """``torch.logcumsumexp(s, -1)``, as ``c + log(cumsum(exp(s - c)))`` in float64.
+def prefix_logsumexp(s: Tensor, first: Tensor) -> Tensor:
+    """``torch.logcumsumexp(s, -1)`` as ``c + log(cumsum(exp(s - c)))``.
 
     ``logcumsumexp`` does one scalar log-add-exp per element, in sequence; this is one
     vectorised exp, a cumulative sum and a log along the contiguous last dim, and its
     backward a reverse cumulative sum. The shift ``c`` of each line is its *first real
-    entry* (``first``: its index, ``(..., 1)``), so entry ``i`` depends on entries
-    ``<= i`` only, bit for bit (a line's maximum would leak later entries into earlier
-    ones' rounding). Float64 keeps every term within ``_PREFIX_RANGE`` of ``c`` exact to
-    float32 (float64) rounding; an entry whose prefix holds a real term further out takes
-    ``torch.logcumsumexp``'s value instead (computed only when some entry needs it; the
-    choice for entry ``i`` also depends on entries ``<= i`` only). ``masked`` entries are
-    clamped into range (they are masked again after every half-step).
+    entry* (``first``: its index, ``(..., 1)``), so entry ``i`` depends on entries ``<= i``
+    only, bit for bit (a line's maximum would leak later entries into earlier ones'
+    rounding), and every prefix from ``first`` on holds ``c``'s term ``exp(0) = 1``: terms
+    far below ``c`` vanish in rounding (they are clamped, see :func:`_floor`), only terms
+    far *above* it could overflow. Entries whose prefix holds such a term (``> c + floor``)
+    take ``torch.logcumsumexp``'s value instead (computed only when some entry needs it;
+    the choice for entry ``i`` also depends on entries ``<= i`` only).
     """
-    c = s.detach().gather(-1, first).to(torch.float64)  # (..., 1)
-    shifted = s.to(torch.float64) - c
-    floor = _floor(torch.float64)
-    lse = shifted.clamp(-floor, floor).exp().cumsum(dim=-1).log() + c
+    c = s.detach().gather(-1, first)  # (..., 1)
+    cs = _exp_in_range(s - c).cumsum(dim=-1)
+    lse = (cs.log() if cs.requires_grad else cs.log_()) + c
     if not torch.compiler.is_compiling():
-        far = (shifted.detach().abs() > _PREFIX_RANGE) & ~masked
-        if bool(far.any()):
-            unsafe = far.cumsum(dim=-1) > 0  # some real term of the prefix is out of range
-            lse = torch.where(unsafe, torch.logcumsumexp(s.to(torch.float64), dim=-1), lse)
-    return lse.to(s.dtype)
+        over = _prefix_overflows(s, c)
+        if over is not None:
+            lse = torch.where(over, torch.logcumsumexp(s, dim=-1), lse)
+    return lse
+
+
+def _prefix_overflows(s: Tensor, c: Tensor) -> Tensor | None:
+    """Where a prefix holds a term too far above its line's shift ``c`` (None: nowhere)."""
+    ahead = s.detach() - c > _floor(s.dtype)
+    if not bool(ahead.any()):
+        return None
+    return ahead.cumsum(dim=-1) > 0
 
 
 def sinkhorn_balance(
@@ -179,52 +191,190 @@ def sinkhorn_balance(
         allowed = causal_mask if allowed is None else allowed & causal_mask
     if allowed is not None:
         s = torch.where(allowed, s, torch.full_like(s, _NEG))
-    if s.requires_grad and not torch.compiler.is_compiling():
-        # Keep only S0 for backward and recompute the rounds there: the 2 * n_iters
-        # intermediate (N, N) states then exist only while this (last) part of the backward
-        # runs, not beside every attention activation (most of the op's memory at long L).
-        return checkpoint(_balance_rounds, s, allowed, n_iters, causal, use_reentrant=False)
     return _balance_rounds(s, allowed, n_iters, causal)
 
 
 def _balance_rounds(s: Tensor, allowed: Tensor | None, n_iters: int, causal: bool) -> Tensor:
-    """The ``n_iters`` normalisation rounds on scaled, masked log-scores; returns ``P``."""
-    masked = None if allowed is None else ~allowed
-    if causal:
-        assert masked is not None
-        return _causal_rounds(s, masked, n_iters)
-    for _ in range(n_iters):
-        s = _remask(s - _logsumexp(s, -1, masked), masked)  # rows
-        s = _remask(s - _logsumexp(s, -2, masked), masked)  # columns
-    return _exp(s, masked)
+    """The ``n_iters`` normalisation rounds on scaled, masked log-scores; returns ``P``.
 
-
-def _causal_rounds(s: Tensor, masked: Tensor, n_iters: int) -> Tensor:
-    """Prefix-causal rounds, computed on ``S^T`` so the cumulative sum over rows runs along
-    the contiguous last dim (``St[j, i] = S[i, j]``)::
+    Causal rounds run on ``S^T``, so the cumulative sum over rows (the prefix column step)
+    runs along the contiguous last dim (``St[j, i] = S[i, j]``)::
 
         column step:  St[j, i] -= log sum_{r <= i} exp(St[j, r])     (prefix over rows)
         row step:     St[j, i] -= log sum_j exp(St[j, i])              (ends each round)
     """
-    st = s.mT.contiguous()  # (..., M, N)
-    masked_t = masked.mT
-    first = (~masked_t).int().argmax(dim=-1, keepdim=True)  # first real row of each column
-    first = first.expand(*st.shape[:-1], 1)
+    masked = None if allowed is None else ~allowed
+    if causal:
+        assert masked is not None
+        st, masked = s.mT.contiguous(), masked.mT.contiguous()
+        return _rounds(st, masked, n_iters, causal=True).mT.contiguous()
+    return _rounds(s, masked, n_iters, causal=False)
+
+
+def _rounds(s: Tensor, masked: Tensor | None, n_iters: int, *, causal: bool) -> Tensor:
+    """Rounds then ``P = exp(S)``: through autograd when compiling, else one node."""
+    if torch.compiler.is_compiling() or not (s.requires_grad and torch.is_grad_enabled()):
+        return _exp(_run_steps(s, masked, n_iters, causal, keep=False)[-1], masked)
+    return _SinkhornRounds.apply(s, masked, n_iters, causal)
+
+
+def _step_dims(causal: bool) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The two half-steps of a round: (kind, dim)."""
+    return (("prefix", -1), ("lse", -2)) if causal else (("lse", -1), ("lse", -2))
+
+
+def _first_real(masked: Tensor, shape: torch.Size) -> Tensor:
+    """``(..., 1)`` index of each line's first unmasked entry (0 for a fully masked line)."""
+    return (~masked).int().argmax(dim=-1, keepdim=True).expand(*shape[:-1], 1)
+
+
+def _run_steps(
+    s: Tensor, masked: Tensor | None, n_iters: int, causal: bool, *, keep: bool
+) -> list[Tensor]:
+    """``[S0, S1, ..., S_2n]`` (every half-step's output if ``keep``, else the last only).
+
+    Without autograd the half-steps write into reused buffers (two for the states, one
+    scratch): on CPU a fresh ``(N, N)`` buffer costs page faults comparable to the
+    arithmetic on it.
+    """
+    first = None if masked is None or not causal else _first_real(masked, s.shape)
+    track = s.requires_grad and torch.is_grad_enabled()
+    scratch = None if track else torch.empty_like(s)
+    spare = [] if track or keep else [torch.empty_like(s), torch.empty_like(s)]
+    states = [s]
     for _ in range(n_iters):
-        st = _remask(st - prefix_logsumexp(st, first, masked_t), masked_t)
-        st = _remask(st - _logsumexp(st, -2, masked_t), masked_t)
-    return _exp(st, masked_t).mT.contiguous()
+        for kind, dim in _step_dims(causal):
+            out = None if track else spare.pop() if spare else torch.empty_like(s)
+            y = _half_step(states[-1], kind, dim, masked, first, out, scratch)
+            if not keep and not track and states[-1] is not s:
+                spare.append(states[-1])  # the previous state's buffer is free again
+            states = [*states, y] if keep else [y]
+    return states
 
 
-def _remask(s: Tensor, masked: Tensor | None) -> Tensor:
-    return s if masked is None else s.masked_fill(masked, _NEG)
+def _half_step(
+    x: Tensor,
+    kind: str,
+    dim: int,
+    masked: Tensor | None,
+    first: Tensor | None,
+    out: Tensor | None,
+    scratch: Tensor | None,
+) -> Tensor:
+    """``y = x - lse(x)`` (row/column or prefix), masked entries back at ``_NEG``.
+
+    With ``out`` and ``scratch`` (no autograd) everything is written into them."""
+    if out is None or scratch is None:  # autograd (torch.compile) path
+        if kind == "prefix":
+            assert first is not None
+            y = x - prefix_logsumexp(x, first)
+        else:
+            y = x - _logsumexp(x, dim, masked)
+        return y if masked is None else y.masked_fill(masked, _NEG)
+    floor = _floor(x.dtype)
+    if kind == "prefix":
+        assert first is not None
+        c = x.gather(-1, first)  # (..., 1)
+        torch.sub(x, c, out=scratch)
+        over = None
+        if not torch.compiler.is_compiling() and bool(scratch.amax() > floor):
+            over = _prefix_overflows(x, c)
+        torch.cumsum(scratch.clamp_(-floor, floor).exp_(), dim=-1, out=out)
+        out.log_().add_(c)  # the prefix lse
+        if over is not None:
+            out = torch.where(over, torch.logcumsumexp(x, dim=-1), out)
+        torch.sub(x, out, out=out)
+    else:
+        m = x.amax(dim=dim, keepdim=True)
+        torch.sub(x, m, out=scratch)
+        lse = scratch.clamp_(-floor, floor).exp_().sum(dim=dim, keepdim=True).log_().add_(m)
+        torch.sub(x, lse, out=out)
+    return out if masked is None else out.masked_fill_(masked, _NEG)
 
 
-def _exp(s: Tensor, masked: Tensor | None) -> Tensor:
-    """``exp(s)``, exactly 0 where masked (masked entries never reach ``exp()``)."""
+class _SinkhornRounds(torch.autograd.Function):
+    """The balancing rounds with a hand-written backward that recomputes them.
+
+    Only ``S0`` is saved: the ``2 * n_iters`` intermediate ``(N, N)`` states exist only
+    while this (last) part of the backward runs, not beside every attention activation.
+    With ``g`` the gradient of a half-step's output (0 where masked):
+
+    * row/column step ``y = x - logsumexp(x)``: ``dx = g - exp(y) * sum(g)``;
+    * prefix step ``y_i = x_i - log sum_{r<=i} exp(x_r)``, with ``e = exp(x - c)``,
+      ``cs = cumsum(e)``: ``dx_k = g_k - e_k * sum_{i>=k} g_i / cs_i`` (a reverse
+      cumulative sum); a step that fell back to ``logcumsumexp`` goes through autograd.
+
+    All in place on fresh buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, masked: Tensor | None, n_iters: int, causal: bool) -> Tensor:
+        with torch.no_grad():
+            p = _exp(_run_steps(s, masked, n_iters, causal, keep=False)[-1], masked)
+        ctx.save_for_backward(s, masked)
+        ctx.opts = (n_iters, causal)
+        return p
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        s, masked = ctx.saved_tensors
+        n_iters, causal = ctx.opts
+        kinds = [step for _ in range(n_iters) for step in _step_dims(causal)]
+        first = None if masked is None or not causal else _first_real(masked, s.shape)
+        with torch.no_grad():
+            states = _run_steps(s, masked, n_iters, causal, keep=True)
+            g = grad * _exp(states[-1], masked)  # P = exp(S_2n)
+            bufs = (torch.empty_like(s), torch.empty_like(s))  # scratch, reused by every step
+            # g stays exactly 0 where masked (masked outputs are constants): P is 0 there,
+            # and each step's weights below are 0 there.
+            for t in range(len(kinds) - 1, -1, -1):
+                kind, dim = kinds[t]
+                x, y = states[t], states[t + 1]
+                if kind == "lse":
+                    w = torch.clamp(y, min=-_floor(y.dtype), out=bufs[0]).exp_()  # softmax
+                    if masked is not None:
+                        w = w.masked_fill_(masked, 0.0)
+                    g = g.sub_(w.mul_(g.sum(dim, keepdim=True)))
+                else:
+                    assert first is not None
+                    g = _prefix_step_backward(g, x, first, masked, bufs)
+                del states[t + 1 :]  # free the states as the backward passes them
+        return g, None, None, None
+
+
+def _prefix_step_backward(
+    g: Tensor, x: Tensor, first: Tensor, masked: Tensor | None, bufs: tuple[Tensor, Tensor]
+) -> Tensor:
+    """Gradient of ``x - prefix_logsumexp(x)`` (see :class:`_SinkhornRounds`), in place in
+    ``g`` (ours) with two scratch buffers."""
+    c = x.gather(-1, first)
+    e = torch.sub(x, c, out=bufs[0])
+    floor = _floor(x.dtype)
+    if not torch.compiler.is_compiling() and bool(e.amax() > floor):
+        with torch.enable_grad():  # the logcumsumexp fallback: let autograd do it
+            xg = x.detach().requires_grad_()
+            (dx,) = torch.autograd.grad(xg - prefix_logsumexp(xg, first), xg, g)
+        return dx
+    e = e.clamp_(-floor, floor).exp_()  # (..., M, N)
+    if masked is not None:
+        e = e.masked_fill_(masked, 0.0)  # masked entries are not in any prefix
+    a = torch.cumsum(e, dim=-1, out=bufs[1])
+    a = a.clamp_min_(torch.finfo(a.dtype).tiny).reciprocal_().mul_(g)  # g_i / cs_i
+    suffix = torch.cumsum(a.flip(-1), dim=-1).flip(-1)  # sum_{i>=k} a_i
+    return g.sub_(suffix.mul_(e))
+
+
+def _exp(s: Tensor, masked: Tensor | None, *, clamp: bool = False) -> Tensor:
+    """``exp(s)``, exactly 0 where masked (masked entries never reach ``exp()``).
+
+    ``clamp``: arguments below ``-floor`` count as ``-floor`` (for softmax weights in a
+    backward, where ``exp(-80)`` and an underflowed value are the same to rounding).
+    """
+    if clamp:
+        s = s.clamp_min(-_floor(s.dtype))
     if masked is None:
         return s.exp()
-    return s.masked_fill(masked, 0.0).exp().masked_fill(masked, 0.0)
+    return s.masked_fill(masked, 0.0).exp_().masked_fill_(masked, 0.0)
 
 
 def hard_routing(p: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:

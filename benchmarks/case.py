@@ -3,18 +3,23 @@
 ``python -m benchmarks.case '<json spec>'`` runs it in a fresh process and prints one JSON line.
 
 Timing: ``warmup`` untimed calls, then up to ``repeats`` timed calls (fewer if the time budget
-would be exceeded), median reported. Forward runs under ``torch.no_grad()`` (inference);
-forward+backward calls ``torch.autograd.grad`` of the output against a fixed random cotangent.
+would be exceeded), median reported; memory covers the timed calls. Forward runs under
+``torch.no_grad()`` (inference); forward+backward calls ``torch.autograd.grad`` of the output
+against a fixed random cotangent.
 
-Peak memory (CPU): ``ru_maxrss`` after the runs minus ``ru_maxrss`` after imports, model and
-input creation (one baseline for both modes), in the same fresh process; the forward is
-measured first, and forward+backward needs at least as much, so its reading is its own peak.
-(CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the runs, after
-``reset_peak_memory_stats``.)
+Peak memory (CPU), per mode: freed heap memory is returned to the system (``malloc_trim``),
+the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``, "5"), and the reading is
+``VmHWM`` after the runs minus ``VmRSS`` at the reset, so a small case is not hidden under the
+high-water mark of imports and set-up. Where the counter cannot be reset it falls back to
+``ru_maxrss`` after the runs minus ``ru_maxrss`` before them (which can under-count cases
+whose peak stays under the import-time mark). (CUDA: ``torch.cuda.max_memory_allocated``
+minus the memory allocated before the runs, after ``reset_peak_memory_stats``.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import resource
 import statistics
@@ -39,25 +44,70 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Return freed heap memory to the system and reset the peak-RSS counter (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_mb("VmHWM") is not None
+
+
+_PEAK_FIELD = "ru_maxrss"  # what _mem_peak reads on CPU: "VmHWM" once the counter resets
+_FIRST_BASELINE: dict[str, float] = {}
+
+
 def _mem_baseline(device: str) -> float:
+    global _PEAK_FIELD
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
-    return _rss_mb()
+    if _reset_peak_rss():
+        _PEAK_FIELD = "VmHWM"
+        rss = _status_mb("VmRSS")
+        assert rss is not None
+        return rss
+    # ru_maxrss cannot be reset: every mode is measured against the first mode's baseline
+    # (forward+backward needs at least the forward's memory, so its reading is its own).
+    _FIRST_BASELINE.setdefault("cpu", _rss_mb())
+    return _FIRST_BASELINE["cpu"]
 
 
 def _mem_peak(device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    return _rss_mb()
+    peak = _status_mb("VmHWM") if _PEAK_FIELD == "VmHWM" else None
+    return _rss_mb() if peak is None else peak
 
 
-def _timed(step: Callable[[], None], device: str, warmup: int, repeats: int, budget: float):
-    """Median wall time of ``step`` over up to ``repeats`` runs that fit in ``budget`` s."""
+def _timed(
+    step: Callable[[], None],
+    device: str,
+    warmup: int,
+    repeats: int,
+    budget: float,
+    first: float | None = None,
+):
+    """Median wall time of ``step`` over up to ``repeats`` runs that fit in ``budget`` s
+    (``first``: the time of an earlier untimed run, the guess for the first timed one)."""
     start = time.perf_counter()
-    first = None
     for _ in range(max(warmup, 0)):
         t0 = time.perf_counter()
         step()
@@ -84,10 +134,6 @@ def run_case(spec: dict[str, Any]) -> list[dict[str, Any]]:
     cot = torch.randn_like(inputs[0])  # fixed cotangent; the output has the first input's shape
     budget = float(spec.get("budget_s", 60.0))
     rows = []
-    # ru_maxrss is a high-water mark: measure every mode against the same pre-run baseline.
-    # The forward (no_grad) runs first, and forward+backward needs at least as much, so the
-    # second mode's reading is its own peak, not the increment over the first mode's.
-    base = _mem_baseline(device)
     for mode in spec.get("modes", ["fwd", "fwdbwd"]):
 
         def step(mode: str = mode) -> None:
@@ -97,10 +143,19 @@ def run_case(spec: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 torch.autograd.grad(fn(), inputs, cot)
 
-        if device == "cuda":
-            base = _mem_baseline(device)  # CUDA's peak counter is reset per mode
+        # Warm-up first (it also brings the kernels' code pages in), then reset the peak
+        # counter: the reading covers the timed runs only.
+        start = time.perf_counter()
+        first = None
+        for _ in range(max(spec.get("warmup", 1), 0)):
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            first = time.perf_counter() - t0
+        base = _mem_baseline(device)  # the peak counter is reset per mode
+        spent = time.perf_counter() - start
         t_med, times = _timed(
-            step, device, spec.get("warmup", 1), spec.get("repeats", 3), budget / 2
+            step, device, 0, spec.get("repeats", 3), budget / 2 - spent, first=first
         )
         peak = _mem_peak(device) - base
         rows.append(

@@ -130,7 +130,10 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, stem: st
         "warmup": args.warmup,
         "repeats": args.repeats,
         "budget_s": args.budget,
-        "memory_method": "ru_maxrss delta in a fresh process (CPU); max_memory_allocated (CUDA)",
+        "memory_method": (
+            "CPU: VmHWM after the runs minus VmRSS after malloc_trim and a peak reset "
+            "(/proc/self/clear_refs), per mode, in a fresh process; CUDA: max_memory_allocated"
+        ),
         "peer": "sinkhorn-transformer 0.11.4, non_permutative=False, sinkhorn_iter=8, tau=0.75",
         "results": rows,
     }

@@ -124,9 +124,7 @@ class SinkhornSelfAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected x of shape (B, L, {self.d_model}), got {tuple(x.shape)}")
         n_proj = self.qkv.out_features // self.d_model  # 3, or 2 with share_kv
-        parts = rearrange(
-            self.qkv(x), "b l (n h e) -> n b h l e", n=n_proj, h=self.n_heads
-        )  # (n_proj, B, H, L, E)
+        parts = _SplitHeads.apply(self.qkv(x), n_proj, self.n_heads)  # n_proj x (B, H, L, E)
         q, k, v = parts if len(parts) == 3 else (parts[0], parts[1], parts[1])
         if cache is None:
             out, plan = self._attend(q, k, v, x, key_padding_mask, generator)
@@ -185,6 +183,31 @@ class SinkhornSelfAttention(nn.Module):
             **common,
         )
         return out, plan
+
+
+class _SplitHeads(torch.autograd.Function):
+    """``(B, L, n*H*E)`` projections -> ``n`` per-head views ``(B, H, L, E)`` (no copy).
+
+    The backward writes the ``n`` head gradients straight into one ``(B, L, n, H, E)``
+    buffer, the layout the projection's backward reads: one copy, where ``unbind`` of a
+    rearranged view costs two (a stack, then a transposing copy).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, n: int, heads: int) -> tuple[Tensor, ...]:
+        b, length, _ = x.shape
+        view = x.view(b, length, n, heads, -1)  # (B, L, n, H, E)
+        ctx.n = n
+        return tuple(view[:, :, i].transpose(1, 2) for i in range(n))  # n x (B, H, L, E)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, None, None]:
+        ref = next(g for g in grads if g is not None)
+        parts = [
+            (torch.zeros_like(ref) if g is None else g).transpose(1, 2) for g in grads
+        ]  # n x (B, L, H, E)
+        out = torch.stack(parts, dim=2)  # (B, L, n, H, E)
+        return out.view(out.shape[0], out.shape[1], -1), None, None
 
 
 class CrossAttention(nn.Module):

@@ -374,7 +374,8 @@ def _exp(s: Tensor, masked: Tensor | None, *, clamp: bool = False) -> Tensor:
         s = s.clamp_min(-_floor(s.dtype))
     if masked is None:
         return s.exp()
-    return s.masked_fill(masked, 0.0).exp_().masked_fill_(masked, 0.0)
+    e = s.masked_fill(masked, 0.0).exp()
+    return e.masked_fill(masked, 0.0) if e.requires_grad else e.masked_fill_(masked, 0.0)
 
 
 def hard_routing(p: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:

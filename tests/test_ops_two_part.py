@@ -82,6 +82,22 @@ def test_two_part_in_plain_matmuls_matches_reference(mode) -> None:
         _check_against_reference(mode, 4, 16)
 
 
+@pytest.mark.parametrize("mode", MODES[:6], ids=_ids)
+def test_two_part_gradcheck(mode) -> None:
+    """gradcheck runs several backward passes through one graph (the op drops its sorted
+    keys/values after the first and rebuilds them)."""
+    q, k, v, logits = (t.detach().requires_grad_() for t in _inputs(12, 4))
+    inputs = (q, k, v) if mode.get("hard") else (q, k, v, logits)
+
+    def fn(*xs: torch.Tensor) -> torch.Tensor:
+        args = xs if len(xs) == 4 else (*xs, logits)
+        out = sinkhorn_attention(*args, block_size=4, n_iters=3, **mode)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", [m for m in MODES if m["is_causal"]], ids=_ids)
 def test_two_part_exact_causality(mode) -> None:
     length, w = 36, 4  # 9 blocks: the causal plan matmuls run in row chunks

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _validate
 from .baselines import dense_attention, masked_sdpa
 from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask, zero_padding
-from .lse_merge import merged_backward, merged_forward
+from .lse_merge import local_part_backward, merged_forward, sorted_part_backward
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
 
 
@@ -411,23 +411,32 @@ class _TwoPartSinkhorn(torch.autograd.Function):
         vs = _mix_rows(p3, v4.view(g, n, -1), idx3, chunks).view(v4.shape)  # (G*N, 1, W, Dv)
         no_sorted = (indices.reshape(g * n, 1, 1) < 0) if causal else None  # causal block 0
         out, lse, info = merged_forward(q4, k4, v4, ks, vs, causal, scale, no_sorted)
-        ctx.save_for_backward(q4, k4, v4, p3, idx3, ks, vs, out, lse, no_sorted)
+        ctx.save_for_backward(q4, k4, v4, p3, idx3, out, lse, no_sorted)
+        # Intermediates, kept on ctx so that the backward can drop them as soon as the
+        # sorted part's gradients are out (saved tensors live until the backward returns).
+        ctx.sorted_kv = [ks, vs]
         ctx.opts = (causal, scale, info, q.shape)
         return out.view(b, h, n * w, -1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        q4, k4, v4, p3, idx3, ks, vs, out, lse, no_sorted = ctx.saved_tensors
+        q4, k4, v4, p3, idx3, out, lse, no_sorted = ctx.saved_tensors
         causal, scale, info, q_shape = ctx.opts
         g, n = p3.shape[:2]
         b, h, length, _ = q_shape
         dout = grad.reshape(out.shape)  # (G*N, 1, W, Dv)
-        dq, dk, dv, dks, dvs = merged_backward(
-            dout, q4, k4, v4, ks, vs, out, lse, causal, scale, no_sorted, info
-        )
+        # Sorted part first: its keys/values are freed before the local part's gradients
+        # exist (peak: out, dq2, dks, dvs, dq, dk, dv -- not also ks, vs).
+        chunks = _row_chunks(n, causal)
+        kv, ctx.sorted_kv = ctx.sorted_kv, None
+        if kv is None:  # a second backward through the graph (retain_graph): rebuild them
+            kv = [_mix_rows(p3, x.view(g, n, -1), idx3, chunks).view(x.shape) for x in (k4, v4)]
+        ks, vs = kv
+        del kv
+        dq2, dks, dvs = sorted_part_backward(dout, q4, ks, vs, out, lse, scale, no_sorted, info)
+        del ks, vs
         dks3, dvs3 = dks.view(g, n, -1), dvs.view(g, n, -1)  # (G, N, W*D)
         k3, v3 = k4.view(g, n, -1), v4.view(g, n, -1)
-        chunks = _row_chunks(n, causal)
         grad_p = None
         if ctx.needs_input_grad[3]:  # soft dP = dks k^T + dvs v^T (straight-through if hard)
             grad_p = p3.new_zeros(g, n, n) if len(chunks) > 1 else p3.new_empty(g, n, n)
@@ -436,6 +445,9 @@ class _TwoPartSinkhorn(torch.autograd.Function):
                 torch.bmm(dks3[:, r0:r1], k3[:, :r1].mT, out=part)
                 part.baddbmm_(dvs3[:, r0:r1], v3[:, :r1].mT)
             grad_p = grad_p.view(*q_shape[:2], n, n)
+        dq, dk, dv = local_part_backward(dout, q4, k4, v4, out, lse, causal, scale, info)
+        dq += dq2
+        del dq2
         # dk += P^T dks, dv += P^T dvs (dks = 0 on blocks without a sorted block)
         if idx3 is None:
             for c0, c1 in chunks:  # causal: column j receives rows i > j only

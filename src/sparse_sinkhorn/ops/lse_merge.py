@@ -157,27 +157,35 @@ def merged_forward(
     return out, merged, (flash, aux1, aux2)
 
 
-def merged_backward(
+def sorted_part_backward(
     dout: Tensor,
     q: Tensor,
-    k: Tensor,
-    v: Tensor,
     ks: Tensor,
     vs: Tensor,
     out: Tensor,
     lse: Tensor,
-    causal: bool,
     scale: float,
     no_sorted: Tensor | None,
     info: tuple[Any, ...],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``dq, dk, dv`` (local keys/values) and ``dks, dvs`` (sorted) from the merged ``out``,
-    ``lse``: each part's own kernel backward, handed the merged statistics."""
-    flash, aux1, aux2 = info
-    dq, dk, dv = _part_backward(dout, q, k, v, out, lse, causal, scale, flash, aux1)
-    lse2 = lse
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``dq, dks, dvs`` of the sorted part, from the merged ``out`` and ``lse``."""
+    flash, _, aux2 = info
     if no_sorted is not None:  # lse = +inf: weight exp(S - lse) = 0, so zero gradients
-        lse2 = lse.masked_fill(no_sorted, float("inf"))
-    dq2, dks, dvs = _part_backward(dout, q, ks, vs, out, lse2, False, scale, flash, aux2)
-    dq += dq2
-    return dq, dk, dv, dks, dvs
+        lse = lse.masked_fill(no_sorted, float("inf"))
+    return _part_backward(dout, q, ks, vs, out, lse, False, scale, flash, aux2)
+
+
+def local_part_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    info: tuple[Any, ...],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``dq, dk, dv`` of the local part, from the merged ``out`` and ``lse``."""
+    flash, aux1, _ = info
+    return _part_backward(dout, q, k, v, out, lse, causal, scale, flash, aux1)

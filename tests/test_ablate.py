@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparse_sinkhorn.cli import main
-from sparse_sinkhorn.experiments.ablate import VARIANTS
+from sparse_sinkhorn.experiments.ablate import VARIANTS, results_table, summarize_variant
 from sparse_sinkhorn.nn import SinkhornSelfAttention
 from sparse_sinkhorn.ops import sinkhorn_attention
 from sparse_sinkhorn.train import read_config
@@ -22,11 +22,13 @@ def test_tiny_ablation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main([*flags, "--variants", "linear,0-iters,kv-tied"]) == 0
     printed = capsys.readouterr().out
     assert "| 0-iters |" in printed and "52.4" in printed and " ± " in printed
+    assert "runs diverged (loss NaN)" in printed
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "sort" and res["settings"]["n_seeds"] == 2
     assert [r["variant"] for r in res["results"]] == ["linear", "0-iters", "kv-tied"]
     for r in res["results"]:
         assert [run["seed"] for run in r["runs"]] == [0, 1]
+        assert r["diverged"] == sum(run["train_loss"] != run["train_loss"] for run in r["runs"])
         values = [run["eval"]["dev/exact_match"] for run in r["runs"]]
         assert r["eval"]["dev/exact_match"] == pytest.approx(sum(values) / 2)
     for name, overrides in VARIANTS.items():
@@ -38,6 +40,14 @@ def test_tiny_ablation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
             assert saved["attention"][field] == value
     with pytest.raises(SystemExit, match="unknown variant 'bogus'"):
         main([*flags, "--variants", "bogus"])
+
+
+def test_diverged_runs_are_counted_and_shown() -> None:
+    run = {"eval": {"dev/exact_match": 0.0}, "train_loss": float("nan")}
+    fine = {"eval": {"dev/exact_match": 30.0}, "train_loss": 0.2}
+    result = summarize_variant("0-iters", [run, fine, dict(fine)])
+    assert result["diverged"] == 1
+    assert "| 1 / 3 |" in results_table([result], "sort", 3)
 
 
 def test_share_kv_uses_keys_as_values() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,11 @@ TASKS = {"cpu": "sort", "paper": "lm"}
 
 
 def summarize_variant(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over the seeds, and how many runs diverged (a non-finite final training loss:
+    their metrics are those of broken weights, and the table says so)."""
     mean, std = mean_and_std([r["eval"] for r in runs])
-    return {"variant": name, "eval": mean, "eval_std": std, "runs": runs}
+    diverged = sum(not math.isfinite(r["train_loss"] or 0.0) for r in runs)
+    return {"variant": name, "eval": mean, "eval_std": std, "diverged": diverged, "runs": runs}
 
 
 def run_lm_variant(
@@ -117,12 +121,19 @@ def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str
                 mean_std_cell(mean.get(k), std.get(k), 2, n_seeds)
                 for k in ("valid/perplexity", "test/perplexity")
             ]
-        rows.append([v, *cells, PAPER_NAMES.get(v), PAPER_PPL.get(v)])
+        diverged = f"{r['diverged']} / {len(r['runs'])}"
+        rows.append([v, *cells, diverged, PAPER_NAMES.get(v), PAPER_PPL.get(v)])
     if task == "sort":
         metrics = ["dev exact % ↑", "dev edit dist. ↓", "teacher-forced exact % ↑"]
     else:
         metrics = ["valid ppl ↓", "test ppl ↓"]
-    headers = ["variant", *metrics, "paper row (Table 8)", "paper LM1B ppl (b=32)"]
+    headers = [
+        "variant",
+        *metrics,
+        "runs diverged (loss NaN)",
+        "paper row (Table 8)",
+        "paper LM1B ppl (b=32)",
+    ]
     return format_table(headers, rows)
 
 

@@ -82,6 +82,18 @@ def test_two_part_in_plain_matmuls_matches_reference(mode) -> None:
         _check_against_reference(mode, 4, 16)
 
 
+@pytest.mark.parametrize("heads", [1, 3])
+def test_two_part_takes_strided_views(heads: int) -> None:
+    """Per-head views of one projection buffer (as the layer passes them), one head too."""
+    x = torch.randn(1, 16, 3, heads, D, dtype=torch.float64)  # (B, L, 3, H, E)
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, E), strided
+    logits = torch.randn(1, heads, 4, 4, dtype=torch.float64)
+    for mode in MODES[:4]:
+        out = sinkhorn_attention(q, k, v, logits, block_size=4, **mode)
+        ref = reference_sinkhorn_attention(q, k, v, logits, block_size=4, **mode)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("mode", MODES[:6], ids=_ids)
 def test_two_part_gradcheck(mode) -> None:
     """gradcheck runs several backward passes through one graph (the op drops its sorted

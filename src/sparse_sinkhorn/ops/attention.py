@@ -405,7 +405,9 @@ class _TwoPartSinkhorn(torch.autograd.Function):
         g = b * h
         p3 = p.reshape(g, n, n)  # (G, N, N)
         idx3 = indices.reshape(g, n) if hard else None  # (G, N)
-        q4, k4, v4 = (t.reshape(g * n, 1, w, t.shape[-1]) for t in (q, k, v))  # (G*N, 1, W, D)
+        q4, k4, v4 = (
+            t.reshape(g * n, 1, w, t.shape[-1]).contiguous() for t in (q, k, v)
+        )  # (G*N, 1, W, D); no copy for contiguous inputs
         chunks = _row_chunks(n, causal)
         ks = _mix_rows(p3, k4.view(g, n, -1), idx3, chunks).view(k4.shape)  # (G*N, 1, W, D)
         vs = _mix_rows(p3, v4.view(g, n, -1), idx3, chunks).view(v4.shape)  # (G*N, 1, W, Dv)

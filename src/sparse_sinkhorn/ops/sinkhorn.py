@@ -116,8 +116,9 @@ def prefix_logsumexp(s: Tensor, first: Tensor) -> Tensor:
     rounding), and every prefix from ``first`` on holds ``c``'s term ``exp(0) = 1``: terms
     far below ``c`` vanish in rounding (they are clamped, see :func:`_floor`), only terms
     far *above* it could overflow. Entries whose prefix holds such a term (``> c + floor``)
-    take ``torch.logcumsumexp``'s value instead (computed only when some entry needs it;
-    the choice for entry ``i`` also depends on entries ``<= i`` only).
+    take the value computed in float64 instead (range +-700; beyond that, float64 inputs
+    take ``torch.logcumsumexp``'s), computed only when some entry needs it; the choice for
+    entry ``i`` also depends on entries ``<= i`` only.
     """
     c = s.detach().gather(-1, first)  # (..., 1)
     cs = _exp_in_range(s - c).cumsum(dim=-1)
@@ -125,8 +126,16 @@ def prefix_logsumexp(s: Tensor, first: Tensor) -> Tensor:
     if not torch.compiler.is_compiling():
         over = _prefix_overflows(s, c)
         if over is not None:
-            lse = torch.where(over, torch.logcumsumexp(s, dim=-1), lse)
+            lse = torch.where(over, _wider_prefix_logsumexp(s, first), lse)
     return lse
+
+
+def _wider_prefix_logsumexp(s: Tensor, first: Tensor) -> Tensor:
+    """The fallback for prefixes out of range: float32 retries in float64 (range +-700),
+    float64 takes ``torch.logcumsumexp``."""
+    if s.dtype == torch.float64:
+        return torch.logcumsumexp(s, dim=-1)
+    return prefix_logsumexp(s.to(torch.float64), first).to(s.dtype)
 
 
 def _prefix_overflows(s: Tensor, c: Tensor) -> Tensor | None:
@@ -282,7 +291,7 @@ def _half_step(
         torch.cumsum(scratch.clamp_(-floor, floor).exp_(), dim=-1, out=out)
         out.log_().add_(c)  # the prefix lse
         if over is not None:
-            out = torch.where(over, torch.logcumsumexp(x, dim=-1), out)
+            out = torch.where(over, _wider_prefix_logsumexp(x, first), out)
         torch.sub(x, out, out=out)
     else:
         m = x.amax(dim=dim, keepdim=True)
@@ -351,6 +360,10 @@ def _prefix_step_backward(
     e = torch.sub(x, c, out=bufs[0])
     floor = _floor(x.dtype)
     if not torch.compiler.is_compiling() and bool(e.amax() > floor):
+        if x.dtype != torch.float64:  # out of float32's range: the same in float64
+            wide = [t.to(torch.float64) for t in (g, x, *bufs)]
+            dx = _prefix_step_backward(wide[0], wide[1], first, masked, (wide[2], wide[3]))
+            return g.copy_(dx)
         with torch.enable_grad():  # the logcumsumexp fallback: let autograd do it
             xg = x.detach().requires_grad_()
             (dx,) = torch.autograd.grad(xg - prefix_logsumexp(xg, first), xg, g)

@@ -47,3 +47,28 @@ def test_fresh_process_case_and_budget(tmp_path: Path) -> None:
 def test_flop_count() -> None:
     # L=16384, N=256: sorting 2*2*N^2*W*D + attention 4*2*L*W*D, times 8 heads.
     assert op_flops(16384) == 8 * (4 * 256**2 * 64 * 64 + 8 * 16384 * 64 * 64)
+
+
+def test_model_level_and_perf_tables(tmp_path: Path) -> None:
+    """benchmarks.model's step and component cases run; the report and plot are written."""
+    from benchmarks import model, perf
+
+    rows = []
+    for kind in ("model", "attention", "projections", "feedforward"):
+        spec = dict(kind=kind, contender="sinkhorn", length=128, repeats=1, budget_s=30.0)
+        res = model.run_case(spec)
+        assert res["time_s"] > 0 and res["peak_mem_mb"] >= 0
+        rows.append({"kind": kind, "contender": "sinkhorn", "length": 128, **res})
+    meta = {"sizes": model.SIZES, "results": rows}
+    table = model.report(meta)
+    assert "| sinkhorn | 128 |" in table
+    model.plot(meta, tmp_path / "model.png")
+    assert (tmp_path / "model.png").stat().st_size > 0
+    sweep_rows = [
+        {"level": "op", "contender": "sinkhorn", "length": 128, "mode": "fwdbwd",
+         "status": "ok", "time_s": 0.5, "peak_mem_mb": 3.0},
+        {"level": "op", "contender": "peer", "length": 128, "mode": "fwdbwd",
+         "status": "timeout"},
+    ]  # fmt: skip
+    md = perf.table(sweep_rows, "op")
+    assert "0.5 s / 3 MiB" in md and "timeout" in md

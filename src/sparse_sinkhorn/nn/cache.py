@@ -3,7 +3,7 @@ forward exactly (eval mode), for Sinkhorn attention and every baseline.
 
 Axes: B batch, H heads, T tokens seen so far, E head dim, D model dim, N blocks, W block size.
 
-Why this works for causal Sinkhorn attention (SPEC §2.7):
+Why this works for causal Sinkhorn attention (docs/method.md §5):
 
 * the routing row of query block ``i`` reads the prefix summary of the layer input up to and
   including position ``i*W`` (:func:`~sparse_sinkhorn.ops.blocks.causal_block_summaries`), so

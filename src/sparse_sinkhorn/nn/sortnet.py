@@ -1,4 +1,4 @@
-"""The meta sorting network: block summaries -> per-head block-routing logits (SPEC §2.3).
+"""The meta sorting network: block summaries -> per-head block-routing logits (docs/method.md §3).
 
 Axes: B batch, H heads, N blocks, M key blocks (== N), D model dim, E per-head sort dim.
 """

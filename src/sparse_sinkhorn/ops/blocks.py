@@ -56,7 +56,7 @@ def block_summaries(
     key_padding_mask: Tensor | None = None,
     pooling: str = "sum",
 ) -> Tensor:
-    """Masked pooling of each contiguous block (SPEC §2.2).
+    """Masked pooling of each contiguous block (docs/method.md §2).
 
     Args:
         x: ``(B, L, D)``; any ``L`` (padded internally).
@@ -89,7 +89,7 @@ def causal_block_summaries(
     key_padding_mask: Tensor | None = None,
     pooling: str = "sum",
 ) -> Tensor:
-    """Leak-free query-side summaries for causal routing (SPEC §2.7).
+    """Leak-free query-side summaries for causal routing (docs/method.md §5).
 
     Row ``i`` of the causal sort matrix is decided at the *first* position of block ``i``, so
     its summary may use tokens ``0 .. i*W`` only: the pool of all real tokens up to and

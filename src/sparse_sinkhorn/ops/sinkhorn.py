@@ -1,4 +1,4 @@
-"""Log-domain Gumbel-Sinkhorn balancing (SPEC §2.4) and its prefix-causal variant (§2.7).
+"""Log-domain Gumbel-Sinkhorn balancing (docs/method.md §4) and its prefix-causal variant (§5).
 
 Axes: B batch, H heads, N query blocks (rows), M key blocks (columns; M == N unless SortCut
 keeps fewer rows downstream).

@@ -42,6 +42,7 @@ def test_sorting_data_follows_the_t2t_protocol() -> None:
     for i in range(200):
         src, tgt = data[i]
         assert src[-1] == tgt[-1] == EOS_ID and len(src) == len(tgt)
+        assert data.length_of(i) == len(src) - 1 <= data.max_tokens - 1
         assert torch.equal(tgt[:-1], src[:-1].sort().values)
         assert (src[:-1] >= FIRST_SYMBOL).all() and (src[:-1] < data.vocab_size).all()
         symbols |= set(src[:-1].tolist())

@@ -69,15 +69,23 @@ class SortingDataset(Dataset[tuple[Tensor, Tensor]]):
     def __len__(self) -> int:
         return self.n_examples
 
-    def length_of(self, index: int) -> int:
-        """The number of symbols of example ``index`` (EOS not counted)."""
-        return len(self[index][0]) - 1
+    @property
+    def max_tokens(self) -> int:
+        """The longest example in tokens: ``max_length`` symbols and EOS."""
+        return self.max_length + 1
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def _draw_length(self, index: int) -> tuple[int, torch.Generator]:
         if not 0 <= index < self.n_examples:
             raise IndexError(f"index {index} out of range for {self.n_examples} examples")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        n = int(torch.randint(self.min_length, self.max_length + 1, (), generator=gen))
+        return int(torch.randint(self.min_length, self.max_length + 1, (), generator=gen)), gen
+
+    def length_of(self, index: int) -> int:
+        """The number of symbols of example ``index`` (EOS not counted), without drawing them."""
+        return self._draw_length(index)[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        n, gen = self._draw_length(index)
         symbols = torch.randint(FIRST_SYMBOL, self.vocab_size, (n,), generator=gen)
         eos = torch.tensor([EOS_ID])
         return torch.cat([symbols, eos]), torch.cat([symbols.sort().values, eos])

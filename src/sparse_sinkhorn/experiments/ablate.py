@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or TASKS[args.preset]
     variants = parse_kinds(args.variants, tuple(VARIANTS), what="variant")
     fields = {"steps": "steps", "n_seeds": "seeds"}
-    if (args.task or TASKS[args.preset]) == "sort":
+    if task == "sort":
         fields.update(length="length", block_size="block_size", n_eval="n_eval")
     elif any(getattr(args, f) is not None for f in ("length", "block_size", "n_eval")):
         raise SystemExit("error: --length, --block-size and --n-eval apply to the sort task only")

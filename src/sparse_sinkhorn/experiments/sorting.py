@@ -237,7 +237,7 @@ def evaluate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         src, tgt = (t.to(device) for t in sorting_batch(dataset, idx))  # (B, S), (B, T)
-        out = model.generate(src, max_input_length_of(dataset), eos_id=EOS_ID)  # (B, <= 2L+1)
+        out = model.generate(src, dataset.max_tokens, eos_id=EOS_ID)  # (B, <= 2L+1)
         tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS_ID), tgt[:, :-1]], dim=1)
         argmax = model(src, tgt_in).argmax(-1)  # (B, T)
         for row, i in enumerate(idx):
@@ -253,11 +253,6 @@ def evaluate(
     tf = _split_metrics([forced[i] for i in ids], tgts, lengths, length)
     result.update({k.replace("/", "_tf/", 1): v for k, v in tf.items()})
     return result
-
-
-def max_input_length_of(dataset: SortingDataset) -> int:
-    """Decoding cap for a dataset: its longest sequence plus EOS."""
-    return dataset.max_length + 1
 
 
 def dev_set(preset: SortPreset) -> SortingDataset:

@@ -143,18 +143,23 @@ def test_greedy_decoding_stops_at_eos_and_pads_after_it(monkeypatch: pytest.Monk
 
 
 def test_greedy_decoding_with_eos_matches_decoding_without_it() -> None:
+    """Stopping at an end token changes nothing before it. The end token is one that plain
+    decoding emits (row 0's third token), so at least that row really stops early."""
     torch.manual_seed(0)
     model = Seq2Seq(model_config(PRESETS["cpu"], "sinkhorn")).eval()
-    with torch.no_grad():  # make EOS likely so that some rows end early
-        model.embed.tokens.weight[EOS_ID] *= 4
     src, _ = sorting_batch(SortingDataset(8, 20, 40, seed=5), range(8))
     plain = model.generate(src, 12)
-    stopped = model.generate(src, 12, eos_id=EOS_ID)
+    end = int(plain[0, 2])
+    stopped = model.generate(src, 12, eos_id=end)
+    ended = 0
     for row in range(8):
-        expected = strip_after_eos(plain[row].tolist())
+        tokens = plain[row].tolist()
+        cut = tokens.index(end) + 1 if end in tokens else len(tokens)
         got = stopped[row].tolist()
-        assert got[: len(expected)] == expected
-        assert all(t == PAD_ID for t in got[len(expected) :])
+        assert got[:cut] == tokens[:cut]
+        assert all(t == PAD_ID for t in got[cut:])
+        ended += cut < 12
+    assert ended >= 1 and stopped.shape[1] <= 12
 
 
 def test_loss_ignores_padding_and_does_not_depend_on_the_split() -> None:

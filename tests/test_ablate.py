@@ -45,7 +45,7 @@ def test_tiny_ablation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_diverged_runs_are_counted_and_shown() -> None:
     run = {"eval": {"dev/exact_match": 0.0}, "train_loss": float("nan")}
     fine = {"eval": {"dev/exact_match": 30.0}, "train_loss": 0.2}
-    result = summarize_variant("0-iters", [run, fine, dict(fine)])
+    result = summarize_variant("0-iters", [run, fine, dict(fine)], [0, 1, 2])
     assert result["diverged"] == 1
     assert "| 1 / 3 |" in results_table([result], "sort", 3)
 

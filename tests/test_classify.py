@@ -184,16 +184,16 @@ def test_classify_end_to_end_tokenizer_and_checkpoint_round_trip(tmp_path: Path)
     assert "85.12" in (out / "results.md").read_text()  # the paper's Transformer row
     # the tokenizer saved with the run reproduces the run's vocabulary and its accuracy
     tok = Tokenizer.load(out / "tokenizer.json")
-    assert (out / "sortcut-2x8" / "tokenizer.json").read_bytes() == (
+    assert (out / "sortcut-2x8" / "seed0" / "tokenizer.json").read_bytes() == (
         out / "tokenizer.json"
     ).read_bytes()
     assert tok.decode(tok.encode("the Film was GOOD .")) == "the film was good ."
     for r in res["results"]:
-        saved = read_config(out / r["attention"])["model_config"]
+        saved = read_config(out / r["attention"] / "seed0")["model_config"]
         assert saved["vocab_size"] == tok.vocab_size
         cfg = ClassifierConfig.from_dict(saved)
         model = Classifier(cfg)
-        load_model_weights(out / r["attention"], model)
+        load_model_weights(out / r["attention"] / "seed0", model)
         test = load_texts("imdb", "test", str(tmp_path / "data"))
         data = text_dataset(tok, test, 24, list(range(len(test))))
         again = evaluate(model, data, "none", tok.pad_id, batch_size=5)["accuracy"]
@@ -242,6 +242,7 @@ def test_nli_end_to_end(tmp_path: Path, pair: str) -> None:
         assert res["results"][0]["memory"] == 34 * 8 + 9**2
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) -> None:
     """Without a dev file, a fixed tenth of the training pairs is held out as dev (and not
     trained on); with one, that file is the dev split."""
@@ -271,6 +272,15 @@ def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) 
     assert r["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
     assert all((tmp_path / "seeds" / "dense" / f"seed{s}").is_dir() for s in (5, 6))
     assert " ± " in (tmp_path / "seeds" / "results.md").read_text()
+    # --jobs 2 (two one-thread worker processes): the runs of one process, figure for figure.
+    jobs = _run(
+        "nli", tmp_path / "data", tmp_path / "jobs", "--dataset", "snli", "--attention",
+        "dense", "--max-len", "16", "--seeds", "2", "--seed", "5", "--jobs", "2",
+    )  # fmt: skip
+    fields = ("seed", "accuracy_by_split", "train_loss")
+    assert [{k: run[k] for k in fields} for run in jobs["results"][0]["runs"]] == [
+        {k: run[k] for k in fields} for run in r["runs"]
+    ]
     # An SNLI dev file is used as it is.
     root = tmp_path / "data" / "snli"
     (root / "snli_1.0_dev.jsonl").write_bytes((root / "snli_1.0_test.jsonl").read_bytes())

@@ -110,7 +110,7 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     argv = ["lm", "--level", "char", "--data-dir", str(root / "data"), "--out", str(root / "out")]
     tiny = ["--length", "16", "--block-size", "4", "--batch-size", "4", "--eval-windows", "2"]
     assert main([*argv, "--attention", "sinkhorn", "--steps", "2", *tiny, "--no-progress"]) == 0
-    return root / "out" / "sinkhorn"
+    return root / "out" / "sinkhorn" / "seed0"
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:

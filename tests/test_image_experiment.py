@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,7 @@ from sparse_sinkhorn.experiments.lm import bits_per_unit
 TINY = ["--steps", "2", "--batch-size", "4", "--eval-images", "3", "--samples", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +72,7 @@ def test_image_end_to_end_and_generate(data_dir: Path, tmp_path: Path) -> None:
     (r,) = results["results"]
     assert 0 < r["eval"]["test/bits_per_dim"] < 20
     assert r["block_size"] == 12  # two rows of 6 pixels
-    assert (out / "sinkhorn" / "samples.png").is_file()
+    assert (out / "sinkhorn" / "seed0" / "samples.png").is_file()
     assert main([*argv, *TINY, "--no-progress", "--overwrite"]) == 0  # starts over
     png = tmp_path / "more.png"
     run = str(out / "sinkhorn")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from sparse_sinkhorn.cli import main
 from sparse_sinkhorn.data import Tokenizer
+from sparse_sinkhorn.errors import UsageError
 from sparse_sinkhorn.experiments.lm import (
     bits_per_unit,
     build_tokenizer,
@@ -41,12 +41,7 @@ WORDS = [
 TINY = ["--length", "16", "--block-size", "4", "--batch-size", "4", "--eval-windows", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _text(n_lines: int, seed: int) -> str:
@@ -109,7 +104,7 @@ def test_corpus_line_split(tmp_path: Path) -> None:
     corpus = load_corpus(path)
     assert corpus.train.count("\n") == 90 and corpus.valid.count("\n") == 5
     assert corpus.test.startswith("line 95")
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         load_corpus(tmp_path / "nope")
 
 
@@ -146,8 +141,10 @@ def test_lm_char_end_to_end_resume_and_generate(
     results = json.loads((out / "results.json").read_text())
     (r,) = results["results"]
     assert r["kind"] == "sinkhorn" and 0 < r["eval"]["test/bits_per_char"] < 10
-    assert (out / "loss_curves.png").is_file() and (out / "sinkhorn" / "loss.png").is_file()
-    tok_file = out / "sinkhorn" / "tokenizer.json"
+    assert (out / "loss_curves.png").is_file() and (
+        out / "sinkhorn" / "seed0" / "loss.png"
+    ).is_file()
+    tok_file = out / "sinkhorn" / "seed0" / "tokenizer.json"
     before = tok_file.read_bytes()
     assert "Sinkhorn" in capsys.readouterr().out
     resume = [*args, "--attention", "sinkhorn", "--steps", "3", *TINY, "--no-progress"]
@@ -155,7 +152,10 @@ def test_lm_char_end_to_end_resume_and_generate(
     assert tok_file.read_bytes() == before  # the saved tokenizer is reused
     with pytest.raises(SystemExit, match="already holds a run"):
         main(resume)
-    rows = [json.loads(x) for x in (out / "sinkhorn" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (out / "sinkhorn" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows[-1]["step"] == 3
     capsys.readouterr()
     run = str(out / "sinkhorn")
@@ -183,7 +183,7 @@ def test_lm_subword_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     assert [r["kind"] for r in results["results"]] == ["dense", "mixture"]
     for r in results["results"]:
         assert r["eval"]["test/perplexity"] > 1
-        assert Tokenizer.load(out / r["kind"] / "tokenizer.json").vocab_size <= 300
+        assert Tokenizer.load(out / r["kind"] / "seed0" / "tokenizer.json").vocab_size <= 300
     assert (
         main(["generate", "--run", str(out / "mixture"), "--prompt", "Good", "--tokens", "5"]) == 0
     )
@@ -217,3 +217,8 @@ def test_lm_several_seeds(data_dir: Path, tmp_path: Path) -> None:
     )
     assert all((out / "dense" / f"seed{s}" / "checkpoints").is_dir() for s in (3, 4))
     assert " ± " in (out / "results.md").read_text()
+    # --jobs 2: the same runs in two one-thread worker processes give the same figures.
+    jobs = tmp_path / "jobs"
+    argv[argv.index(str(out))] = str(jobs)
+    assert main([*argv, "--steps", "2", "--seeds", "2", "--seed", "3", *TINY, "--jobs", "2"]) == 0
+    assert json.loads((jobs / "results.json").read_text())["results"][0]["runs"] == res["runs"]

@@ -54,11 +54,11 @@ def test_overwrite_with_missing_data_leaves_the_run_intact(
 ) -> None:
     out = tmp_path / "out"
     assert run_cli(_lm(data_dir, out, "--attention", "dense"), capsys)[0] == 0
-    before = sorted(p.name for p in (out / "dense" / "checkpoints").iterdir())
+    before = sorted(p.name for p in (out / "dense" / "seed0" / "checkpoints").iterdir())
     empty = tmp_path / "no-data"
     empty.mkdir()
     assert_one_line_error(_lm(empty, out, "--attention", "dense", "--overwrite"), capsys)
-    assert sorted(p.name for p in (out / "dense" / "checkpoints").iterdir()) == before
+    assert sorted(p.name for p in (out / "dense" / "seed0" / "checkpoints").iterdir()) == before
     assert _results(out)["results"][0]["kind"] == "dense"
 
 
@@ -109,12 +109,12 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_is_free(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    holder = _hold_lock(out / "local")
+    holder = _hold_lock(out / "local" / "seed0")
     try:
         line = assert_one_line_error(_lm(data_dir, out, "--attention", "local"), capsys)
         assert "another process" in line and str(holder.pid) in line
         with pytest.raises(RunLockedError):  # the library refuses too
-            train_toy(out / "local")
+            train_toy(out / "local" / "seed0")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -129,7 +129,7 @@ def test_full_disk_leaves_the_previous_state_intact(
     argv = _lm(data_dir, out, "--attention", "sinkhorn")
     assert run_cli(argv, capsys)[0] == 0
     results = (out / "results.json").read_bytes()
-    ckpts = sorted(p.name for p in (out / "sinkhorn" / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (out / "sinkhorn" / "seed0" / "checkpoints").iterdir())
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "trainer_state.pt")
@@ -138,7 +138,7 @@ def test_full_disk_leaves_the_previous_state_intact(
         m.setattr(torch, "save", full)
         line = assert_one_line_error([*argv, "--resume", "--steps", "3"], capsys)
     assert "No space left on device" in line and "intact" in line
-    assert sorted(p.name for p in (out / "sinkhorn" / "checkpoints").iterdir()) == ckpts
+    assert sorted(p.name for p in (out / "sinkhorn" / "seed0" / "checkpoints").iterdir()) == ckpts
     assert (out / "results.json").read_bytes() == results
 
     real_write = pathlib.Path.write_text

@@ -6,8 +6,8 @@ Each subcommand lives in its own module and registers itself through a function
 Errors about the user's input, files or data (a corrupt checkpoint, a checkpoint from
 another config, a dataset not fetched yet), bad values (``ValueError``/``TypeError`` from the
 library's checks), file-system failures (missing, unreadable or unwritable paths, a full disk:
-``OSError``) and a subcommand's own ``SystemExit("error: ...")`` are printed as one line on
-stderr and exit with status 2; set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
+``OSError``) and a subcommand's :class:`~sparse_sinkhorn.errors.UsageError` are printed as one
+line on stderr and exit with status 2; set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+
+from .errors import UsageError
 
 # Every module that adds subcommands; each defines ``add_subparser``.
 _COMMANDS: tuple[str, ...] = (
@@ -82,8 +84,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-class UsageError(SystemExit):
-    """A subcommand's ``SystemExit("error: ...")`` after :func:`main` printed it: exit status 2.
+class ExitWithError(SystemExit):
+    """A subcommand's :class:`~sparse_sinkhorn.errors.UsageError` (or ``SystemExit("error: ...")``)
+    after :func:`main` printed it: exit status 2.
 
     ``str()`` is still the message (for callers and tests that match it).
     """
@@ -121,15 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except UsageError:
+    except ExitWithError:
         raise
-    except SystemExit as err:
-        if not isinstance(err.code, str):
+    except (UsageError, SystemExit) as err:
+        message = str(err) if isinstance(err, UsageError) else err.code
+        if not isinstance(message, str):
             raise
         if os.environ.get("SPARSE_SINKHORN_DEBUG"):
             raise
-        print(f"sparse-sinkhorn: error: {one_line(err.code)}", file=sys.stderr)
-        raise UsageError(err.code) from None
+        print(f"sparse-sinkhorn: error: {one_line(message)}", file=sys.stderr)
+        raise ExitWithError(message) from None
     except _user_errors() as err:
         if os.environ.get("SPARSE_SINKHORN_DEBUG"):
             raise

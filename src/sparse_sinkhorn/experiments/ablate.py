@@ -24,20 +24,20 @@ minutes on a CPU::
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..train import cleanup_distributed, init_distributed
 from . import lm, sorting
 from .common import (
     add_common_args,
-    add_jobs_arg,
     format_table,
-    group_by_name,
     mean_and_std,
     mean_std_cell,
     parse_kinds,
@@ -45,6 +45,7 @@ from .common import (
     setup_logging,
     write_results,
 )
+from .driver import add_grid_args, grid_options, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -75,32 +76,14 @@ LM_PRESET = replace(lm.PRESETS[("subword", "paper")], block_size=32)
 TASKS = {"cpu": "sort", "paper": "lm"}
 
 
-def summarize_variant(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_variant(
+    name: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int]
+) -> dict[str, Any]:
     """Mean ± std over the seeds, and how many runs diverged (a non-finite final training loss:
     their metrics are those of broken weights, and the table says so)."""
     mean, std = mean_and_std([r["eval"] for r in runs])
     diverged = sum(not math.isfinite(r["train_loss"] or 0.0) for r in runs)
     return {"variant": name, "eval": mean, "eval_std": std, "diverged": diverged, "runs": runs}
-
-
-def run_lm_variant(
-    name: str, preset: lm.LMPreset, corpus: lm.Corpus, args: argparse.Namespace
-) -> dict[str, Any]:
-    streams: dict[str, Any] = {}
-    runs = [
-        lm.run_kind(
-            "sinkhorn",
-            preset,
-            corpus,
-            streams,
-            args,
-            name=f"{name}/seed{seed}",
-            seed=seed,
-            attention_options=VARIANTS[name],
-        )
-        for seed in range(args.seed, args.seed + args.n_seeds)
-    ]
-    return summarize_variant(name, runs)
 
 
 def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str:
@@ -145,33 +128,55 @@ def run(args: argparse.Namespace) -> int:
     if task == "sort":
         fields.update(length="length", block_size="block_size", n_eval="n_eval")
     elif any(getattr(args, f) is not None for f in ("length", "block_size", "n_eval")):
-        raise SystemExit("error: --length, --block-size and --n-eval apply to the sort task only")
+        raise UsageError("--length, --block-size and --n-eval apply to the sort task only")
     overrides = positive_overrides(args, fields)
     n_seeds = overrides.pop("n_seeds", 3 if args.preset == "cpu" else 1)
     if "length" in overrides:
         overrides["n_symbols"] = 2 * overrides["length"]  # Tensor2Tensor's alphabet: 2L
     if "n_eval" in overrides:
         overrides["eval_batch"] = min(SORT_PRESET.eval_batch, overrides["n_eval"])
-    args.n_seeds = n_seeds
+    options = grid_options(args)
     dist = init_distributed()
     results: list[dict[str, Any]]
     if task == "sort":
         preset = replace(SORT_PRESET, n_seeds=n_seeds, **overrides)
         if args.preset == "paper":
             preset = replace(sorting.PRESETS["paper"], n_seeds=n_seeds, **overrides)
-        pairs = list(itertools.product(variants, sorting.seeds_of(preset, args)))
-        runs = sorting.train_runs(
-            args, preset, [("sinkhorn", seed, name, VARIANTS[name]) for name, seed in pairs]
+        runners = {
+            name: partial(
+                sorting.run_seed,
+                "sinkhorn",
+                preset,
+                args,
+                label=name,
+                attention_options=VARIANTS[name],
+            )
+            for name in variants
+        }
+        results = train_grid(
+            runners, sorting.seeds_of(preset, args), options, summarize=summarize_variant
         )
-        groups = group_by_name(pairs, runs)
-        results = [summarize_variant(name, groups[name]) for name in variants]
         settings: dict[str, Any] = asdict(preset)
     else:
         lm_preset = LM_PRESET if args.preset == "paper" else lm.PRESETS[("subword", "cpu")]
         lm_preset = replace(lm_preset, **overrides)
         args.level = "subword"
         corpus = lm.load_text(args, lm_preset.max_train_chars)
-        results = [run_lm_variant(name, lm_preset, corpus, args) for name in variants]
+        streams: dict[str, Any] = {}
+        runners = {
+            name: partial(
+                lm.run_kind,
+                "sinkhorn",
+                lm_preset,
+                corpus,
+                streams,
+                args,
+                attention_options=VARIANTS[name],
+            )
+            for name in variants
+        }
+        seeds = list(range(args.seed, args.seed + n_seeds))
+        results = train_grid(runners, seeds, options, summarize=summarize_variant)
         settings = {**asdict(lm_preset), "corpus": corpus.name}
     cleanup_distributed()
     if dist.rank != 0:
@@ -214,9 +219,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="sort (the cpu preset's default) or lm (subword LM; the paper preset's default)",
     )
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="seeds per variant (default: 3 cpu, 1 paper)"
-    )
     for flag, what in (
         ("--length", "training length L (sort task)"),
         ("--block-size", "block size (sort task)"),
@@ -227,6 +229,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--corpus", default=None, help="plain-text corpus, e.g. LM1B's shards (lm task)"
     )
-    add_jobs_arg(parser)
+    add_grid_args(parser, default_seeds="3 at the cpu preset, 1 at the paper preset")
     add_common_args(parser, default_out="runs/ablate")
     parser.set_defaults(func=run)

@@ -23,22 +23,23 @@ directory (and in each attention kind's directory beside its checkpoints).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from ..data import Tokenizer
+from ..errors import UsageError
 from ..models import Classifier, ClassifierConfig
 from ..nn import AttentionConfig
 from ..train import TrainConfig, cleanup_distributed, init_distributed, seed_everything, train
-from ..train.distributed import barrier
 from ..train.helpers import rank0_call
 from .classify_common import (
     CLASSIFY_DATASETS,
@@ -72,10 +73,10 @@ from .common import (
     mean_std_cell,
     parse_kinds,
     positive_overrides,
-    prepare_run_dir,
     setup_logging,
     write_results,
 )
+from .driver import add_grid_args, check_runs, grid_options, seed_list, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _tokenizer(
     try:
         rank0_call(init_distributed(), lambda: _prepare_tokenizer(out, texts, level, preset, args))
     except (FileExistsError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     tok = Tokenizer.load(out / TOKENIZER_FILE)
     logger.info("tokenizer: %s, %d entries", out / TOKENIZER_FILE, tok.vocab_size)
     return tok
@@ -178,8 +179,8 @@ def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
     train_texts = load_texts(args.dataset, "train", args.data_dir)
     eval_texts = load_texts(args.dataset, split, args.data_dir)
     if not len(train_texts) or not len(eval_texts):
-        raise SystemExit(
-            f"error: {args.dataset}: empty split ({len(train_texts)} training, "
+        raise UsageError(
+            f"{args.dataset}: empty split ({len(train_texts)} training, "
             f"{len(eval_texts)} {split} examples)"
         )
     tok = _tokenizer(out, train_texts.texts, args.level, preset, args)
@@ -197,14 +198,17 @@ def run_variant(
     args: argparse.Namespace,
     data: Data,
     out: Path,
+    *,
     seed: int,
+    name: str,
 ) -> dict[str, Any]:
-    """Train one attention variant with one seed and score it on the held-out splits."""
+    """Train one attention variant with one seed in ``<out>/<name>``; score it on the
+    held-out splits."""
     tok, train_ds, evals, n_classes, pair = data
     seed_everything(seed)
     config = model_config(preset, variant, tok.vocab_size, n_classes, pair, tok.pad_id)
     model = Classifier(config)
-    run_dir = variant_dir(out, variant.name, seed, args)
+    run_dir = out / name
     info = init_distributed()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,21 +262,11 @@ def run_variant(
     }
 
 
-def variant_dir(out: Path, name: str, seed: int, args: argparse.Namespace) -> Path:
-    """``<out>/<variant>`` for one seed; ``<out>/<variant>/seed<seed>`` for several."""
-    return out / name if args.seeds in (None, 1) else out / name / f"seed{seed}"
-
-
-def seeds_of(args: argparse.Namespace) -> list[int]:
-    return [args.seed + i for i in range(args.seeds or 1)]
-
-
-def run_seeds(
-    variant: Variant, preset: TaskPreset, args: argparse.Namespace, data: Data, out: Path
+def summarize_variant(
+    name: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int]
 ) -> dict[str, Any]:
-    """One variant over ``--seeds`` seeds: the first run's record, with accuracies replaced by
+    """One variant's runs over the seeds: the first run's record, with accuracies replaced by
     their mean over the seeds (standard deviations beside them) and every run under ``runs``."""
-    runs = [run_variant(variant, preset, args, data, out, seed) for seed in seeds_of(args)]
     mean, std = mean_and_std([r["accuracy_by_split"] for r in runs])
     main_split = next(iter(mean))
     return {
@@ -341,9 +335,8 @@ def _apply_overrides(preset: TaskPreset, args: argparse.Namespace) -> TaskPreset
     if "d_model" in changes:
         changes["d_ff"] = 2 * changes["d_model"]
         if changes["d_model"] % preset.n_heads:
-            raise SystemExit(
-                f"error: --d-model {changes['d_model']} is not divisible by "
-                f"n_heads={preset.n_heads}"
+            raise UsageError(
+                f"--d-model {changes['d_model']} is not divisible by n_heads={preset.n_heads}"
             )
     return replace(preset, **changes)
 
@@ -358,25 +351,14 @@ def _previous_results(out: Path) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     preset = _apply_overrides(get_preset(args.dataset, args.level, args.preset), args)
-    out = Path(args.out.replace("DATASET-LEVEL", f"{args.dataset}-{args.level}"))
-    if args.resume and not out.is_dir():
-        raise SystemExit(
-            f"error: --resume: no run directory {str(out)!r}; "
-            "start without --resume or pass the --out of an earlier run"
-        )
+    args.out = args.out.replace("DATASET-LEVEL", f"{args.dataset}-{args.level}")
+    options = grid_options(args)
+    out = options.out
     names = parse_kinds(args.attention, tuple(VARIANTS))
     variants = [VARIANTS[n] for n in names]
     dist = init_distributed()
-    if args.seeds is not None and args.seeds <= 0:
-        raise SystemExit(f"error: --seeds must be > 0, got {args.seeds}")
-    for v, seed in itertools.product(variants, seeds_of(args)):
-        prepare_run_dir(
-            variant_dir(out, v.name, seed, args),
-            resume=args.resume,
-            overwrite=args.overwrite,
-            is_main=dist.rank == 0,
-        )
-    barrier()
+    seeds = seed_list(args)
+    check_runs(names, seeds, options)  # before the data and tokenizer are built
     out.mkdir(parents=True, exist_ok=True)
     data = _datasets(args, preset, out)
     logger.info(
@@ -388,7 +370,12 @@ def run(args: argparse.Namespace) -> int:
         len(next(iter(data[2].values()))),  # type: ignore[arg-type]
         data[0].vocab_size,
     )
-    results = [run_seeds(v, preset, args, data, out) for v in variants]
+    results = train_grid(
+        {v.name: partial(run_variant, v, preset, args, data, out) for v in variants},
+        seeds,
+        options,
+        summarize=summarize_variant,
+    )
     cleanup_distributed()  # every rank, on success
     if dist.rank != 0:
         return 0
@@ -402,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     title = (
         f"{args.dataset} ({args.level} level), accuracy on {split} "
         f"({results[-1]['eval_examples']} examples), preset {args.preset}, "
-        f"mean over {len(seeds_of(args))} seed(s)"
+        f"mean over {len(seeds)} seed(s)"
     )
     print(f"\n{title}\n")
     print(table)
@@ -456,13 +443,7 @@ def _add_parser(
             "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
             "features [u, v, |u-v|, u*v]",
         )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="train each variant with this many seeds (--seed, --seed+1, ...) and report "
-        "mean ± std (default: 1)",
-    )
+    add_grid_args(parser)
     for flag, what in (
         ("--max-len", "tokens kept per text (per sentence for NLI)"),
         ("--block-size", "block size of sinkhorn/local"),

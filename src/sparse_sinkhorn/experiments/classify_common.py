@@ -40,6 +40,7 @@ from ..data import (
 )
 from ..data.datasets import PairEncoding
 from ..data.load import nli_path
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +181,8 @@ def attention_memory(variant: Variant, length: int, block_size: int) -> int:
 # --------------------------------------------------------------------------- data
 
 
-def _missing(err: Exception) -> SystemExit:
-    return SystemExit(f"error: {err}")
+def _missing(err: Exception) -> UsageError:
+    return UsageError(str(err))
 
 
 def load_texts(dataset: str, split: str, data_dir: str | None) -> LabeledTexts:

@@ -12,16 +12,15 @@ import logging
 import os
 import platform
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import UsageError
 from ..nn import ATTENTION_KINDS
-from ..train import init_distributed
-from ..train.checkpoint import list_checkpoints
-from ..train.rundir import allow_overwrite, check_writable, hold_run_lock, run_lock
+from ..train.rundir import run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +38,8 @@ def parse_kinds(
     kinds = [k.strip() for k in value.split(",") if k.strip()]
     bad = [k for k in kinds if k not in allowed]
     if bad or not kinds:
-        raise SystemExit(
-            f"error: unknown {what} {', '.join(bad) or value!r}; "
-            f"choose from {', '.join(allowed)} or 'all'"
+        raise UsageError(
+            f"unknown {what} {', '.join(bad) or value!r}; choose from {', '.join(allowed)} or 'all'"
         )
     return kinds
 
@@ -95,41 +93,9 @@ def positive_overrides(args: argparse.Namespace, fields: Mapping[str, str]) -> d
         if value is None:
             continue
         if value <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         changes[field] = value
     return changes
-
-
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
-    """Check one training run's directory before :func:`train` uses it; touch nothing yet.
-
-    * ``--out`` must be a directory this process can write (else a one-line error).
-    * The main rank takes the run dir's lock for the rest of the process: a second process
-      writing the same run gets a one-line error (a lock left by a dead process is free).
-    * ``--overwrite`` only *marks* an existing run for replacement: :func:`train` removes it
-      when the new run starts, after its data, tokenizer and model were built, so a command
-      that fails before that (missing data, a bad flag) leaves the earlier run intact.
-    * ``--resume`` of a run dir that exists but holds no complete checkpoint (killed before or
-      during its first checkpoint write) starts that run from step 0.
-
-    Every rank checks (so all raise the same error).
-    """
-    check_writable(run_dir)
-    has_run = bool(list_checkpoints(run_dir / "checkpoints"))
-    if resume and not has_run and not run_dir.is_dir():
-        raise SystemExit(
-            f"error: --resume: no checkpoints in {run_dir}; start without --resume, or pass "
-            "the --out of an earlier run"
-        )
-    if has_run and not resume and not overwrite:
-        raise SystemExit(
-            f"error: {run_dir} already holds a run; pass --resume to continue it, "
-            "--overwrite to start over, or another --out"
-        )
-    if is_main:
-        hold_run_lock(run_dir)
-        if has_run and not resume:
-            allow_overwrite(run_dir)
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -294,104 +260,8 @@ def mean_std_cell(mean: float | None, std: float | None, digits: int, n_seeds: i
     return f"{mean:.{digits}f}"
 
 
-def run_over_seeds(
-    run_one: Callable[..., dict[str, Any]], name: str, seeds: Sequence[int]
-) -> dict[str, Any]:
-    """Call ``run_one(seed=seed, name=run_name)`` for every seed; summarise its ``"eval"``.
-
-    ``run_name`` is ``name`` for one seed and ``name/seed<seed>`` for several. The result is
-    the first run's record with ``eval`` replaced by the mean over the seeds, ``eval_std``
-    beside it, ``train_seconds`` summed, and each run's seed, metrics and loss under ``runs``.
-    """
-    runs = [run_one(seed=s, name=name if len(seeds) == 1 else f"{name}/seed{s}") for s in seeds]
-    mean, std = mean_and_std([r["eval"] for r in runs])
-    return {
-        **runs[0],
-        "eval": mean,
-        "eval_std": std,
-        "train_seconds": sum(r["train_seconds"] for r in runs),
-        "runs": [
-            {"seed": s, "eval": r["eval"], "train_loss": r.get("train_loss")}
-            for s, r in zip(seeds, runs, strict=True)
-        ],
-    }
-
-
-def add_seeds_arg(parser: argparse.ArgumentParser, default: int = 1) -> None:
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="train each kind with this many seeds (--seed, --seed+1, ...) and report "
-        f"mean ± std (default: {default})",
-    )
-
-
-def seed_list(args: argparse.Namespace, default: int = 1) -> list[int]:
-    """``--seed, --seed + 1, ...``: ``--seeds`` of them (``default`` when not given)."""
-    n = default if args.seeds is None else args.seeds
-    if n <= 0:
-        raise SystemExit(f"error: --seeds must be > 0, got {n}")
-    return [args.seed + i for i in range(n)]
-
-
 def seeds_cell(result: Mapping[str, Any], key: str, digits: int) -> str:
-    """One metric of a :func:`run_over_seeds` record as ``"mean ± std"``."""
+    """One metric of a :func:`~.driver.summarize_seeds` record as ``"mean ± std"``."""
     n_seeds = len(result.get("runs", [None]))
     std = result.get("eval_std", {}).get(key)
     return mean_std_cell(result["eval"].get(key), std, digits, n_seeds)
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    setup_logging()
-
-
-def _call(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
-    fn, fn_args, fn_kwargs = job
-    return fn(*fn_args, **fn_kwargs)
-
-
-def map_runs(
-    jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]], n_procs: int
-) -> list[Any]:
-    """Run independent training runs ``fn(*args, **kwargs)``, in order, ``n_procs`` at a time.
-
-    ``n_procs > 1`` starts that many worker processes (spawned, one intra-op thread each, so
-    small CPU models use one core each instead of contending for all of them); ``fn`` must be a
-    module-level function and its arguments picklable. Under torchrun (several ranks) the runs
-    always go one after another in this process: the ranks train each run together.
-    """
-    if n_procs <= 0:
-        raise SystemExit(f"error: --jobs must be > 0, got {n_procs}")
-    if n_procs == 1 or len(jobs) <= 1 or init_distributed().world_size > 1:
-        return [_call(job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("spawn")
-    workers = min(n_procs, len(jobs))
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(1,)
-    ) as pool:
-        return list(pool.map(_call, jobs))
-
-
-def add_jobs_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="train this many runs at once in worker processes of one thread each "
-        "(one process per CPU core suits the cpu preset; default: 1)",
-    )
-
-
-def group_by_name(
-    pairs: Sequence[tuple[str, int]], runs: Sequence[dict[str, Any]]
-) -> dict[str, list[dict[str, Any]]]:
-    """``(name, seed)`` pairs and their runs -> each name's runs, in seed order."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for (name, _), run in zip(pairs, runs, strict=True):
-        groups.setdefault(name, []).append(run)
-    return groups

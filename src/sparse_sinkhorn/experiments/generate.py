@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..data import Tokenizer
+from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig, config_from_dict
 from ..train import CheckpointError, load_model_weights, read_config, resolve_checkpoint
 from ..train.loading import check_shapes_match
@@ -37,33 +38,46 @@ TASK_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def resolve_run_dir(run_dir: str | Path) -> Path:
+    """``--run``: one run's directory, or a kind's directory, which stands for its lowest seed."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UsageError(f"--run {root} is not a directory; pass --run <out>/<kind>")
+    seeds = [p.parent for p in root.glob(f"seed*/{TASK_FILE}") if p.parent.name[4:].isdigit()]
+    if not (root / TASK_FILE).is_file() and seeds:
+        root = min(seeds, key=lambda p: int(p.name[4:]))
+        logger.info("--run: using %s", root)
+    return root
+
+
 def load_run(run_dir: str | Path) -> tuple[LanguageModel, dict[str, Any]]:
     """The trained model (eval mode) and the task description of a run directory.
+
+    ``run_dir`` is one run (``<out>/<kind>/seed<N>``) or a kind's directory, which stands for
+    its lowest seed.
 
     Every file of the run directory is checked before it is used: ``run.json`` must describe
     an lm or image run, ``config.json`` must be a valid language-model config whose sizes
     match the weights actually stored (so a tampered config cannot allocate terabytes), and
     the checkpoint must pass its manifest. Any problem is a one-line error.
     """
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise SystemExit(f"error: --run {root} is not a directory; pass --run <out>/<kind>")
+    root = resolve_run_dir(run_dir)
     task_path = root / TASK_FILE
     if not task_path.is_file():
-        raise SystemExit(
-            f"error: {root} is not a run directory of `sparse-sinkhorn lm` or `image` (no "
-            f"{TASK_FILE}); pass --run <out>/<kind>, e.g. runs/lm-char/sinkhorn"
+        raise UsageError(
+            f"{root} is not a run directory of `sparse-sinkhorn lm` or `image` (no "
+            f"{TASK_FILE}); pass --run <out>/<kind>[/seed<N>], e.g. runs/lm-char/sinkhorn"
         )
     task = _read_task(task_path)
     try:
         ckpt = resolve_checkpoint(root)
         config = config_from_dict(read_config(ckpt / "config.json")["model_config"])
     except (CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {root}: no usable checkpoint ({err}); train it first") from None
+        raise UsageError(f"{root}: no usable checkpoint ({err}); train it first") from None
     except (KeyError, TypeError, ValueError) as err:
-        raise SystemExit(f"error: {ckpt / 'config.json'}: invalid model config ({err})") from None
+        raise UsageError(f"{ckpt / 'config.json'}: invalid model config ({err})") from None
     if not isinstance(config, LanguageModelConfig):
-        raise SystemExit(f"error: {root} holds a {type(config).__name__}, not a language model")
+        raise UsageError(f"{root} holds a {type(config).__name__}, not a language model")
     check_shapes_match(ckpt, lambda: LanguageModel(config))
     model = LanguageModel(config)
     load_model_weights(ckpt, model)
@@ -76,44 +90,44 @@ def _read_task(path: Path) -> dict[str, Any]:
     try:
         task = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise SystemExit(f"error: {path}: unreadable ({err})") from None
+        raise UsageError(f"{path}: unreadable ({err})") from None
     if not isinstance(task, dict) or task.get("task") not in ("lm", "image"):
-        raise SystemExit(f'error: {path}: not a run description (need "task": lm or image)')
+        raise UsageError(f'{path}: not a run description (need "task": lm or image)')
     if task["task"] == "lm" and task.get("level", "char") not in ("char", "subword"):
-        raise SystemExit(f"error: {path}: level must be 'char' or 'subword'")
+        raise UsageError(f"{path}: level must be 'char' or 'subword'")
     return task
 
 
 def _check_image_task(task: dict[str, Any], config: LanguageModelConfig, path: Path) -> None:
     shape, start = task.get("image_shape"), task.get("start_id")
     if not isinstance(shape, list) or not all(type(n) is int and n > 0 for n in shape):
-        raise SystemExit(f"error: {path}: image_shape must be 2 or 3 positive ints, got {shape}")
+        raise UsageError(f"{path}: image_shape must be 2 or 3 positive ints, got {shape}")
     if not 2 <= len(shape) <= 3:
-        raise SystemExit(f"error: {path}: image_shape must be 2 or 3 positive ints, got {shape}")
+        raise UsageError(f"{path}: image_shape must be 2 or 3 positive ints, got {shape}")
     pixels = 1
     for n in shape:
         pixels *= n
     att = config.attention
     if att.uses_sorting and att.sort_net != "bilinear" and pixels > att.max_len:
-        raise SystemExit(
-            f"error: {path}: image_shape {shape} needs {pixels} positions but the model "
+        raise UsageError(
+            f"{path}: image_shape {shape} needs {pixels} positions but the model "
             f"takes at most {att.max_len}"
         )
     if type(start) is not int or not 0 <= start < config.vocab_size:
-        raise SystemExit(
-            f"error: {path}: start_id must be a token id in [0, {config.vocab_size}), got {start}"
+        raise UsageError(
+            f"{path}: start_id must be a token id in [0, {config.vocab_size}), got {start}"
         )
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, level: str) -> list[int]:
     """Prompt ids; characters outside a character vocabulary are an error, not ``[UNK]``."""
     if not prompt:
-        raise SystemExit("error: --prompt is empty; give at least one character")
+        raise UsageError("--prompt is empty; give at least one character")
     if level == "char":
         unknown = sorted({c for c in prompt if tokenizer.token_to_id(c) is None})
         if unknown:
-            raise SystemExit(
-                f"error: the prompt has characters not in this model's vocabulary: "
+            raise UsageError(
+                f"the prompt has characters not in this model's vocabulary: "
                 f"{''.join(unknown)!r}; use only characters seen in its training text"
             )
     return tokenizer.encode(prompt)
@@ -145,23 +159,22 @@ def timed_generate(
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.tokens is not None and args.tokens <= 0:
-        raise SystemExit(f"error: --tokens must be > 0, got {args.tokens}")
+        raise UsageError(f"--tokens must be > 0, got {args.tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise SystemExit(
-            f"error: --temperature must be a finite number >= 0 (0 = greedy), "
-            f"got {args.temperature}"
+        raise UsageError(
+            f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"
         )
     if args.top_k is not None and args.top_k <= 0:
-        raise SystemExit(f"error: --top-k must be > 0, got {args.top_k}")
+        raise UsageError(f"--top-k must be > 0, got {args.top_k}")
     if args.samples <= 0:
-        raise SystemExit(f"error: --samples must be > 0, got {args.samples}")
+        raise UsageError(f"--samples must be > 0, got {args.samples}")
 
 
 def _fits(model: LanguageModel, length: int) -> None:
     att = model.config.attention
     if length > att.max_len and att.uses_sorting and att.sort_net != "bilinear":
-        raise SystemExit(
-            f"error: prompt + tokens = {length} > this model's attention.max_len={att.max_len}; "
+        raise UsageError(
+            f"prompt + tokens = {length} > this model's attention.max_len={att.max_len}; "
             f"ask for at most {att.max_len} tokens in all"
         )
 
@@ -169,14 +182,14 @@ def _fits(model: LanguageModel, length: int) -> None:
 def generate_text(model: LanguageModel, task: dict[str, Any], args: argparse.Namespace) -> int:
     path = Path(args.run) / TOKENIZER_FILE
     if not path.is_file():
-        raise SystemExit(f"error: {path} is missing; the run's tokenizer is needed to decode")
+        raise UsageError(f"{path} is missing; the run's tokenizer is needed to decode")
     try:
         tokenizer = Tokenizer.load(path)
     except Exception as err:  # the tokenizers library raises its own exception types
-        raise SystemExit(f"error: {path}: unreadable tokenizer ({err})") from None
+        raise UsageError(f"{path}: unreadable tokenizer ({err})") from None
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise SystemExit(
-            f"error: {path} has {tokenizer.vocab_size} tokens but the model only "
+        raise UsageError(
+            f"{path} has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.vocab_size}; the run directory was altered"
         )
     ids = encode_prompt(tokenizer, args.prompt, task.get("level", "char"))
@@ -225,6 +238,7 @@ def generate_images(model: LanguageModel, task: dict[str, Any], args: argparse.N
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     _check_args(args)
+    args.run = str(resolve_run_dir(args.run))
     model, task = load_run(args.run)
     if task.get("task") == "image":
         return generate_images(model, task, args)

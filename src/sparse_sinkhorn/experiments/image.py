@@ -33,23 +33,21 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data import DatasetNotFoundError, ImageTokens, load_images
+from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..models.common import sample_next
 from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, train
 from .common import (
     add_common_args,
-    add_seeds_arg,
     format_table,
     parse_kinds,
     positive_overrides,
-    prepare_run_dir,
-    run_over_seeds,
-    seed_list,
     seeds_cell,
     setup_logging,
     write_results,
 )
+from .driver import add_grid_args, grid_options, seed_list, train_grid
 from .lm import NAMES, Subset, bits_per_unit, plot_curves
 
 logger = logging.getLogger(__name__)
@@ -240,7 +238,7 @@ def load_split(name: str, split: str, data_dir: str | None) -> ImageTokens:
     try:
         images, labels = load_images(name, split, data_dir)
     except DatasetNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     return ImageTokens(images, labels)
 
 
@@ -251,14 +249,13 @@ def run_kind(
     test_set: ImageTokens,
     args: argparse.Namespace,
     *,
-    seed: int | None = None,
-    name: str | None = None,
+    seed: int,
+    name: str,
 ) -> dict[str, Any]:
-    """Train one attention kind with one seed (default ``--seed``) in ``<out>/<name or kind>``."""
-    seed = args.seed if seed is None else seed
-    run_dir = Path(args.out) / (name or kind)
+    """Train one attention kind with one seed in ``<out>/<name>`` (a runner of
+    :func:`~.driver.train_grid`)."""
+    run_dir = Path(args.out) / name
     resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
-    prepare_run_dir(run_dir, resume=resume, overwrite=getattr(args, "overwrite", False))
     shape = train_set.image_shape
     dims = train_set.seq_len
     block = block_size_for(preset, shape)
@@ -343,9 +340,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     if args.dataset not in DATASETS:
-        raise SystemExit(
-            f"error: unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}"
-        )
+        raise UsageError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     args.out = args.out or f"runs/image-{args.dataset}"
     preset = PRESETS[args.preset]
     preset = replace(
@@ -361,11 +356,7 @@ def run(args: argparse.Namespace) -> int:
             },
         ),
     )
-    if args.resume and not Path(args.out).is_dir():
-        raise SystemExit(
-            f"error: --resume: no run directory {args.out!r}; "
-            "start without --resume or pass the --out of an earlier run"
-        )
+    options = grid_options(args)
     kinds = parse_kinds(args.attention, KINDS, KINDS)
     train_set = load_split(args.dataset, "train", args.data_dir)
     test_set = load_split(args.dataset, "test", args.data_dir)
@@ -375,14 +366,11 @@ def run(args: argparse.Namespace) -> int:
         )
     dist = init_distributed()
     seeds = seed_list(args)
-    results = [
-        run_over_seeds(
-            partial(run_kind, kind, preset, train_set, test_set, args),
-            kind,
-            seeds,
-        )
-        for kind in kinds
-    ]
+    results = train_grid(
+        {kind: partial(run_kind, kind, preset, train_set, test_set, args) for kind in kinds},
+        seeds,
+        options,
+    )
     if dist.rank != 0:
         return 0
     table = results_table(results)
@@ -434,6 +422,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--train-images", type=int, default=None, help="use only the first N training images"
     )
-    add_seeds_arg(parser)
+    add_grid_args(parser)
     add_common_args(parser, default_out="runs/image-<dataset>")
     parser.set_defaults(func=run, out=None)

@@ -13,7 +13,7 @@ character) or on byte-level BPE subwords (perplexity per subword token)::
 Data: Shakespeare's plays from the data directory (split by play into train/valid/test by
 the fetch step), or any plain-text corpus given with ``--corpus`` (see :func:`load_corpus`).
 The tokenizer (characters, or BPE with the preset's vocabulary) is trained on the training
-split only and saved with each run as ``<out>/<kind>/tokenizer.json``; ``--resume`` and
+split only and saved with each run as ``<out>/<kind>/seed<N>/tokenizer.json``; ``--resume`` and
 ``generate`` reuse that file. Evaluation: the held-out text is cut into non-overlapping
 windows of the training length (each window starts without context), evenly spaced windows
 up to the preset's ``eval_windows`` are scored, and every target token counts:
@@ -40,23 +40,21 @@ from torch.utils.data import Dataset
 
 from ..data import DatasetNotFoundError, Tokenizer, TokenWindows, load_shakespeare
 from ..data.tokenize import train_bpe, train_char_level
+from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, read_metrics, train
 from ..train.helpers import rank0_call
 from .common import (
     add_common_args,
-    add_seeds_arg,
     format_table,
     parse_kinds,
     positive_overrides,
-    prepare_run_dir,
-    run_over_seeds,
-    seed_list,
     seeds_cell,
     setup_logging,
     write_results,
 )
+from .driver import add_grid_args, grid_options, seed_list, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +272,7 @@ def _text_files(path: Path) -> list[Path]:
         if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"
     )
     if not files:
-        raise SystemExit(f"error: --corpus {path}: no text files in this directory")
+        raise UsageError(f"--corpus {path}: no text files in this directory")
     return files
 
 
@@ -298,8 +296,8 @@ def load_corpus(path: str | Path, max_chars: int | None = None) -> Corpus:
     """
     root = Path(path).expanduser()
     if not root.exists():
-        raise SystemExit(
-            f"error: --corpus {root} does not exist; pass a plain-text file or a directory "
+        raise UsageError(
+            f"--corpus {root} does not exist; pass a plain-text file or a directory "
             "of text shards (e.g. LM1B's 1-billion-word-language-modeling-benchmark-r13output)"
         )
     lm1b = next(iter(sorted(root.rglob("training-monolingual.tokenized.shuffled"))), None)
@@ -308,7 +306,7 @@ def load_corpus(path: str | Path, max_chars: int | None = None) -> Corpus:
         test_f = held / "news.en.heldout-00000-of-00050"
         valid_f = held / "news.en.heldout-00001-of-00050"
         if not (test_f.is_file() and valid_f.is_file()):
-            raise SystemExit(f"error: LM1B held-out shards 00000/00001 not found in {held}")
+            raise UsageError(f"LM1B held-out shards 00000/00001 not found in {held}")
         return Corpus(
             "lm1b",
             _read_files(_text_files(lm1b), max_chars),
@@ -329,8 +327,8 @@ def load_corpus(path: str | Path, max_chars: int | None = None) -> Corpus:
             )
     lines = _read_files(_text_files(root), None).splitlines(keepends=True)
     if len(lines) < 20:
-        raise SystemExit(
-            f"error: --corpus {root} has {len(lines)} lines; need at least 20 to split "
+        raise UsageError(
+            f"--corpus {root} has {len(lines)} lines; need at least 20 to split "
             "90/5/5 into train/valid/test (or give train/valid/test files)"
         )
     a, b = len(lines) * 90 // 100, len(lines) * 95 // 100
@@ -350,7 +348,7 @@ def load_text(args: argparse.Namespace, max_chars: int | None) -> Corpus:
     try:
         splits = [load_shakespeare(s, args.data_dir) for s in ("train", "valid", "test")]
     except DatasetNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     train_text = splits[0] if max_chars is None else splits[0][:max_chars]
     return Corpus("shakespeare", train_text, splits[1], splits[2], "by play (the fetch step)")
 
@@ -415,22 +413,20 @@ def run_kind(
     streams: dict[str, tuple[Tensor, ...]],
     args: argparse.Namespace,
     *,
-    name: str | None = None,
-    seed: int | None = None,
+    seed: int,
+    name: str,
     attention_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one attention kind; valid/test metrics on held-out windows.
+    """Train one attention kind in ``<out>/<name>``; valid/test metrics on held-out windows.
 
-    ``name`` (default: the kind) names the run directory ``<out>/<name>``; ``seed`` (default:
-    ``--seed``) seeds the model and the data order; ``attention_options`` override
-    :class:`AttentionConfig` fields (the SortNet ablation's variants).
+    ``seed`` seeds the model and the data order; ``attention_options`` override
+    :class:`AttentionConfig` fields (the SortNet ablation's variants). A runner of
+    :func:`~.driver.train_grid`.
     """
-    seed = args.seed if seed is None else seed
-    run_dir = Path(args.out) / (name or kind)
+    run_dir = Path(args.out) / name
     resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
     if args.resume and not resume:
         logger.info("%s: no checkpoint in %s, starting it fresh", kind, run_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=getattr(args, "overwrite", False))
     tokenizer = run_tokenizer(run_dir, args.level, corpus, preset, resume)
     key = json.dumps(tokenizer.backend.get_vocab(), sort_keys=True)
     if key not in streams:  # encode the text once per distinct vocabulary
@@ -502,8 +498,8 @@ def run_kind(
 
 def _windows(ids: Tensor, seq_len: int, split: str) -> TokenWindows:
     if ids.numel() < seq_len + 1:
-        raise SystemExit(
-            f"error: the {split} split has {ids.numel()} tokens, fewer than one window of "
+        raise UsageError(
+            f"the {split} split has {ids.numel()} tokens, fewer than one window of "
             f"{seq_len + 1}; use a larger corpus or a smaller preset"
         )
     return TokenWindows(ids, seq_len)
@@ -582,7 +578,7 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     if args.level not in LEVELS:
-        raise SystemExit(f"error: unknown --level {args.level!r}; choose char or subword")
+        raise UsageError(f"unknown --level {args.level!r}; choose char or subword")
     preset = PRESETS[(args.level, args.preset)]
     args.out = args.out or f"runs/lm-{args.level}"
     preset = replace(
@@ -600,11 +596,7 @@ def run(args: argparse.Namespace) -> int:
             },
         ),
     )
-    if args.resume and not Path(args.out).is_dir():
-        raise SystemExit(
-            f"error: --resume: no run directory {args.out!r}; "
-            "start without --resume or pass the --out of an earlier run"
-        )
+    options = grid_options(args)
     kinds = parse_kinds(args.attention, KINDS, KINDS)
     corpus = load_text(args, preset.max_train_chars)
     logger.info(
@@ -617,14 +609,11 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed()
     streams: dict[str, tuple[Tensor, ...]] = {}
     seeds = seed_list(args)
-    results = [
-        run_over_seeds(
-            partial(run_kind, kind, preset, corpus, streams, args),
-            kind,
-            seeds,
-        )
-        for kind in kinds
-    ]
+    results = train_grid(
+        {kind: partial(run_kind, kind, preset, corpus, streams, args) for kind in kinds},
+        seeds,
+        options,
+    )
     if dist.rank != 0:
         return 0
     table = results_table(results, args.level)
@@ -688,6 +677,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-train-chars", type=int, default=None, help="read at most this much training text"
     )
-    add_seeds_arg(parser)
+    add_grid_args(parser)
     add_common_args(parser, default_out="runs/lm-<level>")
     parser.set_defaults(func=run, out=None)

@@ -23,10 +23,10 @@ Several processes (same flags)::
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +47,19 @@ from ..data.sorting import (
 from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerEncoderLayer
 from ..train import TrainConfig, cleanup_distributed, init_distributed, train
-from ..train.distributed import barrier
 from ..train.seq_metrics import sequence_metrics
 from .common import (
     add_common_args,
-    add_jobs_arg,
     format_table,
-    group_by_name,
-    map_runs,
     mean_and_std,
     mean_std_cell,
     parse_kinds,
     plot_sort_matrices,
     positive_overrides,
-    prepare_run_dir,
     setup_logging,
     write_results,
 )
+from .driver import add_grid_args, grid_options, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +256,9 @@ def dev_set(preset: SortPreset) -> SortingDataset:
     return SortingDataset(preset.n_eval, 2 * preset.length, preset.n_symbols, seed=DEV_SEED)
 
 
-def summarize_kind(kind: str, preset: SortPreset, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_kind(
+    kind: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int], *, preset: SortPreset
+) -> dict[str, Any]:
     """One attention kind's runs (one per seed): mean and standard deviation of each metric."""
     mean, std = mean_and_std([r["eval"] for r in runs])
     return {
@@ -277,22 +275,19 @@ def seeds_of(preset: SortPreset, args: argparse.Namespace) -> list[int]:
     return [args.seed + i for i in range(preset.n_seeds)]
 
 
-def run_dir(out: str, kind: str, seed: int) -> Path:
-    return Path(out) / kind / f"seed{seed}"
-
-
 def run_seed(
     kind: str,
     preset: SortPreset,
     args: argparse.Namespace,
-    seed: int,
     *,
-    name: str | None = None,
+    seed: int,
+    name: str,
+    label: str | None = None,
     attention_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one attention kind with one seed and evaluate it on the dev set.
+    """Train one attention kind with one seed in ``<out>/<name>``; evaluate it on the dev set.
 
-    ``name`` (default: the kind) names the run directory ``<out>/<name>/seed<seed>``;
+    ``label`` (default: the kind) names the sort-matrix plot of the first seed;
     ``attention_options`` override :class:`AttentionConfig` fields (the ablation's variants).
     """
     torch.manual_seed(seed)
@@ -322,7 +317,7 @@ def run_seed(
         train_data,
         make_loss_fn(preset.length),
         train_cfg,
-        out_dir=run_dir(args.out, name or kind, seed),
+        out_dir=Path(args.out) / name,
         collate_fn=collate_sorting,
         eval_fn=eval_fn,
         resume=args.resume,
@@ -330,55 +325,13 @@ def run_seed(
     )
     plan_png = None
     if kind in ("sinkhorn", "mixture") and seed == args.seed:
-        plan_png = save_sort_matrix(model, dev, Path(args.out), name or kind)
+        plan_png = save_sort_matrix(model, dev, Path(args.out), label or kind)
     return {
         "seed": seed,
         "train_loss": result.metrics.get("loss"),
         "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
         "sort_matrix_png": plan_png,
     }
-
-
-def prepared_run_seed(
-    kind: str,
-    preset: SortPreset,
-    args: argparse.Namespace,
-    seed: int,
-    *,
-    name: str | None = None,
-    attention_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """:func:`run_seed` in a worker process, which takes its run directory's lock itself."""
-    path = run_dir(args.out, name or kind, seed)
-    prepare_run_dir(path, resume=args.resume, overwrite=args.overwrite)
-    return run_seed(kind, preset, args, seed, name=name, attention_options=attention_options)
-
-
-def train_runs(
-    args: argparse.Namespace,
-    preset: SortPreset,
-    runs: Sequence[tuple[str, int, str, dict[str, Any]]],
-) -> list[dict[str, Any]]:
-    """Check every run directory first, then train ``(kind, seed, name, attention_options)``
-    runs, ``--jobs`` at a time (one after another under torchrun); results in order."""
-    dist = init_distributed()
-    parallel = args.jobs > 1 and dist.world_size == 1
-    for _, seed, name, _ in runs:
-        prepare_run_dir(  # in parallel mode only checked here; each worker locks its own
-            run_dir(args.out, name, seed),
-            resume=args.resume,
-            overwrite=args.overwrite,
-            is_main=dist.rank == 0 and not parallel,
-        )
-    barrier()
-    if parallel:
-        args.no_progress = True  # several runs at once: their bars would interleave
-    fn = prepared_run_seed if parallel else run_seed
-    jobs = [
-        (fn, (kind, preset, args, seed), {"name": name, "attention_options": options})
-        for kind, seed, name, options in runs
-    ]
-    return map_runs(jobs, args.jobs)
 
 
 @torch.no_grad()
@@ -457,10 +410,12 @@ def run(args: argparse.Namespace) -> int:
     preset = replace(preset, **changes)
     kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
-    pairs = list(itertools.product(kinds, seeds_of(preset, args)))
-    runs = train_runs(args, preset, [(kind, seed, kind, {}) for kind, seed in pairs])
-    groups = group_by_name(pairs, runs)
-    results = [summarize_kind(kind, preset, groups[kind]) for kind in kinds]
+    results = train_grid(
+        {kind: partial(run_seed, kind, preset, args) for kind in kinds},
+        seeds_of(preset, args),
+        grid_options(args),
+        summarize=partial(summarize_kind, preset=preset),
+    )
     cleanup_distributed()  # every rank, on success (see its docstring)
     if dist.rank != 0:
         return 0
@@ -519,12 +474,6 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--n-eval", type=int, default=None, help="override the number of dev sequences"
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="train each kind with this many seeds (--seed, --seed+1, ...) and report mean ± std",
-    )
-    add_jobs_arg(parser)
+    add_grid_args(parser, default_seeds="3 at the cpu preset, 1 at the paper preset")
     add_common_args(parser, default_out="runs/sort")
     parser.set_defaults(func=run)

@@ -124,5 +124,7 @@ def test_models_reject_bad_input() -> None:
         model(torch.randint(0, 12, (1, 20)))
     with pytest.raises(ValueError, match=r"must be a \(B, L\) integer tensor"):
         model(torch.randn(1, 8))
-    with pytest.raises(ValueError, match="SortCut cannot be used"):
+    with pytest.raises(ValueError, match=r"SortCut .* is for encoders only; it cannot be causal"):
         LanguageModel(LanguageModelConfig(**SMALL, attention=AttentionConfig(n_sortcut=2)))
+    with pytest.raises(ValueError, match=r"SortCut .* is for encoders only; it cannot be causal"):
+        Seq2Seq(Seq2SeqConfig(**SMALL, attention=AttentionConfig(n_sortcut=2)))

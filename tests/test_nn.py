@@ -26,7 +26,6 @@ def _layer(causal: bool, **kw: object) -> SinkhornSelfAttention:
 
 def _run(layer: torch.nn.Module, x: torch.Tensor, seed: int = 3, **kw: object) -> torch.Tensor:
     out = layer(x, generator=torch.Generator().manual_seed(seed), **kw)
-    assert isinstance(out, torch.Tensor)
     return out
 
 

@@ -18,8 +18,6 @@ class LanguageModel(nn.Module):
 
     def __init__(self, config: LanguageModelConfig) -> None:
         super().__init__()
-        if config.attention.n_sortcut is not None:
-            raise ValueError("SortCut cannot be used in a causal language model")
         self.config = config
         self.embed = Embedding(config)
         self.decoder = Decoder(config, config.n_layers, cross_attention=False)

@@ -21,8 +21,6 @@ class Seq2Seq(nn.Module):
 
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
-        if config.attention.n_sortcut is not None:
-            raise ValueError("SortCut cannot be used in a decoder; Seq2Seq has one")
         self.config = config
         self.embed = Embedding(config)
         self.encoder = Encoder(config)

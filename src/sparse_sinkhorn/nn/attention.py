@@ -17,7 +17,7 @@ from ..ops import (
     SinkhornPlan,
     dense_attention,
     local_attention,
-    sinkhorn_attention,
+    sinkhorn_attention_with_plan,
     sparse_attention,
 )
 from ..ops.blocks import block_summaries, causal_block_summaries
@@ -73,7 +73,10 @@ class SinkhornSelfAttention(nn.Module):
         check_sizes(d_model, n_heads, dropout)
         self.config = AttentionConfig(kind=attention, **config)
         if causal and self.config.n_sortcut is not None:
-            raise ValueError("SortCut (n_sortcut) is for encoders only; it cannot be causal")
+            raise ValueError(
+                "SortCut (n_sortcut) is for encoders only; it cannot be causal (a decoder, "
+                "a LanguageModel or the decoder of a Seq2Seq)"
+            )
         self.d_model, self.n_heads, self.causal, self.dropout = d_model, n_heads, causal, dropout
         # Queries, keys and values; with ``share_kv`` the keys double as values.
         self.qkv = nn.Linear(d_model, (2 if self.config.share_kv else 3) * d_model, bias=bias)
@@ -166,7 +169,7 @@ class SinkhornSelfAttention(nn.Module):
             return sparse_attention(
                 q, k, v, block_size=cfg.block_size, mode=cfg.sparse_mode, **common
             ), None
-        out, plan = sinkhorn_attention(
+        out, plan = sinkhorn_attention_with_plan(
             q,
             k,
             v,
@@ -179,7 +182,6 @@ class SinkhornSelfAttention(nn.Module):
             temperature=cfg.temperature,
             gumbel_noise=cfg.gumbel_noise and self.training,
             generator=generator,
-            return_plan=True,
             **common,
         )
         return out, plan

@@ -31,8 +31,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ..ops import sinkhorn_plan
-from ..ops.blocks import block_summaries, causal_block_summaries
+from ..ops import sinkhorn_plan, sparse_pattern
+from ..ops.blocks import block_summaries, causal_block_summaries, num_blocks
+from ..ops.masked import masked_sdpa
 from .config import AttentionConfig
 from .sortnet import SortNet
 
@@ -89,7 +90,7 @@ class AttentionCache:
         if not config.uses_sorting:
             return
         w, length = config.block_size, x.shape[1]
-        started, complete = -(-length // w), length // w  # blocks begun / finished
+        started, complete = num_blocks(length, w), length // w  # blocks begun / finished
         self.x_sum = x.sum(dim=1)  # (B, D)
         self.block_sum = x[:, complete * w :].sum(dim=1)  # (B, D); zeros when none
         self.row_summaries = causal_block_summaries(x, w, pooling=config.pooling)[:, :started]
@@ -241,22 +242,19 @@ class DecodingCache:
 def baseline_keep_row(
     config: AttentionConfig, t: int, *, device: torch.device | None = None
 ) -> Tensor:
-    """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline layer.
-
-    Mirrors :func:`~sparse_sinkhorn.ops.local_attention` (own block) and
-    :func:`~sparse_sinkhorn.ops.sparse_pattern` (fixed: own block plus each block's last
-    position; strided: ``|t-s| < W`` or ``(t-s) % W == 0``); dense keeps everything.
-    """
+    """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline layer:
+    all (dense), its own block (:func:`~sparse_sinkhorn.ops.local_attention`), or row ``t`` of
+    :func:`~sparse_sinkhorn.ops.sparse_pattern`."""
     w = config.block_size
-    s = torch.arange(t + 1, device=device)
     if config.kind == "dense":
         return torch.ones(t + 1, dtype=torch.bool, device=device)
     if config.kind == "local":
-        return s // w == t // w
+        return torch.arange(t + 1, device=device) // w == t // w
     if config.kind == "sparse":
-        if config.sparse_mode == "fixed":
-            return (s // w == t // w) | (s % w >= w - 1)
-        return ((t - s) < w) | ((t - s) % w == 0)
+        row = torch.tensor([t], device=device)
+        return sparse_pattern(
+            t + 1, block_size=w, is_causal=True, mode=config.sparse_mode, device=device, queries=row
+        )[0]
     raise ValueError(f"no cached baseline for attention kind {config.kind!r}")
 
 
@@ -271,18 +269,13 @@ def _repeat_kv(x: Tensor, heads: int) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
-    """Softmax attention of ``(B, H, 1, E)`` queries; rows with no kept key give 0."""
+    """Attention of ``(B, H, 1, E)`` queries (the op's kernel call); rows with no kept key
+    give 0."""
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])  # grouped-query K/V
-    scores = torch.einsum("bhqe,bhke->bhqk", q, k) * q.shape[-1] ** -0.5  # (B, H, 1, S)
-    acc = torch.promote_types(scores.dtype, torch.float32)
-    scores = scores.to(acc)
-    if keep is None:
-        return torch.einsum("bhqk,bhke->bhqe", scores.softmax(-1).to(v.dtype), v)
-    scores = scores.masked_fill(~keep, torch.finfo(acc).min)
-    attn = scores.softmax(-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)
-    # where, not a zero weight: a NaN/Inf value at a masked position must not reach the output
-    v = torch.where(keep.any(-2)[..., None], v, v.new_zeros(()))  # keep: (., ., 1, S)
-    return torch.einsum("bhqk,bhke->bhqe", attn.to(v.dtype), v)
+    if keep is not None:
+        # where, not a zero weight: a NaN/Inf value at a masked position must not reach the output
+        v = torch.where(keep.any(-2)[..., None], v, v.new_zeros(()))  # keep: (., ., 1, S)
+    return masked_sdpa(q, k, v, keep, 0.0, None)
 
 
 __all__ = ["AttentionCache", "DecodingCache", "baseline_keep_row"]

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..ops.blocks import num_blocks
 from .sortnet import SORT_NETS
 
 ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse")
@@ -92,4 +93,4 @@ class AttentionConfig:
 
     @property
     def max_blocks(self) -> int:
-        return -(-self.max_len // self.block_size)
+        return num_blocks(self.max_len, self.block_size)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .attention import SinkhornPlan, attend_with_plan, sinkhorn_attention, sinkhorn_plan
+from .attention import (
+    SinkhornOutput,
+    SinkhornPlan,
+    attend_with_plan,
+    sinkhorn_attention,
+    sinkhorn_attention_with_plan,
+    sinkhorn_plan,
+)
 from .baselines import dense_attention, local_attention, sparse_attention, sparse_pattern
 from .blocks import block_summaries, causal_block_summaries, num_blocks, pad_to_blocks
 from .reference import (
@@ -13,6 +20,7 @@ from .reference import (
 from .sinkhorn import hard_routing, sample_gumbel, sinkhorn_balance
 
 __all__ = [
+    "SinkhornOutput",
     "SinkhornPlan",
     "attend_with_plan",
     "block_summaries",
@@ -27,6 +35,7 @@ __all__ = [
     "reference_sinkhorn_balance",
     "sample_gumbel",
     "sinkhorn_attention",
+    "sinkhorn_attention_with_plan",
     "sinkhorn_balance",
     "sinkhorn_plan",
     "sparse_attention",

@@ -137,8 +137,6 @@ def check_sinkhorn(
     block_size: int,
     is_causal: bool,
     n_sortcut: int | None,
-    n_iters: int,
-    temperature: float,
 ) -> None:
     check_block_size(block_size)
     check_tensor("sort_logits", sort_logits, key.device)
@@ -151,8 +149,6 @@ def check_sinkhorn(
             f"block_size={block_size} (N = ceil(L / block_size) = {n}); "
             f"got {tuple(sort_logits.shape)}"
         )
-    if not sort_logits.is_floating_point():
-        raise TypeError(f"sort_logits must be floating point, got {sort_logits.dtype}")
     if n_sortcut is not None:
         if is_causal:
             raise ValueError(
@@ -166,6 +162,15 @@ def check_sinkhorn(
                 f"n_sortcut={n_sortcut} is larger than the number of blocks N={n} "
                 f"(L={length}, block_size={block_size})"
             )
+    # dtype, temperature and n_iters: check_balance, when sinkhorn_balance runs
+
+
+def check_balance(logits: Tensor, n_iters: int, temperature: float) -> None:
+    """The arguments of :func:`~.sinkhorn.sinkhorn_balance` (and so of every Sinkhorn op)."""
+    if logits.dim() < 2:
+        raise ValueError(f"sort logits must have at least 2 dims (..., N, M), got {logits.shape}")
+    if not logits.is_floating_point():
+        raise TypeError(f"sort logits must be floating point, got {logits.dtype}")
     check_number("temperature", temperature, low=0.0)
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
         raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from . import _validate
-from .baselines import dense_attention, masked_sdpa
+from .baselines import dense_attention
 from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask, zero_padding
 from .lse_merge import local_part_backward, merged_forward, sorted_part_backward
+from .masked import masked_sdpa
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
 
 
@@ -29,15 +30,16 @@ class SinkhornPlan:
         P: ``(B, H, R, N)`` float32 sort matrix; row ``r`` mixes key blocks into slot ``r``
             (``R = N``, or ``n`` with SortCut). With ``hard=True`` its forward value is 0/1
             and its gradient the soft matrix's (straight-through).
-        indices: ``(B, H, R)`` long, the block with the largest weight per row (the hard
-            choice), -1 where a row receives no block (causal row 0, padding-only blocks).
+        indices: with hard routing, ``(B, H, R)`` long: the block each row takes, -1 where a
+            row receives no block (causal row 0, padding-only blocks); None for a soft plan
+            (every row mixes blocks by ``P``; a row with no block is a zero row of ``P``).
         block_size: tokens per block ``W``.
         is_causal, n_sortcut, hard: how the plan was made.
         key_mask: ``(B, N*W)`` bool, True = real key (after internal padding), or None.
     """
 
     P: Tensor
-    indices: Tensor
+    indices: Tensor | None
     block_size: int
     is_causal: bool
     n_sortcut: int | None
@@ -51,14 +53,6 @@ class SinkhornPlan:
             f"block_size={self.block_size}, causal={self.is_causal}, "
             f"sortcut={self.n_sortcut}, hard={self.hard}, padded={self.key_mask is not None})"
         )
-
-    def slot_weight(self) -> Tensor:
-        """``(B, H, R, W)``: total weight of *real* keys mixed into each sorted slot."""
-        p = self.P.detach()
-        if self.key_mask is None:
-            return p.sum(-1)[..., None].expand(*p.shape[:-1], self.block_size)
-        m = rearrange(self.key_mask, "b (n w) -> b n w", w=self.block_size).to(p.dtype)
-        return torch.einsum("bhrn,bnw->bhrw", p, m)
 
     def to_dense(self, length: int) -> Tensor:
         """The token-level attention pattern, ``(B, H, L, L)`` float32 (for plots and tests).
@@ -84,6 +78,13 @@ class SinkhornPlan:
         if self.key_mask is not None:
             pattern = pattern * self.key_mask[:, None, None, :].float()
         return pattern[..., :length, :length].contiguous()
+
+
+class SinkhornOutput(NamedTuple):
+    """What :func:`sinkhorn_attention_with_plan` returns."""
+
+    out: Tensor  # (B, H, L, Dv)
+    plan: SinkhornPlan
 
 
 def sinkhorn_plan(
@@ -126,11 +127,9 @@ def sinkhorn_plan(
         p = p[..., :n_sortcut, :]  # (B, H, n, N): only the first n sorted blocks are kept
         if allowed is not None:
             allowed = allowed[..., :n_sortcut, :]
+    indices: Tensor | None = None
     if hard:
         p, indices = hard_routing(p, allowed)
-    else:
-        has_any = (p > 0).any(-1) if allowed is None else allowed.expand_as(p).any(-1)
-        indices = torch.where(has_any, p.argmax(-1), torch.full_like(p[..., 0], -1).long())
     return SinkhornPlan(p, indices, block_size, is_causal, n_sortcut, hard, key_mask)
 
 
@@ -152,8 +151,7 @@ def sinkhorn_attention(
     generator: torch.Generator | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
-    return_plan: bool = False,
-) -> Tensor | tuple[Tensor, SinkhornPlan]:
+) -> Tensor:
     """Sparse Sinkhorn attention (Tay et al., 2020) on ``(B, H, L, D)`` tensors.
 
     Each query block attends, under one softmax, to its own (local) block and to the key /
@@ -186,10 +184,10 @@ def sinkhorn_attention(
         n_iters, temperature, gumbel_noise, generator: see :func:`sinkhorn_balance`.
         dropout_p: dropout on the attention weights (pass 0 in eval, like SDPA).
         scale: score scale, default ``1/sqrt(D)``.
-        return_plan: also return the :class:`SinkhornPlan`.
 
     Returns:
-        ``(B, H, L, Dv)`` in the input dtype, and the plan if ``return_plan``.
+        ``(B, H, L, Dv)`` in the input dtype. :func:`sinkhorn_attention_with_plan` also
+        returns the :class:`SinkhornPlan`.
 
     Equivalent PyTorch (non-causal, no padding, L a multiple of W)::
 
@@ -199,6 +197,47 @@ def sinkhorn_attention(
         scores = cat([qb @ kb.mT, qb @ ks.mT], -1) * scale         # (B, H, N, W, 2W)
         out = softmax(scores) @ cat([vb, vs], -2)
     """
+    return sinkhorn_attention_with_plan(
+        query,
+        key,
+        value,
+        sort_logits,
+        block_size=block_size,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        n_sortcut=n_sortcut,
+        mixture=mixture,
+        hard=hard,
+        n_iters=n_iters,
+        temperature=temperature,
+        gumbel_noise=gumbel_noise,
+        generator=generator,
+        dropout_p=dropout_p,
+        scale=scale,
+    ).out
+
+
+def sinkhorn_attention_with_plan(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    sort_logits: Tensor,
+    *,
+    block_size: int,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    n_sortcut: int | None = None,
+    mixture: bool = False,
+    hard: bool = False,
+    n_iters: int = 8,
+    temperature: float = 0.75,
+    gumbel_noise: bool = False,
+    generator: torch.Generator | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> SinkhornOutput:
+    """:func:`sinkhorn_attention` that also returns its :class:`SinkhornPlan`
+    (``out, plan = sinkhorn_attention_with_plan(...)``); same arguments."""
     if not torch.compiler.is_compiling():
         _validate.check_inputs(
             query,
@@ -216,8 +255,6 @@ def sinkhorn_attention(
             block_size=block_size,
             is_causal=is_causal,
             n_sortcut=n_sortcut,
-            n_iters=n_iters,
-            temperature=temperature,
         )
     batch, heads, length, _ = query.shape
     if key.shape[1] != heads:  # grouped-query attention: each K/V head serves H / H_kv heads
@@ -247,7 +284,7 @@ def sinkhorn_attention(
             dropout_p=dropout_p,
             scale=scale,
         )
-    return (out, plan) if return_plan else out
+    return SinkhornOutput(out, plan)
 
 
 def attend_with_plan(
@@ -290,17 +327,17 @@ def attend_with_plan(
     kb = rearrange(k, "b h (n w) d -> b h n w d", w=w)
     vb = rearrange(v, "b h (n w) d -> b h n w d", w=w)
     p = plan.P.to(k.dtype)  # (B, H, R, N)
-    idx = plan.indices if plan.hard else None  # (B, H, R): gather instead of mixing
+    idx = plan.indices  # (B, H, R) with hard routing: gather instead of mixing
     if plan.n_sortcut is not None:
-        ks = _SortedBlocks.apply(p, kb, idx)  # (B, H, n, W, D) sorted keys
-        vs = _SortedBlocks.apply(p, vb, idx)  # (B, H, n, W, Dv) sorted values
-        out = _sortcut(q, ks, vs, _slot_mask(plan), scale, dropout_p)
+        k_sorted = _SortedBlocks.apply(p, kb, idx)  # (B, H, n, W, D)
+        v_sorted = _SortedBlocks.apply(p, vb, idx)  # (B, H, n, W, Dv)
+        out = _sortcut(q, k_sorted, v_sorted, plan, scale, dropout_p)
     elif _two_part_applies(plan, dropout_p):
-        out = _TwoPartSinkhorn.apply(q, k, v, p, plan.indices, plan.hard, plan.is_causal, scale)
+        out = _TwoPartSinkhorn.apply(q, k, v, p, plan.indices, plan.is_causal, scale)
     else:
-        k2 = _LocalAndSorted.apply(p, kb, idx)  # (B, H, N, 2W, D): [K_i ; sum_j P_ij K_j]
-        v2 = _LocalAndSorted.apply(p, vb, idx)  # (B, H, N, 2W, Dv)
-        out = _local_and_sorted(q, k2, v2, _slot_mask(plan), plan, scale, dropout_p)
+        k_pair = _LocalAndSorted.apply(p, kb, idx)  # (B, H, N, 2W, D): [K_i ; sum_j P_ij K_j]
+        v_pair = _LocalAndSorted.apply(p, vb, idx)  # (B, H, N, 2W, Dv)
+        out = _local_and_sorted(q, k_pair, v_pair, plan, scale, dropout_p)
     return out[:, :, :length].to(query.dtype)
 
 
@@ -312,13 +349,6 @@ def _two_part_applies(plan: SinkhornPlan, dropout_p: float) -> bool:
         and plan.n_sortcut is None
         and not torch.compiler.is_compiling()
     )
-
-
-def _slot_mask(plan: SinkhornPlan) -> Tensor | None:
-    """Sorted slots that hold some real key; None when every slot does."""
-    if plan.key_mask is None and not plan.is_causal:
-        return None
-    return plan.slot_weight() > 0
 
 
 def _mix(p3: Tensor, x3: Tensor, idx3: Tensor | None) -> Tensor:
@@ -395,8 +425,7 @@ class _TwoPartSinkhorn(torch.autograd.Function):
         k: Tensor,
         v: Tensor,
         p: Tensor,
-        indices: Tensor,
-        hard: bool,
+        indices: Tensor | None,
         causal: bool,
         scale: float,
     ) -> Tensor:
@@ -404,14 +433,17 @@ class _TwoPartSinkhorn(torch.autograd.Function):
         w = q.shape[2] // n
         g = b * h
         p3 = p.reshape(g, n, n)  # (G, N, N)
-        idx3 = indices.reshape(g, n) if hard else None  # (G, N)
+        idx3 = None if indices is None else indices.reshape(g, n)  # (G, N): hard routing
         q4, k4, v4 = (
             t.reshape(g * n, 1, w, t.shape[-1]).contiguous() for t in (q, k, v)
         )  # (G*N, 1, W, D); no copy for contiguous inputs
         chunks = _row_chunks(n, causal)
         ks = _mix_rows(p3, k4.view(g, n, -1), idx3, chunks).view(k4.shape)  # (G*N, 1, W, D)
         vs = _mix_rows(p3, v4.view(g, n, -1), idx3, chunks).view(v4.shape)  # (G*N, 1, W, Dv)
-        no_sorted = (indices.reshape(g * n, 1, 1) < 0) if causal else None  # causal block 0
+        no_sorted = None  # causal: blocks that receive no sorted block (block 0)
+        if causal:
+            no_sorted = (idx3 < 0) if idx3 is not None else (p3 == 0).all(-1)  # (G, N)
+            no_sorted = no_sorted.reshape(g * n, 1, 1)
         out, lse, info = merged_forward(q4, k4, v4, ks, vs, causal, scale, no_sorted)
         ctx.save_for_backward(q4, k4, v4, p3, idx3, out, lse, no_sorted)
         # Intermediates, kept on ctx so that the backward can drop them as soon as the
@@ -463,7 +495,6 @@ class _TwoPartSinkhorn(torch.autograd.Function):
             dk.view(b, h, length, -1),
             dv.view(b, h, length, -1),
             grad_p,
-            None,
             None,
             None,
             None,
@@ -543,68 +574,103 @@ class _LocalAndSorted(torch.autograd.Function):
         return grad_p, grad_x, None
 
 
+def keep_mask(plan: SinkhornPlan) -> tuple[Tensor | None, Tensor | None]:
+    """Which keys each query may see, as ``(local, sorted)`` bool keep-masks (None = all).
+
+    Query block ``i`` (``W`` queries) attends, under one softmax, to ``2W`` keys: its own block
+    (local) and the block sorted into its place (slot ``w`` of it mixes position ``w`` of
+    every key block ``j`` with weight ``P[i, j]``)::
+
+                      local: K_i  (W keys)        sorted: sum_j P_ij K_j  (W slots)
+                   +----------------------------+----------------------------------+
+        query q    | causal: key s <= q         | slot w holds real weight:        |
+        of block i | padding: key s is real     |   sum_j P_ij [key (j, w) real]>0 |
+                   +----------------------------+----------------------------------+
+
+    * ``local``: ``(1, 1, 1, W, W)`` causal triangle and/or ``(B, 1, N, 1, W)`` real keys,
+      combined to ``(B|1, 1, N|1, W|1, W)``; None without causality and padding.
+    * ``sorted``: ``(B, H, R, W)`` per slot, with ``R = N`` rows (``n`` with SortCut); a slot
+      is masked when no real key reaches it (a padding-only mix, or causal row 0, which has
+      no earlier block). None without causality and padding (every slot has weight 1).
+
+    SortCut uses only the sorted part (every query sees the ``n*W`` slots of the first ``n``
+    rows). The reference (:func:`~.reference.reference_sinkhorn_attention`) states the same
+    rule on the ``(L, L)`` token grid.
+    """
+    w = plan.block_size
+    local: Tensor | None = None
+    if plan.is_causal:
+        pos = torch.arange(w, device=plan.P.device)
+        local = (pos[None, :] <= pos[:, None])[None, None, None]  # (1, 1, 1, W, W)
+    if plan.key_mask is not None:
+        real = rearrange(plan.key_mask, "b (n w) -> b 1 n 1 w", w=w)  # (B, 1, N, 1, W)
+        local = real if local is None else local & real
+    if plan.key_mask is None and not plan.is_causal:
+        return local, None
+    p = plan.P.detach()  # (B, H, R, N)
+    if plan.key_mask is None:
+        weight = p.sum(-1)[..., None].expand(*p.shape[:-1], w)  # (B, H, R, W)
+    else:
+        real_kw = rearrange(plan.key_mask, "b (n w) -> b n w", w=w).to(p.dtype)
+        weight = torch.einsum("bhrn,bnw->bhrw", p, real_kw)  # real weight per slot
+    return local, weight > 0
+
+
 def _local_and_sorted(
     q: Tensor,
-    k2: Tensor,
-    v2: Tensor,
-    slot_ok: Tensor | None,
+    k_pair: Tensor,
+    v_pair: Tensor,
     plan: SinkhornPlan,
     scale: float,
     dropout_p: float,
 ) -> Tensor:
     """Each query block attends to its ``2W`` keys ``[local ; sorted]`` under one softmax.
 
-    One fused ``scaled_dot_product_attention`` over ``B*H`` x ``N`` blocks: no ``(W, 2W)``
-    score tensor is materialised or saved for backward.
+    One fused ``scaled_dot_product_attention`` over ``B*H`` x ``N`` blocks with the
+    :func:`keep_mask`: no ``(W, 2W)`` score tensor is materialised or saved for backward.
     """
     w = plan.block_size
-    batch, heads = k2.shape[:2]
-    qb = rearrange(q, "b h (n w) d -> (b h) n w d", w=w)  # (B*H, N, W, D)
-    k4 = rearrange(k2, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, D)
-    v4 = rearrange(v2, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, Dv)
-    keep = _local_and_sorted_keep(plan, slot_ok, batch, heads, q.device)
-    out = masked_sdpa(qb, k4, v4, keep, dropout_p, scale)  # (B*H, N, W, Dv)
+    batch, heads, n = k_pair.shape[:3]
+    q_blocks = rearrange(q, "b h (n w) d -> (b h) n w d", w=w)  # (B*H, N, W, D)
+    k_rows = rearrange(k_pair, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, D)
+    v_rows = rearrange(v_pair, "b h n k d -> (b h) n k d")  # (B*H, N, 2W, Dv)
+    local, sorted_ = keep_mask(plan)
+    keep: Tensor | None = None
+    if local is not None or sorted_ is not None:
+        rows = w if plan.is_causal else 1  # only the causal triangle depends on the query
+        shape = (batch, heads, n, rows, w)
+        ones = torch.ones(1, 1, 1, 1, w, dtype=torch.bool, device=q.device)
+        keep_local = (ones if local is None else local).expand(shape)
+        keep_sorted = (ones if sorted_ is None else sorted_[..., None, :]).expand(shape)
+        keep = rearrange(
+            torch.cat([keep_local, keep_sorted], dim=-1), "b h n q k -> (b h) n q k"
+        )  # (B*H, N, W|1, 2W)
+    out = masked_sdpa(q_blocks, k_rows, v_rows, keep, dropout_p, scale)  # (B*H, N, W, Dv)
     return rearrange(out, "(b h) n w d -> b h (n w) d", b=batch)
 
 
-def _local_and_sorted_keep(
-    plan: SinkhornPlan, slot_ok: Tensor | None, batch: int, heads: int, device: torch.device
-) -> Tensor | None:
-    """``(B*H, N, W or 1, 2W)`` bool keep-mask over ``[local ; sorted]`` keys, or None."""
-    keep = _local_keep(plan, device)  # broadcastable to (B, H, N, W, W) or None
-    if keep is None and slot_ok is None:
-        return None
-    w = plan.block_size
-    n = plan.P.shape[-1]
-    rows = w if plan.is_causal else 1  # only the causal triangle depends on the query
-    shape = (batch, heads, n, rows, w)
-    ones = torch.ones(1, 1, 1, 1, w, dtype=torch.bool, device=device)
-    keep_loc = (ones if keep is None else keep).expand(shape)
-    keep_srt = (ones if slot_ok is None else slot_ok[..., None, :]).expand(shape)  # (B,H,N,1,W)
-    mask = torch.cat([keep_loc, keep_srt], dim=-1)  # (B, H, N, rows, 2W)
-    return rearrange(mask, "b h n q k -> (b h) n q k")
-
-
-def _local_keep(plan: SinkhornPlan, device: torch.device) -> Tensor | None:
-    """Local-block mask: causal triangle and real keys; None when all are kept."""
-    w = plan.block_size
-    keep: Tensor | None = None
-    if plan.is_causal:
-        pos = torch.arange(w, device=device)
-        keep = (pos[None, :] <= pos[:, None])[None, None, None]  # (1, 1, 1, W, W)
-    if plan.key_mask is not None:
-        real = rearrange(plan.key_mask, "b (n w) -> b 1 n 1 w", w=w)  # (B, 1, N, 1, W)
-        keep = real if keep is None else keep & real
-    return keep
-
-
 def _sortcut(
-    q: Tensor, ks: Tensor, vs: Tensor, slot_ok: Tensor | None, scale: float, dropout_p: float
+    q: Tensor,
+    k_sorted: Tensor,
+    v_sorted: Tensor,
+    plan: SinkhornPlan,
+    scale: float,
+    dropout_p: float,
 ) -> Tensor:
-    k_cut = rearrange(ks, "b h r w d -> b h (r w) d")  # (B, H, n*W, D)
-    v_cut = rearrange(vs, "b h r w d -> b h (r w) d")
-    keep = None if slot_ok is None else rearrange(slot_ok, "b h r w -> b h 1 (r w)")
+    """Every query attends to the ``n*W`` sorted slots of the first ``n`` rows."""
+    k_cut = rearrange(k_sorted, "b h r w d -> b h (r w) d")  # (B, H, n*W, D)
+    v_cut = rearrange(v_sorted, "b h r w d -> b h (r w) d")
+    _, sorted_ = keep_mask(plan)
+    keep = None if sorted_ is None else rearrange(sorted_, "b h r w -> b h 1 (r w)")
     return masked_sdpa(q, k_cut, v_cut, keep, dropout_p, scale)  # (B, H, N*W, Dv)
 
 
-__all__ = ["SinkhornPlan", "attend_with_plan", "num_blocks", "sinkhorn_attention", "sinkhorn_plan"]
+__all__ = [
+    "SinkhornOutput",
+    "SinkhornPlan",
+    "attend_with_plan",
+    "num_blocks",
+    "sinkhorn_attention",
+    "sinkhorn_attention_with_plan",
+    "sinkhorn_plan",
+]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _validate
 from .blocks import pad_to_blocks, padded_mask, zero_padding
+from .masked import masked_sdpa
 
 
 def dense_attention(
@@ -105,6 +106,7 @@ def sparse_pattern(
     mode: str = "fixed",
     n_summary: int = 1,
     device: torch.device | str | None = None,
+    queries: Tensor | None = None,
 ) -> Tensor:
     """Child et al. (2019) Sparse Transformer pattern as an ``(L, L)`` bool mask.
 
@@ -113,13 +115,14 @@ def sparse_pattern(
     * ``"strided"``: query ``t`` sees the W positions around it (``|t - s| < W``) plus every
       position ``s`` with ``(t - s) % W == 0``.
 
-    With ``is_causal`` the pattern is restricted to ``s <= t``.
+    With ``is_causal`` the pattern is restricted to ``s <= t``. ``queries`` (``(Q,)`` long
+    positions) returns those rows only, ``(Q, L)`` (one decoding step needs one row).
     """
     if mode not in ("fixed", "strided"):
         raise ValueError(f"sparse mode must be 'fixed' or 'strided', got {mode!r}")
     if not 1 <= n_summary <= block_size:
         raise ValueError(f"n_summary must be in [1, block_size={block_size}], got {n_summary}")
-    t = torch.arange(length, device=device)[:, None]  # (L, 1) query positions
+    t = (torch.arange(length, device=device) if queries is None else queries)[:, None]  # (Q, 1)
     s = torch.arange(length, device=device)[None, :]  # (1, L) key positions
     if mode == "fixed":
         keep = (t // block_size == s // block_size) | (s % block_size >= block_size - n_summary)
@@ -184,22 +187,3 @@ def _causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
     t = torch.arange(q_len, device=device)[:, None]
     s = torch.arange(k_len, device=device)[None, :]
     return s <= t + (k_len - q_len)
-
-
-def masked_sdpa(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    keep: Tensor | None,
-    dropout_p: float,
-    scale: float | None,
-) -> Tensor:
-    """SDPA with a bool keep-mask; rows with no key kept give 0 instead of NaN."""
-    if keep is None:
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p, scale=scale)
-    any_key = keep.any(dim=-1, keepdim=True)  # rows that see at least one key
-    safe = keep | ~any_key  # a fully masked row attends uniformly; zeroed below
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=safe, dropout_p=dropout_p, scale=scale
-    )
-    return zero_padding(out, any_key)

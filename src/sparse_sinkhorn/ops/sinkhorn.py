@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import check_number
+from . import _validate
 
 # Held in masked log-entries; exp() of it is exactly 0 in float32, and it stays finite.
 _NEG = -1.0e30
@@ -190,7 +190,7 @@ def sinkhorn_balance(
         P = S.exp()
     """
     if not torch.compiler.is_compiling():
-        _check_balance_args(logits, n_iters, temperature)
+        _validate.check_balance(logits, n_iters, temperature)
     s = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64
     if gumbel_noise:
         s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)
@@ -405,13 +405,3 @@ def hard_routing(p: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tens
     one_hot = one_hot * has_any[..., None].to(p.dtype)
     p_st = one_hot + (p - p.detach())
     return p_st, torch.where(has_any, idx, torch.full_like(idx, -1))
-
-
-def _check_balance_args(logits: Tensor, n_iters: int, temperature: float) -> None:
-    if logits.dim() < 2:
-        raise ValueError(f"sort logits must have at least 2 dims (..., N, M), got {logits.shape}")
-    if not logits.is_floating_point():
-        raise TypeError(f"sort logits must be floating point, got {logits.dtype}")
-    check_number("temperature", temperature, low=0.0)
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
-        raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")

@@ -11,14 +11,10 @@ import torch
 
 from sparse_sinkhorn.cli import main
 from sparse_sinkhorn.data import Tokenizer
+from sparse_sinkhorn.data.corpus import load_corpus
 from sparse_sinkhorn.errors import UsageError
-from sparse_sinkhorn.experiments.lm import (
-    bits_per_unit,
-    build_tokenizer,
-    load_corpus,
-    perplexity,
-    total_nll,
-)
+from sparse_sinkhorn.experiments.common import bits_per_unit, perplexity
+from sparse_sinkhorn.experiments.lm import build_tokenizer, total_nll
 
 WORDS = [
     "the",

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .fetch import Builder, Built, FetchError, apt_extract, pip_download, try_download_all, try_urls
+from .download import (
+    Builder,
+    Built,
+    FetchError,
+    apt_extract,
+    pip_download,
+    try_download_all,
+    try_urls,
+)
 from .image_formats import load_idx_split, write_idx
 from .text_formats import load_aclimdb
 

@@ -9,20 +9,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch.utils.data import Dataset, Subset
 
 from ..errors import UsageError
 from ..nn import ATTENTION_KINDS
+from ..train import read_metrics
 from ..train.rundir import run_lock
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How the tables name each attention kind.
+KIND_NAMES = {
+    "dense": "Transformer",
+    "local": "Local Attention",
+    "sparse": "Sparse Transformer",
+    "sinkhorn": "Sinkhorn",
+    "mixture": "Sinkhorn Mixture",
+}
 
 
 def parse_kinds(
@@ -265,3 +278,45 @@ def seeds_cell(result: Mapping[str, Any], key: str, digits: int) -> str:
     n_seeds = len(result.get("runs", [None]))
     std = result.get("eval_std", {}).get(key)
     return mean_std_cell(result["eval"].get(key), std, digits, n_seeds)
+
+
+def bits_per_unit(total_nats: float, count: int) -> float:
+    """Mean cross-entropy in bits: ``total_nats / count / ln 2`` (bits/char, bits/dim)."""
+    if count <= 0:
+        raise ValueError(f"count must be > 0, got {count}")
+    return total_nats / count / math.log(2)
+
+
+def perplexity(total_nats: float, count: int) -> float:
+    """``exp(total_nats / count)``: perplexity per token."""
+    if count <= 0:
+        raise ValueError(f"count must be > 0, got {count}")
+    return math.exp(total_nats / count)
+
+
+def evenly_spaced(data: Dataset[T], limit: int) -> Subset[T]:
+    """At most ``limit`` evenly spaced items of ``data`` (the held-out windows or images that
+    are scored: the same ones for every kind and seed)."""
+    n = len(data)  # type: ignore[arg-type]
+    k = min(n, limit)
+    return Subset(data, [i * n // k for i in range(k)])
+
+
+def plot_loss_curves(results: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Training loss of every kind on one figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    for r in results:
+        rows = [row for row in read_metrics(Path(r["run_dir"]) / "metrics.jsonl") if "loss" in row]
+        ax.plot([row["step"] for row in rows], [row["loss"] for row in rows], label=r["kind"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

@@ -39,16 +39,19 @@ from ..models.common import sample_next
 from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, train
 from .common import (
+    KIND_NAMES,
     add_common_args,
+    bits_per_unit,
+    evenly_spaced,
     format_table,
     parse_kinds,
+    plot_loss_curves,
     positive_overrides,
     seeds_cell,
     setup_logging,
     write_results,
 )
 from .driver import add_grid_args, grid_options, seed_list, train_grid
-from .lm import NAMES, Subset, bits_per_unit, plot_curves
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +268,7 @@ def run_kind(
     torch.manual_seed(seed)
     config = model_config(preset, kind, dims, block)
     model = LanguageModel(config)
-    evals = Subset(PixelSequences(test_set), preset.eval_images)
+    evals = evenly_spaced(PixelSequences(test_set), preset.eval_images)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         nats, count = pixel_nll(m, evals, preset.eval_batch)
@@ -299,7 +302,10 @@ def run_kind(
     sample_seconds = time.perf_counter() - t1
     real = torch.stack([test_set.pixels[i] for i in range(preset.n_samples)]).reshape(-1, *shape)
     grid = save_grid(
-        samples, run_dir / "samples.png", f"{args.dataset}, {NAMES[kind]}: samples / real", real
+        samples,
+        run_dir / "samples.png",
+        f"{args.dataset}, {KIND_NAMES[kind]}: samples / real",
+        real,
     )
     return {
         "kind": kind,
@@ -319,7 +325,7 @@ def run_kind(
 def results_table(results: list[dict[str, Any]]) -> str:
     rows = [
         [
-            NAMES[r["kind"]],
+            KIND_NAMES[r["kind"]],
             seeds_cell(r, "test/bits_per_dim", 3),
             PAPER_ROWS.get(r["kind"]),
             r["params"],
@@ -383,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         "CIFAR-10, a different dataset: compare the ranking, not the values.\n"
     )
     print(table)
-    curves = plot_curves(results, Path(args.out) / "loss_curves.png", f"{args.dataset} pixels")
+    curves = plot_loss_curves(results, Path(args.out) / "loss_curves.png", f"{args.dataset} pixels")
     payload = {
         "experiment": f"image-{args.dataset}",
         "preset": args.preset,

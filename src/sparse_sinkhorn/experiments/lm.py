@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -39,16 +37,22 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data import DatasetNotFoundError, Tokenizer, TokenWindows, load_shakespeare
+from ..data.corpus import Corpus, load_corpus
 from ..data.tokenize import train_bpe, train_char_level
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig
-from ..train import TrainConfig, init_distributed, plot_metrics, read_metrics, train
+from ..train import TrainConfig, init_distributed, plot_metrics, train
 from ..train.helpers import rank0_call
 from .common import (
+    KIND_NAMES,
     add_common_args,
+    bits_per_unit,
+    evenly_spaced,
     format_table,
     parse_kinds,
+    perplexity,
+    plot_loss_curves,
     positive_overrides,
     seeds_cell,
     setup_logging,
@@ -59,14 +63,7 @@ from .driver import add_grid_args, grid_options, seed_list, train_grid
 logger = logging.getLogger(__name__)
 
 LEVELS = ("char", "subword")
-KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")
-NAMES = {
-    "dense": "Transformer",
-    "local": "Local Attention",
-    "sparse": "Sparse Transformer",
-    "sinkhorn": "Sinkhorn",
-    "mixture": "Sinkhorn Mixture",
-}
+KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")  # table order
 # Paper Table 2 (LM1B subword perplexity; Base, Big) and Table 4 (LM1B bits/char, Big).
 PAPER_SUBWORD: dict[str, tuple[float | None, float | None]] = {
     "dense": (41.57, 27.59),
@@ -181,20 +178,6 @@ PRESETS: dict[tuple[str, str], LMPreset] = {
 
 
 # ----------------------------------------------------------------------------- metrics
-def bits_per_unit(total_nats: float, count: int) -> float:
-    """Mean cross-entropy in bits: ``total_nats / count / ln 2`` (bits/char, bits/dim)."""
-    if count <= 0:
-        raise ValueError(f"count must be > 0, got {count}")
-    return total_nats / count / math.log(2)
-
-
-def perplexity(total_nats: float, count: int) -> float:
-    """``exp(total_nats / count)``: perplexity per token."""
-    if count <= 0:
-        raise ValueError(f"count must be > 0, got {count}")
-    return math.exp(total_nats / count)
-
-
 def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Next-token cross-entropy (mean over every target token of the batch)."""
     inputs, targets = batch
@@ -222,124 +205,6 @@ def total_nll(
         count += targets.numel()
     model.train(was_training)
     return total, count
-
-
-class Subset(Dataset[tuple[Tensor, Tensor]]):
-    """Evenly spaced items of a dataset (at most ``limit``)."""
-
-    def __init__(self, data: Dataset[tuple[Tensor, Tensor]], limit: int) -> None:
-        n = len(data)  # type: ignore[arg-type]
-        k = min(n, limit)
-        self.data = data
-        self.index = [i * n // k for i in range(k)]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.data[self.index[i]]
-
-
-# ----------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class Corpus:
-    name: str
-    train: str
-    valid: str
-    test: str
-    split: str  # how the held-out text was chosen (documented in results.json)
-
-
-def _read_files(files: Sequence[Path], max_chars: int | None) -> str:
-    parts: list[str] = []
-    size = 0
-    for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
-        parts.append(text)
-        size += len(text)
-        if max_chars is not None and size >= max_chars:
-            break
-    out = "\n".join(parts)
-    return out if max_chars is None else out[:max_chars]
-
-
-def _text_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"
-    )
-    if not files:
-        raise UsageError(f"--corpus {path}: no text files in this directory")
-    return files
-
-
-def _named_split(root: Path, name: str) -> Path | None:
-    for candidate in (root / name, root / f"{name}.txt"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def load_corpus(path: str | Path, max_chars: int | None = None) -> Corpus:
-    """A plain-text corpus and its held-out splits. Recognised layouts, in order:
-
-    1. LM1B (``1-billion-word-language-modeling-benchmark-r13output``): training text from
-       ``training-monolingual.tokenized.shuffled/``; test = held-out shard
-       ``news.en.heldout-00000-of-00050`` (the usual test set), valid = shard ``00001``.
-    2. A directory with ``train``, ``valid`` (or ``validation``) and ``test`` entries, each a
-       file (``train.txt`` also works) or a directory of shards.
-    3. Anything else (one file or a directory of shards): its lines in order, the first 90%
-       for training, the next 5% valid, the last 5% test.
-    """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise UsageError(
-            f"--corpus {root} does not exist; pass a plain-text file or a directory "
-            "of text shards (e.g. LM1B's 1-billion-word-language-modeling-benchmark-r13output)"
-        )
-    lm1b = next(iter(sorted(root.rglob("training-monolingual.tokenized.shuffled"))), None)
-    if lm1b is not None:
-        held = lm1b.parent / "heldout-monolingual.tokenized.shuffled"
-        test_f = held / "news.en.heldout-00000-of-00050"
-        valid_f = held / "news.en.heldout-00001-of-00050"
-        if not (test_f.is_file() and valid_f.is_file()):
-            raise UsageError(f"LM1B held-out shards 00000/00001 not found in {held}")
-        return Corpus(
-            "lm1b",
-            _read_files(_text_files(lm1b), max_chars),
-            _read_files([valid_f], None),
-            _read_files([test_f], None),
-            "LM1B: valid = heldout-00001, test = heldout-00000",
-        )
-    if root.is_dir():
-        parts = {n: _named_split(root, n) for n in ("train", "valid", "validation", "test")}
-        valid = parts["valid"] or parts["validation"]
-        if parts["train"] and valid and parts["test"]:
-            return Corpus(
-                root.name,
-                _read_files(_text_files(parts["train"]), max_chars),
-                _read_files(_text_files(valid), None),
-                _read_files(_text_files(parts["test"]), None),
-                "the corpus's own train/valid/test",
-            )
-    lines = _read_files(_text_files(root), None).splitlines(keepends=True)
-    if len(lines) < 20:
-        raise UsageError(
-            f"--corpus {root} has {len(lines)} lines; need at least 20 to split "
-            "90/5/5 into train/valid/test (or give train/valid/test files)"
-        )
-    a, b = len(lines) * 90 // 100, len(lines) * 95 // 100
-    train_text = "".join(lines[:a])
-    return Corpus(
-        root.name,
-        train_text if max_chars is None else train_text[:max_chars],
-        "".join(lines[a:b]),
-        "".join(lines[b:]),
-        "lines in order: first 90% train, next 5% valid, last 5% test",
-    )
 
 
 def load_text(args: argparse.Namespace, max_chars: int | None) -> Corpus:
@@ -443,7 +308,7 @@ def run_kind(
     model = LanguageModel(config)
     train_data = TokenWindows(train_ids, preset.seq_len)
     evals = {
-        name: Subset(_windows(ids, preset.seq_len, name), preset.eval_windows)
+        name: evenly_spaced(_windows(ids, preset.seq_len, name), preset.eval_windows)
         for name, ids in (("valid", valid_ids), ("test", test_ids))
     }
 
@@ -505,26 +370,6 @@ def _windows(ids: Tensor, seq_len: int, split: str) -> TokenWindows:
     return TokenWindows(ids, seq_len)
 
 
-def plot_curves(results: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Training loss of every kind on one figure."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 3.6))
-    ax = fig.subplots()
-    for r in results:
-        rows = [row for row in read_metrics(Path(r["run_dir"]) / "metrics.jsonl") if "loss" in row]
-        ax.plot([row["step"] for row in rows], [row["loss"] for row in rows], label=r["kind"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def results_table(results: list[dict[str, Any]], level: str) -> str:
     rows: list[list[Any]] = []
     for r in results:
@@ -532,7 +377,7 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
             paper = PAPER_CHAR.get(r["kind"])
             rows.append(
                 [
-                    NAMES[r["kind"]],
+                    KIND_NAMES[r["kind"]],
                     seeds_cell(r, "valid/bits_per_char", 3),
                     seeds_cell(r, "test/bits_per_char", 3),
                     paper,
@@ -544,7 +389,7 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
             base, big = PAPER_SUBWORD.get(r["kind"], (None, None))
             rows.append(
                 [
-                    NAMES[r["kind"]],
+                    KIND_NAMES[r["kind"]],
                     seeds_cell(r, "valid/perplexity", 2),
                     seeds_cell(r, "test/perplexity", 2),
                     base,
@@ -625,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
         "are LM1B with far larger models and 300K steps: compare the ranking, not the values.\n"
     )
     print(table)
-    curves = plot_curves(results, Path(args.out) / "loss_curves.png", f"{args.level} LM")
+    curves = plot_loss_curves(results, Path(args.out) / "loss_curves.png", f"{args.level} LM")
     payload = {
         "experiment": f"lm-{args.level}",
         "preset": args.preset,

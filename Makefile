@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 JOBS ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint bench gpu-check gpu-wheels clean
+.PHONY: setup run test test-slow lint bench gpu-check gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Also the tests marked slow (torch.compile of a layer, long experiment runs).
+test-slow: setup
+	$(BIN)/python -m pytest -q --runslow
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

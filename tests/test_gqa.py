@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grids import mode_id, op_modes
 from sparse_sinkhorn.nn import AttentionConfig, SortNet
 from sparse_sinkhorn.nn.cache import AttentionCache
 from sparse_sinkhorn.ops import (
@@ -18,20 +19,7 @@ from sparse_sinkhorn.ops import (
 
 B, H, D = 2, 4, 4
 
-MODES = [
-    dict(is_causal=False),
-    dict(is_causal=False, hard=True),
-    dict(is_causal=False, n_sortcut=2),
-    dict(is_causal=False, n_sortcut=2, hard=True),
-    dict(is_causal=True),
-    dict(is_causal=True, hard=True),
-    dict(is_causal=False, mixture=True),
-    dict(is_causal=True, mixture=True),
-]
-
-
-def _ids(mode: dict) -> str:
-    return "-".join(f"{k}={v}" for k, v in mode.items())
+MODES = op_modes(mixture=(False, True))
 
 
 def _inputs(kv_heads: int, length: int, block: int, dtype: torch.dtype = torch.float64):
@@ -48,9 +36,9 @@ def _padding(length: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("mode", MODES, ids=_ids)
-@pytest.mark.parametrize("kv_heads", [1, 2])  # MQA, GQA with groups of 2
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["kv1", "kv2"])  # MQA, GQA with groups of 2
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_gqa_matches_reference_with_repeated_kv(mode: dict, kv_heads: int, padded: bool) -> None:
     block, length = 4, 19
     q, k, v, logits = _inputs(kv_heads, length, block)
@@ -69,7 +57,7 @@ def test_gqa_matches_reference_with_repeated_kv(mode: dict, kv_heads: int, padde
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", MODES[:6], ids=_ids)
+@pytest.mark.parametrize("mode", op_modes(), ids=mode_id)
 def test_gqa_backward_matches_reference(mode: dict) -> None:
     """Gradients reach the shared key/value heads summed over their query-head group."""
     block, length, kv_heads = 4, 16, 2
@@ -104,7 +92,7 @@ def test_gqa_float32_matches_repeated_kv_fast_path() -> None:
     assert torch.equal(out, rep)
 
 
-@pytest.mark.parametrize("kv_heads", [3, 8])
+@pytest.mark.parametrize("kv_heads", [3, 8], ids=["kv3", "kv8"])
 def test_kv_heads_must_divide_query_heads(kv_heads: int) -> None:
     q, k, v, logits = _inputs(kv_heads, 16, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="divide the query heads"):
@@ -126,7 +114,7 @@ def test_sort_logits_need_query_heads() -> None:
 
 @pytest.mark.parametrize("kind", ["sinkhorn", "mixture"])
 @pytest.mark.parametrize("hard", [False, True])
-@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["kv1", "kv2"])
 def test_gqa_decoding_cache_equals_full_forward(kind: str, hard: bool, kv_heads: int) -> None:
     """The incremental cache keeps H_kv heads and steps to the full causal forward's outputs."""
     block, length, d_x = 4, 22, 6

@@ -148,6 +148,7 @@ def test_encoder_layer_and_cross_attention_respect_padding() -> None:
     torch.testing.assert_close(cross(q, x, mask), cross(q, x2, mask), atol=1e-12, rtol=0)
 
 
+@pytest.mark.slow  # about 100 s of compilation on a 2-core CPU: `make test-slow`
 @pytest.mark.compile
 def test_compile_fullgraph_forward_backward() -> None:
     torch._dynamo.reset()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from einops import rearrange
 
+from grids import mode_id, op_modes
 from sparse_sinkhorn.ops import (
     reference_sinkhorn_attention,
     reference_sinkhorn_balance,
@@ -21,17 +22,8 @@ from sparse_sinkhorn.ops.sinkhorn import causal_block_mask
 
 B, H, D = 2, 2, 4
 
-# causal x sortcut x hard, each over block sizes, odd lengths and padding.
-MODES = [
-    dict(is_causal=False, n_sortcut=None, hard=False),
-    dict(is_causal=False, n_sortcut=None, hard=True),
-    dict(is_causal=False, n_sortcut=2, hard=False),
-    dict(is_causal=False, n_sortcut=2, hard=True),
-    dict(is_causal=True, n_sortcut=None, hard=False),
-    dict(is_causal=True, n_sortcut=None, hard=True),
-    dict(is_causal=False, n_sortcut=None, hard=False, mixture=True),
-    dict(is_causal=True, n_sortcut=None, hard=False, mixture=True),
-]
+# causal x SortCut x hard x Mixture, each over block sizes, odd lengths and padding.
+MODES = op_modes(mixture=(False, True))
 SHAPES = [(4, 16), (4, 19), (3, 13), (8, 40), (1, 7)]  # (block_size, length)
 
 
@@ -48,9 +40,9 @@ def _padding(length: int, batch: int = B) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
-@pytest.mark.parametrize(("block", "length"), SHAPES)
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+@pytest.mark.parametrize(("block", "length"), SHAPES, ids=[f"b{b}-L{n}" for b, n in SHAPES])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_fast_path_matches_reference(mode: dict, block: int, length: int, padded: bool) -> None:
     n = -(-length // block)
     if mode.get("n_sortcut") and mode["n_sortcut"] > n:
@@ -66,7 +58,7 @@ def test_fast_path_matches_reference(mode: dict, block: int, length: int, padded
     torch.testing.assert_close(out * real, ref * real, atol=1e-10, rtol=1e-9)
 
 
-@pytest.mark.parametrize("mode", MODES[:6], ids=str)
+@pytest.mark.parametrize("mode", op_modes(), ids=mode_id)
 def test_backward_matches_reference(mode: dict) -> None:
     q, k, v, logits = _inputs(13, 4)
     inputs = [t.requires_grad_() for t in (q, k, v, logits)]
@@ -78,7 +70,7 @@ def test_backward_matches_reference(mode: dict) -> None:
         torch.testing.assert_close(fast, ref, atol=1e-9, rtol=1e-8)
 
 
-@pytest.mark.parametrize("mode", MODES[:6], ids=str)
+@pytest.mark.parametrize("mode", op_modes(), ids=mode_id)
 def test_gradcheck(mode: dict) -> None:
     q, k, v, logits = _inputs(9, 4, batch=1)
     mask = torch.tensor([[True] * 7 + [False] * 2])
@@ -144,7 +136,7 @@ def test_half_precision_logits_are_balanced_in_float32() -> None:
 # ---- invariants (README) -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
 def test_values_are_values(mode: dict) -> None:
     q, k, v, logits = _inputs(16, 4)
     out = sinkhorn_attention(q, k, torch.zeros_like(v), logits, block_size=4, **mode)
@@ -178,7 +170,7 @@ def test_hard_low_temperature_equals_explicit_block_permutation(sortcut: int | N
     torch.testing.assert_close(out, expect)
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if m["is_causal"]], ids=str)
+@pytest.mark.parametrize("mode", op_modes(causal=(True,), mixture=(False, True)), ids=mode_id)
 def test_exact_causality(mode: dict) -> None:
     length, w = 19, 4
     q, k, v, logits = _inputs(length, w)
@@ -195,7 +187,7 @@ def test_exact_causality(mode: dict) -> None:
         torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
 def test_padding_invariance(mode: dict) -> None:
     length, w = 23, 4
     q, k, v, logits = _inputs(length, w)
@@ -279,3 +271,44 @@ def test_half_precision_inputs(dtype: torch.dtype) -> None:
             q, k, v, logits, block_size=8, is_causal=causal, hard=hard
         )
         torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("mode", op_modes(hard=(False,), mixture=(False, True)), ids=mode_id)
+def test_dropout(mode: dict) -> None:
+    """``dropout_p > 0`` (the masked path): reproducible under a seed, unbiased (the mean over
+    many draws is the dropout-free output, as SDPA rescales by 1 / (1 - p)), values stay
+    values, exactly causal and blind to padding (NaN included) for a fixed seed."""
+    length, w = 11, 4
+    q, k, v, logits = _inputs(length, w)
+    mask = _padding(length)
+
+    def run(seed: int, **kw: object) -> torch.Tensor:
+        torch.manual_seed(seed)
+        args = dict(block_size=w, key_padding_mask=mask, dropout_p=0.3, **mode)
+        inputs = (kw.get(n, x) for n, x in zip("qkvl", (q, k, v, logits), strict=True))
+        return sinkhorn_attention(*inputs, **args)
+
+    real = mask[:, None, :, None]
+    torch.testing.assert_close(run(1), run(1), atol=0, rtol=0)
+    assert not torch.allclose(run(1) * real, run(2) * real)
+    assert torch.all(run(1, v=torch.zeros_like(v)) == 0)
+    poisoned = torch.where(real, v, torch.full_like(v, float("nan")))
+    torch.testing.assert_close(run(3, v=poisoned) * real, run(3) * real, atol=0, rtol=0)
+    if mode["is_causal"]:
+        t = 6  # change everything after position t: outputs up to t are unchanged
+        v2 = v.clone()
+        v2[:, :, t + 1 :] = torch.randn_like(v2[:, :, t + 1 :])
+        torch.testing.assert_close(
+            run(4, v=v2)[:, :, : t + 1], run(4)[:, :, : t + 1], atol=0, rtol=0
+        )
+    plain = sinkhorn_attention(q, k, v, logits, block_size=w, key_padding_mask=mask, **mode)
+    draws = 4000  # independent dropout masks: the batch repeated, one call
+    many = sinkhorn_attention(
+        *(x.repeat(draws, 1, 1, 1) for x in (q, k, v, logits)),
+        block_size=w,
+        key_padding_mask=mask.repeat(draws, 1),
+        dropout_p=0.3,
+        **mode,
+    )
+    mean = many.view(draws, *plain.shape).mean(0)
+    torch.testing.assert_close(mean * real, plain * real, atol=0.05, rtol=0)

@@ -12,26 +12,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from grids import mode_id, op_modes
 from sparse_sinkhorn.ops import attention as attention_mod
 from sparse_sinkhorn.ops import reference_sinkhorn_attention, sinkhorn_attention
 
 B, H, D = 2, 3, 8
 
-MODES = [
-    dict(is_causal=False),
-    dict(is_causal=False, hard=True),
-    dict(is_causal=True),
-    dict(is_causal=True, hard=True),
-    dict(is_causal=False, mixture=True),
-    dict(is_causal=True, mixture=True),
-    dict(is_causal=False, n_sortcut=2),
-    dict(is_causal=False, n_sortcut=2, hard=True),
-]
+MODES = op_modes(mixture=(False, True))
+PLAIN = op_modes(sortcut=(None,))  # no SortCut, no Mixture
 SHAPES = [(4, 16), (8, 24), (1, 5), (16, 16), (2, 22)]  # (block, length): 4, 3, 5, 1, 11 blocks
-
-
-def _ids(mode: dict) -> str:
-    return "-".join(f"{k}={v}" for k, v in mode.items())
 
 
 def _inputs(length: int, block: int, dtype=torch.float64, kv_heads: int = H, device="cpu"):
@@ -43,7 +32,7 @@ def _inputs(length: int, block: int, dtype=torch.float64, kv_heads: int = H, dev
 
 
 def _check_against_reference(mode: dict, block: int, length: int, kv_heads: int = H) -> None:
-    if mode.get("n_sortcut", 0) > length // block:
+    if (mode.get("n_sortcut") or 0) > length // block:
         pytest.skip("budget larger than N")
     inputs = _inputs(length, block, kv_heads=kv_heads)
     weight = torch.randn(B, H, length, D, dtype=torch.float64)
@@ -61,19 +50,19 @@ def _check_against_reference(mode: dict, block: int, length: int, kv_heads: int 
         torch.testing.assert_close(fast, ref, atol=1e-10, rtol=0, msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("mode", MODES, ids=_ids)
-@pytest.mark.parametrize(("block", "length"), SHAPES)
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+@pytest.mark.parametrize(("block", "length"), SHAPES, ids=[f"b{b}-L{n}" for b, n in SHAPES])
 def test_two_part_matches_reference_forward_and_backward(mode, block, length) -> None:
     _check_against_reference(mode, block, length)
 
 
-@pytest.mark.parametrize("mode", MODES[:4], ids=_ids)
-@pytest.mark.parametrize("kv_heads", [1, 3])
+@pytest.mark.parametrize("mode", PLAIN, ids=mode_id)
+@pytest.mark.parametrize("kv_heads", [1, 3], ids=["kv1", "kv3"])
 def test_two_part_gqa_matches_reference(mode, kv_heads) -> None:
     _check_against_reference(mode, 4, 16, kv_heads=kv_heads)
 
 
-@pytest.mark.parametrize("mode", MODES[:4], ids=_ids)
+@pytest.mark.parametrize("mode", PLAIN, ids=mode_id)
 def test_two_part_in_plain_matmuls_matches_reference(mode) -> None:
     """With SDPA's flash backend switched off the parts run as plain matmuls (the path CUDA
     float32 takes); same result."""
@@ -87,13 +76,13 @@ def test_two_part_takes_strided_views(heads: int) -> None:
     x = torch.randn(1, 16, 3, heads, D, dtype=torch.float64)  # (B, L, 3, H, E)
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, E), strided
     logits = torch.randn(1, heads, 4, 4, dtype=torch.float64)
-    for mode in MODES[:4]:
+    for mode in PLAIN:
         out = sinkhorn_attention(q, k, v, logits, block_size=4, **mode)
         ref = reference_sinkhorn_attention(q, k, v, logits, block_size=4, **mode)
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("mode", MODES[:6], ids=_ids)
+@pytest.mark.parametrize("mode", op_modes(), ids=mode_id)
 def test_two_part_gradcheck(mode) -> None:
     """gradcheck runs several backward passes through one graph (the op drops its sorted
     keys/values after the first and rebuilds them)."""
@@ -108,7 +97,7 @@ def test_two_part_gradcheck(mode) -> None:
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if m["is_causal"]], ids=_ids)
+@pytest.mark.parametrize("mode", op_modes(causal=(True,), mixture=(False, True)), ids=mode_id)
 def test_two_part_exact_causality(mode) -> None:
     length, w = 36, 4  # 9 blocks: the causal plan matmuls run in row chunks
     q, k, v, logits = (t.detach() for t in _inputs(length, w))
@@ -133,7 +122,7 @@ def test_common_paths_take_the_two_part_path(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(attention_mod, "_two_part_applies", spy)
     q, k, v, logits = (t.detach() for t in _inputs(16, 4))
-    for mode in MODES[:6]:
+    for mode in op_modes():
         sinkhorn_attention(q, k, v, logits, block_size=4, **mode)
     assert calls and all(calls)
     calls.clear()
@@ -167,7 +156,9 @@ class _AttentionKernels(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-FLASH_MODES = [m for m in MODES if not m.get("n_sortcut")] + [dict(is_causal=False, n_sortcut=2)]
+FLASH_MODES = op_modes(mixture=(False, True), hard=(False,)) + op_modes(
+    sortcut=(None,), hard=(True,)
+)
 
 
 def _run_on_flash_only(mode: dict, device: str, dtype: torch.dtype) -> _AttentionKernels:
@@ -179,7 +170,7 @@ def _run_on_flash_only(mode: dict, device: str, dtype: torch.dtype) -> _Attentio
     return seen
 
 
-@pytest.mark.parametrize("mode", FLASH_MODES, ids=_ids)
+@pytest.mark.parametrize("mode", FLASH_MODES, ids=mode_id)
 def test_common_paths_use_the_flash_kernel_without_a_mask_cpu(mode: dict) -> None:
     """Issue 12: no boolean mask on the common paths (causal local block, no padding), so
     SDPA keeps its flash backend. CPU's flash kernel also accepts masks, so the test records
@@ -195,7 +186,7 @@ def test_common_paths_use_the_flash_kernel_without_a_mask_cpu(mode: dict) -> Non
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", FLASH_MODES, ids=_ids)
+@pytest.mark.parametrize("mode", FLASH_MODES, ids=mode_id)
 def test_common_paths_use_the_flash_kernel_without_a_mask_cuda(mode: dict) -> None:
     """On CUDA the flash backend refuses masks: running under ``FLASH_ATTENTION`` alone at
     all proves the common paths pass none (bf16: FlashAttention needs half precision)."""
@@ -209,7 +200,7 @@ def test_common_paths_use_the_flash_kernel_without_a_mask_cuda(mode: dict) -> No
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", MODES[:4], ids=_ids)
+@pytest.mark.parametrize("mode", PLAIN, ids=mode_id)
 def test_two_part_cuda_bf16_close_to_reference(mode: dict) -> None:
     q, k, v, logits = _inputs(64, 16, dtype=torch.bfloat16, device="cuda")
     out = sinkhorn_attention(q, k, v, logits, block_size=16, **mode)
@@ -219,7 +210,7 @@ def test_two_part_cuda_bf16_close_to_reference(mode: dict) -> None:
     torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("mode", [dict(is_causal=False), dict(is_causal=True)], ids=_ids)
+@pytest.mark.parametrize("mode", [dict(is_causal=False), dict(is_causal=True)], ids=mode_id)
 @pytest.mark.parametrize("n_sortcut", [None, 2])
 def test_hard_routing_gathers_instead_of_mixing(mode: dict, n_sortcut: int | None) -> None:
     """Hard routing's forward gathers the chosen blocks: no (N, N) matmul with the plan, in

@@ -1,0 +1,42 @@
+"""Test grids: the op's modes as the product of independent axes (flash-attn's style).
+
+``op_modes()`` crosses causal x SortCut x hard routing x Mixture and leaves out what the op
+rejects (causal SortCut: SortCut is for encoders); ``mode_id`` names a mode for pytest ids
+(``causal-hard``, ``encoder-sortcut2-soft-mixture``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+
+def op_modes(
+    *,
+    causal: Sequence[bool] = (False, True),
+    sortcut: Sequence[int | None] = (None, 2),
+    hard: Sequence[bool] = (False, True),
+    mixture: Sequence[bool] = (False,),
+) -> list[dict[str, Any]]:
+    """Keyword arguments of :func:`sinkhorn_attention` for every valid combination."""
+    modes = []
+    for is_causal, n_sortcut, is_hard, is_mixture in itertools.product(
+        causal, sortcut, hard, mixture
+    ):
+        if is_causal and n_sortcut is not None:
+            continue  # SortCut is for encoders only
+        modes.append(
+            dict(is_causal=is_causal, n_sortcut=n_sortcut, hard=is_hard, mixture=is_mixture)
+        )
+    return modes
+
+
+def mode_id(mode: dict[str, Any]) -> str:
+    parts = ["causal" if mode.get("is_causal") else "encoder"]
+    if mode.get("n_sortcut"):
+        parts.append(f"sortcut{mode['n_sortcut']}")
+    parts.append("hard" if mode.get("hard") else "soft")
+    if mode.get("mixture"):
+        parts.append("mixture")
+    return "-".join(parts)

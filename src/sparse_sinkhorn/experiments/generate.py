@@ -108,7 +108,7 @@ def _check_image_task(task: dict[str, Any], config: LanguageModelConfig, path: P
     for n in shape:
         pixels *= n
     att = config.attention
-    if att.uses_sorting and att.sort_net != "bilinear" and pixels > att.max_len:
+    if att.length_limit is not None and pixels > att.length_limit:
         raise UsageError(
             f"{path}: image_shape {shape} needs {pixels} positions but the model "
             f"takes at most {att.max_len}"
@@ -172,7 +172,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _fits(model: LanguageModel, length: int) -> None:
     att = model.config.attention
-    if length > att.max_len and att.uses_sorting and att.sort_net != "bilinear":
+    if att.length_limit is not None and length > att.length_limit:
         raise UsageError(
             f"prompt + tokens = {length} > this model's attention.max_len={att.max_len}; "
             f"ask for at most {att.max_len} tokens in all"

@@ -32,7 +32,7 @@ class Classifier(nn.Module):
         super().__init__()
         att = config.attention
         need = (att.n_sortcut or 1) * att.block_size
-        if att.n_sortcut is not None and att.sort_net != "bilinear" and need > att.max_len:
+        if att.n_sortcut is not None and att.length_limit is not None and need > att.length_limit:
             raise ValueError(
                 f"SortCut needs n_sortcut * block_size = {att.n_sortcut} * {att.block_size} "
                 f"= {need} positions, more than attention.max_len={att.max_len}"

@@ -116,11 +116,8 @@ def check_ids(ids: Tensor, config: TransformerConfig, name: str = "ids") -> None
                 f"{name} holds token ids outside the vocabulary [0, {config.vocab_size}): "
                 f"min {low}, max {high}"
             )
-    if (
-        ids.shape[1] > config.attention.max_len
-        and config.attention.sort_net != "bilinear"
-        and config.attention.uses_sorting
-    ):
+    limit = config.attention.length_limit
+    if limit is not None and ids.shape[1] > limit:
         raise ValueError(
             f"{name} has length {ids.shape[1]} > attention.max_len={config.attention.max_len}; "
             "build the model with a larger max_len or sort_net='bilinear'"

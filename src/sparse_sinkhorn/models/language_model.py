@@ -48,7 +48,7 @@ class LanguageModel(nn.Module):
 
     def _check_length(self, length: int) -> None:
         att = self.config.attention
-        if length > att.max_len and att.uses_sorting and att.sort_net != "bilinear":
+        if att.length_limit is not None and length > att.length_limit:
             raise ValueError(
                 f"sequence length {length} > attention.max_len={att.max_len} of this "
                 f"{att.sort_net!r} sort net; generate fewer tokens or use a shorter prompt"

@@ -92,5 +92,14 @@ class AttentionConfig:
         return self.kind in ("sinkhorn", "mixture")
 
     @property
+    def length_limit(self) -> int | None:
+        """The longest sequence this attention takes: ``max_len`` when a sort net with one
+        weight row per block bounds it (``linear``/``mlp`` in ``sinkhorn``/``mixture``), None
+        when any length works (the baselines, or the length-agnostic ``bilinear`` sort net)."""
+        if self.uses_sorting and self.sort_net != "bilinear":
+            return self.max_len
+        return None
+
+    @property
     def max_blocks(self) -> int:
         return num_blocks(self.max_len, self.block_size)

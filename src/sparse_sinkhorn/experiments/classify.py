@@ -67,6 +67,7 @@ from .classify_common import (
     text_dataset,
 )
 from .common import (
+    TOKENIZER_FILE,
     add_common_args,
     format_table,
     mean_and_std,
@@ -80,7 +81,6 @@ from .driver import add_grid_args, check_runs, grid_options, seed_list, train_gr
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 # Tokenizer, training data, held-out datasets by split name (the main one first), classes, pair.
 Data = tuple[Tokenizer, Dataset[Any], dict[str, Dataset[Any]], int, str]
 

@@ -28,6 +28,10 @@ from ..train.rundir import run_lock
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Files every run directory of `lm`, `image`, `classify` and `nli` may hold beside its checkpoints.
+TASK_FILE = "run.json"  # what `generate` needs to know about a run directory
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer (text tasks)
+
 # How the tables name each attention kind.
 KIND_NAMES = {
     "dense": "Transformer",

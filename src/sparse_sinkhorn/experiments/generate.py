@@ -30,12 +30,9 @@ from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig, config_from_dict
 from ..train import CheckpointError, load_model_weights, read_config, resolve_checkpoint
 from ..train.loading import check_shapes_match
-from .common import setup_logging
+from .common import TASK_FILE, TOKENIZER_FILE, setup_logging
 
 logger = logging.getLogger(__name__)
-
-TASK_FILE = "run.json"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def resolve_run_dir(run_dir: str | Path) -> Path:

@@ -40,6 +40,7 @@ from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, train
 from .common import (
     KIND_NAMES,
+    TASK_FILE,
     add_common_args,
     bits_per_unit,
     evenly_spaced,
@@ -68,7 +69,6 @@ PAPER_ROWS: dict[str, float | None] = {
     "sinkhorn": 3.197,
     "mixture": 3.199,
 }
-TASK_FILE = "run.json"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ from ..train import TrainConfig, init_distributed, plot_metrics, train
 from ..train.helpers import rank0_call
 from .common import (
     KIND_NAMES,
+    TASK_FILE,
+    TOKENIZER_FILE,
     add_common_args,
     bits_per_unit,
     evenly_spaced,
@@ -79,8 +81,6 @@ PAPER_CHAR: dict[str, float | None] = {
     "sinkhorn": 1.132,
     "mixture": 1.119,
 }
-TASK_FILE = "run.json"  # what `generate` needs to know about a run directory
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 sorting.run_seed,
                 "sinkhorn",
                 preset,
-                args,
+                options,
                 label=name,
                 attention_options=VARIANTS[name],
             )
@@ -167,10 +167,11 @@ def run(args: argparse.Namespace) -> int:
             name: partial(
                 lm.run_kind,
                 "sinkhorn",
+                "subword",
                 lm_preset,
                 corpus,
                 streams,
-                args,
+                options,
                 attention_options=VARIANTS[name],
             )
             for name in variants

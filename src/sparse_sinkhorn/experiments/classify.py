@@ -77,7 +77,14 @@ from .common import (
     setup_logging,
     write_results,
 )
-from .driver import add_grid_args, check_runs, grid_options, seed_list, train_grid
+from .driver import (
+    GridOptions,
+    add_grid_args,
+    check_runs,
+    grid_options,
+    seed_list,
+    train_grid,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -195,9 +202,8 @@ def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
 def run_variant(
     variant: Variant,
     preset: TaskPreset,
-    args: argparse.Namespace,
+    options: GridOptions,
     data: Data,
-    out: Path,
     *,
     seed: int,
     name: str,
@@ -208,6 +214,7 @@ def run_variant(
     seed_everything(seed)
     config = model_config(preset, variant, tok.vocab_size, n_classes, pair, tok.pad_id)
     model = Classifier(config)
+    out = options.out
     run_dir = out / name
     info = init_distributed()
     if info.is_main:
@@ -221,7 +228,7 @@ def run_variant(
         seed=seed,
         log_every=max(1, min(50, preset.steps // 4)),
         ckpt_every=max(1, preset.steps // 2),
-        progress=not args.no_progress,
+        progress=options.progress,
     )
     t0 = time.perf_counter()
     result = train(
@@ -231,7 +238,7 @@ def run_variant(
         train_cfg,
         out_dir=run_dir,
         collate_fn=collate_fn(pair, tok.pad_id),
-        resume=args.resume,
+        resume=options.resume,
         model_config=config.to_dict(),
     )
     seconds = time.perf_counter() - t0
@@ -371,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         data[0].vocab_size,
     )
     results = train_grid(
-        {v.name: partial(run_variant, v, preset, args, data, out) for v in variants},
+        {v.name: partial(run_variant, v, preset, options, data) for v in variants},
         seeds,
         options,
         summarize=summarize_variant,

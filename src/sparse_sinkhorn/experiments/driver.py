@@ -45,6 +45,8 @@ class GridOptions:
     resume: bool = False
     overwrite: bool = False
     jobs: int = 1
+    progress: bool = True  # progress bars (off when runs go in parallel: they would interleave)
+    first_seed: int = 0  # --seed: the run whose plots an experiment keeps
 
     def __post_init__(self) -> None:
         if self.jobs <= 0:
@@ -54,21 +56,22 @@ class GridOptions:
 def grid_options(args: argparse.Namespace) -> GridOptions:
     """The grid's options from an experiment's flags (``--out``, ``--resume``, ``--overwrite``,
     ``--jobs``). Runs trained in parallel would interleave their progress bars, so this also
-    sets ``args.no_progress`` when ``--jobs > 1``. ``--resume`` needs an existing ``--out``
+    turns progress bars off when ``--jobs > 1``. ``--resume`` needs an existing ``--out``
     (checked here, before an experiment loads its data)."""
+    jobs = int(getattr(args, "jobs", 1))
     options = GridOptions(
         out=Path(args.out),
         resume=bool(args.resume),
         overwrite=bool(args.overwrite),
-        jobs=int(getattr(args, "jobs", 1)),
+        jobs=jobs,
+        progress=not args.no_progress and jobs == 1,
+        first_seed=int(args.seed),
     )
     if options.resume and not options.out.is_dir():
         raise UsageError(
             f"--resume: no run directory {str(options.out)!r}; "
             "start without --resume or pass the --out of an earlier run"
         )
-    if options.jobs > 1:
-        args.no_progress = True
     return options
 
 

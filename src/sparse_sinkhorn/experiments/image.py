@@ -52,7 +52,7 @@ from .common import (
     setup_logging,
     write_results,
 )
-from .driver import add_grid_args, grid_options, seed_list, train_grid
+from .driver import GridOptions, add_grid_args, grid_options, seed_list, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -247,23 +247,24 @@ def load_split(name: str, split: str, data_dir: str | None) -> ImageTokens:
 
 def run_kind(
     kind: str,
+    dataset: str,
     preset: ImagePreset,
     train_set: ImageTokens,
     test_set: ImageTokens,
-    args: argparse.Namespace,
+    options: GridOptions,
     *,
     seed: int,
     name: str,
 ) -> dict[str, Any]:
     """Train one attention kind with one seed in ``<out>/<name>`` (a runner of
     :func:`~.driver.train_grid`)."""
-    run_dir = Path(args.out) / name
-    resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
+    run_dir = options.out / name
+    resume = bool(options.resume and (run_dir / "checkpoints").is_dir())
     shape = train_set.image_shape
     dims = train_set.seq_len
     block = block_size_for(preset, shape)
     run_dir.mkdir(parents=True, exist_ok=True)
-    task = {"task": "image", "dataset": args.dataset, "image_shape": list(shape)}
+    task = {"task": "image", "dataset": dataset, "image_shape": list(shape)}
     (run_dir / TASK_FILE).write_text(json.dumps({**task, "start_id": START_ID}, indent=2) + "\n")
     torch.manual_seed(seed)
     config = model_config(preset, kind, dims, block)
@@ -282,7 +283,7 @@ def run_kind(
         seed=seed,
         log_every=max(1, min(25, preset.steps // 10)),
         ckpt_every=max(1, preset.steps // 4),
-        progress=not args.no_progress,
+        progress=options.progress,
     )
     t0 = time.perf_counter()
     result = train(
@@ -304,7 +305,7 @@ def run_kind(
     grid = save_grid(
         samples,
         run_dir / "samples.png",
-        f"{args.dataset}, {KIND_NAMES[kind]}: samples / real",
+        f"{dataset}, {KIND_NAMES[kind]}: samples / real",
         real,
     )
     return {
@@ -373,7 +374,10 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed()
     seeds = seed_list(args)
     results = train_grid(
-        {kind: partial(run_kind, kind, preset, train_set, test_set, args) for kind in kinds},
+        {
+            kind: partial(run_kind, kind, args.dataset, preset, train_set, test_set, options)
+            for kind in kinds
+        },
         seeds,
         options,
     )

@@ -60,7 +60,7 @@ from .common import (
     setup_logging,
     write_results,
 )
-from .driver import add_grid_args, grid_options, seed_list, train_grid
+from .driver import GridOptions, add_grid_args, grid_options, seed_list, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -273,10 +273,11 @@ def run_tokenizer(
 
 def run_kind(
     kind: str,
+    level: str,
     preset: LMPreset,
     corpus: Corpus,
     streams: dict[str, tuple[Tensor, ...]],
-    args: argparse.Namespace,
+    options: GridOptions,
     *,
     seed: int,
     name: str,
@@ -288,11 +289,11 @@ def run_kind(
     :class:`AttentionConfig` fields (the SortNet ablation's variants). A runner of
     :func:`~.driver.train_grid`.
     """
-    run_dir = Path(args.out) / name
-    resume = bool(args.resume and (run_dir / "checkpoints").is_dir())
-    if args.resume and not resume:
+    run_dir = options.out / name
+    resume = bool(options.resume and (run_dir / "checkpoints").is_dir())
+    if options.resume and not resume:
         logger.info("%s: no checkpoint in %s, starting it fresh", kind, run_dir)
-    tokenizer = run_tokenizer(run_dir, args.level, corpus, preset, resume)
+    tokenizer = run_tokenizer(run_dir, level, corpus, preset, resume)
     key = json.dumps(tokenizer.backend.get_vocab(), sort_keys=True)
     if key not in streams:  # encode the text once per distinct vocabulary
         streams.clear()
@@ -301,7 +302,7 @@ def run_kind(
         )
     train_ids, valid_ids, test_ids = streams[key]
     (run_dir / TASK_FILE).write_text(
-        json.dumps({"task": "lm", "level": args.level, "corpus": corpus.name}, indent=2) + "\n"
+        json.dumps({"task": "lm", "level": level, "corpus": corpus.name}, indent=2) + "\n"
     )
     torch.manual_seed(seed)
     config = model_config(preset, kind, tokenizer.vocab_size, **(attention_options or {}))
@@ -317,7 +318,7 @@ def run_kind(
         for name, data in evals.items():
             nats, count = total_nll(m, data, preset.eval_batch)
             out[f"{name}/nll"] = nats / count
-            if args.level == "char":
+            if level == "char":
                 out[f"{name}/bits_per_char"] = bits_per_unit(nats, count)
             else:
                 out[f"{name}/perplexity"] = perplexity(nats, count)
@@ -332,7 +333,7 @@ def run_kind(
         log_every=max(1, min(25, preset.steps // 10)),
         eval_every=max(1, preset.steps // 4),
         ckpt_every=max(1, preset.steps // 4),
-        progress=not args.no_progress,
+        progress=options.progress,
     )
     t0 = time.perf_counter()
     result = train(
@@ -455,7 +456,10 @@ def run(args: argparse.Namespace) -> int:
     streams: dict[str, tuple[Tensor, ...]] = {}
     seeds = seed_list(args)
     results = train_grid(
-        {kind: partial(run_kind, kind, preset, corpus, streams, args) for kind in kinds},
+        {
+            kind: partial(run_kind, kind, args.level, preset, corpus, streams, options)
+            for kind in kinds
+        },
         seeds,
         options,
     )

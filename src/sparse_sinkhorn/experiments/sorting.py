@@ -59,7 +59,7 @@ from .common import (
     setup_logging,
     write_results,
 )
-from .driver import add_grid_args, grid_options, train_grid
+from .driver import GridOptions, add_grid_args, grid_options, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def seeds_of(preset: SortPreset, args: argparse.Namespace) -> list[int]:
 def run_seed(
     kind: str,
     preset: SortPreset,
-    args: argparse.Namespace,
+    options: GridOptions,
     *,
     seed: int,
     name: str,
@@ -310,22 +310,22 @@ def run_seed(
         seed=seed,
         log_every=25,
         ckpt_every=max(1, preset.steps // 4),
-        progress=not args.no_progress,
+        progress=options.progress,
     )
     result = train(
         model,
         train_data,
         make_loss_fn(preset.length),
         train_cfg,
-        out_dir=Path(args.out) / name,
+        out_dir=options.out / name,
         collate_fn=collate_sorting,
         eval_fn=eval_fn,
-        resume=args.resume,
+        resume=options.resume,
         model_config=config.to_dict(),
     )
     plan_png = None
-    if kind in ("sinkhorn", "mixture") and seed == args.seed:
-        plan_png = save_sort_matrix(model, dev, Path(args.out), label or kind)
+    if kind in ("sinkhorn", "mixture") and seed == options.first_seed:
+        plan_png = save_sort_matrix(model, dev, options.out, label or kind)
     return {
         "seed": seed,
         "train_loss": result.metrics.get("loss"),
@@ -410,10 +410,11 @@ def run(args: argparse.Namespace) -> int:
     preset = replace(preset, **changes)
     kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
+    options = grid_options(args)
     results = train_grid(
-        {kind: partial(run_seed, kind, preset, args) for kind in kinds},
+        {kind: partial(run_seed, kind, preset, options) for kind in kinds},
         seeds_of(preset, args),
-        grid_options(args),
+        options,
         summarize=partial(summarize_kind, preset=preset),
     )
     cleanup_distributed()  # every rank, on success (see its docstring)

@@ -32,7 +32,8 @@ T = TypeVar("T")
 TASK_FILE = "run.json"  # what `generate` needs to know about a run directory
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer (text tasks)
 
-# How the tables name each attention kind.
+# The attention kinds of the LM and image tables, in table order, and how tables name them.
+TABLE_KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")
 KIND_NAMES = {
     "dense": "Transformer",
     "local": "Local Attention",

@@ -40,6 +40,7 @@ from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, train
 from .common import (
     KIND_NAMES,
+    TABLE_KINDS,
     TASK_FILE,
     add_common_args,
     bits_per_unit,
@@ -57,7 +58,7 @@ from .driver import GridOptions, add_grid_args, grid_options, seed_list, train_g
 logger = logging.getLogger(__name__)
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
-KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")
+KINDS = TABLE_KINDS
 N_LEVELS = 256  # pixel values 0..255 are the token ids
 START_ID = 256  # begins every image
 PAD_ID = 257  # never occurs (kept out of the pixel ids so that value 0 trains normally)

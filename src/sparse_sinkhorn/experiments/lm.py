@@ -46,6 +46,7 @@ from ..train import TrainConfig, init_distributed, plot_metrics, train
 from ..train.helpers import rank0_call
 from .common import (
     KIND_NAMES,
+    TABLE_KINDS,
     TASK_FILE,
     TOKENIZER_FILE,
     add_common_args,
@@ -65,7 +66,7 @@ from .driver import GridOptions, add_grid_args, grid_options, seed_list, train_g
 logger = logging.getLogger(__name__)
 
 LEVELS = ("char", "subword")
-KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")  # table order
+KINDS = TABLE_KINDS
 # Paper Table 2 (LM1B subword perplexity; Base, Big) and Table 4 (LM1B bits/char, Big).
 PAPER_SUBWORD: dict[str, tuple[float | None, float | None]] = {
     "dense": (41.57, 27.59),

@@ -19,7 +19,10 @@ a :func:`functools.partial` of a module-level function with picklable arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,11 +206,21 @@ def train_grid(
     return [summarize(name, groups[name], seeds) for name in runners]
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     from .common import setup_logging
 
     torch.set_num_threads(threads)
     setup_logging()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent died (killed, even by SIGKILL; perhaps before this worker had
+    started) exits within a second instead of finishing its run, or waiting forever for the
+    next, as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _call(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
@@ -245,7 +258,7 @@ def map_runs(
     results: list[Any] = [None] * len(jobs)
     queue = iter(enumerate(jobs))
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(1,)
+        workers, mp_context=context, initializer=_init_worker, initargs=(1, os.getpid())
     ) as pool:
         pending: dict[Future[Any], int] = {}
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from helpers_ops import assert_exactly_causal
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import AttentionConfig, SinkhornSelfAttention
 from sparse_sinkhorn.ops import (
@@ -279,26 +280,10 @@ def test_cpu_smoke_of_the_reference_rule(
 
 def check_op_causality(device: torch.device, mode: dict[str, Any], dtype: torch.dtype) -> None:
     """Changing inputs after position t leaves outputs <= t bit-identical."""
-    batch, heads, length, head_dim, w = 2, 4, 200, 64, 32
-    n = -(-length // w)
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=g) for _ in range(3))
-    logits = torch.randn(batch, heads, n, n, generator=g)
-
-    def run(*xs: Tensor) -> Tensor:
-        out = sinkhorn_attention(*(x.to(device, dtype) for x in xs), block_size=w, **mode)
-        return out.cpu()
-
-    out = run(q, k, v, logits)
-    for t in (0, w - 1, w, 3 * w + 5, length - 2):
-        q2, k2, v2 = (x.clone() for x in (q, k, v))
-        for x in (q2, k2, v2):
-            x[:, :, t + 1 :] = torch.randn(x[:, :, t + 1 :].shape, generator=g)
-        logits2 = logits.clone()  # rows whose first position is after t may change too
-        logits2[:, :, t // w + 1 :] = torch.randn(logits2[:, :, t // w + 1 :].shape, generator=g)
-        out2 = run(q2, k2, v2, logits2)
-        assert torch.equal(out2[:, :, : t + 1], out[:, :, : t + 1]), f"leak into t <= {t}"
-        assert not torch.equal(out2[:, :, t + 1 :], out[:, :, t + 1 :])
+    assert_exactly_causal(
+        mode, length=200, block=32, heads=4, head_dim=64, device=device, dtype=dtype,
+        positions=(0, 31, 32, 3 * 32 + 5, 198),
+    )  # fmt: skip
 
 
 def check_model_causality(device: torch.device, train: bool) -> None:

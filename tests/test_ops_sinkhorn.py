@@ -10,6 +10,7 @@ import torch
 from einops import rearrange
 
 from grids import mode_id, op_modes
+from helpers_ops import assert_exactly_causal
 from sparse_sinkhorn.ops import (
     reference_sinkhorn_attention,
     reference_sinkhorn_balance,
@@ -171,20 +172,11 @@ def test_hard_low_temperature_equals_explicit_block_permutation(sortcut: int | N
 
 
 @pytest.mark.parametrize("mode", op_modes(causal=(True,), mixture=(False, True)), ids=mode_id)
-def test_exact_causality(mode: dict) -> None:
-    length, w = 19, 4
-    q, k, v, logits = _inputs(length, w)
-    out = sinkhorn_attention(q, k, v, logits, block_size=w, **mode)
-    for t in range(length):
-        q2, k2, v2 = (x.clone() for x in (q, k, v))
-        for x in (q2, k2, v2):
-            x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
-        # routing logits of rows whose first position is after t may change too
-        logits2 = logits.clone()
-        first_free = t // w + 1
-        logits2[:, :, first_free:] = torch.randn_like(logits2[:, :, first_free:])
-        out2 = sinkhorn_attention(q2, k2, v2, logits2, block_size=w, **mode)
-        torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], atol=0, rtol=0)
+@pytest.mark.parametrize(
+    "length", [19, 36], ids=["masked-path", "two-part-path"]
+)  # 19: padded to blocks; 36: 9 whole blocks, the plan matmuls run in row chunks
+def test_exact_causality(mode: dict, length: int) -> None:
+    assert_exactly_causal(mode, length=length, block=4)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=mode_id)

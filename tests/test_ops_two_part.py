@@ -97,21 +97,6 @@ def test_two_part_gradcheck(mode) -> None:
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", op_modes(causal=(True,), mixture=(False, True)), ids=mode_id)
-def test_two_part_exact_causality(mode) -> None:
-    length, w = 36, 4  # 9 blocks: the causal plan matmuls run in row chunks
-    q, k, v, logits = (t.detach() for t in _inputs(length, w))
-    out = sinkhorn_attention(q, k, v, logits, block_size=w, **mode)
-    for t in range(length):
-        q2, k2, v2 = (x.clone() for x in (q, k, v))
-        for x in (q2, k2, v2):
-            x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
-        logits2 = logits.clone()
-        logits2[:, :, t // w + 1 :] = torch.randn_like(logits2[:, :, t // w + 1 :])
-        out2 = sinkhorn_attention(q2, k2, v2, logits2, block_size=w, **mode)
-        torch.testing.assert_close(out2[:, :, : t + 1], out[:, :, : t + 1], atol=0, rtol=0)
-
-
 def test_common_paths_take_the_two_part_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
     real = attention_mod._two_part_applies
@@ -161,41 +146,37 @@ FLASH_MODES = op_modes(mixture=(False, True), hard=(False,)) + op_modes(
 )
 
 
-def _run_on_flash_only(mode: dict, device: str, dtype: torch.dtype) -> _AttentionKernels:
+FLASH_KERNELS = {  # device: (dtype, the SDPA flash kernels forward and backward)
+    "cpu": (
+        torch.float32,
+        {
+            "_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_flash_attention_for_cpu_backward",
+        },
+    ),
+    "cuda": (
+        torch.bfloat16,  # FlashAttention needs half precision
+        {"_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"},
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", FLASH_MODES, ids=mode_id)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_common_paths_use_the_flash_kernel_without_a_mask(mode: dict, device: str) -> None:
+    """Issue 12: no boolean mask on the common paths (causal local block, no padding), so
+    SDPA keeps its flash backend. The test records the kernels reached under
+    ``sdpa_kernel(FLASH_ATTENTION)`` and checks they are the flash ones and none got a mask
+    (CPU's flash kernel accepts masks; CUDA's refuses them, so there running at all proves it)."""
+    dtype, kernels = FLASH_KERNELS[device]
     q, k, v, logits = _inputs(64, 16, dtype=dtype, device=device)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), _AttentionKernels() as seen:
         out = sinkhorn_attention(q, k, v, logits, block_size=16, **mode)
         torch.autograd.grad(out.float().square().sum(), (q, k, v, logits))
     assert torch.isfinite(out).all()
-    return seen
-
-
-@pytest.mark.parametrize("mode", FLASH_MODES, ids=mode_id)
-def test_common_paths_use_the_flash_kernel_without_a_mask_cpu(mode: dict) -> None:
-    """Issue 12: no boolean mask on the common paths (causal local block, no padding), so
-    SDPA keeps its flash backend. CPU's flash kernel also accepts masks, so the test records
-    the kernels reached under ``sdpa_kernel(FLASH_ATTENTION)`` and checks none got a mask."""
-    seen = _run_on_flash_only(mode, "cpu", torch.float32)
     names = {name for name, _ in seen.attention}
     assert names, "no attention kernel ran"
-    assert names <= {
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention_for_cpu_backward",
-    }, names
-    assert not any(masked for _, masked in seen.attention), seen.attention
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", FLASH_MODES, ids=mode_id)
-def test_common_paths_use_the_flash_kernel_without_a_mask_cuda(mode: dict) -> None:
-    """On CUDA the flash backend refuses masks: running under ``FLASH_ATTENTION`` alone at
-    all proves the common paths pass none (bf16: FlashAttention needs half precision)."""
-    seen = _run_on_flash_only(mode, "cuda", torch.bfloat16)
-    names = {name for name, _ in seen.attention}
-    assert names <= {
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_flash_attention_backward",
-    }, names
+    assert names <= kernels, names
     assert not any(masked for _, masked in seen.attention), seen.attention
 
 

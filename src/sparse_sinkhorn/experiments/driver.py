@@ -35,6 +35,7 @@ from ..train import init_distributed
 from ..train.checkpoint import list_checkpoints
 from ..train.distributed import barrier
 from ..train.rundir import allow_overwrite, check_writable, hold_run_lock
+from .common import mean_and_std, setup_logging
 
 Runner = Callable[..., dict[str, Any]]
 # summarize(name, its runs in seed order, the seeds) -> the name's record in the results.
@@ -55,6 +56,11 @@ class GridOptions:
     def __post_init__(self) -> None:
         if self.jobs <= 0:
             raise UsageError(f"--jobs must be > 0, got {self.jobs}")
+
+    @property
+    def in_workers(self) -> bool:
+        """Whether the runs go to worker processes (``--jobs > 1``, not under torchrun)."""
+        return self.jobs > 1 and init_distributed().world_size == 1
 
 
 def grid_options(args: argparse.Namespace) -> GridOptions:
@@ -122,8 +128,6 @@ def summarize_seeds(
     """``name``'s runs over ``seeds`` as one record: the first run's record with ``eval``
     replaced by the mean over the seeds, ``eval_std`` beside it, ``train_seconds`` summed, and
     each run's seed, metrics and loss under ``runs``."""
-    from .common import mean_and_std
-
     mean, std = mean_and_std([r["eval"] for r in runs])
     return {
         **runs[0],
@@ -148,7 +152,7 @@ def check_runs(
     :func:`train_grid` calls this; an experiment may call it earlier, before it loads its data.
     """
     dist = init_distributed()
-    parallel = options.jobs > 1 and dist.world_size == 1
+    parallel = options.in_workers
     runs: dict[tuple[str, int], tuple[Path, bool]] = {}
     for name in names:
         for seed in seeds:
@@ -189,7 +193,7 @@ def train_grid(
     """
     if not seeds:
         raise UsageError("no seeds to train")
-    parallel = options.jobs > 1 and init_distributed().world_size == 1
+    parallel = options.in_workers
     dirs = check_runs(list(runners), seeds, options)
     calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
     for (name, seed), (run_dir, resume) in dirs.items():
@@ -207,8 +211,6 @@ def train_grid(
 
 
 def _init_worker(threads: int, parent: int) -> None:
-    from .common import setup_logging
-
     torch.set_num_threads(threads)
     setup_logging()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pathlib
+import resource
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -122,8 +125,16 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_is_free(
     assert run_cli(_lm(data_dir, out, "--attention", "local"), capsys)[0] == 0
 
 
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        (errno.ENOSPC, "intact"),  # a full disk
+        (errno.EROFS, "no permission"),  # the place became read-only
+        (errno.EACCES, "no permission"),  # the place lost its write permission
+    ],
+)
 def test_full_disk_leaves_the_previous_state_intact(
-    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, code, says
 ) -> None:
     out = tmp_path / "out"
     argv = _lm(data_dir, out, "--attention", "sinkhorn")
@@ -131,13 +142,16 @@ def test_full_disk_leaves_the_previous_state_intact(
     results = (out / "results.json").read_bytes()
     ckpts = sorted(p.name for p in (out / "sinkhorn" / "seed0" / "checkpoints").iterdir())
 
-    def full(*_args, **_kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", "trainer_state.pt")
+    def full(*_args, **_kwargs):  # a failed write() names no file, as the kernel's does not
+        raise OSError(code, os.strerror(code))
 
-    with monkeypatch.context() as m:  # the next checkpoint write hits a full disk
+    with monkeypatch.context() as m:  # the next checkpoint write fails
         m.setattr(torch, "save", full)
         line = assert_one_line_error([*argv, "--resume", "--steps", "3"], capsys)
-    assert "No space left on device" in line and "intact" in line
+    named = out / "sinkhorn" / "seed0" / "checkpoints" / "step_0000003" / "trainer_state.pt"
+    assert f"{os.strerror(code)}: {named} (" in line and says in line
+    if code != errno.ENOSPC:
+        return
     assert sorted(p.name for p in (out / "sinkhorn" / "seed0" / "checkpoints").iterdir()) == ckpts
     assert (out / "results.json").read_bytes() == results
 
@@ -165,3 +179,73 @@ def test_out_that_is_a_file_or_unwritable_is_one_line(
     assert_one_line_error(
         _lm(data_dir, afile / "sub", "--attention", "dense"), capsys, "not a directory"
     )
+
+
+def _cli_process(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SPARSE_SINKHORN_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sparse_sinkhorn.cli", *argv],
+        capture_output=True, text=True, env=env, timeout=120, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limit", "victim"), [(1 << 20, "model.safetensors"), (2 << 20, "trainer_state.pt")]
+)
+def test_a_file_size_limit_is_one_line_naming_the_file(
+    data_dir: Path, tmp_path: Path, limit: int, victim: str
+) -> None:
+    """``ulimit -f``: the checkpoint's weights (1.6 MB) or trainer state (3.2 MB) cannot be
+    written. One line naming the file and the cause, exit 2, no partial checkpoint left."""
+
+    def file_size_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    done = _cli_process(_lm(data_dir, out, "--attention", "dense"), preexec_fn=file_size_limit)
+    lines = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("sparse-sinkhorn: error: File too large: "), lines[0]
+    assert lines[0].endswith(f"/dense/seed0/checkpoints/step_0000001/{victim}"), lines[0]
+    ckpts = out / "dense" / "seed0" / "checkpoints"
+    assert not ckpts.exists() or not list(ckpts.iterdir())  # nothing partial
+
+
+def _read_only_bind_works(directory: Path) -> bool:
+    try:
+        done = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount --bind {directory} {directory} && "
+             f"mount -o remount,bind,ro {directory} && ! touch {directory}/probe"],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_a_read_only_out_leaves_the_run_intact_and_is_one_line(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out`` on a really read-only mount (a read-only bind in a private mount namespace:
+    permission bits do not stop root): ``--resume`` and ``--overwrite`` are one line each and
+    leave every file as it was."""
+    out = tmp_path / "out"
+    argv = _lm(data_dir, out, "--attention", "dense")
+    assert run_cli(argv, capsys)[0] == 0
+    if not _read_only_bind_works(out):
+        pytest.skip("no read-only bind mounts here (unshare -rm not permitted)")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra in (["--resume", "--steps", "3"], ["--overwrite"]):
+        mount = f'mount --bind {out} {out} && mount -o remount,bind,ro {out} && exec "$@"'
+        done = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", mount, "sh", sys.executable, "-m",
+             "sparse_sinkhorn.cli", *argv, *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+        assert done.returncode == 2, done.stderr
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert str(out) in lines[0] and "writable" in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -35,11 +35,13 @@ from sparse_sinkhorn.train.metrics import plot_metrics, read_metrics
 from sparse_sinkhorn.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparse_sinkhorn.train.rng import seed_everything
 from sparse_sinkhorn.train.sampling import micro_batch_indices
+from sparse_sinkhorn.train.state import NonFiniteLossError
 
 __all__ = [
     "CheckpointError",
     "ConfigMismatchError",
     "DistInfo",
+    "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
     "build_optimizer",

@@ -25,6 +25,8 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,43 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- writing
 
 
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` into an ``OSError`` that names it and its cause.
+
+    Python's own write errors carry no file name, safetensors reports ``(os error 28)`` inside
+    its own exception type; either becomes ``OSError(errno, strerror, path)`` (a full disk is
+    ``ENOSPC``, a file-size limit ``EFBIG``, a read-only place ``EROFS``/``EACCES``), which the
+    command prints as one line.
+    """
+    try:
+        yield
+    except Exception as err:
+        code = _os_error_code(err)
+        if code is None or (isinstance(err, OSError) and err.filename is not None):
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
+def _os_error_code(err: BaseException) -> int | None:
+    """The errno behind ``err``: its own, one in its message (``os error 28``), or that of the
+    OSError it was raised while handling (torch's writer fails again while closing)."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return int(seen.errno)
+        match = _OS_ERROR_CODE.search(str(seen))
+        if match is not None:
+            return int(match.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -85,12 +124,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
+    with writing(path), open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    with writing(path), open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
         handle.flush()
@@ -126,9 +165,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def _write_files(tmp: Path, model: nn.Module, config: dict[str, Any], state: Any) -> None:
     from safetensors.torch import save_model
 
-    save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    with writing(tmp / MODEL_FILE):
+        save_model(unwrap_model(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
     _write_json(tmp / CONFIG_FILE, config)
-    torch.save(state, tmp / STATE_FILE)
+    # Through a Python file object, so a failed write is an OSError (not torch's RuntimeError).
+    with writing(tmp / STATE_FILE), open(tmp / STATE_FILE, "wb") as handle:
+        torch.save(state, handle)
     files = {}
     for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE):
         _fsync_file(tmp / name)
@@ -153,12 +195,21 @@ def save_checkpoint(
     once the new one is in place. Call on one rank only.
     """
     root = Path(checkpoints_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}_", dir=root))
+    with writing(root):
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}_", dir=root))
     try:
         _write_files(tmp, model, config, trainer_state)
         _replace_dir(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = Path(str(err.filename or ""))
+        if err.errno is None or name.parent != tmp:
+            raise
+        # the file the checkpoint would have held, not the temporary folder (now removed)
+        raise OSError(err.errno, err.strerror, str(final / name.name)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

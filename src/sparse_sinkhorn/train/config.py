@@ -7,6 +7,7 @@ rebuilt with :meth:`TrainConfig.from_dict`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,15 @@ class TrainConfig:
             value = getattr(self, name)
             _require(
                 isinstance(value, int) and value >= 0, f"TrainConfig.{name}={value!r}: must be >= 0"
+            )
+        for name in ("lr", "weight_decay", "min_lr_ratio", "clip_norm", "betas"):
+            value = getattr(self, name)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            _require(
+                all(
+                    v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in values
+                ),
+                f"TrainConfig.{name}={value!r}: must be a finite number",
             )
         _require(self.lr > 0, f"TrainConfig.lr={self.lr!r}: must be > 0")
         _require(

@@ -20,6 +20,7 @@ micro-batch (``no_sync``), clips, and steps AdamW and the LR schedule. Rank 0 wr
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack, nullcontext
@@ -55,6 +56,7 @@ from sparse_sinkhorn.train.rundir import LOCK_FILE, run_lock
 from sparse_sinkhorn.train.sampling import MicroBatchSampler, steps_per_epoch
 from sparse_sinkhorn.train.state import (
     LossFn,
+    NonFiniteLossError,
     Run,
     build_run,
     prepare_fresh,
@@ -80,11 +82,14 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # rows logged by this call
 
 
-def _train_step(run: Run, batches: Any) -> tuple[torch.Tensor, dict[str, float], Any]:
+def _train_step(
+    run: Run, batches: Any, step: int, out_dir: Path
+) -> tuple[torch.Tensor, dict[str, float], Any]:
     """One optimizer step over ``grad_accum`` micro-batches.
 
     Returns the summed micro-batch losses of this rank (a tensor), summed metrics and the
-    gradient norm before clipping (a tensor, or None without clipping).
+    gradient norm before clipping (a tensor, or None without clipping). A non-finite loss
+    (or gradient norm) stops training before the update: :func:`_check_finite`.
     """
     config, model = run.config, run.model
     loss_sum = torch.zeros((), device=run.info.device)
@@ -107,6 +112,7 @@ def _train_step(run: Run, batches: Any) -> tuple[torch.Tensor, dict[str, float],
     grad_norm = None
     if config.clip_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.clip_norm)
+    _check_finite(run, step, out_dir, loss_sum, grad_norm)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -115,6 +121,36 @@ def _train_step(run: Run, batches: Any) -> tuple[torch.Tensor, dict[str, float],
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     return loss_sum, metric_sums, grad_norm
+
+
+def _check_finite(
+    run: Run, step: int, out_dir: Path, loss_sum: torch.Tensor, grad_norm: Any
+) -> None:
+    """Stop at the first step whose loss (any rank's) or gradient norm is NaN or infinite,
+    before the optimizer applies it: :class:`NonFiniteLossError` on every rank.
+
+    With fp16 loss scaling an infinite gradient only means the scale was too high (the scaler
+    skips that update itself), so there the loss alone decides.
+    """
+    bad = ~torch.isfinite(loss_sum)
+    if grad_norm is not None and run.scaler is None:
+        bad = bad | ~torch.isfinite(grad_norm)
+    flag = all_reduce_sum(bad.to(torch.float32).reshape(1))  # every rank stops together
+    if not bool(flag.item()):
+        return
+    loss = loss_sum.item() / run.config.grad_accum
+    if not math.isfinite(loss):
+        what = f"loss is {loss:g}"
+    elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+        what = f"gradient norm is {float(grad_norm):g}"
+    else:
+        what = "loss is not finite on another rank"
+    newest = list_checkpoints(out_dir / CHECKPOINTS_DIR)
+    kept = f"the newest is {newest[-1][1]}" if newest else "none was written yet"
+    raise NonFiniteLossError(
+        f"step {step}: the training {what}; training stopped before applying that update and "
+        f"no later checkpoint was written ({kept}); lower the learning rate or check the data"
+    )
 
 
 @dataclass
@@ -382,7 +418,7 @@ def _loop(
     )
     for step in range(start_step + 1, config.steps + 1):
         lr = float(run.scheduler.get_last_lr()[0])  # the LR this update uses
-        step_out = _train_step(run, batches)
+        step_out = _train_step(run, batches, step, out_dir)
         window.steps += 1
         window.tokens += step_out[1].get("tokens", 0.0)
         extra["elapsed_now"] = time.perf_counter() - t0

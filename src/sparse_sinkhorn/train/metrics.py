@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sparse_sinkhorn.train.checkpoint import writing
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -60,8 +62,9 @@ class MetricsWriter:
         self._tb = _open_tensorboard(out_dir / "tensorboard")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(row) + "\n")
-        self._handle.flush()
+        with writing(self.path):  # a full disk: OSError naming metrics.jsonl
+            self._handle.write(json.dumps(row) + "\n")
+            self._handle.flush()
         if self._tb is not None:
             step = int(row["step"])
             for key, value in row.items():
@@ -69,7 +72,8 @@ class MetricsWriter:
                     self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
     def close(self) -> None:
-        self._handle.close()
+        with writing(self.path):
+            self._handle.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, Any]]]
 
 
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN or infinite loss (or gradient, or weights): the run stopped
+    before that update, and the checkpoints already on disk are the last good ones."""
+
+
 @dataclass
 class Run:
     """Everything the step function needs, built once by :func:`train`."""
@@ -66,7 +71,17 @@ def build_run(model: nn.Module, loss_fn: LossFn, config: TrainConfig, info: Dist
 
 
 def save_run(run: Run, step: int, out_dir: Path, extra: dict[str, Any]) -> Path:
-    """Checkpoint after ``step`` updates: rank 0 writes, every rank returns the path."""
+    """Checkpoint after ``step`` updates: rank 0 writes, every rank returns the path.
+
+    Weights that are not finite are never written (they would replace good checkpoints):
+    :class:`NonFiniteLossError` instead (every rank holds the same weights, so all raise).
+    """
+    for name, param in run.raw_model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise NonFiniteLossError(
+                f"step {step}: parameter {name} is not finite; not writing a checkpoint of it "
+                f"(the checkpoints in {out_dir / CHECKPOINTS_DIR} are the last good ones)"
+            )
     rng_states = all_gather_objects(capture_rng_state())  # collective: every rank's RNG
     per_epoch = extra["steps_per_epoch"]
 

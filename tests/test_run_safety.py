@@ -125,6 +125,28 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_is_free(
     assert run_cli(_lm(data_dir, out, "--attention", "local"), capsys)[0] == 0
 
 
+def test_deleting_the_lock_file_does_not_free_the_run(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another process holds the run; someone deletes ``.lock``: a second writer (the CLI's
+    ``--resume``, the library's ``train``) is still refused and writes nothing."""
+    out = tmp_path / "out"
+    run_dir = out / "local" / "seed0"
+    holder = _hold_lock(run_dir)
+    try:
+        (run_dir / ".lock").unlink()
+        line = assert_one_line_error(
+            [*_lm(data_dir, out, "--attention", "local"), "--resume"], capsys
+        )
+        assert "another process" in line and str(run_dir) in line
+        with pytest.raises(RunLockedError):  # the library refuses too
+            train_toy(run_dir)
+        assert list(run_dir.iterdir()) == []  # nothing written, not even a new .lock
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 @pytest.mark.parametrize(
     ("code", "says"),
     [

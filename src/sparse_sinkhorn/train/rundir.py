@@ -1,7 +1,8 @@
 """Run directories: one writer at a time, checks before anything is touched, and replacing a
 run only once the new one is about to start.
 
-* :func:`run_lock` / :func:`hold_run_lock`: an exclusive ``fcntl.flock`` on ``<dir>/.lock``.
+* :func:`run_lock` / :func:`hold_run_lock`: an exclusive ``fcntl.flock`` on the directory
+  itself (``<dir>/.lock`` holds the owner's pid, for messages; deleting it frees nothing).
   The kernel drops the lock when its process dies (even by SIGKILL), so a lock left by a dead
   process is never mistaken for a live writer; a second live writer gets :class:`RunLockedError`.
   Locks are re-entrant within one process (the experiment that checks a run dir and the
@@ -64,21 +65,41 @@ def _acquire(directory: Path) -> None:
         _HELD[key][1] += 1
         return
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    # The lock is on the directory itself: deleting or replacing ``.lock`` cannot free it
+    # (a lock on the file alone would let a second writer lock a fresh file of that name).
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
         try:
-            owner = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
-        finally:
-            os.close(fd)
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise
+        except OSError:  # no flock on directories here (NFS): lock the file, as a fallback
+            os.close(dir_fd)
+            dir_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(dir_fd)
+        try:
+            owner = (directory / LOCK_FILE).read_text("ascii", "replace").strip() or "?"
+        except OSError:
+            owner = "?"
         raise RunLockedError(
             f"{directory} is being written by another process (pid {owner}); wait for it to "
             "finish or choose another --out"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[key] = [fd, 1]
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    try:  # the owner's pid, for the message above; its presence marks a run that began
+        fd = os.open(directory / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+    except BaseException:
+        os.close(dir_fd)  # drops the flock
+        raise
+    _HELD[key] = [dir_fd, 1]
 
 
 def _release(directory: Path) -> None:

@@ -3,19 +3,29 @@ first failure stops the grid."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers_cli import assert_one_line_error
+from sparse_sinkhorn.cli import one_line
 from sparse_sinkhorn.errors import UsageError
-from sparse_sinkhorn.experiments.driver import GridOptions, map_runs, run_name
+from sparse_sinkhorn.experiments.driver import (
+    GridOptions,
+    WorkerDiedError,
+    grid_options,
+    map_runs,
+    run_name,
+)
 
 
 def test_jobs_of_many_tensors_travel_to_workers() -> None:
@@ -93,3 +103,55 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def _sleeping_run(seconds: float, pid_dir: str, *, seed: int, name: str) -> dict:
+    """A run that says which worker trains it, then takes ``seconds``."""
+    Path(pid_dir, name.replace("/", "_")).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return {"seed": seed}
+
+
+def test_a_killed_worker_is_one_line_naming_its_run(tmp_path: Path) -> None:
+    """SIGKILL the worker in the middle of one run of a --jobs 2 grid: the parent raises one
+    error (an OSError: the command's one-line exit) naming that run and the signal, not
+    ``BrokenProcessPool``'s traceback."""
+    jobs = [
+        (_sleeping_run, (60, str(tmp_path)), {"seed": 0, "name": "sinkhorn/seed0"}),
+        (_sleeping_run, (60, str(tmp_path)), {"seed": 1, "name": "sinkhorn/seed1"}),
+        (_sleeping_run, (0, str(tmp_path)), {"seed": 0, "name": "dense/seed0"}),
+    ]
+    marker = tmp_path / "sinkhorn_seed1"
+
+    def kill_when_started() -> None:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_started, daemon=True)
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError) as err:
+        map_runs(jobs, 2)
+    killer.join()
+    assert time.monotonic() - start < 50  # the other run was stopped, not waited for
+    message = one_line(err.value)
+    assert isinstance(err.value, OSError)  # printed by the command as one line, exit 2
+    assert "sinkhorn/seed1" in message and "SIGKILL" in message, message
+    assert "sinkhorn/seed0" not in message and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["sort", "ablate", "lm", "image", "classify", "nli"])
+def test_an_empty_out_is_refused(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``--out ''`` would write results, run directories and plots into the current one."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error([command, "--out", "", "--steps", "1"], capsys, "--out", "''")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="--out must name a directory"):
+        grid_options(
+            argparse.Namespace(out="", resume=False, overwrite=False, no_progress=True, seed=0)
+        )

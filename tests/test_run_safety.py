@@ -12,6 +12,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +272,65 @@ def test_a_read_only_out_leaves_the_run_intact_and_is_one_line(
         assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
         assert str(out) in lines[0] and "writable" in lines[0], lines[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_grid_on_the_same_out_is_refused_before_it_takes_a_run(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``--jobs 2`` grid has checked its runs and is starting its workers (which take the
+    run locks themselves); a second ``--jobs 2`` command on the same ``--out`` is refused in
+    one line and takes none of the first grid's runs, which its workers then take."""
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from sparse_sinkhorn.experiments.driver import GridOptions, check_runs, "
+        "prepare_run_dir\n"
+        f"runs = check_runs(['local'], [0, 1], GridOptions(out=Path({str(out)!r}), jobs=2))\n"
+        "print('CHECKED', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "for run_dir, resume in runs.values():  # what its workers do first\n"
+        "    prepare_run_dir(run_dir, resume=resume, overwrite=False)\n"
+        "print('TOOK', flush=True)\n"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "CHECKED"
+        argv = [*_lm(data_dir, out, "--attention", "local"), "--seeds", "2", "--jobs", "2"]
+        line = assert_one_line_error(argv, capsys, "another process", str(out))
+        assert str(first.pid) in line
+        took, _ = first.communicate("go\n", timeout=60)
+        assert took.strip() == "TOOK" and first.returncode == 0
+    finally:
+        first.kill()
+
+
+@pytest.mark.slow
+def test_a_second_jobs_grid_on_the_same_out_is_refused_and_the_first_finishes(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Two ``--jobs 2`` commands on one ``--out``, the second started while the first is
+    starting its workers: the second is refused in one line, the first trains every run."""
+    out = tmp_path / "out"
+    argv = [*_lm(data_dir, out, "--attention", "local"), "--seeds", "2", "--jobs", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "SPARSE_SINKHORN_DEBUG"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "sparse_sinkhorn.cli", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(out.rglob("*")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first has begun (its --out holds something)
+        second = _cli_process(argv)
+        _, first_err = first.communicate(timeout=180)
+    finally:
+        first.kill()
+    lines = [line for line in second.stderr.splitlines() if "error" in line.lower()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert "another process" in lines[0] and str(out) in lines[0], lines[0]
+    assert first.returncode == 0, first_err
+    results = _results(out)["results"]
+    assert [r["kind"] for r in results] == ["local"] and len(results[0]["runs"]) == 2

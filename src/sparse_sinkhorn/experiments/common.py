@@ -73,6 +73,16 @@ def seed_arg(text: str) -> int:
     return value
 
 
+def out_dir_arg(text: str) -> str:
+    """An argparse ``type``: ``--out`` names a directory (an empty one would write into the
+    current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"must name a directory, got {text!r}; pass --out . to write into the current one"
+        )
+    return text
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> None:
     """Flags every experiment takes."""
     parser.add_argument(
@@ -82,7 +92,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> Non
         help="cpu: minutes on a laptop-class CPU (default); paper: the paper's sizes",
     )
     parser.add_argument(
-        "--out", default=default_out, help="output directory (default: %(default)s)"
+        "--out",
+        type=out_dir_arg,
+        default=default_out,
+        help="output directory (default: %(default)s)",
     )
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--seed", type=seed_arg, default=0, help="random seed (default: 0)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -69,6 +70,8 @@ def grid_options(args: argparse.Namespace) -> GridOptions:
     turns progress bars off when ``--jobs > 1``. ``--resume`` needs an existing ``--out``
     (checked here, before an experiment loads its data)."""
     jobs = int(getattr(args, "jobs", 1))
+    if not str(args.out).strip():
+        raise UsageError(f"--out must name a directory, got {args.out!r}")
     options = GridOptions(
         out=Path(args.out),
         resume=bool(args.resume),
@@ -147,12 +150,19 @@ def check_runs(
     """Check every ``(name, seed)`` run directory (:func:`prepare_run_dir`) before any trains.
 
     Returns each run's directory and whether it resumes (``--resume`` and the directory exists:
-    a run an interrupted grid never started starts fresh). When the runs will go to worker
-    processes, each worker takes its own run's lock; otherwise the main rank takes them all here.
+    a run an interrupted grid never started starts fresh). The main rank first takes the lock of
+    ``--out`` itself for the rest of the process (one grid per ``--out``; a second command gets
+    a one-line error). When the runs will go to worker processes, each worker takes its own
+    run's lock; otherwise the main rank takes them all here.
     :func:`train_grid` calls this; an experiment may call it earlier, before it loads its data.
     """
     dist = init_distributed()
     parallel = options.in_workers
+    if dist.rank == 0:
+        # One grid per --out at a time: a second command on this --out is refused here, before
+        # it touches a run (its workers would otherwise take runs this grid has not reached).
+        check_writable(options.out)
+        hold_run_lock(options.out)
     runs: dict[tuple[str, int], tuple[Path, bool]] = {}
     for name in names:
         for seed in seeds:
@@ -210,7 +220,18 @@ def train_grid(
     return [summarize(name, groups[name], seeds) for name in runners]
 
 
-def _init_worker(threads: int, parent: int) -> None:
+class WorkerDiedError(ChildProcessError):
+    """A ``--jobs`` worker process died in the middle of a run (killed by a signal, or by the
+    kernel when memory ran out); the message names the run. An ``OSError``, so the command
+    prints it as one line."""
+
+
+_STARTED: Any = None  # in a worker: where it reports (job index, pid) as each job starts
+
+
+def _init_worker(threads: int, parent: int, started: Any = None) -> None:
+    global _STARTED
+    _STARTED = started
     torch.set_num_threads(threads)
     setup_logging()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
@@ -230,8 +251,46 @@ def _call(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> An
     return fn(*fn_args, **fn_kwargs)
 
 
-def _call_pickled(payload: bytes) -> Any:
+def _call_pickled(index: int, payload: bytes) -> Any:
+    if _STARTED is not None:
+        _STARTED.put((index, os.getpid()))
     return _call(pickle.loads(payload))
+
+
+def _job_label(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]], i: int) -> str:
+    """A job's run for messages: its ``name`` keyword (a grid run's ``<name>/seed<N>``)."""
+    name = job[2].get("name")
+    return str(name) if name is not None else f"job {i} ({getattr(job[0], '__name__', job[0])})"
+
+
+def _died(
+    jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]],
+    started: Any,
+    processes: dict[int, Any],
+    done: set[int],
+) -> WorkerDiedError:
+    """Which run's worker died, and how, from the workers' start reports and exit codes."""
+    running: dict[int, int] = {}  # pid -> the job it started last
+    while not started.empty():
+        index, pid = started.get()
+        running[pid] = index
+    for process in processes.values():
+        process.join(timeout=5)  # the pool terminates the other workers; let them settle
+    codes = {pid: p.exitcode for pid, p in processes.items()}
+    dead = [pid for pid, code in codes.items() if code not in (None, 0, -signal.SIGTERM)]
+    dead = dead or [pid for pid, code in codes.items() if code not in (None, 0)]
+    runs = [running[pid] for pid in dead if pid in running and running[pid] not in done]
+    how = []
+    for pid in dead:
+        code = codes[pid]
+        assert code is not None
+        how.append(f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+    what = ", ".join(_job_label(jobs[i], i) for i in runs) or "a run"
+    return WorkerDiedError(
+        f"the worker process training {what} died ({'; '.join(how) or 'no exit status'}; "
+        "out of memory is a common cause); the other runs were stopped: pass --resume to "
+        "continue them"
+    )
 
 
 def map_runs(
@@ -254,29 +313,38 @@ def map_runs(
         return [_call(job) for job in jobs]
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
     workers = min(n_procs, len(jobs))
     results: list[Any] = [None] * len(jobs)
+    finished: set[int] = set()
     queue = iter(enumerate(jobs))
+    started = context.SimpleQueue()
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(1, os.getpid())
+        workers, mp_context=context, initializer=_init_worker, initargs=(1, os.getpid(), started)
     ) as pool:
         pending: dict[Future[Any], int] = {}
 
         def submit_next() -> None:
             for i, job in queue:
                 payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
-                pending[pool.submit(_call_pickled, payload)] = i
+                pending[pool.submit(_call_pickled, i, payload)] = i
                 return
 
         for _ in range(workers + 1):  # one queued behind the running ones
             submit_next()
+        processes = dict(getattr(pool, "_processes", None) or {})  # pid -> Process
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    results[pending.pop(future)] = future.result()
+                    i = pending.pop(future)
+                    try:
+                        results[i] = future.result()
+                    except BrokenProcessPool:
+                        raise _died(jobs, started, processes, finished) from None
+                    finished.add(i)
                     submit_next()
         except BaseException:
             for future in pending:

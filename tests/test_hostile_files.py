@@ -64,6 +64,26 @@ def test_unpickler_refuses_everything_but_plain_numeric_data(payload: bytes) -> 
         RestrictedUnpickler(io.BytesIO(payload), encoding="bytes").load()
 
 
+class _HugeArray:
+    """Pickles as a direct ``numpy.ndarray(shape, "u1")`` call declaring 128 TiB: numpy would
+    allocate it before reading any data."""
+
+    def __reduce__(self) -> tuple:
+        return (np.ndarray, ((2**20, 2**20, 2**7), "u1"))
+
+
+def test_a_huge_declared_shape_never_reaches_the_allocator(tmp_path: Path) -> None:
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _HugeArray(), b"labels": [0]}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to call numpy.ndarray"):
+        read_cifar_batch(path)
+    reduce = pickle.dumps(_HugeArray(), protocol=2)
+    at = reduce.rindex(pickle.REDUCE)
+    newobj = reduce[:at] + pickle.NEWOBJ + reduce[at + 1 :]  # ndarray.__new__(ndarray, ...)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to call numpy.ndarray"):
+        RestrictedUnpickler(io.BytesIO(newobj), encoding="bytes").load()
+
+
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_unpickler_still_reads_numeric_arrays(protocol: int) -> None:
     obj = {

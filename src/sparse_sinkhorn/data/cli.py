@@ -39,6 +39,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1e9:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .fetch import FetchError, fetch
 
@@ -83,7 +94,9 @@ def add_subparser(subparsers: Any) -> None:
     p_fetch.add_argument(
         "names", nargs="+", metavar="NAME", choices=[*DATASETS, "all"], help="dataset(s) or 'all'"
     )
-    p_fetch.add_argument("--timeout", type=float, default=10.0, help="seconds per URL attempt")
+    p_fetch.add_argument(
+        "--timeout", type=_seconds, default=10.0, help="seconds per URL attempt (> 0)"
+    )
     p_fetch.add_argument("--force", action="store_true", help="refetch even if present")
     p_fetch.set_defaults(func=cmd_fetch)
 

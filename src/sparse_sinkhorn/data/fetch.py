@@ -100,6 +100,8 @@ def fetch(
     instructions when no source works (CIFAR-10 and MNLI have no registry copy).
     """
 
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     info = get_info(name)
     base = resolve_data_dir(data_dir)
     final = base / name

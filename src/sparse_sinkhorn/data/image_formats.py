@@ -213,11 +213,23 @@ def _from_bytes(raw: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -
     return flat.reshape(shape, order="F" if order == "F" else "C").copy()
 
 
+class _NdarrayName:
+    """What the global ``numpy.ndarray`` resolves to: a name that :class:`_ArrayStub` accepts
+    as its class argument and nothing can call or instantiate (``numpy.ndarray(shape)``
+    would allocate whatever shape the file declares, before any size check)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError(
+            "refusing to call numpy.ndarray from a data pickle (it would allocate the declared "
+            f"shape {args[0] if args else ()!r} before reading any data)"
+        )
+
+
 class _ArrayStub:
     """``_reconstruct(ndarray, ...)`` + ``__setstate__``: rebuilt with ``np.frombuffer``."""
 
     def __init__(self, cls: Any, shape: Any = (0,), tag: Any = b"b") -> None:
-        if cls is not np.ndarray:
+        if cls is not _NdarrayName:
             raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r} (only numpy.ndarray)")
         self.array: np.ndarray | None = None
 
@@ -251,7 +263,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     only and builds them with ``np.frombuffer`` from exactly sized raw bytes.
     """
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,  # only as the class argument of _reconstruct
+        ("numpy", "ndarray"): _NdarrayName,  # only as the class argument of _reconstruct
         ("numpy", "dtype"): _DtypeStub,
         ("_codecs", "encode"): _latin1_encode,  # bytes in protocol-2 pickles made by Python 3
     }

@@ -20,6 +20,7 @@ from ..ops import (
     sinkhorn_attention_with_plan,
     sparse_attention,
 )
+from ..ops._validate import check_layer_input
 from ..ops.blocks import block_summaries, causal_block_summaries
 from .cache import AttentionCache
 from .config import AttentionConfig
@@ -124,8 +125,7 @@ class SinkhornSelfAttention(nn.Module):
         keeps its state; a filled one attends from them one at a time. Either way the output
         equals the full causal forward of the whole sequence at those positions.
         """
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"expected x of shape (B, L, {self.d_model}), got {tuple(x.shape)}")
+        check_layer_input(x, key_padding_mask, d_model=self.d_model, weight=self.qkv.weight)
         n_proj = self.qkv.out_features // self.d_model  # 3, or 2 with share_kv
         parts = _SplitHeads.apply(self.qkv(x), n_proj, self.n_heads)  # n_proj x (B, H, L, E)
         q, k, v = parts if len(parts) == 3 else (parts[0], parts[1], parts[1])

@@ -174,3 +174,44 @@ def check_balance(logits: Tensor, n_iters: int, temperature: float) -> None:
     check_number("temperature", temperature, low=0.0)
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
         raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")
+
+
+def check_layer_input(
+    x: object, key_padding_mask: object, *, d_model: int, weight: Tensor
+) -> None:
+    """The input of a self-attention layer (``SinkhornSelfAttention.forward``): ``x`` a
+    non-empty ``(B, L, d_model)`` floating tensor of the parameters' dtype (under autocast any
+    float) and device; ``key_padding_mask`` None or a bool ``(B, L)`` tensor beside it."""
+    if torch.compiler.is_compiling():
+        return
+    x = check_tensor("x", x)
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"expected x of shape (B, L, {d_model}), got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"x has an empty dimension: (B, L, D) = {tuple(x.shape)}; B and L must be >= 1"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(
+            f"x is on {x.device} but the layer's parameters are on {weight.device}; move one "
+            "of them"
+        )
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"x is {x.dtype} but the layer's parameters are {weight.dtype}; convert one "
+            f"(layer.to({x.dtype}) or x.to({weight.dtype})) or run under torch.autocast"
+        )
+    if key_padding_mask is not None:
+        mask = check_tensor("key_padding_mask", key_padding_mask, x.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                "key_padding_mask must be a bool tensor (True = real token), "
+                f"got dtype {mask.dtype}"
+            )
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, L) = {tuple(x.shape[:2])}, "
+                f"got {tuple(mask.shape)}"
+            )

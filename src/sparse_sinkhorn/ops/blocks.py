@@ -49,6 +49,34 @@ def zero_padding(x: Tensor, real: Tensor) -> Tensor:
     return torch.where(real, x, x.new_zeros(()))
 
 
+def _check_summary_args(
+    x: Tensor, block_size: int, key_padding_mask: Tensor | None, pooling: str
+) -> None:
+    """The arguments of the two summary functions (skipped while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a (B, L, D) tensor, got {shape}")
+    if pooling not in ("sum", "mean"):
+        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+    if key_padding_mask is not None and (
+        not isinstance(key_padding_mask, Tensor)
+        or key_padding_mask.dtype != torch.bool
+        or tuple(key_padding_mask.shape) != tuple(x.shape[:2])
+    ):
+        what = (
+            f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            if isinstance(key_padding_mask, Tensor)
+            else type(key_padding_mask).__name__
+        )
+        raise ValueError(
+            f"key_padding_mask must be a bool (B, L) = {tuple(x.shape[:2])} tensor, got {what}"
+        )
+
+
 def block_summaries(
     x: Tensor,
     block_size: int,
@@ -66,6 +94,7 @@ def block_summaries(
     Returns:
         ``(B, N, D)``; a block with no real token pools to 0.
     """
+    _check_summary_args(x, block_size, key_padding_mask, pooling)
     mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
     x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
     if mask is not None:
@@ -98,6 +127,7 @@ def causal_block_summaries(
 
     Args / Returns: as :func:`block_summaries`; ``(B, N, D)``.
     """
+    _check_summary_args(x, block_size, key_padding_mask, pooling)
     mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
     x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
     if mask is not None:

@@ -145,7 +145,8 @@ def merged_forward(
     sorted part is computed anyway (all-zero keys, one block's cost) and dropped from the
     merge with ``lse2 = -inf``, which keeps every tensor in one layout.
     """
-    flash = flash_parts_available(q)
+    # the flash kernels need one head dim for Q, K and V; a value dim of its own takes matmuls
+    flash = flash_parts_available(q) and v.shape[-1] == q.shape[-1]
     out, lse, aux1 = _part_forward(q, k, v, causal, scale, flash)  # local part
     o2, l2, aux2 = _part_forward(q, ks, vs, False, scale, flash)  # sorted part
     if no_sorted is not None:

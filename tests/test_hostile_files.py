@@ -75,12 +75,12 @@ class _HugeArray:
 def test_a_huge_declared_shape_never_reaches_the_allocator(tmp_path: Path) -> None:
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": _HugeArray(), b"labels": [0]}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to call numpy.ndarray"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to call numpy\.ndarray"):
         read_cifar_batch(path)
     reduce = pickle.dumps(_HugeArray(), protocol=2)
     at = reduce.rindex(pickle.REDUCE)
     newobj = reduce[:at] + pickle.NEWOBJ + reduce[at + 1 :]  # ndarray.__new__(ndarray, ...)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to call numpy.ndarray"):
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to call numpy\.ndarray"):
         RestrictedUnpickler(io.BytesIO(newobj), encoding="bytes").load()
 
 

@@ -176,9 +176,7 @@ def check_balance(logits: Tensor, n_iters: int, temperature: float) -> None:
         raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")
 
 
-def check_layer_input(
-    x: object, key_padding_mask: object, *, d_model: int, weight: Tensor
-) -> None:
+def check_layer_input(x: object, key_padding_mask: object, *, d_model: int, weight: Tensor) -> None:
     """The input of a self-attention layer (``SinkhornSelfAttention.forward``): ``x`` a
     non-empty ``(B, L, d_model)`` floating tensor of the parameters' dtype (under autocast any
     float) and device; ``key_padding_mask`` None or a bool ``(B, L)`` tensor beside it."""

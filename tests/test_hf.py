@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 # A plain import, not importorskip: the dev extra installs transformers (the hf extra), so CI
 # runs these tests and a broken install fails loudly instead of skipping.
@@ -274,3 +276,53 @@ def test_attention_function_refuses_other_mask_patterns() -> None:
 def _plain_gpt2() -> GPT2LMHeadModel:
     cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32)
     return GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda o: o.pop("block_size"), "no 'block_size'"),
+        (lambda o: o.clear(), "no 'block_size'"),
+        (lambda o: o.update(n_sortcut=2), r"unknown option\(s\) \['n_sortcut'\]"),
+        (lambda o: o.update(max_len=10**12), "max_len=1000000000000 is longer than the model's"),
+    ],
+    ids=["no-block-size", "empty", "unknown", "huge-max-len"],
+)
+def test_from_pretrained_refuses_tampered_options(tmp_path: Path, edit, match) -> None:
+    """A saved config whose options were edited: a ValueError naming the option, not a bare
+    KeyError or a 10**12-position sort net handed to the allocator."""
+    _model("gpt2").save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["sinkhorn_attention"])
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        hf.from_pretrained(tmp_path)
+
+
+def test_max_len_is_bounded_by_the_models_positions() -> None:
+    with pytest.raises(ValueError, match=r"max_len=100000000 is longer than the model's 32 "):
+        hf.convert(_plain_gpt2(), block_size=4, max_len=10**8)
+    assert hf.convert(_plain_gpt2(), block_size=4, max_len=32).config.sinkhorn_attention
+
+
+def test_plain_transformers_loading_is_refused_not_silently_dense(tmp_path: Path) -> None:
+    """transformers alone (a fresh process, sparse_sinkhorn.hf never imported) cannot load a
+    converted model as if it were dense: the saved config asks for attention "sinkhorn"."""
+    model = _model("gpt2")
+    model.save_pretrained(tmp_path)
+    code = (
+        "import transformers\n"
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+        "print('LOADED')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "LOADED" not in done.stdout and done.returncode != 0
+    assert "sinkhorn" in done.stderr
+    # in a process where the attention is registered, the layers without sort nets refuse
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"sparse_sinkhorn\.hf\.from_pretrained"):
+        plain(_ids(1, 8))
+    loaded = hf.from_pretrained(tmp_path).eval()  # the way to load it
+    ids = _ids(1, 8)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -137,6 +137,13 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     if options["max_len"] is None:
         options["max_len"] = _max_positions(config)
     att = _attention_config(options)
+    positions = _max_positions(config, required=False)
+    if positions is not None and att.max_len > positions:
+        # the sort net is sized by max_len / block_size: bound it by what the model can read
+        raise ValueError(
+            f"max_len={att.max_len} is longer than the model's {positions} positions; pass "
+            f"max_len <= {positions} (or leave it out to use {positions})"
+        )
     modules = _attention_modules(model, family)
     if any(hasattr(m, "sort_net") for m in modules):
         raise ValueError("this model is already converted (its attention layers have sort nets)")
@@ -150,6 +157,10 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     setattr(config, CONFIG_KEY, options)
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    # Saved into config.json: a plain AutoModelForCausalLM.from_pretrained of the saved model
+    # is then refused (attention "sinkhorn" unknown) instead of silently running dense
+    # attention without its sort nets; sparse_sinkhorn.hf.from_pretrained loads it.
+    config.attn_implementation = ATTN_IMPLEMENTATION
     return model
 
 
@@ -170,6 +181,12 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
             "saved from a model converted with sparse_sinkhorn.hf.convert"
         )
     options = dict(options)
+    where = f"{os.fspath(path)!r}: config.json's {CONFIG_KEY!r}"
+    if "block_size" not in options:
+        raise ValueError(f"{where} has no 'block_size' (the options convert() saved are gone)")
+    unknown = sorted(set(options) - set(OPTIONS) - {"block_size"})
+    if unknown:
+        raise ValueError(f"{where} has unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
     block_size = options.pop("block_size")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the sort-net weights are loaded below
@@ -220,7 +237,8 @@ def sinkhorn_attention_forward(
     if att is None or sort_net is None:
         raise ValueError(
             f"{type(module).__name__} has no sort net: convert the model first with "
-            "sparse_sinkhorn.hf.convert(model, block_size=...)"
+            "sparse_sinkhorn.hf.convert(model, block_size=...), or load a converted model "
+            "with sparse_sinkhorn.hf.from_pretrained"
         )
     if is_causal is False or not getattr(module, "is_causal", True):
         raise ValueError("Sinkhorn attention in transformers models is causal self-attention only")
@@ -342,11 +360,14 @@ def _head_shape(config: Any) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def _max_positions(config: Any) -> int:
+def _max_positions(config: Any, *, required: bool = True) -> Any:
+    """The model's number of positions (an int; None when unknown and not ``required``)."""
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if value:
             return int(value)
+    if not required:
+        return None
     raise ValueError("the config has no maximum length; pass max_len=")
 
 

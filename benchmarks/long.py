@@ -10,9 +10,10 @@ beyond (``block_for``). B = 1, D = 64, float32; H = 8 except where ``--heads-at`
 (default: H = 4 at 1M, so that the 1M case fits in 24 GiB).
 
 Rows: Sinkhorn with hard routing (all lengths), soft routing (up to ``--soft-max``, default
-64K: its ``N x N`` mix is quadratic), local attention (the linear-cost reference) and dense SDPA, which is measured only up to
-``--dense-max`` and *extrapolated* beyond (time × (L / L_max)², × H / H_max) — extrapolated
-cells are labelled so and kept apart from measured ones (``"status": "extrapolated"``).
+64K: its ``N x N`` mix is quadratic), local attention (the linear-cost reference) and dense
+SDPA, which is measured only up to ``--dense-max`` and *extrapolated* beyond (time ×
+(L / L_max)², × H / H_max) — extrapolated cells are labelled so and kept apart from measured
+ones (``"status": "extrapolated"``).
 
 The growth exponent of time is the slope of log time vs log L, between consecutive lengths and
 from the first to the last measured length. Where H differs between two lengths the times are
@@ -91,13 +92,15 @@ def _case(args: argparse.Namespace, level: str, name: str, length: int, heads: i
         budget_s=args.budget, mem_cap_mb=args.mem_cap_mb,
     )  # fmt: skip
     runner = run_inprocess if args.in_process else run_subprocess
+    load = os.getloadavg()[0]  # 1-minute load average: other jobs on the same cores inflate times
     t0 = time.perf_counter()
     (res,) = runner(spec, args.budget + 60)
     row = {"level": level, "contender": name, "length": length, "heads": heads,
-           "block": sizes.block, **res, "wall_s": time.perf_counter() - t0}  # fmt: skip
+           "block": sizes.block, **res, "wall_s": time.perf_counter() - t0,
+           "load_before": load, "load_after": os.getloadavg()[0]}  # fmt: skip
     cell = f"{row['time_s']:.3f} s {row['peak_mem_mb']:.0f} MiB" if "time_s" in row else ""
     print(f"{level:5s} {name:14s} L={length:8d} H={heads} b={sizes.block} {row['status']} "
-          f"{cell} (wall {row['wall_s']:.0f} s, load {os.getloadavg()[0]:.2f})",
+          f"{cell} (wall {row['wall_s']:.0f} s, load {load:.2f} -> {row['load_after']:.2f})",
           file=sys.stderr, flush=True)  # fmt: skip
     return row
 
@@ -147,22 +150,39 @@ def _extrapolate(rows: list[dict[str, Any]], level: str, length: int, heads: int
 
 
 def exponents(rows: list[dict[str, Any]], level: str, name: str) -> dict[str, Any]:
-    """Slopes of log(time per REF_HEADS heads) vs log L: consecutive pairs and overall
-    (measured cells only)."""
-    pts = sorted(
-        (r["length"], r["time_s"] * REF_HEADS / r["heads"], r["heads"]) for r in rows
-        if (r["level"], r["contender"], r["status"]) == (level, name, "ok")
-        and not r.get("heads_check")
-    )  # fmt: skip
+    """Slopes of log time vs log L (measured cells only): consecutive pairs, and overall as
+    the chain of the pairs (the length-weighted mean of their slopes). A pair whose lengths ran
+    with different H uses a heads-check row (the shorter length at the longer one's H) when
+    there is one (``like_for_like``), else time per REF_HEADS heads (``per_head``)."""
+    ok = [r for r in rows if (r["level"], r["contender"], r["status"]) == (level, name, "ok")]
+    main = sorted((r for r in ok if not r.get("heads_check")), key=lambda r: r["length"])
+    checks = {(r["length"], r["heads"]): r for r in ok if r.get("heads_check")}
     out: dict[str, Any] = {"pairs": [], "overall": None}
-    for (n0, t0, h0), (n1, t1, h1) in itertools.pairwise(pts):
-        slope = math.log(t1 / t0) / math.log(n1 / n0)
-        out["pairs"].append({"from": n0, "to": n1, "exponent": slope, "per_head": h0 != h1})
-    if len(pts) >= 2:
-        (n0, t0, h0), (n1, t1, h1) = pts[0], pts[-1]
-        out["overall"] = {"from": n0, "to": n1, "per_head": h0 != h1,
-                          "exponent": math.log(t1 / t0) / math.log(n1 / n0)}  # fmt: skip
+    for r0, r1 in itertools.pairwise(main):
+        n0, n1 = r0["length"], r1["length"]
+        pair = {"from": n0, "to": n1, "per_head": False, "like_for_like": False}
+        if r0["heads"] != r1["heads"] and (n0, r1["heads"]) in checks:
+            r0 = checks[(n0, r1["heads"])]
+            pair["like_for_like"] = True
+        t0, t1 = r0["time_s"] / r0["heads"], r1["time_s"] / r1["heads"]
+        pair["per_head"] = r0["heads"] != r1["heads"]
+        pair["exponent"] = math.log(t1 / t0) / math.log(n1 / n0)
+        out["pairs"].append(pair)
+    if out["pairs"]:
+        a, b = out["pairs"][0]["from"], out["pairs"][-1]["to"]
+        logs = sum(x["exponent"] * math.log(x["to"] / x["from"]) for x in out["pairs"])
+        pairs = out["pairs"]
+        out["overall"] = {"from": a, "to": b, "exponent": logs / math.log(b / a),
+                          "per_head": any(x["per_head"] for x in pairs),
+                          "like_for_like": any(x["like_for_like"] for x in pairs)}  # fmt: skip
     return out
+
+
+def _all_exponents(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        f"{level}/{name}": exponents(rows, level, name)
+        for level, name in dict.fromkeys((r["level"], r["contender"]) for r in rows)
+    }
 
 
 def _fmt_len(n: int) -> str:
@@ -223,15 +243,22 @@ def report(meta: dict[str, Any]) -> str:
                 for n in lengths
             ]
             md.append(f"| {name} | " + " | ".join(cells) + " |")
+        loaded = [r for r in sel if "load_before" in r]
+        if loaded:
+            md += ["", f"1-minute load average before → after each case ({level}; the machine "
+                   "has " + str(p["machine"]["cores"]) + " cores):", ""]  # fmt: skip
+            md += [f"- {r['contender']} {_fmt_len(r['length'])}: {r['load_before']:.2f} → "
+                   f"{r['load_after']:.2f}" for r in loaded]  # fmt: skip
         md += ["", f"**Growth exponent of time ({level})**: slope of log time vs log L "
-               "(per-head time where H changes, marked †)\n",
+               "(where H changes: ‡ the shorter length re-measured at the longer one's H (heads "
+               "check), † time per head; overall: the chain of the pairs)\n",
                "| contender | " + " | ".join(f"{_fmt_len(a)}→{_fmt_len(b)}" for a, b in
                                                itertools.pairwise(lengths))
                + " | overall |", "|---" * len(lengths) + "|---|"]  # fmt: skip
         for name in names:
             if name == "dense_sdpa":
                 continue
-            e = exponents(sel, level, name)
+            e = exponents(meta["results"], level, name)
             by = {(x["from"], x["to"]): x for x in e["pairs"]}
             cells = [_exp(by.get((a, b))) for a, b in itertools.pairwise(lengths)]
             over = e["overall"]
@@ -267,7 +294,11 @@ def report(meta: dict[str, Any]) -> str:
 def _exp(e: dict[str, Any] | None) -> str:
     if e is None:
         return "–"
-    return f"{e['exponent']:.2f}" + ("†" if e["per_head"] else "")
+    return (
+        f"{e['exponent']:.2f}"
+        + ("†" if e["per_head"] else "")
+        + ("‡" if e.get("like_for_like") else "")
+    )
 
 
 def _pairs(values: list[str]) -> list[tuple[int, int]]:
@@ -293,12 +324,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-cap-mb", type=float, default=round(0.85 * _mem_available_mb()))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--in-process", action="store_true", help="no fresh process per case")
+    p.add_argument("--note", action="append", default=[], help="a line for long.md's end")
+    p.add_argument("--from-json", help="only re-render long.md from this long.json")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     raw = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(raw)
+    if args.from_json:  # re-render long.md (and the exponents) from a finished run's json
+        path = Path(args.from_json)
+        meta = json.loads(path.read_text())
+        meta["notes"] = meta.get("notes", []) + args.note
+        meta["exponents"] = _all_exponents(meta["results"])
+        path.write_text(json.dumps(meta, indent=1))
+        md = report(meta)
+        (path.parent / "long.md").write_text(md)
+        print(md)
+        return meta
     args.heads_at = _pairs(args.heads_at)
     start = time.perf_counter()
     prov = {
@@ -327,10 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "budget_s": args.budget,
         "mem_cap_mb": args.mem_cap_mb,
         "results": rows,
-        "exponents": {
-            f"{level}/{name}": exponents(rows, level, name)
-            for level, name in dict.fromkeys((r["level"], r["contender"]) for r in rows)
-        },
+        "exponents": _all_exponents(rows),
+        "notes": args.note,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,12 @@ def test_long_smoke_exponents_and_extrapolation(tmp_path: Path) -> None:
     assert any(r.get("heads_check") and r["heads"] == 1 and r["length"] == 256 for r in rows)
     exp = meta["exponents"]["op/sinkhorn_hard"]
     assert len(exp["pairs"]) == 2 and exp["overall"]["from"] == 128
-    assert exp["overall"]["to"] == 512 and exp["pairs"][1]["per_head"]
+    assert exp["overall"]["to"] == 512 and exp["pairs"][1]["like_for_like"]  # heads check
+    assert not exp["pairs"][1]["per_head"] and meta["exponents"]["op/local"]["pairs"][1]["per_head"]
+    again = long.main(["--from-json", str(tmp_path / "long.json"), "--note", "re-rendered"])
+    assert again["exponents"] == meta["exponents"]
+    md = (tmp_path / "long.md").read_text()
+    assert "re-rendered" in md and "‡" in md and "†" in md
     md = (tmp_path / "long.md").read_text()
     assert "Growth exponent of time (op)" in md and "Growth exponent of time (layer)" in md
     assert "*extrapolated" in md and "512 (H=1)" in md and "load average at start" in md

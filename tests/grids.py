@@ -1,6 +1,7 @@
 """Test grids: the op's modes as the product of independent axes (flash-attn's style).
 
-``op_modes()`` crosses causal x SortCut x hard routing x Mixture and leaves out what the op
+``op_modes()`` crosses causal x SortCut x hard routing x Mixture x balance (Sinkhorn, or
+rows-only ``"softmax"``) and leaves out what the op
 rejects (causal SortCut: SortCut is for encoders); ``mode_id`` names a mode for pytest ids
 (``causal-hard``, ``encoder-sortcut2-soft-mixture``).
 """
@@ -18,17 +19,20 @@ def op_modes(
     sortcut: Sequence[int | None] = (None, 2),
     hard: Sequence[bool] = (False, True),
     mixture: Sequence[bool] = (False,),
+    balance: Sequence[str] = ("sinkhorn", "softmax"),
 ) -> list[dict[str, Any]]:
-    """Keyword arguments of :func:`sinkhorn_attention` for every valid combination."""
+    """Keyword arguments of :func:`sinkhorn_attention` for every valid combination
+    (``balance`` appears only when it is not the default, Sinkhorn balancing)."""
     modes = []
-    for is_causal, n_sortcut, is_hard, is_mixture in itertools.product(
-        causal, sortcut, hard, mixture
+    for is_causal, n_sortcut, is_hard, is_mixture, how in itertools.product(
+        causal, sortcut, hard, mixture, balance
     ):
         if is_causal and n_sortcut is not None:
             continue  # SortCut is for encoders only
-        modes.append(
-            dict(is_causal=is_causal, n_sortcut=n_sortcut, hard=is_hard, mixture=is_mixture)
-        )
+        mode = dict(is_causal=is_causal, n_sortcut=n_sortcut, hard=is_hard, mixture=is_mixture)
+        if how != "sinkhorn":
+            mode["balance"] = how
+        modes.append(mode)
     return modes
 
 
@@ -39,4 +43,6 @@ def mode_id(mode: dict[str, Any]) -> str:
     parts.append("hard" if mode.get("hard") else "soft")
     if mode.get("mixture"):
         parts.append("mixture")
+    if mode.get("balance", "sinkhorn") != "sinkhorn":
+        parts.append(mode["balance"])
     return "-".join(parts)

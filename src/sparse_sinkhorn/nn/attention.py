@@ -19,6 +19,7 @@ from ..ops import (
     local_attention,
     sinkhorn_attention_with_plan,
     sparse_attention,
+    topk_block_attention,
 )
 from ..ops._validate import check_layer_input
 from ..ops.blocks import block_summaries, causal_block_summaries
@@ -43,7 +44,8 @@ class SinkhornSelfAttention(nn.Module):
     """Multi-head self-attention with Sparse Sinkhorn attention or a baseline.
 
     ``attention`` picks the kind: ``"sinkhorn"`` (local + sorted blocks), ``"mixture"``
-    (sinkhorn + dense), ``"dense"``, ``"local"`` or ``"sparse"`` (Sparse Transformer).
+    (sinkhorn + dense), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse Transformer) or
+    ``"topk"`` (own block + the ``top_k`` blocks MoBA's parameter-free gate picks).
     The sort net reads masked block summaries of the layer input; in a causal layer the
     query side uses leak-free prefix summaries (docs/method.md §5), so the layer is exactly causal.
     Gumbel noise and dropout apply in training mode only.
@@ -169,6 +171,10 @@ class SinkhornSelfAttention(nn.Module):
             return sparse_attention(
                 q, k, v, block_size=cfg.block_size, mode=cfg.sparse_mode, **common
             ), None
+        if cfg.kind == "topk":
+            return topk_block_attention(
+                q, k, v, block_size=cfg.block_size, top_k=cfg.top_k, **common
+            ), None
         out, plan = sinkhorn_attention_with_plan(
             q,
             k,
@@ -178,6 +184,7 @@ class SinkhornSelfAttention(nn.Module):
             n_sortcut=cfg.n_sortcut,
             mixture=cfg.kind == "mixture",
             hard=cfg.hard,
+            balance=cfg.balance,
             n_iters=cfg.n_iters,
             temperature=cfg.temperature,
             gumbel_noise=cfg.gumbel_noise and self.training,

@@ -31,7 +31,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ..ops import sinkhorn_plan, sparse_pattern
+from ..ops import sinkhorn_plan, sparse_pattern, topk_block_selection
 from ..ops.blocks import block_summaries, causal_block_summaries, num_blocks
 from ..ops.masked import masked_sdpa
 from .config import AttentionConfig
@@ -136,6 +136,9 @@ class AttentionCache:
         """One token of dense / local / sparse attention: the causal mask row of position t."""
         t = self._append(k, v)
         assert self.k is not None and self.v is not None
+        if config.kind == "topk":
+            keep = _topk_keep_row(q, self.k, config)  # (B, H, 1, T)
+            return _attend(q, self.k, self.v, keep)
         keep = baseline_keep_row(config, t, device=q.device)  # (T,)
         return _attend(q, self.k, self.v, keep[None, None, None])
 
@@ -196,6 +199,7 @@ class AttentionCache:
             block_size=w,
             is_causal=True,
             hard=config.hard,
+            balance=config.balance,
             n_iters=config.n_iters,
             temperature=config.temperature,
         )
@@ -256,6 +260,21 @@ def baseline_keep_row(
             t + 1, block_size=w, is_causal=True, mode=config.sparse_mode, device=device, queries=row
         )[0]
     raise ValueError(f"no cached baseline for attention kind {config.kind!r}")
+
+
+def _topk_keep_row(q: Tensor, k: Tensor, config: AttentionConfig) -> Tensor:
+    """``(B, H, 1, T)`` bool: the keys the newest query ``q`` ``(B, H, 1, E)`` sees in a
+    ``topk`` layer: its own block's (causal) and those of the blocks the gate picks for it
+    (:func:`~sparse_sinkhorn.ops.topk_block_selection`, asked for the last row only)."""
+    keys = _repeat_kv(k, q.shape[1])  # (B, H, T, E)
+    t, w = keys.shape[2] - 1, config.block_size
+    rows = torch.cat([q.new_zeros(*q.shape[:2], t, q.shape[-1]), q], dim=2)  # query at t
+    picked = topk_block_selection(rows, keys, block_size=w, top_k=config.top_k, is_causal=True)[
+        :, :, t
+    ]  # (B, H, k)
+    blk = torch.arange(t + 1, device=q.device) // w  # (T,)
+    keep = (blk[None, None, :, None] == picked[:, :, None, :]).any(-1)  # (B, H, T)
+    return (keep | (blk == t // w))[:, :, None, :]
 
 
 def _append_row(rows: Tensor | None, row: Tensor) -> Tensor:

@@ -7,9 +7,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..ops.blocks import num_blocks
+from ..ops.sinkhorn import BALANCES
 from .sortnet import SORT_NETS
 
-ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse")
+ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse", "topk")
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -47,10 +48,11 @@ class AttentionConfig:
     """How a self-attention layer attends. Every field is used by at least one kind."""
 
     kind: str = "sinkhorn"  # one of ATTENTION_KINDS; "mixture" = sinkhorn + dense
-    block_size: int = 64  # tokens per block (sinkhorn, mixture, local, sparse stride)
+    block_size: int = 64  # tokens per block (sinkhorn, mixture, local, sparse stride, topk)
     max_len: int = 4096  # longest input; sizes the linear/mlp sort net (N_max = max_len / W)
     n_sortcut: int | None = None  # SortCut budget in blocks (sinkhorn encoders only)
     hard: bool = False  # straight-through hard routing
+    balance: str = "sinkhorn"  # "sinkhorn" (paper) | "softmax" (rows only, no balancing)
     sort_net: str = "linear"  # "linear" (paper) | "mlp" | "bilinear" (length-agnostic)
     pooling: str = "sum"  # block summaries: "sum" (paper) | "mean"
     n_iters: int = 8  # Sinkhorn balancing rounds
@@ -58,6 +60,7 @@ class AttentionConfig:
     gumbel_noise: bool = True  # add Gumbel noise in training mode (never in eval)
     sparse_mode: str = "fixed"  # Sparse Transformer pattern: "fixed" | "strided"
     share_kv: bool = False  # keys double as values (one projection fewer; an ablation)
+    top_k: int = 1  # topk: earlier blocks each query reads beside its own (MoBA's gate)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -84,6 +87,10 @@ class AttentionConfig:
             raise ValueError(f"n_iters must be >= 0, got {self.n_iters}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        if self.top_k <= 0:
+            raise ValueError(f"top_k must be > 0, got {self.top_k}")
         if self.sparse_mode not in ("fixed", "strided"):
             raise ValueError(f"sparse_mode must be 'fixed' or 'strided', got {self.sparse_mode!r}")
 

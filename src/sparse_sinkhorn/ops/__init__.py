@@ -10,12 +10,21 @@ from .attention import (
     sinkhorn_attention_with_plan,
     sinkhorn_plan,
 )
-from .baselines import dense_attention, local_attention, sparse_attention, sparse_pattern
+from .baselines import (
+    dense_attention,
+    local_attention,
+    sparse_attention,
+    sparse_pattern,
+    topk_block_attention,
+    topk_block_selection,
+)
 from .blocks import block_summaries, causal_block_summaries, num_blocks, pad_to_blocks
 from .reference import (
     reference_dense_attention,
     reference_sinkhorn_attention,
     reference_sinkhorn_balance,
+    reference_softmax_routing,
+    reference_topk_block_attention,
 )
 from .sinkhorn import hard_routing, sample_gumbel, sinkhorn_balance
 
@@ -33,6 +42,8 @@ __all__ = [
     "reference_dense_attention",
     "reference_sinkhorn_attention",
     "reference_sinkhorn_balance",
+    "reference_softmax_routing",
+    "reference_topk_block_attention",
     "sample_gumbel",
     "sinkhorn_attention",
     "sinkhorn_attention_with_plan",
@@ -40,4 +51,6 @@ __all__ = [
     "sinkhorn_plan",
     "sparse_attention",
     "sparse_pattern",
+    "topk_block_attention",
+    "topk_block_selection",
 ]

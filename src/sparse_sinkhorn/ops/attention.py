@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -19,7 +20,7 @@ from .baselines import dense_attention
 from .blocks import block_validity, num_blocks, pad_to_blocks, padded_mask, zero_padding
 from .lse_merge import local_part_backward, merged_forward, sorted_part_backward
 from .masked import masked_sdpa
-from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
+from .sinkhorn import BALANCES, allowed_entries, hard_routing, sinkhorn_balance, softmax_routing
 
 
 @dataclass(frozen=True, repr=False)
@@ -95,17 +96,21 @@ def sinkhorn_plan(
     key_mask: Tensor | None = None,
     n_sortcut: int | None = None,
     hard: bool = False,
+    balance: str = "sinkhorn",
     n_iters: int = 8,
     temperature: float = 0.75,
     gumbel_noise: bool = False,
     generator: torch.Generator | None = None,
 ) -> SinkhornPlan:
-    """Balance ``(B, H, N, N)`` routing logits into a :class:`SinkhornPlan`.
+    """Balance ``(B, H, N, N)`` routing logits into a :class:`SinkhornPlan`
+    (``balance="softmax"``: normalise rows only, see :func:`sinkhorn_attention`).
 
     ``key_mask`` is the ``(B, N*W)`` bool mask of real tokens after internal padding (see
     :func:`sparse_sinkhorn.ops.blocks.padded_mask`); padding-only blocks are dropped from the
     balancing (rows and columns), so whole-block padding never changes the plan.
     """
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     n = sort_logits.shape[-1]
     allowed = allowed_entries(
         n,
@@ -114,9 +119,10 @@ def sinkhorn_plan(
         block_valid=block_validity(key_mask, block_size),
         device=sort_logits.device,
     )
-    p = sinkhorn_balance(
+    # "softmax": rows only, a key block may serve many query blocks
+    route = partial(sinkhorn_balance, n_iters=n_iters) if balance == "sinkhorn" else softmax_routing
+    p = route(
         sort_logits,
-        n_iters=n_iters,
         temperature=temperature,
         causal=is_causal,
         gumbel_noise=gumbel_noise,
@@ -145,6 +151,7 @@ def sinkhorn_attention(
     n_sortcut: int | None = None,
     mixture: bool = False,
     hard: bool = False,
+    balance: str = "sinkhorn",
     n_iters: int = 8,
     temperature: float = 0.75,
     gumbel_noise: bool = False,
@@ -181,7 +188,12 @@ def sinkhorn_attention(
             sorted blocks only (``n*W`` keys). Encoders only.
         mixture: add dense attention (Sinkhorn Mixture; O(L²)).
         hard: straight-through hard routing (argmax block per row forward, soft backward).
-        n_iters, temperature, gumbel_noise, generator: see :func:`sinkhorn_balance`.
+        balance: ``"sinkhorn"`` (the paper: Gumbel-Sinkhorn balancing, each key block shared
+            out over the query blocks, one-to-one in the limit) or ``"softmax"`` (each row a
+            softmax over its allowed key blocks, no column normalisation: many query blocks
+            may take the same key block; see :func:`~.sinkhorn.softmax_routing`).
+        n_iters, temperature, gumbel_noise, generator: see :func:`sinkhorn_balance`
+            (``n_iters`` is unused with ``balance="softmax"``).
         dropout_p: dropout on the attention weights (pass 0 in eval, like SDPA).
         scale: score scale, default ``1/sqrt(D)``.
 
@@ -208,6 +220,7 @@ def sinkhorn_attention(
         n_sortcut=n_sortcut,
         mixture=mixture,
         hard=hard,
+        balance=balance,
         n_iters=n_iters,
         temperature=temperature,
         gumbel_noise=gumbel_noise,
@@ -229,6 +242,7 @@ def sinkhorn_attention_with_plan(
     n_sortcut: int | None = None,
     mixture: bool = False,
     hard: bool = False,
+    balance: str = "sinkhorn",
     n_iters: int = 8,
     temperature: float = 0.75,
     gumbel_noise: bool = False,
@@ -268,6 +282,7 @@ def sinkhorn_attention_with_plan(
         key_mask=key_mask,
         n_sortcut=n_sortcut,
         hard=hard,
+        balance=balance,
         n_iters=n_iters,
         temperature=temperature,
         gumbel_noise=gumbel_noise,

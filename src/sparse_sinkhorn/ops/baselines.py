@@ -172,6 +172,149 @@ def sparse_attention(
     return masked_sdpa(query, key, value, mask, dropout_p, scale)
 
 
+def topk_block_selection(
+    query: Tensor,
+    key: Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """MoBA's parameter-free block gate: which ``top_k`` other key blocks each query reads.
+
+    Query ``t`` (in block ``i``) scores every candidate key block ``j`` by ``q_t · mean(K_j)``
+    (the mean over block ``j``'s real keys) and keeps the ``top_k`` best; candidates are the
+    blocks ``j < i`` (causal: complete, earlier blocks only, so the choice depends on
+    positions ``<= t``) or every ``j != i``, and never a block without a real key.
+
+    Returns:
+        ``(B, H, L, k)`` long block indices, ``k = min(top_k, N)``, -1 where a query has
+        fewer than ``k`` candidates. The selection carries no gradient.
+    """
+    batch, _, length, _ = query.shape
+    w = block_size
+    mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None
+    kb = rearrange(pad_to_blocks(key.detach(), w), "b h (n w) d -> b h n w d", w=w)
+    if mask is None:
+        k_mean = kb.mean(dim=3)  # (B, H, N, D)
+        valid = None
+    else:
+        real = rearrange(mask, "b (n w) -> b 1 n w 1", w=w)  # (B, 1, N, W, 1)
+        count = real.sum(dim=3).clamp_min(1).to(kb.dtype)  # (B, 1, N, 1)
+        k_mean = zero_padding(kb, real).sum(dim=3) / count  # (B, H, N, D)
+        valid = real.squeeze(-1).any(dim=-1)  # (B, 1, N): blocks holding a real key
+    wide = torch.promote_types(query.dtype, torch.float32)  # the gate in float32 at least
+    gate = torch.einsum("bhld,bhnd->bhln", query.detach().to(wide), k_mean.to(wide))
+    n = k_mean.shape[2]
+    t_blk = torch.arange(length, device=query.device)[:, None] // w  # (L, 1)
+    j = torch.arange(n, device=query.device)[None, :]  # (1, N)
+    allowed = (j < t_blk) if is_causal else (j != t_blk)  # (L, N)
+    allowed = allowed[None, None]  # (1, 1, L, N)
+    if valid is not None:
+        allowed = allowed & valid[:, :, None, :]  # (B, 1, L, N)
+    gate = gate.masked_fill(~allowed, float("-inf"))
+    best, idx = gate.topk(min(top_k, n), dim=-1)  # (B, H, L, k)
+    return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1))
+
+
+def topk_block_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    block_size: int,
+    top_k: int = 1,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> Tensor:
+    """Block attention with MoBA's top-k gate (Lu et al., 2025): no parameters, no sorting.
+
+    Each query attends, under one softmax, to its own block (the causal triangle when
+    ``is_causal``) and to every key of the ``top_k`` blocks :func:`topk_block_selection`
+    picks for it. Exactly causal: a query's blocks are chosen from complete earlier blocks by
+    its own query vector. Memory O(L·k·W·D) for the gathered keys and values.
+    """
+    if not torch.compiler.is_compiling():
+        _validate.check_inputs(
+            query,
+            key,
+            value,
+            same_length=True,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
+            scale=scale,
+            gqa=True,
+        )
+        _validate.check_block_size(block_size)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    batch, heads, length, _ = query.shape
+    if key.shape[1] != heads:  # grouped-query attention
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    w = block_size
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None
+    idx = topk_block_selection(
+        query,
+        key,
+        block_size=w,
+        top_k=top_k,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+    )  # (B, H, L, k)
+    q, k, v = (pad_to_blocks(t, w) for t in (query, key, value))  # (B, H, N*W, D)
+    if mask is not None:
+        real = mask[:, None, :, None]  # (B, 1, N*W, 1)
+        k, v = zero_padding(k, real), zero_padding(v, real)
+    kb = rearrange(k, "b h (n w) d -> (b h) n w d", w=w)  # (G, N, W, D)
+    vb = rearrange(v, "b h (n w) d -> (b h) n w d", w=w)
+    qb = rearrange(q, "b h (n w) d -> (b h) n w d", w=w)  # (G, N, W, D)
+    local = torch.einsum("gnqd,gnkd->gnqk", qb, kb) * scale  # (G, N, W, W)
+    keep_local = torch.ones(1, 1, w, w, dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep_local = _causal_mask(w, w, q.device)[None, None]  # (1, 1, W, W)
+    real_kw = None
+    if mask is not None:
+        real_kw = rearrange(mask, "b (n w) -> b n w", w=w)  # (B, N, W)
+        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
+        keep_local = keep_local & per_g[:, :, None, :]  # (G, N, W, W)
+    idx3 = rearrange(pad_to_blocks(idx, w), "b h l k -> (b h) l k")  # (G, N*W, k)
+    picked = idx3.clamp_min(0)
+    g, n = kb.shape[:2]
+    rows = torch.arange(g, device=q.device)[:, None, None]  # (G, 1, 1)
+    flat = (rows * n + picked).reshape(-1)  # (G*N*W*k,) rows of the (G*N, W*D) block table
+    k_sel = kb.reshape(g * n, -1).index_select(0, flat).view(*picked.shape, w, -1)
+    v_sel = vb.reshape(g * n, -1).index_select(0, flat).view(*picked.shape, w, -1)
+    # (G, N*W, k, W, D): index_select, whose backward is one index_add
+    q_tok = rearrange(q, "b h l d -> (b h) l d")  # (G, N*W, D)
+    chosen = torch.einsum("gld,glkwd->glkw", q_tok, k_sel) * scale  # (G, N*W, k, W)
+    keep_sel = (idx3 >= 0)[..., None].expand(*idx3.shape, w)  # (G, N*W, k, W)
+    if real_kw is not None:
+        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
+        keep_sel = keep_sel & per_g[rows, picked]
+    scores = torch.cat(
+        [
+            rearrange(local.masked_fill(~keep_local, float("-inf")), "g n q k -> g (n q) k"),
+            rearrange(chosen.masked_fill(~keep_sel, float("-inf")), "g l k w -> g l (k w)"),
+        ],
+        dim=-1,
+    )  # (G, N*W, W + k*W)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    probs = torch.softmax(scores.to(wide), dim=-1).nan_to_num(0.0).to(q.dtype)  # no key: 0
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    p_local = rearrange(probs[..., :w], "g (n q) k -> g n q k", q=w)  # (G, N, W, W)
+    p_sel = rearrange(probs[..., w:], "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
+    out = torch.einsum("gnqk,gnkd->gnqd", p_local, vb)  # (G, N, W, Dv)
+    out = rearrange(out, "g n q d -> g (n q) d") + torch.einsum("glkw,glkwd->gld", p_sel, v_sel)
+    out = rearrange(out, "(b h) l d -> b h l d", b=batch)
+    return out[:, :, :length].to(query.dtype)
+
+
 def _drop_padding(key: Tensor, value: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values with padded positions set to exactly 0 (NaN/Inf there included).
 

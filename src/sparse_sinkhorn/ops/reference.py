@@ -11,6 +11,8 @@ them it may see. Use it on small shapes only.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -60,6 +62,28 @@ def reference_sinkhorn_balance(
     return torch.where(ok, s.exp(), torch.zeros_like(s))
 
 
+def reference_softmax_routing(
+    logits: Tensor,
+    *,
+    temperature: float = 0.75,
+    causal: bool = False,
+    allowed: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Row-softmax routing by the definition (float64): ``P[i, j] = exp(s_ij) / sum_k
+    exp(s_ik)`` over the allowed ``k`` of row ``i``; 0 elsewhere and on rows with none."""
+    s = (logits.double() + (0 if noise is None else noise.double())) / temperature
+    n_rows, n_cols = s.shape[-2:]
+    ok = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if allowed is not None:
+        ok = ok & allowed
+    if causal:
+        ok = ok & (torch.arange(n_cols)[None, :] < torch.arange(n_rows)[:, None])
+    e = torch.where(ok, (s - s.detach().amax(-1, keepdim=True)).exp(), torch.zeros_like(s))
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
 def reference_dense_attention(
     query: Tensor,
     key: Tensor,
@@ -89,6 +113,7 @@ def reference_sinkhorn_attention(
     n_sortcut: int | None = None,
     mixture: bool = False,
     hard: bool = False,
+    balance: str = "sinkhorn",
     n_iters: int = 8,
     temperature: float = 0.75,
     gumbel_noise: bool = False,
@@ -112,13 +137,13 @@ def reference_sinkhorn_attention(
     noise = None
     if gumbel_noise:
         noise = sample_gumbel(sort_logits.shape, device=sort_logits.device, generator=generator)
-    p = reference_sinkhorn_balance(
-        sort_logits,
-        n_iters=n_iters,
-        temperature=temperature,
-        causal=is_causal,
-        allowed=allowed,
-        noise=noise,
+    route = (
+        partial(reference_sinkhorn_balance, n_iters=n_iters)
+        if balance == "sinkhorn"
+        else reference_softmax_routing
+    )
+    p = route(
+        sort_logits, temperature=temperature, causal=is_causal, allowed=allowed, noise=noise
     )  # (B, H, N, N)
     rows = n if n_sortcut is None else n_sortcut
     p = p[..., :rows, :]
@@ -164,3 +189,61 @@ def _pad(x: Tensor, length: int) -> Tensor:
     if extra == 0:
         return x
     return torch.cat([x, x.new_zeros(*x.shape[:-2], extra, x.shape[-1])], dim=-2)
+
+
+def reference_topk_block_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    block_size: int,
+    top_k: int = 1,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The oracle for :func:`sparse_sinkhorn.ops.topk_block_attention`: dense attention in
+    float64 under the ``(L, L)`` mask "own block (causal triangle) or a block the gate chose"
+    (the gate is :func:`~.baselines.topk_block_selection`'s, written out per query)."""
+    batch, heads, length, _ = query.shape
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    w = block_size
+    q, k, v = (t.double() for t in (query, key, value))
+    real = torch.ones(batch, length, dtype=torch.bool, device=query.device)
+    if key_padding_mask is not None:
+        real = key_padding_mask
+    k, v = (torch.where(real[:, None, :, None], t, torch.zeros_like(t)) for t in (k, v))
+    blk = torch.arange(length, device=query.device) // w  # (L,)
+    n = num_blocks(length, w)
+    keep = torch.zeros(batch, heads, length, length, dtype=torch.bool, device=query.device)
+    for j in range(n):
+        in_j = blk == j  # (L,)
+        has = (real & in_j).sum(-1)  # (B,)
+        mean = (k * (real & in_j)[:, None, :, None]).sum(2) / has.clamp_min(1)[:, None, None]
+        score = torch.einsum("bhld,bhd->bhl", q, mean)  # (B, H, L): every query vs block j
+        ok = (blk > j) if is_causal else (blk != j)  # (L,)
+        ok = ok[None, None] & (has > 0)[:, None, None]  # (B, 1, L)
+        # block j is chosen iff fewer than top_k allowed blocks score strictly higher
+        # (ties broken towards the lower index, as torch.topk does on these inputs)
+        better = torch.zeros_like(score, dtype=torch.long)
+        for m in range(n):
+            if m == j:
+                continue
+            in_m = blk == m
+            has_m = (real & in_m).sum(-1)
+            mean_m = (k * (real & in_m)[:, None, :, None]).sum(2) / has_m.clamp_min(1)[
+                :, None, None
+            ]
+            score_m = torch.einsum("bhld,bhd->bhl", q, mean_m)
+            ok_m = ((blk > m) if is_causal else (blk != m))[None, None] & (has_m > 0)[:, None, None]
+            beats = (score_m > score) | ((score_m == score) & (m < j))
+            better = better + (ok_m & beats).long()
+        chosen = ok & (better < top_k)  # (B, H, L)
+        keep = keep | (chosen[..., None] & in_j[None, None, None, :])
+    own = blk[:, None] == blk[None, :]  # (L, L)
+    if is_causal:
+        own = own & (torch.arange(length)[None, :] <= torch.arange(length)[:, None])
+    keep = (keep | own[None, None]) & real[:, None, None, :]
+    return reference_dense_attention(q, k, v, keep=keep, scale=scale)

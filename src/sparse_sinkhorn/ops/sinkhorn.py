@@ -203,6 +203,44 @@ def sinkhorn_balance(
     return _balance_rounds(s, allowed, n_iters, causal)
 
 
+BALANCES = ("sinkhorn", "softmax")
+
+
+def softmax_routing(
+    logits: Tensor,
+    *,
+    temperature: float = 0.75,
+    causal: bool = False,
+    gumbel_noise: bool = False,
+    generator: torch.Generator | None = None,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """Routing without balancing: each row a softmax over its allowed columns.
+
+    ``P = softmax((logits + gumbel) / temperature)`` per row, in float32 (float64 for float64
+    logits), exactly 0 where not allowed; a row with no allowed entry (causal row 0, a
+    padding-only block) is all zero. Unlike :func:`sinkhorn_balance`, columns are not
+    normalised: many rows may take the same key block (a block every later query needs, such
+    as the one holding a passkey, is not shared out). Row ``i`` depends on logits row ``i``
+    only, so causal routing stays exactly causal.
+
+    Args: as :func:`sinkhorn_balance` (there is no ``n_iters``).
+    """
+    if not torch.compiler.is_compiling():
+        _validate.check_balance(logits, 0, temperature)
+    s = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if gumbel_noise:
+        s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)
+    s = (s / temperature).clamp(-_BIG, _BIG)
+    if causal:
+        causal_mask = causal_block_mask(s.shape[-2], device=s.device)
+        allowed = causal_mask if allowed is None else allowed & causal_mask
+    if allowed is None:
+        return s.softmax(dim=-1)
+    s = torch.where(allowed, s, torch.full_like(s, _NEG))  # finite: a masked row stays finite
+    return s.softmax(dim=-1).masked_fill(~allowed, 0.0)
+
+
 def _balance_rounds(s: Tensor, allowed: Tensor | None, n_iters: int, causal: bool) -> Tensor:
     """The ``n_iters`` normalisation rounds on scaled, masked log-scores; returns ``P``.
 

@@ -1,0 +1,382 @@
+"""Long-context retrieval: ``sparse-sinkhorn recall`` (passkey and multi-query associative
+recall in a causal LM; tasks in :mod:`sparse_sinkhorn.data.recall`).
+
+Where does learned block routing find what dense attention finds? Every kind in
+:data:`RECALL_KINDS` is trained from scratch on one task at each length, with the same model,
+data and budget, and scored on the same held-out examples::
+
+    sparse-sinkhorn recall --task passkey --seeds 3 --jobs 2        # cpu preset: 512 and 1K
+    sparse-sinkhorn recall --task mqar --attention dense,local,softmax-hard --seeds 3
+    sparse-sinkhorn recall --task passkey --preset paper --lengths 8192,65536   # a GPU
+
+Accuracy: passkey, both digits right (chance 1 %); MQAR, the fraction of queried values
+produced right (chance 1/64). ``results.json`` holds every run's accuracy, its training
+time per step and the wall time; ``accuracy.png`` plots accuracy against length and
+``cost.png`` accuracy against time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.recall import IGNORE, MQAR, Passkey, RecallDataset, Task
+from ..errors import UsageError
+from ..models import LanguageModel, LanguageModelConfig
+from ..nn import AttentionConfig
+from ..train import TrainConfig, init_distributed, train
+from .common import (
+    add_common_args,
+    format_table,
+    parse_kinds,
+    seeds_cell,
+    setup_logging,
+    write_results,
+)
+from .driver import (
+    GridOptions,
+    add_grid_args,
+    grid_options,
+    seed_list,
+    summarize_seeds,
+    train_grid,
+)
+
+logger = logging.getLogger(__name__)
+
+# name -> AttentionConfig fields (block size and max_len come from the preset). Public:
+# other code (benchmarks, notebooks) builds the same kinds from this table.
+RECALL_KINDS: dict[str, dict[str, Any]] = {
+    "dense": {"kind": "dense"},
+    "local": {"kind": "local"},
+    "sparse": {"kind": "sparse"},
+    # the paper's Sinkhorn: linear sort net, 8 balancing rounds, soft routing
+    "sinkhorn": {"kind": "sinkhorn"},
+    "mixture": {"kind": "mixture"},
+    # one change at a time from the paper's configuration
+    "sinkhorn-bilinear": {"kind": "sinkhorn", "sort_net": "bilinear"},
+    "sinkhorn-hard": {"kind": "sinkhorn", "sort_net": "bilinear", "hard": True},
+    "softmax-linear-hard": {"kind": "sinkhorn", "balance": "softmax", "hard": True},
+    "softmax": {"kind": "sinkhorn", "sort_net": "bilinear", "balance": "softmax"},
+    "softmax-hard": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "hard": True,
+    },
+    # MoBA's parameter-free gate: own block + the best earlier block by q . mean(K)
+    "topk": {"kind": "topk", "top_k": 1},
+}
+DEFAULT_KINDS = ("dense", "local", "sinkhorn", "sinkhorn-hard", "softmax-hard", "topk")
+TASKS = ("passkey", "mqar")
+
+
+@dataclass(frozen=True)
+class RecallPreset:
+    lengths: tuple[int, ...]
+    block_size: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    n_eval: int  # held-out examples, the same for every kind and seed
+    n_pairs: int  # MQAR key-value pairs
+    n_digits: int  # passkey digits
+
+
+PRESETS = {
+    "cpu": RecallPreset(
+        lengths=(512, 1024),
+        block_size=32,
+        d_model=32,
+        n_heads=2,  # head dim 16: CPU attention kernels are slow for smaller head dims
+        n_layers=2,
+        steps=800,
+        batch_size=8,
+        lr=2e-3,
+        warmup_steps=50,
+        n_eval=256,
+        n_pairs=16,
+        n_digits=2,
+    ),
+    # our assumption (no source pins a protocol for these lengths): a GPU-sized model
+    "paper": RecallPreset(
+        lengths=(8192, 16384, 32768, 65536),
+        block_size=128,
+        d_model=128,
+        n_heads=4,
+        n_layers=2,
+        steps=4000,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=200,
+        n_eval=512,
+        n_pairs=64,
+        n_digits=2,
+    ),
+}
+EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
+
+
+def make_task(task: str, length: int, preset: RecallPreset) -> Task:
+    if task == "passkey":
+        return Passkey(length, n_digits=preset.n_digits)
+    return MQAR(length, n_pairs=preset.n_pairs)
+
+
+def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:
+    """The :data:`RECALL_KINDS` entry ``name`` at this block size and length."""
+    return AttentionConfig(block_size=block_size, max_len=length, **RECALL_KINDS[name])
+
+
+def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on the scored positions only (the answers)."""
+    ids, targets = batch
+    logits = model(ids)  # (B, L, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return loss, {"tokens": float(ids.numel())}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) -> dict[str, float]:
+    """Passkey: sequences with every digit right; MQAR: queries answered right."""
+    right = total = 0
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        ids = torch.stack([x for x, _ in items])
+        targets = torch.stack([y for _, y in items])
+        pred = model(ids).argmax(-1)  # (B, L)
+        scored = targets != IGNORE
+        if task == "passkey":
+            right += int(((pred == targets) | ~scored).all(-1).sum())
+            total += ids.shape[0]
+        else:
+            right += int(((pred == targets) & scored).sum())
+            total += int(scored.sum())
+    return {"accuracy": 100.0 * right / total}
+
+
+def run_recall(
+    task: str,
+    length: int,
+    kind: str,
+    preset: RecallPreset,
+    options: GridOptions,
+    *,
+    seed: int,
+    name: str,
+) -> dict[str, Any]:
+    """Train one kind at one length in ``<out>/<name>``; a runner of :func:`~.driver.train_grid`."""
+    run_dir = options.out / name
+    resume = bool(options.resume and (run_dir / "checkpoints").is_dir())
+    spec = make_task(task, length, preset)
+    torch.manual_seed(seed)
+    config = LanguageModelConfig(
+        vocab_size=spec.vocab_size,
+        d_model=preset.d_model,
+        n_heads=preset.n_heads,
+        n_layers=preset.n_layers,
+        d_ff=4 * preset.d_model,
+        dropout=0.0,
+        pad_id=0,
+        attention=attention_config(kind, preset.block_size, length),
+    )
+    model = LanguageModel(config)
+    train_data = RecallDataset(spec, preset.steps * preset.batch_size, seed)
+    held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
+    train_cfg = TrainConfig(
+        steps=preset.steps,
+        batch_size=preset.batch_size,
+        lr=preset.lr,
+        weight_decay=0.0,
+        warmup_steps=min(preset.warmup_steps, max(1, preset.steps // 10)),
+        seed=seed,
+        log_every=max(1, min(25, preset.steps // 10)),
+        eval_every=0,
+        ckpt_every=preset.steps,
+        progress=options.progress,
+    )
+    t0 = time.perf_counter()
+    result = train(
+        model,
+        train_data,
+        recall_loss,
+        train_cfg,
+        out_dir=run_dir,
+        eval_fn=lambda m: accuracy(m, held_out, task, 2 * preset.batch_size),
+        resume=resume,
+        model_config=config.to_dict(),
+    )
+    seconds = time.perf_counter() - t0
+    tokens_per_s = result.metrics.get("tokens_per_s")
+    return {
+        "kind": kind,
+        "task": task,
+        "length": length,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_loss": result.metrics.get("loss"),
+        "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
+        "seconds_per_step": (
+            preset.batch_size * length / tokens_per_s if tokens_per_s else seconds / preset.steps
+        ),
+        "train_seconds": seconds,
+        "run_dir": str(run_dir),
+        "config": config.to_dict(),
+    }
+
+
+def results_table(results: list[dict[str, Any]], lengths: tuple[int, ...], chance: str) -> str:
+    kinds = list(dict.fromkeys(r["kind"] for r in results))
+    rows = []
+    for kind in kinds:
+        row: list[Any] = [kind]
+        for length in lengths:
+            r = next((x for x in results if x["kind"] == kind and x["length"] == length), None)
+            if r is None:
+                row += ["–", "–"]
+                continue
+            steps = [run["seconds_per_step"] for run in r["runs"]]
+            row += [seeds_cell(r, "accuracy", 1), f"{sum(steps) / len(steps):.3f}"]
+        rows.append(row)
+    headers = ["attention"]
+    for length in lengths:
+        headers += [f"accuracy % at {length:,} (chance {chance})", f"s/step at {length:,}"]
+    return format_table(headers, rows)
+
+
+def summarize(name: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """:func:`~.driver.summarize_seeds` keeping each run's training time per step."""
+    record = summarize_seeds(name, runs, seeds)
+    for entry, run in zip(record["runs"], runs, strict=True):
+        entry["seconds_per_step"] = run["seconds_per_step"]
+    return record
+
+
+def plot(results: list[dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
+    from matplotlib.figure import Figure
+
+    kinds = list(dict.fromkeys(r["kind"] for r in results))
+    paths = (out / "accuracy.png", out / "cost.png")
+    for path, xkey in zip(paths, ("length", "seconds_per_step"), strict=True):
+        fig = Figure(figsize=(6.5, 3.8))
+        ax = fig.subplots()
+        for kind in kinds:
+            rs = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["length"])
+            xs = [
+                r["length"]
+                if xkey == "length"
+                else sum(x["seconds_per_step"] for x in r["runs"]) / len(r["runs"])
+                for r in rs
+            ]
+            ys = [r["eval"]["accuracy"] for r in rs]
+            es = [r["eval_std"]["accuracy"] for r in rs]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=kind)
+        ax.set_xscale("log", base=2 if xkey == "length" else 10)
+        ax.set_xlabel("sequence length" if xkey == "length" else "training time per step (s)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    return paths
+
+
+def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    if value is None:
+        return default
+    try:
+        lengths = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--lengths must be a comma list of ints, got {value!r}") from None
+    if not lengths or any(n <= 0 for n in lengths):
+        raise UsageError(f"--lengths must be positive ints, got {value!r}")
+    return lengths
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.task not in TASKS:
+        raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
+    preset = PRESETS[args.preset]
+    changes: dict[str, Any] = {"lengths": parse_lengths(args.lengths, preset.lengths)}
+    for field in ("steps", "batch_size", "block_size"):
+        value = getattr(args, field)
+        if value is not None:
+            if value <= 0:
+                raise UsageError(f"--{field.replace('_', '-')} must be > 0, got {value}")
+            changes[field] = value
+    preset = replace(preset, **changes)
+    for length in preset.lengths:
+        make_task(args.task, length, preset)  # a length the task cannot use fails here
+    args.out = args.out or f"runs/recall-{args.task}"
+    options = grid_options(args)
+    kinds = parse_kinds(args.attention, tuple(RECALL_KINDS), DEFAULT_KINDS)
+    seeds = seed_list(args)
+    runners = {
+        f"{args.task}-{length}/{kind}": partial(
+            run_recall, args.task, length, kind, preset, options
+        )
+        for length in preset.lengths
+        for kind in kinds
+    }
+    t0 = time.perf_counter()
+    results = train_grid(runners, seeds, options, summarize=summarize)
+    wall = time.perf_counter() - t0
+    if init_distributed().rank != 0:
+        return 0
+    chance = "1 %" if args.task == "passkey" else f"{100 / 64:.1f} %"
+    table = results_table(results, preset.lengths, chance)
+    print(
+        f"\n{args.task} (preset {args.preset}, b={preset.block_size}, {preset.steps} steps of "
+        f"{preset.batch_size}, mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s)\n"
+    )
+    print(table)
+    out = Path(args.out)
+    figures = plot(results, out, f"{args.task}, {len(seeds)} seed(s)")
+    payload = {
+        "experiment": f"recall-{args.task}",
+        "preset": args.preset,
+        "settings": asdict(preset),
+        "kinds": {k: RECALL_KINDS[k] for k in kinds},
+        "wall_seconds": wall,
+        "results": results,
+        "plots": [str(p) for p in figures],
+    }
+    path = write_results(out, payload, table)
+    print(f"\nresults: {path}\nplots: {', '.join(str(p) for p in figures)}")
+    return 0
+
+
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "recall",
+        help="long-context retrieval: passkey and multi-query associative recall",
+        description="Train causal LMs per attention kind on a synthetic retrieval task.",
+    )
+    parser.add_argument("--task", default="passkey", help="passkey (default) or mqar")
+    parser.add_argument(
+        "--attention",
+        default="all",
+        help=f"kinds from {', '.join(RECALL_KINDS)} (comma list), or 'all' = "
+        f"{', '.join(DEFAULT_KINDS)}",
+    )
+    parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
+    parser.add_argument("--block-size", type=int, default=None, help="override the block size")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
+    add_grid_args(parser)
+    add_common_args(parser, default_out="runs/recall-<task>")
+    parser.set_defaults(func=run, out=None)

@@ -1,0 +1,227 @@
+"""Routing beyond the paper: rows-only ``balance="softmax"`` and MoBA's top-k block gate
+(``topk_block_attention``, attention kind ``"topk"``).
+
+The Sinkhorn op's grids (``tests/grids.py``) already cross ``balance`` with every mode
+(reference forward/backward, causality, padding, GQA, dropout); this file checks what is
+particular to each option, the top-k op against its float64 reference, and both through the
+layer and the decoding cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+from sparse_sinkhorn.nn import AttentionConfig, SinkhornSelfAttention
+from sparse_sinkhorn.ops import (
+    reference_softmax_routing,
+    reference_topk_block_attention,
+    sinkhorn_plan,
+    topk_block_attention,
+    topk_block_selection,
+)
+from sparse_sinkhorn.ops.sinkhorn import softmax_routing
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+B, H, D = 2, 4, 4
+SHAPES = [(4, 16), (4, 19), (3, 13), (8, 40)]  # (block size, length)
+
+
+def _qkv(length: int, kv_heads: int = H, dtype: torch.dtype = torch.float64):
+    q = torch.randn(B, H, length, D, dtype=dtype)
+    k, v = (torch.randn(B, kv_heads, length, D, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def _padding(length: int) -> torch.Tensor:
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[-1, length - max(1, 2 * length // 3) :] = False
+    mask[0, 1:3] = False  # a hole inside the sequence too
+    return mask
+
+
+# ---- rows-only routing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_softmax_routing_matches_reference_and_shares_key_blocks(causal: bool) -> None:
+    logits = torch.randn(B, H, 6, 6, dtype=torch.float64)
+    logits[..., 0] += 10.0  # every row wants key block 0
+    p = softmax_routing(logits, temperature=0.5, causal=causal)
+    ref = reference_softmax_routing(logits, temperature=0.5, causal=causal)
+    torch.testing.assert_close(p, ref, atol=1e-12, rtol=0)
+    rows = p.sum(-1)
+    expect = torch.ones_like(rows)
+    if causal:
+        expect[..., 0] = 0.0  # causal row 0 has no earlier block
+    torch.testing.assert_close(rows, expect, atol=1e-12, rtol=0)
+    # not balanced: column 0 takes (almost) every row's whole weight
+    assert p[..., 0].sum(-1).min() > 4.9
+
+
+def test_softmax_plan_lets_many_rows_take_one_block_where_sinkhorn_shares_it() -> None:
+    logits = torch.zeros(1, 1, 8, 8)
+    logits[..., 2] = 5.0  # key block 2 holds what every later block needs
+    hard = dict(block_size=4, is_causal=True, hard=True, temperature=0.5)
+    rows = sinkhorn_plan(logits, balance="softmax", **hard).indices[0, 0]
+    assert rows[3:].tolist() == [2] * 5
+    shared = sinkhorn_plan(logits, **hard).indices[0, 0]
+    assert (shared[3:] == 2).sum() < 5  # balancing gives block 2 to fewer rows
+
+
+def test_unknown_balance_is_refused() -> None:
+    with pytest.raises(ValueError, match="balance"):
+        sinkhorn_plan(torch.zeros(1, 1, 2, 2), block_size=2, balance="rows")
+    with pytest.raises(ValueError, match="balance"):
+        AttentionConfig(balance="rows")
+
+
+# ---- the top-k block gate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("block", "length"), SHAPES, ids=[f"b{b}-L{n}" for b, n in SHAPES])
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+@pytest.mark.parametrize("top_k", [1, 2, 9], ids=["k1", "k2", "k9"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_topk_matches_reference_forward_and_backward(
+    block: int, length: int, causal: bool, top_k: int, padded: bool
+) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(length))
+    mask = _padding(length) if padded else None
+    opts = dict(block_size=block, top_k=top_k, is_causal=causal, key_padding_mask=mask)
+    out = topk_block_attention(q, k, v, **opts)
+    ref = reference_topk_block_attention(q, k, v, **opts)
+    real = torch.ones(B, length, dtype=torch.bool) if mask is None else mask
+    w = real[:, None, :, None].double()
+    torch.testing.assert_close(out * w, ref * w, atol=1e-10, rtol=1e-9)
+    cot = torch.randn_like(out) * w
+    fast = torch.autograd.grad(out, (q, k, v), cot)
+    slow = torch.autograd.grad(ref, (q, k, v), cot)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["kv1", "kv2"])
+def test_topk_grouped_query_equals_repeated_kv(kv_heads: int) -> None:
+    q, k, v = _qkv(19, kv_heads)
+    out = topk_block_attention(q, k, v, block_size=4, top_k=2, is_causal=True)
+    rep = H // kv_heads
+    ref = topk_block_attention(
+        q,
+        k.repeat_interleave(rep, 1),
+        v.repeat_interleave(rep, 1),
+        block_size=4,
+        top_k=2,
+        is_causal=True,
+    )
+    assert torch.equal(out, ref)
+
+
+def test_topk_selection_picks_the_best_earlier_blocks() -> None:
+    q, k, _ = _qkv(24)
+    idx = topk_block_selection(q, k, block_size=4, top_k=2, is_causal=True)  # (B, H, L, 2)
+    blk = torch.arange(24) // 4
+    k_mean = k.view(B, H, 6, 4, D).mean(3)  # (B, H, N, D)
+    gate = torch.einsum("bhld,bhnd->bhln", q, k_mean)
+    for t in range(24):
+        i = int(blk[t])
+        chosen = idx[:, :, t]
+        if i == 0:
+            assert (chosen == -1).all()  # no earlier block
+            continue
+        assert ((chosen < i) | (chosen == -1)).all()  # never its own or a later block
+        best = gate[:, :, t, :i].topk(min(2, i), dim=-1).indices
+        assert torch.equal(chosen[..., : min(2, i)].sort(-1).values, best.sort(-1).values)
+        if i == 1:
+            assert (chosen[..., 1] == -1).all()  # one candidate only
+
+
+def test_topk_is_exactly_causal() -> None:
+    length, w = 22, 4
+    q, k, v = _qkv(length, dtype=torch.float32)
+    out = topk_block_attention(q, k, v, block_size=w, top_k=2, is_causal=True)
+    for t in range(length - 1):
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
+        out2 = topk_block_attention(q2, k2, v2, block_size=w, top_k=2, is_causal=True)
+        assert torch.equal(out2[:, :, : t + 1], out[:, :, : t + 1]), f"leak into t <= {t}"
+        assert not torch.equal(out2[:, :, t + 1 :], out[:, :, t + 1 :])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_topk_padding_never_reaches_real_outputs(causal: bool) -> None:
+    length = 23
+    q, k, v = _qkv(length, dtype=torch.float32)
+    mask = _padding(length)
+    opts = dict(block_size=4, top_k=2, is_causal=causal, key_padding_mask=mask)
+    out = topk_block_attention(q, k, v, **opts)
+    hostile = [
+        torch.where(mask[:, None, :, None], x, torch.full_like(x, float("nan"))) for x in (q, k, v)
+    ]
+    hostile[1] = torch.where(mask[:, None, :, None], k, torch.full_like(k, 1e30))
+    out2 = topk_block_attention(*hostile, **opts)
+    real = mask[:, None, :, None].expand_as(out)
+    assert torch.equal(out2[real], out[real])
+
+
+def test_topk_arguments_are_checked() -> None:
+    q, k, v = _qkv(8)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            topk_block_attention(q, k, v, block_size=4, top_k=bad)
+    with pytest.raises(ValueError, match="top_k"):
+        AttentionConfig(kind="topk", top_k=0)
+
+
+# ---- layer and decoding cache --------------------------------------------------------------
+
+VARIANTS = [
+    {"kind": "topk", "top_k": 1},
+    {"kind": "topk", "top_k": 2},
+    {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear"},
+    {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear", "hard": True},
+    {"kind": "sinkhorn", "balance": "softmax", "sort_net": "linear", "hard": True},
+    {"kind": "mixture", "balance": "softmax", "sort_net": "bilinear"},
+]
+
+
+def _vid(v: dict) -> str:
+    return "-".join(str(x) for x in v.values())
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_vid)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cached_decoding_equals_the_full_forward(variant: dict, dtype: torch.dtype) -> None:
+    att = AttentionConfig(block_size=4, max_len=64, **variant)
+    cfg = LanguageModelConfig(
+        vocab_size=13, d_model=16, n_heads=2, n_layers=2, d_ff=32, attention=att
+    )
+    model = LanguageModel(cfg).to(dtype).eval()
+    ids = torch.randint(0, 13, (2, 22))
+    full = model(ids)
+    for prompt in (1, 6):
+        cache = model.new_cache()
+        outs = [model(ids[:, :prompt], cache=cache)]
+        outs += [model(ids[:, t : t + 1], cache=cache) for t in range(prompt, 22)]
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_vid)
+def test_layer_is_causal_and_ignores_padding(variant: dict) -> None:
+    opts = {"attention": variant["kind"], **{k: v for k, v in variant.items() if k != "kind"}}
+    layer = SinkhornSelfAttention(16, 2, causal=True, block_size=4, max_len=64, **opts)
+    layer.eval()
+    x = torch.randn(2, 19, 16)
+    out = layer(x)
+    x2 = x.clone()
+    x2[:, 10:] = torch.randn_like(x2[:, 10:])
+    assert torch.equal(layer(x2)[:, :10], out[:, :10])
+    enc = SinkhornSelfAttention(16, 2, block_size=4, max_len=64, **opts).eval()
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[1, 12:] = False
+    x3 = torch.where(mask[..., None], x, torch.full_like(x, 1e4))
+    real = mask[..., None].expand(2, 19, 16)
+    assert torch.equal(enc(x3, mask)[real], enc(x, mask)[real])

@@ -105,6 +105,12 @@ def test_cache_errors() -> None:
         model.generate(ids, 80)
     with pytest.raises(ValueError, match="P >= 1"):
         model.generate(ids[:, :0], 3)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            model.generate(ids, 3, temperature=bad)
+    for bad_k in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            model.generate(ids, 3, top_k=bad_k)  # type: ignore[arg-type]
     enc = SinkhornSelfAttention(16, 2, causal=False, block_size=4, max_len=64).eval()
     with pytest.raises(ValueError, match="causal"):
         enc(torch.randn(1, 5, 16), cache=AttentionCache())

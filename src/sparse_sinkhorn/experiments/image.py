@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from ..data import DatasetNotFoundError, ImageTokens, load_images
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
-from ..models.common import sample_next
+from ..models.common import check_sampling, sample_next
 from ..nn import AttentionConfig
 from ..train import TrainConfig, init_distributed, plot_metrics, train
 from .common import (
@@ -180,6 +180,7 @@ def sample_images(
     use_cache: bool = True,
 ) -> Tensor:
     """``n`` images ``(n, *shape)`` uint8, sampled pixel by pixel (only values 0..255)."""
+    check_sampling(temperature, top_k)
     model.eval()
     device = next(model.parameters()).device
     dims = int(np.prod(shape))

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..nn import TransformerDecoderLayer, TransformerEncoderLayer
 from ..nn.cache import DecodingCache
+from ..ops._validate import check_number
 from .config import TransformerConfig
 
 
@@ -124,10 +125,18 @@ def check_ids(ids: Tensor, config: TransformerConfig, name: str = "ids") -> None
         )
 
 
+def check_sampling(temperature: object, top_k: object) -> None:
+    """``temperature`` a finite number >= 0 and ``top_k`` None or a positive int, else raise."""
+    check_number("temperature", temperature, low=0.0, low_ok=True)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+
+
 def sample_next(
     logits: Tensor, *, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> Tensor:
     """Greedy (``temperature == 0``) or sampled next tokens from ``(B, V)`` logits."""
+    check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
-from .common import Decoder, Embedding, check_ids, sample_next
+from .common import Decoder, Embedding, check_ids, check_sampling, sample_next
 from .config import LanguageModelConfig
 
 
@@ -75,6 +75,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"prompt must be (B, P) with P >= 1, got {tuple(prompt.shape)}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k)
         self._check_length(prompt.shape[1] + max(max_new_tokens - 1, 0))
         out = prompt
         cache = self.new_cache() if use_cache else None

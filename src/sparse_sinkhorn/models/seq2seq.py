@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
-from .common import Decoder, Embedding, Encoder, check_ids, sample_next
+from .common import Decoder, Embedding, Encoder, check_ids, check_sampling, sample_next
 from .config import Seq2SeqConfig
 
 
@@ -75,6 +75,7 @@ class Seq2Seq(nn.Module):
         ``use_cache=True`` decodes incrementally with an exact cache (one new position per
         step); ``False`` recomputes the whole prefix each step. Call ``model.eval()`` first.
         """
+        check_sampling(temperature, top_k)
         memory, mask = self.encode(src)
         out = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)

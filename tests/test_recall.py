@@ -1,0 +1,173 @@
+"""The retrieval tasks (passkey, MQAR), their accuracy and the `recall` subcommand (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from helpers_cli import assert_one_line_error, run_cli
+from sparse_sinkhorn.data.recall import IGNORE, MQAR, Passkey, RecallDataset
+from sparse_sinkhorn.experiments.recall import (
+    DEFAULT_KINDS,
+    PRESETS,
+    RECALL_KINDS,
+    accuracy,
+    attention_config,
+)
+from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_passkey_layout() -> None:
+    task = Passkey(40, n_digits=3)
+    positions = set()
+    for i in range(300):
+        ids, targets = RecallDataset(task, 300, seed=5)[i]
+        assert ids.shape == targets.shape == (40,)
+        assert int(ids.min()) >= 1 and int(ids.max()) < task.vocab_size
+        (key_at,) = (ids == Passkey.KEY).nonzero()[:, 0].tolist()
+        (query_at,) = (ids == Passkey.QUERY).nonzero()[:, 0].tolist()
+        assert query_at == 40 - 3  # QUERY d1 d2 ends the sequence
+        digits = ids[key_at + 1 : key_at + 4]
+        assert ((digits >= Passkey.DIGIT0) & (digits < Passkey.DIGIT0 + 10)).all()
+        assert key_at + 3 < query_at  # the needle never overlaps the query
+        # the scored positions are exactly the last three and ask for the needle's digits
+        assert torch.equal((targets != IGNORE).nonzero()[:, 0], torch.arange(37, 40))
+        assert torch.equal(targets[37:], digits)
+        assert torch.equal(ids[38:], digits[:2])
+        # nothing else is a marker or a digit
+        rest = torch.ones(40, dtype=torch.bool)
+        rest[[key_at, key_at + 1, key_at + 2, key_at + 3, 37, 38, 39]] = False
+        assert (ids[rest] >= Passkey.DIGIT0 + 10).all()
+        positions.add(key_at)
+    assert min(positions) == 0 and max(positions) == 40 - 3 - 3 - 1  # the whole range is used
+
+
+def test_mqar_layout() -> None:
+    task = MQAR(96, n_pairs=8, n_keys=16, n_values=16)
+    for i in range(100):
+        ids, targets = RecallDataset(task, 100, seed=1)[i]
+        keys, values = ids[0:16:2], ids[1:16:2]
+        assert len(set(keys.tolist())) == 8  # distinct keys
+        assert ((keys >= MQAR.KEY0) & (keys < MQAR.KEY0 + 16)).all()
+        assert ((values >= MQAR.KEY0 + 16) & (values < task.vocab_size)).all()
+        scored = (targets != IGNORE).nonzero()[:, 0]
+        assert len(scored) == 8 and int(scored.min()) >= 16
+        pairs = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        asked = ids[scored].tolist()
+        assert sorted(asked) == sorted(pairs)  # every key is asked once
+        for at, key in zip(scored.tolist(), asked, strict=True):
+            assert int(targets[at]) == pairs[key] == int(ids[at + 1])
+        blank = torch.ones(96, dtype=torch.bool)
+        blank[:16] = False
+        blank[scored] = blank[scored + 1] = False
+        assert (ids[blank] == MQAR.BLANK).all()
+
+
+def test_examples_are_pure_functions_of_seed_and_index() -> None:
+    for task in (Passkey(64), MQAR(128)):
+        a, b, c = RecallDataset(task, 4, 3), RecallDataset(task, 4, 3), RecallDataset(task, 4, 4)
+        assert torch.equal(a[2][0], b[2][0]) and torch.equal(a[2][1], b[2][1])
+        assert not torch.equal(a[2][0], c[2][0])
+        assert not torch.equal(a[1][0], a[2][0])
+        with pytest.raises(IndexError):
+            a[4]
+
+
+def test_bad_task_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="too short"):
+        Passkey(5, n_digits=2)
+    with pytest.raises(ValueError, match="n_digits"):
+        Passkey(64, n_digits=0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        MQAR(40, n_pairs=16)
+    with pytest.raises(ValueError, match="n_pairs"):
+        MQAR(512, n_pairs=65)
+    with pytest.raises(ValueError, match="size"):
+        RecallDataset(Passkey(64), 0, 0)
+
+
+class _Oracle(nn.Module):
+    """Reads the answer from the context (off by one position when ``wrong``)."""
+
+    def __init__(self, task: str, vocab: int, wrong: bool = False) -> None:
+        super().__init__()
+        self.task, self.vocab, self.wrong = task, vocab, wrong
+
+    def forward(self, ids: Tensor) -> Tensor:
+        logits = torch.zeros(*ids.shape, self.vocab)
+        for b, row in enumerate(ids):
+            if self.task == "passkey":
+                key_at = int((row == Passkey.KEY).nonzero()[0])
+                query_at = int((row == Passkey.QUERY).nonzero()[0])
+                for j in range(len(row) - query_at):
+                    logits[b, query_at + j, row[key_at + 1 + j + int(self.wrong)]] = 1.0
+            else:
+                pairs = {int(row[i]): int(row[i + 1]) for i in range(0, 32, 2)}
+                for t in range(32, len(row)):
+                    if int(row[t]) in pairs:
+                        value = pairs[int(row[t])] + int(self.wrong and int(row[t]) % 2 == 0)
+                        logits[b, t, min(value, self.vocab - 1)] = 1.0
+        return logits
+
+
+def test_accuracy_counts_right_answers() -> None:
+    passkey = RecallDataset(Passkey(48), 10, 0)
+    assert accuracy(_Oracle("passkey", 70), passkey, "passkey", 4) == {"accuracy": 100.0}
+    assert accuracy(_Oracle("passkey", 70, wrong=True), passkey, "passkey", 4)["accuracy"] < 20
+    mqar = RecallDataset(MQAR(128, n_pairs=16), 6, 0)
+    assert accuracy(_Oracle("mqar", 130), mqar, "mqar", 4) == {"accuracy": 100.0}
+    # the queries of even keys (about half) are answered wrong
+    assert 20 < accuracy(_Oracle("mqar", 130, wrong=True), mqar, "mqar", 4)["accuracy"] < 80
+
+
+@pytest.mark.parametrize("name", sorted(RECALL_KINDS))
+def test_every_kind_builds_and_runs(name: str) -> None:
+    torch.manual_seed(0)
+    config = LanguageModelConfig(
+        vocab_size=66, d_model=16, n_heads=2, n_layers=1, attention=attention_config(name, 8, 64)
+    )
+    model = LanguageModel(config)
+    logits = model(torch.randint(1, 66, (2, 64)))
+    assert logits.shape == (2, 64, 66) and torch.isfinite(logits).all()
+    assert set(DEFAULT_KINDS) <= set(RECALL_KINDS)
+    assert set(PRESETS) == {"cpu", "paper"}
+
+
+def test_recall_cli_writes_results_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "recall"
+    argv = ["recall", "--task", "mqar", "--lengths", "96,128", "--block-size", "16"]
+    argv += ["--steps", "2", "--batch-size", "2", "--attention", "dense,topk,softmax-hard"]
+    argv += ["--seeds", "2", "--out", str(out), "--no-progress"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["experiment"] == "recall-mqar"
+    assert payload["settings"]["lengths"] == [96, 128] and payload["settings"]["steps"] == 2
+    got = {(r["kind"], r["length"]) for r in payload["results"]}
+    assert got == {(k, n) for k in ("dense", "topk", "softmax-hard") for n in (96, 128)}
+    for record in payload["results"]:
+        assert len(record["runs"]) == 2
+        assert 0.0 <= record["eval"]["accuracy"] <= 100.0
+        assert all(run["seconds_per_step"] > 0 for run in record["runs"])
+    for name in ("accuracy.png", "cost.png", "results.md"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "accuracy % at 128" in table and "softmax-hard" in table
+
+
+def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = ["--out", str(tmp_path / "r"), "--no-progress"]
+    assert_one_line_error(["recall", "--task", "needle", *out], capsys, "--task")
+    assert_one_line_error(["recall", "--lengths", "64,x", *out], capsys, "--lengths")
+    assert_one_line_error(["recall", "--lengths", "5", *out], capsys, "too short")
+    assert_one_line_error(["recall", "--attention", "flash", *out], capsys, "flash")
+    assert_one_line_error(["recall", "--steps", "0", *out], capsys, "--steps")
+    assert not (tmp_path / "r" / "results.json").exists()

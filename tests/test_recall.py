@@ -13,12 +13,16 @@ from helpers_cli import assert_one_line_error, run_cli
 from sparse_sinkhorn.data.recall import IGNORE, MQAR, Passkey, RecallDataset
 from sparse_sinkhorn.experiments.recall import (
     DEFAULT_KINDS,
+    ORACLE_KINDS,
+    ORACLE_LOGIT,
     PRESETS,
     RECALL_KINDS,
     accuracy,
     attention_config,
+    install_oracle_routing,
 )
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+from sparse_sinkhorn.nn import SinkhornSelfAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,7 +130,7 @@ def test_accuracy_counts_right_answers() -> None:
     assert 20 < accuracy(_Oracle("mqar", 130, wrong=True), mqar, "mqar", 4)["accuracy"] < 80
 
 
-@pytest.mark.parametrize("name", sorted(RECALL_KINDS))
+@pytest.mark.parametrize("name", sorted({*RECALL_KINDS, *ORACLE_KINDS}))
 def test_every_kind_builds_and_runs(name: str) -> None:
     torch.manual_seed(0)
     config = LanguageModelConfig(
@@ -137,6 +141,36 @@ def test_every_kind_builds_and_runs(name: str) -> None:
     assert logits.shape == (2, 64, 66) and torch.isfinite(logits).all()
     assert set(DEFAULT_KINDS) <= set(RECALL_KINDS)
     assert set(PRESETS) == {"cpu", "paper"}
+
+
+def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
+    task = Passkey(128)
+    config = LanguageModelConfig(
+        vocab_size=task.vocab_size,
+        d_model=16,
+        n_heads=2,
+        n_layers=2,
+        attention=attention_config("oracle-hard", 16, 128),
+    )
+    model = LanguageModel(config)
+    install_oracle_routing(model)
+    data = RecallDataset(task, 6, 0)
+    ids = torch.stack([data[i][0] for i in range(6)])
+    logits: list[Tensor] = []
+    for layer in model.modules():
+        if isinstance(layer, SinkhornSelfAttention):
+            layer.register_forward_hook(lambda m, a, o: logits.append(m.sort_logits(a[0])))
+    model(ids)
+    assert len(logits) == 2
+    needle = (ids == Passkey.KEY).nonzero()[:, 1] // 16  # (B,)
+    for s in logits:
+        assert s.shape == (6, 2, 8, 8)
+        for b in range(6):
+            for row in range(8):
+                want = torch.zeros(8)
+                if row > needle[b]:
+                    want[needle[b]] = ORACLE_LOGIT
+                assert torch.equal(s[b, 0, row], want) and torch.equal(s[b, 1, row], want)
 
 
 def test_recall_cli_writes_results_and_plots(
@@ -170,4 +204,6 @@ def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert_one_line_error(["recall", "--lengths", "5", *out], capsys, "too short")
     assert_one_line_error(["recall", "--attention", "flash", *out], capsys, "flash")
     assert_one_line_error(["recall", "--steps", "0", *out], capsys, "--steps")
+    oracle = ["recall", "--task", "mqar", "--attention", "oracle-hard", *out]
+    assert_one_line_error(oracle, capsys, "passkey")
     assert not (tmp_path / "r" / "results.json").exists()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..data.recall import IGNORE, MQAR, Passkey, RecallDataset, Task
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
-from ..nn import AttentionConfig
+from ..nn import AttentionConfig, SinkhornSelfAttention
 from ..train import TrainConfig, init_distributed, train
 from .common import (
     add_common_args,
@@ -74,10 +74,17 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
         "balance": "softmax",
         "hard": True,
     },
-    # MoBA's parameter-free gate: own block + the best earlier block by q . mean(K)
+    # MoBA's parameter-free gate: own block + the best earlier block(s) by q . mean(K)
     "topk": {"kind": "topk", "top_k": 1},
+    "topk-2": {"kind": "topk", "top_k": 2},
 }
 DEFAULT_KINDS = ("dense", "local", "sinkhorn", "sinkhorn-hard", "softmax-hard", "topk")
+# Controls, not methods: a RECALL_KINDS configuration whose sort logits are replaced by the
+# answer (passkey only): every query block after the needle routes to the block that holds
+# the needle's KEY marker. It separates "the routing is not learned" from "right routing
+# is not enough" (one routed block, needles that straddle a block boundary).
+ORACLE_KINDS: dict[str, str] = {"oracle-hard": "softmax-hard"}
+ORACLE_LOGIT = 30.0  # the needle block's routing logit; every other block's is 0
 TASKS = ("passkey", "mqar")
 
 
@@ -138,8 +145,38 @@ def make_task(task: str, length: int, preset: RecallPreset) -> Task:
 
 
 def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:
-    """The :data:`RECALL_KINDS` entry ``name`` at this block size and length."""
-    return AttentionConfig(block_size=block_size, max_len=length, **RECALL_KINDS[name])
+    """The :data:`RECALL_KINDS` (or :data:`ORACLE_KINDS`) entry ``name`` at this block size
+    and length."""
+    fields = RECALL_KINDS[ORACLE_KINDS.get(name, name)]
+    return AttentionConfig(block_size=block_size, max_len=length, **fields)
+
+
+def install_oracle_routing(model: LanguageModel) -> None:
+    """Replace every Sinkhorn layer's sort logits by the passkey answer (see
+    :data:`ORACLE_KINDS`): row ``i`` scores :data:`ORACLE_LOGIT` on the block holding the
+    KEY marker when that block is earlier than ``i``, 0 everywhere else."""
+    seen: dict[str, Tensor] = {}
+
+    def keep_ids(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen["ids"] = args[0]
+
+    model.register_forward_pre_hook(keep_ids)
+    for layer in model.modules():
+        if not isinstance(layer, SinkhornSelfAttention) or layer.sort_net is None:
+            continue
+        block_size, n_heads = layer.config.block_size, layer.n_heads
+
+        def oracle(x: Tensor, key_padding_mask: Tensor | None = None, *, _w=block_size, _h=n_heads):
+            ids = seen["ids"]  # (B, L)
+            n = -(-ids.shape[1] // _w)
+            needle = (ids == Passkey.KEY).float().argmax(-1) // _w  # (B,)
+            logits = x.new_zeros(ids.shape[0], _h, n, n)
+            rows = torch.arange(n, device=ids.device)
+            hit = F.one_hot(needle, n).to(x.dtype)[:, None, None, :]  # (B, 1, 1, N)
+            later = (rows[None, :] > needle[:, None]).to(x.dtype)[:, None, :, None]  # (B,1,N,1)
+            return logits + ORACLE_LOGIT * hit * later
+
+        layer.sort_logits = oracle  # type: ignore[method-assign]
 
 
 def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -195,6 +232,8 @@ def run_recall(
         attention=attention_config(kind, preset.block_size, length),
     )
     model = LanguageModel(config)
+    if kind in ORACLE_KINDS:
+        install_oracle_routing(model)
     train_data = RecallDataset(spec, preset.steps * preset.batch_size, seed)
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
     train_cfg = TrainConfig(
@@ -324,7 +363,9 @@ def run(args: argparse.Namespace) -> int:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
     args.out = args.out or f"runs/recall-{args.task}"
     options = grid_options(args)
-    kinds = parse_kinds(args.attention, tuple(RECALL_KINDS), DEFAULT_KINDS)
+    kinds = parse_kinds(args.attention, (*RECALL_KINDS, *ORACLE_KINDS), DEFAULT_KINDS)
+    if args.task != "passkey" and any(k in ORACLE_KINDS for k in kinds):
+        raise UsageError(f"the oracle kinds ({', '.join(ORACLE_KINDS)}) are for --task passkey")
     seeds = seed_list(args)
     runners = {
         f"{args.task}-{length}/{kind}": partial(
@@ -351,7 +392,8 @@ def run(args: argparse.Namespace) -> int:
         "experiment": f"recall-{args.task}",
         "preset": args.preset,
         "settings": asdict(preset),
-        "kinds": {k: RECALL_KINDS[k] for k in kinds},
+        "kinds": {k: RECALL_KINDS[ORACLE_KINDS.get(k, k)] for k in kinds},
+        "oracle_kinds": {k: v for k, v in ORACLE_KINDS.items() if k in kinds},
         "wall_seconds": wall,
         "results": results,
         "plots": [str(p) for p in figures],
@@ -371,8 +413,9 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--attention",
         default="all",
-        help=f"kinds from {', '.join(RECALL_KINDS)} (comma list), or 'all' = "
-        f"{', '.join(DEFAULT_KINDS)}",
+        help=f"kinds from {', '.join(RECALL_KINDS)}, or the passkey control "
+        f"{', '.join(ORACLE_KINDS)} (routing given the answer) (comma list); 'all' (default) "
+        f"= {', '.join(DEFAULT_KINDS)}",
     )
     parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
     parser.add_argument("--block-size", type=int, default=None, help="override the block size")

@@ -58,7 +58,7 @@ def main() -> None:
     base = LlamaForCausalLM(config)
     models = {
         "sdpa": copy.deepcopy(base),
-        "sinkhorn": hf.convert(copy.deepcopy(base), block_size=args.block_size),
+        "sinkhorn": hf.convert(copy.deepcopy(base), block_size=args.block_size, sort_net="linear"),
     }
     results: dict[str, dict] = {}
     for name, model in models.items():

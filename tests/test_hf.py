@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from sparse_sinkhorn import hf
+from sparse_sinkhorn.nn.cache import SequenceRouting
 
 VOCAB, BLOCK, PAD = 37, 4, 0
 FAMILIES = ["llama", "llama-gqa", "llama-mqa", "gpt2"]
@@ -95,11 +96,24 @@ def test_convert_adds_sort_nets_as_submodules(family: str) -> None:
     assert opts["max_len"] == 64  # the model's maximum positions by default
 
 
+def test_convert_defaults_to_the_length_agnostic_sort_net() -> None:
+    """The default sort net's size does not grow with the model's positions."""
+    sizes = []
+    for positions in (64, 4096):
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=positions)
+        model = hf.convert(GPT2LMHeadModel(cfg), block_size=BLOCK)
+        assert model.config.sinkhorn_attention["sort_net"] == "bilinear"
+        net = model.transformer.h[0].attn.sort_net
+        sizes.append(sum(p.numel() for p in net.parameters()))
+    assert sizes[0] == sizes[1]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("training", [False, True])
-def test_exact_causality(family: str, training: bool) -> None:
+@pytest.mark.parametrize("sort_net", ["bilinear", "linear"])
+def test_exact_causality(family: str, training: bool, sort_net: str) -> None:
     """Changing tokens after t leaves every logit at positions <= t bit-identical."""
-    model = _model(family).train(training)
+    model = _model(family, sort_net=sort_net).train(training)
     ids = _ids(2, 23)  # 5.75 blocks
     for t in (0, 3, 4, 9, 17):
         changed = ids.clone()
@@ -113,9 +127,10 @@ def test_exact_causality(family: str, training: bool) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_invariance(family: str, side: str) -> None:
+@pytest.mark.parametrize("sort_net", ["bilinear", "linear"])
+def test_padding_invariance(family: str, side: str, sort_net: str) -> None:
     """A sequence alone and the same sequence padded inside a longer batch agree."""
-    model = _model(family)
+    model = _model(family, sort_net=sort_net)
     alone = _ids(1, 10)
     other = _ids(1, 17)
     pad = torch.full((1, 7), PAD)
@@ -138,26 +153,120 @@ def test_padding_invariance(family: str, side: str) -> None:
     )
 
 
+class _Spy:
+    """Counts calls of a function replaced on a module or class (and still runs it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+        self.calls = 0
+        inner = getattr(owner, name)
+
+        def counted(*args: object, **kwargs: object) -> object:
+            self.calls += 1
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+DECODE_OPTIONS = [
+    {},  # bilinear
+    {"hard": True},
+    {"sort_net": "linear"},
+    {"sort_net": "linear", "hard": True},
+    {"sort_net": "mlp", "pooling": "mean"},
+    {"n_iters": 3, "temperature": 0.5},
+    {"mixture": True},
+]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("options", [{}, {"hard": True, "sort_net": "bilinear"}, {"mixture": True}])
-def test_kv_cache_equals_full_forward(family: str, options: dict) -> None:
-    """Prefill + one token at a time through transformers' DynamicCache == full forward."""
+@pytest.mark.parametrize("options", DECODE_OPTIONS)
+def test_kv_cache_equals_full_forward(
+    family: str, options: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefill + one token at a time through transformers' DynamicCache == full forward, and
+    each single token goes through the block-cost state, not a forward over the prefix."""
     model = _model(family, **options)
     ids = _ids(2, 22)
     full = model(ids).logits
     key = _step_kwarg(model)
+    op = _Spy(monkeypatch, hf, "sinkhorn_attention")
+    steps = _Spy(monkeypatch, SequenceRouting, "step")
     for prompt in (1, 4, 7):  # one token, a block boundary, mid-block
         cache = DynamicCache(config=model.config)
         outs = [model(ids[:, :prompt], use_cache=True, **{key: cache}).logits]
         for t in range(prompt, ids.shape[1]):
             outs.append(model(ids[:, t : t + 1], use_cache=True, **{key: cache}).logits)
         torch.testing.assert_close(torch.cat(outs, 1), full, atol=TOL, rtol=0)
+    layers = 2
+    assert op.calls == 3 * layers  # the three prefills only
+    assert steps.calls == layers * sum(ids.shape[1] - p for p in (1, 4, 7))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+@pytest.mark.parametrize("options", [{"sort_net": "linear"}, {"hard": True}])
+def test_kv_cache_float64_left_padded_equals_full_forward(family: str, options: dict) -> None:
+    """float64, a left-padded batch of 3 (different block phases per sequence): every decoded
+    position equals the full forward to 1e-10."""
+    model = _model(family, **options).double()
+    ids = _ids(3, 21)
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate((0, 3, 6)):
+        ids[row, :pads] = PAD
+        mask[row, :pads] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(ids, attention_mask=mask, position_ids=positions).logits
+    key, prompt = _step_kwarg(model), 9
+    cache = DynamicCache(config=model.config)
+    kw = {key: cache, "use_cache": True}
+    outs = [model(ids[:, :prompt], attention_mask=mask[:, :prompt],
+                  position_ids=positions[:, :prompt], **kw).logits]  # fmt: skip
+    for t in range(prompt, ids.shape[1]):
+        outs.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                          position_ids=positions[:, t : t + 1], **kw).logits)  # fmt: skip
+    got = torch.cat(outs, 1)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], full[real], atol=1e-10, rtol=0)
+
+
+def test_kv_cache_state_follows_a_cropped_cache() -> None:
+    """Cropping the cache (as assisted decoding does) replaces its tensors: the next step
+    rebuilds the routing state from the cached prefix and stays exact."""
+    model = _model("llama", sort_net="bilinear")
+    ids = _ids(2, 20)
+    full = model(ids).logits
+    key = _step_kwarg(model)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :6], use_cache=True, **{key: cache})
+    for t in range(6, 15):
+        model(ids[:, t : t + 1], use_cache=True, **{key: cache})
+    cache.crop(-5)  # back to 10 tokens: positions 10..14 are decoded again
+    outs = [model(ids[:, t : t + 1], use_cache=True, **{key: cache}).logits for t in range(10, 20)]
+    torch.testing.assert_close(torch.cat(outs, 1), full[:, 10:], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_beam_search_with_cache_equals_without(family: str) -> None:
+    """Beam search reorders the cache every step; the routing state must follow it (the
+    beams' scores, not only the chosen tokens, equal those without a cache)."""
+    model = _model(family, sort_net="bilinear")
+    prompt = _ids(2, 7)
+    kw = dict(max_new_tokens=12, do_sample=False, num_beams=3, pad_token_id=PAD,
+              output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    cached = model.generate(prompt, use_cache=True, **kw)
+    plain = model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    for got, want in zip(cached.scores, plain.scores, strict=True):
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generate_with_cache_equals_without_and_full_forward(family: str) -> None:
-    """Left-padded batch: greedy tokens with the KV cache == without; logits == full forward."""
+def test_generate_with_cache_equals_without_and_full_forward(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left-padded batch: greedy tokens with the KV cache == without; logits == full forward;
+    every generated token after the first goes through the block-cost state."""
     model = _model(family)
+    steps = _Spy(monkeypatch, SequenceRouting, "step")
     prompt = _ids(2, 9)
     prompt[0, :3] = PAD
     mask = torch.ones_like(prompt)
@@ -171,6 +280,7 @@ def test_generate_with_cache_equals_without_and_full_forward(family: str) -> Non
         pad_token_id=PAD,
     )
     cached = model.generate(prompt, use_cache=True, **kw)
+    assert steps.calls == 2 * 9  # 2 layers x the 9 tokens after the prompt's forward
     plain = model.generate(prompt, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
     seq = cached.sequences
@@ -246,7 +356,7 @@ def test_convert_errors() -> None:
         hf.convert(_plain_gpt2(), block_size=0)
     with pytest.raises(ValueError, match="sort_net"):
         hf.convert(_plain_gpt2(), block_size=4, sort_net="conv")
-    model = hf.convert(_plain_gpt2(), block_size=4, max_len=16)
+    model = hf.convert(_plain_gpt2(), block_size=4, max_len=16, sort_net="linear")
     with pytest.raises(ValueError, match="already converted"):
         hf.convert(model, block_size=4)
     with pytest.raises(ValueError, match="max_blocks=4"):  # 24 tokens > max_len=16

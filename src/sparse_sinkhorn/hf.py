@@ -36,13 +36,18 @@ KV cache has already been applied, so ``T`` covers the whole prefix and ``Lq`` t
   each sequence are moved to the front (order kept) before blocking, so block boundaries
   count from a sequence's first real token and a padded sequence attends exactly as it does
   alone; outputs are moved back afterwards.
-* **Decoding**: with ``Lq < T`` the function recomputes Sinkhorn attention over the cached
-  prefix (zero queries for the old positions, whose outputs are discarded) and returns the last
-  ``Lq`` positions. Prefix-causal balancing makes plan row ``i`` depend on logit rows
-  ``<= i`` only, the row summaries on positions ``<= i*W`` and the sorted blocks on earlier,
-  complete blocks, so this equals the full forward at those positions (to float rounding).
-  The cost of one decoding step is one Sinkhorn forward over the prefix, O(T·W + N²) per head,
-  not O(W): exactness is bought with recomputation.
+* **Decoding** at the cost of a block: with transformers' default ``DynamicCache``, each
+  attention layer keeps a :class:`~sparse_sinkhorn.nn.cache.SequenceRouting` beside its cache
+  layer (the running value summaries, the current block's keys/values and its sorted
+  keys/values), so one new token costs O(W + N) per head, plus one routing row per sequence
+  at its blocks' first tokens (the sort net and plan on ``i+1`` summaries, which mix the
+  ``i`` earlier blocks). Prefix-causal balancing makes plan row ``i`` depend on logit rows
+  ``<= i`` only, so this equals the full forward (to float rounding). The state is tied to
+  the cache layer's key tensor: anything that replaces it (beam reordering, cropping) makes
+  the next step rebuild the state from the cached prefix, and steps the state cannot take
+  (several new tokens at once, a padded new token, other cache classes, training mode)
+  recompute Sinkhorn attention over the whole prefix (zero queries for the old positions,
+  whose outputs are discarded), O(T·W + N²) per head; both are exact.
 """
 
 from __future__ import annotations
@@ -55,14 +60,16 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .nn.cache import SequenceRouting
 from .nn.config import AttentionConfig
 from .nn.sortnet import SortNet
-from .ops import sinkhorn_attention
+from .ops import dense_attention, sinkhorn_attention
 from .ops.blocks import block_summaries, causal_block_summaries
 
 try:
     import transformers
     from transformers import AttentionInterface, PreTrainedModel
+    from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -82,7 +89,9 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
 _DEFAULTS = AttentionConfig()
 OPTIONS: dict[str, Any] = {
     "max_len": None,  # default: the model's max_position_embeddings / n_positions
-    "sort_net": _DEFAULTS.sort_net,
+    # length-agnostic: a linear net sized by a long model's positions would add about
+    # H_kv*E x H*max_len/b weights per layer (67M for a Llama-3-8B shape at 128K positions)
+    "sort_net": "bilinear",
     "pooling": _DEFAULTS.pooling,
     "hard": _DEFAULTS.hard,
     "n_iters": _DEFAULTS.n_iters,
@@ -108,10 +117,11 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
             Llama-style models with any number of key/value heads, GPT-2).
         block_size: tokens per block ``W``.
         **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
-            net; default the model's maximum positions), ``sort_net`` (``"linear"``, ``"mlp"``,
-            ``"bilinear"``), ``pooling`` (``"sum"``/``"mean"``), ``hard``, ``n_iters``,
-            ``temperature``, ``gumbel_noise`` (training mode only), ``mixture`` (add dense
-            attention). Defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
+            net; default the model's maximum positions), ``sort_net`` (``"bilinear"``, the
+            default here: length-agnostic; ``"linear"``, the paper's; ``"mlp"``), ``pooling``
+            (``"sum"``/``"mean"``), ``hard``, ``n_iters``, ``temperature``, ``gumbel_noise``
+            (training mode only), ``mixture`` (add dense attention). The other defaults are
+            :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
 
     Returns:
         ``model``, whose attention modules now own a ``sort_net`` (new, randomly initialised
@@ -154,6 +164,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
             device=weight.device, dtype=weight.dtype
         )
         object.__setattr__(module, "sinkhorn_config", att)  # a plain attribute, not a module
+        module.register_forward_pre_hook(_note_cache_layer, with_kwargs=True)
     setattr(config, CONFIG_KEY, options)
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -250,6 +261,11 @@ def sinkhorn_attention_forward(
     if q_len > length:
         raise ValueError(f"more queries ({q_len}) than keys ({length})")
     real = _key_padding(attention_mask, batch, q_len, length, query.device)
+    step = module.__dict__.pop(_CACHE_LAYER, None)  # (cache layer, its keys before update)
+    if step is not None:
+        out = _decode_step(step, att, sort_net, query, key, value, real, dropout, scaling)
+        if out is not None:
+            return out, None
     if q_len < length:  # decoding: earlier positions' outputs are not needed, only their K/V
         old = query.new_zeros(batch, query.shape[1], length - q_len, query.shape[3])
         query = torch.cat([old, query], dim=2)  # (B, H, T, E)
@@ -281,12 +297,78 @@ def sinkhorn_attention_forward(
     return out[:, :, length - q_len :].transpose(1, 2).contiguous(), None
 
 
+_CACHE_LAYER = "_sinkhorn_cache_layer"  # set on a converted module for one forward call
+_STATE = "_sinkhorn_state"  # on a DynamicLayer: (SequenceRouting, the keys it has seen)
+
+
+def _note_cache_layer(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: remember the module's ``DynamicLayer`` (and its keys before this
+    call's update) for the attention function, which transformers does not hand the cache."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    layers = getattr(cache, "layers", None)
+    idx = getattr(module, "layer_idx", None)
+    note = None
+    if isinstance(layers, list) and isinstance(idx, int) and idx < len(layers):
+        layer = layers[idx]
+        if type(layer) is DynamicLayer:  # not sliding, static, quantized or offloaded layers
+            note = (layer, getattr(layer, "keys", None))
+    module.__dict__[_CACHE_LAYER] = note
+
+
+def _decode_step(
+    note: tuple[Any, Tensor | None],
+    att: AttentionConfig,
+    sort_net: SortNet,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    real: Tensor | None,
+    dropout: float,
+    scaling: float | None,
+) -> Tensor | None:
+    """One new token through the layer's :class:`SequenceRouting` (``(B, 1, H, E)``), or
+    None when the step is not one it can take (the caller recomputes over the prefix)."""
+    layer, before = note
+    ok = query.shape[2] == 1 and key.shape[2] > 1 and not sort_net.training and not dropout
+    ok = ok and (real is None or bool(real[:, -1].all()))  # the new token is real
+    if not ok:
+        layer.__dict__.pop(_STATE, None)
+        return None
+    state, held = layer.__dict__.get(_STATE, (None, None))
+    prefix_real = None if real is None else real[:, :-1]
+    count = key.shape[2] - 1 if prefix_real is None else prefix_real.sum(1)
+    if (
+        state is None
+        or before is None
+        or held is not before
+        or not bool((state.count == count).all())
+    ):
+        state = SequenceRouting(att, sort_net)
+        old_k, old_v = key[:, :, :-1], value[:, :, :-1]
+        state.prefill(old_k, old_v, _routing_input(old_v, sort_net), prefix_real)
+    x = _routing_input(value[:, :, -1:], sort_net)[:, 0]  # (B, H_kv*E)
+    out = state.step(query, key[:, :, -1:], value[:, :, -1:], x, (key, value, real), scaling)
+    if att.kind == "mixture":
+        group = query.shape[1] // key.shape[1]  # grouped-query heads share a K/V head
+        k_all, v_all = (t.repeat_interleave(group, dim=1) for t in (key, value))
+        out = out + dense_attention(query, k_all, v_all, key_padding_mask=real, scale=scaling)
+    layer.__dict__[_STATE] = (state, key)  # key: the tensor the cache layer holds now
+    return out.transpose(1, 2).contiguous()
+
+
+def _routing_input(value: Tensor, sort_net: SortNet) -> Tensor:
+    """``(B, T, H_kv*E)``: what the sort net summarises, the values of every KV head."""
+    x = rearrange(value, "b h t e -> b t (h e)")
+    return x.to(next(sort_net.parameters()).dtype)
+
+
 def _sort_logits(
     sort_net: SortNet, value: Tensor, att: AttentionConfig, mask: Tensor | None
 ) -> Tensor:
     """``(B, H, N, N)`` routing logits from block summaries of the values of every KV head."""
-    x = rearrange(value, "b h t e -> b t (h e)")  # (B, T, H_kv*E)
-    x = x.to(next(sort_net.parameters()).dtype)
+    x = _routing_input(value, sort_net)  # (B, T, H_kv*E)
     w = att.block_size
     keys = block_summaries(x, w, key_padding_mask=mask, pooling=att.pooling)  # (B, N, H_kv*E)
     rows = causal_block_summaries(x, w, key_padding_mask=mask, pooling=att.pooling)

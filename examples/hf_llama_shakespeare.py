@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -109,11 +110,8 @@ def _train(model: LlamaForCausalLM, data: torch.Tensor, args: argparse.Namespace
             min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
         ),
     )
-    gen = torch.Generator().manual_seed(args.seed)  # the same batches for every model
     losses = []
-    for _ in range(args.steps):
-        starts = torch.randint(0, len(data) - args.length, (args.batch,), generator=gen)
-        ids = torch.stack([data[s : s + args.length] for s in starts.tolist()])
+    for ids in _batches(data, args):
         loss = model(ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,6 +120,15 @@ def _train(model: LlamaForCausalLM, data: torch.Tensor, args: argparse.Namespace
         sched.step()
         losses.append(loss.item())
     return losses
+
+
+def _batches(data: torch.Tensor, args: argparse.Namespace) -> Iterator[torch.Tensor]:
+    """``args.steps`` random ``(batch, length)`` windows, a function of ``args.seed`` (the same
+    batches for every model)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.steps):
+        starts = torch.randint(0, len(data) - args.length, (args.batch,), generator=gen)
+        yield torch.stack([data[s : s + args.length] for s in starts.tolist()])
 
 
 @torch.no_grad()

@@ -436,3 +436,33 @@ def test_plain_transformers_loading_is_refused_not_silently_dense(tmp_path: Path
     loaded = hf.from_pretrained(tmp_path).eval()  # the way to load it
     ids = _ids(1, 8)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_calibrate_trains_only_the_sort_nets_towards_dense_attention() -> None:
+    """calibrate: every weight but the sort nets' stays bit-identical, the sort nets move, and
+    the KL to the model's own dense attention falls (a fixed batch, 30 steps)."""
+    torch.manual_seed(0)
+    model = _model("llama-gqa", n_iters=3).train()
+    ids = _ids(4, 32)  # 8 blocks of 4
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = hf.calibrate(model, [ids] * 30, lr=3e-2)
+    assert len(losses) == 30 and losses[-1] < 0.9 * losses[0], losses
+    after = model.state_dict()
+    for name, value in after.items():
+        same = torch.equal(before[name], value)
+        assert same != (".sort_net." in name), name  # only the sort nets changed
+    assert model.training  # given back in its mode
+    assert model.config._attn_implementation == "sinkhorn"
+    assert all(p.requires_grad for p in model.parameters())
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # padded positions are left out of the loss
+    assert torch.isfinite(
+        torch.tensor(hf.calibrate(model, [{"input_ids": ids, "attention_mask": mask}]))
+    )
+
+
+def test_calibrate_errors() -> None:
+    with pytest.raises(ValueError, match="converted"):
+        hf.calibrate(_plain_gpt2(), [_ids(1, 8)])
+    with pytest.raises(ValueError, match="lr"):
+        hf.calibrate(_model("gpt2"), [_ids(1, 8)], lr=float("nan"))

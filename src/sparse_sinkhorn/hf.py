@@ -54,9 +54,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -218,6 +220,74 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
         )
     model.load_state_dict(state, strict=False)
     return model
+
+
+def calibrate(
+    model: PreTrainedModel,
+    batches: Iterable[Tensor | dict[str, Tensor]],
+    *,
+    lr: float = 1e-3,
+) -> list[float]:
+    """Train only the sort nets of a converted model to match its own dense attention.
+
+    For each batch the model runs twice with the same weights: with ``sdpa`` (dense attention,
+    the teacher; no gradient) and with Sinkhorn attention (the student); the loss is the KL
+    divergence from the teacher's next-token distribution to the student's, averaged over the
+    real (unmasked) positions, and AdamW updates the sort nets only. Every other weight is
+    left bit-identical, so a pretrained model keeps its knowledge and its routing starts warm
+    instead of random. The model is in eval mode while calibrating (no dropout, no Gumbel
+    noise) and is given back in the mode it came in.
+
+    Args:
+        model: converted with :func:`convert`.
+        batches: input ids ``(B, L)``, or dicts of model inputs (``input_ids``,
+            ``attention_mask``, ...); one optimizer step each.
+        lr: AdamW learning rate.
+
+    Returns:
+        The loss (nats per real position) of every step.
+    """
+    nets = [p for name, p in model.named_parameters() if ".sort_net." in name]
+    if not nets or getattr(model.config, CONFIG_KEY, None) is None:
+        raise ValueError("calibrate needs a model converted with sparse_sinkhorn.hf.convert")
+    if not lr > 0 or lr == float("inf"):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    training = model.training
+    opt = torch.optim.AdamW(nets, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in nets:
+            p.requires_grad_(True)
+        model.eval()
+        for batch in batches:
+            inputs: dict[str, Any] = (
+                {"input_ids": batch} if isinstance(batch, Tensor) else dict(batch)
+            )
+            inputs["use_cache"] = False
+            model.set_attn_implementation("sdpa")
+            try:
+                with torch.no_grad():
+                    teacher = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+            finally:
+                model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            student = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+            kl = (teacher.exp() * (teacher - student)).sum(-1)  # (B, L)
+            mask = inputs.get("attention_mask")
+            loss = kl.mean() if mask is None else (kl * mask).sum() / mask.sum().clamp_min(1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"calibration loss is {loss.item()} at step {len(losses)}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(training)
+    return losses
 
 
 def sinkhorn_attention_forward(
@@ -477,6 +547,7 @@ __all__ = [
     "CONFIG_KEY",
     "OPTIONS",
     "SUPPORTED_FAMILIES",
+    "calibrate",
     "convert",
     "from_pretrained",
     "register",

@@ -1,0 +1,247 @@
+"""Generation cost of a converted Hugging Face model: Sinkhorn attention vs ``sdpa``.
+
+``python -m benchmarks.generate`` times ``model.generate`` (greedy, transformers'
+``DynamicCache``) on one randomly initialised Llama-shaped model, once with
+``attn_implementation="sdpa"`` and once converted with :func:`sparse_sinkhorn.hf.convert`
+(the same weights plus sort nets), for each prompt length. Per case, in a fresh process:
+
+* **prefill**: the time to the first generated token (the prompt's forward);
+* **per token**: the median interval between later tokens (read by a stopping criterion that
+  generate calls after every step), over ``--new-tokens`` tokens, which cover at least one
+  block boundary (so the routing of a new block is inside the median's sample);
+* **peak memory**: ``VmHWM`` during generate minus ``VmRSS`` before it (CPU; see
+  ``benchmarks/case.py``), i.e. the cache and the activations, not the weights.
+
+Writes ``benchmarks/results/generate.{json,md,png}`` with the machine, torch, transformers,
+git commit, command, date and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .case import _mem_baseline, _mem_peak
+from .machine import machine_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPLS = ("sdpa", "sinkhorn")
+
+
+def _model(impl: str, args: argparse.Namespace) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparse_sinkhorn import hf
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=args.heads * 64,
+        intermediate_size=args.heads * 64 * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2),
+        max_position_embeddings=max(args.lengths) + args.new_tokens,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.set_attn_implementation("sdpa")
+    if impl == "sinkhorn":
+        hf.convert(model, block_size=args.block_size)
+    return model.eval()
+
+
+def run_case(impl: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One (implementation, prompt length) case in this process."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model = _model(impl, args)
+    prompt = torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(1))
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> Any:
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(prompt[:, :64], max_new_tokens=2, **kw)  # warm-up
+        base = _mem_baseline("cpu")
+        start = time.perf_counter()
+        out = model.generate(
+            prompt,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            stopping_criteria=StoppingCriteriaList([Stamp()]),
+            **kw,
+        )
+        peak = _mem_peak("cpu") - base
+    assert out.shape[1] == length + args.new_tokens
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    return {
+        "impl": impl,
+        "length": length,
+        "prefill_s": stamps[0] - start,
+        "per_token_s": statistics.median(steps),
+        "per_token_max_s": max(steps),
+        "tokens_per_s": 1.0 / statistics.median(steps),
+        "peak_mem_mb": max(peak, 0.0),
+    }
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" + uncommitted changes" if dirty else "")
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def report(meta: dict[str, Any]) -> str:
+    rows = {(r["impl"], r["length"]): r for r in meta["rows"]}
+    lengths = meta["settings"]["lengths"]
+    p = meta["provenance"]
+    s = meta["settings"]
+    lines = [
+        "# Generation with a converted Hugging Face model (`benchmarks.generate`)",
+        "",
+        f"- command: `{p['command']}`",
+        f"- date: {p['date']}; wall time {p['wall_s']:.0f} s; git commit: {p['git_commit']}",
+        f"- machine: {p['machine']['cpu']}, {p['machine']['cores']} cores, "
+        f"{p['machine']['torch_threads']} torch threads; torch {p['machine']['torch']}, "
+        f"transformers {p['transformers']}; load average at start {p['load'][0]:.2f}",
+        f"- model: random Llama, {s['layers']} layers, {s['heads']} query heads / "
+        f"{max(1, s['heads'] // 2)} key-value heads of 64, float32, batch 1; Sinkhorn: "
+        f"`hf.convert(model, block_size={s['block_size']})` (bilinear sort net); greedy "
+        f"`generate` with a DynamicCache, {s['new_tokens']} new tokens",
+        "- prefill: time to the first token; per token: median interval between later tokens "
+        "(max in brackets: a block's first token routes it); peak: VmHWM during generate "
+        "minus VmRSS before it (cache and activations, not weights)",
+        "",
+        "| prompt | " + " | ".join(f"{i} prefill | {i} per token | {i} peak" for i in IMPLS) + " |",
+        "|---|" + "---|" * (3 * len(IMPLS)),
+    ]
+    for n in lengths:
+        cells = [_fmt_len(n)]
+        for impl in IMPLS:
+            r = rows.get((impl, n))
+            if r is None:
+                cells += ["–"] * 3
+                continue
+            cells += [
+                f"{r['prefill_s']:.2f} s",
+                f"{1e3 * r['per_token_s']:.1f} ms ({1e3 * r['per_token_max_s']:.0f})",
+                f"{r['peak_mem_mb']:.0f} MiB",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    first, last = lengths[0], lengths[-1]
+    lines.append("")
+    for impl in IMPLS:
+        a, b = rows.get((impl, first)), rows.get((impl, last))
+        if a and b:
+            lines.append(
+                f"- {impl}: per-token time at {_fmt_len(last)} / at {_fmt_len(first)} = "
+                f"{b['per_token_s'] / a['per_token_s']:.2f}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for impl in IMPLS:
+        rows = sorted((r for r in meta["rows"] if r["impl"] == impl), key=lambda r: r["length"])
+        xs = [r["length"] for r in rows]
+        axes[0].plot(xs, [r["prefill_s"] for r in rows], "o-", label=impl)
+        axes[1].plot(xs, [1e3 * r["per_token_s"] for r in rows], "o-", label=impl)
+    for ax, title in zip(axes, ("prefill (s)", "per generated token (ms)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length")
+        ax.set_title(title)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__)
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=129)
+    p.add_argument("--out", default=str(RESULTS), help="directory for generate.{json,md,png}")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    if args.new_tokens < args.block_size + 1:
+        raise SystemExit("--new-tokens must exceed --block-size (a block boundary is timed)")
+    if args.case:
+        impl, length = args.case.split(":")
+        print(json.dumps(run_case(impl, int(length), args)))
+        return None
+    t0, load = time.time(), os.getloadavg()
+    rows = []
+    for length in args.lengths:
+        for impl in IMPLS:
+            cmd = [sys.executable, "-m", "benchmarks.generate", *argv, "--case", f"{impl}:{length}"]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    import transformers
+
+    meta = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("case", "out")},
+        "rows": rows,
+        "provenance": {
+            "command": "python -m benchmarks.generate" + ("" if not argv else " " + " ".join(argv)),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": time.time() - t0,
+            "git_commit": _git_commit(),
+            "machine": machine_info("cpu"),
+            "transformers": transformers.__version__,
+            "load": list(load),
+        },
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generate.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "generate.md").write_text(report(meta))
+    plot(meta, out / "generate.png")
+    print(report(meta))
+    return meta
+
+
+if __name__ == "__main__":
+    main()

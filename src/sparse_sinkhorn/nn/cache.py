@@ -189,31 +189,10 @@ class AttentionCache:
             return  # block 0 receives no sorted block (its sorted half is fully masked)
         assert sort_net is not None and self.row_summaries is not None
         assert self.key_summaries is not None and self.k is not None and self.v is not None
+        self.sorted_k, self.sorted_v, weight = route_block(
+            block, self.row_summaries, self.key_summaries, self.k, self.v, config, sort_net
+        )
         w = config.block_size
-        rows = self.row_summaries[:, : block + 1]  # (B, i+1, D)
-        keys = self.key_summaries[:, :block]  # (B, i, D): complete earlier blocks
-        keys = torch.cat([keys, torch.zeros_like(keys[:, :1])], dim=1)  # column i: masked
-        logits = sort_net(rows, keys)  # (B, H, i+1, i+1)
-        plan = sinkhorn_plan(
-            logits,
-            block_size=w,
-            is_causal=True,
-            hard=config.hard,
-            balance=config.balance,
-            n_iters=config.n_iters,
-            temperature=config.temperature,
-        )
-        p_row = plan.P[:, :, block, :block].to(self.k.dtype)  # (B, H, i)
-        heads = p_row.shape[1]  # routing is per query head, also with grouped K/V heads
-        kb = rearrange(
-            _repeat_kv(self.k[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w
-        )
-        vb = rearrange(
-            _repeat_kv(self.v[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w
-        )
-        self.sorted_k = torch.einsum("bhn,bhnwe->bhwe", p_row, kb)  # (B, H, W, E)
-        self.sorted_v = torch.einsum("bhn,bhnwe->bhwe", p_row, vb)
-        weight = plan.P[:, :, block, :block].detach().sum(-1)  # (B, H)
         self.sorted_ok = (weight > 0)[:, :, None, None].expand(-1, -1, 1, w)  # (B, H, 1, W)
 
 
@@ -371,27 +350,66 @@ class SequenceRouting:
         self.sorted_ok[b] = False
         if block == 0:
             return  # block 0 receives no sorted block
-        cfg, w = self.config, self.config.block_size
-        rows = self.rows[b : b + 1, : block + 1]  # (1, i+1, D)
-        keys = self.keys[b : b + 1, :block]  # (1, i, D): complete earlier blocks
-        keys = torch.cat([keys, torch.zeros_like(keys[:, :1])], dim=1)  # column i: masked
-        logits = self.sort_net(rows, keys).to(k.dtype)  # (1, H, i+1, i+1)
-        plan = sinkhorn_plan(
-            logits,
-            block_size=w,
-            is_causal=True,
-            hard=cfg.hard,
-            balance=cfg.balance,
-            n_iters=cfg.n_iters,
-            temperature=cfg.temperature,
+        sorted_k, sorted_v, weight = route_block(
+            block,
+            self.rows[b : b + 1],
+            self.keys[b : b + 1],
+            k[None],
+            v[None],
+            self.config,
+            self.sort_net,
+            logits_dtype=k.dtype,
         )
-        p_row = plan.P[0, :, block, :block].to(k.dtype)  # (H, i)
-        heads = p_row.shape[0]
-        kb = rearrange(_repeat_kv(k[None, :, : block * w], heads)[0], "h (n w) e -> h n w e", w=w)
-        vb = rearrange(_repeat_kv(v[None, :, : block * w], heads)[0], "h (n w) e -> h n w e", w=w)
-        self.sorted_k[b] = torch.einsum("hn,hnwe->hwe", p_row, kb)
-        self.sorted_v[b] = torch.einsum("hn,hnwe->hwe", p_row, vb)
-        self.sorted_ok[b] = (plan.P[0, :, block, :block].detach().sum(-1) > 0)[:, None]
+        self.sorted_k[b], self.sorted_v[b] = sorted_k[0], sorted_v[0]
+        self.sorted_ok[b] = (weight[0] > 0)[:, None]
+
+
+def route_block(
+    block: int,
+    rows: Tensor,
+    keys: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: AttentionConfig,
+    sort_net: SortNet,
+    *,
+    logits_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row ``block`` (``i >= 1``) of the causal plan -> block ``i``'s sorted keys and values.
+
+    Args:
+        rows: ``(B, >= i+1, D)`` routing-row summaries; keys: ``(B, >= i, D)`` key summaries
+            of the complete blocks.
+        k, v: ``(B, H_kv, >= i*W, E)`` keys/values of the earlier blocks, in block order.
+        logits_dtype: cast the sort logits to it before balancing (None: keep them).
+
+    Returns:
+        sorted keys and values ``(B, H, W, E)`` and the ``(B, H)`` weight row ``i`` puts on
+        earlier blocks (0: the sorted slots hold nothing).
+    """
+    w = config.block_size
+    rows = rows[:, : block + 1]  # (B, i+1, D)
+    keys = keys[:, :block]  # (B, i, D): complete earlier blocks
+    keys = torch.cat([keys, torch.zeros_like(keys[:, :1])], dim=1)  # column i: masked
+    logits = sort_net(rows, keys)  # (B, H, i+1, i+1)
+    if logits_dtype is not None:
+        logits = logits.to(logits_dtype)
+    plan = sinkhorn_plan(
+        logits,
+        block_size=w,
+        is_causal=True,
+        hard=config.hard,
+        balance=config.balance,
+        n_iters=config.n_iters,
+        temperature=config.temperature,
+    )
+    p_row = plan.P[:, :, block, :block].to(k.dtype)  # (B, H, i)
+    heads = p_row.shape[1]  # routing is per query head, also with grouped K/V heads
+    kb = rearrange(_repeat_kv(k[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
+    vb = rearrange(_repeat_kv(v[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
+    sorted_k = torch.einsum("bhn,bhnwe->bhwe", p_row, kb)  # (B, H, W, E)
+    sorted_v = torch.einsum("bhn,bhnwe->bhwe", p_row, vb)
+    return sorted_k, sorted_v, plan.P[:, :, block, :block].detach().sum(-1)
 
 
 def baseline_keep_row(

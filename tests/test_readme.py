@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from test_docs_blocks import ROOT, Block, blocks, check_command, shell_commands
 
 README = ROOT / "README.md"

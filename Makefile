@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 JOBS ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: setup run test test-slow lint bench gpu-check gpu-wheels clean
+.PHONY: setup run test test-slow lint bench docs gpu-check gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.attention
+
+# The documentation site (mkdocs.yml, docs/) into build/site/, failing on any warning or broken link;
+# installs the docs extra first when mkdocs is missing.
+docs: setup
+	@$(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The CUDA checks (gpu-marked tests, then a short CUDA benchmark into benchmarks/results/cuda/,
 # then the README's GPU section), in <= 8 min on one H200. No venv and no network: the machine's

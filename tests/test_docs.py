@@ -39,7 +39,7 @@ def test_python_blocks_compile(path: Path) -> None:
 
 
 HISTORY = re.compile(
-    r"\b(the lead|earlier version|for the record|previously|no longer|issue \d+|#\d{1,4}\b)",
+    r"\b(the lead|earlier version|for the record|previously|issue \d+)|(?<!\.md)#\d{1,4}\b",
     flags=re.I,
 )
 
@@ -54,7 +54,7 @@ def test_every_page_is_in_the_nav_and_api_pages_are_public() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in (ROOT / "docs").rglob("*.md"):
         rel = str(page.relative_to(ROOT / "docs"))
-        assert rel == "pypi.md" or rel in nav, f"{rel} is not in mkdocs.yml's nav"
+        assert rel == "pypi.md" or rel.startswith("results/") or rel in nav, rel
     public = {"ops", "nn", "models", "train", "hf", "errors"}
     api = {p.stem for p in (ROOT / "docs" / "api").glob("*.md")}
     assert api == public

@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -66,7 +67,6 @@ from .nn.cache import SequenceRouting
 from .nn.config import AttentionConfig
 from .nn.sortnet import SortNet
 from .ops import dense_attention, sinkhorn_attention
-from .ops.blocks import block_summaries, causal_block_summaries
 
 try:
     import transformers
@@ -87,18 +87,16 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
     "gpt2": ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"),
 }
 
-# The convert() options beyond block_size, with their defaults (AttentionConfig's).
-_DEFAULTS = AttentionConfig()
+# The convert() options beyond block_size, with their defaults: AttentionConfig's fields
+# that apply to a causal Sinkhorn layer (an option added there is an option here), and
+# ``mixture`` for the kind.
+_NOT_OPTIONS = ("kind", "block_size", "n_sortcut", "sparse_mode", "share_kv", "top_k")
 OPTIONS: dict[str, Any] = {
+    **{f.name: f.default for f in fields(AttentionConfig) if f.name not in _NOT_OPTIONS},
     "max_len": None,  # default: the model's max_position_embeddings / n_positions
     # length-agnostic: a linear net sized by a long model's positions would add about
     # H_kv*E x H*max_len/b weights per layer (67M for a Llama-3-8B shape at 128K positions)
     "sort_net": "bilinear",
-    "pooling": _DEFAULTS.pooling,
-    "hard": _DEFAULTS.hard,
-    "n_iters": _DEFAULTS.n_iters,
-    "temperature": _DEFAULTS.temperature,
-    "gumbel_noise": _DEFAULTS.gumbel_noise,
     "mixture": False,
 }
 # Attention-function keyword arguments of features this integration does not implement.
@@ -121,9 +119,9 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
         **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
             net; default the model's maximum positions), ``sort_net`` (``"bilinear"``, the
             default here: length-agnostic; ``"linear"``, the paper's; ``"mlp"``), ``pooling``
-            (``"sum"``/``"mean"``), ``hard``, ``n_iters``, ``temperature``, ``gumbel_noise``
-            (training mode only), ``mixture`` (add dense attention). The other defaults are
-            :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
+            (``"sum"``/``"mean"``), ``hard``, ``balance``, ``n_iters``, ``temperature``,
+            ``gumbel_noise`` (training mode only), ``mixture`` (add dense attention). The
+            other defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
 
     Returns:
         ``model``, whose attention modules now own a ``sort_net`` (new, randomly initialised
@@ -344,22 +342,15 @@ def sinkhorn_attention_forward(
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first
         query, key, value = (_gather(t, order) for t in (query, key, value))
         mask = torch.arange(length, device=real.device) < real.sum(1, keepdim=True)  # (B, T)
-    logits = _sort_logits(sort_net, value, att, mask)  # (B, H, N, N)
+    x = _routing_input(value, sort_net)  # (B, T, H_kv*E): the values of every KV head
+    logits = sort_net.route(
+        x, att.block_size, causal=True, key_padding_mask=mask, pooling=att.pooling
+    )
+    options = att.op_options(
+        is_causal=True, training=module.training, dropout_p=dropout, scale=scaling
+    )
     out = sinkhorn_attention(
-        query,
-        key,
-        value,
-        logits.to(query.dtype),
-        block_size=att.block_size,
-        is_causal=True,
-        key_padding_mask=mask,
-        mixture=att.kind == "mixture",
-        hard=att.hard,
-        n_iters=att.n_iters,
-        temperature=att.temperature,
-        gumbel_noise=att.gumbel_noise and module.training,
-        dropout_p=dropout,
-        scale=scaling,
+        query, key, value, logits.to(query.dtype), options, key_padding_mask=mask
     )
     assert isinstance(out, Tensor)
     if order is not None:
@@ -434,17 +425,6 @@ def _routing_input(value: Tensor, sort_net: SortNet) -> Tensor:
     return x.to(next(sort_net.parameters()).dtype)
 
 
-def _sort_logits(
-    sort_net: SortNet, value: Tensor, att: AttentionConfig, mask: Tensor | None
-) -> Tensor:
-    """``(B, H, N, N)`` routing logits from block summaries of the values of every KV head."""
-    x = _routing_input(value, sort_net)  # (B, T, H_kv*E)
-    w = att.block_size
-    keys = block_summaries(x, w, key_padding_mask=mask, pooling=att.pooling)  # (B, N, H_kv*E)
-    rows = causal_block_summaries(x, w, key_padding_mask=mask, pooling=att.pooling)
-    return sort_net(rows, keys)
-
-
 def _key_padding(
     attention_mask: Tensor | None, batch: int, q_len: int, length: int, device: torch.device
 ) -> Tensor | None:
@@ -482,17 +462,8 @@ def _gather(x: Tensor, order: Tensor) -> Tensor:
 
 
 def _attention_config(options: dict[str, Any]) -> AttentionConfig:
-    return AttentionConfig(
-        kind="mixture" if options["mixture"] else "sinkhorn",
-        block_size=options["block_size"],
-        max_len=options["max_len"],
-        hard=options["hard"],
-        sort_net=options["sort_net"],
-        pooling=options["pooling"],
-        n_iters=options["n_iters"],
-        temperature=options["temperature"],
-        gumbel_noise=options["gumbel_noise"],
-    )
+    fields_ = {k: v for k, v in {**OPTIONS, **options}.items() if k != "mixture"}
+    return AttentionConfig(kind="mixture" if options["mixture"] else "sinkhorn", **fields_)
 
 
 def _attention_modules(model: nn.Module, family: str) -> list[nn.Module]:

@@ -6,7 +6,6 @@ Axes: B batch, L length, S memory length, D model dim, H heads, E head dim, N bl
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -22,7 +21,6 @@ from ..ops import (
     topk_block_attention,
 )
 from ..ops._validate import check_layer_input
-from ..ops.blocks import block_summaries, causal_block_summaries
 from .cache import AttentionCache
 from .config import AttentionConfig
 from .sortnet import SortNet
@@ -43,19 +41,21 @@ def check_sizes(d_model: int, n_heads: int, dropout: float) -> None:
 class SinkhornSelfAttention(nn.Module):
     """Multi-head self-attention with Sparse Sinkhorn attention or a baseline.
 
-    ``attention`` picks the kind: ``"sinkhorn"`` (local + sorted blocks), ``"mixture"``
-    (sinkhorn + dense), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse Transformer) or
-    ``"topk"`` (own block + the ``top_k`` blocks MoBA's parameter-free gate picks).
-    The sort net reads masked block summaries of the layer input; in a causal layer the
-    query side uses leak-free prefix summaries (docs/method.md §5), so the layer is exactly causal.
-    Gumbel noise and dropout apply in training mode only.
+    ``config`` (an :class:`AttentionConfig`) says how it attends; or give its fields as
+    keywords, with ``attention`` for its ``kind``: ``"sinkhorn"`` (local + sorted blocks),
+    ``"mixture"`` (sinkhorn + dense), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse
+    Transformer) or ``"topk"`` (own block + the ``top_k`` blocks MoBA's parameter-free gate
+    picks). The sort net reads masked block summaries of the layer input; in a causal layer
+    the query side uses leak-free prefix summaries (docs/method.md §5), so the layer is
+    exactly causal. Gumbel noise and dropout apply in training mode only.
 
-    Args (beyond :class:`AttentionConfig`'s fields, which are accepted as keywords):
+    Args:
         d_model: model width ``D``; must be divisible by ``n_heads``.
         n_heads: heads ``H``.
         causal: decoder self-attention.
         dropout: attention-weight dropout (training only).
         bias: biases in the projections.
+        config: the attention configuration (then no ``attention``/field keywords).
 
     Shapes: ``x`` ``(B, L, D)`` with any ``L <= max_len`` (any ``L`` for ``bilinear``),
     ``key_padding_mask`` ``(B, L)`` bool (True = real token) -> ``(B, L, D)``.
@@ -69,12 +69,17 @@ class SinkhornSelfAttention(nn.Module):
         causal: bool = False,
         dropout: float = 0.0,
         bias: bool = True,
+        config: AttentionConfig | None = None,
         attention: str = "sinkhorn",
-        **config: Any,
+        **fields: Any,
     ) -> None:
         super().__init__()
         check_sizes(d_model, n_heads, dropout)
-        self.config = AttentionConfig(kind=attention, **config)
+        if config is None:
+            config = AttentionConfig(kind=attention, **fields)
+        elif fields or attention != "sinkhorn":
+            raise TypeError("give either config=AttentionConfig(...) or its fields, not both")
+        self.config = config
         if causal and self.config.n_sortcut is not None:
             raise ValueError(
                 "SortCut (n_sortcut) is for encoders only; it cannot be causal (a decoder, "
@@ -94,22 +99,20 @@ class SinkhornSelfAttention(nn.Module):
     def from_config(
         cls, d_model: int, n_heads: int, config: AttentionConfig, **kwargs: Any
     ) -> SinkhornSelfAttention:
-        fields = asdict(config)
-        return cls(d_model, n_heads, attention=fields.pop("kind"), **fields, **kwargs)
+        """``cls(d_model, n_heads, config=config, **kwargs)``."""
+        return cls(d_model, n_heads, config=config, **kwargs)
 
     def sort_logits(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)``."""
         assert self.sort_net is not None, "only sinkhorn/mixture layers have a sort net"
         cfg = self.config
-        keys = block_summaries(
-            x, cfg.block_size, key_padding_mask=key_padding_mask, pooling=cfg.pooling
-        )  # (B, N, D)
-        rows = keys
-        if self.causal:
-            rows = causal_block_summaries(
-                x, cfg.block_size, key_padding_mask=key_padding_mask, pooling=cfg.pooling
-            )  # (B, N, D): row i sees positions <= i*W only
-        return self.sort_net(rows, keys)
+        return self.sort_net.route(
+            x,
+            cfg.block_size,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            pooling=cfg.pooling,
+        )
 
     def forward(
         self,
@@ -175,21 +178,9 @@ class SinkhornSelfAttention(nn.Module):
             return topk_block_attention(
                 q, k, v, block_size=cfg.block_size, top_k=cfg.top_k, **common
             ), None
+        options = cfg.op_options(is_causal=self.causal, training=self.training, dropout_p=p)
         out, plan = sinkhorn_attention_with_plan(
-            q,
-            k,
-            v,
-            self.sort_logits(x, mask),
-            block_size=cfg.block_size,
-            n_sortcut=cfg.n_sortcut,
-            mixture=cfg.kind == "mixture",
-            hard=cfg.hard,
-            balance=cfg.balance,
-            n_iters=cfg.n_iters,
-            temperature=cfg.temperature,
-            gumbel_noise=cfg.gumbel_noise and self.training,
-            generator=generator,
-            **common,
+            q, k, v, self.sort_logits(x, mask), options, key_padding_mask=mask, generator=generator
         )
         return out, plan
 

@@ -28,14 +28,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
-from ..ops import sinkhorn_plan, sparse_pattern, topk_block_selection
-from ..ops.blocks import block_summaries, causal_block_summaries, num_blocks
-from ..ops.masked import masked_sdpa
+from ..ops.blocks import num_blocks
+from ..ops.decode import (
+    attend_token,
+    baseline_keep_row,
+    local_and_sorted_token,
+    sorted_row,
+    topk_keep_row,
+)
 from .config import AttentionConfig
-from .sortnet import SortNet
+from .sortnet import SortNet, routing_summaries
 
 
 @dataclass
@@ -93,8 +97,8 @@ class AttentionCache:
         started, complete = num_blocks(length, w), length // w  # blocks begun / finished
         self.x_sum = x.sum(dim=1)  # (B, D)
         self.block_sum = x[:, complete * w :].sum(dim=1)  # (B, D); zeros when none
-        self.row_summaries = causal_block_summaries(x, w, pooling=config.pooling)[:, :started]
-        self.key_summaries = block_summaries(x, w, pooling=config.pooling)[:, :complete]
+        rows, keys = routing_summaries(x, w, causal=True, pooling=config.pooling)
+        self.row_summaries, self.key_summaries = rows[:, :started], keys[:, :complete]
         if length % w:  # the next token continues block `complete`, already routed
             self._route_block(complete, config, sort_net)
 
@@ -136,11 +140,14 @@ class AttentionCache:
         """One token of dense / local / sparse attention: the causal mask row of position t."""
         t = self._append(k, v)
         assert self.k is not None and self.v is not None
+        w = config.block_size
         if config.kind == "topk":
-            keep = _topk_keep_row(q, self.k, config)  # (B, H, 1, T)
-            return _attend(q, self.k, self.v, keep)
-        keep = baseline_keep_row(config, t, device=q.device)  # (T,)
-        return _attend(q, self.k, self.v, keep[None, None, None])
+            keep = topk_keep_row(q, self.k, block_size=w, top_k=config.top_k)  # (B, H, 1, T)
+            return attend_token(q, self.k, self.v, keep)
+        keep = baseline_keep_row(
+            config.kind, t, block_size=w, sparse_mode=config.sparse_mode, device=q.device
+        )  # (T,)
+        return attend_token(q, self.k, self.v, keep[None, None, None])
 
     def _step_sorting(
         self,
@@ -168,18 +175,15 @@ class AttentionCache:
             key = self.block_sum if config.pooling == "sum" else self.block_sum / w
             self.key_summaries = _append_row(self.key_summaries, key)
         assert self.k is not None and self.v is not None
-        heads = q.shape[1]
-        keys = _repeat_kv(self.k[:, :, block * w :], heads)  # local triangle, (B, H, ., E)
-        values = _repeat_kv(self.v[:, :, block * w :], heads)
-        keep = torch.ones(*keys.shape[:2], 1, keys.shape[2], dtype=torch.bool, device=q.device)
+        local_k, local_v = self.k[:, :, block * w :], self.v[:, :, block * w :]  # triangle row
+        ones = torch.ones(1, 1, 1, local_k.shape[2], dtype=torch.bool, device=q.device)
+        sorted_ = None
         if self.sorted_k is not None:
             assert self.sorted_v is not None and self.sorted_ok is not None
-            keys = torch.cat([keys, self.sorted_k], dim=2)  # (B, H, t - iW + 1 + W, E)
-            values = torch.cat([values, self.sorted_v], dim=2)
-            keep = torch.cat([keep, self.sorted_ok], dim=-1)
-        out = _attend(q, keys, values, keep)
+            sorted_ = (self.sorted_k, self.sorted_v, self.sorted_ok)
+        out = local_and_sorted_token(q, (local_k, local_v, ones), sorted_)
         if config.kind == "mixture":
-            out = out + _attend(q, self.k, self.v, None)
+            out = out + attend_token(q, self.k, self.v, None)
         return out
 
     def _route_block(self, block: int, config: AttentionConfig, sort_net: SortNet | None) -> None:
@@ -276,8 +280,8 @@ class SequenceRouting:
             started, complete = num_blocks(r, w), r // w
             self.x_sum[b] = xb[0].sum(0)
             self.block_sum[b] = xb[0, complete * w :].sum(0)
-            self.rows[b, :started] = causal_block_summaries(xb, w, pooling=pooling)[0, :started]
-            self.keys[b, :complete] = block_summaries(xb, w, pooling=pooling)[0, :complete]
+            rows, keys = routing_summaries(xb, w, causal=True, pooling=pooling)
+            self.rows[b, :started], self.keys[b, :complete] = rows[0, :started], keys[0, :complete]
             tail = idx[complete * w :]
             self.block_k[b, :, : tail.numel()] = k[b, :, tail]
             self.block_v[b, :, : tail.numel()] = v[b, :, tail]
@@ -333,14 +337,10 @@ class SequenceRouting:
             key = self.block_sum if pooling == "sum" else self.block_sum / w
             self.keys[batch, r // w] = torch.where(done[:, None], key, self.keys[batch, r // w])
         self.count = r + 1
-        heads = q.shape[1]
         local_ok = torch.arange(w, device=q.device)[None, :] <= offset[:, None]  # (B, W)
-        keys_ = torch.cat([_repeat_kv(self.block_k, heads), self.sorted_k], dim=2)
-        values_ = torch.cat([_repeat_kv(self.block_v, heads), self.sorted_v], dim=2)
-        keep = torch.cat([local_ok[:, None].expand(-1, heads, -1), self.sorted_ok], dim=-1)
-        keep = keep[:, :, None, :]  # (B, H, 1, 2W)
-        values_ = torch.where(keep.any(-2)[..., None], values_, values_.new_zeros(()))
-        return masked_sdpa(q, keys_, values_, keep, 0.0, scale)
+        local = (self.block_k, self.block_v, local_ok[:, None, None, :])
+        sorted_ = (self.sorted_k, self.sorted_v, self.sorted_ok[:, :, None, :])
+        return local_and_sorted_token(q, local, sorted_, scale)
 
     def _route(self, b: int, block: int, k: Tensor, v: Tensor) -> None:
         """Routing row ``block`` of sequence ``b`` -> its sorted keys/values; ``k, v``
@@ -375,75 +375,22 @@ def route_block(
     *,
     logits_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Row ``block`` (``i >= 1``) of the causal plan -> block ``i``'s sorted keys and values.
+    """Row ``block`` (``i >= 1``) of the causal plan from the running summaries -> block
+    ``i``'s sorted keys, values and row weight (:func:`~sparse_sinkhorn.ops.decode.sorted_row`).
 
     Args:
         rows: ``(B, >= i+1, D)`` routing-row summaries; keys: ``(B, >= i, D)`` key summaries
             of the complete blocks.
         k, v: ``(B, H_kv, >= i*W, E)`` keys/values of the earlier blocks, in block order.
         logits_dtype: cast the sort logits to it before balancing (None: keep them).
-
-    Returns:
-        sorted keys and values ``(B, H, W, E)`` and the ``(B, H)`` weight row ``i`` puts on
-        earlier blocks (0: the sorted slots hold nothing).
     """
-    w = config.block_size
     rows = rows[:, : block + 1]  # (B, i+1, D)
     keys = keys[:, :block]  # (B, i, D): complete earlier blocks
     keys = torch.cat([keys, torch.zeros_like(keys[:, :1])], dim=1)  # column i: masked
     logits = sort_net(rows, keys)  # (B, H, i+1, i+1)
     if logits_dtype is not None:
         logits = logits.to(logits_dtype)
-    plan = sinkhorn_plan(
-        logits,
-        block_size=w,
-        is_causal=True,
-        hard=config.hard,
-        balance=config.balance,
-        n_iters=config.n_iters,
-        temperature=config.temperature,
-    )
-    p_row = plan.P[:, :, block, :block].to(k.dtype)  # (B, H, i)
-    heads = p_row.shape[1]  # routing is per query head, also with grouped K/V heads
-    kb = rearrange(_repeat_kv(k[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
-    vb = rearrange(_repeat_kv(v[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
-    sorted_k = torch.einsum("bhn,bhnwe->bhwe", p_row, kb)  # (B, H, W, E)
-    sorted_v = torch.einsum("bhn,bhnwe->bhwe", p_row, vb)
-    return sorted_k, sorted_v, plan.P[:, :, block, :block].detach().sum(-1)
-
-
-def baseline_keep_row(
-    config: AttentionConfig, t: int, *, device: torch.device | None = None
-) -> Tensor:
-    """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline layer:
-    all (dense), its own block (:func:`~sparse_sinkhorn.ops.local_attention`), or row ``t`` of
-    :func:`~sparse_sinkhorn.ops.sparse_pattern`."""
-    w = config.block_size
-    if config.kind == "dense":
-        return torch.ones(t + 1, dtype=torch.bool, device=device)
-    if config.kind == "local":
-        return torch.arange(t + 1, device=device) // w == t // w
-    if config.kind == "sparse":
-        row = torch.tensor([t], device=device)
-        return sparse_pattern(
-            t + 1, block_size=w, is_causal=True, mode=config.sparse_mode, device=device, queries=row
-        )[0]
-    raise ValueError(f"no cached baseline for attention kind {config.kind!r}")
-
-
-def _topk_keep_row(q: Tensor, k: Tensor, config: AttentionConfig) -> Tensor:
-    """``(B, H, 1, T)`` bool: the keys the newest query ``q`` ``(B, H, 1, E)`` sees in a
-    ``topk`` layer: its own block's (causal) and those of the blocks the gate picks for it
-    (:func:`~sparse_sinkhorn.ops.topk_block_selection`, asked for the last row only)."""
-    keys = _repeat_kv(k, q.shape[1])  # (B, H, T, E)
-    t, w = keys.shape[2] - 1, config.block_size
-    rows = torch.cat([q.new_zeros(*q.shape[:2], t, q.shape[-1]), q], dim=2)  # query at t
-    picked = topk_block_selection(rows, keys, block_size=w, top_k=config.top_k, is_causal=True)[
-        :, :, t
-    ]  # (B, H, k)
-    blk = torch.arange(t + 1, device=q.device) // w  # (T,)
-    keep = (blk[None, None, :, None] == picked[:, :, None, :]).any(-1)  # (B, H, T)
-    return (keep | (blk == t // w))[:, :, None, :]
+    return sorted_row(logits, block, k, v, config.op_options(is_causal=True))
 
 
 def _append_row(rows: Tensor | None, row: Tensor) -> Tensor:
@@ -451,19 +398,4 @@ def _append_row(rows: Tensor | None, row: Tensor) -> Tensor:
     return row[:, None] if rows is None else torch.cat([rows, row[:, None]], dim=1)
 
 
-def _repeat_kv(x: Tensor, heads: int) -> Tensor:
-    """``(B, H_kv, S, E)`` -> ``(B, H, S, E)``: each key/value head serves ``H / H_kv`` heads."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
-    """Attention of ``(B, H, 1, E)`` queries (the op's kernel call); rows with no kept key
-    give 0."""
-    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])  # grouped-query K/V
-    if keep is not None:
-        # where, not a zero weight: a NaN/Inf value at a masked position must not reach the output
-        v = torch.where(keep.any(-2)[..., None], v, v.new_zeros(()))  # keep: (., ., 1, S)
-    return masked_sdpa(q, k, v, keep, 0.0, None)
-
-
-__all__ = ["AttentionCache", "DecodingCache", "SequenceRouting", "baseline_keep_row"]
+__all__ = ["AttentionCache", "DecodingCache", "SequenceRouting"]

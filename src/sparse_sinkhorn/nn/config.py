@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..ops.blocks import num_blocks
-from ..ops.sinkhorn import BALANCES
+from ..ops.options import SinkhornOptions
 from .sortnet import SORT_NETS
 
 ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse", "topk")
@@ -68,31 +68,42 @@ class AttentionConfig:
             raise ValueError(
                 f"unknown attention kind {self.kind!r}; choose one of {ATTENTION_KINDS}"
             )
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be > 0, got {self.block_size}")
         if self.max_len <= 0:
             raise ValueError(f"max_len must be > 0, got {self.max_len}")
-        if self.n_sortcut is not None:
-            if self.kind != "sinkhorn":
-                raise ValueError(
-                    f"n_sortcut applies to attention kind 'sinkhorn' only, not {self.kind!r}"
-                )
-            if self.n_sortcut <= 0:
-                raise ValueError(f"n_sortcut must be > 0, got {self.n_sortcut}")
+        if self.n_sortcut is not None and self.kind != "sinkhorn":
+            raise ValueError(
+                f"n_sortcut applies to attention kind 'sinkhorn' only, not {self.kind!r}"
+            )
+        self.op_options(is_causal=False)  # block_size, n_sortcut, balance, n_iters, temperature
         if self.sort_net not in SORT_NETS:
             raise ValueError(f"sort_net must be one of {SORT_NETS}, got {self.sort_net!r}")
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {self.pooling!r}")
-        if self.n_iters < 0:
-            raise ValueError(f"n_iters must be >= 0, got {self.n_iters}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.balance not in BALANCES:
-            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
         if self.top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")
         if self.sparse_mode not in ("fixed", "strided"):
             raise ValueError(f"sparse_mode must be 'fixed' or 'strided', got {self.sparse_mode!r}")
+
+    def op_options(
+        self,
+        *,
+        is_causal: bool,
+        training: bool = False,
+        dropout_p: float = 0.0,
+        scale: float | None = None,
+    ) -> SinkhornOptions:
+        """The op's :class:`~sparse_sinkhorn.ops.SinkhornOptions` for this configuration:
+        same-named fields are copied; Gumbel noise only in ``training``; ``mixture`` from
+        the kind."""
+        same = {f.name: getattr(self, f.name) for f in fields(SinkhornOptions) if f.name in _OWN}
+        return SinkhornOptions(
+            **same,
+            is_causal=is_causal,
+            mixture=self.kind == "mixture",
+            gumbel_noise=self.gumbel_noise and training,
+            dropout_p=dropout_p,
+            scale=scale,
+        )
 
     @property
     def uses_sorting(self) -> bool:
@@ -110,3 +121,11 @@ class AttentionConfig:
     @property
     def max_blocks(self) -> int:
         return num_blocks(self.max_len, self.block_size)
+
+
+# The op options an AttentionConfig holds under the same name (the rest are set per call).
+_OWN = frozenset(
+    f.name
+    for f in fields(SinkhornOptions)
+    if f.name not in ("is_causal", "mixture", "gumbel_noise", "dropout_p", "scale")
+)

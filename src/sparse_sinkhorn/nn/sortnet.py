@@ -9,6 +9,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..ops.blocks import block_summaries, causal_block_summaries
+
 SORT_NETS = ("linear", "mlp", "bilinear")
 
 
@@ -62,6 +64,22 @@ class SortNet(nn.Module):
             self.net = nn.Linear(d_model, n_heads * self.d_sort)  # query-block side
             self.key_net = nn.Linear(d_model, n_heads * self.d_sort)  # key-block side
 
+    def route(
+        self,
+        x: Tensor,
+        block_size: int,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None = None,
+        pooling: str = "sum",
+    ) -> Tensor:
+        """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)``: the sort
+        net on its :func:`routing_summaries` (the one recipe every layer and cache uses)."""
+        rows, keys = routing_summaries(
+            x, block_size, causal=causal, key_padding_mask=key_padding_mask, pooling=pooling
+        )
+        return self(rows, keys)
+
     def forward(self, query_summary: Tensor, key_summary: Tensor | None = None) -> Tensor:
         """``(B, N, D)`` row summaries (and key summaries for bilinear) -> ``(B, H, N, N)``.
 
@@ -83,3 +101,23 @@ class SortNet(nn.Module):
             )
         scores = rearrange(self.net(query_summary), "b n (h m) -> b h n m", h=self.n_heads)
         return scores[..., :n]  # (B, H, N, N)
+
+
+def routing_summaries(
+    x: Tensor,
+    block_size: int,
+    *,
+    causal: bool,
+    key_padding_mask: Tensor | None = None,
+    pooling: str = "sum",
+) -> tuple[Tensor, Tensor]:
+    """What the sort net reads: ``(B, N, D)`` row and key summaries of ``x`` ``(B, L, D)``.
+
+    Keys are the masked block summaries; rows are the same, or in a causal layer the
+    leak-free prefix summaries (row ``i`` sees positions ``<= i*W`` only, docs/method.md §5).
+    """
+    keys = block_summaries(x, block_size, key_padding_mask=key_padding_mask, pooling=pooling)
+    if not causal:
+        return keys, keys
+    rows = causal_block_summaries(x, block_size, key_padding_mask=key_padding_mask, pooling=pooling)
+    return rows, keys

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from .attention import (
     SinkhornOutput,
-    SinkhornPlan,
     attend_with_plan,
     sinkhorn_attention,
     sinkhorn_attention_with_plan,
-    sinkhorn_plan,
 )
 from .baselines import (
     dense_attention,
@@ -19,6 +17,8 @@ from .baselines import (
     topk_block_selection,
 )
 from .blocks import block_summaries, causal_block_summaries, num_blocks, pad_to_blocks
+from .options import SinkhornOptions
+from .plan import SinkhornPlan, sinkhorn_plan
 from .reference import (
     reference_dense_attention,
     reference_sinkhorn_attention,
@@ -29,6 +29,7 @@ from .reference import (
 from .sinkhorn import hard_routing, sample_gumbel, sinkhorn_balance
 
 __all__ = [
+    "SinkhornOptions",
     "SinkhornOutput",
     "SinkhornPlan",
     "attend_with_plan",

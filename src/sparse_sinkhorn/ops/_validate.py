@@ -106,6 +106,12 @@ def check_common(
     dropout_p: float,
     scale: float | None,
 ) -> None:
+    check_padding_mask(key, key_padding_mask)
+    check_dropout_and_scale(dropout_p, scale)
+
+
+def check_padding_mask(key: Tensor, key_padding_mask: Tensor | None) -> None:
+    """None, or a bool ``(B, L)`` tensor on ``key``'s device (``key`` ``(B, H, L, D)``)."""
     batch, _, length, _ = key.shape
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, key.device)
@@ -119,6 +125,10 @@ def check_common(
                 f"key_padding_mask must have shape (B, L) = {(batch, length)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
+
+
+def check_dropout_and_scale(dropout_p: float, scale: float | None) -> None:
+    """``dropout_p`` in ``[0, 1)``; ``scale`` None or a finite number > 0."""
     if check_number("dropout_p", dropout_p, low=0.0, low_ok=True) >= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None:
@@ -135,10 +145,10 @@ def check_sinkhorn(
     sort_logits: Tensor,
     *,
     block_size: int,
-    is_causal: bool,
     n_sortcut: int | None,
 ) -> None:
-    check_block_size(block_size)
+    """The routing logits and the SortCut budget against the inputs' shapes (the options
+    themselves are checked when :class:`~.options.SinkhornOptions` is built)."""
     check_tensor("sort_logits", sort_logits, key.device)
     batch, heads, length, _ = key.shape
     n = num_blocks(length, block_size)
@@ -149,20 +159,11 @@ def check_sinkhorn(
             f"block_size={block_size} (N = ceil(L / block_size) = {n}); "
             f"got {tuple(sort_logits.shape)}"
         )
-    if n_sortcut is not None:
-        if is_causal:
-            raise ValueError(
-                "SortCut (n_sortcut) is for encoders only: every query sees the first n "
-                "sorted blocks, which would include the future; use is_causal=False"
-            )
-        if isinstance(n_sortcut, bool) or not isinstance(n_sortcut, int) or n_sortcut <= 0:
-            raise ValueError(f"n_sortcut must be a positive int, got {n_sortcut!r}")
-        if n_sortcut > n:
-            raise ValueError(
-                f"n_sortcut={n_sortcut} is larger than the number of blocks N={n} "
-                f"(L={length}, block_size={block_size})"
-            )
-    # dtype, temperature and n_iters: check_balance, when sinkhorn_balance runs
+    if n_sortcut is not None and n_sortcut > n:
+        raise ValueError(
+            f"n_sortcut={n_sortcut} is larger than the number of blocks N={n} "
+            f"(L={length}, block_size={block_size})"
+        )
 
 
 def check_balance(logits: Tensor, n_iters: int, temperature: float) -> None:
@@ -171,6 +172,11 @@ def check_balance(logits: Tensor, n_iters: int, temperature: float) -> None:
         raise ValueError(f"sort logits must have at least 2 dims (..., N, M), got {logits.shape}")
     if not logits.is_floating_point():
         raise TypeError(f"sort logits must be floating point, got {logits.dtype}")
+    check_iterations(n_iters, temperature)
+
+
+def check_iterations(n_iters: int, temperature: float) -> None:
+    """``n_iters`` a non-negative int; ``temperature`` a finite number > 0."""
     check_number("temperature", temperature, low=0.0)
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0:
         raise ValueError(f"n_iters must be a non-negative int, got {n_iters!r}")

@@ -12,12 +12,19 @@ them it may see. Use it on small shapes only.
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .blocks import num_blocks
+from .options import SinkhornOptions, resolve_options
 from .sinkhorn import sample_gumbel
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .options import SinkhornKwargs
 
 
 def reference_sinkhorn_balance(
@@ -106,23 +113,22 @@ def reference_sinkhorn_attention(
     key: Tensor,
     value: Tensor,
     sort_logits: Tensor,
+    options: SinkhornOptions | None = None,
     *,
-    block_size: int,
-    is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
-    n_sortcut: int | None = None,
-    mixture: bool = False,
-    hard: bool = False,
-    balance: str = "sinkhorn",
-    n_iters: int = 8,
-    temperature: float = 0.75,
-    gumbel_noise: bool = False,
     generator: torch.Generator | None = None,
-    scale: float | None = None,
+    **kwargs: Unpack[SinkhornKwargs],
 ) -> Tensor:
-    """The oracle for :func:`sparse_sinkhorn.ops.sinkhorn_attention` (no dropout)."""
+    """The oracle for :func:`sparse_sinkhorn.ops.sinkhorn_attention` (same arguments; no
+    dropout), in float64 on the ``(L, L)`` token grid."""
+    opts = resolve_options(options, kwargs)
+    if opts.dropout_p != 0.0:
+        raise ValueError("the reference has no dropout; pass dropout_p=0")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     batch, heads, length, _ = query.shape
-    w = block_size
+    w = opts.block_size
     n = num_blocks(length, w)
     lp = n * w
     dt = torch.float64
@@ -135,19 +141,23 @@ def reference_sinkhorn_attention(
     block_real = real.view(batch, n, w).any(-1)  # (B, N)
     allowed = (block_real[:, :, None] & block_real[:, None, :])[:, None]  # (B, 1, N, N)
     noise = None
-    if gumbel_noise:
+    if opts.gumbel_noise:
         noise = sample_gumbel(sort_logits.shape, device=sort_logits.device, generator=generator)
     route = (
-        partial(reference_sinkhorn_balance, n_iters=n_iters)
-        if balance == "sinkhorn"
+        partial(reference_sinkhorn_balance, n_iters=opts.n_iters)
+        if opts.balance == "sinkhorn"
         else reference_softmax_routing
     )
     p = route(
-        sort_logits, temperature=temperature, causal=is_causal, allowed=allowed, noise=noise
+        sort_logits,
+        temperature=opts.temperature,
+        causal=opts.is_causal,
+        allowed=allowed,
+        noise=noise,
     )  # (B, H, N, N)
-    rows = n if n_sortcut is None else n_sortcut
+    rows = n if opts.n_sortcut is None else opts.n_sortcut
     p = p[..., :rows, :]
-    if hard:
+    if opts.hard:
         one_hot = torch.zeros_like(p)
         has = p.sum(-1) > 0
         one_hot.scatter_(-1, p.argmax(-1, keepdim=True), 1.0)
@@ -164,9 +174,9 @@ def reference_sinkhorn_attention(
     pos = torch.arange(lp, device=query.device)
     q_blk = pos[:, None] // w  # (Lp, 1)
     slot_blk = torch.arange(rows * w, device=query.device)[None, :] // w  # (1, R*W)
-    if n_sortcut is None:
+    if opts.n_sortcut is None:
         local = (q_blk == pos[None, :] // w) & real[:, None, None, :]  # (B, 1, Lp, Lp)
-        if is_causal:
+        if opts.is_causal:
             local = local & (pos[None, :] <= pos[:, None])
         sorted_ok = (q_blk == slot_blk) & slot_real[:, :, None, :]  # (B, H, Lp, R*W)
     else:
@@ -175,12 +185,12 @@ def reference_sinkhorn_attention(
     keep = torch.cat([local.expand(batch, heads, lp, lp), sorted_ok], dim=-1)
     keys = torch.cat([k, k_sorted], dim=-2)  # (B, H, Lp + R*W, D)
     values = torch.cat([v, v_sorted], dim=-2)
-    out = reference_dense_attention(q, keys, values, keep=keep, scale=scale)
-    if mixture:
+    out = reference_dense_attention(q, keys, values, keep=keep, scale=opts.scale)
+    if opts.mixture:
         dense_keep = real[:, None, None, :].expand(batch, heads, lp, lp)
-        if is_causal:
+        if opts.is_causal:
             dense_keep = dense_keep & (pos[None, :] <= pos[:, None])
-        out = out + reference_dense_attention(q, k, v, keep=dense_keep, scale=scale)
+        out = out + reference_dense_attention(q, k, v, keep=dense_keep, scale=opts.scale)
     return out[:, :, :length]
 
 

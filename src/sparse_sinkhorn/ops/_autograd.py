@@ -1,0 +1,240 @@
+"""The autograd functions of Sparse Sinkhorn attention: sorted blocks (``P @ blocks``, or a
+gather with hard routing) and the two-part path in one node. :mod:`.attention` picks which
+one a call takes.
+
+Axes: B batch, H heads, N blocks, R rows of the plan, W block size, G = B*H.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .lse_merge import local_part_backward, merged_forward, sorted_part_backward
+
+
+def _mix(p3: Tensor, x3: Tensor, idx3: Tensor | None) -> Tensor:
+    """Sorted rows ``P @ x``: ``(G, R, N)`` P and ``(G, N, F)`` x give ``(G, R, F)``.
+
+    With ``idx3`` (``(G, R)`` long, -1 = no block) ``P`` is a 0/1 selection and the rows
+    are gathered instead (O(R·F), not O(R·N·F)); a row with index -1 is 0.
+    """
+    if idx3 is None:
+        return torch.bmm(p3, x3)
+    rows = torch.arange(x3.shape[0], device=x3.device)[:, None]  # (G, 1)
+    picked = x3[rows, idx3.clamp_min(0)]  # (G, R, F), a fresh tensor
+    return picked.masked_fill_(idx3[..., None] < 0, 0.0)
+
+
+def _mix_backward_x(p3: Tensor, g3: Tensor, idx3: Tensor | None, n: int) -> Tensor:
+    """``P^T @ g`` (``(G, N, F)``) for the forward value of ``P``; a scatter when hard."""
+    return _add_mix_backward_x(g3.new_zeros(g3.shape[0], n, g3.shape[-1]), p3, g3, idx3)
+
+
+def _add_mix_backward_x(
+    acc: Tensor, p3: Tensor, g3: Tensor, idx3: Tensor | None, *, zero_if_no_block: bool = False
+) -> Tensor:
+    """``acc += P^T @ g`` in place (``acc`` ``(G, N, F)``); a scatter-add when hard.
+
+    ``zero_if_no_block``: the caller guarantees ``g`` is 0 on rows with index -1.
+    """
+    if idx3 is None:
+        return acc.baddbmm_(p3.mT, g3)
+    if not zero_if_no_block:  # rows that received no block add nothing
+        g3 = torch.where((idx3 >= 0)[..., None], g3, g3.new_zeros(()))
+    return acc.scatter_add_(1, idx3.clamp_min(0)[..., None].expand_as(g3), g3)
+
+
+def _row_chunks(n: int, causal: bool) -> list[tuple[int, int]]:
+    """Row ranges for the plan matmuls. A causal plan is strictly lower triangular, so
+    rows ``[r0, r1)`` only need columns ``< r1``: four row chunks skip about 3/8 of the
+    ``N x N`` mix (and of its gradients); one chunk otherwise."""
+    if not causal or n < 8:
+        return [(0, n)]
+    bounds = [round(n * i / 4) for i in range(5)]
+    return list(itertools.pairwise(bounds))
+
+
+def _mix_rows(p3: Tensor, x3: Tensor, idx3: Tensor | None, chunks: list[tuple[int, int]]) -> Tensor:
+    """:func:`_mix` by row chunks (see :func:`_row_chunks`)."""
+    if idx3 is not None or len(chunks) == 1:
+        return _mix(p3, x3, idx3)
+    out = x3.new_empty(x3.shape[0], p3.shape[1], x3.shape[-1])
+    for r0, r1 in chunks:
+        torch.bmm(p3[:, r0:r1, :r1], x3[:, :r1], out=out[:, r0:r1])
+    return out
+
+
+class TwoPartSinkhorn(torch.autograd.Function):
+    """The common path in one autograd node: sorted blocks, two merged attention parts.
+
+    ``(B, H, N*W, D)`` q, k, v, the ``(B, H, N, N)`` plan ``P`` and its ``(B, H, N)`` block
+    indices (hard routing gathers by them) give ``(B, H, N*W, Dv)``::
+
+        ks_i = sum_j P_ij k_j     vs_i = sum_j P_ij v_j            (or k_idx(i), v_idx(i))
+        out_i = softmax([q_i k_i^T ; q_i ks_i^T] * scale) [v_i ; vs_i]   via lse_merge
+
+    Blocks are flattened to ``(B*H*N, 1, W, D)`` rows for the attention kernels (no copy
+    for contiguous inputs). Saved: q, k, v, P, ``ks``, ``vs``, ``out`` and the ``lse``. The
+    backward adds ``P^T dks`` into ``dk`` in place (a scatter-add when hard) and returns
+    the soft ``dP = dks k^T + dvs v^T`` (straight-through for hard routing).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        p: Tensor,
+        indices: Tensor | None,
+        causal: bool,
+        scale: float,
+    ) -> Tensor:
+        b, h, n = p.shape[:3]
+        w = q.shape[2] // n
+        g = b * h
+        p3 = p.reshape(g, n, n)  # (G, N, N)
+        idx3 = None if indices is None else indices.reshape(g, n)  # (G, N): hard routing
+        q4, k4, v4 = (
+            t.reshape(g * n, 1, w, t.shape[-1]).contiguous() for t in (q, k, v)
+        )  # (G*N, 1, W, D); no copy for contiguous inputs
+        chunks = _row_chunks(n, causal)
+        ks = _mix_rows(p3, k4.view(g, n, -1), idx3, chunks).view(k4.shape)  # (G*N, 1, W, D)
+        vs = _mix_rows(p3, v4.view(g, n, -1), idx3, chunks).view(v4.shape)  # (G*N, 1, W, Dv)
+        no_sorted = None  # causal: blocks that receive no sorted block (block 0)
+        if causal:
+            no_sorted = (idx3 < 0) if idx3 is not None else (p3 == 0).all(-1)  # (G, N)
+            no_sorted = no_sorted.reshape(g * n, 1, 1)
+        out, lse, info = merged_forward(q4, k4, v4, ks, vs, causal, scale, no_sorted)
+        ctx.save_for_backward(q4, k4, v4, p3, idx3, out, lse, no_sorted)
+        # Intermediates, kept on ctx so that the backward can drop them as soon as the
+        # sorted part's gradients are out (saved tensors live until the backward returns).
+        ctx.sorted_kv = [ks, vs]
+        ctx.opts = (causal, scale, info, q.shape)
+        return out.view(b, h, n * w, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q4, k4, v4, p3, idx3, out, lse, no_sorted = ctx.saved_tensors
+        causal, scale, info, q_shape = ctx.opts
+        g, n = p3.shape[:2]
+        b, h, length, _ = q_shape
+        dout = grad.reshape(out.shape)  # (G*N, 1, W, Dv)
+        # Sorted part first: its keys/values are freed before the local part's gradients
+        # exist (peak: out, dq2, dks, dvs, dq, dk, dv -- not also ks, vs).
+        chunks = _row_chunks(n, causal)
+        kv, ctx.sorted_kv = ctx.sorted_kv, None
+        if kv is None:  # a second backward through the graph (retain_graph): rebuild them
+            kv = [_mix_rows(p3, x.view(g, n, -1), idx3, chunks).view(x.shape) for x in (k4, v4)]
+        ks, vs = kv
+        del kv
+        dq2, dks, dvs = sorted_part_backward(dout, q4, ks, vs, out, lse, scale, no_sorted, info)
+        del ks, vs
+        dks3, dvs3 = dks.view(g, n, -1), dvs.view(g, n, -1)  # (G, N, W*D)
+        k3, v3 = k4.view(g, n, -1), v4.view(g, n, -1)
+        grad_p = None
+        if ctx.needs_input_grad[3]:  # soft dP = dks k^T + dvs v^T (straight-through if hard)
+            grad_p = p3.new_zeros(g, n, n) if len(chunks) > 1 else p3.new_empty(g, n, n)
+            for r0, r1 in chunks:  # causal: row i needs columns j < i only
+                part = grad_p[:, r0:r1, :r1]
+                torch.bmm(dks3[:, r0:r1], k3[:, :r1].mT, out=part)
+                part.baddbmm_(dvs3[:, r0:r1], v3[:, :r1].mT)
+            grad_p = grad_p.view(*q_shape[:2], n, n)
+        dq, dk, dv = local_part_backward(dout, q4, k4, v4, out, lse, causal, scale, info)
+        dq += dq2
+        del dq2
+        # dk += P^T dks, dv += P^T dvs (dks = 0 on blocks without a sorted block)
+        if idx3 is None:
+            for c0, c1 in chunks:  # causal: column j receives rows i > j only
+                dk.view(g, n, -1)[:, c0:c1].baddbmm_(p3[:, c0:, c0:c1].mT, dks3[:, c0:])
+                dv.view(g, n, -1)[:, c0:c1].baddbmm_(p3[:, c0:, c0:c1].mT, dvs3[:, c0:])
+        else:
+            _add_mix_backward_x(dk.view(g, n, -1), p3, dks3, idx3, zero_if_no_block=True)
+            _add_mix_backward_x(dv.view(g, n, -1), p3, dvs3, idx3, zero_if_no_block=True)
+        return (
+            dq.view(q_shape),
+            dk.view(b, h, length, -1),
+            dv.view(b, h, length, -1),
+            grad_p,
+            None,
+            None,
+            None,
+        )
+
+
+class SortedBlocks(torch.autograd.Function):
+    """Sorted blocks ``sum_j P_rj x_j``: ``(B, H, R, N)`` P, ``(B, H, N, W, D)`` blocks ->
+    ``(B, H, R, W, D)``; with ``indices`` (hard routing) a gather by index.
+
+    Backward: ``dP = g x^T`` (the soft, straight-through gradient: O(R·N·W·D) in every
+    mode) and ``dx = P^T g`` (a scatter-add when hard). Only ``P`` and ``x`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, xb: Tensor, indices: Tensor | None) -> Tensor:
+        b, h, n, w, d = xb.shape
+        p3 = rearrange(p, "b h r j -> (b h) r j")  # (B*H, R, N)
+        x3 = xb.reshape(b * h, n, w * d)  # (B*H, N, W*D)
+        idx3 = None if indices is None else indices.reshape(b * h, -1)  # (B*H, R)
+        out = _mix(p3, x3, idx3)  # (B*H, R, W*D)
+        ctx.save_for_backward(p3, xb, idx3)
+        return out.view(b, h, -1, w, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        p3, xb, idx3 = ctx.saved_tensors
+        b, h, n, w, d = xb.shape
+        g3 = grad.reshape(b * h, -1, w * d)  # (B*H, R, W*D)
+        grad_p = grad_x = None
+        if ctx.needs_input_grad[0]:
+            x3 = xb.reshape(b * h, n, w * d)
+            grad_p = torch.bmm(g3, x3.mT).view(b, h, -1, n)
+        if ctx.needs_input_grad[1]:
+            grad_x = _mix_backward_x(p3, g3, idx3, n).view(b, h, n, w, d)
+        return grad_p, grad_x, None
+
+
+class LocalAndSorted(torch.autograd.Function):
+    """``[x_i ; sum_j P_ij x_j]`` for every block ``i``, written in place into one buffer.
+
+    ``(B, H, N, N)`` P and ``(B, H, N, W, D)`` blocks give ``(B, H, N, 2W, D)``: the local
+    block followed by the sorted one, i.e. ``cat([xb, einsum("bhij,bhjwd->bhiwd", P, xb)], -2)``
+    without the concatenation copy. The sort matmul (or, with ``indices``, the hard gather)
+    writes straight into the second half of the output, and the backward reads the two
+    halves of the incoming gradient as views; only ``P`` and ``x`` are saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, xb: Tensor, indices: Tensor | None) -> Tensor:
+        b, h, n, w, d = xb.shape
+        p3 = rearrange(p, "b h i j -> (b h) i j")  # (B*H, N, N)
+        x3 = rearrange(xb, "b h n w d -> (b h) n (w d)")  # (B*H, N, W*D)
+        idx3 = None if indices is None else indices.reshape(b * h, n)  # (B*H, N)
+        out = xb.new_empty(b * h, n, 2, w * d)  # (B*H, N, 2, W*D)
+        out[:, :, 0] = x3
+        if idx3 is None and not torch.compiler.is_compiling():
+            torch.bmm(p3, x3, out=out[:, :, 1])  # sorted half, written in place
+        else:
+            out[:, :, 1] = _mix(p3, x3, idx3)
+        ctx.save_for_backward(p3, x3, idx3)
+        ctx.dims = (b, w)
+        return rearrange(out, "(b h) n two (w d) -> b h n (two w) d", b=b, w=w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        p3, x3, idx3 = ctx.saved_tensors
+        b, w = ctx.dims
+        g = rearrange(grad, "b h n (two w) d -> (b h) n two (w d)", two=2)  # (B*H, N, 2, W*D)
+        g_loc, g_srt = g[:, :, 0], g[:, :, 1]  # (B*H, N, W*D) strided views
+        grad_p = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_p = rearrange(torch.bmm(g_srt, x3.mT), "(b h) i j -> b h i j", b=b)
+        if ctx.needs_input_grad[1]:
+            grad_x3 = g_loc + _mix_backward_x(p3, g_srt, idx3, x3.shape[1])  # local + P^T g
+            grad_x = rearrange(grad_x3, "(b h) n (w d) -> b h n w d", b=b, w=w)
+        return grad_p, grad_x, None

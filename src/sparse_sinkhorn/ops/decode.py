@@ -1,0 +1,138 @@
+"""One decoding step of the attention ops: the output at a new position from cached keys and
+values, equal to the full causal forward there (the algorithms behind the decoding caches
+of :mod:`sparse_sinkhorn.nn.cache`, which own the state).
+
+Axes: B batch, H heads, H_kv key/value heads, T positions so far, E head dim, N blocks,
+W block size.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .baselines import sparse_pattern, topk_block_selection
+from .masked import masked_sdpa
+from .options import SinkhornOptions
+from .plan import sinkhorn_plan
+
+
+def sorted_row(
+    logits: Tensor, block: int, k: Tensor, v: Tensor, options: SinkhornOptions
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row ``block`` (``i >= 1``) of the causal plan -> block ``i``'s sorted keys and values.
+
+    Prefix-causal balancing makes row ``i`` of the plan depend on logit rows ``<= i`` only,
+    so the ``(i+1) x (i+1)`` prefix of the logits gives row ``i`` of the full plan.
+
+    Args:
+        logits: ``(B, H, i+1, i+1)`` routing logits of the prefix (column ``i``, the block
+            itself, is never taken).
+        k, v: ``(B, H_kv, >= i*W, E)`` keys/values of the earlier blocks, in block order.
+        options: the layer's op options (causal).
+
+    Returns:
+        sorted keys and values ``(B, H, W, E)`` and the ``(B, H)`` weight row ``i`` puts on
+        earlier blocks (0: the sorted slots hold nothing).
+    """
+    w = options.block_size
+    plan = sinkhorn_plan(logits, options)
+    p_row = plan.P[:, :, block, :block].to(k.dtype)  # (B, H, i)
+    heads = p_row.shape[1]  # routing is per query head, also with grouped K/V heads
+    kb = rearrange(repeat_kv(k[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
+    vb = rearrange(repeat_kv(v[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
+    sorted_k = torch.einsum("bhn,bhnwe->bhwe", p_row, kb)  # (B, H, W, E)
+    sorted_v = torch.einsum("bhn,bhnwe->bhwe", p_row, vb)
+    return sorted_k, sorted_v, plan.P[:, :, block, :block].detach().sum(-1)
+
+
+def baseline_keep_row(
+    kind: str,
+    t: int,
+    *,
+    block_size: int,
+    sparse_mode: str = "fixed",
+    device: torch.device | None = None,
+) -> Tensor:
+    """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline: all
+    (``"dense"``), its own block (``"local"``, :func:`~.baselines.local_attention`), or row
+    ``t`` of :func:`~.baselines.sparse_pattern` (``"sparse"``)."""
+    w = block_size
+    if kind == "dense":
+        return torch.ones(t + 1, dtype=torch.bool, device=device)
+    if kind == "local":
+        return torch.arange(t + 1, device=device) // w == t // w
+    if kind == "sparse":
+        row = torch.tensor([t], device=device)
+        return sparse_pattern(
+            t + 1, block_size=w, is_causal=True, mode=sparse_mode, device=device, queries=row
+        )[0]
+    raise ValueError(f"no cached baseline for attention kind {kind!r}")
+
+
+def topk_keep_row(q: Tensor, k: Tensor, *, block_size: int, top_k: int) -> Tensor:
+    """``(B, H, 1, T)`` bool: the keys the newest query ``q`` ``(B, H, 1, E)`` sees in a
+    ``topk`` layer: its own block's (causal) and those of the blocks the gate picks for it
+    (:func:`~.baselines.topk_block_selection`, asked for the last row only)."""
+    keys = repeat_kv(k, q.shape[1])  # (B, H, T, E)
+    t, w = keys.shape[2] - 1, block_size
+    rows = torch.cat([q.new_zeros(*q.shape[:2], t, q.shape[-1]), q], dim=2)  # query at t
+    picked = topk_block_selection(rows, keys, block_size=w, top_k=top_k, is_causal=True)[
+        :, :, t
+    ]  # (B, H, k)
+    blk = torch.arange(t + 1, device=q.device) // w  # (T,)
+    keep = (blk[None, None, :, None] == picked[:, :, None, :]).any(-1)  # (B, H, T)
+    return (keep | (blk == t // w))[:, :, None, :]
+
+
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """``(B, H_kv, S, E)`` -> ``(B, H, S, E)``: each key/value head serves ``H / H_kv`` heads."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def attend_token(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float | None = None
+) -> Tensor:
+    """Attention of ``(B, H, 1, E)`` queries to ``(B, H_kv, S, E)`` keys/values with a
+    ``(., ., 1, S)`` keep-mask (None: all); rows with no kept key give 0."""
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # grouped-query K/V
+    if keep is not None:
+        # where, not a zero weight: a NaN/Inf value at a masked position must not reach the output
+        v = torch.where(keep.any(-2)[..., None], v, v.new_zeros(()))
+    return masked_sdpa(q, k, v, keep, 0.0, scale)
+
+
+def local_and_sorted_token(
+    q: Tensor,
+    local: tuple[Tensor, Tensor, Tensor],
+    sorted_: tuple[Tensor, Tensor, Tensor] | None,
+    scale: float | None = None,
+) -> Tensor:
+    """One token of Sinkhorn attention: ``q`` ``(B, H, 1, E)`` attends, under one softmax, to
+    its block's keys so far and to the block's sorted keys.
+
+    Args:
+        local: keys, values ``(B, H_kv, S, E)`` of the block's positions and their
+            ``(B, H|1, 1, S)`` keep-mask (the causal triangle's row).
+        sorted_: sorted keys, values ``(B, H, W, E)`` and their ``(B, H, 1, W)`` keep-mask
+            (slots with weight), or None (block 0 receives no sorted block).
+    """
+    heads = q.shape[1]
+    keys, values, keep = repeat_kv(local[0], heads), repeat_kv(local[1], heads), local[2]
+    keep = keep.expand(keys.shape[0], heads, 1, keys.shape[2])
+    if sorted_ is not None:
+        keys = torch.cat([keys, sorted_[0]], dim=2)  # (B, H, S + W, E)
+        values = torch.cat([values, sorted_[1]], dim=2)
+        keep = torch.cat([keep, sorted_[2]], dim=-1)
+    return attend_token(q, keys, values, keep, scale)
+
+
+__all__ = [
+    "attend_token",
+    "baseline_keep_row",
+    "local_and_sorted_token",
+    "repeat_kv",
+    "sorted_row",
+    "topk_keep_row",
+]

@@ -1,0 +1,105 @@
+"""The options of Sparse Sinkhorn attention: one frozen, validated object.
+
+:class:`SinkhornOptions` is the one place the op's options are listed; every entry point
+(:func:`~.attention.sinkhorn_attention`, :func:`~.attention.sinkhorn_plan`, the float64
+reference, the layer, the Hugging Face forward, the decoding caches) takes it, or the same
+names as keywords (:class:`SinkhornKwargs`, checked against the dataclass by a test), and
+builds it once with :func:`resolve_options`. Adding an option: a field here (and in
+:class:`SinkhornKwargs`), the code that reads it, and, for layers, the same-named field of
+:class:`~sparse_sinkhorn.nn.config.AttentionConfig` (copied over by name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypedDict, cast
+
+import torch
+
+from . import _validate
+from .sinkhorn import BALANCES
+
+
+@dataclass(frozen=True)
+class SinkhornOptions:
+    """How Sparse Sinkhorn attention attends (validated on construction).
+
+    Attributes:
+        block_size: tokens per block ``W`` (``b`` in the docs).
+        is_causal: decoder attention: causal local triangle, sorted blocks strictly from the
+            past, prefix-causal balancing.
+        n_sortcut: SortCut budget ``n`` in blocks (encoders only), or None.
+        mixture: add dense attention (Sinkhorn Mixture; O(L²)).
+        hard: straight-through hard routing (argmax block per row forward, soft backward).
+        balance: ``"sinkhorn"`` (the paper) or ``"softmax"`` (rows only, no balancing).
+        n_iters: Sinkhorn balancing rounds (unused with ``balance="softmax"``).
+        temperature: Gumbel-Sinkhorn temperature ``tau`` (> 0).
+        gumbel_noise: add Gumbel noise to the routing logits (training only).
+        dropout_p: dropout on the attention weights, in ``[0, 1)`` (pass 0 in eval).
+        scale: score scale, default ``1/sqrt(D)``.
+    """
+
+    block_size: int
+    is_causal: bool = False
+    n_sortcut: int | None = None
+    mixture: bool = False
+    hard: bool = False
+    balance: str = "sinkhorn"
+    n_iters: int = 8
+    temperature: float = 0.75
+    gumbel_noise: bool = False
+    dropout_p: float = 0.0
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if torch.compiler.is_compiling():
+            return
+        _validate.check_block_size(self.block_size)
+        if self.n_sortcut is not None:
+            if self.is_causal:
+                raise ValueError(
+                    "SortCut (n_sortcut) is for encoders only: every query sees the first n "
+                    "sorted blocks, which would include the future; use is_causal=False"
+                )
+            n = self.n_sortcut
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(f"n_sortcut must be a positive int, got {n!r}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
+        _validate.check_iterations(self.n_iters, self.temperature)
+        _validate.check_dropout_and_scale(self.dropout_p, self.scale)
+
+
+class SinkhornKwargs(TypedDict, total=False):
+    """The fields of :class:`SinkhornOptions` as keyword arguments (for type checkers)."""
+
+    block_size: int  # required unless options= is given
+    is_causal: bool
+    n_sortcut: int | None
+    mixture: bool
+    hard: bool
+    balance: str
+    n_iters: int
+    temperature: float
+    gumbel_noise: bool
+    dropout_p: float
+    scale: float | None
+
+
+def resolve_options(
+    options: SinkhornOptions | None, kwargs: Mapping[str, object]
+) -> SinkhornOptions:
+    """``options`` with ``kwargs`` overriding its fields, or a new object from ``kwargs``."""
+    fields = cast(dict[str, Any], kwargs)
+    if options is None:
+        if "block_size" not in kwargs:
+            raise TypeError("Sinkhorn attention needs block_size=... (or options=...)")
+        return SinkhornOptions(**fields)
+    if not isinstance(options, SinkhornOptions):
+        raise TypeError(f"options must be a SinkhornOptions, got {type(options).__name__}")
+    return dataclasses.replace(options, **fields) if fields else options
+
+
+__all__ = ["SinkhornKwargs", "SinkhornOptions", "resolve_options"]

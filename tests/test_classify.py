@@ -316,10 +316,10 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("preset", ["cpu", "paper"])
 def test_every_preset_builds_every_variant(preset: str) -> None:
     from sparse_sinkhorn.experiments.classify import model_config
-    from sparse_sinkhorn.experiments.classify_common import _SIZES, get_preset
+    from sparse_sinkhorn.experiments.presets import CLASSIFY_SIZES, classify_preset
 
-    for dataset, level in _SIZES:
-        p = get_preset(dataset, level, preset)
+    for dataset, level in CLASSIFY_SIZES:
+        p = classify_preset(dataset, level, preset)
         pair = "separate" if dataset in ("snli", "mnli") else "none"
         for v in VARIANTS.values():
             cfg = model_config(p, v, vocab_size=100, n_classes=3, pair=pair, pad_id=0)

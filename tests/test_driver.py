@@ -19,13 +19,8 @@ import torch
 from helpers_cli import assert_one_line_error
 from sparse_sinkhorn.cli import one_line
 from sparse_sinkhorn.errors import UsageError
-from sparse_sinkhorn.experiments.driver import (
-    GridOptions,
-    WorkerDiedError,
-    grid_options,
-    map_runs,
-    run_name,
-)
+from sparse_sinkhorn.experiments.driver import GridOptions, grid_options, run_name
+from sparse_sinkhorn.experiments.workers import WorkerDiedError, map_runs
 
 
 def test_jobs_of_many_tensors_travel_to_workers() -> None:
@@ -72,7 +67,7 @@ def test_workers_exit_when_the_parent_is_killed() -> None:
     too instead of training on as orphans."""
     code = (
         "import time, sys\n"
-        "from sparse_sinkhorn.experiments.driver import map_runs\n"
+        "from sparse_sinkhorn.experiments.workers import map_runs\n"
         "map_runs([(time.sleep, (120,), {})] * 2, 2)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", code])

@@ -12,7 +12,6 @@ import torch
 
 from sparse_sinkhorn.cli import main
 from sparse_sinkhorn.data import ImageTokens, write_idx
-from sparse_sinkhorn.experiments.common import bits_per_unit
 from sparse_sinkhorn.experiments.image import (
     N_LEVELS,
     START_ID,
@@ -20,6 +19,7 @@ from sparse_sinkhorn.experiments.image import (
     pixel_loss,
     pixel_nll,
 )
+from sparse_sinkhorn.experiments.stats import bits_per_unit
 
 TINY = ["--steps", "2", "--batch-size", "4", "--eval-images", "3", "--samples", "2"]
 

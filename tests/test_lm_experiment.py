@@ -13,8 +13,8 @@ from sparse_sinkhorn.cli import main
 from sparse_sinkhorn.data import Tokenizer
 from sparse_sinkhorn.data.corpus import load_corpus
 from sparse_sinkhorn.errors import UsageError
-from sparse_sinkhorn.experiments.common import bits_per_unit, perplexity
 from sparse_sinkhorn.experiments.lm import build_tokenizer, total_nll
+from sparse_sinkhorn.experiments.stats import bits_per_unit, perplexity
 
 WORDS = [
     "the",

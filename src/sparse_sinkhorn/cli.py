@@ -30,7 +30,7 @@ _COMMANDS: tuple[str, ...] = (
     "sparse_sinkhorn.experiments.image",
     "sparse_sinkhorn.experiments.classify",
     "sparse_sinkhorn.experiments.recall",
-    "sparse_sinkhorn.experiments.generate",
+    "sparse_sinkhorn.generate",
     "sparse_sinkhorn.data.cli",
 )
 

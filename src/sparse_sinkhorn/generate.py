@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data import Tokenizer
-from ..errors import UsageError
-from ..models import LanguageModel, LanguageModelConfig, config_from_dict
-from ..train import CheckpointError, load_model_weights, read_config, resolve_checkpoint
-from ..train.loading import check_shapes_match
-from .common import TASK_FILE, TOKENIZER_FILE, setup_logging
+from .data import Tokenizer
+from .errors import UsageError
+from .experiments.progress import setup_logging
+from .experiments.results import TASK_FILE, TOKENIZER_FILE
+from .models import LanguageModel, LanguageModelConfig, config_from_dict
+from .train import CheckpointError, load_model_weights, read_config, resolve_checkpoint
+from .train.loading import check_shapes_match
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def generate_text(model: LanguageModel, task: dict[str, Any], args: argparse.Nam
 
 
 def generate_images(model: LanguageModel, task: dict[str, Any], args: argparse.Namespace) -> int:
-    from .image import sample_images, save_grid
+    from .experiments.image import sample_images, save_grid
 
     shape = tuple(task["image_shape"])
     t0 = time.perf_counter()

@@ -35,17 +35,19 @@ from typing import Any
 from ..errors import UsageError
 from ..train import cleanup_distributed, init_distributed
 from . import lm, sorting
-from .common import (
-    add_common_args,
-    format_table,
-    mean_and_std,
-    mean_std_cell,
-    parse_kinds,
-    positive_overrides,
-    setup_logging,
-    write_results,
+from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from .driver import Runner, grid_options, train_grid
+from .presets import (
+    ABLATE_LM_PRESET,
+    ABLATE_SEEDS,
+    ABLATE_SORT_PRESET,
+    ABLATE_TASKS,
+    LM_PRESETS,
+    SORT_PRESETS,
 )
-from .driver import add_grid_args, grid_options, train_grid
+from .progress import setup_logging
+from .results import format_table, report
+from .stats import mean_and_std, mean_std_cell
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +70,6 @@ PAPER_NAMES = {
     "kv-tied": "K = V tied",
     "0-iters": "0 Sinkhorn iterations",
 }
-
-# cpu: the sorting task at a smaller budget than `sort`'s cpu preset (sizes: our assumption).
-SORT_PRESET = replace(sorting.PRESETS["cpu"], steps=600, n_eval=500)
-# paper: Table 8's setting, LM1B subwords at b = 32 with the `lm` paper preset's sizes.
-LM_PRESET = replace(lm.PRESETS[("subword", "paper")], block_size=32)
-TASKS = {"cpu": "sort", "paper": "lm"}
 
 
 def summarize_variant(
@@ -120,85 +116,86 @@ def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str
     return format_table(headers, rows)
 
 
+SORT_FLAGS = ("length", "block_size", "n_eval")  # flags of the sort task only
+Runners = dict[str, Runner]
+
+
+def _sort_runners(
+    preset_name: str, changes: dict[str, int], variants: list[str], n_seeds: int
+) -> tuple[Runners, dict[str, Any]]:
+    """The sort task: one :func:`~.sorting.run_seed` runner per variant, and the settings."""
+    base = ABLATE_SORT_PRESET if preset_name == "cpu" else SORT_PRESETS["paper"]
+    # --n-eval caps the eval batch at the cpu preset's, whichever preset runs
+    preset = sorting.with_overrides(base, changes, eval_batch=ABLATE_SORT_PRESET.eval_batch)
+    preset = replace(preset, n_seeds=n_seeds)
+    runners: Runners = {
+        name: partial(
+            sorting.run_seed, "sinkhorn", preset, label=name, attention_options=VARIANTS[name]
+        )
+        for name in variants
+    }
+    return runners, asdict(preset)
+
+
+def _lm_runners(
+    args: argparse.Namespace, changes: dict[str, int], variants: list[str]
+) -> tuple[Runners, dict[str, Any]]:
+    """The lm task (subwords): one :func:`~.lm.run_kind` runner per variant, and the settings."""
+    base = ABLATE_LM_PRESET if args.preset == "paper" else LM_PRESETS[("subword", "cpu")]
+    preset = replace(base, **changes)
+    corpus = lm.load_text(args.corpus, args.data_dir, preset.max_train_chars)
+    streams: dict[str, Any] = {}
+    runners: Runners = {
+        name: partial(
+            lm.run_kind,
+            "sinkhorn",
+            "subword",
+            preset,
+            corpus,
+            streams,
+            attention_options=VARIANTS[name],
+        )
+        for name in variants
+    }
+    return runners, {**asdict(preset), "corpus": corpus.name}
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    task = args.task or TASKS[args.preset]
+    task = args.task or ABLATE_TASKS[args.preset]
     variants = parse_kinds(args.variants, tuple(VARIANTS), what="variant")
     fields = {"steps": "steps", "n_seeds": "seeds"}
     if task == "sort":
-        fields.update(length="length", block_size="block_size", n_eval="n_eval")
-    elif any(getattr(args, f) is not None for f in ("length", "block_size", "n_eval")):
+        fields.update({f: f for f in SORT_FLAGS})
+    elif any(getattr(args, f) is not None for f in SORT_FLAGS):
         raise UsageError("--length, --block-size and --n-eval apply to the sort task only")
-    overrides = positive_overrides(args, fields)
-    n_seeds = overrides.pop("n_seeds", 3 if args.preset == "cpu" else 1)
-    if "length" in overrides:
-        overrides["n_symbols"] = 2 * overrides["length"]  # Tensor2Tensor's alphabet: 2L
-    if "n_eval" in overrides:
-        overrides["eval_batch"] = min(SORT_PRESET.eval_batch, overrides["n_eval"])
+    changes = positive_overrides(args, fields)
+    changes.pop("n_seeds", None)  # the seeds come from seed_list
+    seeds = seed_list(args, ABLATE_SEEDS[args.preset])
     options = grid_options(args)
     dist = init_distributed()
-    results: list[dict[str, Any]]
     if task == "sort":
-        preset = replace(SORT_PRESET, n_seeds=n_seeds, **overrides)
-        if args.preset == "paper":
-            preset = replace(sorting.PRESETS["paper"], n_seeds=n_seeds, **overrides)
-        runners = {
-            name: partial(
-                sorting.run_seed,
-                "sinkhorn",
-                preset,
-                options,
-                label=name,
-                attention_options=VARIANTS[name],
-            )
-            for name in variants
-        }
-        results = train_grid(
-            runners, sorting.seeds_of(preset, args), options, summarize=summarize_variant
-        )
-        settings: dict[str, Any] = asdict(preset)
+        runners, settings = _sort_runners(args.preset, changes, variants, len(seeds))
     else:
-        lm_preset = LM_PRESET if args.preset == "paper" else lm.PRESETS[("subword", "cpu")]
-        lm_preset = replace(lm_preset, **overrides)
-        args.level = "subword"
-        corpus = lm.load_text(args, lm_preset.max_train_chars)
-        streams: dict[str, Any] = {}
-        runners = {
-            name: partial(
-                lm.run_kind,
-                "sinkhorn",
-                "subword",
-                lm_preset,
-                corpus,
-                streams,
-                options,
-                attention_options=VARIANTS[name],
-            )
-            for name in variants
-        }
-        seeds = list(range(args.seed, args.seed + n_seeds))
-        results = train_grid(runners, seeds, options, summarize=summarize_variant)
-        settings = {**asdict(lm_preset), "corpus": corpus.name}
+        runners, settings = _lm_runners(args, changes, variants)
+    results = train_grid(runners, seeds, options, summarize=summarize_variant)
     cleanup_distributed()
     if dist.rank != 0:
         return 0
-    table = results_table(results, task, n_seeds)
-    print(
-        f"\nSortNet ablation on the {task} task (preset {args.preset}; mean ± std over "
-        f"{n_seeds} seed(s)). The paper's column is LM1B subword perplexity at b = 32.\n"
+    title = (
+        f"SortNet ablation on the {task} task (preset {args.preset}; mean ± std over "
+        f"{len(seeds)} seed(s)). The paper's column is LM1B subword perplexity at b = 32."
     )
-    print(table)
     payload = {
         "experiment": "ablate",
         "task": task,
         "preset": args.preset,
-        "settings": {**settings, "n_seeds": n_seeds},
+        "settings": {**settings, "n_seeds": len(seeds)},
         "variants": {name: VARIANTS[name] for name in variants},
         "results": results,
         "paper": {"perplexity": PAPER_PPL, "setting": "LM1B subwords, b = 32"},
     }
-    path = write_results(Path(args.out), payload, table)
-    print(f"\nresults: {path}")
+    report(Path(args.out), title, results_table(results, task, len(seeds)), payload)
     return 0
 
 

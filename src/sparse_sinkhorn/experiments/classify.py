@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from functools import partial
@@ -39,23 +38,21 @@ from ..data import Tokenizer
 from ..errors import UsageError
 from ..models import Classifier, ClassifierConfig
 from ..nn import AttentionConfig
-from ..train import TrainConfig, cleanup_distributed, init_distributed, seed_everything, train
+from ..train import cleanup_distributed, init_distributed
 from ..train.helpers import rank0_call
+from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
 from .classify_common import (
     CLASSIFY_DATASETS,
     DEV_SPLIT,
     EVAL_SPLIT,
     LEVELS,
-    NLI_DATASETS,
     PAPER_ROWS,
     VARIANTS,
-    TaskPreset,
     Variant,
     attention_memory,
     build_tokenizer,
     collate_fn,
     evaluate,
-    get_preset,
     has_split,
     held_out,
     load_pairs,
@@ -66,30 +63,28 @@ from .classify_common import (
     subsample,
     text_dataset,
 )
-from .common import (
-    TOKENIZER_FILE,
-    add_common_args,
-    format_table,
-    mean_and_std,
-    mean_std_cell,
-    parse_kinds,
-    positive_overrides,
-    setup_logging,
-    write_results,
-)
-from .driver import (
-    GridOptions,
-    add_grid_args,
-    check_runs,
-    grid_options,
-    seed_list,
-    train_grid,
-)
+from .driver import Plan, Run, check_runs, fit, grid_options, train_grid
+from .presets import NLI_DATASETS, SCHEDULES, TaskPreset, classify_preset
+from .progress import setup_logging
+from .results import TOKENIZER_FILE, format_table, report
+from .stats import mean_and_std, mean_std_cell
 
 logger = logging.getLogger(__name__)
 
 # Tokenizer, training data, held-out datasets by split name (the main one first), classes, pair.
 Data = tuple[Tokenizer, Dataset[Any], dict[str, Dataset[Any]], int, str]
+
+
+# The preset fields a flag of the same name overrides.
+OVERRIDES = (
+    "steps",
+    "max_len",
+    "block_size",
+    "batch_size",
+    "train_examples",
+    "eval_examples",
+    "d_model",
+)
 
 
 def sequence_length(preset: TaskPreset, pair: str) -> int:
@@ -199,49 +194,19 @@ def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
     return tok, train_ds, {split: eval_ds}, max(n_classes, 2), "none"
 
 
-def run_variant(
-    variant: Variant,
-    preset: TaskPreset,
-    options: GridOptions,
-    data: Data,
-    *,
-    seed: int,
-    name: str,
-) -> dict[str, Any]:
-    """Train one attention variant with one seed in ``<out>/<name>``; score it on the
-    held-out splits."""
+def run_variant(variant: Variant, preset: TaskPreset, data: Data, run: Run) -> dict[str, Any]:
+    """Train one attention variant as ``run``; score it on the held-out splits (a runner of
+    :func:`~.driver.train_grid`)."""
     tok, train_ds, evals, n_classes, pair = data
-    seed_everything(seed)
     config = model_config(preset, variant, tok.vocab_size, n_classes, pair, tok.pad_id)
     model = Classifier(config)
-    out = options.out
-    run_dir = out / name
     info = init_distributed()
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-    train_cfg = TrainConfig(
-        steps=preset.steps,
-        batch_size=preset.batch_size,
-        lr=preset.lr,
-        warmup_steps=min(preset.warmup_steps, preset.steps // 2),
-        seed=seed,
-        log_every=max(1, min(50, preset.steps // 4)),
-        ckpt_every=max(1, preset.steps // 2),
-        progress=options.progress,
-    )
-    t0 = time.perf_counter()
-    result = train(
-        model,
-        train_ds,
-        make_loss_fn(pair),
-        train_cfg,
-        out_dir=run_dir,
-        collate_fn=collate_fn(pair, tok.pad_id),
-        resume=options.resume,
-        model_config=config.to_dict(),
-    )
-    seconds = time.perf_counter() - t0
+        run.dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.out / TOKENIZER_FILE, run.dir / TOKENIZER_FILE)
+    loss_fn, batches = make_loss_fn(pair), collate_fn(pair, tok.pad_id)
+    plan = Plan(model, config.to_dict(), train_ds, loss_fn, collate_fn=batches)
+    fitted = fit(run, plan, preset, SCHEDULES["classify"])
     by_split = {name: {"accuracy": float("nan"), "examples": 0.0} for name in evals}
     if info.is_main:  # the other ranks' results are not reported
         by_split = {
@@ -253,18 +218,18 @@ def run_variant(
     return {
         "attention": variant.name,
         "label": variant.label,
-        "seed": seed,
+        "seed": run.seed,
         "accuracy": scores["accuracy"],
         "eval_examples": int(scores["examples"]),
         "accuracy_by_split": {name: sc["accuracy"] for name, sc in by_split.items()},
         "examples_by_split": {name: int(sc["examples"]) for name, sc in by_split.items()},
-        "train_loss": result.metrics.get("loss"),
-        "train_acc": result.metrics.get("acc"),
-        "train_seconds": round(seconds, 1),
+        "train_loss": fitted.train_loss,
+        "train_acc": fitted.result.metrics.get("acc"),
+        "train_seconds": round(fitted.seconds, 1),
         "block_size": block,
         "n_sortcut": variant.n_sortcut,
         "memory": attention_memory(variant, sequence_length(preset, pair), block),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": fitted.params,
         "config": config.to_dict(),
     }
 
@@ -325,20 +290,8 @@ def results_table(
 
 
 def _apply_overrides(preset: TaskPreset, args: argparse.Namespace) -> TaskPreset:
-    changes: dict[str, Any] = dict(
-        positive_overrides(
-            args,
-            {
-                "steps": "steps",
-                "max_len": "max_len",
-                "block_size": "block_size",
-                "batch_size": "batch_size",
-                "train_examples": "train_examples",
-                "eval_examples": "eval_examples",
-                "d_model": "d_model",
-            },
-        )
-    )
+    """``preset`` with the override flags applied (``--d-model`` also sets ``d_ff``)."""
+    changes: dict[str, Any] = dict(positive_overrides(args, {f: f for f in OVERRIDES}))
     if "d_model" in changes:
         changes["d_ff"] = 2 * changes["d_model"]
         if changes["d_model"] % preset.n_heads:
@@ -357,7 +310,7 @@ def _previous_results(out: Path) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    preset = _apply_overrides(get_preset(args.dataset, args.level, args.preset), args)
+    preset = _apply_overrides(classify_preset(args.dataset, args.level, args.preset), args)
     args.out = args.out.replace("DATASET-LEVEL", f"{args.dataset}-{args.level}")
     options = grid_options(args)
     out = options.out
@@ -378,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
         data[0].vocab_size,
     )
     results = train_grid(
-        {v.name: partial(run_variant, v, preset, options, data) for v in variants},
+        {v.name: partial(run_variant, v, preset, data) for v in variants},
         seeds,
         options,
         summarize=summarize_variant,
@@ -390,25 +343,33 @@ def run(args: argparse.Namespace) -> int:
         rerun = {r["attention"] for r in results}
         results = [r for r in _previous_results(out) if r["attention"] not in rerun] + results
         results.sort(key=lambda r: list(VARIANTS).index(r["attention"]))
+    _report(args, preset, out, results, data[4], len(seeds))
+    return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    preset: TaskPreset,
+    out: Path,
+    results: list[dict[str, Any]],
+    pair: str,
+    n_seeds: int,
+) -> None:
+    """Print the table, draw accuracy against memory, write the results."""
     paper = PAPER_ROWS.get((args.dataset, args.level), {})
-    table = results_table(results, paper, preset, data[4])
     split = EVAL_SPLIT[args.dataset]
     title = (
         f"{args.dataset} ({args.level} level), accuracy on {split} "
         f"({results[-1]['eval_examples']} examples), preset {args.preset}, "
-        f"mean over {len(seeds)} seed(s)"
+        f"mean over {n_seeds} seed(s)"
     )
-    print(f"\n{title}\n")
-    print(table)
-    if not paper:
-        print("\n(no paper rows recovered for this dataset/level; the paper reports SST, not MR)")
     plot = plot_accuracy_vs_memory(results, out / "accuracy_vs_memory.png", title)
     payload = {
         "experiment": args.task,
         "dataset": args.dataset,
         "level": args.level,
         "eval_split": split,
-        "pair_encoding": data[4],
+        "pair_encoding": pair,
         "preset": args.preset,
         "settings": asdict(preset),
         "tokenizer": str(out / TOKENIZER_FILE),
@@ -418,9 +379,11 @@ def run(args: argparse.Namespace) -> int:
         "paper": paper,
         "plot": str(plot),
     }
-    path = write_results(out, payload, table)
-    print(f"\nresults: {path}\nplot: {plot}")
-    return 0
+    note = None
+    if not paper:
+        note = "(no paper rows recovered for this dataset/level; the paper reports SST, not MR)"
+    table = results_table(results, paper, preset, pair)
+    report(out, title, table, payload, [("plot", plot)], note=note)
 
 
 def _add_parser(

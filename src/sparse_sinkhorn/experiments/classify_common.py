@@ -1,6 +1,6 @@
 """Pieces of the classification and NLI experiments (paper Tables 6 and 7).
 
-Attention variants, presets, data loading and tokenisation, batching, evaluation, the
+Attention variants, data loading and tokenisation, batching, evaluation, the
 analytic attention-memory model and the accuracy-vs-memory plot. The command line lives in
 :mod:`sparse_sinkhorn.experiments.classify`.
 
@@ -45,7 +45,6 @@ from ..errors import UsageError
 logger = logging.getLogger(__name__)
 
 CLASSIFY_DATASETS = ("imdb", "mr", "sst")
-NLI_DATASETS = ("snli", "mnli")
 LEVELS = ("word", "char")
 # Held-out split each dataset is scored on.
 EVAL_SPLIT = {"imdb": "test", "mr": "test", "sst": "test", "snli": "test", "mnli": "dev_matched"}
@@ -86,79 +85,6 @@ PAPER_ROWS: dict[tuple[str, str], dict[str, float]] = {
     ("snli", "word"): {"dense": 78.87, "sortcut-2x16": 80.30},
     ("mnli", "word"): {"dense": 53.69, "sortcut-2x32": 55.80},
 }
-
-
-@dataclass(frozen=True)
-class TaskPreset:
-    """Sizes of one run (shared by every attention variant)."""
-
-    max_len: int  # tokens kept per text (per sentence for NLI); longer inputs are truncated
-    block_size: int  # block size of "sinkhorn" and "local" (SortCut budgets fix their own)
-    d_model: int
-    n_heads: int
-    n_layers: int
-    d_ff: int
-    dropout: float
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    max_vocab: int  # word level: the most frequent training words kept (min_freq 2)
-    train_examples: int | None  # seeded training subsample; None = the whole training split
-    eval_examples: int | None  # seeded held-out subsample; None = the whole held-out split
-    eval_batch: int
-
-
-_CPU = dict(
-    d_model=64,
-    n_heads=4,
-    n_layers=2,
-    d_ff=128,
-    dropout=0.1,
-    batch_size=32,
-    lr=1e-3,
-    warmup_steps=50,
-    max_vocab=10_000,
-    train_examples=None,
-    eval_examples=None,
-    eval_batch=128,
-)
-_PAPER = dict(
-    d_model=256,
-    n_heads=8,
-    n_layers=2,
-    d_ff=1024,
-    dropout=0.1,
-    batch_size=64,
-    lr=5e-4,
-    warmup_steps=1_000,
-    max_vocab=30_000,
-    train_examples=None,
-    eval_examples=None,
-    eval_batch=128,
-)
-# (dataset, level) -> preset -> (max_len, block_size, steps)
-_SIZES: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {
-    ("imdb", "word"): {"cpu": (128, 16, 400), "paper": (512, 32, 20_000)},
-    ("imdb", "char"): {"cpu": (256, 32, 300), "paper": (1024, 32, 20_000)},
-    ("mr", "word"): {"cpu": (64, 8, 400), "paper": (64, 8, 10_000)},
-    ("mr", "char"): {"cpu": (256, 32, 300), "paper": (256, 32, 10_000)},
-    ("sst", "word"): {"cpu": (64, 8, 400), "paper": (64, 8, 10_000)},
-    ("sst", "char"): {"cpu": (256, 32, 300), "paper": (256, 32, 10_000)},
-    ("snli", "word"): {"cpu": (64, 8, 800), "paper": (64, 8, 50_000)},
-    ("snli", "char"): {"cpu": (256, 32, 600), "paper": (256, 32, 50_000)},
-    ("mnli", "word"): {"cpu": (64, 8, 800), "paper": (128, 16, 50_000)},
-    ("mnli", "char"): {"cpu": (256, 32, 600), "paper": (512, 32, 50_000)},
-}
-
-
-def get_preset(dataset: str, level: str, preset: str) -> TaskPreset:
-    """The sizes of ``dataset`` at ``level`` under preset ``cpu`` or ``paper``."""
-    max_len, block_size, steps = _SIZES[dataset, level][preset]
-    base: dict[str, Any] = dict(_CPU if preset == "cpu" else _PAPER)
-    if dataset in NLI_DATASETS:  # short sentences: larger batches cost little
-        base["batch_size"] *= 2
-    return TaskPreset(max_len=max_len, block_size=block_size, steps=steps, **base)
 
 
 def attention_memory(variant: Variant, length: int, block_size: int) -> int:

@@ -1,44 +1,52 @@
 """The one way every experiment trains its runs: a grid of (name, seed) runs.
 
 An experiment is a set of *names* (attention kinds, classifier variants, ablation variants),
-each trained with every seed. :func:`train_grid` is the only place that
+each trained with every seed. This module is the only place that
 
 * names a run's directory (:func:`run_name`: ``<out>/<name>/seed<seed>``, whatever the
   number of seeds, so ``--resume`` with another ``--seeds`` finds the same runs),
 * checks every run directory before the first run trains (``--resume`` / ``--overwrite``
-  rules of :func:`prepare_run_dir`), so a bad flag fails at once rather than an hour in,
-* spreads the runs over ``--jobs`` one-thread worker processes (:func:`map_runs`), and
+  rules of :func:`prepare_run_dir`) and decides whether each run resumes, so a bad flag fails
+  at once rather than an hour in,
+* seeds a run (:func:`seed_run`, before its runner builds anything),
+* builds a run's :class:`~sparse_sinkhorn.train.TrainConfig` from its preset and its
+  experiment's :class:`~.presets.Schedule` (:func:`train_config`),
+* trains, times and records a run (:func:`fit`: ``train``, ``loss.png``, the common record),
+* spreads the runs over ``--jobs`` one-thread worker processes (:func:`~.workers.map_runs`),
+  naming each run in its log lines and logging the grid's progress, and
 * summarises each name over its seeds (mean ± sample standard deviation).
 
-An experiment supplies, per name, a *runner*: ``runner(seed=..., name=...)`` trains one run
-in ``<out>/<name>`` and returns its record (a dict with at least ``"eval"``, a flat
-``{metric: value}``, and ``"train_seconds"``). For ``--jobs > 1`` a runner must be picklable:
-a :func:`functools.partial` of a module-level function with picklable arguments.
+An experiment supplies, per name, a *runner*: ``runner(run)`` gets the :class:`Run` the
+driver prepared, builds that run's data and model, trains them with :func:`fit` and returns
+its record (a dict with at least ``"eval"``, a flat ``{metric: value}``, and
+``"train_seconds"`` for :func:`summarize_seeds`). For ``--jobs > 1`` a runner must be
+picklable: a :func:`functools.partial` of a module-level function with picklable arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import pickle
-import signal
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import UsageError
-from ..train import init_distributed
+from ..train import TrainConfig, TrainResult, init_distributed, plot_metrics, train
 from ..train.checkpoint import list_checkpoints
 from ..train.distributed import barrier
+from ..train.rng import seed_everything
 from ..train.rundir import allow_overwrite, check_writable, hold_run_lock
-from .common import mean_and_std, setup_logging
+from .presets import Schedule
+from .progress import GridProgress, naming
+from .stats import mean_and_std
+from .workers import Job, map_runs
 
-Runner = Callable[..., dict[str, Any]]
+Runner = Callable[["Run"], dict[str, Any]]
 # summarize(name, its runs in seed order, the seeds) -> the name's record in the results.
 Summary = Callable[[str, Sequence[dict[str, Any]], Sequence[int]], dict[str, Any]]
 
@@ -179,12 +187,42 @@ def check_runs(
     return runs
 
 
-def _prepared(
-    runner: Runner, run_dir: Path, resume: bool, overwrite: bool, **kwargs: Any
-) -> dict[str, Any]:
-    """A runner in a worker process, which takes its run directory's lock itself."""
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    return runner(**kwargs)
+@dataclass(frozen=True)
+class Run:
+    """One ``(name, seed)`` run of a grid, as the driver prepared it for its runner."""
+
+    name: str  # the grid's name: an attention kind or a variant
+    seed: int
+    out: Path  # the grid's --out
+    resume: bool  # continue from the checkpoint in ``dir`` (decided by :func:`check_runs`)
+    progress: bool  # show a progress bar
+    keeps_plots: bool  # the --seed run: the one whose figures an experiment keeps
+
+    @property
+    def dir(self) -> Path:
+        """The run's directory, ``<out>/<name>/seed<seed>``."""
+        return self.out / run_name(self.name, self.seed)
+
+    @property
+    def label(self) -> str:
+        """``<name>/seed<seed>``: how messages name the run."""
+        return run_name(self.name, self.seed)
+
+
+def seed_run(seed: int) -> None:
+    """Seed torch, ``random`` and numpy for a run: the one place runs are seeded (model
+    initialisation draws from these; :func:`~sparse_sinkhorn.train.train` reseeds for the data)."""
+    seed_everything(seed)
+
+
+def _start_run(runner: Runner, *, run: Run, take_lock: bool, overwrite: bool) -> dict[str, Any]:
+    """One run, in this process or a worker (which takes the run directory's lock itself):
+    seeded, and every log line it prints names it."""
+    with naming(run.label):
+        if take_lock:
+            prepare_run_dir(run.dir, resume=run.resume, overwrite=overwrite)
+        seed_run(run.seed)
+        return runner(run)
 
 
 def train_grid(
@@ -199,181 +237,140 @@ def train_grid(
     Every run directory is checked first (a run left unstarted by an interrupted ``--resume``
     grid starts fresh); then the runs train, ``jobs`` at a time in one-thread worker processes,
     or one after another in this process (always so under torchrun: the ranks train each run
-    together). Returns ``summarize(name, its runs, seeds)`` per name, in ``runners`` order.
+    together), and rank 0 logs runs done / total, elapsed time and ETA as each finishes.
+    Returns ``summarize(name, its runs, seeds)`` per name, in ``runners`` order.
     """
     if not seeds:
         raise UsageError("no seeds to train")
     parallel = options.in_workers
     dirs = check_runs(list(runners), seeds, options)
-    calls: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
-    for (name, seed), (run_dir, resume) in dirs.items():
-        kwargs = {"seed": seed, "name": run_name(name, seed)}
-        if parallel:
-            prepare = (runners[name], run_dir, resume, options.overwrite)
-            calls.append((_prepared, prepare, kwargs))
-        else:
-            calls.append((runners[name], (), kwargs))
-    records = map_runs(calls, options.jobs)
+    calls: list[Job] = []
+    for (name, seed), (_, resume) in dirs.items():
+        run = Run(name, seed, options.out, resume, options.progress, seed == options.first_seed)
+        flags = {"run": run, "take_lock": parallel, "overwrite": options.overwrite}
+        calls.append((_start_run, (runners[name],), flags))
+    progress = GridProgress(len(calls), enabled=init_distributed().is_main)
+    labels = [run_name(name, seed) for name, seed in dirs]
+    records = map_runs(calls, options.jobs, lambda i: progress.finished(labels[i]))
     groups: dict[str, list[dict[str, Any]]] = {}
     for (name, _), record in zip(dirs, records, strict=True):
         groups.setdefault(name, []).append(record)
     return [summarize(name, groups[name], seeds) for name in runners]
 
 
-class WorkerDiedError(ChildProcessError):
-    """A ``--jobs`` worker process died in the middle of a run (killed by a signal, or by the
-    kernel when memory ran out); the message names the run. An ``OSError``, so the command
-    prints it as one line."""
+class TrainingPreset(Protocol):
+    """What :func:`train_config` reads of an experiment's preset."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def warmup_steps(self) -> int: ...
 
 
-_STARTED: Any = None  # in a worker: where it reports (job index, pid) as each job starts
+def _share(steps: int, share: int) -> int:
+    """A ``1/share`` part of ``steps``, at least 1; 0 when ``share`` is 0 (never)."""
+    return max(1, steps // share) if share else 0
 
 
-def _init_worker(threads: int, parent: int, started: Any = None) -> None:
-    global _STARTED
-    _STARTED = started
-    torch.set_num_threads(threads)
-    setup_logging()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose parent died (killed, even by SIGKILL; perhaps before this worker had
-    started) exits within a second instead of finishing its run, or waiting forever for the
-    next, as an orphan."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def _call(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> Any:
-    fn, fn_args, fn_kwargs = job
-    return fn(*fn_args, **fn_kwargs)
-
-
-def _call_pickled(index: int, payload: bytes) -> Any:
-    if _STARTED is not None:
-        _STARTED.put((index, os.getpid()))
-    return _call(pickle.loads(payload))
-
-
-def _job_label(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]], i: int) -> str:
-    """A job's run for messages: its ``name`` keyword (a grid run's ``<name>/seed<N>``)."""
-    name = job[2].get("name")
-    return str(name) if name is not None else f"job {i} ({getattr(job[0], '__name__', job[0])})"
-
-
-def _died(
-    jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]],
-    started: Any,
-    processes: dict[int, Any],
-    done: set[int],
-) -> WorkerDiedError:
-    """Which run's worker died, and how, from the workers' start reports and exit codes."""
-    running: dict[int, int] = {}  # pid -> the job it started last
-    while not started.empty():
-        index, pid = started.get()
-        running[pid] = index
-    for process in processes.values():
-        process.join(timeout=5)  # the pool terminates the other workers; let them settle
-    codes = {pid: p.exitcode for pid, p in processes.items()}
-    dead = [pid for pid, code in codes.items() if code not in (None, 0, -signal.SIGTERM)]
-    dead = dead or [pid for pid, code in codes.items() if code not in (None, 0)]
-    runs = [running[pid] for pid in dead if pid in running and running[pid] not in done]
-    how = []
-    for pid in dead:
-        code = codes[pid]
-        assert code is not None
-        how.append(f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
-    what = ", ".join(_job_label(jobs[i], i) for i in runs) or "a run"
-    return WorkerDiedError(
-        f"the worker process training {what} died ({'; '.join(how) or 'no exit status'}; "
-        "out of memory is a common cause); the other runs were stopped: pass --resume to "
-        "continue them"
+def train_config(
+    preset: TrainingPreset, schedule: Schedule, *, seed: int, progress: bool
+) -> TrainConfig:
+    """A run's training hyper-parameters: the preset's steps, batch, learning rate and
+    warm-up, the warm-up clamped, and logs, evaluations and checkpoints spaced, by the
+    experiment's :class:`~.presets.Schedule` (the one warm-up rule)."""
+    steps = preset.steps
+    longest = steps // schedule.warmup_share - schedule.warmup_margin
+    return TrainConfig(
+        steps=steps,
+        batch_size=preset.batch_size,
+        lr=preset.lr,
+        weight_decay=schedule.weight_decay,
+        warmup_steps=min(preset.warmup_steps, max(schedule.warmup_least, longest)),
+        seed=seed,
+        log_every=max(1, min(schedule.log_cap, steps // schedule.log_share)),
+        eval_every=_share(steps, schedule.eval_share),
+        ckpt_every=_share(steps, schedule.ckpt_share),
+        progress=progress,
     )
 
 
-def map_runs(
-    jobs: Sequence[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]], n_procs: int
-) -> list[Any]:
-    """Run independent training runs ``fn(*args, **kwargs)``, in order, ``n_procs`` at a time.
+@dataclass
+class Plan:
+    """What a runner hands :func:`fit`: a model built after :func:`seed_run`, and its data."""
 
-    ``n_procs > 1`` starts that many worker processes (spawned, one intra-op thread each, so
-    small CPU models use one core each instead of contending for all of them); ``fn`` must be a
-    module-level function and its arguments picklable. Each job travels as plain pickle bytes
-    (tensors copied, not shared through one file descriptor each: a dataset of 20,000 token
-    tensors would exhaust the descriptors) and only a few jobs are in flight at a time, so the
-    data is not held once per job. The first failing run stops the rest. Under torchrun
-    (several ranks) the runs always go one after another in this process: the ranks train each
-    run together.
-    """
-    if n_procs <= 0:
-        raise UsageError(f"--jobs must be > 0, got {n_procs}")
-    if n_procs == 1 or len(jobs) <= 1 or init_distributed().world_size > 1:
-        return [_call(job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    context = multiprocessing.get_context("spawn")
-    workers = min(n_procs, len(jobs))
-    results: list[Any] = [None] * len(jobs)
-    finished: set[int] = set()
-    queue = iter(enumerate(jobs))
-    started = context.SimpleQueue()
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(1, os.getpid(), started)
-    ) as pool:
-        pending: dict[Future[Any], int] = {}
-
-        def submit_next() -> None:
-            for i, job in queue:
-                payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
-                pending[pool.submit(_call_pickled, i, payload)] = i
-                return
-
-        for _ in range(workers + 1):  # one queued behind the running ones
-            submit_next()
-        processes = dict(getattr(pool, "_processes", None) or {})  # pid -> Process
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    i = pending.pop(future)
-                    try:
-                        results[i] = future.result()
-                    except BrokenProcessPool:
-                        raise _died(jobs, started, processes, finished) from None
-                    finished.add(i)
-                    submit_next()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-    return results
+    model: nn.Module
+    model_config: dict[str, Any]  # saved with every checkpoint and in the run's record
+    data: Dataset[Any]
+    loss_fn: Callable[..., Any]
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
 
 
-def add_grid_args(parser: argparse.ArgumentParser, *, default_seeds: int | str = 1) -> None:
-    """``--seeds`` and ``--jobs``: how many seeds per name, how many runs at once."""
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="train each with this many seeds (--seed, --seed+1, ...) and report "
-        f"mean ± std (default: {default_seeds})",
+@dataclass
+class Fitted:
+    """A trained run: the model, what :func:`~sparse_sinkhorn.train.train` returned, and how long
+    training took."""
+
+    run: Run
+    plan: Plan
+    result: TrainResult
+    seconds: float
+    loss_png: str | None
+
+    @property
+    def eval(self) -> dict[str, float]:
+        """The final evaluation, ``{metric: value}`` (without the ``eval/`` prefix)."""
+        return {k.removeprefix("eval/"): v for k, v in self.result.eval_metrics.items()}
+
+    @property
+    def train_loss(self) -> float | None:
+        """The last logged training loss."""
+        return self.result.metrics.get("loss")
+
+    @property
+    def params(self) -> int:
+        """The model's parameter count."""
+        return sum(p.numel() for p in self.plan.model.parameters())
+
+    def record(self, **first: Any) -> dict[str, Any]:
+        """The run's record: ``first``, then parameters, loss, evaluation, training seconds,
+        the loss plot (when the schedule draws one), the run directory and the model config."""
+        plot = {"loss_png": self.loss_png} if self.loss_png is not None else {}
+        return {
+            **first,
+            "params": self.params,
+            "train_loss": self.train_loss,
+            "eval": self.eval,
+            "train_seconds": self.seconds,
+            **plot,
+            "run_dir": str(self.run.dir),
+            "config": self.plan.model_config,
+        }
+
+
+def fit(run: Run, plan: Plan, preset: TrainingPreset, schedule: Schedule) -> Fitted:
+    """Train ``plan`` as ``run`` (resumed when the driver said so) with :func:`train_config`,
+    timing it; draw ``loss.png`` in the run directory when the schedule asks for it."""
+    config = train_config(preset, schedule, seed=run.seed, progress=run.progress)
+    t0 = time.perf_counter()
+    result = train(
+        plan.model,
+        plan.data,
+        plan.loss_fn,
+        config,
+        out_dir=run.dir,
+        collate_fn=plan.collate_fn,
+        eval_fn=plan.eval_fn,
+        resume=run.resume,
+        model_config=plan.model_config,
     )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="train this many runs at once in worker processes of one thread each "
-        "(one process per CPU core suits the cpu preset; default: 1)",
-    )
-
-
-def seed_list(args: argparse.Namespace, default: int = 1) -> list[int]:
-    """``--seed, --seed + 1, ...``: ``--seeds`` of them (``default`` when not given)."""
-    n = default if args.seeds is None else args.seeds
-    if n <= 0:
-        raise UsageError(f"--seeds must be > 0, got {n}")
-    return [args.seed + i for i in range(n)]
+    seconds = time.perf_counter() - t0
+    loss_png = None
+    if schedule.loss_plot:
+        path = plot_metrics(run.dir / "metrics.jsonl", run.dir / "loss.png", keys=("loss",))
+        loss_png = str(path)
+    return Fitted(run, plan, result, seconds, loss_png)

@@ -21,7 +21,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,23 +37,14 @@ from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..models.common import check_sampling, sample_next
 from ..nn import AttentionConfig
-from ..train import TrainConfig, init_distributed, plot_metrics, train
-from .common import (
-    KIND_NAMES,
-    TABLE_KINDS,
-    TASK_FILE,
-    add_common_args,
-    bits_per_unit,
-    evenly_spaced,
-    format_table,
-    parse_kinds,
-    plot_loss_curves,
-    positive_overrides,
-    seeds_cell,
-    setup_logging,
-    write_results,
-)
-from .driver import GridOptions, add_grid_args, grid_options, seed_list, train_grid
+from ..train import init_distributed
+from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from .driver import Plan, Run, fit, grid_options, train_grid
+from .plots import plot_loss_curves
+from .presets import IMAGE_PRESETS, SCHEDULES, ImagePreset
+from .progress import setup_logging
+from .results import KIND_NAMES, TABLE_KINDS, TASK_FILE, format_table, report
+from .stats import bits_per_unit, evenly_spaced, seeds_cell
 
 logger = logging.getLogger(__name__)
 
@@ -72,56 +63,14 @@ PAPER_ROWS: dict[str, float | None] = {
 }
 
 
-@dataclass(frozen=True)
-class ImagePreset:
-    block_size: int | None  # attention block size b; None = two image rows
-    d_model: int
-    n_heads: int
-    n_layers: int
-    d_ff: int
-    dropout: float
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    eval_images: int  # test images scored (evenly spaced)
-    eval_batch: int
-    n_samples: int  # images sampled for the PNG grid
-
-
-PRESETS = {
-    # Minutes per attention kind on a 2-core CPU for 28x28 images (784 tokens).
-    "cpu": ImagePreset(
-        block_size=None,
-        d_model=64,
-        n_heads=4,
-        n_layers=2,
-        d_ff=256,
-        dropout=0.0,
-        steps=150,
-        batch_size=8,
-        lr=3e-3,
-        warmup_steps=15,
-        eval_images=128,
-        eval_batch=32,
-        n_samples=8,
-    ),
-    # The paper's CIFAR-10 setting: 3072 sub-pixels, b=256, Transformer-base-sized model.
-    "paper": ImagePreset(
-        block_size=256,
-        d_model=512,
-        n_heads=8,
-        n_layers=6,
-        d_ff=2048,
-        dropout=0.1,
-        steps=300_000,
-        batch_size=32,
-        lr=5e-4,
-        warmup_steps=8_000,
-        eval_images=10_000,
-        eval_batch=16,
-        n_samples=16,
-    ),
+PRESETS = IMAGE_PRESETS
+# The flags that override preset fields, as ``{field: flag attribute}``.
+OVERRIDES = {
+    "steps": "steps",
+    "block_size": "block_size",
+    "batch_size": "batch_size",
+    "eval_images": "eval_images",
+    "n_samples": "samples",
 }
 
 
@@ -253,22 +202,16 @@ def run_kind(
     preset: ImagePreset,
     train_set: ImageTokens,
     test_set: ImageTokens,
-    options: GridOptions,
-    *,
-    seed: int,
-    name: str,
+    run: Run,
 ) -> dict[str, Any]:
-    """Train one attention kind with one seed in ``<out>/<name>`` (a runner of
-    :func:`~.driver.train_grid`)."""
-    run_dir = options.out / name
-    resume = bool(options.resume and (run_dir / "checkpoints").is_dir())
+    """Train one attention kind as ``run``, then sample a grid of images from it (a runner
+    of :func:`~.driver.train_grid`)."""
     shape = train_set.image_shape
     dims = train_set.seq_len
     block = block_size_for(preset, shape)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run.dir.mkdir(parents=True, exist_ok=True)
     task = {"task": "image", "dataset": dataset, "image_shape": list(shape)}
-    (run_dir / TASK_FILE).write_text(json.dumps({**task, "start_id": START_ID}, indent=2) + "\n")
-    torch.manual_seed(seed)
+    (run.dir / TASK_FILE).write_text(json.dumps({**task, "start_id": START_ID}, indent=2) + "\n")
     config = model_config(preset, kind, dims, block)
     model = LanguageModel(config)
     evals = evenly_spaced(PixelSequences(test_set), preset.eval_images)
@@ -277,51 +220,18 @@ def run_kind(
         nats, count = pixel_nll(m, evals, preset.eval_batch)
         return {"test/bits_per_dim": bits_per_unit(nats, count)}
 
-    train_cfg = TrainConfig(
-        steps=preset.steps,
-        batch_size=preset.batch_size,
-        lr=preset.lr,
-        warmup_steps=min(preset.warmup_steps, max(1, preset.steps // 10)),
-        seed=seed,
-        log_every=max(1, min(25, preset.steps // 10)),
-        ckpt_every=max(1, preset.steps // 4),
-        progress=options.progress,
-    )
-    t0 = time.perf_counter()
-    result = train(
-        model,
-        PixelSequences(train_set),
-        pixel_loss,
-        train_cfg,
-        out_dir=run_dir,
-        eval_fn=eval_fn,
-        resume=resume,
-        model_config=config.to_dict(),
-    )
-    seconds = time.perf_counter() - t0
-    curve = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss",))
+    plan = Plan(model, config.to_dict(), PixelSequences(train_set), pixel_loss, eval_fn)
+    fitted = fit(run, plan, preset, SCHEDULES["image"])
     t1 = time.perf_counter()
-    samples = sample_images(model, preset.n_samples, shape, seed=seed)
+    samples = sample_images(model, preset.n_samples, shape, seed=run.seed)
     sample_seconds = time.perf_counter() - t1
     real = torch.stack([test_set.pixels[i] for i in range(preset.n_samples)]).reshape(-1, *shape)
-    grid = save_grid(
-        samples,
-        run_dir / "samples.png",
-        f"{dataset}, {KIND_NAMES[kind]}: samples / real",
-        real,
-    )
+    title = f"{dataset}, {KIND_NAMES[kind]}: samples / real"
+    grid = save_grid(samples, run.dir / "samples.png", title, real)
     return {
-        "kind": kind,
-        "params": sum(p.numel() for p in model.parameters()),
-        "block_size": block,
-        "train_loss": result.metrics.get("loss"),
-        "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
-        "train_seconds": seconds,
+        **fitted.record(kind=kind, block_size=block),
         "sample_tokens_per_s": preset.n_samples * dims / sample_seconds,
         "samples_png": str(grid),
-        "loss_png": str(curve),
-        "run_dir": str(run_dir),
-        "config": config.to_dict(),
     }
 
 
@@ -351,20 +261,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     args.out = args.out or f"runs/image-{args.dataset}"
-    preset = PRESETS[args.preset]
-    preset = replace(
-        preset,
-        **positive_overrides(
-            args,
-            {
-                "steps": "steps",
-                "block_size": "block_size",
-                "batch_size": "batch_size",
-                "eval_images": "eval_images",
-                "n_samples": "samples",
-            },
-        ),
-    )
+    preset = replace(PRESETS[args.preset], **positive_overrides(args, OVERRIDES))
     options = grid_options(args)
     kinds = parse_kinds(args.attention, KINDS, KINDS)
     train_set = load_split(args.dataset, "train", args.data_dir)
@@ -377,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = seed_list(args)
     results = train_grid(
         {
-            kind: partial(run_kind, kind, args.dataset, preset, train_set, test_set, options)
+            kind: partial(run_kind, kind, args.dataset, preset, train_set, test_set)
             for kind in kinds
         },
         seeds,
@@ -385,16 +282,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if dist.rank != 0:
         return 0
-    table = results_table(results)
     n_eval = min(len(test_set), preset.eval_images)
-    print(
-        f"\nPixel-wise generation on {args.dataset} {train_set.image_shape} "
+    title = (
+        f"Pixel-wise generation on {args.dataset} {train_set.image_shape} "
         f"({train_set.seq_len} sub-pixel tokens, bits/dim on {n_eval} "
         f"test images; preset {args.preset}, {preset.steps} steps, mean over {len(seeds)} "
         "seed(s)). NOTE: the paper's column is "
-        "CIFAR-10, a different dataset: compare the ranking, not the values.\n"
+        "CIFAR-10, a different dataset: compare the ranking, not the values."
     )
-    print(table)
     curves = plot_loss_curves(results, Path(args.out) / "loss_curves.png", f"{args.dataset} pixels")
     payload = {
         "experiment": f"image-{args.dataset}",
@@ -407,10 +302,8 @@ def run(args: argparse.Namespace) -> int:
         "loss_curves_png": str(curves),
         "paper": {"cifar10_bits_per_dim": PAPER_ROWS},
     }
-    path = write_results(Path(args.out), payload, table)
-    print(f"\nresults: {path}\nloss curves: {curves}")
-    for r in results:
-        print(f"samples: {r['samples_png']}")
+    files = [("loss curves", curves), *(("samples", r["samples_png"]) for r in results)]
+    report(Path(args.out), title, results_table(results), payload, files)
     return 0
 
 

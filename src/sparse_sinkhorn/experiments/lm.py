@@ -25,8 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,26 +41,15 @@ from ..data.tokenize import train_bpe, train_char_level
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig
-from ..train import TrainConfig, init_distributed, plot_metrics, train
+from ..train import init_distributed
 from ..train.helpers import rank0_call
-from .common import (
-    KIND_NAMES,
-    TABLE_KINDS,
-    TASK_FILE,
-    TOKENIZER_FILE,
-    add_common_args,
-    bits_per_unit,
-    evenly_spaced,
-    format_table,
-    parse_kinds,
-    perplexity,
-    plot_loss_curves,
-    positive_overrides,
-    seeds_cell,
-    setup_logging,
-    write_results,
-)
-from .driver import GridOptions, add_grid_args, grid_options, seed_list, train_grid
+from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from .driver import Plan, Run, fit, grid_options, train_grid
+from .plots import plot_loss_curves
+from .presets import LM_PRESETS, SCHEDULES, LMPreset
+from .progress import setup_logging
+from .results import KIND_NAMES, TABLE_KINDS, TASK_FILE, TOKENIZER_FILE, format_table, report
+from .stats import bits_per_unit, evenly_spaced, perplexity, seeds_cell
 
 logger = logging.getLogger(__name__)
 
@@ -84,97 +72,16 @@ PAPER_CHAR: dict[str, float | None] = {
 }
 
 
-@dataclass(frozen=True)
-class LMPreset:
-    seq_len: int  # training window (tokens)
-    block_size: int  # attention block size b (also the local / sparse window)
-    d_model: int
-    n_heads: int
-    n_layers: int
-    d_ff: int
-    dropout: float
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    eval_windows: int  # held-out windows scored per split (evenly spaced)
-    eval_batch: int
-    vocab_size: int  # BPE vocabulary (subword); ignored for characters
-    max_train_chars: int | None  # read at most this much training text (None: all)
-
-
-PRESETS: dict[tuple[str, str], LMPreset] = {
-    # Minutes per attention kind on a 2-core CPU (measured: see README).
-    ("char", "cpu"): LMPreset(
-        seq_len=256,
-        block_size=32,
-        d_model=128,
-        n_heads=4,
-        n_layers=2,
-        d_ff=512,
-        dropout=0.0,
-        steps=300,
-        batch_size=16,
-        lr=2e-3,
-        warmup_steps=30,
-        eval_windows=256,
-        eval_batch=32,
-        vocab_size=0,
-        max_train_chars=None,
-    ),
-    ("subword", "cpu"): LMPreset(
-        seq_len=128,
-        block_size=16,
-        d_model=128,
-        n_heads=4,
-        n_layers=2,
-        d_ff=512,
-        dropout=0.0,
-        steps=300,
-        batch_size=16,
-        lr=2e-3,
-        warmup_steps=30,
-        eval_windows=256,
-        eval_batch=32,
-        vocab_size=2048,
-        max_train_chars=None,
-    ),
-    # The paper's Table 4 setting: character LM at length 1024, "Big" dims (docs/method.md §7).
-    ("char", "paper"): LMPreset(
-        seq_len=1024,
-        block_size=64,
-        d_model=1024,
-        n_heads=16,
-        n_layers=6,
-        d_ff=4096,
-        dropout=0.1,
-        steps=300_000,
-        batch_size=32,
-        lr=2e-4,
-        warmup_steps=8_000,
-        eval_windows=4_000,
-        eval_batch=8,
-        vocab_size=0,
-        max_train_chars=None,
-    ),
-    # Table 2 "Base": 6 layers, d=512, 8 heads, ff 2048, b=64, 32k subwords, 300K steps.
-    ("subword", "paper"): LMPreset(
-        seq_len=512,
-        block_size=64,
-        d_model=512,
-        n_heads=8,
-        n_layers=6,
-        d_ff=2048,
-        dropout=0.1,
-        steps=300_000,
-        batch_size=64,
-        lr=5e-4,
-        warmup_steps=8_000,
-        eval_windows=4_000,
-        eval_batch=32,
-        vocab_size=32_768,
-        max_train_chars=None,
-    ),
+PRESETS = LM_PRESETS
+# The flags that override preset fields, as ``{field: flag attribute}``.
+OVERRIDES = {
+    "steps": "steps",
+    "seq_len": "length",
+    "block_size": "block_size",
+    "batch_size": "batch_size",
+    "vocab_size": "vocab_size",
+    "eval_windows": "eval_windows",
+    "max_train_chars": "max_train_chars",
 }
 
 
@@ -208,11 +115,13 @@ def total_nll(
     return total, count
 
 
-def load_text(args: argparse.Namespace, max_chars: int | None) -> Corpus:
-    if args.corpus:
-        return load_corpus(args.corpus, max_chars)
+def load_text(corpus: str | None, data_dir: str | None, max_chars: int | None) -> Corpus:
+    """The plain-text ``corpus`` (a file or directory), or else Shakespeare from ``data_dir``;
+    at most ``max_chars`` of training text."""
+    if corpus:
+        return load_corpus(corpus, max_chars)
     try:
-        splits = [load_shakespeare(s, args.data_dir) for s in ("train", "valid", "test")]
+        splits = [load_shakespeare(s, data_dir) for s in ("train", "valid", "test")]
     except DatasetNotFoundError as err:
         raise UsageError(str(err)) from None
     train_text = splits[0] if max_chars is None else splits[0][:max_chars]
@@ -272,40 +181,40 @@ def run_tokenizer(
     return Tokenizer.load(path)
 
 
+def token_streams(
+    tokenizer: Tokenizer, corpus: Corpus, streams: dict[str, tuple[Tensor, ...]]
+) -> tuple[Tensor, ...]:
+    """The train, valid and test text as id streams; ``streams`` keeps the last vocabulary's,
+    so the text is encoded once per distinct vocabulary."""
+    key = json.dumps(tokenizer.backend.get_vocab(), sort_keys=True)
+    if key not in streams:
+        streams.clear()
+        streams[key] = tuple(
+            encode(tokenizer, t) for t in (corpus.train, corpus.valid, corpus.test)
+        )
+    return streams[key]
+
+
 def run_kind(
     kind: str,
     level: str,
     preset: LMPreset,
     corpus: Corpus,
     streams: dict[str, tuple[Tensor, ...]],
-    options: GridOptions,
+    run: Run,
     *,
-    seed: int,
-    name: str,
     attention_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one attention kind in ``<out>/<name>``; valid/test metrics on held-out windows.
+    """Train one attention kind as ``run``; valid/test metrics on held-out windows.
 
-    ``seed`` seeds the model and the data order; ``attention_options`` override
-    :class:`AttentionConfig` fields (the SortNet ablation's variants). A runner of
-    :func:`~.driver.train_grid`.
+    ``attention_options`` override :class:`AttentionConfig` fields (the SortNet ablation's
+    variants). A runner of :func:`~.driver.train_grid`.
     """
-    run_dir = options.out / name
-    resume = bool(options.resume and (run_dir / "checkpoints").is_dir())
-    if options.resume and not resume:
-        logger.info("%s: no checkpoint in %s, starting it fresh", kind, run_dir)
-    tokenizer = run_tokenizer(run_dir, level, corpus, preset, resume)
-    key = json.dumps(tokenizer.backend.get_vocab(), sort_keys=True)
-    if key not in streams:  # encode the text once per distinct vocabulary
-        streams.clear()
-        streams[key] = tuple(
-            encode(tokenizer, t) for t in (corpus.train, corpus.valid, corpus.test)
-        )
-    train_ids, valid_ids, test_ids = streams[key]
-    (run_dir / TASK_FILE).write_text(
+    tokenizer = run_tokenizer(run.dir, level, corpus, preset, run.resume)
+    train_ids, valid_ids, test_ids = token_streams(tokenizer, corpus, streams)
+    (run.dir / TASK_FILE).write_text(
         json.dumps({"task": "lm", "level": level, "corpus": corpus.name}, indent=2) + "\n"
     )
-    torch.manual_seed(seed)
     config = model_config(preset, kind, tokenizer.vocab_size, **(attention_options or {}))
     model = LanguageModel(config)
     train_data = TokenWindows(train_ids, preset.seq_len)
@@ -325,41 +234,12 @@ def run_kind(
                 out[f"{name}/perplexity"] = perplexity(nats, count)
         return out
 
-    train_cfg = TrainConfig(
-        steps=preset.steps,
-        batch_size=preset.batch_size,
-        lr=preset.lr,
-        warmup_steps=min(preset.warmup_steps, max(1, preset.steps // 10)),
-        seed=seed,
-        log_every=max(1, min(25, preset.steps // 10)),
-        eval_every=max(1, preset.steps // 4),
-        ckpt_every=max(1, preset.steps // 4),
-        progress=options.progress,
-    )
-    t0 = time.perf_counter()
-    result = train(
-        model,
-        train_data,
-        lm_loss,
-        train_cfg,
-        out_dir=run_dir,
-        eval_fn=eval_fn,
-        resume=resume,
-        model_config=config.to_dict(),
-    )
-    seconds = time.perf_counter() - t0
-    curve = plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss",))
+    plan = Plan(model, config.to_dict(), train_data, lm_loss, eval_fn)
+    fitted = fit(run, plan, preset, SCHEDULES["lm"])
     return {
-        "kind": kind,
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_loss": result.metrics.get("loss"),
-        "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
-        "tokens_per_s": result.metrics.get("tokens_per_s"),
-        "train_seconds": seconds,
+        **fitted.record(kind=kind),
+        "tokens_per_s": fitted.result.metrics.get("tokens_per_s"),
         "eval_tokens": {k: len(d) * preset.seq_len for k, d in evals.items()},
-        "loss_png": str(curve),
-        "run_dir": str(run_dir),
-        "config": config.to_dict(),
     }
 
 
@@ -428,24 +308,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --level {args.level!r}; choose char or subword")
     preset = PRESETS[(args.level, args.preset)]
     args.out = args.out or f"runs/lm-{args.level}"
-    preset = replace(
-        preset,
-        **positive_overrides(
-            args,
-            {
-                "steps": "steps",
-                "seq_len": "length",
-                "block_size": "block_size",
-                "batch_size": "batch_size",
-                "vocab_size": "vocab_size",
-                "eval_windows": "eval_windows",
-                "max_train_chars": "max_train_chars",
-            },
-        ),
-    )
+    preset = replace(preset, **positive_overrides(args, OVERRIDES))
     options = grid_options(args)
     kinds = parse_kinds(args.attention, KINDS, KINDS)
-    corpus = load_text(args, preset.max_train_chars)
+    corpus = load_text(args.corpus, args.data_dir, preset.max_train_chars)
     logger.info(
         "corpus %s: %d train / %d valid / %d test chars",
         corpus.name,
@@ -457,45 +323,33 @@ def run(args: argparse.Namespace) -> int:
     streams: dict[str, tuple[Tensor, ...]] = {}
     seeds = seed_list(args)
     results = train_grid(
-        {
-            kind: partial(run_kind, kind, args.level, preset, corpus, streams, options)
-            for kind in kinds
-        },
+        {kind: partial(run_kind, kind, args.level, preset, corpus, streams) for kind in kinds},
         seeds,
         options,
     )
     if dist.rank != 0:
         return 0
-    table = results_table(results, args.level)
     metric = "bits/char" if args.level == "char" else "perplexity per subword token"
-    print(
-        f"\n{args.level} LM on {corpus.name} ({metric}; preset {args.preset}, length "
+    title = (
+        f"{args.level} LM on {corpus.name} ({metric}; preset {args.preset}, length "
         f"{preset.seq_len}, b={preset.block_size}, {preset.steps} steps, mean over {len(seeds)} "
         "seed(s)). The paper's columns "
-        "are LM1B with far larger models and 300K steps: compare the ranking, not the values.\n"
+        "are LM1B with far larger models and 300K steps: compare the ranking, not the values."
     )
-    print(table)
     curves = plot_loss_curves(results, Path(args.out) / "loss_curves.png", f"{args.level} LM")
+    chars = {"train": len(corpus.train), "valid": len(corpus.valid), "test": len(corpus.test)}
     payload = {
         "experiment": f"lm-{args.level}",
         "preset": args.preset,
-        "corpus": {
-            "name": corpus.name,
-            "split": corpus.split,
-            "chars": {
-                "train": len(corpus.train),
-                "valid": len(corpus.valid),
-                "test": len(corpus.test),
-            },
-        },
+        "corpus": {"name": corpus.name, "split": corpus.split, "chars": chars},
         "settings": asdict(preset),
         "metric": metric,
         "results": results,
         "loss_curves_png": str(curves),
         "paper": {"subword_ppl_base_big": PAPER_SUBWORD, "char_bits_per_char_big": PAPER_CHAR},
     }
-    path = write_results(Path(args.out), payload, table)
-    print(f"\nresults: {path}\nloss curves: {curves}")
+    table = results_table(results, args.level)
+    report(Path(args.out), title, table, payload, [("loss curves", curves)])
     return 0
 
 

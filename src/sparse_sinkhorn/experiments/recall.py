@@ -21,7 +21,7 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,23 +34,13 @@ from ..data.recall import IGNORE, MQAR, Passkey, RecallDataset, Task
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig, SinkhornSelfAttention
-from ..train import TrainConfig, init_distributed, train
-from .common import (
-    add_common_args,
-    format_table,
-    parse_kinds,
-    seeds_cell,
-    setup_logging,
-    write_results,
-)
-from .driver import (
-    GridOptions,
-    add_grid_args,
-    grid_options,
-    seed_list,
-    summarize_seeds,
-    train_grid,
-)
+from ..train import init_distributed
+from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from .driver import Plan, Run, fit, grid_options, summarize_seeds, train_grid
+from .presets import RECALL_PRESETS, SCHEDULES, RecallPreset
+from .progress import setup_logging
+from .results import format_table, report
+from .stats import seeds_cell
 
 logger = logging.getLogger(__name__)
 
@@ -88,53 +78,7 @@ ORACLE_LOGIT = 30.0  # the needle block's routing logit; every other block's is 
 TASKS = ("passkey", "mqar")
 
 
-@dataclass(frozen=True)
-class RecallPreset:
-    lengths: tuple[int, ...]
-    block_size: int
-    d_model: int
-    n_heads: int
-    n_layers: int
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    n_eval: int  # held-out examples, the same for every kind and seed
-    n_pairs: int  # MQAR key-value pairs
-    n_digits: int  # passkey digits
-
-
-PRESETS = {
-    "cpu": RecallPreset(
-        lengths=(512, 1024),
-        block_size=32,
-        d_model=32,
-        n_heads=2,  # head dim 16: CPU attention kernels are slow for smaller head dims
-        n_layers=2,
-        steps=2000,  # dense needs ~1,500 steps to find passkey at 512 (800: 49.5 ± 5.2 %)
-        batch_size=8,
-        lr=2e-3,
-        warmup_steps=50,
-        n_eval=256,
-        n_pairs=16,
-        n_digits=2,
-    ),
-    # our assumption (no source pins a protocol for these lengths): a GPU-sized model
-    "paper": RecallPreset(
-        lengths=(8192, 16384, 32768, 65536),
-        block_size=128,
-        d_model=128,
-        n_heads=4,
-        n_layers=2,
-        steps=4000,
-        batch_size=16,
-        lr=1e-3,
-        warmup_steps=200,
-        n_eval=512,
-        n_pairs=64,
-        n_digits=2,
-    ),
-}
+PRESETS = RECALL_PRESETS
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
 
 
@@ -206,21 +150,9 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
     return {"accuracy": 100.0 * right / total}
 
 
-def run_recall(
-    task: str,
-    length: int,
-    kind: str,
-    preset: RecallPreset,
-    options: GridOptions,
-    *,
-    seed: int,
-    name: str,
-) -> dict[str, Any]:
-    """Train one kind at one length in ``<out>/<name>``; a runner of :func:`~.driver.train_grid`."""
-    run_dir = options.out / name
-    resume = bool(options.resume and (run_dir / "checkpoints").is_dir())
+def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run) -> dict[str, Any]:
+    """Train one kind at one length as ``run``; a runner of :func:`~.driver.train_grid`."""
     spec = make_task(task, length, preset)
-    torch.manual_seed(seed)
     config = LanguageModelConfig(
         vocab_size=spec.vocab_size,
         d_model=preset.d_model,
@@ -234,47 +166,23 @@ def run_recall(
     model = LanguageModel(config)
     if kind in ORACLE_KINDS:
         install_oracle_routing(model)
-    train_data = RecallDataset(spec, preset.steps * preset.batch_size, seed)
+    train_data = RecallDataset(spec, preset.steps * preset.batch_size, run.seed)
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
-    train_cfg = TrainConfig(
-        steps=preset.steps,
-        batch_size=preset.batch_size,
-        lr=preset.lr,
-        weight_decay=0.0,
-        warmup_steps=min(preset.warmup_steps, max(1, preset.steps // 10)),
-        seed=seed,
-        log_every=max(1, min(25, preset.steps // 10)),
-        eval_every=0,
-        ckpt_every=preset.steps,
-        progress=options.progress,
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        return accuracy(m, held_out, task, 2 * preset.batch_size)
+
+    fitted = fit(
+        run,
+        Plan(model, config.to_dict(), train_data, recall_loss, eval_fn),
+        preset,
+        SCHEDULES["recall"],
     )
-    t0 = time.perf_counter()
-    result = train(
-        model,
-        train_data,
-        recall_loss,
-        train_cfg,
-        out_dir=run_dir,
-        eval_fn=lambda m: accuracy(m, held_out, task, 2 * preset.batch_size),
-        resume=resume,
-        model_config=config.to_dict(),
+    tokens_per_s = fitted.result.metrics.get("tokens_per_s")
+    per_step = (
+        preset.batch_size * length / tokens_per_s if tokens_per_s else fitted.seconds / preset.steps
     )
-    seconds = time.perf_counter() - t0
-    tokens_per_s = result.metrics.get("tokens_per_s")
-    return {
-        "kind": kind,
-        "task": task,
-        "length": length,
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_loss": result.metrics.get("loss"),
-        "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
-        "seconds_per_step": (
-            preset.batch_size * length / tokens_per_s if tokens_per_s else seconds / preset.steps
-        ),
-        "train_seconds": seconds,
-        "run_dir": str(run_dir),
-        "config": config.to_dict(),
-    }
+    return {**fitted.record(kind=kind, task=task, length=length), "seconds_per_step": per_step}
 
 
 def results_table(results: list[dict[str, Any]], lengths: tuple[int, ...], chance: str) -> str:
@@ -352,12 +260,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
     preset = PRESETS[args.preset]
     changes: dict[str, Any] = {"lengths": parse_lengths(args.lengths, preset.lengths)}
-    for field in ("steps", "batch_size", "block_size"):
-        value = getattr(args, field)
-        if value is not None:
-            if value <= 0:
-                raise UsageError(f"--{field.replace('_', '-')} must be > 0, got {value}")
-            changes[field] = value
+    changes.update(positive_overrides(args, {f: f for f in ("steps", "batch_size", "block_size")}))
     preset = replace(preset, **changes)
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
@@ -368,9 +271,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"the oracle kinds ({', '.join(ORACLE_KINDS)}) are for --task passkey")
     seeds = seed_list(args)
     runners = {
-        f"{args.task}-{length}/{kind}": partial(
-            run_recall, args.task, length, kind, preset, options
-        )
+        f"{args.task}-{length}/{kind}": partial(run_recall, args.task, length, kind, preset)
         for length in preset.lengths
         for kind in kinds
     }
@@ -380,12 +281,10 @@ def run(args: argparse.Namespace) -> int:
     if init_distributed().rank != 0:
         return 0
     chance = "1 %" if args.task == "passkey" else f"{100 / 64:.1f} %"
-    table = results_table(results, preset.lengths, chance)
-    print(
-        f"\n{args.task} (preset {args.preset}, b={preset.block_size}, {preset.steps} steps of "
-        f"{preset.batch_size}, mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s)\n"
+    title = (
+        f"{args.task} (preset {args.preset}, b={preset.block_size}, {preset.steps} steps of "
+        f"{preset.batch_size}, mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s)"
     )
-    print(table)
     out = Path(args.out)
     figures = plot(results, out, f"{args.task}, {len(seeds)} seed(s)")
     payload = {
@@ -398,8 +297,8 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
         "plots": [str(p) for p in figures],
     }
-    path = write_results(out, payload, table)
-    print(f"\nresults: {path}\nplots: {', '.join(str(p) for p in figures)}")
+    table = results_table(results, preset.lengths, chance)
+    report(out, title, table, payload, [("plots", ", ".join(str(p) for p in figures))])
     return 0
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,20 +46,15 @@ from ..data.sorting import (
 )
 from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerEncoderLayer
-from ..train import TrainConfig, cleanup_distributed, init_distributed, train
+from ..train import cleanup_distributed, init_distributed
 from ..train.seq_metrics import sequence_metrics
-from .common import (
-    add_common_args,
-    format_table,
-    mean_and_std,
-    mean_std_cell,
-    parse_kinds,
-    plot_sort_matrices,
-    positive_overrides,
-    setup_logging,
-    write_results,
-)
-from .driver import GridOptions, add_grid_args, grid_options, train_grid
+from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from .driver import Plan, Run, fit, grid_options, train_grid
+from .plots import plot_sort_matrices
+from .presets import SCHEDULES, SORT_PRESETS, SortPreset
+from .progress import setup_logging
+from .results import format_table, report
+from .stats import mean_and_std, mean_std_cell
 
 logger = logging.getLogger(__name__)
 
@@ -80,73 +75,33 @@ SPLITS = ("dev", "dev_short", "dev_long")  # all dev sequences, length <= L, len
 METRICS = ("exact_match", "edit_distance")
 
 
-@dataclass(frozen=True)
-class SortPreset:
-    length: int  # training length L: train lengths U[1, L], dev lengths U[1, 2L]
-    n_symbols: int  # alphabet size (Tensor2Tensor: 2L)
-    block_size: int  # attention block size b
-    d_model: int
-    n_heads: int
-    n_layers: int  # encoder and decoder layers each
-    d_ff: int
-    dropout: float
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    n_eval: int  # dev sequences
-    eval_batch: int
-    n_seeds: int  # training runs per kind (different seeds); the table shows mean ± std
-    temperature: float  # Gumbel-Sinkhorn temperature (Sinkhorn kinds)
-    n_iters: int  # Sinkhorn balancing rounds (Sinkhorn kinds)
-
-
-PRESETS = {
-    # Minutes on a 2-core CPU for all four kinds, three seeds each (with --jobs 2). Sizes, steps and
-    # learning rate: our assumption; temperature 0.75 and 5 balancing rounds are within what the
-    # paper reports as best (tau = 0.75; 5-10 rounds suffice).
-    "cpu": SortPreset(
-        length=32,
-        n_symbols=64,
-        block_size=8,
-        d_model=64,
-        n_heads=4,
-        n_layers=2,
-        d_ff=128,
-        dropout=0.0,
-        steps=1300,
-        batch_size=32,
-        lr=2e-3,
-        warmup_steps=100,
-        n_eval=1000,
-        eval_batch=250,
-        n_seeds=3,
-        temperature=0.75,
-        n_iters=5,
-    ),
-    # The paper's setting: length 256 -> dev up to 512, b = 32, 512 symbols. Model size, steps,
-    # batch and learning rate are not stated by the paper: Transformer-base sizes are our
-    # assumption.
-    "paper": SortPreset(
-        length=256,
-        n_symbols=512,
-        block_size=32,
-        d_model=512,
-        n_heads=8,
-        n_layers=6,
-        d_ff=2048,
-        dropout=0.1,
-        steps=50_000,
-        batch_size=64,
-        lr=5e-4,
-        warmup_steps=4_000,
-        n_eval=1_000,
-        eval_batch=50,
-        n_seeds=1,
-        temperature=0.75,
-        n_iters=8,
-    ),
+PRESETS = SORT_PRESETS
+# The flags that override preset fields, as ``{field: flag attribute}``.
+OVERRIDES = {
+    "steps": "steps",
+    "length": "length",
+    "block_size": "block_size",
+    "n_seeds": "seeds",
+    "n_eval": "n_eval",
+    "n_symbols": "n_symbols",
 }
+
+
+def with_overrides(
+    base: SortPreset, changes: dict[str, int], *, eval_batch: int | None = None
+) -> SortPreset:
+    """``base`` with the flags' ``changes`` (:func:`positive_overrides`) applied.
+
+    A new ``length`` L also sets Tensor2Tensor's alphabet of ``2L`` symbols unless
+    ``n_symbols`` is given; ``n_eval`` caps the eval batch (at ``eval_batch``, default the
+    base's).
+    """
+    changes = dict(changes)
+    if "length" in changes and "n_symbols" not in changes:
+        changes["n_symbols"] = 2 * changes["length"]  # Tensor2Tensor's alphabet: 2L symbols
+    if "n_eval" in changes:
+        changes["eval_batch"] = min(eval_batch or base.eval_batch, changes["n_eval"])
+    return replace(base, **changes)
 
 
 def max_input_length(preset: SortPreset) -> int:
@@ -271,30 +226,24 @@ def summarize_kind(
     }
 
 
-def seeds_of(preset: SortPreset, args: argparse.Namespace) -> list[int]:
-    return [args.seed + i for i in range(preset.n_seeds)]
-
-
 def run_seed(
     kind: str,
     preset: SortPreset,
-    options: GridOptions,
+    run: Run,
     *,
-    seed: int,
-    name: str,
     label: str | None = None,
     attention_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one attention kind with one seed in ``<out>/<name>``; evaluate it on the dev set.
+    """Train one attention kind as ``run``; evaluate it on the dev set (a runner of
+    :func:`~.driver.train_grid`).
 
     ``label`` (default: the kind) names the sort-matrix plot of the first seed;
     ``attention_options`` override :class:`AttentionConfig` fields (the ablation's variants).
     """
-    torch.manual_seed(seed)
     config = model_config(preset, kind, **(attention_options or {}))
     model = Seq2Seq(config)
     train_data = SortingDataset(
-        preset.steps * preset.batch_size, preset.length, preset.n_symbols, seed=seed * 10 + 1
+        preset.steps * preset.batch_size, preset.length, preset.n_symbols, seed=run.seed * 10 + 1
     )
     dev = dev_set(preset)
 
@@ -302,34 +251,17 @@ def run_seed(
         assert isinstance(m, Seq2Seq)
         return evaluate(m, dev, preset.eval_batch, preset.length)
 
-    train_cfg = TrainConfig(
-        steps=preset.steps,
-        batch_size=preset.batch_size,
-        lr=preset.lr,
-        warmup_steps=min(preset.warmup_steps, preset.steps - 1),
-        seed=seed,
-        log_every=25,
-        ckpt_every=max(1, preset.steps // 4),
-        progress=options.progress,
+    plan = Plan(
+        model, config.to_dict(), train_data, make_loss_fn(preset.length), eval_fn, collate_sorting
     )
-    result = train(
-        model,
-        train_data,
-        make_loss_fn(preset.length),
-        train_cfg,
-        out_dir=options.out / name,
-        collate_fn=collate_sorting,
-        eval_fn=eval_fn,
-        resume=options.resume,
-        model_config=config.to_dict(),
-    )
+    fitted = fit(run, plan, preset, SCHEDULES["sort"])
     plan_png = None
-    if kind in ("sinkhorn", "mixture") and seed == options.first_seed:
-        plan_png = save_sort_matrix(model, dev, options.out, label or kind)
+    if kind in ("sinkhorn", "mixture") and run.keeps_plots:
+        plan_png = save_sort_matrix(model, dev, run.out, label or kind)
     return {
-        "seed": seed,
-        "train_loss": result.metrics.get("loss"),
-        "eval": {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()},
+        "seed": run.seed,
+        "train_loss": fitted.train_loss,
+        "eval": fitted.eval,
         "sort_matrix_png": plan_png,
     }
 
@@ -391,43 +323,25 @@ def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    preset = PRESETS[args.preset]
-    changes = positive_overrides(
-        args,
-        {
-            "steps": "steps",
-            "length": "length",
-            "block_size": "block_size",
-            "n_seeds": "seeds",
-            "n_eval": "n_eval",
-            "n_symbols": "n_symbols",
-        },
-    )
-    if "length" in changes and "n_symbols" not in changes:
-        changes["n_symbols"] = 2 * changes["length"]  # Tensor2Tensor's alphabet: 2L symbols
-    if "n_eval" in changes:
-        changes["eval_batch"] = min(preset.eval_batch, changes["n_eval"])
-    preset = replace(preset, **changes)
+    preset = with_overrides(PRESETS[args.preset], positive_overrides(args, OVERRIDES))
     kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
     options = grid_options(args)
     results = train_grid(
-        {kind: partial(run_seed, kind, preset, options) for kind in kinds},
-        seeds_of(preset, args),
+        {kind: partial(run_seed, kind, preset) for kind in kinds},
+        seed_list(args, preset.n_seeds),
         options,
         summarize=partial(summarize_kind, preset=preset),
     )
     cleanup_distributed()  # every rank, on success (see its docstring)
     if dist.rank != 0:
         return 0
-    table = results_table(results, preset)
-    print(
-        f"\nSorting (Tensor2Tensor protocol): train lengths U[1, {preset.length}], "
+    title = (
+        f"Sorting (Tensor2Tensor protocol): train lengths U[1, {preset.length}], "
         f"{preset.n_eval} dev sequences of lengths U[1, {2 * preset.length}], "
         f"{preset.n_symbols} symbols; greedy decoding until EOS (teacher-forced beside it); "
-        f"mean over {preset.n_seeds} seed(s)\n"
+        f"mean over {preset.n_seeds} seed(s)"
     )
-    print(table)
     payload = {
         "experiment": "sort",
         "preset": args.preset,
@@ -438,11 +352,9 @@ def run(args: argparse.Namespace) -> int:
             for k, v in PAPER_ROWS.items()
         },
     }
-    path = write_results(Path(args.out), payload, table)
-    print(f"\nresults: {path}")
-    for r in results:
-        if r["sort_matrix_png"]:
-            print(f"sort matrix heat map: {r['sort_matrix_png']}")
+    heat_maps = [("sort matrix heat map", r["sort_matrix_png"]) for r in results]
+    heat_maps = [(what, png) for what, png in heat_maps if png]
+    report(Path(args.out), title, results_table(results, preset), payload, heat_maps)
     return 0
 
 

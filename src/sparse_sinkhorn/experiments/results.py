@@ -1,0 +1,170 @@
+"""What an experiment leaves in ``--out``: ``results.json``, ``results.md`` and the printed table.
+
+Rule: every experiment reports through :func:`report` (print the table, write both files), and
+``results.json`` is only ever written by :func:`write_results`, atomically and under the
+directory's lock. The names of the files a run directory holds beside its checkpoints live here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..train.rundir import run_lock
+
+logger = logging.getLogger(__name__)
+
+# Files every run directory of `lm`, `image`, `classify` and `nli` may hold beside its checkpoints.
+TASK_FILE = "run.json"  # what `generate` needs to know about a run directory
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer (text tasks)
+
+# The attention kinds of the LM and image tables, in table order, and how tables name them.
+TABLE_KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")
+KIND_NAMES = {
+    "dense": "Transformer",
+    "local": "Local Attention",
+    "sparse": "Sparse Transformer",
+    "sinkhorn": "Sinkhorn",
+    "mixture": "Sinkhorn Mixture",
+}
+
+# Payload fields that must agree for two runs' results to share one results.json.
+_SAME_RUN_FIELDS = ("experiment", "preset", "settings", "dataset", "level", "pair_encoding")
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (floats with 4 significant decimals)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+        return "–" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a result came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _row_key(row: Any) -> tuple[Any, Any] | None:
+    if not isinstance(row, dict):
+        return None
+    kind = row.get("kind", row.get("attention"))
+    return None if kind is None else (str(kind), row.get("seed"))
+
+
+def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``payload`` plus the rows of ``old`` (an earlier ``results.json``) for kinds it did not
+    re-run, when both come from the same experiment, preset and settings.
+
+    Returns the merged payload and the kinds kept from ``old`` (empty when nothing was kept).
+    Raises ``ValueError`` when ``old`` is from an incompatible run.
+    """
+    merged = dict(payload)
+    if not isinstance(old, dict) or not isinstance(old.get("results"), list):
+        raise ValueError("the earlier results.json is not a results file")
+    differ = [k for k in _SAME_RUN_FIELDS if old.get(k) != payload.get(k)]
+    if differ:
+        raise ValueError(f"the earlier results.json differs in {', '.join(differ)}")
+    new_rows = list(payload.get("results", []))
+    rerun = {_row_key(r) for r in new_rows}
+    kept = [r for r in old["results"] if _row_key(r) is not None and _row_key(r) not in rerun]
+    merged["results"] = kept + new_rows
+    return merged, sorted({str(r.get("kind", r.get("attention"))) for r in kept})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a failure (full
+    disk, read-only directory) leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path:
+    """``results.json`` (with the machine) and ``results.md`` (the printed table).
+
+    An existing ``results.json`` from the same experiment, preset and settings keeps the rows
+    of the kinds this run did not re-run (``sort --attention dense`` into an ``--out`` with a
+    sinkhorn run keeps the sinkhorn row); one from a different run is renamed to
+    ``results.previous.json`` with a warning instead of being lost. Both files are replaced
+    atomically under the directory's lock.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    with run_lock(out_dir):
+        document = dict(payload)
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                document, kept = merge_results(old, payload)
+            except (ValueError, UnicodeDecodeError) as err:
+                backup = out_dir / "results.previous.json"
+                _atomic_write(backup, path.read_text(encoding="utf-8", errors="replace"))
+                logger.warning("%s: %s; it is kept as %s", path, err, backup)
+            else:
+                if kept:
+                    logger.info("results.json keeps the earlier rows of: %s", ", ".join(kept))
+                    table += (
+                        "\n\nKept from an earlier run with the same settings (see results.json): "
+                        + ", ".join(kept)
+                    )
+        text = json.dumps({**document, "machine": machine_info()}, indent=2) + "\n"
+        _atomic_write(path, text)
+        _atomic_write(out_dir / "results.md", table + "\n")
+    return path
+
+
+def report(
+    out_dir: Path,
+    title: str,
+    table: str,
+    payload: Mapping[str, Any],
+    files: Sequence[tuple[str, Any]] = (),
+    *,
+    note: str | None = None,
+) -> Path:
+    """Print ``title``, ``table`` and ``note`` (a line under the table, when given), write
+    ``results.json`` and ``results.md`` (:func:`write_results`), then print where the results
+    and ``files`` (``(what, path)`` pairs, e.g. ``("loss curves", path)``) are. Returns the
+    ``results.json`` path."""
+    print(f"\n{title}\n")
+    print(table)
+    if note:
+        print(f"\n{note}")
+    path = write_results(out_dir, payload, table)
+    print(f"\nresults: {path}")
+    for what, where in files:
+        print(f"{what}: {where}")
+    return path

@@ -66,17 +66,7 @@ def local_attention(
     scale: float | None = None,
 ) -> Tensor:
     """Each query block attends to its own block only (non-overlapping windows of W)."""
-    if not torch.compiler.is_compiling():
-        _validate.check_inputs(
-            query,
-            key,
-            value,
-            same_length=True,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-            scale=scale,
-        )
-        _validate.check_block_size(block_size)
+    _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale)
     batch, heads, length, _ = query.shape
     w = block_size
     mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None
@@ -147,17 +137,7 @@ def sparse_attention(
     scale: float | None = None,
 ) -> Tensor:
     """Sparse Transformer attention emulated with a mask, as the paper did (O(L²) memory)."""
-    if not torch.compiler.is_compiling():
-        _validate.check_inputs(
-            query,
-            key,
-            value,
-            same_length=True,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-            scale=scale,
-        )
-        _validate.check_block_size(block_size)
+    _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale)
     mask = sparse_pattern(
         query.shape[2],
         block_size=block_size,
@@ -237,20 +217,10 @@ def topk_block_attention(
     picks for it. Exactly causal: a query's blocks are chosen from complete earlier blocks by
     its own query vector. Memory O(L·k·W·D) for the gathered keys and values.
     """
-    if not torch.compiler.is_compiling():
-        _validate.check_inputs(
-            query,
-            key,
-            value,
-            same_length=True,
-            key_padding_mask=key_padding_mask,
-            dropout_p=dropout_p,
-            scale=scale,
-            gqa=True,
-        )
-        _validate.check_block_size(block_size)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale, gqa=True)
+    bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0
+    if bad_k and not torch.compiler.is_compiling():
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     batch, heads, length, _ = query.shape
     if key.shape[1] != heads:  # grouped-query attention
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
@@ -284,35 +254,78 @@ def topk_block_attention(
         keep_local = keep_local & per_g[:, :, None, :]  # (G, N, W, W)
     idx3 = rearrange(pad_to_blocks(idx, w), "b h l k -> (b h) l k")  # (G, N*W, k)
     picked = idx3.clamp_min(0)
-    g, n = kb.shape[:2]
-    rows = torch.arange(g, device=q.device)[:, None, None]  # (G, 1, 1)
-    flat = (rows * n + picked).reshape(-1)  # (G*N*W*k,) rows of the (G*N, W*D) block table
-    k_sel = kb.reshape(g * n, -1).index_select(0, flat).view(*picked.shape, w, -1)
-    v_sel = vb.reshape(g * n, -1).index_select(0, flat).view(*picked.shape, w, -1)
-    # (G, N*W, k, W, D): index_select, whose backward is one index_add
+    rows = torch.arange(kb.shape[0], device=q.device)[:, None, None]  # (G, 1, 1)
+    k_sel, v_sel = (_select_blocks(x, rows, picked) for x in (kb, vb))  # (G, N*W, k, W, D)
     q_tok = rearrange(q, "b h l d -> (b h) l d")  # (G, N*W, D)
     chosen = torch.einsum("gld,glkwd->glkw", q_tok, k_sel) * scale  # (G, N*W, k, W)
     keep_sel = (idx3 >= 0)[..., None].expand(*idx3.shape, w)  # (G, N*W, k, W)
     if real_kw is not None:
         per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
         keep_sel = keep_sel & per_g[rows, picked]
+    local = local.masked_fill(~keep_local, float("-inf"))
+    out = _softmax_local_and_selected(
+        local, chosen.masked_fill(~keep_sel, float("-inf")), vb, v_sel, dropout_p
+    )
+    out = rearrange(out, "(b h) l d -> b h l d", b=batch)
+    return out[:, :, :length].to(query.dtype)
+
+
+def _select_blocks(x: Tensor, rows: Tensor, picked: Tensor) -> Tensor:
+    """Blocks ``x[g, picked[g, l, k]]``: ``(G, N, W, D)`` blocks, ``(G, 1, 1)`` row ids and
+    ``(G, L, k)`` block indices -> ``(G, L, k, W, D)`` (an ``index_select``, whose backward
+    is one ``index_add``)."""
+    g, n, w = x.shape[:3]
+    flat = (rows * n + picked).reshape(-1)  # (G*L*k,) rows of the (G*N, W*D) block table
+    return x.reshape(g * n, -1).index_select(0, flat).view(*picked.shape, w, -1)
+
+
+def _softmax_local_and_selected(
+    local: Tensor, chosen: Tensor, vb: Tensor, v_sel: Tensor, dropout_p: float
+) -> Tensor:
+    """One softmax over each query's own-block scores ``(G, N, W, W)`` and selected-block
+    scores ``(G, N*W, k, W)`` (masked entries -inf), applied to the block values ``vb``
+    ``(G, N, W, Dv)`` and the selected values ``v_sel`` ``(G, N*W, k, W, Dv)``; a query
+    with no key gets 0. Returns ``(G, N*W, Dv)``."""
+    w = local.shape[-1]
     scores = torch.cat(
-        [
-            rearrange(local.masked_fill(~keep_local, float("-inf")), "g n q k -> g (n q) k"),
-            rearrange(chosen.masked_fill(~keep_sel, float("-inf")), "g l k w -> g l (k w)"),
-        ],
+        [rearrange(local, "g n q k -> g (n q) k"), rearrange(chosen, "g l k w -> g l (k w)")],
         dim=-1,
     )  # (G, N*W, W + k*W)
-    wide = torch.promote_types(q.dtype, torch.float32)
-    probs = torch.softmax(scores.to(wide), dim=-1).nan_to_num(0.0).to(q.dtype)  # no key: 0
+    wide = torch.promote_types(vb.dtype, torch.float32)
+    probs = torch.softmax(scores.to(wide), dim=-1).nan_to_num(0.0).to(vb.dtype)  # no key: 0
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     p_local = rearrange(probs[..., :w], "g (n q) k -> g n q k", q=w)  # (G, N, W, W)
     p_sel = rearrange(probs[..., w:], "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
     out = torch.einsum("gnqk,gnkd->gnqd", p_local, vb)  # (G, N, W, Dv)
-    out = rearrange(out, "g n q d -> g (n q) d") + torch.einsum("glkw,glkwd->gld", p_sel, v_sel)
-    out = rearrange(out, "(b h) l d -> b h l d", b=batch)
-    return out[:, :, :length].to(query.dtype)
+    return rearrange(out, "g n q d -> g (n q) d") + torch.einsum("glkw,glkwd->gld", p_sel, v_sel)
+
+
+def _check_blocked(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    block_size: int,
+    key_padding_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+    *,
+    gqa: bool = False,
+) -> None:
+    """The checks of every block-sparse baseline (skipped while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling():
+        return
+    _validate.check_inputs(
+        query,
+        key,
+        value,
+        same_length=True,
+        key_padding_mask=key_padding_mask,
+        dropout_p=dropout_p,
+        scale=scale,
+        gqa=gqa,
+    )
+    _validate.check_block_size(block_size)
 
 
 def _drop_padding(key: Tensor, value: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -138,30 +138,8 @@ def reference_sinkhorn_attention(
         real = key_padding_mask
     real = torch.cat([real, real.new_zeros(batch, lp - length)], dim=1)  # (B, Lp)
 
-    block_real = real.view(batch, n, w).any(-1)  # (B, N)
-    allowed = (block_real[:, :, None] & block_real[:, None, :])[:, None]  # (B, 1, N, N)
-    noise = None
-    if opts.gumbel_noise:
-        noise = sample_gumbel(sort_logits.shape, device=sort_logits.device, generator=generator)
-    route = (
-        partial(reference_sinkhorn_balance, n_iters=opts.n_iters)
-        if opts.balance == "sinkhorn"
-        else reference_softmax_routing
-    )
-    p = route(
-        sort_logits,
-        temperature=opts.temperature,
-        causal=opts.is_causal,
-        allowed=allowed,
-        noise=noise,
-    )  # (B, H, N, N)
-    rows = n if opts.n_sortcut is None else opts.n_sortcut
-    p = p[..., :rows, :]
-    if opts.hard:
-        one_hot = torch.zeros_like(p)
-        has = p.sum(-1) > 0
-        one_hot.scatter_(-1, p.argmax(-1, keepdim=True), 1.0)
-        p = one_hot * has[..., None] + (p - p.detach())
+    p = _reference_plan(sort_logits, real.view(batch, n, w).any(-1), opts, generator)
+    rows = p.shape[-2]
 
     # Token-level permutation: sorted slot (r, s) = sum_j P[r, j] * token (j, s).
     eye = torch.eye(w, dtype=dt, device=query.device)
@@ -192,6 +170,41 @@ def reference_sinkhorn_attention(
             dense_keep = dense_keep & (pos[None, :] <= pos[:, None])
         out = out + reference_dense_attention(q, k, v, keep=dense_keep, scale=opts.scale)
     return out[:, :, :length]
+
+
+def _reference_plan(
+    sort_logits: Tensor,
+    block_real: Tensor,
+    opts: SinkhornOptions,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The ``(B, H, R, N)`` plan: routing over the blocks holding a real token
+    (``block_real`` ``(B, N)``), the first ``n`` rows with SortCut, one-hot with hard
+    routing (straight-through)."""
+    allowed = (block_real[:, :, None] & block_real[:, None, :])[:, None]  # (B, 1, N, N)
+    noise = None
+    if opts.gumbel_noise:
+        noise = sample_gumbel(sort_logits.shape, device=sort_logits.device, generator=generator)
+    route = (
+        partial(reference_sinkhorn_balance, n_iters=opts.n_iters)
+        if opts.balance == "sinkhorn"
+        else reference_softmax_routing
+    )
+    p = route(
+        sort_logits,
+        temperature=opts.temperature,
+        causal=opts.is_causal,
+        allowed=allowed,
+        noise=noise,
+    )  # (B, H, N, N)
+    if opts.n_sortcut is not None:
+        p = p[..., : opts.n_sortcut, :]
+    if opts.hard:
+        one_hot = torch.zeros_like(p)
+        has = p.sum(-1) > 0
+        one_hot.scatter_(-1, p.argmax(-1, keepdim=True), 1.0)
+        p = one_hot * has[..., None] + (p - p.detach())
+    return p
 
 
 def _pad(x: Tensor, length: int) -> Tensor:

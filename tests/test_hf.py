@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from sparse_sinkhorn import hf
+from sparse_sinkhorn.hf import attention as hf_attention
 from sparse_sinkhorn.nn.cache import SequenceRouting
 
 VOCAB, BLOCK, PAD = 37, 4, 0
@@ -175,6 +176,7 @@ DECODE_OPTIONS = [
     {"sort_net": "mlp", "pooling": "mean"},
     {"n_iters": 3, "temperature": 0.5},
     {"mixture": True},
+    {"balance": "softmax"},  # an AttentionConfig field, so a convert() option too
 ]
 
 
@@ -189,7 +191,7 @@ def test_kv_cache_equals_full_forward(
     ids = _ids(2, 22)
     full = model(ids).logits
     key = _step_kwarg(model)
-    op = _Spy(monkeypatch, hf, "sinkhorn_attention")
+    op = _Spy(monkeypatch, hf_attention, "sinkhorn_attention")
     steps = _Spy(monkeypatch, SequenceRouting, "step")
     for prompt in (1, 4, 7):  # one token, a block boundary, mid-block
         cache = DynamicCache(config=model.config)

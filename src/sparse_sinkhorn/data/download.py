@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SparseSinkhornError
+
 log = logging.getLogger(__name__)
 
 
-class FetchError(RuntimeError):
+class FetchError(SparseSinkhornError, RuntimeError):
     """A dataset could not be fetched or did not verify."""
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import SparseSinkhornError
+
 ENV_VAR = "SPARSE_SINKHORN_DATA"
 DEFAULT_DATA_DIR = Path("~/.cache/sparse-sinkhorn/data")
 MANIFEST = "manifest.json"
@@ -118,7 +120,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(SparseSinkhornError, FileNotFoundError):
     """A dataset is missing from the data directory; the message names the fetch command."""
 
 

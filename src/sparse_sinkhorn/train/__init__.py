@@ -15,27 +15,27 @@ Example::
 
 from __future__ import annotations
 
-from sparse_sinkhorn.train.checkpoint import (
+from .checkpoint import (
     CheckpointError,
     ConfigMismatchError,
     save_checkpoint,
     unwrap_model,
 )
-from sparse_sinkhorn.train.config import TrainConfig
-from sparse_sinkhorn.train.distributed import DistInfo, cleanup_distributed, init_distributed
-from sparse_sinkhorn.train.loading import (
+from .config import TrainConfig
+from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .loading import (
     load_checkpoint,
     load_model_weights,
     read_config,
     resolve_checkpoint,
     verify_checkpoint,
 )
-from sparse_sinkhorn.train.loop import TrainResult, train
-from sparse_sinkhorn.train.metrics import plot_metrics, read_metrics
-from sparse_sinkhorn.train.optim import build_optimizer, build_scheduler, lr_multiplier
-from sparse_sinkhorn.train.rng import seed_everything
-from sparse_sinkhorn.train.sampling import micro_batch_indices
-from sparse_sinkhorn.train.state import NonFiniteLossError
+from .loop import TrainResult, train
+from .metrics import plot_metrics, read_metrics
+from .optim import build_optimizer, build_scheduler, lr_multiplier
+from .rng import seed_everything
+from .sampling import micro_batch_indices
+from .state import NonFiniteLossError
 
 __all__ = [
     "CheckpointError",

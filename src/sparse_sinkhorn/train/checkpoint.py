@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import SparseSinkhornError
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -45,11 +47,11 @@ CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SparseSinkhornError, RuntimeError):
     """A checkpoint is missing files, truncated, altered or unreadable."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(SparseSinkhornError, ValueError):
     """A checkpoint was saved with a different ``model_config`` than the current one."""
 
 

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from sparse_sinkhorn.train.config import TrainConfig
-from sparse_sinkhorn.train.distributed import DistInfo, broadcast_object
-from sparse_sinkhorn.train.rng import capture_rng_state, restore_rng_state
+from .config import TrainConfig
+from .distributed import DistInfo, broadcast_object
+from .rng import capture_rng_state, restore_rng_state
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_sinkhorn.train.checkpoint import (
+from .checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     LATEST_FILE,

@@ -33,14 +33,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from sparse_sinkhorn.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints
-from sparse_sinkhorn.train.config import TrainConfig
-from sparse_sinkhorn.train.distributed import (
+from .checkpoint import CHECKPOINTS_DIR, list_checkpoints
+from .config import TrainConfig
+from .distributed import (
     DistInfo,
     all_reduce_sum,
     init_distributed,
 )
-from sparse_sinkhorn.train.helpers import (
+from .helpers import (
     as_json_dict,
     autocast,
     check_dataset,
@@ -50,11 +50,11 @@ from sparse_sinkhorn.train.helpers import (
     rank0_call,
     run_eval,
 )
-from sparse_sinkhorn.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
-from sparse_sinkhorn.train.rng import seed_everything
-from sparse_sinkhorn.train.rundir import LOCK_FILE, run_lock
-from sparse_sinkhorn.train.sampling import MicroBatchSampler, steps_per_epoch
-from sparse_sinkhorn.train.state import (
+from .metrics import METRICS_FILE, MetricsWriter, read_metrics
+from .rng import seed_everything
+from .rundir import LOCK_FILE, run_lock
+from .sampling import MicroBatchSampler, steps_per_epoch
+from .state import (
     LossFn,
     NonFiniteLossError,
     Run,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sparse_sinkhorn.train.checkpoint import writing
+from .checkpoint import writing
 
 logger = logging.getLogger(__name__)
 

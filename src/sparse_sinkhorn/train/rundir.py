@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import SparseSinkhornError
+
 LOCK_FILE = ".lock"
 
 # path -> (fd, depth); the fd keeps the flock for as long as it is open.
@@ -28,7 +30,7 @@ _HELD: dict[Path, list[int]] = {}
 _OVERWRITE: set[Path] = set()
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(SparseSinkhornError, RuntimeError):
     """Another live process is writing the same run directory."""
 
 

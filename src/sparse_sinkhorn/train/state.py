@@ -17,22 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_sinkhorn.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints, save_checkpoint
-from sparse_sinkhorn.train.config import TrainConfig
-from sparse_sinkhorn.train.distributed import DistInfo, all_gather_objects
-from sparse_sinkhorn.train.helpers import autocast_dtype, rank0_call
-from sparse_sinkhorn.train.loading import config_differences, load_checkpoint, resolve_checkpoint
-from sparse_sinkhorn.train.metrics import METRICS_FILE
-from sparse_sinkhorn.train.optim import build_optimizer, build_scheduler
-from sparse_sinkhorn.train.rng import capture_rng_state, restore_rng_state
-from sparse_sinkhorn.train.rundir import take_overwrite
+from ..errors import SparseSinkhornError
+from .checkpoint import CHECKPOINTS_DIR, list_checkpoints, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistInfo, all_gather_objects
+from .helpers import autocast_dtype, rank0_call
+from .loading import config_differences, load_checkpoint, resolve_checkpoint
+from .metrics import METRICS_FILE
+from .optim import build_optimizer, build_scheduler
+from .rng import capture_rng_state, restore_rng_state
+from .rundir import take_overwrite
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, Any]]]
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(SparseSinkhornError, ValueError):
     """Training produced a NaN or infinite loss (or gradient, or weights): the run stopped
     before that update, and the checkpoints already on disk are the last good ones."""
 

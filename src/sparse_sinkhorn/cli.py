@@ -24,12 +24,7 @@ from .errors import UsageError
 
 # Every module that adds subcommands; each defines ``add_subparser``.
 _COMMANDS: tuple[str, ...] = (
-    "sparse_sinkhorn.experiments.sorting",
-    "sparse_sinkhorn.experiments.ablate",
-    "sparse_sinkhorn.experiments.lm",
-    "sparse_sinkhorn.experiments.image",
-    "sparse_sinkhorn.experiments.classify",
-    "sparse_sinkhorn.experiments.recall",
+    "sparse_sinkhorn.experiments.commands",
     "sparse_sinkhorn.generate",
     "sparse_sinkhorn.data.cli",
 )

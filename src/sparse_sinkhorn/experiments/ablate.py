@@ -34,8 +34,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..train import cleanup_distributed, init_distributed
-from . import lm, sorting
-from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from . import flags, lm, sorting
 from .driver import Runner, grid_options, train_grid
 from .presets import (
     ABLATE_LM_PRESET,
@@ -45,7 +44,6 @@ from .presets import (
     LM_PRESETS,
     SORT_PRESETS,
 )
-from .progress import setup_logging
 from .results import format_table, report
 from .stats import mean_and_std, mean_std_cell
 
@@ -161,17 +159,16 @@ def _lm_runners(
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
     task = args.task or ABLATE_TASKS[args.preset]
-    variants = parse_kinds(args.variants, tuple(VARIANTS), what="variant")
+    variants = flags.parse_kinds(args.variants, tuple(VARIANTS), what="variant")
     fields = {"steps": "steps", "n_seeds": "seeds"}
     if task == "sort":
         fields.update({f: f for f in SORT_FLAGS})
     elif any(getattr(args, f) is not None for f in SORT_FLAGS):
         raise UsageError("--length, --block-size and --n-eval apply to the sort task only")
-    changes = positive_overrides(args, fields)
+    changes = flags.positive_overrides(args, fields)
     changes.pop("n_seeds", None)  # the seeds come from seed_list
-    seeds = seed_list(args, ABLATE_SEEDS[args.preset])
+    seeds = flags.seed_list(args, ABLATE_SEEDS[args.preset])
     options = grid_options(args)
     dist = init_distributed()
     if task == "sort":
@@ -197,36 +194,3 @@ def run(args: argparse.Namespace) -> int:
     }
     report(Path(args.out), title, results_table(results, task, len(seeds)), payload)
     return 0
-
-
-def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "ablate",
-        help="SortNet ablation (paper Table 8)",
-        description="Sinkhorn variants (sort net, K = V, balancing rounds, temperature), "
-        "everything else equal; cpu: the sorting task, paper: LM1B subwords at b = 32.",
-    )
-    parser.add_argument(
-        "--variants",
-        default="all",
-        help=f"comma list of {', '.join(VARIANTS)}, or 'all' (default)",
-    )
-    parser.add_argument(
-        "--task",
-        choices=("sort", "lm"),
-        default=None,
-        help="sort (the cpu preset's default) or lm (subword LM; the paper preset's default)",
-    )
-    for flag, what in (
-        ("--length", "training length L (sort task)"),
-        ("--block-size", "block size (sort task)"),
-        ("--n-eval", "number of dev sequences (sort task)"),
-    ):
-        parser.add_argument(flag, type=int, default=None, help=f"override the {what}")
-    parser.add_argument("--data-dir", default=None, help="data directory (lm task)")
-    parser.add_argument(
-        "--corpus", default=None, help="plain-text corpus, e.g. LM1B's shards (lm task)"
-    )
-    add_grid_args(parser, default_seeds="3 at the cpu preset, 1 at the paper preset")
-    add_common_args(parser, default_out="runs/ablate")
-    parser.set_defaults(func=run)

@@ -40,12 +40,10 @@ from ..models import Classifier, ClassifierConfig
 from ..nn import AttentionConfig
 from ..train import cleanup_distributed, init_distributed
 from ..train.helpers import rank0_call
-from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from . import flags
 from .classify_common import (
-    CLASSIFY_DATASETS,
     DEV_SPLIT,
     EVAL_SPLIT,
-    LEVELS,
     PAPER_ROWS,
     VARIANTS,
     Variant,
@@ -63,9 +61,8 @@ from .classify_common import (
     subsample,
     text_dataset,
 )
-from .driver import Plan, Run, check_runs, fit, grid_options, train_grid
-from .presets import NLI_DATASETS, SCHEDULES, TaskPreset, classify_preset
-from .progress import setup_logging
+from .driver import Plan, Run, check_runs, fit, grid_options, model_sizes, train_grid
+from .presets import SCHEDULES, TaskPreset, classify_preset
 from .results import TOKENIZER_FILE, format_table, report
 from .stats import mean_and_std, mean_std_cell
 
@@ -103,11 +100,7 @@ def model_config(
     )
     return ClassifierConfig(
         vocab_size=vocab_size,
-        d_model=preset.d_model,
-        n_heads=preset.n_heads,
-        n_layers=preset.n_layers,
-        d_ff=preset.d_ff,
-        dropout=preset.dropout,
+        **model_sizes(preset),
         pad_id=pad_id,
         attention=attention,
         n_classes=n_classes,
@@ -291,7 +284,7 @@ def results_table(
 
 def _apply_overrides(preset: TaskPreset, args: argparse.Namespace) -> TaskPreset:
     """``preset`` with the override flags applied (``--d-model`` also sets ``d_ff``)."""
-    changes: dict[str, Any] = dict(positive_overrides(args, {f: f for f in OVERRIDES}))
+    changes: dict[str, Any] = dict(flags.positive_overrides(args, {f: f for f in OVERRIDES}))
     if "d_model" in changes:
         changes["d_ff"] = 2 * changes["d_model"]
         if changes["d_model"] % preset.n_heads:
@@ -309,15 +302,14 @@ def _previous_results(out: Path) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
     preset = _apply_overrides(classify_preset(args.dataset, args.level, args.preset), args)
     args.out = args.out.replace("DATASET-LEVEL", f"{args.dataset}-{args.level}")
     options = grid_options(args)
     out = options.out
-    names = parse_kinds(args.attention, tuple(VARIANTS))
+    names = flags.parse_kinds(args.attention, tuple(VARIANTS))
     variants = [VARIANTS[n] for n in names]
     dist = init_distributed()
-    seeds = seed_list(args)
+    seeds = flags.seed_list(args)
     check_runs(names, seeds, options)  # before the data and tokenizer are built
     out.mkdir(parents=True, exist_ok=True)
     data = _datasets(args, preset, out)
@@ -384,54 +376,3 @@ def _report(
         note = "(no paper rows recovered for this dataset/level; the paper reports SST, not MR)"
     table = results_table(results, paper, preset, pair)
     report(out, title, table, payload, [("plot", plot)], note=note)
-
-
-def _add_parser(
-    subparsers: argparse._SubParsersAction, task: str, datasets: tuple[str, ...], help_: str
-) -> None:
-    parser = subparsers.add_parser(task, help=help_, description=__doc__.split("\n\n")[1])
-    parser.add_argument("--dataset", required=True, choices=datasets, help="dataset to train on")
-    parser.add_argument(
-        "--level", default="word", choices=LEVELS, help="word or character tokens (default: word)"
-    )
-    parser.add_argument(
-        "--attention",
-        default="all",
-        help=f"one of {', '.join(VARIANTS)}, a comma list, or 'all' (default)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="data directory (default: $SPARSE_SINKHORN_DATA or ~/.cache/sparse-sinkhorn/data)",
-    )
-    if task == "nli":
-        parser.add_argument(
-            "--pair",
-            default="concat",
-            choices=("concat", "separate"),
-            help="concat: one sequence [CLS] premise [SEP] hypothesis with segment ids, as "
-            "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
-            "features [u, v, |u-v|, u*v]",
-        )
-    add_grid_args(parser)
-    for flag, what in (
-        ("--max-len", "tokens kept per text (per sentence for NLI)"),
-        ("--block-size", "block size of sinkhorn/local"),
-        ("--batch-size", "batch size"),
-        ("--train-examples", "train on a seeded subsample of this many examples"),
-        ("--eval-examples", "score a seeded subsample of the held-out split"),
-        ("--d-model", "model width (d_ff = 2 * d_model)"),
-    ):
-        parser.add_argument(flag, type=int, default=None, help=f"override the preset's {what}")
-    add_common_args(parser, default_out=f"runs/{task}/DATASET-LEVEL")
-    parser.set_defaults(func=run, task=task, **({"pair": "none"} if task != "nli" else {}))
-
-
-def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    _add_parser(
-        subparsers,
-        "classify",
-        CLASSIFY_DATASETS,
-        "document classification: IMDb, MR, SST (paper Table 6)",
-    )
-    _add_parser(subparsers, "nli", NLI_DATASETS, "natural language inference: SNLI, MNLI (Table 7)")

@@ -42,7 +42,7 @@ from ..train.distributed import barrier
 from ..train.rng import seed_everything
 from ..train.rundir import allow_overwrite, check_writable, hold_run_lock
 from .presets import Schedule
-from .progress import GridProgress, naming
+from .progress import GridProgress, naming, setup_logging
 from .stats import mean_and_std
 from .workers import Job, map_runs
 
@@ -76,7 +76,9 @@ def grid_options(args: argparse.Namespace) -> GridOptions:
     """The grid's options from an experiment's flags (``--out``, ``--resume``, ``--overwrite``,
     ``--jobs``). Runs trained in parallel would interleave their progress bars, so this also
     turns progress bars off when ``--jobs > 1``. ``--resume`` needs an existing ``--out``
-    (checked here, before an experiment loads its data)."""
+    (checked here, before an experiment loads its data). Sets up the log lines
+    (:func:`~.progress.setup_logging`): an experiment calls this before it logs."""
+    setup_logging()  # the experiment's log lines from here on
     jobs = int(getattr(args, "jobs", 1))
     if not str(args.out).strip():
         raise UsageError(f"--out must name a directory, got {args.out!r}")
@@ -256,6 +258,12 @@ def train_grid(
     for (name, _), record in zip(dirs, records, strict=True):
         groups.setdefault(name, []).append(record)
     return [summarize(name, groups[name], seeds) for name in runners]
+
+
+def model_sizes(preset: Any) -> dict[str, Any]:
+    """The model sizes a preset fixes: width, heads, layers, feed-forward width, dropout."""
+    fields = ("d_model", "n_heads", "n_layers", "d_ff", "dropout")
+    return {field: getattr(preset, field) for field in fields}
 
 
 class TrainingPreset(Protocol):

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -38,11 +37,11 @@ from ..models import LanguageModel, LanguageModelConfig
 from ..models.common import check_sampling, sample_next
 from ..nn import AttentionConfig
 from ..train import init_distributed
-from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
-from .driver import Plan, Run, fit, grid_options, train_grid
+from . import flags
+from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
+from .lm import lm_loss, total_nll
 from .plots import plot_loss_curves
 from .presets import IMAGE_PRESETS, SCHEDULES, ImagePreset
-from .progress import setup_logging
 from .results import KIND_NAMES, TABLE_KINDS, TASK_FILE, format_table, report
 from .stats import bits_per_unit, evenly_spaced, seeds_cell
 
@@ -91,29 +90,14 @@ class PixelSequences(Dataset[tuple[Tensor, Tensor]]):
 
 def pixel_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Mean cross-entropy over sub-pixels, 256-way (the start/pad ids are not pixel values)."""
-    inputs, targets = batch
-    logits = model(inputs)[..., :N_LEVELS]  # (B, D, 256)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    return loss, {"tokens": float(targets.numel())}
+    return lm_loss(model, batch, outputs=N_LEVELS)
 
 
-@torch.no_grad()
 def pixel_nll(
     model: nn.Module, data: Dataset[tuple[Tensor, Tensor]], batch_size: int
 ) -> tuple[float, int]:
     """``(sum of sub-pixel cross-entropies in nats, number of sub-pixels)``."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    n = len(data)  # type: ignore[arg-type]
-    for start in range(0, n, batch_size):
-        items = [data[i] for i in range(start, min(start + batch_size, n))]
-        inputs = torch.stack([x for x, _ in items]).to(device)  # (B, D)
-        targets = torch.stack([y for _, y in items]).to(device)
-        logits = model(inputs)[..., :N_LEVELS].float()  # (B, D, 256)
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
-    return total, count
+    return total_nll(model, data, batch_size, outputs=N_LEVELS)
 
 
 @torch.no_grad()
@@ -167,6 +151,27 @@ def save_grid(samples: Tensor, path: Path, title: str, real: Tensor | None = Non
     return path
 
 
+def results_table(results: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            KIND_NAMES[r["kind"]],
+            seeds_cell(r, "test/bits_per_dim", 3),
+            PAPER_ROWS.get(r["kind"]),
+            r["params"],
+            round(r["train_seconds"]),
+        ]
+        for r in results
+    ]
+    headers = [
+        "attention",
+        "test bits/dim ↓ (this dataset)",
+        "paper CIFAR-10 bits/dim (T5)",
+        "params",
+        "train s",
+    ]
+    return format_table(headers, rows)
+
+
 def block_size_for(preset: ImagePreset, shape: tuple[int, ...]) -> int:
     """The preset's block size, or two image rows of sub-pixels."""
     if preset.block_size is not None:
@@ -178,11 +183,7 @@ def block_size_for(preset: ImagePreset, shape: tuple[int, ...]) -> int:
 def model_config(preset: ImagePreset, kind: str, dims: int, block: int) -> LanguageModelConfig:
     return LanguageModelConfig(
         vocab_size=N_LEVELS + 2,  # 256 pixel values, start, pad
-        d_model=preset.d_model,
-        n_heads=preset.n_heads,
-        n_layers=preset.n_layers,
-        d_ff=preset.d_ff,
-        dropout=preset.dropout,
+        **model_sizes(preset),
         pad_id=PAD_ID,
         attention=AttentionConfig(kind=kind, block_size=block, max_len=dims),
     )
@@ -235,35 +236,13 @@ def run_kind(
     }
 
 
-def results_table(results: list[dict[str, Any]]) -> str:
-    rows = [
-        [
-            KIND_NAMES[r["kind"]],
-            seeds_cell(r, "test/bits_per_dim", 3),
-            PAPER_ROWS.get(r["kind"]),
-            r["params"],
-            round(r["train_seconds"]),
-        ]
-        for r in results
-    ]
-    headers = [
-        "attention",
-        "test bits/dim ↓ (this dataset)",
-        "paper CIFAR-10 bits/dim (T5)",
-        "params",
-        "train s",
-    ]
-    return format_table(headers, rows)
-
-
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     args.out = args.out or f"runs/image-{args.dataset}"
-    preset = replace(PRESETS[args.preset], **positive_overrides(args, OVERRIDES))
+    preset = replace(PRESETS[args.preset], **flags.positive_overrides(args, OVERRIDES))
     options = grid_options(args)
-    kinds = parse_kinds(args.attention, KINDS, KINDS)
+    kinds = flags.parse_kinds(args.attention, KINDS, KINDS)
     train_set = load_split(args.dataset, "train", args.data_dir)
     test_set = load_split(args.dataset, "test", args.data_dir)
     if args.train_images is not None:
@@ -271,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
             train_set.pixels[: args.train_images].reshape(-1, *train_set.image_shape).numpy()
         )
     dist = init_distributed()
-    seeds = seed_list(args)
+    seeds = flags.seed_list(args)
     results = train_grid(
         {
             kind: partial(run_kind, kind, args.dataset, preset, train_set, test_set)
@@ -305,28 +284,3 @@ def run(args: argparse.Namespace) -> int:
     files = [("loss curves", curves), *(("samples", r["samples_png"]) for r in results)]
     report(Path(args.out), title, results_table(results), payload, files)
     return 0
-
-
-def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "image",
-        help="pixel-wise image generation, bits/dim (paper Table 5)",
-        description="Train decoder-only pixel models per attention kind; bits/dim on test.",
-    )
-    parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument(
-        "--attention",
-        default="all",
-        help=f"one of {', '.join(KINDS)}, a comma list, or 'all' (default)",
-    )
-    parser.add_argument("--data-dir", default=None, help="data directory (see `data fetch`)")
-    parser.add_argument("--block-size", type=int, default=None, help="override the block size")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
-    parser.add_argument("--eval-images", type=int, default=None, help="test images scored")
-    parser.add_argument("--samples", type=int, default=None, help="images sampled for the PNG")
-    parser.add_argument(
-        "--train-images", type=int, default=None, help="use only the first N training images"
-    )
-    add_grid_args(parser)
-    add_common_args(parser, default_out="runs/image-<dataset>")
-    parser.set_defaults(func=run, out=None)

@@ -43,11 +43,10 @@ from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig
 from ..train import init_distributed
 from ..train.helpers import rank0_call
-from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
-from .driver import Plan, Run, fit, grid_options, train_grid
+from . import flags
+from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
 from .plots import plot_loss_curves
 from .presets import LM_PRESETS, SCHEDULES, LMPreset
-from .progress import setup_logging
 from .results import KIND_NAMES, TABLE_KINDS, TASK_FILE, TOKENIZER_FILE, format_table, report
 from .stats import bits_per_unit, evenly_spaced, perplexity, seeds_cell
 
@@ -86,19 +85,27 @@ OVERRIDES = {
 
 
 # ----------------------------------------------------------------------------- metrics
-def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Next-token cross-entropy (mean over every target token of the batch)."""
+def lm_loss(
+    model: nn.Module, batch: tuple[Tensor, Tensor], *, outputs: int | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Next-token cross-entropy (mean over every target token of the batch), over the first
+    ``outputs`` logits when given (pixel models score pixel values only)."""
     inputs, targets = batch
-    logits = model(inputs)  # (B, L, V)
+    logits = model(inputs)[..., :outputs]  # (B, L, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     return loss, {"tokens": float(targets.numel())}
 
 
 @torch.no_grad()
 def total_nll(
-    model: nn.Module, data: Dataset[tuple[Tensor, Tensor]], batch_size: int
+    model: nn.Module,
+    data: Dataset[tuple[Tensor, Tensor]],
+    batch_size: int,
+    *,
+    outputs: int | None = None,
 ) -> tuple[float, int]:
-    """``(sum of next-token cross-entropies in nats, number of targets)`` over ``data``."""
+    """``(sum of next-token cross-entropies in nats, number of targets)`` over ``data``
+    (over the first ``outputs`` logits when given)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -108,7 +115,7 @@ def total_nll(
         items = [data[i] for i in range(start, min(start + batch_size, n))]
         inputs = torch.stack([x for x, _ in items]).to(device)  # (B, L)
         targets = torch.stack([y for _, y in items]).to(device)
-        logits = model(inputs).float()  # (B, L, V)
+        logits = model(inputs)[..., :outputs].float()  # (B, L, V)
         total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
     model.train(was_training)
@@ -153,11 +160,7 @@ def model_config(
     )  # max_len > seq_len lets `generate` continue past the training length
     return LanguageModelConfig(
         vocab_size=vocab_size,
-        d_model=preset.d_model,
-        n_heads=preset.n_heads,
-        n_layers=preset.n_layers,
-        d_ff=preset.d_ff,
-        dropout=preset.dropout,
+        **model_sizes(preset),
         pad_id=0,  # [PAD]: never in the token stream
         attention=attention,
     )
@@ -303,14 +306,13 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
     if args.level not in LEVELS:
         raise UsageError(f"unknown --level {args.level!r}; choose char or subword")
     preset = PRESETS[(args.level, args.preset)]
     args.out = args.out or f"runs/lm-{args.level}"
-    preset = replace(preset, **positive_overrides(args, OVERRIDES))
+    preset = replace(preset, **flags.positive_overrides(args, OVERRIDES))
     options = grid_options(args)
-    kinds = parse_kinds(args.attention, KINDS, KINDS)
+    kinds = flags.parse_kinds(args.attention, KINDS, KINDS)
     corpus = load_text(args.corpus, args.data_dir, preset.max_train_chars)
     logger.info(
         "corpus %s: %d train / %d valid / %d test chars",
@@ -321,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     )
     dist = init_distributed()
     streams: dict[str, tuple[Tensor, ...]] = {}
-    seeds = seed_list(args)
+    seeds = flags.seed_list(args)
     results = train_grid(
         {kind: partial(run_kind, kind, args.level, preset, corpus, streams) for kind in kinds},
         seeds,
@@ -351,36 +353,3 @@ def run(args: argparse.Namespace) -> int:
     table = results_table(results, args.level)
     report(Path(args.out), title, table, payload, [("loss curves", curves)])
     return 0
-
-
-def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "lm",
-        help="language modelling: char bits/char, subword perplexity (paper Tables 2, 4)",
-        description="Train decoder-only LMs per attention kind on a plain-text corpus.",
-    )
-    parser.add_argument("--level", default="char", help="char (default) or subword")
-    parser.add_argument(
-        "--attention",
-        default="all",
-        help=f"one of {', '.join(KINDS)}, a comma list, or 'all' (default)",
-    )
-    parser.add_argument("--data-dir", default=None, help="data directory (see `data fetch`)")
-    parser.add_argument(
-        "--corpus",
-        default=None,
-        help="plain-text file or directory (e.g. LM1B) instead of Shakespeare",
-    )
-    parser.add_argument("--length", type=int, default=None, help="override the window length")
-    parser.add_argument("--block-size", type=int, default=None, help="override the block size")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
-    parser.add_argument("--vocab-size", type=int, default=None, help="override the BPE vocab")
-    parser.add_argument(
-        "--eval-windows", type=int, default=None, help="override held-out windows per split"
-    )
-    parser.add_argument(
-        "--max-train-chars", type=int, default=None, help="read at most this much training text"
-    )
-    add_grid_args(parser)
-    add_common_args(parser, default_out="runs/lm-<level>")
-    parser.set_defaults(func=run, out=None)

@@ -69,52 +69,23 @@ class SortPreset:
     n_iters: int  # Sinkhorn balancing rounds (Sinkhorn kinds)
 
 
-SORT_PRESETS = {
-    # Minutes on a 2-core CPU for all four kinds, three seeds each (with --jobs 2). Sizes, steps and
-    # learning rate: our assumption; temperature 0.75 and 5 balancing rounds are within what the
-    # paper reports as best (tau = 0.75; 5-10 rounds suffice).
-    "cpu": SortPreset(
-        length=32,
-        n_symbols=64,
-        block_size=8,
-        d_model=64,
-        n_heads=4,
-        n_layers=2,
-        d_ff=128,
-        dropout=0.0,
-        steps=1300,
-        batch_size=32,
-        lr=2e-3,
-        warmup_steps=100,
-        n_eval=1000,
-        eval_batch=250,
-        n_seeds=3,
-        temperature=0.75,
-        n_iters=5,
-    ),
-    # The paper's setting: length 256 -> dev up to 512, b = 32, 512 symbols. Model size, steps,
-    # batch and learning rate are not stated by the paper: Transformer-base sizes are our
-    # assumption.
-    "paper": SortPreset(
-        length=256,
-        n_symbols=512,
-        block_size=32,
-        d_model=512,
-        n_heads=8,
-        n_layers=6,
-        d_ff=2048,
-        dropout=0.1,
-        steps=50_000,
-        batch_size=64,
-        lr=5e-4,
-        warmup_steps=4_000,
-        n_eval=1_000,
-        eval_batch=50,
-        n_seeds=1,
-        temperature=0.75,
-        n_iters=8,
-    ),
-}
+# Minutes on a 2-core CPU for all four kinds, three seeds each (with --jobs 2). Sizes, steps and
+# learning rate: our assumption; temperature 0.75 and 5 balancing rounds are within what the
+# paper reports as best (tau = 0.75; 5-10 rounds suffice).
+_SORT_CPU = SortPreset(
+    length=32, n_symbols=64, block_size=8, d_model=64, n_heads=4, n_layers=2, d_ff=128,
+    dropout=0.0, steps=1300, batch_size=32, lr=2e-3, warmup_steps=100, n_eval=1000,
+    eval_batch=250, n_seeds=3, temperature=0.75, n_iters=5,
+)  # fmt: skip
+# The paper's setting: length 256 -> dev up to 512, b = 32, 512 symbols. Model size, steps,
+# batch and learning rate are not stated by the paper: Transformer-base sizes are our
+# assumption.
+_SORT_PAPER = replace(
+    _SORT_CPU, length=256, n_symbols=512, block_size=32, d_model=512, n_heads=8, n_layers=6,
+    d_ff=2048, dropout=0.1, steps=50_000, batch_size=64, lr=5e-4, warmup_steps=4_000,
+    n_eval=1_000, eval_batch=50, n_seeds=1, n_iters=8,
+)  # fmt: skip
+SORT_PRESETS = {"cpu": _SORT_CPU, "paper": _SORT_PAPER}
 
 
 # --------------------------------------------------------------------------- lm (Tables 2, 4)
@@ -139,40 +110,16 @@ class LMPreset:
 
 # Minutes per attention kind on a 2-core CPU (measured: see README).
 _LM_CHAR_CPU = LMPreset(
-    seq_len=256,
-    block_size=32,
-    d_model=128,
-    n_heads=4,
-    n_layers=2,
-    d_ff=512,
-    dropout=0.0,
-    steps=300,
-    batch_size=16,
-    lr=2e-3,
-    warmup_steps=30,
-    eval_windows=256,
-    eval_batch=32,
-    vocab_size=0,
-    max_train_chars=None,
-)
+    seq_len=256, block_size=32, d_model=128, n_heads=4, n_layers=2, d_ff=512, dropout=0.0,
+    steps=300, batch_size=16, lr=2e-3, warmup_steps=30, eval_windows=256, eval_batch=32,
+    vocab_size=0, max_train_chars=None,
+)  # fmt: skip
 # Table 2 "Base": 6 layers, d=512, 8 heads, ff 2048, b=64, 32k subwords, 300K steps.
-_LM_SUBWORD_PAPER = LMPreset(
-    seq_len=512,
-    block_size=64,
-    d_model=512,
-    n_heads=8,
-    n_layers=6,
-    d_ff=2048,
-    dropout=0.1,
-    steps=300_000,
-    batch_size=64,
-    lr=5e-4,
-    warmup_steps=8_000,
-    eval_windows=4_000,
-    eval_batch=32,
-    vocab_size=32_768,
-    max_train_chars=None,
-)
+_LM_SUBWORD_PAPER = replace(
+    _LM_CHAR_CPU, seq_len=512, block_size=64, d_model=512, n_heads=8, n_layers=6, d_ff=2048,
+    dropout=0.1, steps=300_000, batch_size=64, lr=5e-4, warmup_steps=8_000,
+    eval_windows=4_000, vocab_size=32_768,
+)  # fmt: skip
 LM_PRESETS: dict[tuple[str, str], LMPreset] = {
     ("char", "cpu"): _LM_CHAR_CPU,
     ("subword", "cpu"): replace(_LM_CHAR_CPU, seq_len=128, block_size=16, vocab_size=2048),

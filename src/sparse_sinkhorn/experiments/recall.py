@@ -35,10 +35,9 @@ from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig, SinkhornSelfAttention
 from ..train import init_distributed
-from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
+from . import flags
 from .driver import Plan, Run, fit, grid_options, summarize_seeds, train_grid
 from .presets import RECALL_PRESETS, SCHEDULES, RecallPreset
-from .progress import setup_logging
 from .results import format_table, report
 from .stats import seeds_cell
 
@@ -79,6 +78,7 @@ TASKS = ("passkey", "mqar")
 
 
 PRESETS = RECALL_PRESETS
+OVERRIDES = ("steps", "batch_size", "block_size")  # preset fields a flag of the same name sets
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
 
 
@@ -255,21 +255,22 @@ def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
     if args.task not in TASKS:
         raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
     preset = PRESETS[args.preset]
     changes: dict[str, Any] = {"lengths": parse_lengths(args.lengths, preset.lengths)}
-    changes.update(positive_overrides(args, {f: f for f in ("steps", "batch_size", "block_size")}))
+    changes.update(
+        flags.positive_overrides(args, {f: f for f in ("steps", "batch_size", "block_size")})
+    )
     preset = replace(preset, **changes)
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
     args.out = args.out or f"runs/recall-{args.task}"
     options = grid_options(args)
-    kinds = parse_kinds(args.attention, (*RECALL_KINDS, *ORACLE_KINDS), DEFAULT_KINDS)
+    kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *ORACLE_KINDS), DEFAULT_KINDS)
     if args.task != "passkey" and any(k in ORACLE_KINDS for k in kinds):
         raise UsageError(f"the oracle kinds ({', '.join(ORACLE_KINDS)}) are for --task passkey")
-    seeds = seed_list(args)
+    seeds = flags.seed_list(args)
     runners = {
         f"{args.task}-{length}/{kind}": partial(run_recall, args.task, length, kind, preset)
         for length in preset.lengths
@@ -300,25 +301,3 @@ def run(args: argparse.Namespace) -> int:
     table = results_table(results, preset.lengths, chance)
     report(out, title, table, payload, [("plots", ", ".join(str(p) for p in figures))])
     return 0
-
-
-def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "recall",
-        help="long-context retrieval: passkey and multi-query associative recall",
-        description="Train causal LMs per attention kind on a synthetic retrieval task.",
-    )
-    parser.add_argument("--task", default="passkey", help="passkey (default) or mqar")
-    parser.add_argument(
-        "--attention",
-        default="all",
-        help=f"kinds from {', '.join(RECALL_KINDS)}, or the passkey control "
-        f"{', '.join(ORACLE_KINDS)} (routing given the answer) (comma list); 'all' (default) "
-        f"= {', '.join(DEFAULT_KINDS)}",
-    )
-    parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
-    parser.add_argument("--block-size", type=int, default=None, help="override the block size")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size")
-    add_grid_args(parser)
-    add_common_args(parser, default_out="runs/recall-<task>")
-    parser.set_defaults(func=run, out=None)

@@ -48,11 +48,10 @@ from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerEncoderLayer
 from ..train import cleanup_distributed, init_distributed
 from ..train.seq_metrics import sequence_metrics
-from .args import add_common_args, add_grid_args, parse_kinds, positive_overrides, seed_list
-from .driver import Plan, Run, fit, grid_options, train_grid
+from . import flags
+from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
 from .plots import plot_sort_matrices
 from .presets import SCHEDULES, SORT_PRESETS, SortPreset
-from .progress import setup_logging
 from .results import format_table, report
 from .stats import mean_and_std, mean_std_cell
 
@@ -117,12 +116,8 @@ def model_config(preset: SortPreset, kind: str, **attention_options: Any) -> Seq
     )
     return Seq2SeqConfig(
         vocab_size=vocab_size(preset.n_symbols),
-        d_model=preset.d_model,
-        n_heads=preset.n_heads,
-        n_layers=preset.n_layers,
+        **model_sizes(preset),
         n_decoder_layers=preset.n_layers,
-        d_ff=preset.d_ff,
-        dropout=preset.dropout,
         pad_id=PAD_ID,
         bos_id=BOS_ID,
         attention=attention,
@@ -211,6 +206,43 @@ def dev_set(preset: SortPreset) -> SortingDataset:
     return SortingDataset(preset.n_eval, 2 * preset.length, preset.n_symbols, seed=DEV_SEED)
 
 
+def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
+    """Mean (± standard deviation over seeds, when there are several) beside the paper."""
+    n = preset.length
+
+    def cell(r: dict[str, Any], key: str, digits: int) -> str:
+        return mean_std_cell(r["eval"].get(key), r["eval_std"].get(key), digits, preset.n_seeds)
+
+    rows: list[list[Any]] = []
+    for r in results:
+        paper = PAPER_ROWS.get(r["kind"])
+        rows.append(
+            [
+                r["kind"],
+                cell(r, "dev/exact_match", 1),
+                cell(r, "dev/edit_distance", 3),
+                cell(r, "dev_short/exact_match", 1),
+                cell(r, "dev_long/exact_match", 1),
+                cell(r, "dev_tf/exact_match", 1),
+                cell(r, "dev_tf/edit_distance", 3),
+                paper[2] if paper else None,
+                paper[1] if paper else None,
+            ]
+        )
+    headers = [
+        "attention",
+        "exact % ↑",
+        "edit dist. ↓",
+        f"exact % (len ≤ {n})",
+        f"exact % (len > {n})",
+        "teacher-forced exact %",
+        "teacher-forced edit dist.",
+        "paper exact %",
+        "paper edit dist.",
+    ]
+    return format_table(headers, rows)
+
+
 def summarize_kind(
     kind: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int], *, preset: SortPreset
 ) -> dict[str, Any]:
@@ -284,52 +316,14 @@ def save_sort_matrix(model: Seq2Seq, data: SortingDataset, out: Path, kind: str)
     return str(path)
 
 
-def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
-    """Mean (± standard deviation over seeds, when there are several) beside the paper."""
-    n = preset.length
-
-    def cell(r: dict[str, Any], key: str, digits: int) -> str:
-        return mean_std_cell(r["eval"].get(key), r["eval_std"].get(key), digits, preset.n_seeds)
-
-    rows: list[list[Any]] = []
-    for r in results:
-        paper = PAPER_ROWS.get(r["kind"])
-        rows.append(
-            [
-                r["kind"],
-                cell(r, "dev/exact_match", 1),
-                cell(r, "dev/edit_distance", 3),
-                cell(r, "dev_short/exact_match", 1),
-                cell(r, "dev_long/exact_match", 1),
-                cell(r, "dev_tf/exact_match", 1),
-                cell(r, "dev_tf/edit_distance", 3),
-                paper[2] if paper else None,
-                paper[1] if paper else None,
-            ]
-        )
-    headers = [
-        "attention",
-        "exact % ↑",
-        "edit dist. ↓",
-        f"exact % (len ≤ {n})",
-        f"exact % (len > {n})",
-        "teacher-forced exact %",
-        "teacher-forced edit dist.",
-        "paper exact %",
-        "paper edit dist.",
-    ]
-    return format_table(headers, rows)
-
-
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
-    preset = with_overrides(PRESETS[args.preset], positive_overrides(args, OVERRIDES))
-    kinds = parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
+    preset = with_overrides(PRESETS[args.preset], flags.positive_overrides(args, OVERRIDES))
+    kinds = flags.parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
     dist = init_distributed()
     options = grid_options(args)
     results = train_grid(
         {kind: partial(run_seed, kind, preset) for kind in kinds},
-        seed_list(args, preset.n_seeds),
+        flags.seed_list(args, preset.n_seeds),
         options,
         summarize=partial(summarize_kind, preset=preset),
     )
@@ -356,37 +350,3 @@ def run(args: argparse.Namespace) -> int:
     heat_maps = [(what, png) for what, png in heat_maps if png]
     report(Path(args.out), title, results_table(results, preset), payload, heat_maps)
     return 0
-
-
-def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "sort",
-        help="seq2seq sorting (paper Table 1)",
-        description="Train encoder-decoders to sort random sequences of lengths U[1, L] "
-        "(Tensor2Tensor's sort problem); evaluate on dev lengths U[1, 2L].",
-    )
-    parser.add_argument(
-        "--attention",
-        default="all",
-        help=f"one of {', '.join(KINDS)}, a comma list, or 'all' "
-        f"(= {', '.join(DEFAULT_KINDS)}; default)",
-    )
-    parser.add_argument(
-        "--length",
-        type=int,
-        default=None,
-        help="override the training length L (dev lengths go to 2L)",
-    )
-    parser.add_argument("--block-size", type=int, default=None, help="override the block size")
-    parser.add_argument(
-        "--n-symbols",
-        type=int,
-        default=None,
-        help="override the alphabet size (default: the preset's, or 2 * --length)",
-    )
-    parser.add_argument(
-        "--n-eval", type=int, default=None, help="override the number of dev sequences"
-    )
-    add_grid_args(parser, default_seeds="3 at the cpu preset, 1 at the paper preset")
-    add_common_args(parser, default_out="runs/sort")
-    parser.set_defaults(func=run)

@@ -1,4 +1,4 @@
-"""The experiments' command-line flags and how they become values.
+"""The experiments' command-line flags and how they become values (``from . import flags``).
 
 Rule: everything here reads or declares argparse flags and nothing else; a flag's value is
 validated where it is read, so a bad flag is a one-line :class:`~sparse_sinkhorn.errors.UsageError`
@@ -82,6 +82,29 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> Non
         help="delete earlier runs of the same attention kinds in --out first",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_attention_arg(
+    parser: argparse.ArgumentParser,
+    kinds: Sequence[str],
+    defaults: Sequence[str] | None = None,
+    *,
+    help: str | None = None,
+) -> None:
+    """``--attention``: one of ``kinds``, a comma list, or ``all`` (= ``defaults`` when given,
+    else every kind); ``help`` replaces the generated help text."""
+    default = f"(= {', '.join(defaults)}; default)" if defaults else "(default)"
+    parser.add_argument(
+        "--attention",
+        default="all",
+        help=help or f"one of {', '.join(kinds)}, a comma list, or 'all' {default}",
+    )
+
+
+def add_int_flags(parser: argparse.ArgumentParser, helps: Mapping[str, str]) -> None:
+    """Optional int flags (``None`` when not given), ``{flag: help}``: the preset overrides."""
+    for flag, help_ in helps.items():
+        parser.add_argument(flag, type=int, default=None, help=help_)
 
 
 def add_grid_args(parser: argparse.ArgumentParser, *, default_seeds: int | str = 1) -> None:

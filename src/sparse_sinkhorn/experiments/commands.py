@@ -1,0 +1,217 @@
+"""The experiments' subcommands: each one's flags, and the function that runs it.
+
+Rule: this module only declares command lines (``sparse-sinkhorn sort``, ``ablate``, ``lm``,
+``image``, ``classify``, ``nli``, ``recall``); what a flag does is up to the experiment's
+``run``. Flags every experiment takes come from :mod:`.flags`. :func:`add_subparser` registers
+them all (see :mod:`sparse_sinkhorn.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import ablate, classify, flags, image, lm, recall, sorting
+from .classify_common import CLASSIFY_DATASETS, LEVELS, VARIANTS
+from .presets import NLI_DATASETS
+
+BY_PRESET = "3 at the cpu preset, 1 at the paper preset"  # --seeds of sort and ablate
+DATA_DIR = "data directory (see `data fetch`)"
+
+
+def add_sort(subparsers: argparse._SubParsersAction) -> None:
+    """``sparse-sinkhorn sort`` (:mod:`.sorting`)."""
+    parser = subparsers.add_parser(
+        "sort",
+        help="seq2seq sorting (paper Table 1)",
+        description="Train encoder-decoders to sort random sequences of lengths U[1, L] "
+        "(Tensor2Tensor's sort problem); evaluate on dev lengths U[1, 2L].",
+    )
+    flags.add_attention_arg(parser, sorting.KINDS, sorting.DEFAULT_KINDS)
+    flags.add_int_flags(
+        parser,
+        {
+            "--length": "override the training length L (dev lengths go to 2L)",
+            "--block-size": "override the block size",
+            "--n-symbols": "override the alphabet size (default: the preset's, or 2 * --length)",
+            "--n-eval": "override the number of dev sequences",
+        },
+    )
+    flags.add_grid_args(parser, default_seeds=BY_PRESET)
+    flags.add_common_args(parser, default_out="runs/sort")
+    parser.set_defaults(func=sorting.run)
+
+
+def add_ablate(subparsers: argparse._SubParsersAction) -> None:
+    """``sparse-sinkhorn ablate`` (:mod:`.ablate`)."""
+    parser = subparsers.add_parser(
+        "ablate",
+        help="SortNet ablation (paper Table 8)",
+        description="Sinkhorn variants (sort net, K = V, balancing rounds, temperature), "
+        "everything else equal; cpu: the sorting task, paper: LM1B subwords at b = 32.",
+    )
+    parser.add_argument(
+        "--variants",
+        default="all",
+        help=f"comma list of {', '.join(ablate.VARIANTS)}, or 'all' (default)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=("sort", "lm"),
+        default=None,
+        help="sort (the cpu preset's default) or lm (subword LM; the paper preset's default)",
+    )
+    flags.add_int_flags(
+        parser,
+        {
+            "--length": "override the training length L (sort task)",
+            "--block-size": "override the block size (sort task)",
+            "--n-eval": "override the number of dev sequences (sort task)",
+        },
+    )
+    parser.add_argument("--data-dir", default=None, help="data directory (lm task)")
+    parser.add_argument(
+        "--corpus", default=None, help="plain-text corpus, e.g. LM1B's shards (lm task)"
+    )
+    flags.add_grid_args(parser, default_seeds=BY_PRESET)
+    flags.add_common_args(parser, default_out="runs/ablate")
+    parser.set_defaults(func=ablate.run)
+
+
+def add_lm(subparsers: argparse._SubParsersAction) -> None:
+    """``sparse-sinkhorn lm`` (:mod:`.lm`)."""
+    parser = subparsers.add_parser(
+        "lm",
+        help="language modelling: char bits/char, subword perplexity (paper Tables 2, 4)",
+        description="Train decoder-only LMs per attention kind on a plain-text corpus.",
+    )
+    parser.add_argument("--level", default="char", help="char (default) or subword")
+    flags.add_attention_arg(parser, lm.KINDS)
+    parser.add_argument("--data-dir", default=None, help=DATA_DIR)
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="plain-text file or directory (e.g. LM1B) instead of Shakespeare",
+    )
+    flags.add_int_flags(
+        parser,
+        {
+            "--length": "override the window length",
+            "--block-size": "override the block size",
+            "--batch-size": "override the batch size",
+            "--vocab-size": "override the BPE vocab",
+            "--eval-windows": "override held-out windows per split",
+            "--max-train-chars": "read at most this much training text",
+        },
+    )
+    flags.add_grid_args(parser)
+    flags.add_common_args(parser, default_out="runs/lm-<level>")
+    parser.set_defaults(func=lm.run, out=None)
+
+
+def add_image(subparsers: argparse._SubParsersAction) -> None:
+    """``sparse-sinkhorn image`` (:mod:`.image`)."""
+    parser = subparsers.add_parser(
+        "image",
+        help="pixel-wise image generation, bits/dim (paper Table 5)",
+        description="Train decoder-only pixel models per attention kind; bits/dim on test.",
+    )
+    datasets = ", ".join(image.DATASETS)
+    parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {datasets}")
+    flags.add_attention_arg(parser, image.KINDS)
+    parser.add_argument("--data-dir", default=None, help=DATA_DIR)
+    flags.add_int_flags(
+        parser,
+        {
+            "--block-size": "override the block size",
+            "--batch-size": "override the batch size",
+            "--eval-images": "test images scored",
+            "--samples": "images sampled for the PNG",
+            "--train-images": "use only the first N training images",
+        },
+    )
+    flags.add_grid_args(parser)
+    flags.add_common_args(parser, default_out="runs/image-<dataset>")
+    parser.set_defaults(func=image.run, out=None)
+
+
+def add_classify(
+    subparsers: argparse._SubParsersAction, task: str, datasets: tuple[str, ...], help_: str
+) -> None:
+    """``sparse-sinkhorn classify`` or ``nli`` (:mod:`.classify`)."""
+    description = (classify.__doc__ or "").split("\n\n")[1]
+    parser = subparsers.add_parser(task, help=help_, description=description)
+    parser.add_argument("--dataset", required=True, choices=datasets, help="dataset to train on")
+    parser.add_argument(
+        "--level", default="word", choices=LEVELS, help="word or character tokens (default: word)"
+    )
+    flags.add_attention_arg(parser, list(VARIANTS))
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory (default: $SPARSE_SINKHORN_DATA or ~/.cache/sparse-sinkhorn/data)",
+    )
+    if task == "nli":
+        parser.add_argument(
+            "--pair",
+            default="concat",
+            choices=("concat", "separate"),
+            help="concat: one sequence [CLS] premise [SEP] hypothesis with segment ids, as "
+            "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
+            "features [u, v, |u-v|, u*v]",
+        )
+    flags.add_grid_args(parser)
+    overrides = {
+        "--max-len": "tokens kept per text (per sentence for NLI)",
+        "--block-size": "block size of sinkhorn/local",
+        "--batch-size": "batch size",
+        "--train-examples": "train on a seeded subsample of this many examples",
+        "--eval-examples": "score a seeded subsample of the held-out split",
+        "--d-model": "model width (d_ff = 2 * d_model)",
+    }
+    flags.add_int_flags(parser, {k: f"override the preset's {v}" for k, v in overrides.items()})
+    flags.add_common_args(parser, default_out=f"runs/{task}/DATASET-LEVEL")
+    no_pair = {"pair": "none"} if task != "nli" else {}
+    parser.set_defaults(func=classify.run, task=task, **no_pair)
+
+
+def add_recall(subparsers: argparse._SubParsersAction) -> None:
+    """``sparse-sinkhorn recall`` (:mod:`.recall`)."""
+    parser = subparsers.add_parser(
+        "recall",
+        help="long-context retrieval: passkey and multi-query associative recall",
+        description="Train causal LMs per attention kind on a synthetic retrieval task.",
+    )
+    parser.add_argument("--task", default="passkey", help="passkey (default) or mqar")
+    kinds, oracles = ", ".join(recall.RECALL_KINDS), ", ".join(recall.ORACLE_KINDS)
+    flags.add_attention_arg(
+        parser,
+        list(recall.RECALL_KINDS),
+        help=f"kinds from {kinds}, or the passkey control {oracles} (routing given the "
+        f"answer) (comma list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
+    )
+    parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
+    flags.add_int_flags(
+        parser,
+        {"--block-size": "override the block size", "--batch-size": "override the batch size"},
+    )
+    flags.add_grid_args(parser)
+    flags.add_common_args(parser, default_out="runs/recall-<task>")
+    parser.set_defaults(func=recall.run, out=None)
+
+
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
+    """Every experiment's subcommand, in the order ``sparse-sinkhorn --help`` lists them."""
+    add_sort(subparsers)
+    add_ablate(subparsers)
+    add_lm(subparsers)
+    add_image(subparsers)
+    add_classify(
+        subparsers,
+        "classify",
+        CLASSIFY_DATASETS,
+        "document classification: IMDb, MR, SST (paper Table 6)",
+    )
+    add_classify(
+        subparsers, "nli", NLI_DATASETS, "natural language inference: SNLI, MNLI (Table 7)"
+    )
+    add_recall(subparsers)

@@ -150,3 +150,45 @@ def test_an_empty_out_is_refused(
         grid_options(
             argparse.Namespace(out="", resume=False, overwrite=False, no_progress=True, seed=0)
         )
+
+
+@pytest.mark.parametrize(
+    ("schedule", "steps", "warmup", "expected"),
+    [
+        ("sort", 20, 100, 19),  # warm-up ends before the last step
+        ("sort", 1300, 100, 100),
+        ("lm", 300, 30, 30),  # at most a tenth of the run, at least one step
+        ("image", 5, 15, 1),
+        ("recall", 2000, 50, 50),
+        ("classify", 50, 50, 25),  # at most half the run
+        ("classify", 1, 50, 0),
+    ],
+)
+def test_one_warmup_rule_keeps_each_experiments_clamp(
+    schedule: str, steps: int, warmup: int, expected: int
+) -> None:
+    from sparse_sinkhorn.experiments.driver import train_config
+    from sparse_sinkhorn.experiments.presets import SCHEDULES
+
+    preset = argparse.Namespace(steps=steps, batch_size=4, lr=1e-3, warmup_steps=warmup)
+    config = train_config(preset, SCHEDULES[schedule], seed=3, progress=False)
+    assert config.warmup_steps == expected and config.seed == 3 and config.steps == steps
+
+
+def test_log_lines_name_their_run_and_the_grid_reports_progress(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from sparse_sinkhorn.experiments.progress import GridProgress, RunFormatter, naming
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "step %d/%d", (5, 10), None)
+    formatter = RunFormatter("%(message)s")
+    with naming("sinkhorn/seed2"):
+        assert formatter.format(record) == "[sinkhorn/seed2] step 5/10"
+    assert formatter.format(record) == "step 5/10"
+    progress = GridProgress(4)
+    with caplog.at_level(logging.INFO):
+        progress.finished("dense/seed0")
+    assert "grid: 1/4 runs done (dense/seed0 finished)" in caplog.text
+    assert "elapsed, ETA" in caplog.text

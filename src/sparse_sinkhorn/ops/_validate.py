@@ -135,11 +135,6 @@ def check_dropout_and_scale(dropout_p: float, scale: float | None) -> None:
         check_number("scale", scale, low=0.0)
 
 
-def check_block_size(block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-
-
 def check_sinkhorn(
     key: Tensor,
     sort_logits: Tensor,

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor
 
 from . import _validate
-from .blocks import pad_to_blocks, padded_mask, zero_padding
+from .blocks import check_block_size, pad_to_blocks, padded_mask, zero_padding
 from .masked import masked_sdpa
 
 
@@ -325,7 +325,7 @@ def _check_blocked(
         scale=scale,
         gqa=gqa,
     )
-    _validate.check_block_size(block_size)
+    check_block_size(block_size)
 
 
 def _drop_padding(key: Tensor, value: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -49,14 +49,19 @@ def zero_padding(x: Tensor, real: Tensor) -> Tensor:
     return torch.where(real, x, x.new_zeros(()))
 
 
+def check_block_size(block_size: int) -> None:
+    """A positive int (the one check of a block size, wherever one is given)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
 def _check_summary_args(
     x: Tensor, block_size: int, key_padding_mask: Tensor | None, pooling: str
 ) -> None:
     """The arguments of the two summary functions (skipped while ``torch.compile`` traces)."""
     if torch.compiler.is_compiling():
         return
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_block_size(block_size)
     if not isinstance(x, Tensor) or x.dim() != 3:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, L, D) tensor, got {shape}")

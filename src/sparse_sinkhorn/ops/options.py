@@ -19,6 +19,7 @@ from typing import Any, TypedDict, cast
 import torch
 
 from . import _validate
+from .blocks import check_block_size
 from .sinkhorn import BALANCES
 
 
@@ -56,7 +57,7 @@ class SinkhornOptions:
     def __post_init__(self) -> None:
         if torch.compiler.is_compiling():
             return
-        _validate.check_block_size(self.block_size)
+        check_block_size(self.block_size)
         if self.n_sortcut is not None:
             if self.is_causal:
                 raise ValueError(

@@ -1,6 +1,6 @@
 """Plots of a sweep's JSON: time and peak memory vs length (log-log), speed-up over dense SDPA.
 
-python -m benchmarks.plots benchmarks/results/sweep.json   # PNGs beside the JSON
+python -m benchmarks.plots benchmarks/results/perf_sweep.json   # PNGs beside the JSON
 """
 
 from __future__ import annotations
@@ -82,6 +82,6 @@ def plot_all(json_path: Path | str, out_dir: Path | str) -> list[Path]:
 
 
 if __name__ == "__main__":
-    src = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/sweep.json")
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/perf_sweep.json")
     for p in plot_all(src, src.parent):
         print(p)

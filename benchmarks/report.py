@@ -1,6 +1,6 @@
 """Markdown tables of a sweep's JSON (for the README): one table per level and mode.
 
-python -m benchmarks.report [benchmarks/results/sweep.json]
+python -m benchmarks.report [benchmarks/results/perf_sweep.json]
 """
 
 from __future__ import annotations
@@ -42,5 +42,5 @@ def tables(meta: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/sweep.json")
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/perf_sweep.json")
     print(tables(json.loads(path.read_text())))

@@ -303,8 +303,8 @@ def _previous_results(out: Path) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     preset = _apply_overrides(classify_preset(args.dataset, args.level, args.preset), args)
-    args.out = args.out.replace("DATASET-LEVEL", f"{args.dataset}-{args.level}")
-    options = grid_options(args)
+    out_dir = args.out.replace("DATASET-LEVEL", f"{args.dataset}-{args.level}")
+    options = grid_options(args, out_dir)
     out = options.out
     names = flags.parse_kinds(args.attention, tuple(VARIANTS))
     variants = [VARIANTS[n] for n in names]

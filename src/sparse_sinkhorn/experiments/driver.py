@@ -72,18 +72,22 @@ class GridOptions:
         return self.jobs > 1 and init_distributed().world_size == 1
 
 
-def grid_options(args: argparse.Namespace) -> GridOptions:
+def grid_options(args: argparse.Namespace, out: str | None = None) -> GridOptions:
     """The grid's options from an experiment's flags (``--out``, ``--resume``, ``--overwrite``,
-    ``--jobs``). Runs trained in parallel would interleave their progress bars, so this also
-    turns progress bars off when ``--jobs > 1``. ``--resume`` needs an existing ``--out``
-    (checked here, before an experiment loads its data). Sets up the log lines
-    (:func:`~.progress.setup_logging`): an experiment calls this before it logs."""
+    ``--jobs``); ``out`` replaces ``--out`` where an experiment derives its directory from it.
+
+    Runs trained in parallel would interleave their progress bars, so this also turns progress
+    bars off when ``--jobs > 1``. ``--resume`` needs an existing ``--out`` (checked here,
+    before an experiment loads its data). Sets up the log lines
+    (:func:`~.progress.setup_logging`): an experiment calls this before it logs.
+    """
     setup_logging()  # the experiment's log lines from here on
     jobs = int(getattr(args, "jobs", 1))
-    if not str(args.out).strip():
-        raise UsageError(f"--out must name a directory, got {args.out!r}")
+    out = args.out if out is None else out
+    if not str(out).strip():
+        raise UsageError(f"--out must name a directory, got {out!r}")
     options = GridOptions(
-        out=Path(args.out),
+        out=Path(out),
         resume=bool(args.resume),
         overwrite=bool(args.overwrite),
         jobs=jobs,

@@ -239,9 +239,8 @@ def run_kind(
 def run(args: argparse.Namespace) -> int:
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
-    args.out = args.out or f"runs/image-{args.dataset}"
     preset = replace(PRESETS[args.preset], **flags.positive_overrides(args, OVERRIDES))
-    options = grid_options(args)
+    options = grid_options(args, args.out or f"runs/image-{args.dataset}")
     kinds = flags.parse_kinds(args.attention, KINDS, KINDS)
     train_set = load_split(args.dataset, "train", args.data_dir)
     test_set = load_split(args.dataset, "test", args.data_dir)
@@ -269,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         "seed(s)). NOTE: the paper's column is "
         "CIFAR-10, a different dataset: compare the ranking, not the values."
     )
-    curves = plot_loss_curves(results, Path(args.out) / "loss_curves.png", f"{args.dataset} pixels")
+    curves = plot_loss_curves(results, options.out / "loss_curves.png", f"{args.dataset} pixels")
     payload = {
         "experiment": f"image-{args.dataset}",
         "preset": args.preset,
@@ -282,5 +281,5 @@ def run(args: argparse.Namespace) -> int:
         "paper": {"cifar10_bits_per_dim": PAPER_ROWS},
     }
     files = [("loss curves", curves), *(("samples", r["samples_png"]) for r in results)]
-    report(Path(args.out), title, results_table(results), payload, files)
+    report(options.out, title, results_table(results), payload, files)
     return 0

@@ -309,9 +309,8 @@ def run(args: argparse.Namespace) -> int:
     if args.level not in LEVELS:
         raise UsageError(f"unknown --level {args.level!r}; choose char or subword")
     preset = PRESETS[(args.level, args.preset)]
-    args.out = args.out or f"runs/lm-{args.level}"
     preset = replace(preset, **flags.positive_overrides(args, OVERRIDES))
-    options = grid_options(args)
+    options = grid_options(args, args.out or f"runs/lm-{args.level}")
     kinds = flags.parse_kinds(args.attention, KINDS, KINDS)
     corpus = load_text(args.corpus, args.data_dir, preset.max_train_chars)
     logger.info(
@@ -338,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         "seed(s)). The paper's columns "
         "are LM1B with far larger models and 300K steps: compare the ranking, not the values."
     )
-    curves = plot_loss_curves(results, Path(args.out) / "loss_curves.png", f"{args.level} LM")
+    curves = plot_loss_curves(results, options.out / "loss_curves.png", f"{args.level} LM")
     chars = {"train": len(corpus.train), "valid": len(corpus.valid), "test": len(corpus.test)}
     payload = {
         "experiment": f"lm-{args.level}",
@@ -351,5 +350,5 @@ def run(args: argparse.Namespace) -> int:
         "paper": {"subword_ppl_base_big": PAPER_SUBWORD, "char_bits_per_char_big": PAPER_CHAR},
     }
     table = results_table(results, args.level)
-    report(Path(args.out), title, table, payload, [("loss curves", curves)])
+    report(options.out, title, table, payload, [("loss curves", curves)])
     return 0

@@ -265,8 +265,7 @@ def run(args: argparse.Namespace) -> int:
     preset = replace(preset, **changes)
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
-    args.out = args.out or f"runs/recall-{args.task}"
-    options = grid_options(args)
+    options = grid_options(args, args.out or f"runs/recall-{args.task}")
     kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *ORACLE_KINDS), DEFAULT_KINDS)
     if args.task != "passkey" and any(k in ORACLE_KINDS for k in kinds):
         raise UsageError(f"the oracle kinds ({', '.join(ORACLE_KINDS)}) are for --task passkey")
@@ -286,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.task} (preset {args.preset}, b={preset.block_size}, {preset.steps} steps of "
         f"{preset.batch_size}, mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s)"
     )
-    out = Path(args.out)
+    out = options.out
     figures = plot(results, out, f"{args.task}, {len(seeds)} seed(s)")
     payload = {
         "experiment": f"recall-{args.task}",

@@ -225,3 +225,19 @@ def test_layer_is_causal_and_ignores_padding(variant: dict) -> None:
     x3 = torch.where(mask[..., None], x, torch.full_like(x, 1e4))
     real = mask[..., None].expand(2, 19, 16)
     assert torch.equal(enc(x3, mask)[real], enc(x, mask)[real])
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_causal_sinkhorn_balancing_sends_every_block_to_its_previous_one(scale: float) -> None:
+    """The paper's causal balancing (8 rounds) routes block i to block i-1 whatever the
+    logits: the only strictly lower-triangular doubly stochastic matrix is that shift, so hard
+    routing always takes the previous block and soft routing puts most of its mass there.
+    Softmax routing (rows only) follows the logits instead. docs/long-context.md cites this."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 2, 12, 12, generator=g) * scale
+    sink = sinkhorn_plan(logits, block_size=4, is_causal=True)
+    previous = torch.arange(11)
+    assert torch.equal(sink.P[..., 1:, :].argmax(-1), previous.expand(16, 2, 11))
+    assert torch.diagonal(sink.P, offset=-1, dim1=-2, dim2=-1).mean() > 0.85
+    soft = sinkhorn_plan(logits, block_size=4, is_causal=True, balance="softmax")
+    assert (soft.P[..., 1:, :].argmax(-1) != previous).float().mean() > 0.5

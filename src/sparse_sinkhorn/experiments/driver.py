@@ -253,8 +253,8 @@ def train_grid(
     calls: list[Job] = []
     for (name, seed), (_, resume) in dirs.items():
         run = Run(name, seed, options.out, resume, options.progress, seed == options.first_seed)
-        flags = {"run": run, "take_lock": parallel, "overwrite": options.overwrite}
-        calls.append((_start_run, (runners[name],), flags))
+        how = {"run": run, "take_lock": parallel, "overwrite": options.overwrite}
+        calls.append((_start_run, (runners[name],), how))
     progress = GridProgress(len(calls), enabled=init_distributed().is_main)
     labels = [run_name(name, seed) for name, seed in dirs]
     records = map_runs(calls, options.jobs, lambda i: progress.finished(labels[i]))

@@ -128,9 +128,7 @@ def layer_case(name: str, length: int, sz: Sizes, device: str, dtype: torch.dtyp
         layer = _MaterialisedLayer(c, sz.heads)
     else:
         kind, kw = _LAYER_KINDS[name]
-        layer = SinkhornSelfAttention(
-            c, sz.heads, attention=kind, block_size=w, max_len=length, **kw
-        )
+        layer = SinkhornSelfAttention(c, sz.heads, kind=kind, block_size=w, max_len=length, **kw)
     layer = layer.to(device, dtype).train()
     x = torch.randn(sz.batch, length, c, device=device, dtype=dtype, requires_grad=True)
     return (lambda: layer(x)), [x]

@@ -9,7 +9,7 @@ an "error" row, never a silent fallback) and ``sinkhorn-transformer`` 0.11.4 on 
 Gumbel-Sinkhorn path (``peer``, when importable). Op level: ``(B, H, L, D)`` tensors,
 ``B=1, H=8``, ``D`` = 64 and 128, block 64. Layer level: one self-attention layer of
 ``d_model = H·D`` in train mode (projections included); for SDPA our layer with
-``attention="dense"``.
+``kind="dense"``.
 
 Method: one fresh process per (level, D) group, so a CUDA error cannot poison the others.
 Inside it, lengths ascend (outer) over contenders (inner), so a time limit cuts the longest
@@ -111,7 +111,7 @@ def _build(level: str, name: str, length: int, heads: int, head_dim: int, block:
         from sparse_sinkhorn.nn import SinkhornSelfAttention
 
         torch.manual_seed(0)
-        layer = SinkhornSelfAttention(heads * head_dim, heads, causal=causal, attention="dense")
+        layer = SinkhornSelfAttention(heads * head_dim, heads, causal=causal, kind="dense")
         layer = layer.to(dev, dt).train()
         x = torch.randn(1, length, heads * head_dim, device=dev, dtype=dt, requires_grad=True)
         inputs = [x]

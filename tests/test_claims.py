@@ -104,7 +104,7 @@ def test_op_is_exactly_causal_in_training_mode(mode: dict[str, Any], length: int
 @pytest.mark.parametrize("hard", [False, True])
 def test_layer_is_exactly_causal_in_training_mode(kind: str, sort_net: str, hard: bool) -> None:
     layer = SinkhornSelfAttention(
-        16, 2, causal=True, attention=kind, block_size=4, max_len=64, sort_net=sort_net,
+        16, 2, causal=True, kind=kind, block_size=4, max_len=64, sort_net=sort_net,
         hard=hard, dropout=0.25,
     ).double()  # fmt: skip
     layer.train()

@@ -19,7 +19,7 @@ SORT_NETS = ["linear", "mlp", "bilinear"]
 
 
 def _layer(causal: bool, **kw: object) -> SinkhornSelfAttention:
-    cfg: dict = dict(block_size=4, max_len=64, attention="sinkhorn")
+    cfg: dict = dict(block_size=4, max_len=64, kind="sinkhorn")
     cfg.update(kw)
     return SinkhornSelfAttention(D_MODEL, HEADS, causal=causal, **cfg).double()
 
@@ -38,7 +38,7 @@ VARIANTS = [(k, "linear", False) for k in ("dense", "local", "sparse")] + [
 @pytest.mark.parametrize(("kind", "sort_net", "hard"), VARIANTS)
 @pytest.mark.parametrize("training", [False, True])
 def test_module_is_exactly_causal(kind: str, sort_net: str, hard: bool, training: bool) -> None:
-    layer = _layer(True, attention=kind, sort_net=sort_net, hard=hard, pooling="mean")
+    layer = _layer(True, kind=kind, sort_net=sort_net, hard=hard, pooling="mean")
     layer.train(training)
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
     y = _run(layer, x)
@@ -52,7 +52,7 @@ def test_module_is_exactly_causal(kind: str, sort_net: str, hard: bool, training
 @pytest.mark.parametrize(("kind", "sort_net", "hard"), VARIANTS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_module_padding_invariance(kind: str, sort_net: str, hard: bool, causal: bool) -> None:
-    layer = _layer(causal, attention=kind, sort_net=sort_net, hard=hard)
+    layer = _layer(causal, kind=kind, sort_net=sort_net, hard=hard)
     x = torch.randn(2, 21, D_MODEL, dtype=torch.float64)
     mask = torch.ones(2, 21, dtype=torch.bool)
     mask[0, 13:] = False
@@ -107,7 +107,7 @@ def test_sort_net_length_limits() -> None:
 
 def test_bad_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown attention kind 'flash'"):
-        SinkhornSelfAttention(D_MODEL, HEADS, attention="flash")
+        SinkhornSelfAttention(D_MODEL, HEADS, kind="flash")
     with pytest.raises(ValueError, match="not divisible by n_heads=3"):
         SinkhornSelfAttention(D_MODEL, 3)
     with pytest.raises(ValueError, match="encoders only"):

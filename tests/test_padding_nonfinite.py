@@ -75,9 +75,7 @@ def test_op_padding_nonfinite_never_reaches_real_outputs(kind, causal, poison):
 @pytest.mark.parametrize("causal", [False, True])
 def test_layer_padding_nonfinite_never_reaches_real_outputs(kind, causal):
     torch.manual_seed(0)
-    layer = SinkhornSelfAttention(
-        8, 2, causal=causal, attention=kind, block_size=W, max_len=16
-    ).double()
+    layer = SinkhornSelfAttention(8, 2, causal=causal, kind=kind, block_size=W, max_len=16).double()
     layer.eval()
     mask = _mask()
     x = torch.randn(B, L, 8, dtype=torch.float64)

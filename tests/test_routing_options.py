@@ -211,7 +211,7 @@ def test_cached_decoding_equals_the_full_forward(variant: dict, dtype: torch.dty
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_vid)
 def test_layer_is_causal_and_ignores_padding(variant: dict) -> None:
-    opts = {"attention": variant["kind"], **{k: v for k, v in variant.items() if k != "kind"}}
+    opts = dict(variant)
     layer = SinkhornSelfAttention(16, 2, causal=True, block_size=4, max_len=64, **opts)
     layer.eval()
     x = torch.randn(2, 19, 16)

@@ -42,8 +42,8 @@ class SinkhornSelfAttention(nn.Module):
     """Multi-head self-attention with Sparse Sinkhorn attention or a baseline.
 
     ``config`` (an :class:`AttentionConfig`) says how it attends; or give its fields as
-    keywords, with ``attention`` for its ``kind``: ``"sinkhorn"`` (local + sorted blocks),
-    ``"mixture"`` (sinkhorn + dense), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse
+    keywords (``kind="dense"``, ``block_size=64``, ...). The kinds: ``"sinkhorn"`` (local +
+    sorted blocks), ``"mixture"`` (sinkhorn + dense), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse
     Transformer) or ``"topk"`` (own block + the ``top_k`` blocks MoBA's parameter-free gate
     picks). The sort net reads masked block summaries of the layer input; in a causal layer
     the query side uses leak-free prefix summaries (docs/method.md §5), so the layer is
@@ -55,7 +55,7 @@ class SinkhornSelfAttention(nn.Module):
         causal: decoder self-attention.
         dropout: attention-weight dropout (training only).
         bias: biases in the projections.
-        config: the attention configuration (then no ``attention``/field keywords).
+        config: the attention configuration (then no field keywords).
 
     Shapes: ``x`` ``(B, L, D)`` with any ``L <= max_len`` (any ``L`` for ``bilinear``),
     ``key_padding_mask`` ``(B, L)`` bool (True = real token) -> ``(B, L, D)``.
@@ -70,14 +70,13 @@ class SinkhornSelfAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         config: AttentionConfig | None = None,
-        attention: str = "sinkhorn",
         **fields: Any,
     ) -> None:
         super().__init__()
         check_sizes(d_model, n_heads, dropout)
         if config is None:
-            config = AttentionConfig(kind=attention, **fields)
-        elif fields or attention != "sinkhorn":
+            config = AttentionConfig(**fields)
+        elif fields:
             raise TypeError("give either config=AttentionConfig(...) or its fields, not both")
         self.config = config
         if causal and self.config.n_sortcut is not None:

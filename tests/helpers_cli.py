@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +33,17 @@ def assert_one_line_error(argv: Sequence[str], capsys: pytest.CaptureFixture[str
     for text in match:
         assert text in lines[0], (text, lines[0])
     return lines[0]
+
+
+def read_only_bind_works(directory: Path) -> bool:
+    """Whether this machine lets a user namespace bind-mount ``directory`` read-only (root
+    ignores file modes, so a read-only mount is the honest way to refuse writes)."""
+    try:
+        done = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount --bind {directory} {directory} && "
+             f"mount -o remount,bind,ro {directory} && ! touch {directory}/probe"],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0

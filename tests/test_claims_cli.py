@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_cli import assert_one_line_error, run_cli
+from helpers_cli import assert_one_line_error, read_only_bind_works, run_cli
 from sparse_sinkhorn.cli import build_parser, main
 from sparse_sinkhorn.data import write_idx
 
@@ -220,18 +220,6 @@ def test_every_subcommand_answers_nonsense_with_one_line_and_exit_2(
 # ---- 6. a read-only place fails cleanly ----------------------------------------------------
 
 
-def _read_only_bind_works(directory: Path) -> bool:
-    try:
-        done = subprocess.run(
-            ["unshare", "-rm", "sh", "-c", f"mount --bind {directory} {directory} && "
-             f"mount -o remount,bind,ro {directory} && ! touch {directory}/probe"],
-            capture_output=True, timeout=30,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "SPARSE_SINKHORN_DEBUG"}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -262,7 +250,7 @@ def test_a_read_only_checkpoints_dir_is_one_line_and_leaves_the_run_intact(
     first = _cli_process([*argv, "--steps", "4"])
     assert first.returncode == 0, first.stderr
     ckpts = out / "sinkhorn" / "seed0" / "checkpoints"
-    if not _read_only_bind_works(ckpts):
+    if not read_only_bind_works(ckpts):
         pytest.skip("no read-only bind mounts here (unshare -rm not permitted)")
     before = _files(out)
     mount = f'mount --bind {ckpts} {ckpts} && mount -o remount,bind,ro {ckpts} && exec "$@"'

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers_cli import assert_one_line_error, run_cli
+from helpers_cli import assert_one_line_error, read_only_bind_works, run_cli
 from helpers_train import run as train_toy
 from sparse_sinkhorn.train.rundir import RunLockedError
 
@@ -236,18 +236,6 @@ def test_a_file_size_limit_is_one_line_naming_the_file(
     assert not ckpts.exists() or not list(ckpts.iterdir())  # nothing partial
 
 
-def _read_only_bind_works(directory: Path) -> bool:
-    try:
-        done = subprocess.run(
-            ["unshare", "-rm", "sh", "-c", f"mount --bind {directory} {directory} && "
-             f"mount -o remount,bind,ro {directory} && ! touch {directory}/probe"],
-            capture_output=True, timeout=30,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 def test_a_read_only_out_leaves_the_run_intact_and_is_one_line(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -257,7 +245,7 @@ def test_a_read_only_out_leaves_the_run_intact_and_is_one_line(
     out = tmp_path / "out"
     argv = _lm(data_dir, out, "--attention", "dense")
     assert run_cli(argv, capsys)[0] == 0
-    if not _read_only_bind_works(out):
+    if not read_only_bind_works(out):
         pytest.skip("no read-only bind mounts here (unshare -rm not permitted)")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for extra in (["--resume", "--steps", "3"], ["--overwrite"]):

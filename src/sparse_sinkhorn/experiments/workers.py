@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import SparseSinkhornError, UsageError
 from ..train import init_distributed
 from .progress import setup_logging
 
 Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
-class WorkerDiedError(ChildProcessError):
+class WorkerDiedError(SparseSinkhornError, ChildProcessError):
     """A ``--jobs`` worker process died in the middle of a run (killed by a signal, or by the
-    kernel when memory ran out); the message names the run. An ``OSError``, so the command
-    prints it as one line."""
+    kernel when memory ran out); the message names the run. A library error (and an
+    ``OSError``, as before), so the command prints it as one line."""
 
 
 _STARTED: Any = None  # in a worker: where it reports (job index, pid) as each job starts

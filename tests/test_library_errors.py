@@ -56,3 +56,48 @@ def test_token_ids_out_of_range_or_empty(ids) -> None:
     model = LanguageModel(LanguageModelConfig(vocab_size=10, d_model=8, n_heads=2, attention=att))
     with pytest.raises(ValueError, match=r"outside the vocabulary|empty"):
         model(torch.tensor(ids, dtype=torch.long).reshape(1, -1))
+
+
+def test_every_library_error_type_derives_from_one_base() -> None:
+    """The command catches one type: every exception class the package defines is a
+    ``SparseSinkhornError`` (ExitWithError, the CLI's own exit, excepted)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import sparse_sinkhorn
+    from sparse_sinkhorn.errors import SparseSinkhornError
+
+    found = []
+    for info in pkgutil.walk_packages(sparse_sinkhorn.__path__, "sparse_sinkhorn."):
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:  # an extra this build lacks
+            continue
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__ == info.name:
+                found.append(cls)
+    assert len(found) >= 7
+    stray = [c.__qualname__ for c in found if not issubclass(c, SparseSinkhornError)]
+    assert stray == ["ExitWithError"]
+
+
+def test_a_missing_extra_is_one_line_naming_the_install() -> None:
+    """A core-only install (no numpy: the train/data extras missing) running the command gets
+    one line saying what to install, not a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"  # what an install without numpy sees
+        "from sparse_sinkhorn.cli import main\n"
+        "sys.exit(main(['sort', '--help']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sparse-sinkhorn:")]
+    assert lines == [
+        "sparse-sinkhorn: error: the command needs the 'numpy' package, which is not "
+        "installed; install the extras it comes with: pip install 'sparse-sinkhorn[train,data]'"
+    ]
+    assert "Traceback" not in done.stderr

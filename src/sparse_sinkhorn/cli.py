@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .errors import UsageError
+from .errors import SparseSinkhornError, UsageError
 
 # Every module that adds subcommands; each defines ``add_subparser``.
 _COMMANDS: tuple[str, ...] = (
@@ -61,22 +61,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a problem with the user's input, files or data: shown as one line."""
     import pickle
 
-    from .data.fetch import FetchError
-    from .data.registry import DatasetNotFoundError
-    from .train.checkpoint import CheckpointError, ConfigMismatchError
-    from .train.rundir import RunLockedError
-
     return (
-        RunLockedError,
-        CheckpointError,
-        ConfigMismatchError,
-        DatasetNotFoundError,
-        FetchError,
+        SparseSinkhornError,  # every error type the library defines
         pickle.UnpicklingError,
         OSError,  # missing/unreadable/unwritable paths, a full disk, a read-only file system
         ValueError,  # the library's argument and file-content checks
         TypeError,
         MemoryError,
+    )
+
+
+def _missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The one-line message for a third-party package this install lacks (None: not that)."""
+    name = (err.name or "").split(".")[0]
+    if not name or name == "sparse_sinkhorn":
+        return None
+    return (
+        f"the command needs the {name!r} package, which is not installed; install the "
+        "extras it comes with: pip install 'sparse-sinkhorn[train,data]'"
     )
 
 
@@ -113,6 +115,17 @@ def one_line(err: BaseException | str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as err:
+        message = _missing_extra(err)
+        if message is None or os.environ.get("SPARSE_SINKHORN_DEBUG"):
+            raise
+        print(f"sparse-sinkhorn: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

@@ -232,11 +232,12 @@ def test_forward_and_backward_equal_the_float64_reference(
 # ---- 3. O(L·b) memory: nothing L x L is allocated ------------------------------------------
 # docs/method.md: "Memory is O(L·b + N²) per head; nothing of size L × L is built outside the
 # dense reference". torch.profiler's profile_memory does not see most CPU allocations here,
-# so each case runs in a fresh process and reads its peak resident memory (ru_maxrss) before
-# and after one forward + backward. L = 16384, b = 64: one float32 L x L tensor is 1 GiB.
+# so each case runs in a fresh process, resets its peak resident memory (Linux clear_refs) and
+# reads how far one forward + backward raises it above the memory in use before (VmHWM -
+# VmRSS). L = 16384, b = 64: one float32 L x L tensor is 1 GiB.
 
 MEMORY_CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch
 from sparse_sinkhorn.ops import sinkhorn_attention
 torch.set_num_threads(1)
@@ -249,9 +250,13 @@ mask = None
 if case.pop("padded", False):
     mask = torch.ones(1, L, dtype=torch.bool)
     mask[:, -100:] = False  # padding (and so the masked path)
-def peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-before = peak()
+def status(field: str) -> int:  # bytes, from /proc/self/status
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the memory in use now
+before = status("VmRSS")
 if case.pop("dense", False):  # the control: the score matrix dense attention starts from
     with torch.no_grad():
         out = q[0, 0] @ k[0, 0].T
@@ -261,7 +266,7 @@ else:
     out = sinkhorn_attention(q, k, v, logits, block_size=W, key_padding_mask=mask, **case)
     out.square().sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
-print(json.dumps({"before": before, "after": peak()}))
+print(json.dumps({"before": before, "after": status("VmHWM")}))
 """
 
 MEMORY_CASES = {

@@ -95,7 +95,7 @@ class AttentionConfig:
         """The op's :class:`~sparse_sinkhorn.ops.SinkhornOptions` for this configuration:
         same-named fields are copied; Gumbel noise only in ``training``; ``mixture`` from
         the kind."""
-        same = {f.name: getattr(self, f.name) for f in fields(SinkhornOptions) if f.name in _OWN}
+        same = {name: getattr(self, name) for name in _OWN}
         return SinkhornOptions(
             **same,
             is_causal=is_causal,
@@ -124,7 +124,7 @@ class AttentionConfig:
 
 
 # The op options an AttentionConfig holds under the same name (the rest are set per call).
-_OWN = frozenset(
+_OWN = tuple(
     f.name
     for f in fields(SinkhornOptions)
     if f.name not in ("is_causal", "mixture", "gumbel_noise", "dropout_p", "scale")

@@ -22,6 +22,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    StaticCache,
 )
 
 from sparse_sinkhorn import hf
@@ -29,6 +30,7 @@ from sparse_sinkhorn.hf import attention as hf_attention
 from sparse_sinkhorn.nn.cache import SequenceRouting
 
 VOCAB, BLOCK, PAD = 37, 4, 0
+CACHES = ["dynamic", "static"]
 FAMILIES = ["llama", "llama-gqa", "llama-mqa", "gpt2"]
 TOL = 1e-5  # float32: different lengths / batch layouts round differently
 
@@ -69,6 +71,13 @@ def _model(family: str, **options: object) -> torch.nn.Module:
 
 def _ids(batch: int, length: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length))
+
+
+def _cache(kind: str, model: torch.nn.Module) -> DynamicCache | StaticCache:
+    """A transformers cache: dynamic (grows per token) or static (preallocated, 40 positions)."""
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=40)
+    return DynamicCache(config=model.config)
 
 
 def _step_kwarg(model: torch.nn.Module) -> str:
@@ -180,13 +189,15 @@ DECODE_OPTIONS = [
 ]
 
 
+@pytest.mark.parametrize("cache_kind", CACHES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", DECODE_OPTIONS)
 def test_kv_cache_equals_full_forward(
-    family: str, options: dict, monkeypatch: pytest.MonkeyPatch
+    family: str, options: dict, cache_kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Prefill + one token at a time through transformers' DynamicCache == full forward, and
-    each single token goes through the block-cost state, not a forward over the prefix."""
+    """Prefill + one token at a time through transformers' DynamicCache or StaticCache == full
+    forward, and each single token goes through the block-cost state, not a forward over the
+    prefix (a static cache's unset positions are never read)."""
     model = _model(family, **options)
     ids = _ids(2, 22)
     full = model(ids).logits
@@ -194,7 +205,7 @@ def test_kv_cache_equals_full_forward(
     op = _Spy(monkeypatch, hf_attention, "sinkhorn_attention")
     steps = _Spy(monkeypatch, SequenceRouting, "step")
     for prompt in (1, 4, 7):  # one token, a block boundary, mid-block
-        cache = DynamicCache(config=model.config)
+        cache = _cache(cache_kind, model)
         outs = [model(ids[:, :prompt], use_cache=True, **{key: cache}).logits]
         for t in range(prompt, ids.shape[1]):
             outs.append(model(ids[:, t : t + 1], use_cache=True, **{key: cache}).logits)
@@ -204,9 +215,12 @@ def test_kv_cache_equals_full_forward(
     assert steps.calls == layers * sum(ids.shape[1] - p for p in (1, 4, 7))
 
 
+@pytest.mark.parametrize("cache_kind", CACHES)
 @pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
 @pytest.mark.parametrize("options", [{"sort_net": "linear"}, {"hard": True}])
-def test_kv_cache_float64_left_padded_equals_full_forward(family: str, options: dict) -> None:
+def test_kv_cache_float64_left_padded_equals_full_forward(
+    family: str, options: dict, cache_kind: str
+) -> None:
     """float64, a left-padded batch of 3 (different block phases per sequence): every decoded
     position equals the full forward to 1e-10."""
     model = _model(family, **options).double()
@@ -218,7 +232,7 @@ def test_kv_cache_float64_left_padded_equals_full_forward(family: str, options: 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     full = model(ids, attention_mask=mask, position_ids=positions).logits
     key, prompt = _step_kwarg(model), 9
-    cache = DynamicCache(config=model.config)
+    cache = _cache(cache_kind, model)
     kw = {key: cache, "use_cache": True}
     outs = [model(ids[:, :prompt], attention_mask=mask[:, :prompt],
                   position_ids=positions[:, :prompt], **kw).logits]  # fmt: skip
@@ -230,14 +244,16 @@ def test_kv_cache_float64_left_padded_equals_full_forward(family: str, options: 
     torch.testing.assert_close(got[real], full[real], atol=1e-10, rtol=0)
 
 
-def test_kv_cache_state_follows_a_cropped_cache() -> None:
-    """Cropping the cache (as assisted decoding does) replaces its tensors: the next step
-    rebuilds the routing state from the cached prefix and stays exact."""
+@pytest.mark.parametrize("cache_kind", CACHES)
+def test_kv_cache_state_follows_a_cropped_cache(cache_kind: str) -> None:
+    """Cropping the cache (as assisted decoding does) replaces a dynamic cache's tensors and
+    shortens a static one's filled length: the next step rebuilds the routing state from the
+    cached prefix and stays exact."""
     model = _model("llama", sort_net="bilinear")
     ids = _ids(2, 20)
     full = model(ids).logits
     key = _step_kwarg(model)
-    cache = DynamicCache(config=model.config)
+    cache = _cache(cache_kind, model)
     model(ids[:, :6], use_cache=True, **{key: cache})
     for t in range(6, 15):
         model(ids[:, t : t + 1], use_cache=True, **{key: cache})
@@ -246,24 +262,26 @@ def test_kv_cache_state_follows_a_cropped_cache() -> None:
     torch.testing.assert_close(torch.cat(outs, 1), full[:, 10:], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("cache_kind", CACHES)
 @pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
-def test_beam_search_with_cache_equals_without(family: str) -> None:
+def test_beam_search_with_cache_equals_without(family: str, cache_kind: str) -> None:
     """Beam search reorders the cache every step; the routing state must follow it (the
     beams' scores, not only the chosen tokens, equal those without a cache)."""
     model = _model(family, sort_net="bilinear")
     prompt = _ids(2, 7)
     kw = dict(max_new_tokens=12, do_sample=False, num_beams=3, pad_token_id=PAD,
               output_scores=True, return_dict_in_generate=True)  # fmt: skip
-    cached = model.generate(prompt, use_cache=True, **kw)
+    cached = model.generate(prompt, use_cache=True, cache_implementation=cache_kind, **kw)
     plain = model.generate(prompt, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
     for got, want in zip(cached.scores, plain.scores, strict=True):
         torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("cache_kind", CACHES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_cache_equals_without_and_full_forward(
-    family: str, monkeypatch: pytest.MonkeyPatch
+    family: str, cache_kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Left-padded batch: greedy tokens with the KV cache == without; logits == full forward;
     every generated token after the first goes through the block-cost state."""
@@ -281,7 +299,7 @@ def test_generate_with_cache_equals_without_and_full_forward(
         return_dict_in_generate=True,
         pad_token_id=PAD,
     )
-    cached = model.generate(prompt, use_cache=True, **kw)
+    cached = model.generate(prompt, use_cache=True, cache_implementation=cache_kind, **kw)
     assert steps.calls == 2 * 9  # 2 layers x the 9 tokens after the prompt's forward
     plain = model.generate(prompt, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
@@ -468,3 +486,15 @@ def test_calibrate_errors() -> None:
         hf.calibrate(_plain_gpt2(), [_ids(1, 8)])
     with pytest.raises(ValueError, match="lr"):
         hf.calibrate(_model("gpt2"), [_ids(1, 8)], lr=float("nan"))
+
+
+def test_other_static_cache_layers_are_refused() -> None:
+    """A static layer whose positions are not the sequence's (a sliding window) is refused
+    rather than read as if it held the whole prefix."""
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    model = _model("llama")
+    cache = _cache("static", model)
+    cache.layers[0] = StaticSlidingWindowLayer(max_cache_len=40, sliding_window=8)
+    with pytest.raises(ValueError, match="does not support StaticSlidingWindowLayer"):
+        model(_ids(1, 6), use_cache=True, **{_step_kwarg(model): cache})

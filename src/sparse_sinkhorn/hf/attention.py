@@ -15,7 +15,7 @@ from ..nn.sortnet import SortNet
 from ..ops import dense_attention, sinkhorn_attention
 
 try:
-    from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
+    from transformers.cache_utils import DynamicLayer, EncoderDecoderCache, StaticLayer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         'sparse_sinkhorn.hf needs transformers: pip install ".[hf]" (the hf extra)'
@@ -66,11 +66,15 @@ def sinkhorn_attention_forward(
         if kwargs.get(name) is not None:
             raise ValueError(f"Sinkhorn attention does not support {name!r}")
     batch, _, q_len, _ = query.shape
+    step = module.__dict__.pop(_CACHE_LAYER, None)  # (cache layer, its keys, filled length)
+    if step is not None and step[2] is not None:  # a static layer: positions past it are unset
+        key, value = (t[:, :, : step[2] + q_len] for t in (key, value))
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., : step[2] + q_len]
     length = key.shape[2]
     if q_len > length:
         raise ValueError(f"more queries ({q_len}) than keys ({length})")
     real = _key_padding(attention_mask, batch, q_len, length, query.device)
-    step = module.__dict__.pop(_CACHE_LAYER, None)  # (cache layer, its keys before update)
     if step is not None:
         out = _decode_step(step, att, sort_net, query, key, value, real, dropout, scaling)
         if out is not None:
@@ -100,27 +104,41 @@ def sinkhorn_attention_forward(
 
 
 _CACHE_LAYER = "_sinkhorn_cache_layer"  # set on a converted module for one forward call
-_STATE = "_sinkhorn_state"  # on a DynamicLayer: (SequenceRouting, the keys it has seen)
+_STATE = "_sinkhorn_state"  # on a cache layer: (SequenceRouting, the keys tensor it has seen)
 
 
 def note_cache_layer(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook: remember the module's ``DynamicLayer`` (and its keys before this
-    call's update) for the attention function, which transformers does not hand the cache."""
+    """Forward pre-hook: remember the module's cache layer for the attention function, which
+    transformers does not hand the cache: ``(layer, its keys tensor before this call's update,
+    the positions it holds if it is a static layer)``.
+
+    A ``DynamicLayer`` holds exactly the positions seen; a ``StaticLayer`` holds preallocated
+    tensors whose positions past the filled length are not set (the attention function reads
+    only the filled ones). Other static layers (sliding window, indexed) are refused; other
+    dynamic kinds (quantized, offloaded) hold every position and take the recomputing path.
+    """
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     layers = getattr(cache, "layers", None)
     idx = getattr(module, "layer_idx", None)
-    note = None
+    note: tuple[Any, Tensor | None, int | None] | None = None
     if isinstance(layers, list) and isinstance(idx, int) and idx < len(layers):
         layer = layers[idx]
-        if type(layer) is DynamicLayer:  # not sliding, static, quantized or offloaded layers
-            note = (layer, getattr(layer, "keys", None))
+        if type(layer) is DynamicLayer:  # not sliding, quantized or offloaded layers
+            note = (layer, getattr(layer, "keys", None), None)
+        elif type(layer) is StaticLayer:
+            note = (layer, getattr(layer, "keys", None), int(layer.get_seq_length()))
+        elif isinstance(layer, StaticLayer):
+            raise ValueError(
+                f"Sinkhorn attention does not support {type(layer).__name__} caches; use a "
+                "DynamicCache or a StaticCache"
+            )
     module.__dict__[_CACHE_LAYER] = note
 
 
 def _decode_step(
-    note: tuple[Any, Tensor | None],
+    note: tuple[Any, Tensor | None, int | None],
     att: AttentionConfig,
     sort_net: SortNet,
     query: Tensor,
@@ -132,7 +150,7 @@ def _decode_step(
 ) -> Tensor | None:
     """One new token through the layer's :class:`SequenceRouting` (``(B, 1, H, E)``), or
     None when the step is not one it can take (the caller recomputes over the prefix)."""
-    layer, before = note
+    layer, before, _ = note
     ok = query.shape[2] == 1 and key.shape[2] > 1 and not sort_net.training and not dropout
     ok = ok and (real is None or bool(real[:, -1].all()))  # the new token is real
     if not ok:
@@ -156,7 +174,7 @@ def _decode_step(
         group = query.shape[1] // key.shape[1]  # grouped-query heads share a K/V head
         k_all, v_all = (t.repeat_interleave(group, dim=1) for t in (key, value))
         out = out + dense_attention(query, k_all, v_all, key_padding_mask=real, scale=scaling)
-    layer.__dict__[_STATE] = (state, key)  # key: the tensor the cache layer holds now
+    layer.__dict__[_STATE] = (state, layer.keys)  # the tensor the cache layer holds now
     return out.transpose(1, 2).contiguous()
 
 

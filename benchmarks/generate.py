@@ -1,9 +1,10 @@
 """Generation cost of a converted Hugging Face model: Sinkhorn attention vs ``sdpa``.
 
 ``python -m benchmarks.generate`` times ``model.generate`` (greedy, transformers'
-``DynamicCache``) on one randomly initialised Llama-shaped model, once with
-``attn_implementation="sdpa"`` and once converted with :func:`sparse_sinkhorn.hf.convert`
-(the same weights plus sort nets), for each prompt length. Per case, in a fresh process:
+``DynamicCache``, or ``--cache static`` for a preallocated ``StaticCache``) on one randomly
+initialised Llama-shaped model, once with ``attn_implementation="sdpa"`` and once converted
+with :func:`sparse_sinkhorn.hf.convert` (the same weights plus sort nets), for each prompt
+length. Per case, in a fresh process:
 
 * **prefill**: the time to the first generated token (the prompt's forward);
 * **per token**: the median interval between later tokens (read by a stopping criterion that
@@ -12,7 +13,8 @@
 * **peak memory**: ``VmHWM`` during generate minus ``VmRSS`` before it (CPU; see
   ``benchmarks/case.py``), i.e. the cache and the activations, not the weights.
 
-Writes ``benchmarks/results/generate.{json,md,png}`` with the machine, torch, transformers,
+Writes ``benchmarks/results/generate.{json,md,png}`` (``generate_static.*`` with
+``--cache static``) with the machine, torch, transformers,
 git commit, command, date and load average.
 """
 
@@ -37,6 +39,7 @@ from .machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("sdpa", "sinkhorn")
+CACHE_NAMES = {"dynamic": "DynamicCache", "static": "StaticCache (preallocated)"}
 
 
 def _model(impl: str, args: argparse.Namespace) -> Any:
@@ -74,7 +77,7 @@ def run_case(impl: str, length: int, args: argparse.Namespace) -> dict[str, Any]
             stamps.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    kw = dict(do_sample=False, use_cache=True, pad_token_id=0)
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, cache_implementation=args.cache)
     with torch.no_grad():
         model.generate(prompt[:, :64], max_new_tokens=2, **kw)  # warm-up
         base = _mem_baseline("cpu")
@@ -132,7 +135,8 @@ def report(meta: dict[str, Any]) -> str:
         f"- model: random Llama, {s['layers']} layers, {s['heads']} query heads / "
         f"{max(1, s['heads'] // 2)} key-value heads of 64, float32, batch 1; Sinkhorn: "
         f"`hf.convert(model, block_size={s['block_size']})` (bilinear sort net); greedy "
-        f"`generate` with a DynamicCache, {s['new_tokens']} new tokens",
+        f"`generate` with a {CACHE_NAMES[s.get('cache', 'dynamic')]}, {s['new_tokens']} new "
+        "tokens",
         "- prefill: time to the first token; per token: median interval between later tokens "
         "(max in brackets: a block's first token routes it); peak: VmHWM during generate "
         "minus VmRSS before it (cache and activations, not weights)",
@@ -195,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=129)
+    p.add_argument("--cache", choices=tuple(CACHE_NAMES), default="dynamic")
     p.add_argument("--out", default=str(RESULTS), help="directory for generate.{json,md,png}")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case
     return p
@@ -236,9 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "generate.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "generate.md").write_text(report(meta))
-    plot(meta, out / "generate.png")
+    stem = "generate" if args.cache == "dynamic" else f"generate_{args.cache}"
+    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(report(meta))
+    plot(meta, out / f"{stem}.png")
     print(report(meta))
     return meta
 

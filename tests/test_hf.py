@@ -498,3 +498,10 @@ def test_other_static_cache_layers_are_refused() -> None:
     cache.layers[0] = StaticSlidingWindowLayer(max_cache_len=40, sliding_window=8)
     with pytest.raises(ValueError, match="does not support StaticSlidingWindowLayer"):
         model(_ids(1, 6), use_cache=True, **{_step_kwarg(model): cache})
+
+
+def test_convert_turns_off_generate_s_automatic_compile() -> None:
+    """generate() would compile the forward for a static cache on a GPU; the decoding state
+    kept beside the cache is untested under torch.compile, so a converted model opts out."""
+    model = _model("llama")
+    assert model.generation_config.disable_compile is True

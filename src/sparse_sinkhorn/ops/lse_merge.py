@@ -81,7 +81,7 @@ def _part_forward(
     return out, lse, ()
 
 
-def _part_backward(
+def part_backward(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -90,10 +90,13 @@ def _part_backward(
     lse: Tensor,
     causal: bool,
     scale: float,
-    flash: bool,
-    aux: tuple[Any, ...],
+    info: tuple[Any, ...],
+    part: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one part's ``q, k, v`` given the *merged* ``out`` and ``lse``."""
+    """Gradients of one part's ``q, k, v`` given the *merged* ``out`` and ``lse`` and the
+    forward's ``info``: ``part`` 0 is the local part (:func:`merged_forward`'s first call),
+    1 the sorted part (use :func:`sorted_part_backward`, which also masks rows without one)."""
+    flash, aux = info[0], info[1 + part]
     if flash and q.device.type == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale
@@ -170,23 +173,6 @@ def sorted_part_backward(
     info: tuple[Any, ...],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``dq, dks, dvs`` of the sorted part, from the merged ``out`` and ``lse``."""
-    flash, _, aux2 = info
     if no_sorted is not None:  # lse = +inf: weight exp(S - lse) = 0, so zero gradients
         lse = lse.masked_fill(no_sorted, float("inf"))
-    return _part_backward(dout, q, ks, vs, out, lse, False, scale, flash, aux2)
-
-
-def local_part_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-    info: tuple[Any, ...],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``dq, dk, dv`` of the local part, from the merged ``out`` and ``lse``."""
-    flash, aux1, _ = info
-    return _part_backward(dout, q, k, v, out, lse, causal, scale, flash, aux1)
+    return part_backward(dout, q, ks, vs, out, lse, False, scale, info, part=1)

@@ -241,3 +241,58 @@ def test_causal_sinkhorn_balancing_sends_every_block_to_its_previous_one(scale: 
     assert torch.diagonal(sink.P, offset=-1, dim1=-2, dim2=-1).mean() > 0.85
     soft = sinkhorn_plan(logits, block_size=4, is_causal=True, balance="softmax")
     assert (soft.P[..., 1:, :].argmax(-1) != previous).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_block_attention_mass_is_the_dense_softmax_summed_by_blocks(
+    causal: bool, padded: bool
+) -> None:
+    from sparse_sinkhorn.ops import block_attention_mass
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 10, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    if padded:
+        mask[1, 7:] = False
+    got = block_attention_mass(
+        q, k, block_size=4, is_causal=causal, key_padding_mask=mask if padded else None
+    )
+    want = torch.zeros(2, 3, 3, 3, dtype=torch.float64)
+    for b in range(2):
+        for h in range(3):
+            for i in range(3):
+                queries = [t for t in range(4 * i, min(4 * i + 4, 10)) if mask[b, t]]
+                for t in queries:
+                    keys = [s for s in range(10) if mask[b, s] and (s <= t or not causal)]
+                    w = torch.softmax(torch.stack([q[b, h, t] @ k[b, h, s] for s in keys]) / 2, 0)
+                    for s, ws in zip(keys, w, strict=True):
+                        want[b, h, i, s // 4] += ws / len(queries)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+
+
+def test_routing_loss_trains_only_the_sort_net_and_leaves_the_output_alone() -> None:
+    from sparse_sinkhorn.nn import routing_losses
+
+    cfg = dict(kind="sinkhorn", block_size=4, max_len=32, sort_net="bilinear", hard=True,
+               balance="softmax")  # fmt: skip
+    torch.manual_seed(0)
+    with_loss = SinkhornSelfAttention(16, 2, causal=True, routing_loss=0.5, **cfg).train()
+    torch.manual_seed(0)
+    plain = SinkhornSelfAttention(16, 2, causal=True, **cfg).train()
+    x = torch.randn(2, 19, 16)
+    torch.manual_seed(1)
+    y = with_loss(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, plain(x))  # the loss is a side output, not a change of the forward
+    aux = routing_losses(with_loss)
+    assert aux is not None and aux.item() > 0 and routing_losses(with_loss) is None
+    aux.backward()
+    for name, p in with_loss.named_parameters():
+        touched = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        assert touched == name.startswith("sort_net."), name
+    with_loss.eval()
+    with_loss(x)
+    assert routing_losses(with_loss) is None  # eval: no loss
+    with pytest.raises(ValueError, match="has none"):
+        AttentionConfig(kind="dense", routing_loss=1.0)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..data.recall import IGNORE, MQAR, Passkey, RecallDataset, Task
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
-from ..nn import AttentionConfig, SinkhornSelfAttention
+from ..nn import AttentionConfig, SinkhornSelfAttention, routing_losses
 from ..train import init_distributed
 from . import flags
 from .driver import Plan, Run, fit, grid_options, summarize_seeds, train_grid
@@ -62,6 +62,30 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
         "sort_net": "bilinear",
         "balance": "softmax",
         "hard": True,
+    },
+    # softmax-hard whose sort net also learns from the layer's own dense block attention mass
+    "softmax-hard-distill": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "hard": True,
+        "routing_loss": 1.0,
+    },
+    # mean-pooled block summaries: routing logits that do not grow with the prefix length
+    "softmax-hard-mean": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "hard": True,
+        "pooling": "mean",
+    },
+    "softmax-hard-distill-mean": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "hard": True,
+        "pooling": "mean",
+        "routing_loss": 1.0,
     },
     # MoBA's parameter-free gate: own block + the best earlier block(s) by q . mean(K)
     "topk": {"kind": "topk", "top_k": 1},
@@ -124,11 +148,17 @@ def install_oracle_routing(model: LanguageModel) -> None:
 
 
 def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy on the scored positions only (the answers)."""
+    """Cross-entropy on the scored positions only (the answers), plus the layers' routing
+    distillation losses where a kind has them."""
     ids, targets = batch
     logits = model(ids)  # (B, L, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-    return loss, {"tokens": float(ids.numel())}
+    metrics = {"tokens": float(ids.numel())}
+    routing = routing_losses(model)
+    if routing is not None:
+        metrics["routing_loss"] = float(routing.detach())
+        loss = loss + routing
+    return loss, metrics
 
 
 @torch.no_grad()

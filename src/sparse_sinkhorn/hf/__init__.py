@@ -88,7 +88,9 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
 # The convert() options beyond block_size, with their defaults: AttentionConfig's fields
 # that apply to a causal Sinkhorn layer (an option added there is an option here), and
 # ``mixture`` for the kind.
-_NOT_OPTIONS = ("kind", "block_size", "n_sortcut", "sparse_mode", "share_kv", "top_k")
+_NOT_OPTIONS = (
+    "kind", "block_size", "n_sortcut", "sparse_mode", "share_kv", "top_k", "routing_loss"
+)  # fmt: skip
 OPTIONS: dict[str, Any] = {
     **{f.name: f.default for f in fields(AttentionConfig) if f.name not in _NOT_OPTIONS},
     "max_len": None,  # default: the model's max_position_embeddings / n_positions

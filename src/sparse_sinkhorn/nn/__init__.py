@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .attention import CrossAttention, SinkhornSelfAttention
+from .attention import CrossAttention, SinkhornSelfAttention, routing_losses
 from .cache import AttentionCache, DecodingCache
 from .config import ATTENTION_KINDS, AttentionConfig
 from .layers import FeedForward, TransformerDecoderLayer, TransformerEncoderLayer
@@ -20,4 +20,5 @@ __all__ = [
     "SortNet",
     "TransformerDecoderLayer",
     "TransformerEncoderLayer",
+    "routing_losses",
 ]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..ops import (
     SinkhornPlan,
+    block_attention_mass,
     dense_attention,
     local_attention,
     sinkhorn_attention_with_plan,
@@ -89,6 +90,8 @@ class SinkhornSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, (2 if self.config.share_kv else 3) * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
         self.sort_net: SortNet | None = None
+        # the routing distillation loss of the last training forward (config.routing_loss > 0)
+        self.routing_aux: Tensor | None = None
         if self.config.uses_sorting:
             self.sort_net = SortNet(
                 d_model, n_heads, self.config.max_blocks, kind=self.config.sort_net
@@ -178,10 +181,50 @@ class SinkhornSelfAttention(nn.Module):
                 q, k, v, block_size=cfg.block_size, top_k=cfg.top_k, **common
             ), None
         options = cfg.op_options(is_causal=self.causal, training=self.training, dropout_p=p)
+        if self.training and cfg.routing_loss > 0:
+            self.routing_aux = cfg.routing_loss * self._routing_distillation(q, k, x, mask)
         out, plan = sinkhorn_attention_with_plan(
             q, k, v, self.sort_logits(x, mask), options, key_padding_mask=mask, generator=generator
         )
         return out, plan
+
+    def _routing_distillation(self, q: Tensor, k: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+        """KL from the layer's own dense block attention mass (the teacher, no gradient) to
+        each sort-net row's softmax over the blocks it may take (earlier blocks when causal),
+        averaged over rows that have a target. Only the sort net learns from it: the
+        teacher is detached and the student reads a detached copy of ``x``."""
+        cfg = self.config
+        assert self.sort_net is not None
+        target = block_attention_mass(
+            q, k, block_size=cfg.block_size, is_causal=self.causal, key_padding_mask=mask
+        )  # (B, H, N, N)
+        n = target.shape[-1]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=x.device)
+        if self.causal:
+            allowed = allowed.tril(-1)  # strictly earlier blocks
+        target = target * allowed
+        total = target.sum(-1, keepdim=True)  # (B, H, N, 1)
+        has = total[..., 0] > 0  # rows with a target (not causal row 0, not padding)
+        target = target / total.clamp_min(1e-12)
+        student = self.sort_net.route(
+            x.detach(), cfg.block_size, causal=self.causal, key_padding_mask=mask,
+            pooling=cfg.pooling,
+        ).float()  # fmt: skip
+        log_p = student.masked_fill(~allowed, -1e9).log_softmax(-1)  # finite: row 0 stays so
+        kl = (target * (target.clamp_min(1e-12).log() - log_p)).sum(-1)  # (B, H, N)
+        return (kl * has).sum() / has.sum().clamp_min(1)
+
+
+def routing_losses(model: nn.Module) -> Tensor | None:
+    """The sum of every Sinkhorn layer's routing distillation loss from the last training
+    forward (``AttentionConfig.routing_loss``), cleared as it is read; None when no layer has
+    one. Add it to the task loss."""
+    total: Tensor | None = None
+    for module in model.modules():
+        if isinstance(module, SinkhornSelfAttention) and module.routing_aux is not None:
+            total = module.routing_aux if total is None else total + module.routing_aux
+            module.routing_aux = None
+    return total
 
 
 class _SplitHeads(torch.autograd.Function):

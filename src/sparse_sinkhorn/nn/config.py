@@ -61,6 +61,9 @@ class AttentionConfig:
     sparse_mode: str = "fixed"  # Sparse Transformer pattern: "fixed" | "strided"
     share_kv: bool = False  # keys double as values (one projection fewer; an ablation)
     top_k: int = 1  # topk: earlier blocks each query reads beside its own (MoBA's gate)
+    # sinkhorn/mixture, training only: weight of a loss pulling each sort-net row towards the
+    # layer's own dense block attention mass (see SinkhornSelfAttention.routing_aux)
+    routing_loss: float = 0.0
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -79,6 +82,12 @@ class AttentionConfig:
             raise ValueError(f"sort_net must be one of {SORT_NETS}, got {self.sort_net!r}")
         if self.pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {self.pooling!r}")
+        if not self.routing_loss >= 0:
+            raise ValueError(f"routing_loss must be >= 0, got {self.routing_loss}")
+        if self.routing_loss and not self.uses_sorting:
+            raise ValueError(
+                f"routing_loss trains a sort net: attention kind {self.kind!r} has none"
+            )
         if self.top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")
         if self.sparse_mode not in ("fixed", "strided"):

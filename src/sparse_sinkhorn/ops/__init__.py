@@ -18,7 +18,7 @@ from .baselines import (
 )
 from .blocks import block_summaries, causal_block_summaries, num_blocks, pad_to_blocks
 from .options import SinkhornOptions
-from .plan import SinkhornPlan, sinkhorn_plan
+from .plan import SinkhornPlan, block_attention_mass, sinkhorn_plan
 from .reference import (
     reference_dense_attention,
     reference_sinkhorn_attention,
@@ -33,6 +33,7 @@ __all__ = [
     "SinkhornOutput",
     "SinkhornPlan",
     "attend_with_plan",
+    "block_attention_mass",
     "block_summaries",
     "causal_block_summaries",
     "dense_attention",

@@ -177,4 +177,46 @@ def keep_mask(plan: SinkhornPlan) -> tuple[Tensor | None, Tensor | None]:
     return local, weight > 0
 
 
-__all__ = ["SinkhornPlan", "keep_mask", "sinkhorn_plan"]
+def block_attention_mass(
+    query: Tensor,
+    key: Tensor,
+    *,
+    block_size: int,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Where dense attention puts its weight, per pair of blocks: ``(B, H, N, N)``.
+
+    Entry ``[i, j]`` is the mean, over the real queries of block ``i``, of the softmax weight
+    ``softmax(q kᵀ · scale)`` puts on the real keys of block ``j`` (causal: keys ``<= t``). A
+    routing target (what a sort net row should score), computed without gradient. O(L²):
+    for training-time distillation at moderate lengths.
+    """
+    w = block_size
+    batch, heads, length, _ = query.shape
+    if key.shape[1] != heads:  # grouped-query attention
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    with torch.no_grad():
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        scores = (query @ key.transpose(-1, -2)).float() * scale  # (B, H, L, L)
+        keep = torch.ones(length, length, dtype=torch.bool, device=query.device)
+        if is_causal:
+            keep = keep.tril()
+        real = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        keep4 = keep[None, None] if real is None else keep[None, None] & real  # (B|1, 1, L, L)
+        probs = scores.masked_fill(~keep4, float("-inf")).softmax(-1).nan_to_num(0.0)
+        n = -(-length // w)
+        pad = n * w - length
+        probs = torch.nn.functional.pad(probs, (0, pad, 0, pad))  # (B, H, N*W, N*W)
+        mass = rearrange(probs, "b h q (n w) -> b h q n w", w=w).sum(-1)  # (B, H, N*W, N)
+        if key_padding_mask is None:
+            q_real = torch.ones(batch, length, device=query.device)
+        else:
+            q_real = key_padding_mask.float()
+        q_real = torch.nn.functional.pad(q_real, (0, pad)).view(batch, 1, n, w, 1)
+        mass = rearrange(mass, "b h (n w) m -> b h n w m", w=w) * q_real
+        return mass.sum(3) / q_real.sum(3).clamp_min(1.0)  # (B, H, N, N)
+
+
+__all__ = ["SinkhornPlan", "block_attention_mass", "keep_mask", "sinkhorn_plan"]

@@ -201,15 +201,11 @@ BALANCES = ("sinkhorn", "softmax")
 
 
 def _scores(
-    logits: Tensor,
-    temperature: float,
-    causal: bool,
-    gumbel_noise: bool,
-    generator: torch.Generator | None,
-    allowed: Tensor | None,
-) -> tuple[Tensor, Tensor | None]:
-    """``(logits + gumbel) / temperature`` in float32 (float64 for float64 logits), clamped
-    finite, and the allowed entries with the causal mask added."""
+    logits: Tensor, temperature: float, causal: bool, gumbel_noise: bool,
+    generator: torch.Generator | None, allowed: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Scaled scores ``(logits + gumbel) / temperature`` (float32 at least) and the allowed
+    entries, causal mask included."""
     s = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64
     if gumbel_noise:
         s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)

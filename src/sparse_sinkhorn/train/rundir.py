@@ -131,10 +131,6 @@ def hold_run_lock(directory: str | Path) -> None:
     _acquire(Path(directory))
 
 
-def holds_lock(directory: str | Path) -> bool:
-    return _key(Path(directory)) in _HELD
-
-
 def allow_overwrite(directory: str | Path) -> None:
     """Let the next fresh ``train()`` into ``directory`` replace the run already there."""
     _OVERWRITE.add(_key(Path(directory)))

@@ -13,6 +13,7 @@ from ..nn.cache import SequenceRouting
 from ..nn.config import AttentionConfig
 from ..nn.sortnet import SortNet
 from ..ops import dense_attention, sinkhorn_attention
+from ..ops.blocks import repeat_kv
 
 try:
     from transformers.cache_utils import DynamicLayer, EncoderDecoderCache, StaticLayer
@@ -171,8 +172,7 @@ def _decode_step(
     x = _routing_input(value[:, :, -1:], sort_net)[:, 0]  # (B, H_kv*E)
     out = state.step(query, key[:, :, -1:], value[:, :, -1:], x, (key, value, real), scaling)
     if att.kind == "mixture":
-        group = query.shape[1] // key.shape[1]  # grouped-query heads share a K/V head
-        k_all, v_all = (t.repeat_interleave(group, dim=1) for t in (key, value))
+        k_all, v_all = (repeat_kv(t, query.shape[1]) for t in (key, value))  # GQA
         out = out + dense_attention(query, k_all, v_all, key_padding_mask=real, scale=scaling)
     layer.__dict__[_STATE] = (state, layer.keys)  # the tensor the cache layer holds now
     return out.transpose(1, 2).contiguous()

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _validate
 from ._autograd import LocalAndSorted, SortedBlocks, TwoPartSinkhorn
 from .baselines import dense_attention
-from .blocks import num_blocks, pad_to_blocks, padded_mask, zero_padding
+from .blocks import num_blocks, pad_to_blocks, padded_mask, repeat_kv, zero_padding
 from .masked import masked_sdpa
 from .options import SinkhornOptions, resolve_options
 from .plan import SinkhornPlan, keep_mask, sinkhorn_plan
@@ -64,9 +64,7 @@ def sinkhorn_attention_with_plan(
             n_sortcut=opts.n_sortcut,
         )
     batch, heads, length, _ = query.shape
-    if key.shape[1] != heads:  # grouped-query attention: each K/V head serves H / H_kv heads
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    key, value = repeat_kv(key, heads), repeat_kv(value, heads)  # grouped-query attention
     key_mask = padded_mask(key_padding_mask, batch, length, opts.block_size, query.device)
     plan = sinkhorn_plan(sort_logits, opts, key_mask=key_mask, generator=generator)
     out = attend_with_plan(query, key, value, plan, dropout_p=opts.dropout_p, scale=opts.scale)

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor
 
 from . import _validate
-from .blocks import check_block_size, pad_to_blocks, padded_mask, zero_padding
+from .blocks import check_block_size, pad_to_blocks, padded_mask, repeat_kv, zero_padding
 from .masked import masked_sdpa
 
 
@@ -222,9 +222,7 @@ def topk_block_attention(
     if bad_k and not torch.compiler.is_compiling():
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     batch, heads, length, _ = query.shape
-    if key.shape[1] != heads:  # grouped-query attention
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    key, value = repeat_kv(key, heads), repeat_kv(value, heads)  # grouped-query attention
     w = block_size
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None

@@ -40,6 +40,12 @@ def padded_mask(
     return pad_to_blocks(key_padding_mask, block_size, dim=-1)  # pads with False
 
 
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """``(B, H_kv, S, E)`` -> ``(B, H, S, E)``: each key/value head serves ``H / H_kv`` heads
+    (grouped-query attention; the one place this rule is written)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
 def zero_padding(x: Tensor, real: Tensor) -> Tensor:
     """``x`` with every position where ``real`` (broadcastable bool) is False set to exactly 0.
 

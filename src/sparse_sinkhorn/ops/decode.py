@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .baselines import sparse_pattern, topk_block_selection
+from .blocks import repeat_kv
 from .masked import masked_sdpa
 from .options import SinkhornOptions
 from .plan import sinkhorn_plan
@@ -86,11 +87,6 @@ def topk_keep_row(q: Tensor, k: Tensor, *, block_size: int, top_k: int) -> Tenso
     return (keep | (blk == t // w))[:, :, None, :]
 
 
-def repeat_kv(x: Tensor, heads: int) -> Tensor:
-    """``(B, H_kv, S, E)`` -> ``(B, H, S, E)``: each key/value head serves ``H / H_kv`` heads."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
 def attend_token(
     q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float | None = None
 ) -> Tensor:
@@ -132,7 +128,6 @@ __all__ = [
     "attend_token",
     "baseline_keep_row",
     "local_and_sorted_token",
-    "repeat_kv",
     "sorted_row",
     "topk_keep_row",
 ]

@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .blocks import block_validity
+from .blocks import block_validity, repeat_kv
 from .options import SinkhornOptions, resolve_options
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance, softmax_routing
 
@@ -195,8 +195,7 @@ def block_attention_mass(
     """
     w = block_size
     batch, heads, length, _ = query.shape
-    if key.shape[1] != heads:  # grouped-query attention
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    key = repeat_kv(key, heads)  # grouped-query attention
     with torch.no_grad():
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         scores = (query @ key.transpose(-1, -2)).float() * scale  # (B, H, L, L)

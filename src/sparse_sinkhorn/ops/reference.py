@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .blocks import num_blocks
+from .blocks import num_blocks, repeat_kv
 from .options import SinkhornOptions, resolve_options
 from .sinkhorn import sample_gumbel
 
@@ -123,9 +123,7 @@ def reference_sinkhorn_attention(
     opts = resolve_options(options, kwargs)
     if opts.dropout_p != 0.0:
         raise ValueError("the reference has no dropout; pass dropout_p=0")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])  # GQA
     batch, heads, length, _ = query.shape
     w = opts.block_size
     n = num_blocks(length, w)
@@ -223,9 +221,7 @@ def reference_topk_block_attention(
     float64 under the ``(L, L)`` mask "own block (causal triangle) or a block the gate chose"
     (the gate is :func:`~.baselines.topk_block_selection`'s, written out per query)."""
     batch, heads, length, _ = query.shape
-    if key.shape[1] != heads:
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     w = block_size
     q, k, v = (t.double() for t in (query, key, value))
     real = torch.ones(batch, length, dtype=torch.bool, device=query.device)

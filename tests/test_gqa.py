@@ -11,7 +11,6 @@ from sparse_sinkhorn.nn import AttentionConfig, SortNet
 from sparse_sinkhorn.nn.cache import AttentionCache
 from sparse_sinkhorn.ops import (
     block_summaries,
-    causal_block_summaries,
     reference_sinkhorn_attention,
     sinkhorn_attention,
     sinkhorn_attention_with_plan,
@@ -122,7 +121,7 @@ def test_gqa_decoding_cache_equals_full_forward(kind: str, hard: bool, kv_heads:
     sort_net = SortNet(d_x, H, cfg.max_blocks).double()
     q, k, v, _ = _inputs(kv_heads, length, block)
     x = torch.randn(B, length, d_x, dtype=torch.float64)
-    logits = sort_net(causal_block_summaries(x, block), block_summaries(x, block))
+    logits = sort_net(block_summaries(x, block, causal=True), block_summaries(x, block))
     full = sinkhorn_attention(
         q, k, v, logits, block_size=block, is_causal=True, mixture=kind == "mixture", hard=hard
     )

@@ -10,8 +10,7 @@ from sparse_sinkhorn.nn import (
     CrossAttention,
     SinkhornSelfAttention,
     SortNet,
-    TransformerDecoderLayer,
-    TransformerEncoderLayer,
+    TransformerLayer,
 )
 
 D_MODEL, HEADS = 16, 2
@@ -122,7 +121,8 @@ def test_bad_config_errors() -> None:
 
 def test_decoder_layer_is_causal_and_uses_memory() -> None:
     cfg = AttentionConfig(block_size=4, max_len=32)
-    layer = TransformerDecoderLayer(D_MODEL, HEADS, 32, cfg).double().eval()
+    layer = TransformerLayer(D_MODEL, HEADS, 32, cfg, causal=True, cross_attention=True)
+    layer = layer.double().eval()
     x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
     memory = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
     y = layer(x, memory=memory)
@@ -132,11 +132,13 @@ def test_decoder_layer_is_causal_and_uses_memory() -> None:
     assert not torch.allclose(layer(x, memory=memory * 2), y)
     with pytest.raises(ValueError, match="pass memory"):
         layer(x)
+    with pytest.raises(ValueError, match="has no cross-attention"):
+        TransformerLayer(D_MODEL, HEADS, 32, cfg, causal=True).double()(x, memory=memory)
 
 
 def test_encoder_layer_and_cross_attention_respect_padding() -> None:
     cfg = AttentionConfig(block_size=4, max_len=32, n_sortcut=2)
-    enc = TransformerEncoderLayer(D_MODEL, HEADS, 32, cfg).double().eval()
+    enc = TransformerLayer(D_MODEL, HEADS, 32, cfg).double().eval()
     x = torch.randn(2, 13, D_MODEL, dtype=torch.float64)
     mask = torch.ones(2, 13, dtype=torch.bool)
     mask[1, 9:] = False

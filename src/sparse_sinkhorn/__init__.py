@@ -7,8 +7,7 @@ from .nn import (
     CrossAttention,
     SinkhornSelfAttention,
     SortNet,
-    TransformerDecoderLayer,
-    TransformerEncoderLayer,
+    TransformerLayer,
 )
 from .ops import (
     SinkhornPlan,
@@ -29,8 +28,7 @@ __all__ = [
     "SinkhornPlan",
     "SinkhornSelfAttention",
     "SortNet",
-    "TransformerDecoderLayer",
-    "TransformerEncoderLayer",
+    "TransformerLayer",
     "__version__",
     "dense_attention",
     "local_attention",

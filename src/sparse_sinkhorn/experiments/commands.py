@@ -9,6 +9,8 @@ them all (see :mod:`sparse_sinkhorn.cli`).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 from . import ablate, classify, flags, image, lm, recall, sorting
 from .classify_common import CLASSIFY_DATASETS, LEVELS, VARIANTS
@@ -16,6 +18,21 @@ from .presets import NLI_DATASETS
 
 BY_PRESET = "3 at the cpu preset, 1 at the paper preset"  # --seeds of sort and ablate
 DATA_DIR = "data directory (see `data fetch`)"
+
+
+def _runs(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], int],
+    default_out: str,
+    *,
+    default_seeds: int | str = 1,
+    **defaults: Any,
+) -> None:
+    """The flags every experiment takes (:mod:`.flags`' grid and common ones), and ``run``,
+    the function that runs the subcommand (``defaults``: further parsed values it reads)."""
+    flags.add_grid_args(parser, default_seeds=default_seeds)
+    flags.add_common_args(parser, default_out=default_out)
+    parser.set_defaults(func=run, **defaults)
 
 
 def add_sort(subparsers: argparse._SubParsersAction) -> None:
@@ -36,9 +53,7 @@ def add_sort(subparsers: argparse._SubParsersAction) -> None:
             "--n-eval": "override the number of dev sequences",
         },
     )
-    flags.add_grid_args(parser, default_seeds=BY_PRESET)
-    flags.add_common_args(parser, default_out="runs/sort")
-    parser.set_defaults(func=sorting.run)
+    _runs(parser, sorting.run, "runs/sort", default_seeds=BY_PRESET)
 
 
 def add_ablate(subparsers: argparse._SubParsersAction) -> None:
@@ -72,9 +87,7 @@ def add_ablate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--corpus", default=None, help="plain-text corpus, e.g. LM1B's shards (lm task)"
     )
-    flags.add_grid_args(parser, default_seeds=BY_PRESET)
-    flags.add_common_args(parser, default_out="runs/ablate")
-    parser.set_defaults(func=ablate.run)
+    _runs(parser, ablate.run, "runs/ablate", default_seeds=BY_PRESET)
 
 
 def add_lm(subparsers: argparse._SubParsersAction) -> None:
@@ -103,9 +116,7 @@ def add_lm(subparsers: argparse._SubParsersAction) -> None:
             "--max-train-chars": "read at most this much training text",
         },
     )
-    flags.add_grid_args(parser)
-    flags.add_common_args(parser, default_out="runs/lm-<level>")
-    parser.set_defaults(func=lm.run, out=None)
+    _runs(parser, lm.run, "runs/lm-<level>", out=None)
 
 
 def add_image(subparsers: argparse._SubParsersAction) -> None:
@@ -129,9 +140,7 @@ def add_image(subparsers: argparse._SubParsersAction) -> None:
             "--train-images": "use only the first N training images",
         },
     )
-    flags.add_grid_args(parser)
-    flags.add_common_args(parser, default_out="runs/image-<dataset>")
-    parser.set_defaults(func=image.run, out=None)
+    _runs(parser, image.run, "runs/image-<dataset>", out=None)
 
 
 def add_classify(
@@ -159,7 +168,6 @@ def add_classify(
             "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
             "features [u, v, |u-v|, u*v]",
         )
-    flags.add_grid_args(parser)
     overrides = {
         "--max-len": "tokens kept per text (per sentence for NLI)",
         "--block-size": "block size of sinkhorn/local",
@@ -169,9 +177,8 @@ def add_classify(
         "--d-model": "model width (d_ff = 2 * d_model)",
     }
     flags.add_int_flags(parser, {k: f"override the preset's {v}" for k, v in overrides.items()})
-    flags.add_common_args(parser, default_out=f"runs/{task}/DATASET-LEVEL")
     no_pair = {"pair": "none"} if task != "nli" else {}
-    parser.set_defaults(func=classify.run, task=task, **no_pair)
+    _runs(parser, classify.run, f"runs/{task}/DATASET-LEVEL", task=task, **no_pair)
 
 
 def add_recall(subparsers: argparse._SubParsersAction) -> None:
@@ -194,9 +201,7 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         parser,
         {"--block-size": "override the block size", "--batch-size": "override the batch size"},
     )
-    flags.add_grid_args(parser)
-    flags.add_common_args(parser, default_out="runs/recall-<task>")
-    parser.set_defaults(func=recall.run, out=None)
+    _runs(parser, recall.run, "runs/recall-<task>", out=None)
 
 
 def add_subparser(subparsers: argparse._SubParsersAction) -> None:

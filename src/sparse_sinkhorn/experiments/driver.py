@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -41,7 +41,7 @@ from ..train.checkpoint import list_checkpoints
 from ..train.distributed import barrier
 from ..train.rng import seed_everything
 from ..train.rundir import allow_overwrite, check_writable, hold_run_lock
-from .presets import Schedule
+from .presets import Preset, Schedule
 from .progress import GridProgress, naming, setup_logging
 from .stats import mean_and_std
 from .workers import Job, map_runs
@@ -264,23 +264,10 @@ def train_grid(
     return [summarize(name, groups[name], seeds) for name in runners]
 
 
-def model_sizes(preset: Any) -> dict[str, Any]:
+def model_sizes(preset: Preset) -> dict[str, Any]:
     """The model sizes a preset fixes: width, heads, layers, feed-forward width, dropout."""
     fields = ("d_model", "n_heads", "n_layers", "d_ff", "dropout")
     return {field: getattr(preset, field) for field in fields}
-
-
-class TrainingPreset(Protocol):
-    """What :func:`train_config` reads of an experiment's preset."""
-
-    @property
-    def steps(self) -> int: ...
-    @property
-    def batch_size(self) -> int: ...
-    @property
-    def lr(self) -> float: ...
-    @property
-    def warmup_steps(self) -> int: ...
 
 
 def _share(steps: int, share: int) -> int:
@@ -288,9 +275,7 @@ def _share(steps: int, share: int) -> int:
     return max(1, steps // share) if share else 0
 
 
-def train_config(
-    preset: TrainingPreset, schedule: Schedule, *, seed: int, progress: bool
-) -> TrainConfig:
+def train_config(preset: Preset, schedule: Schedule, *, seed: int, progress: bool) -> TrainConfig:
     """A run's training hyper-parameters: the preset's steps, batch, learning rate and
     warm-up, the warm-up clamped, and logs, evaluations and checkpoints spaced, by the
     experiment's :class:`~.presets.Schedule` (the one warm-up rule)."""
@@ -364,7 +349,7 @@ class Fitted:
         }
 
 
-def fit(run: Run, plan: Plan, preset: TrainingPreset, schedule: Schedule) -> Fitted:
+def fit(run: Run, plan: Plan, preset: Preset, schedule: Schedule) -> Fitted:
     """Train ``plan`` as ``run`` (resumed when the driver said so) with :func:`train_config`,
     timing it; draw ``loss.png`` in the run directory when the schedule asks for it."""
     config = train_config(preset, schedule, seed=run.seed, progress=run.progress)

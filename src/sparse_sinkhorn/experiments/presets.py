@@ -47,21 +47,28 @@ SCHEDULES = {
 }
 
 
-# --------------------------------------------------------------------------- sort (Table 1)
 @dataclass(frozen=True)
-class SortPreset:
-    length: int  # training length L: train lengths U[1, L], dev lengths U[1, 2L]
-    n_symbols: int  # alphabet size (Tensor2Tensor: 2L)
-    block_size: int  # attention block size b
+class Preset:
+    """What every experiment's preset fixes: the model's sizes and the training budget
+    (:func:`~.driver.model_sizes` and :func:`~.driver.train_config` read these)."""
+
     d_model: int
     n_heads: int
-    n_layers: int  # encoder and decoder layers each
+    n_layers: int  # per stack (sort: encoder and decoder layers each)
     d_ff: int
     dropout: float
     steps: int
     batch_size: int
     lr: float
     warmup_steps: int
+
+
+# --------------------------------------------------------------------------- sort (Table 1)
+@dataclass(frozen=True)
+class SortPreset(Preset):
+    length: int  # training length L: train lengths U[1, L], dev lengths U[1, 2L]
+    n_symbols: int  # alphabet size (Tensor2Tensor: 2L)
+    block_size: int  # attention block size b
     n_eval: int  # dev sequences
     eval_batch: int
     n_seeds: int  # training runs per kind (different seeds); the table shows mean ± std
@@ -90,18 +97,9 @@ SORT_PRESETS = {"cpu": _SORT_CPU, "paper": _SORT_PAPER}
 
 # --------------------------------------------------------------------------- lm (Tables 2, 4)
 @dataclass(frozen=True)
-class LMPreset:
+class LMPreset(Preset):
     seq_len: int  # training window (tokens)
     block_size: int  # attention block size b (also the local / sparse window)
-    d_model: int
-    n_heads: int
-    n_layers: int
-    d_ff: int
-    dropout: float
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
     eval_windows: int  # held-out windows scored per split (evenly spaced)
     eval_batch: int
     vocab_size: int  # BPE vocabulary (subword); ignored for characters
@@ -141,17 +139,8 @@ LM_PRESETS: dict[tuple[str, str], LMPreset] = {
 
 # --------------------------------------------------------------------------- image (Table 5)
 @dataclass(frozen=True)
-class ImagePreset:
+class ImagePreset(Preset):
     block_size: int | None  # attention block size b; None = two image rows
-    d_model: int
-    n_heads: int
-    n_layers: int
-    d_ff: int
-    dropout: float
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
     eval_images: int  # test images scored (evenly spaced)
     eval_batch: int
     n_samples: int  # images sampled for the PNG grid
@@ -173,16 +162,9 @@ IMAGE_PRESETS = {"cpu": _IMAGE_CPU, "paper": _IMAGE_PAPER}
 
 # --------------------------------------------------------------------------- recall
 @dataclass(frozen=True)
-class RecallPreset:
+class RecallPreset(Preset):
     lengths: tuple[int, ...]
     block_size: int
-    d_model: int
-    n_heads: int
-    n_layers: int
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
     n_eval: int  # held-out examples, the same for every kind and seed
     n_pairs: int  # MQAR key-value pairs
     n_digits: int  # passkey digits
@@ -191,33 +173,25 @@ class RecallPreset:
 # head dim 16 (CPU attention kernels are slow for smaller head dims); dense needs ~1,500
 # steps to find passkey at 512 (800: 49.5 ± 5.2 %)
 _RECALL_CPU = RecallPreset(
-    lengths=(512, 1024), block_size=32, d_model=32, n_heads=2, n_layers=2, steps=2000,
+    lengths=(512, 1024), block_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=128, dropout=0.0,
+    steps=2000,
     batch_size=8, lr=2e-3, warmup_steps=50, n_eval=256, n_pairs=16, n_digits=2,
 )  # fmt: skip
 # our assumption (no source pins a protocol for these lengths): a GPU-sized model
 _RECALL_PAPER = replace(
     _RECALL_CPU, lengths=(8192, 16384, 32768, 65536), block_size=128, d_model=128, n_heads=4,
-    steps=4000, batch_size=16, lr=1e-3, warmup_steps=200, n_eval=512, n_pairs=64,
+    d_ff=512,    steps=4000, batch_size=16, lr=1e-3, warmup_steps=200, n_eval=512, n_pairs=64,
 )  # fmt: skip
 RECALL_PRESETS = {"cpu": _RECALL_CPU, "paper": _RECALL_PAPER}
 
 
 # --------------------------------------------------------------------------- classify, nli
 @dataclass(frozen=True)
-class TaskPreset:
+class TaskPreset(Preset):
     """Sizes of one run (shared by every attention variant)."""
 
     max_len: int  # tokens kept per text (per sentence for NLI); longer inputs are truncated
     block_size: int  # block size of "sinkhorn" and "local" (SortCut budgets fix their own)
-    d_model: int
-    n_heads: int
-    n_layers: int
-    d_ff: int
-    dropout: float
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
     max_vocab: int  # word level: the most frequent training words kept (min_freq 2)
     train_examples: int | None  # seeded training subsample; None = the whole training split
     eval_examples: int | None  # seeded held-out subsample; None = the whole held-out split

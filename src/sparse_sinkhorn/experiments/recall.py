@@ -36,7 +36,7 @@ from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig, SinkhornSelfAttention, routing_losses
 from ..train import init_distributed
 from . import flags
-from .driver import Plan, Run, fit, grid_options, summarize_seeds, train_grid
+from .driver import Plan, Run, fit, grid_options, model_sizes, summarize_seeds, train_grid
 from .presets import RECALL_PRESETS, SCHEDULES, RecallPreset
 from .results import format_table, report
 from .stats import seeds_cell
@@ -185,11 +185,7 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     spec = make_task(task, length, preset)
     config = LanguageModelConfig(
         vocab_size=spec.vocab_size,
-        d_model=preset.d_model,
-        n_heads=preset.n_heads,
-        n_layers=preset.n_layers,
-        d_ff=4 * preset.d_model,
-        dropout=0.0,
+        **model_sizes(preset),
         pad_id=0,
         attention=attention_config(kind, preset.block_size, length),
     )

@@ -45,7 +45,7 @@ from ..data.sorting import (
     vocab_size,
 )
 from ..models import Seq2Seq, Seq2SeqConfig
-from ..nn import AttentionConfig, TransformerEncoderLayer
+from ..nn import AttentionConfig, TransformerLayer
 from ..train import cleanup_distributed, init_distributed
 from ..train.seq_metrics import sequence_metrics
 from . import flags
@@ -306,7 +306,7 @@ def save_sort_matrix(model: Seq2Seq, data: SortingDataset, out: Path, kind: str)
     src, _ = sorting_batch(data, [longest])
     src = src.to(next(model.parameters()).device)
     layer = model.encoder.layers[0]
-    assert isinstance(layer, TransformerEncoderLayer)
+    assert isinstance(layer, TransformerLayer)
     x = layer.norm1(model.embed(src))
     _, plan = layer.attn(x, src != PAD_ID, return_plan=True)
     assert plan is not None

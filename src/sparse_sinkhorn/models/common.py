@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..nn import TransformerDecoderLayer, TransformerEncoderLayer
+from ..nn import TransformerLayer
 from ..nn.cache import DecodingCache
 from ..ops._validate import check_number
 from .config import TransformerConfig
@@ -53,7 +53,7 @@ class Encoder(nn.Module):
         super().__init__()
         c = config
         self.layers = nn.ModuleList(
-            TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff, c.attention, dropout=c.dropout)
+            TransformerLayer(c.d_model, c.n_heads, c.d_ff, c.attention, dropout=c.dropout)
             for _ in range(c.n_layers)
         )
         self.norm = nn.LayerNorm(c.d_model)
@@ -71,12 +71,13 @@ class Decoder(nn.Module):
         super().__init__()
         c = config
         self.layers = nn.ModuleList(
-            TransformerDecoderLayer(
+            TransformerLayer(
                 c.d_model,
                 c.n_heads,
                 c.d_ff,
                 c.attention,
                 dropout=c.dropout,
+                causal=True,
                 cross_attention=cross_attention,
             )
             for _ in range(n_layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .attention import CrossAttention, SinkhornSelfAttention, routing_losses
 from .cache import AttentionCache, DecodingCache
 from .config import ATTENTION_KINDS, AttentionConfig
-from .layers import FeedForward, TransformerDecoderLayer, TransformerEncoderLayer
+from .layers import FeedForward, TransformerLayer
 from .sortnet import SORT_NETS, SortNet
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "FeedForward",
     "SinkhornSelfAttention",
     "SortNet",
-    "TransformerDecoderLayer",
-    "TransformerEncoderLayer",
+    "TransformerLayer",
     "routing_losses",
 ]

@@ -6,7 +6,7 @@ Axes: B batch, H heads, T tokens seen so far, E head dim, D model dim, N blocks,
 Why this works for causal Sinkhorn attention (docs/method.md §5):
 
 * the routing row of query block ``i`` reads the prefix summary of the layer input up to and
-  including position ``i*W`` (:func:`~sparse_sinkhorn.ops.blocks.causal_block_summaries`), so
+  including position ``i*W`` (:func:`~sparse_sinkhorn.ops.blocks.block_summaries`, causal), so
   it is known as soon as the first token of block ``i`` arrives; key block ``j < i`` is
   summarised whole and is complete by then;
 * prefix-causal balancing makes row ``i`` of ``P`` depend on logit rows ``<= i`` only, so the

@@ -1,4 +1,5 @@
-"""Pre-LN Transformer encoder and decoder layers built from the attention modules.
+"""The pre-LN Transformer layer (encoder, decoder, encoder-decoder) built from the attention
+modules.
 
 Axes: B batch, L length, S memory length, D model dim.
 """
@@ -19,8 +20,13 @@ class FeedForward(nn.Sequential):
         )
 
 
-class TransformerEncoderLayer(nn.Module):
-    """``x + SelfAttn(LN(x))``, then ``x + FF(LN(x))``; ``(B, L, D) -> (B, L, D)``."""
+class TransformerLayer(nn.Module):
+    """One pre-LN Transformer layer: ``x + SelfAttn(LN(x))``, then (``cross_attention``)
+    ``x + CrossAttn(LN(x), memory)``, then ``x + FF(LN(x))``; ``(B, L, D) -> (B, L, D)``.
+
+    An encoder layer is ``causal=False``; a decoder layer ``causal=True``, with
+    ``cross_attention=True`` in an encoder-decoder.
+    """
 
     def __init__(
         self,
@@ -30,36 +36,13 @@ class TransformerEncoderLayer(nn.Module):
         attention: AttentionConfig,
         *,
         dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.attn = SinkhornSelfAttention.from_config(d_model, n_heads, attention, dropout=dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model, d_ff, dropout)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask))
-        return x + self.drop(self.ff(self.norm2(x)))
-
-
-class TransformerDecoderLayer(nn.Module):
-    """Causal self-attention, optional dense cross-attention to ``memory``, feed-forward."""
-
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        d_ff: int,
-        attention: AttentionConfig,
-        *,
-        dropout: float = 0.0,
-        cross_attention: bool = True,
+        causal: bool = False,
+        cross_attention: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
         self.attn = SinkhornSelfAttention.from_config(
-            d_model, n_heads, attention, causal=True, dropout=dropout
+            d_model, n_heads, attention, causal=causal, dropout=dropout
         )
         self.cross: CrossAttention | None = None
         if cross_attention:
@@ -77,10 +60,13 @@ class TransformerDecoderLayer(nn.Module):
         memory_padding_mask: Tensor | None = None,
         cache: AttentionCache | None = None,
     ) -> Tensor:
-        """``cache``: incremental decoding state of the self-attention (eval mode)."""
+        """``memory``: the encoder output (with ``cross_attention``); ``cache``: incremental
+        decoding state of the self-attention (causal, eval mode)."""
+        if (memory is None) != (self.cross is None):
+            has = "has cross-attention: pass memory" if memory is None else "has no cross-attention"
+            raise ValueError(f"this layer {has}")
         x = x + self.drop(self.attn(self.norm1(x), key_padding_mask, cache=cache))
         if self.cross is not None:
-            if memory is None:
-                raise ValueError("this decoder layer has cross-attention: pass memory")
+            assert memory is not None
             x = x + self.drop(self.cross(self.norm_cross(x), memory, memory_padding_mask))
         return x + self.drop(self.ff(self.norm2(x)))

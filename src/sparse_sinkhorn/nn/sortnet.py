@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..ops.blocks import block_summaries, causal_block_summaries
+from ..ops.blocks import block_summaries
 
 SORT_NETS = ("linear", "mlp", "bilinear")
 
@@ -119,5 +119,7 @@ def routing_summaries(
     keys = block_summaries(x, block_size, key_padding_mask=key_padding_mask, pooling=pooling)
     if not causal:
         return keys, keys
-    rows = causal_block_summaries(x, block_size, key_padding_mask=key_padding_mask, pooling=pooling)
+    rows = block_summaries(
+        x, block_size, key_padding_mask=key_padding_mask, pooling=pooling, causal=True
+    )
     return rows, keys

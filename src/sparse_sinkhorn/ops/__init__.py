@@ -16,7 +16,7 @@ from .baselines import (
     topk_block_attention,
     topk_block_selection,
 )
-from .blocks import block_summaries, causal_block_summaries, num_blocks, pad_to_blocks
+from .blocks import block_summaries, num_blocks, pad_to_blocks
 from .options import SinkhornOptions
 from .plan import SinkhornPlan, block_attention_mass, sinkhorn_plan
 from .reference import (
@@ -35,7 +35,6 @@ __all__ = [
     "attend_with_plan",
     "block_attention_mass",
     "block_summaries",
-    "causal_block_summaries",
     "dense_attention",
     "hard_routing",
     "local_attention",

@@ -77,7 +77,7 @@ def _real_blocks(
 def _check_summary_args(
     x: Tensor, block_size: int, key_padding_mask: Tensor | None, pooling: str
 ) -> None:
-    """The arguments of the two summary functions (skipped while ``torch.compile`` traces)."""
+    """The arguments of :func:`block_summaries` (skipped while ``torch.compile`` traces)."""
     if torch.compiler.is_compiling():
         return
     check_block_size(block_size)
@@ -107,61 +107,47 @@ def block_summaries(
     *,
     key_padding_mask: Tensor | None = None,
     pooling: str = "sum",
+    causal: bool = False,
 ) -> Tensor:
-    """Masked pooling of each contiguous block (docs/method.md §2).
+    """Masked pooling of each contiguous block (docs/method.md §2), or with ``causal`` the
+    leak-free query-side summaries of causal routing (docs/method.md §5).
+
+    Row ``i`` of the causal sort matrix is decided at the *first* position of block ``i``, so
+    its causal summary may use tokens ``0 .. i*W`` only: the pool of all real tokens up to and
+    including position ``i*W``. Any output at position ``t`` in block ``i`` (``t >= i*W``)
+    therefore depends on positions ``<= t`` only.
 
     Args:
         x: ``(B, L, D)``; any ``L`` (padded internally).
         key_padding_mask: ``(B, L)`` bool, True = real token; padding is excluded from the pool.
-        pooling: ``"sum"`` (the paper) or ``"mean"`` (over the real tokens of the block).
+        pooling: ``"sum"`` (the paper) or ``"mean"`` (over the real tokens pooled).
+        causal: pool each block's prefix (positions ``<= i*W``) instead of the block.
 
     Returns:
-        ``(B, N, D)``; a block with no real token pools to 0.
+        ``(B, N, D)``; a pool of no real token is 0.
     """
     blocks, mask = _real_blocks(x, block_size, key_padding_mask, pooling)  # (B, N, W, D)
-    pooled = blocks.sum(dim=2)  # (B, N, D)
+    if causal:
+        # Sum over positions <= i*W: the earlier blocks' sums (an exclusive cumulative sum
+        # over N blocks, which never reads block i itself) plus position i*W. Cheaper than a
+        # cumulative sum over all L positions, whose backward is three passes over (L, D).
+        earlier = blocks[:, :-1].sum(dim=2).cumsum(dim=1)  # (B, N-1, D): blocks 0 .. i-1
+        none = x.new_zeros(x.shape[0], 1, x.shape[-1])  # block 0 has no earlier block
+        pooled = torch.cat([none, earlier], dim=1) + blocks[:, :, 0]  # (B, N, D)
+    else:
+        pooled = blocks.sum(dim=2)  # (B, N, D)
     if pooling == "sum":
         return pooled
-    if pooling != "mean":
-        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+    if causal and mask is None:
+        positions = torch.arange(0, x.shape[1], block_size, device=x.device) + 1  # (N,)
+        return pooled / positions[None, :, None].to(x.dtype)
     if mask is None:
         return pooled / block_size
-    count = rearrange(mask, "b (n w) -> b n w", w=block_size).sum(-1)  # (B, N)
+    if causal:
+        count = mask.cumsum(dim=1)[:, ::block_size]  # (B, N)
+    else:
+        count = rearrange(mask, "b (n w) -> b n w", w=block_size).sum(-1)  # (B, N)
     return pooled / count.clamp_min(1)[..., None].to(x.dtype)
-
-
-def causal_block_summaries(
-    x: Tensor,
-    block_size: int,
-    *,
-    key_padding_mask: Tensor | None = None,
-    pooling: str = "sum",
-) -> Tensor:
-    """Leak-free query-side summaries for causal routing (docs/method.md §5).
-
-    Row ``i`` of the causal sort matrix is decided at the *first* position of block ``i``, so
-    its summary may use tokens ``0 .. i*W`` only: the pool of all real tokens up to and
-    including position ``i*W`` (``"sum"``), or their mean (``"mean"``). Any output at
-    position ``t`` in block ``i`` (``t >= i*W``) therefore depends on positions ``<= t`` only.
-
-    Args / Returns: as :func:`block_summaries`; ``(B, N, D)``.
-    """
-    blocks, mask = _real_blocks(x, block_size, key_padding_mask, pooling)  # (B, N, W, D)
-    # Sum over positions <= i*W: the earlier blocks' sums (an exclusive cumulative sum over
-    # N blocks, which never reads block i itself) plus position i*W. Cheaper than a
-    # cumulative sum over all L positions, whose backward is three passes over (L, D).
-    earlier = blocks[:, :-1].sum(dim=2).cumsum(dim=1)  # (B, N-1, D): blocks 0 .. i-1
-    none = x.new_zeros(x.shape[0], 1, x.shape[-1])  # block 0 has no earlier block
-    prefix = torch.cat([none, earlier], dim=1) + blocks[:, :, 0]  # (B, N, D)
-    if pooling == "sum":
-        return prefix
-    if pooling != "mean":
-        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
-    if mask is None:
-        positions = torch.arange(0, x.shape[1], block_size, device=x.device) + 1  # (N,)
-        return prefix / positions[None, :, None].to(x.dtype)
-    count = mask.cumsum(dim=1)[:, ::block_size]  # (B, N)
-    return prefix / count.clamp_min(1)[..., None].to(x.dtype)
 
 
 def block_validity(mask: Tensor | None, block_size: int) -> Tensor | None:

@@ -21,7 +21,7 @@ VARIANTS = [
     for kind in ("sinkhorn", "mixture")
     for net in SORT_NETS
     for hard in (False, True)
-    for pool in ("sum", "mean")
+    for pool in ("sum", "mean", "max")
 ]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

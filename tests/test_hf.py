@@ -183,6 +183,7 @@ DECODE_OPTIONS = [
     {"sort_net": "linear"},
     {"sort_net": "linear", "hard": True},
     {"sort_net": "mlp", "pooling": "mean"},
+    {"hard": True, "pooling": "max"},
     {"n_iters": 3, "temperature": 0.5},
     {"mixture": True},
     {"balance": "softmax"},  # an AttentionConfig field, so a convert() option too
@@ -217,7 +218,9 @@ def test_kv_cache_equals_full_forward(
 
 @pytest.mark.parametrize("cache_kind", CACHES)
 @pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
-@pytest.mark.parametrize("options", [{"sort_net": "linear"}, {"hard": True}])
+@pytest.mark.parametrize(
+    "options", [{"sort_net": "linear"}, {"hard": True}, {"pooling": "mean"}, {"pooling": "max"}]
+)
 def test_kv_cache_float64_left_padded_equals_full_forward(
     family: str, options: dict, cache_kind: str
 ) -> None:

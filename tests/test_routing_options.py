@@ -21,6 +21,7 @@ from sparse_sinkhorn.ops import (
     topk_block_attention,
     topk_block_selection,
 )
+from sparse_sinkhorn.ops.blocks import block_summaries
 from sparse_sinkhorn.ops.sinkhorn import softmax_routing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,6 +185,8 @@ VARIANTS = [
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear", "hard": True},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "linear", "hard": True},
     {"kind": "mixture", "balance": "softmax", "sort_net": "bilinear"},
+    {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear", "pooling": "max"},
+    {"kind": "sinkhorn", "sort_net": "linear", "hard": True, "pooling": "max"},
 ]
 
 
@@ -225,6 +228,36 @@ def test_layer_is_causal_and_ignores_padding(variant: dict) -> None:
     x3 = torch.where(mask[..., None], x, torch.full_like(x, 1e4))
     real = mask[..., None].expand(2, 19, 16)
     assert torch.equal(enc(x3, mask)[real], enc(x, mask)[real])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["blocks", "prefixes"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_max_pooled_summaries_are_the_definition(causal: bool, padded: bool) -> None:
+    """``pooling="max"``: per feature, the max over the block's (``causal``: the prefix's up
+    to the block's first position) real tokens; 0 where there is none; a padded value, NaN
+    included, never reaches a summary."""
+    batch, length, width, block = 2, 13, 3, 4
+    x = torch.randn(batch, length, width, dtype=torch.float64)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if padded:
+        mask[1, 5:] = False
+        mask[1, 0] = False
+        mask[0, 4:8] = False  # a block with no real token
+        x = torch.where(mask[..., None], x, torch.full_like(x, float("nan")))
+    out = block_summaries(
+        x, block, key_padding_mask=mask if padded else None, pooling="max", causal=causal
+    )
+    n = -(-length // block)
+    want = torch.zeros(batch, n, width, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(n):
+            span = (
+                range(i * block + 1) if causal else range(i * block, min(length, i * block + block))
+            )
+            real = [t for t in span if mask[b, t]]
+            if real:
+                want[b, i] = x[b, real].amax(0)
+    assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0])

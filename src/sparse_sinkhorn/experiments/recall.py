@@ -79,6 +79,27 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
         "hard": True,
         "pooling": "mean",
     },
+    # max-pooled block summaries: one token with a large feature marks its block
+    "softmax-hard-max": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "hard": True,
+        "pooling": "max",
+    },
+    # soft routing (every block mixed by its weight) with mean- or max-pooled summaries
+    "softmax-max": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "pooling": "max",
+    },
+    "softmax-mean": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "pooling": "mean",
+    },
     "softmax-hard-distill-mean": {
         "kind": "sinkhorn",
         "sort_net": "bilinear",

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..ops.blocks import num_blocks
+from ..ops.blocks import num_blocks, pool, pool_add, pool_value
 from ..ops.decode import (
     attend_token,
     baseline_keep_row,
@@ -50,8 +50,9 @@ class AttentionCache:
         k, v: ``(B, H_kv, T, E)`` keys and values of every position seen so far; ``H_kv``
             may divide the query heads ``H`` (grouped-query attention: the cache keeps the
             ``H_kv`` heads, each serving ``H / H_kv`` query heads).
-        x_sum: ``(B, D)`` sum of the layer inputs seen so far (causal row summaries).
-        block_sum: ``(B, D)`` sum of the layer inputs of the current, incomplete block.
+        x_sum: ``(B, D)`` running pool (:func:`~sparse_sinkhorn.ops.blocks.pool`) of the layer
+            inputs seen so far (causal row summaries).
+        block_sum: ``(B, D)`` running pool of the layer inputs of the current block.
         row_summaries: ``(B, n, D)`` routing-row summary of each block started so far.
         key_summaries: ``(B, m, D)`` summary of each complete block.
         sorted_k, sorted_v: ``(B, H, W, E)`` the current block's sorted keys/values, or None
@@ -98,8 +99,8 @@ class AttentionCache:
             return
         w, length = config.block_size, x.shape[1]
         started, complete = num_blocks(length, w), length // w  # blocks begun / finished
-        self.x_sum = x.sum(dim=1)  # (B, D)
-        self.block_sum = x[:, complete * w :].sum(dim=1)  # (B, D); zeros when none
+        self.x_sum = pool(x, 1, config.pooling)  # (B, D)
+        self.block_sum = pool(x[:, complete * w :], 1, config.pooling)  # (B, D); 0 when none
         rows, keys = routing_summaries(x, w, causal=True, pooling=config.pooling)
         self.row_summaries, self.key_summaries = rows[:, :started], keys[:, :complete]
         if length % w:  # the next token continues block `complete`, already routed
@@ -155,14 +156,18 @@ class AttentionCache:
         w = config.block_size
         t = self._append(k, v)
         block = t // w
-        self.x_sum = x if self.x_sum is None else self.x_sum + x
-        self.block_sum = x if self.block_sum is None or t % w == 0 else self.block_sum + x
+        pooling = config.pooling
+        self.x_sum = x if self.x_sum is None else pool_add(self.x_sum, x, pooling)
+        if self.block_sum is None or t % w == 0:
+            self.block_sum = x
+        else:
+            self.block_sum = pool_add(self.block_sum, x, pooling)
         if t % w == 0:  # the first token of a block decides its routing row
-            row = self.x_sum if config.pooling == "sum" else self.x_sum / (t + 1)
+            row = pool_value(self.x_sum, t + 1, pooling)
             self.row_summaries = _append_row(self.row_summaries, row)
             self._route_block(block)
         if t % w == w - 1:  # the block is complete: its key summary is final
-            key = self.block_sum if config.pooling == "sum" else self.block_sum / w
+            key = pool_value(self.block_sum, w, pooling)
             self.key_summaries = _append_row(self.key_summaries, key)
         assert self.k is not None and self.v is not None
         local_k, local_v = self.k[:, :, block * w :], self.v[:, :, block * w :]  # triangle row
@@ -229,7 +234,8 @@ class SequenceRouting:
 
     Attributes:
         count: ``(B,)`` real tokens seen per sequence (the next token's position ``r``).
-        x_sum, block_sum: ``(B, D)`` sums of ``x`` over all real tokens / the current block.
+        x_sum, block_sum: ``(B, D)`` running pools of ``x`` over all real tokens / the current
+            block.
         rows, keys: ``(B, cap, D)`` routing-row summary of each block started / key summary
             of each complete block (zeros beyond a sequence's own count).
         block_k, block_v: ``(B, H_kv, W, E)`` the current block's keys/values (slot = offset).
@@ -269,8 +275,8 @@ class SequenceRouting:
             idx = real[b].nonzero()[:, 0]  # (r,): the sequence's real positions, in order
             xb = x[b, idx][None]  # (1, r, D)
             started, complete = num_blocks(r, w), r // w
-            self.x_sum[b] = xb[0].sum(0)
-            self.block_sum[b] = xb[0, complete * w :].sum(0)
+            self.x_sum[b] = pool(xb[0], 0, pooling)
+            self.block_sum[b] = pool(xb[0, complete * w :], 0, pooling)
             rows, keys = routing_summaries(xb, w, causal=True, pooling=pooling)
             self.rows[b, :started], self.keys[b, :complete] = rows[0, :started], keys[0, :complete]
             tail = idx[complete * w :]
@@ -309,14 +315,14 @@ class SequenceRouting:
             self.rows = torch.cat([self.rows, torch.zeros_like(self.rows)], 1)
             self.keys = torch.cat([self.keys, torch.zeros_like(self.keys)], 1)
         start = offset == 0  # (B,) sequences whose new token opens a block
-        self.x_sum = self.x_sum + x
-        self.block_sum = torch.where(start[:, None], x, self.block_sum + x)
+        self.x_sum = torch.where((r == 0)[:, None], x, pool_add(self.x_sum, x, pooling))
+        self.block_sum = torch.where(start[:, None], x, pool_add(self.block_sum, x, pooling))
         batch = torch.arange(r.shape[0], device=r.device)
         self.block_k[batch, :, offset] = k[:, :, 0]
         self.block_v[batch, :, offset] = v[:, :, 0]
         for b in start.nonzero()[:, 0].tolist():
             i = int(r[b]) // w
-            row = self.x_sum[b] if pooling == "sum" else self.x_sum[b] / (int(r[b]) + 1)
+            row = pool_value(self.x_sum[b], int(r[b]) + 1, pooling)
             self.rows[b, i] = row
             keys, values, real = prefix
             idx = real[b].nonzero()[:, 0] if real is not None else None
@@ -325,7 +331,7 @@ class SequenceRouting:
             self._route(b, i, kb, vb)
         done = offset == w - 1  # (B,) blocks completed by the new token
         if bool(done.any()):
-            key = self.block_sum if pooling == "sum" else self.block_sum / w
+            key = pool_value(self.block_sum, w, pooling)
             self.keys[batch, r // w] = torch.where(done[:, None], key, self.keys[batch, r // w])
         self.count = r + 1
         local_ok = torch.arange(w, device=q.device)[None, :] <= offset[:, None]  # (B, W)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..ops.blocks import num_blocks
+from ..ops.blocks import POOLINGS, num_blocks
 from ..ops.options import SinkhornOptions
 from .sortnet import SORT_NETS
 
@@ -54,7 +54,7 @@ class AttentionConfig:
     hard: bool = False  # straight-through hard routing
     balance: str = "sinkhorn"  # "sinkhorn" (paper) | "softmax" (rows only, no balancing)
     sort_net: str = "linear"  # "linear" (paper) | "mlp" | "bilinear" (length-agnostic)
-    pooling: str = "sum"  # block summaries: "sum" (paper) | "mean"
+    pooling: str = "sum"  # block summaries: "sum" (paper) | "mean" | "max"
     n_iters: int = 8  # Sinkhorn balancing rounds
     temperature: float = 0.75  # Gumbel-Sinkhorn temperature tau
     gumbel_noise: bool = True  # add Gumbel noise in training mode (never in eval)
@@ -80,8 +80,8 @@ class AttentionConfig:
         self.op_options(is_causal=False)  # block_size, n_sortcut, balance, n_iters, temperature
         if self.sort_net not in SORT_NETS:
             raise ValueError(f"sort_net must be one of {SORT_NETS}, got {self.sort_net!r}")
-        if self.pooling not in ("sum", "mean"):
-            raise ValueError(f"pooling must be 'sum' or 'mean', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.routing_loss >= 0:
             raise ValueError(f"routing_loss must be >= 0, got {self.routing_loss}")
         if self.routing_loss and not self.uses_sorting:

@@ -61,6 +61,9 @@ def check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
+POOLINGS = ("sum", "mean", "max")  # block_summaries' pooling
+
+
 def _real_blocks(
     x: Tensor, block_size: int, key_padding_mask: Tensor | None, pooling: str
 ) -> tuple[Tensor, Tensor | None]:
@@ -84,8 +87,8 @@ def _check_summary_args(
     if not isinstance(x, Tensor) or x.dim() != 3:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, L, D) tensor, got {shape}")
-    if pooling not in ("sum", "mean"):
-        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if key_padding_mask is not None and (
         not isinstance(key_padding_mask, Tensor)
         or key_padding_mask.dtype != torch.bool
@@ -120,13 +123,17 @@ def block_summaries(
     Args:
         x: ``(B, L, D)``; any ``L`` (padded internally).
         key_padding_mask: ``(B, L)`` bool, True = real token; padding is excluded from the pool.
-        pooling: ``"sum"`` (the paper) or ``"mean"`` (over the real tokens pooled).
+        pooling: ``"sum"`` (the paper), ``"mean"`` (over the real tokens pooled) or ``"max"``
+            (per feature, over the real tokens pooled: one token with a large feature marks
+            its block whatever the block size, where a sum or mean dilutes it).
         causal: pool each block's prefix (positions ``<= i*W``) instead of the block.
 
     Returns:
         ``(B, N, D)``; a pool of no real token is 0.
     """
     blocks, mask = _real_blocks(x, block_size, key_padding_mask, pooling)  # (B, N, W, D)
+    if pooling == "max":
+        return _max_summaries(blocks, mask, block_size, causal)
     if causal:
         # Sum over positions <= i*W: the earlier blocks' sums (an exclusive cumulative sum
         # over N blocks, which never reads block i itself) plus position i*W. Cheaper than a
@@ -148,6 +155,38 @@ def block_summaries(
     else:
         count = rearrange(mask, "b (n w) -> b n w", w=block_size).sum(-1)  # (B, N)
     return pooled / count.clamp_min(1)[..., None].to(x.dtype)
+
+
+def pool(x: Tensor, dim: int, pooling: str) -> Tensor:
+    """The running pool a decoding cache keeps of ``x`` over ``dim``: the sum (``"sum"``,
+    ``"mean"``) or the max (``"max"``); 0 over no element."""
+    if pooling != "max" or x.shape[dim] == 0:
+        return x.sum(dim)
+    return x.amax(dim)
+
+
+def pool_add(acc: Tensor, x: Tensor, pooling: str) -> Tensor:
+    """A running :func:`pool` with one more token's features ``x`` added."""
+    return torch.maximum(acc, x) if pooling == "max" else acc + x
+
+
+def pool_value(acc: Tensor, count: int, pooling: str) -> Tensor:
+    """A running :func:`pool` of ``count`` tokens as :func:`block_summaries` pools them."""
+    return acc / count if pooling == "mean" else acc
+
+
+def _max_summaries(blocks: Tensor, mask: Tensor | None, block_size: int, causal: bool) -> Tensor:
+    """``pooling="max"`` of :func:`block_summaries` on ``(B, N, W, D)`` blocks whose padding
+    is 0; a pool of no real token is 0."""
+    if mask is not None:
+        real = rearrange(mask, "b (n w) -> b n w", w=block_size)[..., None]  # (B, N, W, 1)
+        blocks = blocks.masked_fill(~real, float("-inf"))
+    pooled = blocks.amax(dim=2)  # (B, N, D)
+    if causal:  # positions <= i*W: the earlier blocks' running max and position i*W
+        earlier = pooled[:, :-1].cummax(dim=1).values  # (B, N-1, D): blocks 0 .. i-1
+        first = blocks[:, :, 0]  # (B, N, D): position i*W
+        pooled = torch.cat([first[:, :1], torch.maximum(earlier, first[:, 1:])], dim=1)
+    return pooled.masked_fill(pooled == float("-inf"), 0.0)
 
 
 def block_validity(mask: Tensor | None, block_size: int) -> Tensor | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from helpers_cli import assert_one_line_error, run_cli
 from sparse_sinkhorn.data.recall import IGNORE, MQAR, Passkey, RecallDataset
 from sparse_sinkhorn.experiments.recall import (
     DEFAULT_KINDS,
+    HARD,
     ORACLE_KINDS,
     ORACLE_LOGIT,
     PRESETS,
     RECALL_KINDS,
     accuracy,
     attention_config,
+    hard_twin,
     install_oracle_routing,
 )
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
@@ -178,7 +181,7 @@ def test_recall_cli_writes_results_and_plots(
 ) -> None:
     out = tmp_path / "recall"
     argv = ["recall", "--task", "mqar", "--lengths", "96,128", "--block-size", "16"]
-    argv += ["--steps", "2", "--batch-size", "2", "--attention", "dense,topk,softmax-hard"]
+    argv += ["--steps", "2", "--batch-size", "2", "--attention", "dense,topk,softmax-max"]
     argv += ["--seeds", "2", "--out", str(out), "--no-progress"]
     code, err = run_cli(argv, capsys)
     assert code == 0, err
@@ -186,15 +189,40 @@ def test_recall_cli_writes_results_and_plots(
     assert payload["experiment"] == "recall-mqar"
     assert payload["settings"]["lengths"] == [96, 128] and payload["settings"]["steps"] == 2
     got = {(r["kind"], r["length"]) for r in payload["results"]}
-    assert got == {(k, n) for k in ("dense", "topk", "softmax-hard") for n in (96, 128)}
+    assert got == {(k, n) for k in ("dense", "topk", "softmax-max") for n in (96, 128)}
     for record in payload["results"]:
         assert len(record["runs"]) == 2
         assert 0.0 <= record["eval"]["accuracy"] <= 100.0
+        # soft routing is also scored with hard routing; the other kinds have no such score
+        assert (HARD in record["eval"]) == (record["kind"] == "softmax-max")
         assert all(run["seconds_per_step"] > 0 for run in record["runs"])
     for name in ("accuracy.png", "cost.png", "results.md"):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
-    assert "accuracy % at 128" in table and "softmax-hard" in table
+    assert "accuracy % at 128" in table and "softmax-max" in table
+    assert "hard routing at eval, % at 128" in table
+
+
+def test_hard_twin_shares_the_weights_and_routes_by_argmax() -> None:
+    """A soft-routing kind's hard twin takes its weights and routes by argmax (one-hot plan
+    rows where the soft model's are not); other kinds have no twin."""
+    make = partial(LanguageModelConfig, vocab_size=20, d_model=16, n_heads=2, n_layers=1, d_ff=32)
+    for name in ("dense", "topk", "softmax-hard", "softmax-max"):
+        config = make(attention=attention_config(name, 8, 64))
+        twin = hard_twin(config)
+        assert (twin is None) == (name != "softmax-max")
+    config = make(attention=attention_config("softmax-max", 8, 64))
+    model, twin = LanguageModel(config).eval(), hard_twin(config)
+    assert twin is not None and twin.config.attention.hard
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 20, (2, 64))
+    block = twin.decoder.layers[0]
+    _, plan = block.attn(block.norm1(twin.embed(ids)), return_plan=True)
+    assert plan is not None
+    top = plan.P[:, :, 1:].amax(-1)  # block 0 has no earlier block to take
+    assert torch.equal(top, torch.ones_like(top))
+    _, soft = model.decoder.layers[0].attn(block.norm1(model.embed(ids)), return_plan=True)
+    assert soft is not None and bool((soft.P[:, :, 1:].amax(-1) < 1).any())
 
 
 def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

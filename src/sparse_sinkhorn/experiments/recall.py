@@ -124,6 +124,7 @@ TASKS = ("passkey", "mqar")
 
 PRESETS = RECALL_PRESETS
 OVERRIDES = ("steps", "batch_size", "block_size")  # preset fields a flag of the same name sets
+HARD = "accuracy_hard_routing"  # a soft-routing kind's weights scored with hard routing
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
 
 
@@ -201,6 +202,16 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
     return {"accuracy": 100.0 * right / total}
 
 
+def hard_twin(config: LanguageModelConfig) -> LanguageModel | None:
+    """For a kind with soft routing, a model of the same configuration but hard (argmax)
+    routing, to score the trained weights with hard routing at evaluation (its accuracy is
+    ``accuracy_hard_routing``); None for every other kind."""
+    att = config.attention
+    if not att.uses_sorting or att.hard:
+        return None
+    return LanguageModel(replace(config, attention=replace(att, hard=True)))
+
+
 def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run) -> dict[str, Any]:
     """Train one kind at one length as ``run``; a runner of :func:`~.driver.train_grid`."""
     spec = make_task(task, length, preset)
@@ -217,7 +228,14 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        return accuracy(m, held_out, task, 2 * preset.batch_size)
+        metrics = accuracy(m, held_out, task, 2 * preset.batch_size)
+        with torch.random.fork_rng():  # building it leaves the training's random stream alone
+            twin = hard_twin(config) if kind not in ORACLE_KINDS else None
+        if twin is not None:  # the same weights, routed by argmax
+            twin.load_state_dict(model.state_dict())
+            hard = accuracy(twin.eval(), held_out, task, 2 * preset.batch_size)
+            metrics["accuracy_hard_routing"] = hard["accuracy"]
+        return metrics
 
     fitted = fit(
         run,
@@ -243,11 +261,15 @@ def results_table(results: list[dict[str, Any]], lengths: tuple[int, ...], chanc
                 row += ["–", "–"]
                 continue
             steps = [run["seconds_per_step"] for run in r["runs"]]
+            hard = seeds_cell(r, HARD, 1) if HARD in r["eval"] else "–"
             row += [seeds_cell(r, "accuracy", 1), f"{sum(steps) / len(steps):.3f}"]
+            row += [hard] if any(HARD in x["eval"] for x in results) else []
         rows.append(row)
     headers = ["attention"]
     for length in lengths:
         headers += [f"accuracy % at {length:,} (chance {chance})", f"s/step at {length:,}"]
+        if any(HARD in x["eval"] for x in results):
+            headers += [f"hard routing at eval, % at {length:,}"]
     return format_table(headers, rows)
 
 

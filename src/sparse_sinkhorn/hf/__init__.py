@@ -117,7 +117,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
         **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
             net; default the model's maximum positions), ``sort_net`` (``"bilinear"``, the
             default here: length-agnostic; ``"linear"``, the paper's; ``"mlp"``), ``pooling``
-            (``"sum"``/``"mean"``), ``hard``, ``balance``, ``n_iters``, ``temperature``,
+            (``"sum"``/``"mean"``/``"max"``), ``hard``, ``balance``, ``n_iters``, ``temperature``,
             ``gumbel_noise`` (training mode only), ``mixture`` (add dense attention). The
             other defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
 

@@ -1,9 +1,9 @@
 """How large a fresh sort net's routing logits are in the `recall` experiment's model, with
-sum-pooled (the paper's) and mean-pooled block summaries.
+sum-pooled (the paper's), mean-pooled and max-pooled block summaries.
 
 A causal routing row sums every token before its block, so with ``pooling="sum"`` its logits
 grow with the position; divided by the temperature they make each row's softmax all but
-one-hot from the first step. Mean pooling keeps them O(1).
+one-hot from the first step. Mean and max pooling keep them O(1).
 
     python examples/routing_logit_scale.py
 """
@@ -21,7 +21,11 @@ def main() -> None:
     print("| length | pooling | mean abs logit | largest range, last row | top weight, last row |")
     print("|---|---|---|---|---|")
     for length in (512, 1024):
-        for name, pooling in (("softmax-hard", "sum"), ("softmax-hard-mean", "mean")):
+        for name, pooling in (
+            ("softmax-hard", "sum"),
+            ("softmax-hard-mean", "mean"),
+            ("softmax-hard-max", "max"),
+        ):
             torch.manual_seed(0)
             cfg = LanguageModelConfig(
                 vocab_size=64,

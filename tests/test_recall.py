@@ -23,6 +23,7 @@ from sparse_sinkhorn.experiments.recall import (
     attention_config,
     hard_twin,
     install_oracle_routing,
+    routing_hits,
 )
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import SinkhornSelfAttention
@@ -174,6 +175,28 @@ def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
                 if row > needle[b]:
                     want[needle[b]] = ORACLE_LOGIT
                 assert torch.equal(s[b, 0, row], want) and torch.equal(s[b, 1, row], want)
+
+
+def test_routing_hits_count_last_blocks_routed_to_the_needle() -> None:
+    """The oracle routes to the needle in every layer (100 %); a fresh sort net's last block
+    routes by chance; kinds that do not route have no such score."""
+    task = Passkey(128)
+    data = RecallDataset(task, 24, 0)
+    make = partial(LanguageModelConfig, vocab_size=task.vocab_size, d_model=16, n_heads=2)
+    oracle = LanguageModel(make(attention=attention_config("oracle-hard", 16, 128))).eval()
+    install_oracle_routing(oracle)
+    assert routing_hits(oracle, data, 8) == {
+        "routing_hit_layer0": 100.0,
+        "routing_hit_layer1": 100.0,
+    }
+    fresh = LanguageModel(make(attention=attention_config("softmax-max", 16, 128))).eval()
+    hits = routing_hits(fresh, data, 8)
+    assert set(hits) == {"routing_hit_layer0", "routing_hit_layer1"}
+    assert all(0.0 <= h < 100.0 for h in hits.values())
+    assert (
+        routing_hits(LanguageModel(make(attention=attention_config("dense", 16, 128))), data, 8)
+        == {}
+    )
 
 
 def test_recall_cli_writes_results_and_plots(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -183,14 +183,18 @@ def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor,
     return loss, metrics
 
 
+def _batches(data: RecallDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """``data`` in order as ``(ids, targets)`` batches, each ``(B, L)``."""
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        yield torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) -> dict[str, float]:
     """Passkey: sequences with every digit right; MQAR: queries answered right."""
     right = total = 0
-    for start in range(0, len(data), batch_size):
-        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        ids = torch.stack([x for x, _ in items])
-        targets = torch.stack([y for _, y in items])
+    for ids, targets in _batches(data, batch_size):
         pred = model(ids).argmax(-1)  # (B, L)
         scored = targets != IGNORE
         if task == "passkey":
@@ -200,6 +204,44 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
             right += int(((pred == targets) & scored).sum())
             total += int(scored.sum())
     return {"accuracy": 100.0 * right / total}
+
+
+@torch.no_grad()
+def routing_hits(model: LanguageModel, data: RecallDataset, batch_size: int) -> dict[str, float]:
+    """Passkey: for each routing layer ``i``, ``routing_hit_layer{i}`` is the % of (held-out
+    sequence, head) pairs whose last query block (the one that holds ``QUERY``) gives its
+    largest routing weight to a block holding the needle's ``KEY`` or first digit; sequences
+    whose needle is in the last block (seen locally) are left out. Empty for kinds without
+    routing."""
+    layers = [
+        m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.config.uses_sorting
+    ]
+    if not layers:
+        return {}
+    inputs: dict[int, Tensor] = {}
+
+    def keep(i: int) -> Any:
+        return lambda _module, args: inputs.__setitem__(i, args[0])
+
+    hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+    w = layers[0].config.block_size
+    hits, total = torch.zeros(len(layers)), 0
+    try:
+        for ids, _ in _batches(data, batch_size):
+            model(ids)
+            key = (ids == Passkey.KEY).float().argmax(-1)  # (B,) the needle's position
+            last = (ids.shape[1] - 1) // w
+            far = key // w < last  # (B,) needles the last block cannot see locally
+            for i, layer in enumerate(layers):
+                _, plan = layer(inputs[i], return_plan=True)
+                top = plan.P[:, :, last].argmax(-1)  # (B, H)
+                hit = (top == (key // w)[:, None]) | (top == ((key + 1) // w)[:, None])
+                hits[i] += float(hit[far].sum())
+            total += int(far.sum()) * plan.P.shape[1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {f"routing_hit_layer{i}": 100.0 * float(h) / max(total, 1) for i, h in enumerate(hits)}
 
 
 def hard_twin(config: LanguageModelConfig) -> LanguageModel | None:
@@ -229,6 +271,8 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         metrics = accuracy(m, held_out, task, 2 * preset.batch_size)
+        if task == "passkey":
+            metrics.update(routing_hits(model, held_out, 2 * preset.batch_size))
         with torch.random.fork_rng():  # building it leaves the training's random stream alone
             twin = hard_twin(config) if kind not in ORACLE_KINDS else None
         if twin is not None:  # the same weights, routed by argmax

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from functools import partial
 from pathlib import Path
 
@@ -258,3 +259,26 @@ def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     oracle = ["recall", "--task", "mqar", "--attention", "oracle-hard", *out]
     assert_one_line_error(oracle, capsys, "passkey")
     assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_recall_checkpoints_example_rescores_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``examples/recall_checkpoints.py`` reads a run's checkpoints back: its accuracy with
+    the trained routing is the one the run recorded."""
+    out = tmp_path / "recall"
+    argv = ["recall", "--task", "passkey", "--lengths", "64", "--block-size", "16", "--steps"]
+    argv += ["2", "--batch-size", "2", "--attention", "softmax-max", "--out", str(out)]
+    code, err = run_cli([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    recorded = json.loads((out / "results.json").read_text())["results"][0]["eval"]
+    script = Path(__file__).parents[1] / "examples" / "recall_checkpoints.py"
+    monkeypatch.setattr("sys.argv", [str(script), str(out / "passkey-64" / "softmax-max")])
+    runpy.run_path(str(script), run_name="__main__")
+    row = capsys.readouterr().out.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "seed0"
+    assert float(row[2]) == pytest.approx(recorded["accuracy"], abs=0.05)
+    assert float(row[3]) == pytest.approx(recorded["accuracy_hard_routing"], abs=0.05)
+    hits = [float(x) for x in row[4].split(",")]
+    want = [recorded["routing_hit_layer0"], recorded["routing_hit_layer1"]]
+    assert hits == pytest.approx(want, abs=0.05)

@@ -1,0 +1,65 @@
+"""Score the trained models of a `sparse-sinkhorn recall --task passkey` run again from their
+checkpoints: accuracy with the routing they were trained with, accuracy with hard (argmax)
+routing (the same for a kind trained with it), and per routing layer how often the last query
+block routes to the needle's block (:func:`sparse_sinkhorn.experiments.recall.routing_hits`),
+on the run's held-out examples.
+
+    python examples/recall_checkpoints.py runs/recall-passkey/passkey-512/softmax-max
+
+Runs made since the `recall` experiment records these scores itself need no second pass; this
+reads older run directories (one `seed*/checkpoints` per seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model
+
+from sparse_sinkhorn.data.recall import RecallDataset
+from sparse_sinkhorn.experiments import recall
+from sparse_sinkhorn.experiments.presets import RECALL_PRESETS
+from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+
+
+def load(seed_dir: Path, hard: bool | None = None) -> LanguageModel:
+    """The seed's latest checkpoint; ``hard``: its routing set hard or soft (None: as
+    trained)."""
+    latest = json.loads((seed_dir / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    ckpt = seed_dir / "checkpoints" / latest
+    stored = json.loads((ckpt / "config.json").read_text())["model_config"]
+    config = LanguageModelConfig.from_dict(stored)
+    if hard is not None:
+        config = replace(config, attention=replace(config.attention, hard=hard))
+    model = LanguageModel(config)
+    load_model(model, str(ckpt / "model.safetensors"))
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind_dir", type=Path, help="a run's <task>-<length>/<kind> directory")
+    args = parser.parse_args()
+    length = int(args.kind_dir.parent.name.split("-")[-1])
+    preset = RECALL_PRESETS["cpu"]
+    held_out = RecallDataset(
+        recall.make_task("passkey", length, preset), preset.n_eval, recall.EVAL_SEED
+    )
+    print("| seed | accuracy % | with hard routing % | routing hits % (per layer) |")
+    print("|---|---|---|---|")
+    for seed_dir in sorted(args.kind_dir.glob("seed*")):
+        trained, hard = load(seed_dir), load(seed_dir, hard=True)
+        acc = recall.accuracy(trained, held_out, "passkey", 16)["accuracy"]
+        acc_hard = recall.accuracy(hard, held_out, "passkey", 16)["accuracy"]
+        hits = recall.routing_hits(trained, held_out, 16)
+        per_layer = ", ".join(f"{v:.1f}" for v in hits.values()) or "–"
+        print(f"| {seed_dir.name} | {acc:.1f} | {acc_hard:.1f} | {per_layer} |")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from helpers_cli import assert_one_line_error, run_cli
 from sparse_sinkhorn.data.recall import IGNORE, MQAR, Passkey, RecallDataset
 from sparse_sinkhorn.experiments.recall import (
+    CONTROL_KINDS,
+    CONTROLS,
     DEFAULT_KINDS,
     HARD,
-    ORACLE_KINDS,
     ORACLE_LOGIT,
     PRESETS,
     RECALL_KINDS,
@@ -135,7 +136,7 @@ def test_accuracy_counts_right_answers() -> None:
     assert 20 < accuracy(_Oracle("mqar", 130, wrong=True), mqar, "mqar", 4)["accuracy"] < 80
 
 
-@pytest.mark.parametrize("name", sorted({*RECALL_KINDS, *ORACLE_KINDS}))
+@pytest.mark.parametrize("name", sorted({*RECALL_KINDS, *CONTROL_KINDS}))
 def test_every_kind_builds_and_runs(name: str) -> None:
     torch.manual_seed(0)
     config = LanguageModelConfig(
@@ -282,3 +283,33 @@ def test_recall_checkpoints_example_rescores_a_run(
     hits = [float(x) for x in row[4].split(",")]
     want = [recorded["routing_hit_layer0"], recorded["routing_hit_layer1"]]
     assert hits == pytest.approx(want, abs=0.05)
+
+
+def test_shared_routing_routes_every_layer_as_the_first() -> None:
+    """``shared-max``: every layer's plan comes from the first layer's sort logits, and only
+    the first sort net learns (the later ones get no gradient)."""
+    task = Passkey(128)
+    config = LanguageModelConfig(
+        vocab_size=task.vocab_size,
+        d_model=16,
+        n_heads=2,
+        n_layers=3,
+        attention=attention_config("shared-max", 16, 128),
+    )
+    model = LanguageModel(config)
+    CONTROLS["shared-max"](model)
+    layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention)]
+    logits: list[Tensor] = []
+    for layer in layers:
+        layer.register_forward_hook(lambda m, a, o: logits.append(m.sort_logits(a[0])))
+    data = RecallDataset(task, 4, 0)
+    ids = torch.stack([data[i][0] for i in range(4)])
+    model(ids).sum().backward()
+    assert len(logits) == 3
+    assert all(torch.equal(s, logits[0]) for s in logits[1:])
+    first = layers[0].sort_net
+    assert first is not None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
+    for layer in layers[1:]:
+        assert layer.sort_net is not None
+        assert all(p.grad is None for p in layer.sort_net.parameters())

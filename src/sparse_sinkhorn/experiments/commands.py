@@ -189,12 +189,13 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         description="Train causal LMs per attention kind on a synthetic retrieval task.",
     )
     parser.add_argument("--task", default="passkey", help="passkey (default) or mqar")
-    kinds, oracles = ", ".join(recall.RECALL_KINDS), ", ".join(recall.ORACLE_KINDS)
+    kinds, controls = ", ".join(recall.RECALL_KINDS), ", ".join(recall.CONTROL_KINDS)
     flags.add_attention_arg(
         parser,
         list(recall.RECALL_KINDS),
-        help=f"kinds from {kinds}, or the passkey control {oracles} (routing given the "
-        f"answer) (comma list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
+        help=f"kinds from {kinds}, or the controls {controls} (oracle-hard: routing given "
+        "the answer, passkey only; shared-max: every layer routes as the first) (comma "
+        f"list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
     )
     parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
     flags.add_int_flags(

@@ -112,12 +112,17 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
     "topk": {"kind": "topk", "top_k": 1},
     "topk-2": {"kind": "topk", "top_k": 2},
 }
-DEFAULT_KINDS = ("dense", "local", "sinkhorn", "sinkhorn-hard", "softmax-hard", "topk")
-# Controls, not methods: a RECALL_KINDS configuration whose sort logits are replaced by the
-# answer (passkey only): every query block after the needle routes to the block that holds
-# the needle's KEY marker. It separates "the routing is not learned" from "right routing
-# is not enough" (one routed block, needles that straddle a block boundary).
-ORACLE_KINDS: dict[str, str] = {"oracle-hard": "softmax-hard"}
+DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-hard", "softmax-max", "topk")
+# Controls, not methods: a RECALL_KINDS configuration (the value) whose routing is changed
+# once the model is built, to isolate one cause (see CONTROLS for how).
+# - oracle-hard (passkey only): the sort logits are the answer; every query block after the
+#   needle routes to the block that holds the needle's KEY marker. It separates "the routing
+#   is not learned" from "right routing is not enough".
+# - shared-max: every layer routes with the first layer's sort logits (the later layers' sort
+#   nets go unused). It separates "the first layer does not learn to route" from "a later
+#   layer does not".
+CONTROL_KINDS: dict[str, str] = {"oracle-hard": "softmax-hard", "shared-max": "softmax-max"}
+PASSKEY_CONTROLS = ("oracle-hard",)
 ORACLE_LOGIT = 30.0  # the needle block's routing logit; every other block's is 0
 TASKS = ("passkey", "mqar")
 
@@ -135,15 +140,15 @@ def make_task(task: str, length: int, preset: RecallPreset) -> Task:
 
 
 def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:
-    """The :data:`RECALL_KINDS` (or :data:`ORACLE_KINDS`) entry ``name`` at this block size
+    """The :data:`RECALL_KINDS` (or :data:`CONTROL_KINDS`) entry ``name`` at this block size
     and length."""
-    fields = RECALL_KINDS[ORACLE_KINDS.get(name, name)]
+    fields = RECALL_KINDS[CONTROL_KINDS.get(name, name)]
     return AttentionConfig(block_size=block_size, max_len=length, **fields)
 
 
 def install_oracle_routing(model: LanguageModel) -> None:
     """Replace every Sinkhorn layer's sort logits by the passkey answer (see
-    :data:`ORACLE_KINDS`): row ``i`` scores :data:`ORACLE_LOGIT` on the block holding the
+    :data:`CONTROL_KINDS`): row ``i`` scores :data:`ORACLE_LOGIT` on the block holding the
     KEY marker when that block is earlier than ``i``, 0 everywhere else."""
     seen: dict[str, Tensor] = {}
 
@@ -167,6 +172,30 @@ def install_oracle_routing(model: LanguageModel) -> None:
             return logits + ORACLE_LOGIT * hit * later
 
         layer.sort_logits = oracle  # type: ignore[method-assign]
+
+
+def share_first_routing(model: LanguageModel) -> None:
+    """Make every Sinkhorn layer route with the first one's sort logits (``shared-max``, see
+    :data:`CONTROL_KINDS`): the first layer's logits of each forward are kept and returned by
+    the later layers' ``sort_logits``, so the later layers' sort nets go unused and the first
+    one's learns from every layer's loss."""
+    layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
+    kept: dict[str, Tensor] = {}
+    own = layers[0].sort_logits
+
+    def first(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        kept["logits"] = own(x, key_padding_mask)
+        return kept["logits"]
+
+    def later(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        return kept["logits"]
+
+    layers[0].sort_logits = first  # type: ignore[method-assign]
+    for layer in layers[1:]:
+        layer.sort_logits = later  # type: ignore[method-assign]
+
+
+CONTROLS = {"oracle-hard": install_oracle_routing, "shared-max": share_first_routing}
 
 
 def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -264,8 +293,8 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
         attention=attention_config(kind, preset.block_size, length),
     )
     model = LanguageModel(config)
-    if kind in ORACLE_KINDS:
-        install_oracle_routing(model)
+    if kind in CONTROLS:
+        CONTROLS[kind](model)
     train_data = RecallDataset(spec, preset.steps * preset.batch_size, run.seed)
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
 
@@ -274,7 +303,7 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
         if task == "passkey":
             metrics.update(routing_hits(model, held_out, 2 * preset.batch_size))
         with torch.random.fork_rng():  # building it leaves the training's random stream alone
-            twin = hard_twin(config) if kind not in ORACLE_KINDS else None
+            twin = hard_twin(config) if kind not in CONTROL_KINDS else None
         if twin is not None:  # the same weights, routed by argmax
             twin.load_state_dict(model.state_dict())
             hard = accuracy(twin.eval(), held_out, task, 2 * preset.batch_size)
@@ -379,9 +408,9 @@ def run(args: argparse.Namespace) -> int:
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
     options = grid_options(args, args.out or f"runs/recall-{args.task}")
-    kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *ORACLE_KINDS), DEFAULT_KINDS)
-    if args.task != "passkey" and any(k in ORACLE_KINDS for k in kinds):
-        raise UsageError(f"the oracle kinds ({', '.join(ORACLE_KINDS)}) are for --task passkey")
+    kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *CONTROL_KINDS), DEFAULT_KINDS)
+    if args.task != "passkey" and any(k in PASSKEY_CONTROLS for k in kinds):
+        raise UsageError(f"{', '.join(PASSKEY_CONTROLS)} is a control for --task passkey")
     seeds = flags.seed_list(args)
     runners = {
         f"{args.task}-{length}/{kind}": partial(run_recall, args.task, length, kind, preset)
@@ -404,8 +433,8 @@ def run(args: argparse.Namespace) -> int:
         "experiment": f"recall-{args.task}",
         "preset": args.preset,
         "settings": asdict(preset),
-        "kinds": {k: RECALL_KINDS[ORACLE_KINDS.get(k, k)] for k in kinds},
-        "oracle_kinds": {k: v for k, v in ORACLE_KINDS.items() if k in kinds},
+        "kinds": {k: RECALL_KINDS[CONTROL_KINDS.get(k, k)] for k in kinds},
+        "control_kinds": {k: v for k, v in CONTROL_KINDS.items() if k in kinds},
         "wall_seconds": wall,
         "results": results,
         "plots": [str(p) for p in figures],

@@ -200,7 +200,12 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
     flags.add_int_flags(
         parser,
-        {"--block-size": "override the block size", "--batch-size": "override the batch size"},
+        {
+            "--block-size": "override the block size",
+            "--batch-size": "override the batch size",
+            "--d-model": "override the model width (d_ff follows at 4 * d_model)",
+            "--n-heads": "override the number of heads",
+        },
     )
     _runs(parser, recall.run, "runs/recall-<task>", out=None)
 

@@ -128,7 +128,8 @@ TASKS = ("passkey", "mqar")
 
 
 PRESETS = RECALL_PRESETS
-OVERRIDES = ("steps", "batch_size", "block_size")  # preset fields a flag of the same name sets
+# preset fields a flag of the same name sets (--d-model also sets d_ff to 4 * d_model)
+OVERRIDES = ("steps", "batch_size", "block_size", "d_model", "n_heads")
 HARD = "accuracy_hard_routing"  # a soft-routing kind's weights scored with hard routing
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
 
@@ -401,10 +402,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
     preset = PRESETS[args.preset]
     changes: dict[str, Any] = {"lengths": parse_lengths(args.lengths, preset.lengths)}
-    changes.update(
-        flags.positive_overrides(args, {f: f for f in ("steps", "batch_size", "block_size")})
-    )
+    changes.update(flags.positive_overrides(args, {f: f for f in OVERRIDES}))
+    if "d_model" in changes:
+        changes["d_ff"] = 4 * changes["d_model"]
     preset = replace(preset, **changes)
+    if preset.d_model % preset.n_heads:
+        raise UsageError(f"--d-model {preset.d_model} is not a multiple of {preset.n_heads} heads")
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
     options = grid_options(args, args.out or f"runs/recall-{args.task}")

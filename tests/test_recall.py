@@ -149,17 +149,19 @@ def test_every_kind_builds_and_runs(name: str) -> None:
     assert set(PRESETS) == {"cpu", "paper"}
 
 
-def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
+def _control(name: str, n_layers: int) -> tuple[Passkey, LanguageModel]:
+    """A passkey task at 128 tokens and a small model with the control ``name`` installed."""
     task = Passkey(128)
-    config = LanguageModelConfig(
-        vocab_size=task.vocab_size,
-        d_model=16,
-        n_heads=2,
-        n_layers=2,
-        attention=attention_config("oracle-hard", 16, 128),
-    )
+    att = attention_config(name, 16, 128)
+    sizes = {"d_model": 16, "n_heads": 2, "n_layers": n_layers}
+    config = LanguageModelConfig(vocab_size=task.vocab_size, attention=att, **sizes)
     model = LanguageModel(config)
-    install_oracle_routing(model)
+    CONTROLS[name](model)
+    return task, model
+
+
+def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
+    task, model = _control("oracle-hard", 2)
     data = RecallDataset(task, 6, 0)
     ids = torch.stack([data[i][0] for i in range(6)])
     logits: list[Tensor] = []
@@ -295,16 +297,7 @@ def test_recall_checkpoints_example_rescores_a_run(
 def test_shared_routing_routes_every_layer_as_the_first() -> None:
     """``shared-max``: every layer's plan comes from the first layer's sort logits, and only
     the first sort net learns (the later ones get no gradient)."""
-    task = Passkey(128)
-    config = LanguageModelConfig(
-        vocab_size=task.vocab_size,
-        d_model=16,
-        n_heads=2,
-        n_layers=3,
-        attention=attention_config("shared-max", 16, 128),
-    )
-    model = LanguageModel(config)
-    CONTROLS["shared-max"](model)
+    task, model = _control("shared-max", 3)
     layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention)]
     logits: list[Tensor] = []
     for layer in layers:

@@ -13,30 +13,27 @@ reads older run directories (one `seed*/checkpoints` per seed).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 
 from sparse_sinkhorn.data.recall import RecallDataset
 from sparse_sinkhorn.experiments import recall
 from sparse_sinkhorn.experiments.presets import RECALL_PRESETS
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+from sparse_sinkhorn.train import load_model_weights, read_config, resolve_checkpoint
 
 
 def load(seed_dir: Path, hard: bool | None = None) -> LanguageModel:
-    """The seed's latest checkpoint; ``hard``: its routing set hard or soft (None: as
+    """The seed's latest verified checkpoint; ``hard``: its routing set hard or soft (None: as
     trained)."""
-    latest = json.loads((seed_dir / "checkpoints" / "latest.json").read_text())["checkpoint"]
-    ckpt = seed_dir / "checkpoints" / latest
-    stored = json.loads((ckpt / "config.json").read_text())["model_config"]
-    config = LanguageModelConfig.from_dict(stored)
+    ckpt = resolve_checkpoint(seed_dir)
+    config = LanguageModelConfig.from_dict(read_config(ckpt / "config.json")["model_config"])
     if hard is not None:
         config = replace(config, attention=replace(config.attention, hard=hard))
     model = LanguageModel(config)
-    load_model(model, str(ckpt / "model.safetensors"))
+    load_model_weights(ckpt, model)
     return model.eval()
 
 

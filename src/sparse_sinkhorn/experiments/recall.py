@@ -308,7 +308,7 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
         if twin is not None:  # the same weights, routed by argmax
             twin.load_state_dict(model.state_dict())
             hard = accuracy(twin.eval(), held_out, task, 2 * preset.batch_size)
-            metrics["accuracy_hard_routing"] = hard["accuracy"]
+            metrics[HARD] = hard["accuracy"]
         return metrics
 
     fitted = fit(

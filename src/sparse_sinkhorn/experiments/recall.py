@@ -34,6 +34,7 @@ from ..data.recall import IGNORE, MQAR, Passkey, RecallDataset, Task
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig, SinkhornSelfAttention, routing_losses
+from ..ops import sinkhorn_plan
 from ..train import init_distributed
 from . import flags
 from .driver import Plan, Run, fit, grid_options, model_sizes, summarize_seeds, train_grid
@@ -262,8 +263,9 @@ def routing_hits(model: LanguageModel, data: RecallDataset, batch_size: int) -> 
             key = (ids == Passkey.KEY).float().argmax(-1)  # (B,) the needle's position
             last = (ids.shape[1] - 1) // w
             far = key // w < last  # (B,) needles the last block cannot see locally
-            for i, layer in enumerate(layers):
-                _, plan = layer(inputs[i], return_plan=True)
+            for i, layer in enumerate(layers):  # the layer's eval plan, without attending again
+                options = layer.config.op_options(is_causal=layer.causal)
+                plan = sinkhorn_plan(layer.sort_logits(inputs[i]), options)
                 top = plan.P[:, :, last].argmax(-1)  # (B, H)
                 hit = (top == (key // w)[:, None]) | (top == ((key + 1) // w)[:, None])
                 hits[i] += float(hit[far].sum())

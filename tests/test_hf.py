@@ -187,6 +187,7 @@ DECODE_OPTIONS = [
     {"n_iters": 3, "temperature": 0.5},
     {"mixture": True},
     {"balance": "softmax"},  # an AttentionConfig field, so a convert() option too
+    {"shared_routing": True, "pooling": "max", "balance": "softmax"},
 ]
 
 

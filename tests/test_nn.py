@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -104,6 +106,24 @@ def test_sort_net_length_limits() -> None:
     assert bilinear(torch.randn(1, 40, D_MODEL)).shape == (1, HEADS, 40, 40)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp", "bilinear"])
+def test_shared_routing_gives_every_head_one_routing_trained_by_all(kind: str) -> None:
+    """``shared_routing``: one net output for all heads (1/H of the per-head output width),
+    every head's logits equal, and the loss of any one head reaches the shared weights."""
+    x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
+    cfg = AttentionConfig(block_size=4, max_len=32, sort_net=kind, shared_routing=True)
+    shared = SortNet.from_config(D_MODEL, HEADS, cfg).double()
+    own = SortNet.from_config(D_MODEL, HEADS, replace(cfg, shared_routing=False)).double()
+    last = lambda net: [p for p in net.parameters() if p.dim() == 2][-1]  # noqa: E731
+    assert HEADS * last(shared).shape[0] == last(own).shape[0]
+    logits = shared.route(x, 4, causal=True)
+    assert logits.shape == (2, HEADS, 4, 4)
+    for h in range(1, HEADS):
+        assert torch.equal(logits[:, h], logits[:, 0])
+    logits[:, HEADS - 1].square().sum().backward()  # the last head's loss only
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared.parameters())
+
+
 def test_bad_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown attention kind 'flash'"):
         SinkhornSelfAttention(D_MODEL, HEADS, kind="flash")
@@ -113,6 +133,8 @@ def test_bad_config_errors() -> None:
         SinkhornSelfAttention(D_MODEL, HEADS, causal=True, n_sortcut=2)
     with pytest.raises(ValueError, match="n_sortcut applies to attention kind 'sinkhorn'"):
         AttentionConfig(kind="dense", n_sortcut=2)
+    with pytest.raises(ValueError, match="shared_routing shares a sort net's routing"):
+        AttentionConfig(kind="topk", shared_routing=True)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         AttentionConfig(temperature=0.0)
     with pytest.raises(ValueError, match=r"expected x of shape \(B, L, 16\)"):

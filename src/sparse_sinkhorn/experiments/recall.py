@@ -95,6 +95,22 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
         "balance": "softmax",
         "pooling": "max",
     },
+    # softmax-max with one routing for all heads of a layer (shared_routing)
+    "softmax-max-shared": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "pooling": "max",
+        "shared_routing": True,
+    },
+    # softmax-max without Gumbel noise on the routing logits in training
+    "softmax-max-nonoise": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "pooling": "max",
+        "gumbel_noise": False,
+    },
     "softmax-mean": {
         "kind": "sinkhorn",
         "sort_net": "bilinear",

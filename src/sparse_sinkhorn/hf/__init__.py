@@ -117,8 +117,9 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
         **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
             net; default the model's maximum positions), ``sort_net`` (``"bilinear"``, the
             default here: length-agnostic; ``"linear"``, the paper's; ``"mlp"``), ``pooling``
-            (``"sum"``/``"mean"``/``"max"``), ``hard``, ``balance``, ``n_iters``, ``temperature``,
-            ``gumbel_noise`` (training mode only), ``mixture`` (add dense attention). The
+            (``"sum"``/``"mean"``/``"max"``), ``shared_routing`` (one routing for all heads),
+            ``hard``, ``balance``, ``n_iters``, ``temperature``, ``gumbel_noise`` (training
+            mode only), ``mixture`` (add dense attention). The
             other defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
 
     Returns:
@@ -158,7 +159,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     heads, kv_heads, head_dim = _head_shape(config)
     for module in modules:
         weight = next(module.parameters())
-        module.sort_net = SortNet(kv_heads * head_dim, heads, att.max_blocks, kind=att.sort_net).to(
+        module.sort_net = SortNet.from_config(kv_heads * head_dim, heads, att).to(
             device=weight.device, dtype=weight.dtype
         )
         object.__setattr__(module, "sinkhorn_config", att)  # a plain attribute, not a module

@@ -93,9 +93,7 @@ class SinkhornSelfAttention(nn.Module):
         # the routing distillation loss of the last training forward (config.routing_loss > 0)
         self.routing_aux: Tensor | None = None
         if self.config.uses_sorting:
-            self.sort_net = SortNet(
-                d_model, n_heads, self.config.max_blocks, kind=self.config.sort_net
-            )
+            self.sort_net = SortNet.from_config(d_model, n_heads, self.config)
 
     @classmethod
     def from_config(

@@ -55,6 +55,7 @@ class AttentionConfig:
     balance: str = "sinkhorn"  # "sinkhorn" (paper) | "softmax" (rows only, no balancing)
     sort_net: str = "linear"  # "linear" (paper) | "mlp" | "bilinear" (length-agnostic)
     pooling: str = "sum"  # block summaries: "sum" (paper) | "mean" | "max"
+    shared_routing: bool = False  # one routing matrix for all heads (sinkhorn/mixture)
     n_iters: int = 8  # Sinkhorn balancing rounds
     temperature: float = 0.75  # Gumbel-Sinkhorn temperature tau
     gumbel_noise: bool = True  # add Gumbel noise in training mode (never in eval)
@@ -87,6 +88,10 @@ class AttentionConfig:
         if self.routing_loss and not self.uses_sorting:
             raise ValueError(
                 f"routing_loss trains a sort net: attention kind {self.kind!r} has none"
+            )
+        if self.shared_routing and not self.uses_sorting:
+            raise ValueError(
+                f"shared_routing shares a sort net's routing: attention kind {self.kind!r} has none"
             )
         if self.top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")

@@ -5,11 +5,16 @@ Axes: B batch, H heads, N blocks, M key blocks (== N), D model dim, E per-head s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from ..ops.blocks import block_summaries
+
+if TYPE_CHECKING:
+    from .config import AttentionConfig
 
 SORT_NETS = ("linear", "mlp", "bilinear")
 
@@ -25,11 +30,14 @@ class SortNet(nn.Module):
 
     Args:
         d_model: summary width ``D``.
-        n_heads: heads ``H`` (one routing matrix each).
+        n_heads: heads ``H`` (one routing matrix each, or one for all with ``shared``).
         max_blocks: the most blocks a sequence may have (``linear`` / ``mlp`` only).
         kind: one of :data:`SORT_NETS`.
         d_hidden: hidden width of ``mlp`` (default ``D``) and per-head width of ``bilinear``
             (default ``D // H``).
+        shared: one routing matrix for every head (the net scores one head's worth of
+            logits and every head routes by them), so a block that any head's loss favours
+            is routed to by all heads; the output keeps its ``H`` axis.
     """
 
     def __init__(
@@ -40,6 +48,7 @@ class SortNet(nn.Module):
         *,
         kind: str = "linear",
         d_hidden: int | None = None,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         if kind not in SORT_NETS:
@@ -48,21 +57,35 @@ class SortNet(nn.Module):
             raise ValueError(f"sort net {kind!r} needs max_blocks > 0, got {max_blocks}")
         self.kind = kind
         self.n_heads = n_heads
+        self.shared = shared
         self.max_blocks = max_blocks
         self.net: nn.Module
+        scored = 1 if shared else n_heads  # routing matrices the net computes
         if kind == "linear":
             assert max_blocks is not None
-            self.net = nn.Linear(d_model, n_heads * max_blocks)
+            self.net = nn.Linear(d_model, scored * max_blocks)
         elif kind == "mlp":
             assert max_blocks is not None
             hidden = d_hidden or d_model
             self.net = nn.Sequential(
-                nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, n_heads * max_blocks)
+                nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, scored * max_blocks)
             )
         else:
             self.d_sort = d_hidden or max(1, d_model // n_heads)
-            self.net = nn.Linear(d_model, n_heads * self.d_sort)  # query-block side
-            self.key_net = nn.Linear(d_model, n_heads * self.d_sort)  # key-block side
+            self.net = nn.Linear(d_model, scored * self.d_sort)  # query-block side
+            self.key_net = nn.Linear(d_model, scored * self.d_sort)  # key-block side
+
+    @classmethod
+    def from_config(cls, d_model: int, n_heads: int, config: AttentionConfig) -> SortNet:
+        """The sort net an attention configuration asks for (``sort_net``, ``max_len`` /
+        ``block_size``, ``shared_routing``)."""
+        return cls(
+            d_model,
+            n_heads,
+            config.max_blocks,
+            kind=config.sort_net,
+            shared=config.shared_routing,
+        )
 
     def route(
         self,
@@ -87,11 +110,13 @@ class SortNet(nn.Module):
         linear nets score columns by learned weights).
         """
         n = query_summary.shape[1]
+        scored = 1 if self.shared else self.n_heads
         if self.kind == "bilinear":
             keys = query_summary if key_summary is None else key_summary
-            q = rearrange(self.net(query_summary), "b n (h e) -> b h n e", h=self.n_heads)
-            k = rearrange(self.key_net(keys), "b m (h e) -> b h m e", h=self.n_heads)
-            return torch.einsum("bhne,bhme->bhnm", q, k) * self.d_sort**-0.5
+            q = rearrange(self.net(query_summary), "b n (h e) -> b h n e", h=scored)
+            k = rearrange(self.key_net(keys), "b m (h e) -> b h m e", h=scored)
+            logits = torch.einsum("bhne,bhme->bhnm", q, k) * self.d_sort**-0.5
+            return logits.expand(-1, self.n_heads, -1, -1)
         assert self.max_blocks is not None
         if n > self.max_blocks and not torch.compiler.is_compiling():
             raise ValueError(
@@ -99,8 +124,8 @@ class SortNet(nn.Module):
                 f"most max_blocks={self.max_blocks}; build it with a larger max_len, or use "
                 "sort_net='bilinear', which has no length limit"
             )
-        scores = rearrange(self.net(query_summary), "b n (h m) -> b h n m", h=self.n_heads)
-        return scores[..., :n]  # (B, H, N, N)
+        scores = rearrange(self.net(query_summary), "b n (h m) -> b h n m", h=scored)
+        return scores[..., :n].expand(-1, self.n_heads, -1, -1)  # (B, H, N, N)
 
 
 def routing_summaries(

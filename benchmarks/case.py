@@ -7,19 +7,13 @@ would be exceeded), median reported; memory covers the timed calls. Forward runs
 ``torch.no_grad()`` (inference); forward+backward calls ``torch.autograd.grad`` of the output
 against a fixed random cotangent.
 
-Peak memory (CPU), per mode: freed heap memory is returned to the system (``malloc_trim``),
-the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``, "5"), and the reading is
-``VmHWM`` after the runs minus ``VmRSS`` at the reset, so a small case is not hidden under the
-high-water mark of imports and set-up. Where the counter cannot be reset it falls back to
-``ru_maxrss`` after the runs minus ``ru_maxrss`` before them (which can under-count cases
-whose peak stays under the import-time mark). (CUDA: ``torch.cuda.max_memory_allocated``
-minus the memory allocated before the runs, after ``reset_peak_memory_stats``.)
+Peak memory, per mode: :mod:`sparse_sinkhorn.train.memory` (CPU: ``VmHWM`` after the runs
+minus ``VmRSS`` at a reset of the kernel's peak-RSS counter; CUDA:
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the runs).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import resource
 import statistics
@@ -30,6 +24,8 @@ from typing import Any
 
 import torch
 
+from sparse_sinkhorn.train import memory
+
 from .contenders import Sizes, build
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,63 +34,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _status_mb(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Return freed heap memory to the system and reset the peak-RSS counter (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_mb("VmHWM") is not None
-
-
-_PEAK_FIELD = "ru_maxrss"  # what _mem_peak reads on CPU: "VmHWM" once the counter resets
-_FIRST_BASELINE: dict[str, float] = {}
-
-
-def _mem_baseline(device: str) -> float:
-    global _PEAK_FIELD
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    if _reset_peak_rss():
-        _PEAK_FIELD = "VmHWM"
-        rss = _status_mb("VmRSS")
-        assert rss is not None
-        return rss
-    # ru_maxrss cannot be reset: every mode is measured against the first mode's baseline
-    # (forward+backward needs at least the forward's memory, so its reading is its own).
-    _FIRST_BASELINE.setdefault("cpu", _rss_mb())
-    return _FIRST_BASELINE["cpu"]
-
-
-def _mem_peak(device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    peak = _status_mb("VmHWM") if _PEAK_FIELD == "VmHWM" else None
-    return _rss_mb() if peak is None else peak
 
 
 def _timed(
@@ -152,12 +91,12 @@ def run_case(spec: dict[str, Any]) -> list[dict[str, Any]]:
             step()
             _sync(device)
             first = time.perf_counter() - t0
-        base = _mem_baseline(device)  # the peak counter is reset per mode
+        base = memory.reset_peak(device)  # the peak counter is reset per mode
         spent = time.perf_counter() - start
         t_med, times = _timed(
             step, device, 0, spec.get("repeats", 3), budget / 2 - spent, first=first
         )
-        peak = _mem_peak(device) - base
+        peak = memory.peak(device) - base
         rows.append(
             {"mode": mode, "status": "ok", "time_s": t_med, "times_s": times,
              "peak_mem_mb": max(peak, 0.0)}

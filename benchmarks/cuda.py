@@ -133,17 +133,19 @@ def _measure(
 ) -> tuple[float, list[float], float]:
     import torch
 
-    from .case import _mem_baseline, _mem_peak, _timed
+    from sparse_sinkhorn.train import memory
+
+    from .case import _timed
 
     with torch.no_grad():
         cot = torch.randn_like(fn())  # a fixed cotangent of the output's shape
-    base = _mem_baseline(dev)
+    base = memory.reset_peak(dev)
 
     def step() -> None:
         torch.autograd.grad(fn(), inputs, cot)
 
     med, times = _timed(step, dev, warmup, repeats, budget)
-    return med, times, _mem_peak(dev) - base
+    return med, times, memory.peak(dev) - base
 
 
 def run_group(spec: dict[str, Any]) -> None:

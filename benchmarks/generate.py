@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from .case import _mem_baseline, _mem_peak
+from sparse_sinkhorn.train import memory
+
 from .machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,7 +81,7 @@ def run_case(impl: str, length: int, args: argparse.Namespace) -> dict[str, Any]
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0, cache_implementation=args.cache)
     with torch.no_grad():
         model.generate(prompt[:, :64], max_new_tokens=2, **kw)  # warm-up
-        base = _mem_baseline("cpu")
+        base = memory.reset_peak("cpu")
         start = time.perf_counter()
         out = model.generate(
             prompt,
@@ -89,7 +90,7 @@ def run_case(impl: str, length: int, args: argparse.Namespace) -> dict[str, Any]
             stopping_criteria=StoppingCriteriaList([Stamp()]),
             **kw,
         )
-        peak = _mem_peak("cpu") - base
+        peak = memory.peak("cpu") - base
     assert out.shape[1] == length + args.new_tokens
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     return {

@@ -131,15 +131,17 @@ def _step_fn(kind: str, name: str, length: int) -> Any:
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
-    from .case import _mem_baseline, _mem_peak, _timed
+    from sparse_sinkhorn.train import memory
+
+    from .case import _timed
 
     step = _step_fn(spec["kind"], spec["contender"], spec["length"])
     t0 = time.perf_counter()
     step()  # warm-up
     first = time.perf_counter() - t0
-    base = _mem_baseline("cpu")
+    base = memory.reset_peak("cpu")
     t_med, times = _timed(step, "cpu", 0, spec.get("repeats", 3), spec["budget_s"], first=first)
-    return {"time_s": t_med, "times_s": times, "peak_mem_mb": max(_mem_peak("cpu") - base, 0.0)}
+    return {"time_s": t_med, "times_s": times, "peak_mem_mb": max(memory.peak("cpu") - base, 0.0)}
 
 
 def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:

@@ -227,11 +227,13 @@ def test_recall_cli_writes_results_and_plots(
         # soft routing is also scored with hard routing; the other kinds have no such score
         assert (HARD in record["eval"]) == (record["kind"] == "softmax-max")
         assert all(run["seconds_per_step"] > 0 for run in record["runs"])
+        peaks = [run["peak_mem_mb"] for run in record["runs"]]
+        assert all(p >= 0 for p in peaks) and record["peak_mem_mb"] == max(peaks)
     for name in ("accuracy.png", "cost.png", "results.md"):
         assert (out / name).stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "accuracy % at 128" in table and "softmax-max" in table
-    assert "hard routing at eval, % at 128" in table
+    assert "hard routing at eval, % at 128" in table and "peak MiB at 128" in table
 
 
 def test_hard_twin_shares_the_weights_and_routes_by_argmax() -> None:

@@ -187,8 +187,13 @@ VARIANTS = [
     {"kind": "mixture", "balance": "softmax", "sort_net": "bilinear"},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear", "pooling": "max"},
     {"kind": "sinkhorn", "sort_net": "linear", "hard": True, "pooling": "max"},
-    {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear", "pooling": "max",
-     "shared_routing": True},
+    {
+        "kind": "sinkhorn",
+        "balance": "softmax",
+        "sort_net": "bilinear",
+        "pooling": "max",
+        "shared_routing": True,
+    },
     {"kind": "sinkhorn", "sort_net": "linear", "shared_routing": True},
 ]
 

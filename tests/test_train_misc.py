@@ -85,3 +85,20 @@ def test_eval_runs_on_schedule_without_disturbing_training(tmp_path: Path) -> No
     plain = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["loss"] for r in rows] == [r["loss"] for r in plain]
     assert without.eval_metrics == {}
+
+
+def test_peak_memory_sees_a_freed_allocation_and_resets() -> None:
+    """``train.memory``: a 256 MiB tensor written and freed inside a stretch shows in its
+    peak; after a reset, a stretch that allocates little reads far less."""
+    from sparse_sinkhorn.train import memory
+
+    base = memory.reset_peak("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB of float32, every page written
+    del big
+    first = memory.peak("cpu") - base
+    assert first >= 200, first
+    base = memory.reset_peak("cpu")
+    small = torch.ones(2**18)  # 1 MiB
+    del small
+    second = memory.peak("cpu") - base
+    assert 0 <= second < 100, second

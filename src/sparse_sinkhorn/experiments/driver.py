@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
-from ..train import TrainConfig, TrainResult, init_distributed, plot_metrics, train
+from ..train import TrainConfig, TrainResult, init_distributed, memory, plot_metrics, train
 from ..train.checkpoint import list_checkpoints
 from ..train.distributed import barrier
 from ..train.rng import seed_everything
@@ -143,17 +144,20 @@ def summarize_seeds(
     name: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int]
 ) -> dict[str, Any]:
     """``name``'s runs over ``seeds`` as one record: the first run's record with ``eval``
-    replaced by the mean over the seeds, ``eval_std`` beside it, ``train_seconds`` summed, and
-    each run's seed, metrics and loss under ``runs``."""
+    replaced by the mean over the seeds, ``eval_std`` beside it, ``train_seconds`` summed,
+    ``peak_mem_mb`` the largest, and each run's seed, metrics, loss and peak memory under
+    ``runs``."""
     mean, std = mean_and_std([r["eval"] for r in runs])
+    peaks = [r.get("peak_mem_mb") for r in runs]
     return {
         **runs[0],
         "eval": mean,
         "eval_std": std,
         "train_seconds": sum(r["train_seconds"] for r in runs),
+        "peak_mem_mb": None if None in peaks else max(peaks),
         "runs": [
-            {"seed": s, "eval": r["eval"], "train_loss": r.get("train_loss")}
-            for s, r in zip(seeds, runs, strict=True)
+            {"seed": s, "eval": r["eval"], "train_loss": r.get("train_loss"), "peak_mem_mb": p}
+            for s, r, p in zip(seeds, runs, peaks, strict=True)
         ],
     }
 
@@ -317,6 +321,7 @@ class Fitted:
     result: TrainResult
     seconds: float
     loss_png: str | None
+    peak_mem_mb: float  # training's peak memory above the process's before it (train.memory)
 
     @property
     def eval(self) -> dict[str, float]:
@@ -343,6 +348,7 @@ class Fitted:
             "train_loss": self.train_loss,
             "eval": self.eval,
             "train_seconds": self.seconds,
+            "peak_mem_mb": self.peak_mem_mb,
             **plot,
             "run_dir": str(self.run.dir),
             "config": self.plan.model_config,
@@ -351,8 +357,12 @@ class Fitted:
 
 def fit(run: Run, plan: Plan, preset: Preset, schedule: Schedule) -> Fitted:
     """Train ``plan`` as ``run`` (resumed when the driver said so) with :func:`train_config`,
-    timing it; draw ``loss.png`` in the run directory when the schedule asks for it."""
+    timing it and measuring its peak memory (:mod:`~sparse_sinkhorn.train.memory`, on the
+    device it trains on; evaluations included); draw ``loss.png`` in the run directory when
+    the schedule asks for it."""
     config = train_config(preset, schedule, seed=run.seed, progress=run.progress)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where train() puts the model
+    base = memory.reset_peak(device)
     t0 = time.perf_counter()
     result = train(
         plan.model,
@@ -366,8 +376,9 @@ def fit(run: Run, plan: Plan, preset: Preset, schedule: Schedule) -> Fitted:
         model_config=plan.model_config,
     )
     seconds = time.perf_counter() - t0
+    peak_mem_mb = max(memory.peak(device) - base, 0.0)
     loss_png = None
     if schedule.loss_plot:
         path = plot_metrics(run.dir / "metrics.jsonl", run.dir / "loss.png", keys=("loss",))
         loss_png = str(path)
-    return Fitted(run, plan, result, seconds, loss_png)
+    return Fitted(run, plan, result, seconds, loss_png, peak_mem_mb)

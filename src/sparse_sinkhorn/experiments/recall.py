@@ -344,23 +344,27 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
 
 def results_table(results: list[dict[str, Any]], lengths: tuple[int, ...], chance: str) -> str:
     kinds = list(dict.fromkeys(r["kind"] for r in results))
+    has_hard = any(HARD in x["eval"] for x in results)
     rows = []
     for kind in kinds:
         row: list[Any] = [kind]
         for length in lengths:
             r = next((x for x in results if x["kind"] == kind and x["length"] == length), None)
             if r is None:
-                row += ["–", "–"]
+                row += ["–"] * (4 if has_hard else 3)
                 continue
             steps = [run["seconds_per_step"] for run in r["runs"]]
             hard = seeds_cell(r, HARD, 1) if HARD in r["eval"] else "–"
+            peak = r.get("peak_mem_mb")
             row += [seeds_cell(r, "accuracy", 1), f"{sum(steps) / len(steps):.3f}"]
-            row += [hard] if any(HARD in x["eval"] for x in results) else []
+            row += ["–" if peak is None else f"{peak:,.0f}"]
+            row += [hard] if has_hard else []
         rows.append(row)
     headers = ["attention"]
     for length in lengths:
         headers += [f"accuracy % at {length:,} (chance {chance})", f"s/step at {length:,}"]
-        if any(HARD in x["eval"] for x in results):
+        headers += [f"peak MiB at {length:,}"]
+        if has_hard:
             headers += [f"hard routing at eval, % at {length:,}"]
     return format_table(headers, rows)
 

@@ -148,13 +148,14 @@ def summarize_seeds(
     ``peak_mem_mb`` the largest, and each run's seed, metrics, loss and peak memory under
     ``runs``."""
     mean, std = mean_and_std([r["eval"] for r in runs])
-    peaks = [r.get("peak_mem_mb") for r in runs]
+    peaks: list[float | None] = [r.get("peak_mem_mb") for r in runs]
+    known = [p for p in peaks if p is not None]
     return {
         **runs[0],
         "eval": mean,
         "eval_std": std,
         "train_seconds": sum(r["train_seconds"] for r in runs),
-        "peak_mem_mb": None if None in peaks else max(peaks),
+        "peak_mem_mb": max(known) if len(known) == len(peaks) else None,
         "runs": [
             {"seed": s, "eval": r["eval"], "train_loss": r.get("train_loss"), "peak_mem_mb": p}
             for s, r, p in zip(seeds, runs, peaks, strict=True)

@@ -194,7 +194,8 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         parser,
         list(recall.RECALL_KINDS),
         help=f"kinds from {kinds}, or the controls {controls} (oracle-hard: routing given "
-        "the answer, passkey only; shared-max: every layer routes as the first) (comma "
+        "the answer, passkey only; shared-max, shared-max-shared: every layer routes as the "
+        "first) (comma "
         f"list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
     )
     parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")

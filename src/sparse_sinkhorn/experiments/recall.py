@@ -138,7 +138,12 @@ DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-hard", "softmax-max", "t
 # - shared-max: every layer routes with the first layer's sort logits (the later layers' sort
 #   nets go unused). It separates "the first layer does not learn to route" from "a later
 #   layer does not".
-CONTROL_KINDS: dict[str, str] = {"oracle-hard": "softmax-hard", "shared-max": "softmax-max"}
+# - shared-max-shared: shared-max on softmax-max-shared (one routing for all heads too).
+CONTROL_KINDS: dict[str, str] = {
+    "oracle-hard": "softmax-hard",
+    "shared-max": "softmax-max",
+    "shared-max-shared": "softmax-max-shared",
+}
 PASSKEY_CONTROLS = ("oracle-hard",)
 ORACLE_LOGIT = 30.0  # the needle block's routing logit; every other block's is 0
 TASKS = ("passkey", "mqar")
@@ -213,7 +218,11 @@ def share_first_routing(model: LanguageModel) -> None:
         layer.sort_logits = later  # type: ignore[method-assign]
 
 
-CONTROLS = {"oracle-hard": install_oracle_routing, "shared-max": share_first_routing}
+CONTROLS = {
+    "oracle-hard": install_oracle_routing,
+    "shared-max": share_first_routing,
+    "shared-max-shared": share_first_routing,
+}
 
 
 def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:

@@ -187,7 +187,7 @@ DECODE_OPTIONS = [
     {"n_iters": 3, "temperature": 0.5},
     {"mixture": True},
     {"balance": "softmax"},  # an AttentionConfig field, so a convert() option too
-    {"shared_routing": True, "pooling": "max", "balance": "softmax"},
+    {"shared_routing": "heads", "pooling": "max", "balance": "softmax"},
 ]
 
 
@@ -380,6 +380,8 @@ def test_convert_errors() -> None:
         hf.convert(_plain_gpt2(), block_size=0)
     with pytest.raises(ValueError, match="sort_net"):
         hf.convert(_plain_gpt2(), block_size=4, sort_net="conv")
+    with pytest.raises(ValueError, match="shared_routing='layers' needs this project's models"):
+        hf.convert(_plain_gpt2(), block_size=4, shared_routing="layers")
     model = hf.convert(_plain_gpt2(), block_size=4, max_len=16, sort_net="linear")
     with pytest.raises(ValueError, match="already converted"):
         hf.convert(model, block_size=4)

@@ -108,12 +108,12 @@ def test_sort_net_length_limits() -> None:
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "bilinear"])
 def test_shared_routing_gives_every_head_one_routing_trained_by_all(kind: str) -> None:
-    """``shared_routing``: one net output for all heads (1/H of the per-head output width),
+    """``shared_routing="heads"``: one net output for all heads (1/H of the per-head width),
     every head's logits equal, and the loss of any one head reaches the shared weights."""
     x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
-    cfg = AttentionConfig(block_size=4, max_len=32, sort_net=kind, shared_routing=True)
+    cfg = AttentionConfig(block_size=4, max_len=32, sort_net=kind, shared_routing="heads")
     shared = SortNet.from_config(D_MODEL, HEADS, cfg).double()
-    own = SortNet.from_config(D_MODEL, HEADS, replace(cfg, shared_routing=False)).double()
+    own = SortNet.from_config(D_MODEL, HEADS, replace(cfg, shared_routing="none")).double()
     last = lambda net: [p for p in net.parameters() if p.dim() == 2][-1]  # noqa: E731
     assert HEADS * last(shared).shape[0] == last(own).shape[0]
     logits = shared.route(x, 4, causal=True)
@@ -134,7 +134,17 @@ def test_bad_config_errors() -> None:
     with pytest.raises(ValueError, match="n_sortcut applies to attention kind 'sinkhorn'"):
         AttentionConfig(kind="dense", n_sortcut=2)
     with pytest.raises(ValueError, match="shared_routing shares a sort net's routing"):
-        AttentionConfig(kind="topk", shared_routing=True)
+        AttentionConfig(kind="topk", shared_routing="heads")
+    with pytest.raises(ValueError, match="shared_routing must be one of"):
+        AttentionConfig(shared_routing="all")
+    with pytest.raises(ValueError, match="only the first layer has one"):
+        AttentionConfig(shared_routing="layers", routing_loss=1.0)
+    with pytest.raises(ValueError, match="routes=False is for the later layers"):
+        SinkhornSelfAttention(D_MODEL, HEADS, routes=False)
+    with pytest.raises(ValueError, match="routing= is for sinkhorn/mixture layers"):
+        SinkhornSelfAttention(D_MODEL, HEADS, kind="dense")(
+            torch.randn(1, 8, D_MODEL), routing=torch.zeros(1, HEADS, 2, 2)
+        )
     with pytest.raises(ValueError, match="temperature must be > 0"):
         AttentionConfig(temperature=0.0)
     with pytest.raises(ValueError, match=r"expected x of shape \(B, L, 16\)"):

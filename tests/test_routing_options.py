@@ -192,9 +192,17 @@ VARIANTS = [
         "balance": "softmax",
         "sort_net": "bilinear",
         "pooling": "max",
-        "shared_routing": True,
+        "shared_routing": "heads",
     },
-    {"kind": "sinkhorn", "sort_net": "linear", "shared_routing": True},
+    {"kind": "sinkhorn", "sort_net": "linear", "shared_routing": "heads"},
+    {
+        "kind": "sinkhorn",
+        "balance": "softmax",
+        "sort_net": "bilinear",
+        "pooling": "max",
+        "shared_routing": "layers",
+    },
+    {"kind": "mixture", "sort_net": "linear", "hard": True, "shared_routing": "layers"},
 ]
 
 
@@ -337,3 +345,76 @@ def test_routing_loss_trains_only_the_sort_net_and_leaves_the_output_alone() -> 
     assert routing_losses(with_loss) is None  # eval: no loss
     with pytest.raises(ValueError, match="has none"):
         AttentionConfig(kind="dense", routing_loss=1.0)
+
+
+def _stack(shared: str, kind: str = "sinkhorn") -> LanguageModel:
+    att = AttentionConfig(
+        kind=kind,
+        block_size=4,
+        max_len=64,
+        balance="softmax",
+        sort_net="bilinear",
+        pooling="max",
+        shared_routing=shared,
+    )
+    cfg = LanguageModelConfig(
+        vocab_size=13, d_model=16, n_heads=2, n_layers=3, d_ff=32, attention=att
+    )
+    return LanguageModel(cfg).double()
+
+
+def test_layers_routing_is_the_first_layer_s_for_every_layer() -> None:
+    """``shared_routing="layers"``: only the first layer has a sort net, and the model equals
+    a per-layer ("heads") model with the same weights whose later layers' sort logits are
+    replaced by the first layer's (``torch.equal``, eval); it is exactly causal."""
+    shared = _stack("layers").eval()
+    nets = [layer.attn.sort_net for layer in shared.decoder.layers]
+    assert nets[0] is not None and nets[1:] == [None, None]
+    per_layer = _stack("heads").eval()
+    missing, unexpected = per_layer.load_state_dict(shared.state_dict(), strict=False)
+    assert not unexpected and all(".sort_net." in k and ".layers.0." not in k for k in missing)
+    kept: dict[str, torch.Tensor] = {}
+    first = per_layer.decoder.layers[0].attn
+    own = first.sort_logits
+
+    def keep(x, key_padding_mask=None):
+        kept["logits"] = own(x, key_padding_mask)
+        return kept["logits"]
+
+    first.sort_logits = keep
+    for layer in per_layer.decoder.layers[1:]:
+        layer.attn.sort_logits = lambda x, key_padding_mask=None: kept["logits"]
+    ids = torch.randint(0, 13, (2, 23))
+    out = shared(ids)
+    assert torch.equal(out, per_layer(ids))
+    ids2 = ids.clone()
+    ids2[:, 12:] = torch.randint(0, 13, (2, 11))
+    assert torch.equal(shared(ids2)[:, :12], out[:, :12])
+
+
+def test_layers_routing_trains_the_one_sort_net_from_every_layer() -> None:
+    """The first layer's sort net learns from a loss on a later layer's attention alone."""
+    model = _stack("layers").train()
+    ids = torch.randint(0, 13, (2, 24))
+    x = model.embed(ids)
+    layers = model.decoder.layers
+    routing = layers[0].attn.sort_logits(layers[0].norm1(x))
+    layers[2].attn(layers[2].norm1(x), routing=routing).square().sum().backward()
+    net = layers[0].attn.sort_net
+    assert net is not None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_layers_routing_encoder_ignores_padding() -> None:
+    """A classifier (encoder stack) with one routing for all layers: padding never reaches
+    a real output."""
+    from sparse_sinkhorn.models import Classifier, ClassifierConfig
+
+    att = AttentionConfig(block_size=4, max_len=64, sort_net="bilinear", shared_routing="layers")
+    cfg = ClassifierConfig(
+        vocab_size=12, d_model=16, n_heads=2, n_layers=3, d_ff=32, n_classes=3, attention=att
+    )
+    model = Classifier(cfg).double().eval()
+    ids = torch.randint(1, 12, (1, 11))
+    padded = torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model(padded), model(ids), atol=1e-10, rtol=0)

@@ -95,13 +95,22 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
         "balance": "softmax",
         "pooling": "max",
     },
-    # softmax-max with one routing for all heads of a layer (shared_routing)
+    # softmax-max with one routing for all heads of a layer (shared_routing="heads")
     "softmax-max-shared": {
         "kind": "sinkhorn",
         "sort_net": "bilinear",
         "balance": "softmax",
         "pooling": "max",
-        "shared_routing": True,
+        "shared_routing": "heads",
+    },
+    # softmax-max with one routing for the whole model: the first layer's, for every head of
+    # every layer (shared_routing="layers")
+    "softmax-max-layers": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "pooling": "max",
+        "shared_routing": "layers",
     },
     # softmax-max without Gumbel noise on the routing logits in training
     "softmax-max-nonoise": {
@@ -264,14 +273,13 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
 
 @torch.no_grad()
 def routing_hits(model: LanguageModel, data: RecallDataset, batch_size: int) -> dict[str, float]:
-    """Passkey: for each routing layer ``i``, ``routing_hit_layer{i}`` is the % of (held-out
+    """Passkey: for the ``i``-th layer with a sort net (one, under ``shared_routing="layers"``),
+    ``routing_hit_layer{i}`` is the % of (held-out
     sequence, head) pairs whose last query block (the one that holds ``QUERY``) gives its
     largest routing weight to a block holding the needle's ``KEY`` or first digit; sequences
     whose needle is in the last block (seen locally) are left out. Empty for kinds without
     routing."""
-    layers = [
-        m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.config.uses_sorting
-    ]
+    layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
     if not layers:
         return {}
     inputs: dict[int, Tensor] = {}

@@ -117,9 +117,9 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
         **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
             net; default the model's maximum positions), ``sort_net`` (``"bilinear"``, the
             default here: length-agnostic; ``"linear"``, the paper's; ``"mlp"``), ``pooling``
-            (``"sum"``/``"mean"``/``"max"``), ``shared_routing`` (one routing for all heads),
-            ``hard``, ``balance``, ``n_iters``, ``temperature``, ``gumbel_noise`` (training
-            mode only), ``mixture`` (add dense attention). The
+            (``"sum"``/``"mean"``/``"max"``), ``shared_routing`` (``"none"``, or ``"heads"``:
+            one routing for all heads), ``hard``, ``balance``, ``n_iters``, ``temperature``,
+            ``gumbel_noise`` (training mode only), ``mixture`` (add dense attention). The
             other defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
 
     Returns:
@@ -146,6 +146,11 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     if options["max_len"] is None:
         options["max_len"] = _max_positions(config)
     att = _attention_config(options)
+    if att.shared_routing == "layers":
+        raise ValueError(
+            "shared_routing='layers' needs this project's models (a converted model's layers "
+            "route one by one); use shared_routing='heads' or 'none'"
+        )
     positions = _max_positions(config, required=False)
     if positions is not None and att.max_len > positions:
         # the sort net is sized by max_len / block_size: bound it by what the model can read

@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..nn import TransformerLayer
 from ..nn.cache import DecodingCache
+from ..nn.layers import stack_layers, stack_routing
 from ..ops._validate import check_number
 from .config import TransformerConfig
 
@@ -52,15 +52,15 @@ class Encoder(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         c = config
-        self.layers = nn.ModuleList(
-            TransformerLayer(c.d_model, c.n_heads, c.d_ff, c.attention, dropout=c.dropout)
-            for _ in range(c.n_layers)
+        self.layers = stack_layers(
+            c.d_model, c.n_heads, c.d_ff, c.attention, c.n_layers, dropout=c.dropout
         )
         self.norm = nn.LayerNorm(c.d_model)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        routing = stack_routing(self.layers, x, key_padding_mask)
         for layer in self.layers:
-            x = layer(x, key_padding_mask)
+            x = layer(x, key_padding_mask, routing=routing)
         return self.norm(x)
 
 
@@ -70,17 +70,15 @@ class Decoder(nn.Module):
     def __init__(self, config: TransformerConfig, n_layers: int, *, cross_attention: bool) -> None:
         super().__init__()
         c = config
-        self.layers = nn.ModuleList(
-            TransformerLayer(
-                c.d_model,
-                c.n_heads,
-                c.d_ff,
-                c.attention,
-                dropout=c.dropout,
-                causal=True,
-                cross_attention=cross_attention,
-            )
-            for _ in range(n_layers)
+        self.layers = stack_layers(
+            c.d_model,
+            c.n_heads,
+            c.d_ff,
+            c.attention,
+            n_layers,
+            dropout=c.dropout,
+            causal=True,
+            cross_attention=cross_attention,
         )
         self.norm = nn.LayerNorm(c.d_model)
 
@@ -97,9 +95,12 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"the cache has {len(cache.layers)} layers but the decoder has {len(self.layers)}"
             )
+        routing = stack_routing(self.layers, x, key_padding_mask, cache)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x = layer(x, key_padding_mask, memory, memory_padding_mask, cache=layer_cache)
+            x = layer(
+                x, key_padding_mask, memory, memory_padding_mask, cache=layer_cache, routing=routing
+            )
         return self.norm(x)
 
 

@@ -57,6 +57,10 @@ class SinkhornSelfAttention(nn.Module):
         dropout: attention-weight dropout (training only).
         bias: biases in the projections.
         config: the attention configuration (then no field keywords).
+        routes: False for a later layer under ``shared_routing="layers"``: it has no sort net
+            and routes by the first layer's logits, which :meth:`forward` takes as
+            ``routing`` (the model's :class:`~sparse_sinkhorn.models.common.Encoder` /
+            ``Decoder`` pass them).
 
     Shapes: ``x`` ``(B, L, D)`` with any ``L <= max_len`` (any ``L`` for ``bilinear``),
     ``key_padding_mask`` ``(B, L)`` bool (True = real token) -> ``(B, L, D)``.
@@ -71,6 +75,7 @@ class SinkhornSelfAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         config: AttentionConfig | None = None,
+        routes: bool = True,
         **fields: Any,
     ) -> None:
         super().__init__()
@@ -92,7 +97,11 @@ class SinkhornSelfAttention(nn.Module):
         self.sort_net: SortNet | None = None
         # the routing distillation loss of the last training forward (config.routing_loss > 0)
         self.routing_aux: Tensor | None = None
-        if self.config.uses_sorting:
+        if not routes and self.config.shared_routing != "layers":
+            raise ValueError(
+                "routes=False is for the later layers of a stack with shared_routing='layers'"
+            )
+        if self.config.uses_sorting and routes:
             self.sort_net = SortNet.from_config(d_model, n_heads, self.config)
 
     @classmethod
@@ -104,7 +113,11 @@ class SinkhornSelfAttention(nn.Module):
 
     def sort_logits(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)``."""
-        assert self.sort_net is not None, "only sinkhorn/mixture layers have a sort net"
+        if self.sort_net is None:
+            raise ValueError(
+                "this layer has no sort net (a baseline kind, or a later layer under "
+                "shared_routing='layers', which routes by the first layer's logits)"
+            )
         cfg = self.config
         return self.sort_net.route(
             x,
@@ -122,8 +135,12 @@ class SinkhornSelfAttention(nn.Module):
         return_plan: bool = False,
         generator: torch.Generator | None = None,
         cache: AttentionCache | None = None,
+        routing: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, SinkhornPlan | None]:
         """``x`` ``(B, L, D)`` -> ``(B, L, D)`` (and the plan if ``return_plan``).
+
+        ``routing``: ``(B, H, N, N)`` sort logits to route by instead of this layer's own
+        (``shared_routing="layers"``: the first layer's, for every layer of the stack).
 
         With ``cache`` (incremental decoding, eval mode, causal layers, no padding mask), ``x``
         holds the *new* positions only: an empty cache runs the full forward on them and
@@ -131,15 +148,17 @@ class SinkhornSelfAttention(nn.Module):
         equals the full causal forward of the whole sequence at those positions.
         """
         check_layer_input(x, key_padding_mask, d_model=self.d_model, weight=self.qkv.weight)
+        if routing is not None and not self.config.uses_sorting:
+            raise ValueError(f"routing= is for sinkhorn/mixture layers, not {self.config.kind!r}")
         n_proj = self.qkv.out_features // self.d_model  # 3, or 2 with share_kv
         parts = _SplitHeads.apply(self.qkv(x), n_proj, self.n_heads)  # n_proj x (B, H, L, E)
         q, k, v = parts if len(parts) == 3 else (parts[0], parts[1], parts[1])
         if cache is None:
-            out, plan = self._attend(q, k, v, x, key_padding_mask, generator)
+            out, plan = self._attend(q, k, v, x, key_padding_mask, generator, routing)
         else:
             self._check_cache_use(key_padding_mask)
             if cache.length == 0:
-                out, plan = self._attend(q, k, v, x, None, None)
+                out, plan = self._attend(q, k, v, x, None, None, routing)
                 cache.prefill(k, v, x, self.config, self.sort_net)
             else:
                 out, plan = cache.step(q, k, v, x), None
@@ -162,6 +181,7 @@ class SinkhornSelfAttention(nn.Module):
         x: Tensor,
         mask: Tensor | None,
         generator: torch.Generator | None,
+        routing: Tensor | None = None,
     ) -> tuple[Tensor, SinkhornPlan | None]:
         cfg = self.config
         p = self.dropout if self.training else 0.0
@@ -181,8 +201,9 @@ class SinkhornSelfAttention(nn.Module):
         options = cfg.op_options(is_causal=self.causal, training=self.training, dropout_p=p)
         if self.training and cfg.routing_loss > 0:
             self.routing_aux = cfg.routing_loss * self._routing_distillation(q, k, x, mask)
+        logits = self.sort_logits(x, mask) if routing is None else routing
         out, plan = sinkhorn_attention_with_plan(
-            q, k, v, self.sort_logits(x, mask), options, key_padding_mask=mask, generator=generator
+            q, k, v, logits, options, key_padding_mask=mask, generator=generator
         )
         return out, plan
 

@@ -59,6 +59,9 @@ class AttentionCache:
             (block 0, which receives no sorted block, or before the block's first token).
         sorted_ok: ``(B, H, 1, W)`` bool, which sorted slots hold some weight.
         config, sort_net: the layer's, kept by :meth:`prefill`.
+        source: under ``shared_routing="layers"``, the first layer's cache, whose summaries
+            and sort net route this (later) layer's blocks; this cache then keeps no
+            summaries of its own. Set by the decoder.
     """
 
     k: Tensor | None = None
@@ -72,6 +75,7 @@ class AttentionCache:
     sorted_ok: Tensor | None = None
     config: AttentionConfig | None = None
     sort_net: SortNet | None = None
+    source: AttentionCache | None = None
 
     @property
     def length(self) -> int:
@@ -99,6 +103,12 @@ class AttentionCache:
             return
         w, length = config.block_size, x.shape[1]
         started, complete = num_blocks(length, w), length // w  # blocks begun / finished
+        if sort_net is None:  # routed by the first layer's cache (shared_routing="layers")
+            if self.source is None:
+                raise ValueError("a layer without a sort net decodes with the first layer's cache")
+            if length % w:
+                self._route_block(complete)
+            return
         self.x_sum = pool(x, 1, config.pooling)  # (B, D)
         self.block_sum = pool(x[:, complete * w :], 1, config.pooling)  # (B, D); 0 when none
         rows, keys = routing_summaries(x, w, causal=True, pooling=config.pooling)
@@ -156,19 +166,11 @@ class AttentionCache:
         w = config.block_size
         t = self._append(k, v)
         block = t // w
-        pooling = config.pooling
-        self.x_sum = x if self.x_sum is None else pool_add(self.x_sum, x, pooling)
-        if self.block_sum is None or t % w == 0:
-            self.block_sum = x
+        if self.sort_net is None:  # routed by self.source, which has seen this token already
+            if t % w == 0:
+                self._route_block(block)
         else:
-            self.block_sum = pool_add(self.block_sum, x, pooling)
-        if t % w == 0:  # the first token of a block decides its routing row
-            row = pool_value(self.x_sum, t + 1, pooling)
-            self.row_summaries = _append_row(self.row_summaries, row)
-            self._route_block(block)
-        if t % w == w - 1:  # the block is complete: its key summary is final
-            key = pool_value(self.block_sum, w, pooling)
-            self.key_summaries = _append_row(self.key_summaries, key)
+            self._summarise(x, t, block)
         assert self.k is not None and self.v is not None
         local_k, local_v = self.k[:, :, block * w :], self.v[:, :, block * w :]  # triangle row
         ones = torch.ones(1, 1, 1, local_k.shape[2], dtype=torch.bool, device=q.device)
@@ -181,16 +183,35 @@ class AttentionCache:
             out = out + attend_token(q, self.k, self.v, None)
         return out
 
+    def _summarise(self, x: Tensor, t: int, block: int) -> None:
+        """Add position ``t``'s layer input ``x`` ``(B, D)`` to the running summaries; route
+        its block at the block's first token."""
+        assert self.config is not None
+        w, pooling = self.config.block_size, self.config.pooling
+        self.x_sum = x if self.x_sum is None else pool_add(self.x_sum, x, pooling)
+        if self.block_sum is None or t % w == 0:
+            self.block_sum = x
+        else:
+            self.block_sum = pool_add(self.block_sum, x, pooling)
+        if t % w == 0:  # the first token of a block decides its routing row
+            row = pool_value(self.x_sum, t + 1, pooling)
+            self.row_summaries = _append_row(self.row_summaries, row)
+            self._route_block(block)
+        if t % w == w - 1:  # the block is complete: its key summary is final
+            key = pool_value(self.block_sum, w, pooling)
+            self.key_summaries = _append_row(self.key_summaries, key)
+
     def _route_block(self, block: int) -> None:
         """Row ``block`` of the causal plan -> the block's sorted keys and values."""
         self.sorted_k = self.sorted_v = self.sorted_ok = None
         if block == 0:
             return  # block 0 receives no sorted block (its sorted half is fully masked)
-        config, sort_net = self.config, self.sort_net
-        assert config is not None and sort_net is not None and self.row_summaries is not None
-        assert self.key_summaries is not None and self.k is not None and self.v is not None
+        router = self if self.source is None else self.source  # whose summaries route
+        config, sort_net = self.config, router.sort_net
+        assert config is not None and sort_net is not None and router.row_summaries is not None
+        assert router.key_summaries is not None and self.k is not None and self.v is not None
         self.sorted_k, self.sorted_v, weight = route_block(
-            block, self.row_summaries, self.key_summaries, self.k, self.v, config, sort_net
+            block, router.row_summaries, router.key_summaries, self.k, self.v, config, sort_net
         )
         w = config.block_size
         self.sorted_ok = (weight > 0)[:, :, None, None].expand(-1, -1, 1, w)  # (B, H, 1, W)

@@ -11,6 +11,7 @@ from ..ops.options import SinkhornOptions
 from .sortnet import SORT_NETS
 
 ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse", "topk")
+SHARED_ROUTINGS = ("none", "heads", "layers")
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -55,7 +56,10 @@ class AttentionConfig:
     balance: str = "sinkhorn"  # "sinkhorn" (paper) | "softmax" (rows only, no balancing)
     sort_net: str = "linear"  # "linear" (paper) | "mlp" | "bilinear" (length-agnostic)
     pooling: str = "sum"  # block summaries: "sum" (paper) | "mean" | "max"
-    shared_routing: bool = False  # one routing matrix for all heads (sinkhorn/mixture)
+    # sinkhorn/mixture: "none" (the paper: every head of every layer routes by its own sort
+    # logits) | "heads" (one routing per layer, for all its heads) | "layers" (one routing for
+    # the whole stack: the first layer's, for all heads; later layers have no sort net)
+    shared_routing: str = "none"
     n_iters: int = 8  # Sinkhorn balancing rounds
     temperature: float = 0.75  # Gumbel-Sinkhorn temperature tau
     gumbel_noise: bool = True  # add Gumbel noise in training mode (never in eval)
@@ -89,9 +93,18 @@ class AttentionConfig:
             raise ValueError(
                 f"routing_loss trains a sort net: attention kind {self.kind!r} has none"
             )
-        if self.shared_routing and not self.uses_sorting:
+        if self.shared_routing not in SHARED_ROUTINGS:
+            raise ValueError(
+                f"shared_routing must be one of {SHARED_ROUTINGS}, got {self.shared_routing!r}"
+            )
+        if self.shared_routing != "none" and not self.uses_sorting:
             raise ValueError(
                 f"shared_routing shares a sort net's routing: attention kind {self.kind!r} has none"
+            )
+        if self.shared_routing == "layers" and self.routing_loss:
+            raise ValueError(
+                "routing_loss trains each layer's own sort net; with shared_routing='layers' "
+                "only the first layer has one"
             )
         if self.top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")

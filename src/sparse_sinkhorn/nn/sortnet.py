@@ -78,13 +78,13 @@ class SortNet(nn.Module):
     @classmethod
     def from_config(cls, d_model: int, n_heads: int, config: AttentionConfig) -> SortNet:
         """The sort net an attention configuration asks for (``sort_net``, ``max_len`` /
-        ``block_size``, ``shared_routing``)."""
+        ``block_size``; one routing for all heads unless ``shared_routing="none"``)."""
         return cls(
             d_model,
             n_heads,
             config.max_blocks,
             kind=config.sort_net,
-            shared=config.shared_routing,
+            shared=config.shared_routing != "none",
         )
 
     def route(

@@ -5,6 +5,7 @@ block routes to the needle's block (:func:`sparse_sinkhorn.experiments.recall.ro
 on the run's held-out examples.
 
     python examples/recall_checkpoints.py runs/recall-passkey/passkey-512/softmax-max
+    python examples/recall_checkpoints.py runs/recall-passkey/passkey-512/softmax-max --per-head
 
 Runs made since the `recall` experiment records these scores itself need no second pass; this
 reads older run directories (one `seed*/checkpoints` per seed).
@@ -40,19 +41,23 @@ def load(seed_dir: Path, hard: bool | None = None) -> LanguageModel:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind_dir", type=Path, help="a run's <task>-<length>/<kind> directory")
+    parser.add_argument(
+        "--per-head", action="store_true", help="routing hits per layer and head (% of sequences)"
+    )
     args = parser.parse_args()
     length = int(args.kind_dir.parent.name.split("-")[-1])
     preset = RECALL_PRESETS["cpu"]
     held_out = RecallDataset(
         recall.make_task("passkey", length, preset), preset.n_eval, recall.EVAL_SEED
     )
-    print("| seed | accuracy % | with hard routing % | routing hits % (per layer) |")
+    per = "per layer, head" if args.per_head else "per layer"
+    print(f"| seed | accuracy % | with hard routing % | routing hits % ({per}) |")
     print("|---|---|---|---|")
     for seed_dir in sorted(args.kind_dir.glob("seed*")):
         trained, hard = load(seed_dir), load(seed_dir, hard=True)
         acc = recall.accuracy(trained, held_out, "passkey", 16)["accuracy"]
         acc_hard = recall.accuracy(hard, held_out, "passkey", 16)["accuracy"]
-        hits = recall.routing_hits(trained, held_out, 16)
+        hits = recall.routing_hits(trained, held_out, 16, per_head=args.per_head)
         per_layer = ", ".join(f"{v:.1f}" for v in hits.values()) or "–"
         print(f"| {seed_dir.name} | {acc:.1f} | {acc_hard:.1f} | {per_layer} |")
 

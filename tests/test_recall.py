@@ -197,6 +197,12 @@ def test_routing_hits_count_last_blocks_routed_to_the_needle() -> None:
     hits = routing_hits(fresh, data, 8)
     assert set(hits) == {"routing_hit_layer0", "routing_hit_layer1"}
     assert all(0.0 <= h < 100.0 for h in hits.values())
+    heads = routing_hits(fresh, data, 8, per_head=True)  # the layer's figure is their mean
+    for i in (0, 1):
+        per = [heads[f"routing_hit_layer{i}_head{h}"] for h in (0, 1)]
+        assert hits[f"routing_hit_layer{i}"] == pytest.approx(sum(per) / 2, abs=1e-9)
+    one = LanguageModel(make(attention=attention_config("softmax-max-layers", 16, 128))).eval()
+    assert set(routing_hits(one, data, 8)) == {"routing_hit_layer0"}  # one routing
     assert (
         routing_hits(LanguageModel(make(attention=attention_config("dense", 16, 128))), data, 8)
         == {}

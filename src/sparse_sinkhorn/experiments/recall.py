@@ -272,13 +272,15 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
 
 
 @torch.no_grad()
-def routing_hits(model: LanguageModel, data: RecallDataset, batch_size: int) -> dict[str, float]:
+def routing_hits(
+    model: LanguageModel, data: RecallDataset, batch_size: int, *, per_head: bool = False
+) -> dict[str, float]:
     """Passkey: for the ``i``-th layer with a sort net (one, under ``shared_routing="layers"``),
-    ``routing_hit_layer{i}`` is the % of (held-out
-    sequence, head) pairs whose last query block (the one that holds ``QUERY``) gives its
-    largest routing weight to a block holding the needle's ``KEY`` or first digit; sequences
-    whose needle is in the last block (seen locally) are left out. Empty for kinds without
-    routing."""
+    ``routing_hit_layer{i}`` is the % of (held-out sequence, head) pairs whose last query block
+    (the one that holds ``QUERY``) gives its largest routing weight to a block holding the
+    needle's ``KEY`` or first digit; sequences whose needle is in the last block (seen locally)
+    are left out. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead, the % of sequences
+    for each head. Empty for kinds without routing."""
     layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
     if not layers:
         return {}
@@ -289,7 +291,7 @@ def routing_hits(model: LanguageModel, data: RecallDataset, batch_size: int) -> 
 
     hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
     w = layers[0].config.block_size
-    hits, total = torch.zeros(len(layers)), 0
+    hits, total = torch.zeros(len(layers), layers[0].n_heads, dtype=torch.float64), 0
     try:
         for ids, _ in _batches(data, batch_size):
             model(ids)
@@ -301,12 +303,19 @@ def routing_hits(model: LanguageModel, data: RecallDataset, batch_size: int) -> 
                 plan = sinkhorn_plan(layer.sort_logits(inputs[i]), options)
                 top = plan.P[:, :, last].argmax(-1)  # (B, H)
                 hit = (top == (key // w)[:, None]) | (top == ((key + 1) // w)[:, None])
-                hits[i] += float(hit[far].sum())
-            total += int(far.sum()) * plan.P.shape[1]
+                hits[i] += hit[far].sum(0)
+            total += int(far.sum())
     finally:
         for hook in hooks:
             hook.remove()
-    return {f"routing_hit_layer{i}": 100.0 * float(h) / max(total, 1) for i, h in enumerate(hits)}
+    share = 100.0 * hits / max(total, 1)  # (layers, H): % of sequences per head
+    if per_head:
+        return {
+            f"routing_hit_layer{i}_head{h}": float(share[i, h])
+            for i in range(len(layers))
+            for h in range(share.shape[1])
+        }
+    return {f"routing_hit_layer{i}": float(share[i].mean()) for i in range(len(layers))}
 
 
 def hard_twin(config: LanguageModelConfig) -> LanguageModel | None:

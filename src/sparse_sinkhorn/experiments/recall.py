@@ -138,7 +138,7 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
     "topk": {"kind": "topk", "top_k": 1},
     "topk-2": {"kind": "topk", "top_k": 2},
 }
-DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-hard", "softmax-max", "topk")
+DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-max", "softmax-max-layers", "topk")
 # Controls, not methods: a RECALL_KINDS configuration (the value) whose routing is changed
 # once the model is built, to isolate one cause (see CONTROLS for how).
 # - oracle-hard (passkey only): the sort logits are the answer; every query block after the

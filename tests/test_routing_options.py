@@ -390,6 +390,11 @@ def test_layers_routing_is_the_first_layer_s_for_every_layer() -> None:
     ids2 = ids.clone()
     ids2[:, 12:] = torch.randint(0, 13, (2, 11))
     assert torch.equal(shared(ids2)[:, :12], out[:, :12])
+    cache = shared.new_cache()
+    shared(ids[:, :5], cache=cache)
+    layer = shared.decoder.layers[1]
+    with pytest.raises(ValueError, match="a filled cache routes each new block itself"):
+        layer(torch.randn(2, 1, 16, dtype=torch.float64), cache=cache.layers[1], routing=out)
 
 
 def test_layers_routing_trains_the_one_sort_net_from_every_layer() -> None:

@@ -161,6 +161,11 @@ class SinkhornSelfAttention(nn.Module):
                 out, plan = self._attend(q, k, v, x, None, None, routing)
                 cache.prefill(k, v, x, self.config, self.sort_net)
             else:
+                if routing is not None:
+                    raise ValueError(
+                        "routing= is for full forwards; a filled cache routes each new block "
+                        "itself (from the first layer's cache under shared_routing='layers')"
+                    )
                 out, plan = cache.step(q, k, v, x), None
         y = self.out(rearrange(out, "b h l e -> b l (h e)"))  # (B, L, D)
         return (y, plan) if return_plan else y

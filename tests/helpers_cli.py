@@ -47,3 +47,13 @@ def read_only_bind_works(directory: Path) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
+
+
+def run_figures(runs: list[dict]) -> list[dict]:
+    """A results file's per-run records without what differs between two identical runs:
+    the paths of their figures (they name the output directory) and their peak memory (a
+    measurement of the process, like time)."""
+    return [
+        {k: v for k, v in run.items() if not k.endswith("_png") and k != "peak_mem_mb"}
+        for run in runs
+    ]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_cli import assert_one_line_error, read_only_bind_works, run_cli
+from helpers_cli import assert_one_line_error, read_only_bind_works, run_cli, run_figures
 from sparse_sinkhorn.cli import build_parser, main
 from sparse_sinkhorn.data import write_idx
 
@@ -294,12 +294,6 @@ def _final(out: Path) -> tuple[dict[str, torch.Tensor], list[tuple[int, float]],
     return weights, losses, result
 
 
-def _figures(runs: list[dict]) -> list[dict]:
-    """A results file's per-run records without the paths of their figures (they name the
-    output directory)."""
-    return [{k: v for k, v in run.items() if not k.endswith("_png")} for run in runs]
-
-
 def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(
     tmp_path: Path,
 ) -> None:
@@ -336,7 +330,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(
         assert torch.equal(got[0][key], want[0][key]), key
     assert got[1] == want[1] and len(want[1]) >= 2  # every logged loss, bitwise
     assert got[2]["eval"] == want[2]["eval"] and want[2]["eval"]
-    assert _figures(got[2]["runs"]) == _figures(want[2]["runs"])
+    assert run_figures(got[2]["runs"]) == run_figures(want[2]["runs"])
 
 
 # ---- 10. --jobs 2 equals --jobs 1 for Sinkhorn runs ----------------------------------------
@@ -357,7 +351,7 @@ def test_jobs_2_gives_the_sinkhorn_runs_of_one_process(tmp_path: Path) -> None:
         for d in ("serial", "jobs")
     ]
     assert results[0][0]["eval"] == results[1][0]["eval"]
-    assert _figures(results[0][0]["runs"]) == _figures(results[1][0]["runs"])
+    assert run_figures(results[0][0]["runs"]) == run_figures(results[1][0]["runs"])
     weights = {}
     for seed in (0, 1):
         runs = [tmp_path / d / "sinkhorn" / f"seed{seed}" for d in ("serial", "jobs")]
@@ -391,4 +385,4 @@ def test_jobs_2_gives_the_lm_figures_of_one_process(
     ]
     assert [r["kind"] for r in results[0]] == ["sinkhorn"]
     assert results[0][0]["eval"] == results[1][0]["eval"] and results[0][0]["eval"]
-    assert _figures(results[0][0]["runs"]) == _figures(results[1][0]["runs"])
+    assert run_figures(results[0][0]["runs"]) == run_figures(results[1][0]["runs"])

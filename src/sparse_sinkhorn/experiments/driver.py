@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -363,7 +362,7 @@ def fit(run: Run, plan: Plan, preset: Preset, schedule: Schedule) -> Fitted:
     device it trains on; evaluations included); draw ``loss.png`` in the run directory when
     the schedule asks for it."""
     config = train_config(preset, schedule, seed=run.seed, progress=run.progress)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where train() puts the model
+    device = init_distributed().device.type  # where train() puts the model
     base = memory.reset_peak(device)
     t0 = time.perf_counter()
     result = train(

@@ -195,8 +195,7 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         list(recall.RECALL_KINDS),
         help=f"kinds from {kinds}, or the controls {controls} (oracle-hard: routing given "
         "the answer, passkey only; shared-max, shared-max-shared: every layer routes as the "
-        "first) (comma "
-        f"list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
+        f"first) (comma list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
     )
     parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
     flags.add_int_flags(

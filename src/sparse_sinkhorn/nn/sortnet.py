@@ -57,10 +57,9 @@ class SortNet(nn.Module):
             raise ValueError(f"sort net {kind!r} needs max_blocks > 0, got {max_blocks}")
         self.kind = kind
         self.n_heads = n_heads
-        self.shared = shared
+        self.n_scored = scored = 1 if shared else n_heads  # routing matrices the net computes
         self.max_blocks = max_blocks
         self.net: nn.Module
-        scored = 1 if shared else n_heads  # routing matrices the net computes
         if kind == "linear":
             assert max_blocks is not None
             self.net = nn.Linear(d_model, scored * max_blocks)
@@ -109,8 +108,7 @@ class SortNet(nn.Module):
         ``key_summary`` defaults to ``query_summary``; only ``bilinear`` reads it (the
         linear nets score columns by learned weights).
         """
-        n = query_summary.shape[1]
-        scored = 1 if self.shared else self.n_heads
+        n, scored = query_summary.shape[1], self.n_scored
         if self.kind == "bilinear":
             keys = query_summary if key_summary is None else key_summary
             q = rearrange(self.net(query_summary), "b n (h e) -> b h n e", h=scored)

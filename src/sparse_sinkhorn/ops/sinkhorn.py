@@ -11,6 +11,8 @@ the normalisation of allowed entries; ``P`` is exactly 0 there.
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import torch
@@ -18,6 +20,9 @@ from torch import Tensor
 
 from . import _validate
 
+# The balancing's backward recomputes the rounds for at most this many (N, N) entries at a time
+# (whole matrices; at least one): its peak memory is a few states of that size, whatever B and H.
+_CHUNK_ELEMENTS = 1 << 24
 # Held in masked log-entries; exp() of it is exactly 0 in float32, and it stays finite.
 _NEG = -1.0e30
 # Scaled scores are clamped to [-_BIG, _BIG]: logits near the float maximum, or a tiny
@@ -282,24 +287,38 @@ def _first_real(masked: Tensor, shape: torch.Size) -> Tensor:
 def _run_steps(
     s: Tensor, masked: Tensor | None, n_iters: int, causal: bool, *, keep: bool
 ) -> list[Tensor]:
-    """``[S0, S1, ..., S_2n]`` (every half-step's output if ``keep``, else the last only).
+    """``[S0, S1, ..., S_2n]`` (every half-step's output if ``keep``, else the last only)."""
+    first = None if masked is None or not causal else _first_real(masked, s.shape)
+    kinds = [step for _ in range(n_iters) for step in _step_dims(causal)]
+    return _steps(s, kinds, masked, first, keep=keep)
+
+
+def _steps(
+    s: Tensor,
+    kinds: list[tuple[str, int]],
+    masked: Tensor | None,
+    first: Tensor | None,
+    *,
+    keep: bool,
+) -> list[Tensor]:
+    """The half-steps ``kinds`` from state ``s``: ``[s, y1, ..., yk]`` if ``keep``, else
+    ``[yk]`` (``[s]`` for no step).
 
     Without autograd the half-steps write into reused buffers (two for the states, one
     scratch): on CPU a fresh ``(N, N)`` buffer costs page faults comparable to the
-    arithmetic on it.
+    arithmetic on it. The same inputs give the same states bit for bit, so a backward can
+    recompute any state from an earlier one.
     """
-    first = None if masked is None or not causal else _first_real(masked, s.shape)
     track = s.requires_grad and torch.is_grad_enabled()
     scratch = None if track else torch.empty_like(s)
     spare = [] if track or keep else [torch.empty_like(s), torch.empty_like(s)]
     states = [s]
-    for _ in range(n_iters):
-        for kind, dim in _step_dims(causal):
-            out = None if track else spare.pop() if spare else torch.empty_like(s)
-            y = _half_step(states[-1], kind, dim, masked, first, out, scratch)
-            if not keep and not track and states[-1] is not s:
-                spare.append(states[-1])  # the previous state's buffer is free again
-            states = [*states, y] if keep else [y]
+    for kind, dim in kinds:
+        out = None if track else spare.pop() if spare else torch.empty_like(s)
+        y = _half_step(states[-1], kind, dim, masked, first, out, scratch)
+        if not keep and not track and states[-1] is not s:
+            spare.append(states[-1])  # the previous state's buffer is free again
+        states = [*states, y] if keep else [y]
     return states
 
 
@@ -347,7 +366,11 @@ class _SinkhornRounds(torch.autograd.Function):
     """The balancing rounds with a hand-written backward that recomputes them.
 
     Only ``S0`` is saved: the ``2 * n_iters`` intermediate ``(N, N)`` states exist only
-    while this (last) part of the backward runs, not beside every attention activation.
+    while this (last) part of the backward runs, not beside every attention activation, and
+    then not all at once: the backward keeps a checkpoint every :func:`_segment_length`
+    half-steps and recomputes one segment's states at a time (the same arithmetic as the
+    forward, so the same states bit for bit), for one chunk of the ``(..., N, N)`` matrices
+    at a time (:data:`_CHUNK_ELEMENTS`).
     With ``g`` the gradient of a half-step's output (0 where masked):
 
     * row/column step ``y = x - logsumexp(x)``: ``dx = g - exp(y) * sum(g)``;
@@ -370,16 +393,46 @@ class _SinkhornRounds(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         s, masked = ctx.saved_tensors
         n_iters, causal = ctx.opts
-        kinds = [step for _ in range(n_iters) for step in _step_dims(causal)]
-        first = None if masked is None or not causal else _first_real(masked, s.shape)
-        with torch.no_grad():
-            states = _run_steps(s, masked, n_iters, causal, keep=True)
-            g = grad * _exp(states[-1], masked)  # P = exp(S_2n)
-            bufs = (torch.empty_like(s), torch.empty_like(s))  # scratch, reused by every step
+        m, n = s.shape[-2:]
+        count = s.numel() // max(m * n, 1)  # matrices, balanced independently
+        per = max(1, _CHUNK_ELEMENTS // max(m * n, 1))
+        if count <= per:
+            return _rounds_backward(s, masked, grad, n_iters, causal), None, None, None
+        # a chunk of matrices at a time: the recomputed states are the chunk's, not all of them
+        s3, g3 = s.reshape(-1, m, n), grad.reshape(-1, m, n)
+        mask3 = None if masked is None else masked.expand(s.shape).reshape(-1, m, n)
+        out = torch.empty_like(s3)
+        for a in range(0, count, per):
+            part = None if mask3 is None else mask3[a : a + per]
+            out[a : a + per] = _rounds_backward(
+                s3[a : a + per], part, g3[a : a + per], n_iters, causal
+            )
+        return out.view(s.shape), None, None, None
+
+
+def _rounds_backward(
+    s: Tensor, masked: Tensor | None, grad: Tensor, n_iters: int, causal: bool
+) -> Tensor:
+    """The gradient of :class:`_SinkhornRounds` with respect to ``s`` (see there)."""
+    kinds = [step for _ in range(n_iters) for step in _step_dims(causal)]
+    first = None if masked is None or not causal else _first_real(masked, s.shape)
+    every = _segment_length(len(kinds))
+    with torch.no_grad():
+        # checkpoints: the states at the start of every segment of `every` half-steps
+        starts = list(range(0, max(len(kinds), 1), every))  # [0] without rounds
+        checkpoints = [s]
+        for a, b in itertools.pairwise(starts):
+            checkpoints.append(_steps(checkpoints[-1], kinds[a:b], masked, first, keep=False)[-1])
+        g: Tensor | None = None
+        bufs = (torch.empty_like(s), torch.empty_like(s))  # scratch, reused by every step
+        for a in reversed(starts):  # segments last to first, each recomputed from its start
+            states = _steps(checkpoints.pop(), kinds[a : a + every], masked, first, keep=True)
+            if g is None:
+                g = grad * _exp(states[-1], masked)  # P = exp(S_2n)
             # g stays exactly 0 where masked (masked outputs are constants): P is 0 there,
             # and each step's weights below are 0 there.
-            for t in range(len(kinds) - 1, -1, -1):
-                kind, dim = kinds[t]
+            for t in range(len(states) - 2, -1, -1):
+                kind, dim = kinds[a + t]
                 x, y = states[t], states[t + 1]
                 if kind == "lse":
                     w = torch.clamp(y, min=-_floor(y.dtype), out=bufs[0]).exp_()  # softmax
@@ -390,7 +443,15 @@ class _SinkhornRounds(torch.autograd.Function):
                     assert first is not None
                     g = _prefix_step_backward(g, x, first, masked, bufs)
                 del states[t + 1 :]  # free the states as the backward passes them
-        return g, None, None, None
+        assert g is not None
+    return g
+
+
+def _segment_length(n_steps: int) -> int:
+    """Half-steps per recomputed segment of the balancing's backward: about ``sqrt(n)``, so
+    it holds about ``2 sqrt(n)`` ``(N, N)`` states (checkpoints plus one segment) instead of
+    ``n`` and recomputes the rounds once."""
+    return max(1, math.isqrt(max(n_steps - 1, 0)) + 1)
 
 
 def _prefix_step_backward(

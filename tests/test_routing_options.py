@@ -15,6 +15,7 @@ import torch
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import AttentionConfig, SinkhornSelfAttention
 from sparse_sinkhorn.ops import (
+    grouped,
     reference_softmax_routing,
     reference_topk_block_attention,
     sinkhorn_plan,
@@ -85,9 +86,18 @@ def test_unknown_balance_is_refused() -> None:
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
 @pytest.mark.parametrize("top_k", [1, 2, 9], ids=["k1", "k2", "k9"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("tile", [32, 2], ids=["tile32", "tile2"])
 def test_topk_matches_reference_forward_and_backward(
-    block: int, length: int, causal: bool, top_k: int, padded: bool
+    block: int,
+    length: int,
+    causal: bool,
+    top_k: int,
+    padded: bool,
+    tile: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """tile2: the queries that read one block fill several tiles (BlockGroups)."""
+    monkeypatch.setattr(grouped, "TILE", tile)
     q, k, v = (t.requires_grad_() for t in _qkv(length))
     mask = _padding(length) if padded else None
     opts = dict(block_size=block, top_k=top_k, is_causal=causal, key_padding_mask=mask)

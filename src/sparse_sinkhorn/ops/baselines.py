@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _validate
 from .blocks import check_block_size, pad_to_blocks, padded_mask, repeat_kv, zero_padding
+from .grouped import BlockGroups
 from .masked import masked_sdpa
 
 
@@ -215,7 +216,9 @@ def topk_block_attention(
     Each query attends, under one softmax, to its own block (the causal triangle when
     ``is_causal``) and to every key of the ``top_k`` blocks :func:`topk_block_selection`
     picks for it. Exactly causal: a query's blocks are chosen from complete earlier blocks by
-    its own query vector. Memory O(L·k·W·D) for the gathered keys and values.
+    its own query vector. The selected blocks are multiplied a tile of queries at a time
+    (:class:`~.grouped.BlockGroups`): O(L·k·(W + D)) gathered numbers, no per-token copy of a
+    block.
     """
     _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale, gqa=True)
     bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0
@@ -251,39 +254,29 @@ def topk_block_attention(
         per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
         keep_local = keep_local & per_g[:, :, None, :]  # (G, N, W, W)
     idx3 = rearrange(pad_to_blocks(idx, w), "b h l k -> (b h) l k")  # (G, N*W, k)
-    picked = idx3.clamp_min(0)
-    rows = torch.arange(kb.shape[0], device=q.device)[:, None, None]  # (G, 1, 1)
-    k_sel, v_sel = (_select_blocks(x, rows, picked) for x in (kb, vb))  # (G, N*W, k, W, D)
+    groups = BlockGroups(idx3, kb.shape[1])  # queries grouped by the block they read
     q_tok = rearrange(q, "b h l d -> (b h) l d")  # (G, N*W, D)
-    chosen = torch.einsum("gld,glkwd->glkw", q_tok, k_sel) * scale  # (G, N*W, k, W)
+    chosen = groups.scores(q_tok, kb) * scale  # (G, N*W, k, W)
     keep_sel = (idx3 >= 0)[..., None].expand(*idx3.shape, w)  # (G, N*W, k, W)
     if real_kw is not None:
         per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
-        keep_sel = keep_sel & per_g[rows, picked]
+        rows = torch.arange(kb.shape[0], device=q.device)[:, None, None]  # (G, 1, 1)
+        keep_sel = keep_sel & per_g[rows, idx3.clamp_min(0)]
     local = local.masked_fill(~keep_local, float("-inf"))
     out = _softmax_local_and_selected(
-        local, chosen.masked_fill(~keep_sel, float("-inf")), vb, v_sel, dropout_p
+        local, chosen.masked_fill(~keep_sel, float("-inf")), vb, groups, dropout_p
     )
     out = rearrange(out, "(b h) l d -> b h l d", b=batch)
     return out[:, :, :length].to(query.dtype)
 
 
-def _select_blocks(x: Tensor, rows: Tensor, picked: Tensor) -> Tensor:
-    """Blocks ``x[g, picked[g, l, k]]``: ``(G, N, W, D)`` blocks, ``(G, 1, 1)`` row ids and
-    ``(G, L, k)`` block indices -> ``(G, L, k, W, D)`` (an ``index_select``, whose backward
-    is one ``index_add``)."""
-    g, n, w = x.shape[:3]
-    flat = (rows * n + picked).reshape(-1)  # (G*L*k,) rows of the (G*N, W*D) block table
-    return x.reshape(g * n, -1).index_select(0, flat).view(*picked.shape, w, -1)
-
-
 def _softmax_local_and_selected(
-    local: Tensor, chosen: Tensor, vb: Tensor, v_sel: Tensor, dropout_p: float
+    local: Tensor, chosen: Tensor, vb: Tensor, groups: BlockGroups, dropout_p: float
 ) -> Tensor:
     """One softmax over each query's own-block scores ``(G, N, W, W)`` and selected-block
     scores ``(G, N*W, k, W)`` (masked entries -inf), applied to the block values ``vb``
-    ``(G, N, W, Dv)`` and the selected values ``v_sel`` ``(G, N*W, k, W, Dv)``; a query
-    with no key gets 0. Returns ``(G, N*W, Dv)``."""
+    ``(G, N, W, Dv)``, own and selected (``groups``: which blocks each query picked); a
+    query with no key gets 0. Returns ``(G, N*W, Dv)``."""
     w = local.shape[-1]
     scores = torch.cat(
         [rearrange(local, "g n q k -> g (n q) k"), rearrange(chosen, "g l k w -> g l (k w)")],
@@ -296,7 +289,7 @@ def _softmax_local_and_selected(
     p_local = rearrange(probs[..., :w], "g (n q) k -> g n q k", q=w)  # (G, N, W, W)
     p_sel = rearrange(probs[..., w:], "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
     out = torch.einsum("gnqk,gnkd->gnqd", p_local, vb)  # (G, N, W, Dv)
-    return rearrange(out, "g n q d -> g (n q) d") + torch.einsum("glkw,glkwd->gld", p_sel, v_sel)
+    return rearrange(out, "g n q d -> g (n q) d") + groups.mix(p_sel, vb)
 
 
 def _check_blocked(

@@ -1,0 +1,88 @@
+"""Queries grouped by the key block they read: per-token block selection at GEMM speed.
+
+When every query token picks its own key blocks (MoBA's gate), gathering each token's
+``W x D`` keys materialises ``L * k * W * D`` numbers and multiplies them one token at a time.
+:class:`BlockGroups` instead sorts the (token, chosen block) pairs by block, cuts each block's
+queries into tiles of ``T`` rows, and multiplies every tile by its block once: a batched GEMM
+of ``(T, D) x (D, W)`` per tile, with gathers of ``O(L * k * (D + W))`` numbers.
+
+Axes: G batch x heads, L tokens, k picks per token, N key blocks, W block size, D head dim,
+P = G * L * k (token, pick) pairs, T tile rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+TILE = 32  # query rows per tile
+
+
+class BlockGroups:
+    """The tiling of ``picked`` ``(G, L, k)`` block indices (-1: no block) over ``n_blocks``
+    key blocks per group ``g``. Pairs with no block are left out of every tile (their scores
+    are 0; mask them)."""
+
+    def __init__(self, picked: Tensor, n_blocks: int, tile: int | None = None) -> None:
+        tile = TILE if tile is None else tile
+        g, length, k = picked.shape
+        device = picked.device
+        self.shape = (g, length, k)
+        flat = picked.reshape(-1)  # (P,)
+        group = torch.arange(g, device=device).repeat_interleave(length * k)  # (P,)
+        real = flat >= 0
+        pair = real.nonzero().squeeze(-1)  # (R,) pairs that read a block
+        key = group[pair] * n_blocks + flat[pair]  # (R,) the (g, block) each reads
+        key, order = torch.sort(key, stable=True)
+        pair = pair[order]
+        counts = torch.bincount(key, minlength=g * n_blocks)  # (G*N,)
+        tiles = (counts + tile - 1) // tile  # tiles per (g, block)
+        tile_start = torch.cumsum(tiles, 0) - tiles  # first tile of each (g, block)
+        pair_start = torch.cumsum(counts, 0) - counts  # first sorted pair of each (g, block)
+        rank = torch.arange(len(key), device=device) - pair_start[key]  # rank within its block
+        slot = (tile_start[key] + rank // tile) * tile + rank % tile  # (R,) row of the tiles
+        self.n_tiles = int(tiles.sum())
+        self.tile = tile
+        # each tile's (g, block) row of a (G*N, ...) block table
+        self.tile_block = torch.repeat_interleave(
+            torch.arange(g * n_blocks, device=device), tiles, output_size=self.n_tiles
+        )
+        # tile row -> pair (P for an empty row: a zero row appended to the pair table)
+        n_pairs = g * length * k
+        self.row_pair = torch.full((self.n_tiles * tile,), n_pairs, dtype=torch.long, device=device)
+        self.row_pair[slot] = pair
+        # pair -> tile row (a pair without a block reads row n_tiles * tile: a zero row)
+        self.pair_row = torch.full((n_pairs,), self.n_tiles * tile, dtype=torch.long, device=device)
+        self.pair_row[pair] = slot
+
+    def _rows(self, per_pair: Tensor) -> Tensor:
+        """``(P, F)`` -> ``(n_tiles, T, F)``, zeros in empty rows."""
+        table = torch.cat([per_pair, per_pair.new_zeros(1, per_pair.shape[-1])])
+        return table.index_select(0, self.row_pair).view(self.n_tiles, self.tile, -1)
+
+    def _pairs(self, per_row: Tensor) -> Tensor:
+        """``(n_tiles, T, F)`` -> ``(P, F)``, zeros for pairs without a block."""
+        flat = per_row.reshape(self.n_tiles * self.tile, -1)
+        table = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])
+        return table.index_select(0, self.pair_row)
+
+    def scores(self, q: Tensor, kb: Tensor) -> Tensor:
+        """``q`` ``(G, L, D)``, key blocks ``kb`` ``(G, N, W, D)`` -> ``(G, L, k, W)``: each
+        token's dot products with the keys of each block it picked (0 where it picked none)."""
+        g, length, k = self.shape
+        per_pair = q[:, :, None, :].expand(g, length, k, q.shape[-1]).reshape(-1, q.shape[-1])
+        keys = kb.reshape(-1, *kb.shape[2:]).index_select(0, self.tile_block)  # (tiles, W, D)
+        out = torch.bmm(self._rows(per_pair), keys.transpose(1, 2))  # (tiles, T, W)
+        return self._pairs(out).view(g, length, k, -1)
+
+    def mix(self, probs: Tensor, vb: Tensor) -> Tensor:
+        """``probs`` ``(G, L, k, W)`` over the picked blocks' keys, value blocks ``vb``
+        ``(G, N, W, Dv)`` -> ``(G, L, Dv)``: each token's weighted sum of those values."""
+        g, length, k = self.shape
+        values = vb.reshape(-1, *vb.shape[2:]).index_select(0, self.tile_block)  # (tiles, W, Dv)
+        rows = self._rows(probs.reshape(-1, probs.shape[-1]))  # (tiles, T, W)
+        out = self._pairs(torch.bmm(rows, values))  # (P, Dv)
+        return out.view(g, length, k, -1).sum(dim=2)
+
+
+__all__ = ["TILE", "BlockGroups"]

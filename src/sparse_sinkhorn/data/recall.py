@@ -13,6 +13,23 @@ the answer tokens); everything else is context. Example ``i`` of a task is a pur
   rest of the sequence (uniform key-query gaps, instead of Zoology's power law, so that
   recall reaches across the whole length); the model must produce the value after the key.
   Blank tokens fill the rest. Accuracy: the fraction of queries answered right.
+
+Tasks whose answer lies in a block that depends on the question (RULER's multi-key needles,
+MQAR with the pairs spread over the context); the block to read differs between queries, so a
+routing that only finds "the marked block" cannot solve them:
+
+* :class:`MultiKeyPasskey`: random filler with ``n_needles`` needles ``KEYk v1 .. vn`` (distinct
+  keys ``k``, values drawn from ``n_values`` symbols) at random positions; one question
+  ``QUERY KEYj v1 .. vn-1`` at a random position of the last ``query_window`` tokens (so not
+  aligned to a block start), random filler after it; the model must produce needle ``j``'s
+  values. Accuracy: all n values right (chance ``n_values**-n``).
+* :class:`ScatteredMQAR`: MQAR whose ``n_pairs`` key-value pairs lie at random positions of the
+  first ``context_share`` of the sequence, each key queried once (the key, then a blank: the
+  key is scored on predicting its value) at a random position after the context. Answers are
+  not shown after their queries, so a query cannot be answered by elimination (the one value
+  not yet shown), only by finding its key. ``n_distractors`` more pairs with other keys,
+  spread evenly over the context, put pairs in every context block. Accuracy: the fraction of
+  queries answered right (chance ``1/n_values``).
 """
 
 from __future__ import annotations
@@ -120,7 +137,152 @@ class MQAR:
         return ids, targets
 
 
-Task = Passkey | MQAR
+def _free_slots(n_slots: int, taken: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` distinct slot indices in ``[0, n_slots)`` outside ``taken``, in random order."""
+    free = torch.ones(n_slots, dtype=torch.bool)
+    free[taken] = False
+    candidates = free.nonzero().squeeze(-1)
+    return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+
+
+@dataclass(frozen=True)
+class MultiKeyPasskey:
+    """Multi-key needles, one asked; token ids: 0 pad, 1 QUERY, then ``n_keys`` keys, then
+    ``n_values`` value symbols, then ``n_filler`` filler symbols."""
+
+    length: int
+    n_needles: int = 4
+    n_keys: int = 16
+    n_values: int = 16
+    n_digits: int = 1  # value symbols per needle
+    n_filler: int = 16
+    query_window: int = 64  # the question starts at a random position of the last tokens
+
+    QUERY = 1
+    KEY0 = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_needles <= self.n_keys:
+            raise ValueError(
+                f"n_needles must be in [1, n_keys={self.n_keys}], got {self.n_needles}"
+            )
+        if min(self.n_values, self.n_digits, self.n_filler, self.query_window) < 1:
+            raise ValueError("n_values, n_digits, n_filler and query_window must be >= 1")
+        if self.query_window < self.question_length:
+            raise ValueError(f"query_window must be >= {self.question_length} (the question)")
+        if self.context_slots < self.n_needles:
+            raise ValueError(
+                f"length {self.length} cannot hold {self.n_needles} needles before a "
+                f"{self.query_window}-token question window"
+            )
+
+    @property
+    def question_length(self) -> int:
+        return self.n_digits + 2  # QUERY KEYj v1 .. vn (the last value is only predicted)
+
+    @property
+    def context_slots(self) -> int:
+        return (self.length - self.query_window) // (self.n_digits + 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.KEY0 + self.n_keys + self.n_values + self.n_filler
+
+    @property
+    def chance(self) -> float:
+        return float(self.n_values) ** -self.n_digits
+
+    def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        n, length, width = self.n_digits, self.length, self.n_digits + 1
+        value0 = self.KEY0 + self.n_keys
+        filler0 = value0 + self.n_values
+        ids = torch.randint(filler0, filler0 + self.n_filler, (length,), generator=generator)
+        keys = torch.randperm(self.n_keys, generator=generator)[: self.n_needles] + self.KEY0
+        values = torch.randint(0, self.n_values, (self.n_needles, n), generator=generator)
+        values = values + value0
+        slots = _free_slots(
+            self.context_slots, torch.empty(0, dtype=torch.long), self.n_needles, generator
+        )
+        for slot, key, vals in zip(slots.tolist(), keys, values, strict=True):
+            ids[slot * width] = key
+            ids[slot * width + 1 : slot * width + width] = vals
+        asked = int(torch.randint(0, self.n_needles, (1,), generator=generator))
+        window0 = length - self.query_window
+        span = self.query_window - self.question_length + 1
+        at = window0 + int(torch.randint(0, span, (1,), generator=generator))
+        ids[at], ids[at + 1] = self.QUERY, keys[asked]
+        ids[at + 2 : at + 1 + n] = values[asked, :-1]
+        targets = torch.full((length,), IGNORE, dtype=torch.long)
+        targets[at + 1 : at + 1 + n] = values[asked]  # KEYj predicts v1, v1 predicts v2, ...
+        return ids, targets
+
+
+@dataclass(frozen=True)
+class ScatteredMQAR:
+    """MQAR with pairs spread over the context; token ids: 0 pad, 1 blank, then ``n_keys``
+    keys, then ``n_values`` values."""
+
+    length: int
+    n_pairs: int = 8
+    n_keys: int = 64
+    n_values: int = 64
+    n_distractors: int = 0  # further pairs (other keys, never asked), one per equal stretch
+    context_share: float = 0.5  # the pairs lie in this leading share of the sequence
+
+    BLANK = 1
+    KEY0 = 2
+
+    def __post_init__(self) -> None:
+        if self.n_pairs < 1 or self.n_distractors < 0:
+            raise ValueError("n_pairs must be >= 1 and n_distractors >= 0")
+        if self.n_pairs + self.n_distractors > self.n_keys:
+            raise ValueError(
+                f"n_pairs + n_distractors = {self.n_pairs + self.n_distractors} needs as many "
+                f"distinct keys; n_keys is {self.n_keys}"
+            )
+        if not 0.0 < self.context_share < 1.0:
+            raise ValueError(f"context_share must be in (0, 1), got {self.context_share}")
+        if self.context_slots < self.n_pairs + self.n_distractors:
+            raise ValueError(f"length {self.length} cannot hold the pairs in its context")
+        if self.length // 2 - self.context_slots < self.n_pairs:
+            raise ValueError(f"length {self.length} cannot hold {self.n_pairs} queries")
+
+    @property
+    def context_slots(self) -> int:
+        return int(self.length * self.context_share) // 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.KEY0 + self.n_keys + self.n_values
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_values
+
+    def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        d, extra, slots = self.n_pairs, self.n_distractors, self.context_slots
+        keys = torch.randperm(self.n_keys, generator=generator)[: d + extra] + self.KEY0
+        values = torch.randint(0, self.n_values, (d + extra,), generator=generator)
+        values = values + self.KEY0 + self.n_keys
+        # distractor i in stretch i of the context, then the asked pairs in free slots
+        stretch = torch.arange(extra) * slots // max(extra, 1)
+        width = (torch.arange(1, extra + 1) * slots // max(extra, 1)) - stretch
+        offset = (torch.rand(extra, generator=generator) * width).long()
+        distractor_slots = stretch + offset
+        pair_slots = _free_slots(slots, distractor_slots, d, generator)
+        ids = torch.full((self.length,), self.BLANK, dtype=torch.long)
+        where = torch.cat([pair_slots, distractor_slots]) * 2
+        ids[where], ids[where + 1] = keys, values
+        query_slots = self.length // 2 - slots  # (key, value) slots after the context
+        at = (torch.randperm(query_slots, generator=generator)[:d] + slots) * 2
+        order = torch.randperm(d, generator=generator)  # each asked key queried once
+        ids[at] = keys[order]  # the value is never shown after a query (see the class)
+        targets = torch.full((self.length,), IGNORE, dtype=torch.long)
+        targets[at] = values[order]
+        return ids, targets
+
+
+Task = Passkey | MQAR | MultiKeyPasskey | ScatteredMQAR
 
 
 class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -141,4 +303,13 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
         return self.task.example(generator)
 
 
-__all__ = ["IGNORE", "MQAR", "PAD", "Passkey", "RecallDataset", "Task"]
+__all__ = [
+    "IGNORE",
+    "MQAR",
+    "PAD",
+    "MultiKeyPasskey",
+    "Passkey",
+    "RecallDataset",
+    "ScatteredMQAR",
+    "Task",
+]

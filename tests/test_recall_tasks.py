@@ -1,0 +1,93 @@
+"""The retrieval tasks whose answer block depends on the question: multi-key needles and MQAR
+with pairs spread over the context (layout, determinism, refused sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_sinkhorn.data.recall import IGNORE, MultiKeyPasskey, RecallDataset, ScatteredMQAR
+
+
+def _examples(task, n: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    data = RecallDataset(task, n, seed=3)
+    return [data[i] for i in range(n)]
+
+
+@pytest.mark.parametrize("n_digits", [1, 2])
+def test_multikey_passkey_layout(n_digits: int) -> None:
+    task = MultiKeyPasskey(256, n_needles=4, n_digits=n_digits, query_window=64)
+    key0, value0 = task.KEY0, task.KEY0 + task.n_keys
+    offsets = set()
+    for ids, targets in _examples(task):
+        assert ids.shape == targets.shape == (256,)
+        is_key = (ids >= key0) & (ids < value0)
+        keys = ids[is_key]
+        assert len(keys) == task.n_needles + 1  # the needles' keys and the question's
+        at = int((ids == task.QUERY).nonzero().squeeze())
+        assert at >= 256 - 64 and at + task.question_length <= 256  # inside the window
+        offsets.add(at % 32)
+        asked = ids[at + 1]
+        needle = [int(p) for p in (ids[: 256 - 64] == asked).nonzero().flatten()]
+        assert len(needle) == 1  # the asked key names exactly one needle
+        values = ids[needle[0] + 1 : needle[0] + 1 + n_digits]
+        assert torch.all((values >= value0) & (values < value0 + task.n_values))
+        scored = targets != IGNORE
+        assert scored.nonzero().flatten().tolist() == list(range(at + 1, at + 1 + n_digits))
+        assert torch.equal(targets[scored], values)  # the asked needle's values
+        assert torch.equal(ids[at + 2 : at + 1 + n_digits], values[:-1])  # teacher forcing
+        assert len(set(keys[:-1].tolist())) == task.n_needles  # distinct keys
+    assert len(offsets) > 5  # the question is not aligned to a block start
+
+
+@pytest.mark.parametrize("n_distractors", [0, 16])
+def test_scattered_mqar_layout(n_distractors: int) -> None:
+    task = ScatteredMQAR(512, n_pairs=8, n_distractors=n_distractors, context_share=0.5)
+    key0, value0 = task.KEY0, task.KEY0 + task.n_keys
+    blocks_with_pairs = []
+    for ids, targets in _examples(task):
+        scored = (targets != IGNORE).nonzero().flatten()
+        assert len(scored) == 8 and torch.all(scored >= 256)  # queries after the context
+        context = ids[:256]
+        for t in scored.tolist():
+            key = ids[t]
+            assert key0 <= key < value0
+            where = (context == key).nonzero().flatten()
+            assert len(where) == 1  # one pair per key
+            assert targets[t] == context[where[0] + 1]  # its value,
+            assert ids[t + 1] == task.BLANK  # never shown after the query
+        pair_keys = context[(context >= key0) & (context < value0)]
+        assert len(pair_keys) == 8 + n_distractors
+        assert len(set(pair_keys.tolist())) == len(pair_keys)  # distinct keys
+        starts = ((context >= key0) & (context < value0)).nonzero().flatten() // 32
+        blocks_with_pairs.append(len(set(starts.tolist())))
+    if n_distractors:  # one distractor per 16 tokens: every context block holds pairs
+        assert min(blocks_with_pairs) == 256 // 32
+    else:  # eight pairs fall in several blocks, so the block to read depends on the key
+        assert sum(blocks_with_pairs) / len(blocks_with_pairs) > 5
+
+
+@pytest.mark.parametrize(
+    "task", [MultiKeyPasskey(300), ScatteredMQAR(300, n_distractors=4)], ids=["mk", "mqar"]
+)
+def test_new_tasks_are_pure_functions_of_seed_and_index(task) -> None:
+    a, b = RecallDataset(task, 5, seed=1), RecallDataset(task, 5, seed=1)
+    assert all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in range(5))
+    assert not torch.equal(a[0][0], RecallDataset(task, 5, seed=2)[0][0])
+    assert all(int(a[i][0].max()) < task.vocab_size for i in range(5))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MultiKeyPasskey(64, n_needles=17), "n_needles"),
+        (lambda: MultiKeyPasskey(64, query_window=2), "query_window"),
+        (lambda: MultiKeyPasskey(70, n_needles=4, query_window=64), "cannot hold"),
+        (lambda: ScatteredMQAR(512, n_pairs=40, n_distractors=30), "distinct keys"),
+        (lambda: ScatteredMQAR(512, context_share=1.0), "context_share"),
+        (lambda: ScatteredMQAR(40, n_pairs=8, n_distractors=8), "cannot hold"),
+    ],
+)
+def test_new_task_sizes_are_refused(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()

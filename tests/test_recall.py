@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -321,3 +326,41 @@ def test_shared_routing_routes_every_layer_as_the_first() -> None:
     for layer in layers[1:]:
         assert layer.sort_net is not None
         assert all(p.grad is None for p in layer.sort_net.parameters())
+
+
+def _recall_process(out: Path, *extra: str) -> subprocess.Popen[str]:
+    argv = ["recall", "--lengths", "64", "--block-size", "16", "--steps", "40", "--batch-size"]
+    argv += ["2", "--d-model", "16", "--attention", "softmax-max", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "SPARSE_SINKHORN_DEBUG"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparse_sinkhorn.cli", *argv, "--no-progress", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def test_a_killed_recall_run_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
+    """``recall`` checkpoints every quarter of its steps, as the other experiments do: a run
+    killed with SIGKILL after its first checkpoint continues from it with ``--resume`` (not
+    from step 0) and ends with the results of an uninterrupted run."""
+    reference = _recall_process(tmp_path / "reference")
+    out = tmp_path / "killed"
+    child = _recall_process(out)
+    latest = out / "passkey-64" / "softmax-max" / "seed0" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, err
+    step = json.loads(latest.read_text())["checkpoint"]
+    assert step < "step_0000040", step  # killed in the middle of training
+    resumed = _recall_process(out, "--resume")
+    _, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err
+    assert f"resumed from {latest.parent / step}" in err
+    _, err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, err
+    want, got = (json.loads((d / "results.json").read_text())["results"][0] for d in (
+        tmp_path / "reference", out))  # fmt: skip
+    assert got["eval"] == want["eval"] and got["train_loss"] == want["train_loss"]

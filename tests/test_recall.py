@@ -281,7 +281,39 @@ def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert_one_line_error(heads, capsys, "not a multiple of 5 heads")
     oracle = ["recall", "--task", "mqar", "--attention", "oracle-hard", *out]
     assert_one_line_error(oracle, capsys, "passkey")
-    assert not (tmp_path / "r" / "results.json").exists()
+    assert_one_line_error(["recall", "--lengths", "64,64", *out], capsys, "twice")
+    huge = ["recall", "--lengths", "64,99999999999", *out]
+    assert_one_line_error(huge, capsys, "99,999,999,999 is longer than 1,048,576")
+    assert not (tmp_path / "r").exists()  # refused before any run directory is made
+
+
+def test_recall_help_shows_the_default_out(capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_sinkhorn.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["recall", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/recall-<task>)" in text and "default: None" not in text
+
+
+def test_ctrl_c_on_recall_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a recall run: one line saying how to continue, no traceback."""
+    out = tmp_path / "r"
+    child = _recall_process(out, "--steps", "100000")
+    metrics = out / "passkey-64" / "softmax-max" / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert (
+        last == "sparse-sinkhorn: interrupted; pass --resume to continue from the latest "
+        "checkpoints"
+    ), err
 
 
 def test_recall_checkpoints_example_rescores_a_run(

@@ -163,6 +163,7 @@ PRESETS = RECALL_PRESETS
 OVERRIDES = ("steps", "batch_size", "block_size", "d_model", "n_heads")
 HARD = "accuracy_hard_routing"  # a soft-routing kind's weights scored with hard routing
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
+MAX_LENGTH = 1 << 20  # longest --lengths: 16 x the paper preset's longest
 
 
 def make_task(task: str, length: int, preset: RecallPreset) -> Task:
@@ -442,6 +443,10 @@ def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...
         raise UsageError(f"--lengths must be a comma list of ints, got {value!r}") from None
     if not lengths or any(n <= 0 for n in lengths):
         raise UsageError(f"--lengths must be positive ints, got {value!r}")
+    if len(set(lengths)) < len(lengths):
+        raise UsageError(f"--lengths names a length twice: {value!r}")
+    if max(lengths) > MAX_LENGTH:  # before any run directory is made
+        raise UsageError(f"--lengths: {max(lengths):,} is longer than {MAX_LENGTH:,} tokens")
     return lengths
 
 

@@ -206,6 +206,10 @@ def test_routing_hits_count_last_blocks_routed_to_the_needle() -> None:
     for i in (0, 1):
         per = [heads[f"routing_hit_layer{i}_head{h}"] for h in (0, 1)]
         assert hits[f"routing_hit_layer{i}"] == pytest.approx(sum(per) / 2, abs=1e-9)
+    for length in (32, 16):  # two blocks: one earlier block to route to; one block: none
+        short = RecallDataset(Passkey(length), 8, 0)
+        model = LanguageModel(make(attention=attention_config("softmax-max", 16, length)))
+        assert routing_hits(model.eval(), short, 8) == dict.fromkeys(hits)  # n/a, not 100 or 0
     one = LanguageModel(make(attention=attention_config("softmax-max-layers", 16, 128))).eval()
     assert set(routing_hits(one, data, 8)) == {"routing_hit_layer0"}  # one routing
     assert (
@@ -337,6 +341,27 @@ def test_recall_checkpoints_example_rescores_a_run(
     hits = [float(x) for x in row[4].split(",")]
     want = [recorded["routing_hit_layer0"], recorded["routing_hit_layer1"]]
     assert hits == pytest.approx(want, abs=0.05)
+
+
+def test_recall_checkpoints_example_scores_an_mqar_run_as_mqar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an MQAR run the example scores MQAR (the accuracy the run recorded) and gives no
+    routing hits (a passkey figure): n/a."""
+    out = tmp_path / "recall"
+    argv = ["recall", "--task", "mqar", "--lengths", "96", "--block-size", "16", "--steps"]
+    argv += ["2", "--batch-size", "2", "--attention", "softmax-max", "--out", str(out)]
+    code, err = run_cli([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    recorded = json.loads((out / "results.json").read_text())["results"][0]["eval"]
+    script = Path(__file__).parents[1] / "examples" / "recall_checkpoints.py"
+    monkeypatch.setattr("sys.argv", [str(script), str(out / "mqar-96" / "softmax-max")])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "mqar at 96 tokens"
+    row = lines[-1].split("|")
+    assert float(row[2]) == pytest.approx(recorded["accuracy"], abs=0.05)
+    assert row[4].strip() == "n/a, n/a"
 
 
 def test_shared_routing_routes_every_layer_as_the_first() -> None:

@@ -13,9 +13,11 @@ length. Per case, in a fresh process:
 * **peak memory**: ``VmHWM`` during generate minus ``VmRSS`` before it (CPU; see
   ``benchmarks/case.py``), i.e. the cache and the activations, not the weights.
 
-Writes ``benchmarks/results/generate.{json,md,png}`` (``generate_static.*`` with
-``--cache static``) with the machine, torch, transformers,
-git commit, command, date and load average.
+Writes ``generate.{json,md,png}`` (``generate_static.*`` with ``--cache static``) with the
+machine, torch, transformers, git commit, command, date and load average into ``--out``
+(default ``runs/benchmarks``; the committed results are rebuilt with
+``--out benchmarks/results --overwrite``). An existing ``generate.json`` there is refused
+unless ``--overwrite``, before any case runs.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from sparse_sinkhorn.train import memory
 
 from .machine import machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed results
+DEFAULT_OUT = Path("runs") / "benchmarks"
 IMPLS = ("sdpa", "sinkhorn")
 CACHE_NAMES = {"dynamic": "DynamicCache", "static": "StaticCache (preallocated)"}
 
@@ -193,42 +196,123 @@ def plot(meta: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"needs at least one length, got {text!r}")
+    return [_positive(x) for x in parts]
+
+
+def _case(text: str) -> tuple[str, int]:
+    impl, _, length = text.partition(":")
+    if impl not in IMPLS:
+        raise argparse.ArgumentTypeError(f"IMPL:LENGTH with IMPL one of {IMPLS}, got {text!r}")
+    return impl, _positive(length)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__)
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=129)
-    p.add_argument("--cache", choices=tuple(CACHE_NAMES), default="dynamic")
-    p.add_argument("--out", default=str(RESULTS), help="directory for generate.{json,md,png}")
-    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case
-    return p
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=_lengths("1024,2048,4096,8192,16384"),
+        help="prompt lengths, a comma list (default: 1024,...,16384)",
+    )
+    p.add_argument("--layers", type=_positive, default=2, help="decoder layers (default: 2)")
+    p.add_argument(
+        "--heads",
+        type=_positive,
+        default=4,
+        help="query heads of 64 dims; key/value heads: half (default: 4)",
+    )
+    p.add_argument(
+        "--block-size", type=_positive, default=64, help="Sinkhorn block size (default: 64)"
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=_positive,
+        default=129,
+        help="tokens generated per prompt; more than --block-size (default: 129)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=tuple(CACHE_NAMES),
+        default="dynamic",
+        help="dynamic: DynamicCache (default); static: a preallocated StaticCache",
+    )
+    p.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help=f"directory for generate.{{json,md,png}} (default: {DEFAULT_OUT}; the "
+        "committed results: benchmarks/results)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--case", type=_case, default=None, help=argparse.SUPPRESS)  # internal
+    return p  # fmt: skip
+
+
+def _check_out(out: Path, stem: str, overwrite: bool) -> None:
+    """Before any case runs: ``out`` can hold the results, and holds none unless
+    ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is not a directory")
+    if (out / f"{stem}.json").exists() and not overwrite:
+        raise SystemExit(
+            f"error: {out / stem}.json exists; pass --overwrite to replace it or another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise SystemExit(f"error: --out {out} is not writable")
+
+
+def _run_child(argv: list[str], impl: str, length: int) -> dict[str, Any]:
+    """One case in a fresh process; its own error, when it fails, as ours."""
+    cmd = [sys.executable, "-m", "benchmarks.generate", *argv, "--case", f"{impl}:{length}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise SystemExit(f"error: case {impl} at {length} tokens failed: {lines[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    args.lengths = [int(x) for x in args.lengths.split(",")]
+    p = parser()
+    args = p.parse_args(argv)
     if args.new_tokens < args.block_size + 1:
-        raise SystemExit("--new-tokens must exceed --block-size (a block boundary is timed)")
+        p.error("--new-tokens must exceed --block-size (a block boundary is timed)")
     if args.case:
-        impl, length = args.case.split(":")
-        print(json.dumps(run_case(impl, int(length), args)))
+        impl, length = args.case
+        print(json.dumps(run_case(impl, length, args)))
         return None
+    out = Path(args.out)
+    stem = "generate" if args.cache == "dynamic" else f"generate_{args.cache}"
+    _check_out(out, stem, args.overwrite)
     t0, load = time.time(), os.getloadavg()
     rows = []
     for length in args.lengths:
         for impl in IMPLS:
-            cmd = [sys.executable, "-m", "benchmarks.generate", *argv, "--case", f"{impl}:{length}"]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = _run_child(argv, impl, length)
             print(json.dumps(row), flush=True)
             rows.append(row)
     import transformers
 
     meta = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("case", "out")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("case", "out", "overwrite")},
         "rows": rows,
         "provenance": {
             "command": "python -m benchmarks.generate" + ("" if not argv else " " + " ".join(argv)),
@@ -240,9 +324,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "load": list(load),
         },
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "generate" if args.cache == "dynamic" else f"generate_{args.cache}"
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / f"{stem}.md").write_text(report(meta))
     plot(meta, out / f"{stem}.png")

@@ -1,11 +1,14 @@
-"""Score the trained models of a `sparse-sinkhorn recall --task passkey` run again from their
-checkpoints: accuracy with the routing they were trained with, accuracy with hard (argmax)
-routing (the same for a kind trained with it), and per routing layer how often the last query
-block routes to the needle's block (:func:`sparse_sinkhorn.experiments.recall.routing_hits`),
-on the run's held-out examples.
+"""Score the trained models of a `sparse-sinkhorn recall` run again from their checkpoints:
+accuracy with the routing they were trained with, accuracy with hard (argmax) routing (the same
+for a kind trained with it), and, for passkey, per routing layer how often the last query block
+routes to the needle's block (:func:`sparse_sinkhorn.experiments.recall.routing_hits`; n/a
+where it means nothing: other tasks, two blocks or fewer), on the run's held-out examples. The
+task and length come from the directory's name (``<task>-<length>``), the task's sizes from
+the run's ``results.json`` (the cpu preset's when there is none).
 
     python examples/recall_checkpoints.py runs/recall-passkey/passkey-512/softmax-max
     python examples/recall_checkpoints.py runs/recall-passkey/passkey-512/softmax-max --per-head
+    python examples/recall_checkpoints.py runs/recall-mqar/mqar-512/softmax-max
 
 Runs made since the `recall` experiment records these scores itself need no second pass; this
 reads older run directories (one `seed*/checkpoints` per seed).
@@ -14,6 +17,7 @@ reads older run directories (one `seed*/checkpoints` per seed).
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import torch
 
 from sparse_sinkhorn.data.recall import RecallDataset
 from sparse_sinkhorn.experiments import recall
-from sparse_sinkhorn.experiments.presets import RECALL_PRESETS
+from sparse_sinkhorn.experiments.presets import RECALL_PRESETS, RecallPreset
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.train import load_model_weights, read_config, resolve_checkpoint
 
@@ -38,6 +42,18 @@ def load(seed_dir: Path, hard: bool | None = None) -> LanguageModel:
     return model.eval()
 
 
+def run_preset(kind_dir: Path) -> RecallPreset:
+    """The preset the run trained with: ``settings`` of its ``results.json`` (the cpu preset's
+    task sizes when the run has none yet)."""
+    preset = RECALL_PRESETS["cpu"]
+    results = kind_dir.parent.parent / "results.json"
+    if results.is_file():
+        settings = json.loads(results.read_text())["settings"]
+        sizes = ("n_eval", "n_pairs", "n_digits")
+        preset = replace(preset, **{k: settings[k] for k in sizes if k in settings})
+    return preset
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind_dir", type=Path, help="a run's <task>-<length>/<kind> directory")
@@ -45,20 +61,24 @@ def main() -> None:
         "--per-head", action="store_true", help="routing hits per layer and head (% of sequences)"
     )
     args = parser.parse_args()
-    length = int(args.kind_dir.parent.name.split("-")[-1])
-    preset = RECALL_PRESETS["cpu"]
-    held_out = RecallDataset(
-        recall.make_task("passkey", length, preset), preset.n_eval, recall.EVAL_SEED
-    )
+    task, _, length = args.kind_dir.resolve().parent.name.rpartition("-")
+    if task not in recall.TASKS or not length.isdigit():
+        parser.error(f"{args.kind_dir} is not a recall run's <task>-<length>/<kind> directory")
+    preset = run_preset(args.kind_dir)
+    spec = recall.make_task(task, int(length), preset)
+    held_out = RecallDataset(spec, preset.n_eval, recall.EVAL_SEED)
     per = "per layer, head" if args.per_head else "per layer"
+    print(f"{task} at {int(length):,} tokens")
     print(f"| seed | accuracy % | with hard routing % | routing hits % ({per}) |")
     print("|---|---|---|---|")
     for seed_dir in sorted(args.kind_dir.glob("seed*")):
         trained, hard = load(seed_dir), load(seed_dir, hard=True)
-        acc = recall.accuracy(trained, held_out, "passkey", 16)["accuracy"]
-        acc_hard = recall.accuracy(hard, held_out, "passkey", 16)["accuracy"]
+        acc = recall.accuracy(trained, held_out, task, 16)["accuracy"]
+        acc_hard = recall.accuracy(hard, held_out, task, 16)["accuracy"]
         hits = recall.routing_hits(trained, held_out, 16, per_head=args.per_head)
-        per_layer = ", ".join(f"{v:.1f}" for v in hits.values()) or "–"
+        if task != "passkey":  # the needle's block is a passkey notion
+            hits = dict.fromkeys(hits)
+        per_layer = ", ".join("n/a" if v is None else f"{v:.1f}" for v in hits.values()) or "–"
         print(f"| {seed_dir.name} | {acc:.1f} | {acc_hard:.1f} | {per_layer} |")
 
 

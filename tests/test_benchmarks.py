@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,55 @@ def test_model_level_and_perf_tables(tmp_path: Path) -> None:
     ]  # fmt: skip
     md = perf.table(sweep_rows, "op")
     assert "0.5 s / 3 MiB" in md and "timeout" in md
+
+
+def _generate(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.generate", *argv],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--lengths", "abc"], "--lengths: not an integer: 'abc'"),
+        (["--lengths", ""], "--lengths: needs at least one length"),
+        (["--lengths", "0"], "--lengths: must be > 0, got 0"),
+        (["--heads", "0"], "--heads: must be > 0, got 0"),
+        (["--case", "foo"], "--case: IMPL:LENGTH"),
+    ],
+)
+def test_generate_flags_are_checked_in_one_line(
+    tmp_path: Path, argv: list[str], match: str
+) -> None:
+    done = _generate(*argv, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert match in done.stderr.strip().splitlines()[-1], done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_help_and_where_it_writes(tmp_path: Path) -> None:
+    """Every flag has help; the default --out is not the committed results; an existing result
+    in --out is refused before any case runs (unless --overwrite); a failing case says why."""
+    from benchmarks import generate
+
+    shown = [a for a in generate.parser()._actions if a.help != argparse.SUPPRESS]
+    assert {a.dest for a in shown} >= {"lengths", "heads", "out", "overwrite"}
+    assert all(a.help for a in shown), [a.dest for a in shown if not a.help]
+    assert generate.parser().parse_args([]).out == str(Path("runs") / "benchmarks")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "generate.json").write_text("{}")
+    start = time.monotonic()
+    done = _generate("--out", str(out), "--lengths", "64", cwd=tmp_path)
+    assert done.returncode != 0 and "pass --overwrite" in done.stderr, done.stderr
+    assert time.monotonic() - start < 60 and (out / "generate.json").read_text() == "{}"
+    # a case that fails in its process: its own error, not CalledProcessError
+    with pytest.raises(SystemExit, match=r"case sdpa at 0 tokens failed: .*--case: must be > 0"):
+        generate._run_child(["--lengths", "64"], "sdpa", 0)

@@ -138,6 +138,59 @@ def test_a_killed_worker_is_one_line_naming_its_run(tmp_path: Path) -> None:
     assert "sinkhorn/seed0" not in message and "\n" not in str(err.value)
 
 
+def _grid_process(out: Path) -> subprocess.Popen[str]:
+    """A ``sort --jobs 2`` grid of two long runs in a session of its own (a terminal's
+    process group), started once both workers train."""
+    argv = ["sort", "--attention", "dense", "--length", "8", "--block-size", "4", "--n-eval"]
+    argv += ["4", "--seeds", "2", "--jobs", "2", "--steps", "100000", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "SPARSE_SINKHORN_DEBUG"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sparse_sinkhorn.cli", *argv, "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    metrics = [out / "dense" / f"seed{seed}" / "metrics.jsonl" for seed in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(m.exists() for m in metrics) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(m.exists() for m in metrics), "the workers did not start training"
+    return child
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize(
+    ("how", "code", "line"),
+    [
+        ("ctrl-c", 130, "sparse-sinkhorn: interrupted; pass --resume"),
+        ("sigterm", 143, "sparse-sinkhorn: terminated; pass --resume"),
+    ],
+)
+def test_ctrl_c_or_sigterm_on_a_jobs_grid_is_one_line(
+    tmp_path: Path, how: str, code: int, line: str
+) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM to the
+    command of a ``--jobs 2`` grid: the workers stop, the command says so in one line, no
+    ``KeyboardInterrupt`` traceback, no "leaked semaphore" warning, and ``--resume`` continues
+    from the checkpoints."""
+    child = _grid_process(tmp_path / "out")
+    workers = [p for p in _worker_pids(child.pid) if p != child.pid]
+    try:
+        if how == "ctrl-c":
+            os.killpg(child.pid, signal.SIGINT)
+        else:
+            child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "leaked semaphore" not in err, err
+    assert err.strip().splitlines()[-1].startswith(line), err
+    time.sleep(1.0)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    assert not alive, f"workers still running: {alive}"
+
+
 @pytest.mark.parametrize("command", ["sort", "ablate", "lm", "image", "classify", "nli"])
 def test_an_empty_out_is_refused(
     command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -511,3 +513,120 @@ def test_convert_turns_off_generate_s_automatic_compile() -> None:
     kept beside the cache is untested under torch.compile, so a converted model opts out."""
     model = _model("llama")
     assert model.generation_config.disable_compile is True
+
+
+def test_mixture_must_be_a_bool_in_convert_and_in_a_saved_config(tmp_path: Path) -> None:
+    """``mixture="no"`` (a truthy string) would build Mixture attention; a saved "false" would
+    load as Mixture: both refused."""
+    with pytest.raises(TypeError, match="mixture must be True or False, got str 'no'"):
+        hf.convert(_plain_gpt2(), block_size=4, mixture="no")
+    _edited_save(tmp_path, mixture="false")
+    with pytest.raises(ValueError, match="mixture must be True or False, got str 'false'"):
+        hf.from_pretrained(tmp_path)
+
+
+def _edited_save(tmp_path: Path, *, model: torch.nn.Module | None = None, **edits) -> None:
+    """A converted model saved, then its ``sinkhorn_attention`` options edited by hand (a
+    ``None`` value removes the option)."""
+    (model or _model("gpt2")).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in edits.items():
+        if value is None:
+            config["sinkhorn_attention"].pop(key)
+        else:
+            config["sinkhorn_attention"][key] = value
+    path.write_text(json.dumps(config))
+
+
+def test_from_pretrained_paths_that_are_not_a_saved_directory(tmp_path: Path) -> None:
+    _model("gpt2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is a file; pass the directory save_pretrained wrote"):
+        hf.from_pretrained(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="no directory"):
+        hf.from_pretrained(tmp_path / "missing")
+
+
+def test_a_removed_option_that_changes_the_weights_is_named(tmp_path: Path) -> None:
+    """Saved with ``shared_routing="heads"``, the option removed: the default does not fit the
+    saved sort nets; the error says so instead of load_state_dict's size mismatch."""
+    _edited_save(tmp_path, model=_model("gpt2", shared_routing="heads"), shared_routing=None)
+    with pytest.raises(ValueError, match=r"missing, so set to their defaults: shared_routing"):
+        hf.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit", [{"block_size": 8}, {"hard": True}, {"pooling": "max"}])
+def test_hand_edited_valid_options_load_with_a_warning(tmp_path: Path, edit: dict) -> None:
+    _edited_save(tmp_path, **edit)
+    with pytest.warns(UserWarning, match="was edited after the model was saved"):
+        loaded = hf.from_pretrained(tmp_path)
+    key, value = next(iter(edit.items()))
+    assert loaded.config.sinkhorn_attention[key] == value
+    with warnings.catch_warnings():  # saved again, it loads without a word
+        warnings.simplefilter("error")
+        loaded.save_pretrained(tmp_path / "again")
+        hf.from_pretrained(tmp_path / "again")
+
+
+def test_nan_sort_net_weights_are_refused(tmp_path: Path) -> None:
+    model = _model("gpt2")
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if ".sort_net." in n)[0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"sort_net\..* holds NaN or infinite values"):
+        hf.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("batches", "lr", "error", "match"),
+    [
+        (_ids(2, 8), 1e-3, TypeError, "got one Tensor: pass"),
+        ([_ids(2, 0)], 1e-3, ValueError, r"shape \(2, 0\) is empty"),
+        ([_ids(0, 8)], 1e-3, ValueError, r"shape \(0, 8\) is empty"),
+        ([_ids(2, 8).float()], 1e-3, ValueError, "integer tensor"),
+        ([{"input_ids": _ids(2, 8), "attention_mask": torch.ones(2, 7)}], 1e-3, ValueError,
+         r"attention_mask must have input_ids' shape \(2, 8\), got \(2, 7\)"),
+        ([{"attention_mask": torch.ones(2, 8)}], 1e-3, TypeError, "needs input_ids"),
+        ([_ids(2, 8)], "1e-3", TypeError, "lr must be a number, got str"),
+        ([_ids(2, 8)], True, TypeError, "lr must be a number, got bool"),
+    ],
+    ids=["bare-tensor", "no-length", "no-batch", "float-ids", "mask-shape", "no-ids", "lr-str",
+         "lr-bool"],
+)  # fmt: skip
+def test_calibrate_checks_its_input_before_a_step(batches, lr, error, match) -> None:
+    model = _model("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        hf.calibrate(model, batches, lr=lr)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_calibrate_a_half_precision_model(dtype: torch.dtype) -> None:
+    """A real float16 / bfloat16 model: the sort nets train in float32 copies, so no NaN is
+    ever written into the model, only they change, and the KL falls."""
+    torch.manual_seed(0)
+    model = _model("llama-gqa", n_iters=3).to(dtype)
+    ids = _ids(4, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = hf.calibrate(model, [ids] * 20, lr=3e-2)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.97 * losses[0], losses
+    for name, value in model.state_dict().items():
+        assert value.dtype == dtype and bool(torch.isfinite(value).all()), name
+        assert torch.equal(before[name], value) != (".sort_net." in name), name
+
+
+def test_calibrate_in_bfloat16_keeps_updates_smaller_than_a_bfloat16_step() -> None:
+    """bfloat16 weights near 3 move in steps of 1/64: AdamW steps of 5e-3 applied to them
+    directly round away and the routing never learns; the float32 copies add them up until
+    the model's weights move."""
+    torch.manual_seed(0)
+    model = _model("llama-gqa", n_iters=3).to(torch.bfloat16)
+    nets = {n: p for n, p in model.named_parameters() if ".sort_net." in n}
+    with torch.no_grad():
+        for p in nets.values():
+            p.copy_(3.0 + 0.1 * torch.randn_like(p, dtype=torch.float32))
+    before = {n: p.clone() for n, p in nets.items()}
+    hf.calibrate(model, [_ids(2, 32)] * 5, lr=5e-3)
+    moved = sum(int((before[n] != p).sum()) for n, p in nets.items())
+    assert moved > sum(p.numel() for p in nets.values()) // 2, moved

@@ -40,7 +40,10 @@ LOGITS = torch.randn(2, 2, 2, 2)
         (lambda: SinkhornSelfAttention(0, 2), ValueError, "d_model must be a positive int"),
         (lambda: SinkhornSelfAttention(8, 2, dropout=-0.5), ValueError, "dropout must be"),
         (lambda: AttentionConfig(block_size="8"), TypeError, "block_size must be int"),
-        (lambda: AttentionConfig(temperature=float("inf")), TypeError, "temperature must be float"),
+        (lambda: AttentionConfig(temperature=float("inf")), ValueError,
+         "temperature must be a finite number, got inf"),
+        (lambda: AttentionConfig(routing_loss=float("nan")), ValueError,
+         "routing_loss must be a finite number, got nan"),
         (lambda: LanguageModelConfig(vocab_size=10, d_model=2.5), TypeError, "d_model must be int"),
         (lambda: LanguageModelConfig(vocab_size=10, attention={"bogus": 1}), TypeError, "bogus"),
     ],
@@ -60,7 +63,8 @@ def test_token_ids_out_of_range_or_empty(ids) -> None:
 
 def test_every_library_error_type_derives_from_one_base() -> None:
     """The command catches one type: every exception class the package defines is a
-    ``SparseSinkhornError`` (ExitWithError, the CLI's own exit, excepted)."""
+    ``SparseSinkhornError`` (the CLI's own exit, ExitWithError, and its SIGTERM interrupt,
+    Terminated, excepted)."""
     import importlib
     import inspect
     import pkgutil
@@ -79,7 +83,7 @@ def test_every_library_error_type_derives_from_one_base() -> None:
                 found.append(cls)
     assert len(found) >= 7
     stray = [c.__qualname__ for c in found if not issubclass(c, SparseSinkhornError)]
-    assert stray == ["ExitWithError"]
+    assert sorted(stray) == ["ExitWithError", "Terminated"]
 
 
 def test_a_missing_extra_is_one_line_naming_the_install() -> None:

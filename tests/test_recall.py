@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -201,6 +206,10 @@ def test_routing_hits_count_last_blocks_routed_to_the_needle() -> None:
     for i in (0, 1):
         per = [heads[f"routing_hit_layer{i}_head{h}"] for h in (0, 1)]
         assert hits[f"routing_hit_layer{i}"] == pytest.approx(sum(per) / 2, abs=1e-9)
+    for length in (32, 16):  # two blocks: one earlier block to route to; one block: none
+        short = RecallDataset(Passkey(length), 8, 0)
+        model = LanguageModel(make(attention=attention_config("softmax-max", 16, length)))
+        assert routing_hits(model.eval(), short, 8) == dict.fromkeys(hits)  # n/a, not 100 or 0
     one = LanguageModel(make(attention=attention_config("softmax-max-layers", 16, 128))).eval()
     assert set(routing_hits(one, data, 8)) == {"routing_hit_layer0"}  # one routing
     assert (
@@ -276,7 +285,39 @@ def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert_one_line_error(heads, capsys, "not a multiple of 5 heads")
     oracle = ["recall", "--task", "mqar", "--attention", "oracle-hard", *out]
     assert_one_line_error(oracle, capsys, "passkey")
-    assert not (tmp_path / "r" / "results.json").exists()
+    assert_one_line_error(["recall", "--lengths", "64,64", *out], capsys, "twice")
+    huge = ["recall", "--lengths", "64,99999999999", *out]
+    assert_one_line_error(huge, capsys, "99,999,999,999 is longer than 1,048,576")
+    assert not (tmp_path / "r").exists()  # refused before any run directory is made
+
+
+def test_recall_help_shows_the_default_out(capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_sinkhorn.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["recall", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/recall-<task>)" in text and "default: None" not in text
+
+
+def test_ctrl_c_on_recall_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a recall run: one line saying how to continue, no traceback."""
+    out = tmp_path / "r"
+    child = _recall_process(out, "--steps", "100000")
+    metrics = out / "passkey-64" / "softmax-max" / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert (
+        last == "sparse-sinkhorn: interrupted; pass --resume to continue from the latest "
+        "checkpoints"
+    ), err
 
 
 def test_recall_checkpoints_example_rescores_a_run(
@@ -302,6 +343,27 @@ def test_recall_checkpoints_example_rescores_a_run(
     assert hits == pytest.approx(want, abs=0.05)
 
 
+def test_recall_checkpoints_example_scores_an_mqar_run_as_mqar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an MQAR run the example scores MQAR (the accuracy the run recorded) and gives no
+    routing hits (a passkey figure): n/a."""
+    out = tmp_path / "recall"
+    argv = ["recall", "--task", "mqar", "--lengths", "96", "--block-size", "16", "--steps"]
+    argv += ["2", "--batch-size", "2", "--attention", "softmax-max", "--out", str(out)]
+    code, err = run_cli([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    recorded = json.loads((out / "results.json").read_text())["results"][0]["eval"]
+    script = Path(__file__).parents[1] / "examples" / "recall_checkpoints.py"
+    monkeypatch.setattr("sys.argv", [str(script), str(out / "mqar-96" / "softmax-max")])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "mqar at 96 tokens"
+    row = lines[-1].split("|")
+    assert float(row[2]) == pytest.approx(recorded["accuracy"], abs=0.05)
+    assert row[4].strip() == "n/a, n/a"
+
+
 def test_shared_routing_routes_every_layer_as_the_first() -> None:
     """``shared-max``: every layer's plan comes from the first layer's sort logits, and only
     the first sort net learns (the later ones get no gradient)."""
@@ -321,3 +383,41 @@ def test_shared_routing_routes_every_layer_as_the_first() -> None:
     for layer in layers[1:]:
         assert layer.sort_net is not None
         assert all(p.grad is None for p in layer.sort_net.parameters())
+
+
+def _recall_process(out: Path, *extra: str) -> subprocess.Popen[str]:
+    argv = ["recall", "--lengths", "64", "--block-size", "16", "--steps", "40", "--batch-size"]
+    argv += ["2", "--d-model", "16", "--attention", "softmax-max", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "SPARSE_SINKHORN_DEBUG"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparse_sinkhorn.cli", *argv, "--no-progress", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def test_a_killed_recall_run_resumes_from_its_latest_checkpoint(tmp_path: Path) -> None:
+    """``recall`` checkpoints every quarter of its steps, as the other experiments do: a run
+    killed with SIGKILL after its first checkpoint continues from it with ``--resume`` (not
+    from step 0) and ends with the results of an uninterrupted run."""
+    reference = _recall_process(tmp_path / "reference")
+    out = tmp_path / "killed"
+    child = _recall_process(out)
+    latest = out / "passkey-64" / "softmax-max" / "seed0" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL, err
+    step = json.loads(latest.read_text())["checkpoint"]
+    assert step < "step_0000040", step  # killed in the middle of training
+    resumed = _recall_process(out, "--resume")
+    _, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err
+    assert f"resumed from {latest.parent / step}" in err
+    _, err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, err
+    want, got = (json.loads((d / "results.json").read_text())["results"][0] for d in (
+        tmp_path / "reference", out))  # fmt: skip
+    assert got["eval"] == want["eval"] and got["train_loss"] == want["train_loss"]

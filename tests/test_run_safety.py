@@ -96,6 +96,40 @@ def test_results_json_keeps_kinds_not_rerun_and_replaces_incompatible(
     assert [r["kind"] for r in previous["results"]] == ["sinkhorn", "dense"]
 
 
+def test_recall_kinds_run_one_by_one_on_one_out_all_stay_in_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three `recall` commands on one --out, one kind each: the settings saved as JSON (lists)
+    equal the new ones (tuples), so every kind's rows end in results.json and nothing is set
+    aside."""
+    out = tmp_path / "recall"
+    argv = ["recall", "--lengths", "64", "--block-size", "16", "--steps", "2", "--batch-size"]
+    argv += ["2", "--d-model", "16", "--out", str(out), "--no-progress"]
+    for kind in ("dense", "local", "sparse"):
+        code, err = run_cli([*argv, "--attention", kind], capsys)
+        assert code == 0, err
+    assert [r["kind"] for r in _results(out)["results"]] == ["dense", "local", "sparse"]
+    assert not list(out.glob("results.previous*"))
+
+
+def test_a_results_file_set_aside_is_never_overwritten(tmp_path: Path) -> None:
+    """Results of incompatible runs written one after another: each earlier file is set aside
+    under a name of its own, so every row written stays in some file."""
+    from sparse_sinkhorn.experiments.results import write_results
+
+    for steps in (1, 2, 3):
+        row = {"kind": f"k{steps}", "eval": {}}
+        payload = {"experiment": "x", "settings": {"steps": steps}, "results": [row]}
+        write_results(tmp_path, payload, "table")
+    files = ["results.json", "results.previous.json", "results.previous-2.json"]
+    kinds = [[r["kind"] for r in _results_file(tmp_path / f)["results"]] for f in files]
+    assert kinds == [["k3"], ["k1"], ["k2"]]
+
+
+def _results_file(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
 def _hold_lock(directory: Path) -> subprocess.Popen[str]:
     code = (
         "import sys, time\n"

@@ -7,7 +7,8 @@ Errors about the user's input, files or data (a corrupt checkpoint, a checkpoint
 another config, a dataset not fetched yet), bad values (``ValueError``/``TypeError`` from the
 library's checks), file-system failures (missing, unreadable or unwritable paths, a full disk:
 ``OSError``) and a subcommand's :class:`~sparse_sinkhorn.errors.UsageError` are printed as one
-line on stderr and exit with status 2; set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
+line on stderr and exit with status 2; Ctrl-C (status 130) and SIGTERM (143) are one line too.
+Set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import SparseSinkhornError, UsageError
 
@@ -114,7 +117,26 @@ def one_line(err: BaseException | str) -> str:
     return text.removeprefix("error: ")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a command runs: unwinds like Ctrl-C (workers stopped, locks released)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _interrupted(err: KeyboardInterrupt, args: argparse.Namespace) -> int:
+    """The one line for Ctrl-C (exit status 130) or SIGTERM (143); an experiment's says how to
+    continue."""
+    what, code = ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+    hint = "; pass --resume to continue from the latest checkpoints" if "resume" in args else ""
+    print(f"sparse-sinkhorn: {what}{hint}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return _main(argv)
     except ModuleNotFoundError as err:
@@ -123,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"sparse-sinkhorn: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -133,6 +158,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:
+        if os.environ.get("SPARSE_SINKHORN_DEBUG"):
+            raise
+        return _interrupted(err, args)
     except ExitWithError:
         raise
     except (UsageError, SystemExit) as err:

@@ -186,11 +186,18 @@ def _manual_hint(name: str, out: Path, url: str) -> str:
 
 
 def _extract_tar(archive: Path, names: Iterable[str], out: Path, strip: int = 0) -> None:
+    """Copy the regular-file members ``names`` of ``archive`` under ``out``; a member that is
+    missing or anything but a regular file (a symbolic or hard link, a directory) is a
+    :class:`FetchError` naming it (links are never followed)."""
     with tarfile.open(archive) as tf:
         for name in names:
-            fh = tf.extractfile(name)
+            try:
+                member = tf.getmember(name)
+            except KeyError:
+                member = None
+            fh = tf.extractfile(member) if member is not None and member.isfile() else None
             if fh is None:
-                raise FetchError(f"{archive}: member {name} is missing or not a file")
+                raise FetchError(f"{archive}: member {name} is missing or not a regular file")
             dest = out.joinpath(*Path(name).parts[strip:])
             dest.parent.mkdir(parents=True, exist_ok=True)
             with fh, dest.open("wb") as w:

@@ -66,7 +66,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_out: str) -> Non
         "--out",
         type=out_dir_arg,
         default=default_out,
-        help="output directory (default: %(default)s)",
+        # the text, not %(default)s: an experiment whose directory follows from other flags
+        # ("runs/recall-<task>") parses to None and derives it
+        help=f"output directory (default: {default_out})",
     )
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--seed", type=seed_arg, default=0, help="random seed (default: 0)")

@@ -41,7 +41,8 @@ SCHEDULES = {
     # warm-up at most a tenth of the run (at least one step)
     "lm": Schedule(10, 0, 1, 25, 10, 4, 4, loss_plot=True),
     "image": Schedule(10, 0, 1, 25, 10, 0, 4, loss_plot=True),
-    "recall": Schedule(10, 0, 1, 25, 10, 0, 1, weight_decay=0.0),
+    # checkpoints every quarter, as lm and image: a killed run resumes from its latest one
+    "recall": Schedule(10, 0, 1, 25, 10, 0, 4, weight_decay=0.0),
     # warm-up at most half the run
     "classify": Schedule(2, 0, 0, 50, 4, 0, 2),
 }

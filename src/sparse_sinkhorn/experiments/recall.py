@@ -163,6 +163,7 @@ PRESETS = RECALL_PRESETS
 OVERRIDES = ("steps", "batch_size", "block_size", "d_model", "n_heads")
 HARD = "accuracy_hard_routing"  # a soft-routing kind's weights scored with hard routing
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
+MAX_LENGTH = 1 << 20  # longest --lengths: 16 x the paper preset's longest
 
 
 def make_task(task: str, length: int, preset: RecallPreset) -> Task:
@@ -274,13 +275,15 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
 @torch.no_grad()
 def routing_hits(
     model: LanguageModel, data: RecallDataset, batch_size: int, *, per_head: bool = False
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Passkey: for the ``i``-th layer with a sort net (one, under ``shared_routing="layers"``),
     ``routing_hit_layer{i}`` is the % of (held-out sequence, head) pairs whose last query block
     (the one that holds ``QUERY``) gives its largest routing weight to a block holding the
     needle's ``KEY`` or first digit; sequences whose needle is in the last block (seen locally)
     are left out. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead, the % of sequences
-    for each head. Empty for kinds without routing."""
+    for each head. Empty for kinds without routing. None (n/a) where the figure means nothing:
+    with at most two blocks the last one has at most one earlier block to route to (every
+    routing would score 100 %), and with no needle outside the last block nothing is scored."""
     layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
     if not layers:
         return {}
@@ -292,6 +295,7 @@ def routing_hits(
     hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
     w = layers[0].config.block_size
     hits, total = torch.zeros(len(layers), layers[0].n_heads, dtype=torch.float64), 0
+    last = 0
     try:
         for ids, _ in _batches(data, batch_size):
             model(ids)
@@ -309,13 +313,17 @@ def routing_hits(
         for hook in hooks:
             hook.remove()
     share = 100.0 * hits / max(total, 1)  # (layers, H): % of sequences per head
+    scored = total > 0 and last >= 2  # the last block chooses among at least two earlier ones
     if per_head:
         return {
-            f"routing_hit_layer{i}_head{h}": float(share[i, h])
+            f"routing_hit_layer{i}_head{h}": float(share[i, h]) if scored else None
             for i in range(len(layers))
             for h in range(share.shape[1])
         }
-    return {f"routing_hit_layer{i}": float(share[i].mean()) for i in range(len(layers))}
+    return {
+        f"routing_hit_layer{i}": float(share[i].mean()) if scored else None
+        for i in range(len(layers))
+    }
 
 
 def hard_twin(config: LanguageModelConfig) -> LanguageModel | None:
@@ -345,8 +353,9 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         metrics = accuracy(m, held_out, task, 2 * preset.batch_size)
-        if task == "passkey":
-            metrics.update(routing_hits(model, held_out, 2 * preset.batch_size))
+        if task == "passkey":  # n/a (None) figures are left out
+            hits = routing_hits(model, held_out, 2 * preset.batch_size)
+            metrics.update({k: v for k, v in hits.items() if v is not None})
         with torch.random.fork_rng():  # building it leaves the training's random stream alone
             twin = hard_twin(config) if kind not in CONTROL_KINDS else None
         if twin is not None:  # the same weights, routed by argmax
@@ -442,6 +451,10 @@ def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...
         raise UsageError(f"--lengths must be a comma list of ints, got {value!r}") from None
     if not lengths or any(n <= 0 for n in lengths):
         raise UsageError(f"--lengths must be positive ints, got {value!r}")
+    if len(set(lengths)) < len(lengths):
+        raise UsageError(f"--lengths names a length twice: {value!r}")
+    if max(lengths) > MAX_LENGTH:  # before any run directory is made
+        raise UsageError(f"--lengths: {max(lengths):,} is longer than {MAX_LENGTH:,} tokens")
     return lengths
 
 

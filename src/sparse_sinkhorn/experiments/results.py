@@ -73,11 +73,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _row_key(row: Any) -> tuple[Any, Any] | None:
+def _row_key(row: Any) -> tuple[Any, Any, Any] | None:
     if not isinstance(row, dict):
         return None
     kind = row.get("kind", row.get("attention"))
-    return None if kind is None else (str(kind), row.get("seed"))
+    return None if kind is None else (str(kind), row.get("seed"), row.get("length"))
+
+
+def _as_saved(value: Any) -> Any:
+    """``value`` as ``results.json`` holds it once written and read back (tuples become
+    lists): settings compare equal whether they come from a preset or from the file."""
+    return json.loads(json.dumps(value))
 
 
 def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -90,7 +96,7 @@ def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any],
     merged = dict(payload)
     if not isinstance(old, dict) or not isinstance(old.get("results"), list):
         raise ValueError("the earlier results.json is not a results file")
-    differ = [k for k in _SAME_RUN_FIELDS if old.get(k) != payload.get(k)]
+    differ = [k for k in _SAME_RUN_FIELDS if _as_saved(old.get(k)) != _as_saved(payload.get(k))]
     if differ:
         raise ValueError(f"the earlier results.json differs in {', '.join(differ)}")
     new_rows = list(payload.get("results", []))
@@ -98,6 +104,16 @@ def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any],
     kept = [r for r in old["results"] if _row_key(r) is not None and _row_key(r) not in rerun]
     merged["results"] = kept + new_rows
     return merged, sorted({str(r.get("kind", r.get("attention"))) for r in kept})
+
+
+def _free_backup(out_dir: Path) -> Path:
+    """``results.previous.json``, or ``results.previous-<n>.json`` with the first free ``n``
+    when earlier ones exist: a set-aside results file is never overwritten."""
+    path, n = out_dir / "results.previous.json", 1
+    while path.exists():
+        n += 1
+        path = out_dir / f"results.previous-{n}.json"
+    return path
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -117,8 +133,10 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
 
     An existing ``results.json`` from the same experiment, preset and settings keeps the rows
     of the kinds this run did not re-run (``sort --attention dense`` into an ``--out`` with a
-    sinkhorn run keeps the sinkhorn row); one from a different run is renamed to
-    ``results.previous.json`` with a warning instead of being lost. Both files are replaced
+    sinkhorn run keeps the sinkhorn row; settings compare as the file holds them, so a tuple
+    and the list it was saved as are the same); one from a different run is copied to
+    ``results.previous.json``, or ``results.previous-<n>.json`` when that exists (a file set
+    aside is never overwritten), with a warning instead of being lost. Both files are replaced
     atomically under the directory's lock.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +148,7 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
                 old = json.loads(path.read_text(encoding="utf-8"))
                 document, kept = merge_results(old, payload)
             except (ValueError, UnicodeDecodeError) as err:
-                backup = out_dir / "results.previous.json"
+                backup = _free_backup(out_dir)
                 _atomic_write(backup, path.read_text(encoding="utf-8", errors="replace"))
                 logger.warning("%s: %s; it is kept as %s", path, err, backup)
             else:

@@ -36,6 +36,9 @@ _STARTED: Any = None  # in a worker: where it reports (job index, pid) as each j
 def _init_worker(threads: int, parent: int, started: Any = None) -> None:
     global _STARTED
     _STARTED = started
+    # Ctrl-C reaches the whole process group: the parent alone handles it and stops the
+    # workers (each would otherwise print its own KeyboardInterrupt traceback)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     setup_logging()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
@@ -108,6 +111,17 @@ def _died(
     )
 
 
+def _stop(processes: dict[int, Any]) -> None:
+    """Terminate the workers still running and wait for them, so the pool shuts down at once
+    and its queues and semaphores are released (a run stopped mid-way keeps its latest
+    checkpoint: ``--resume`` continues it)."""
+    for process in processes.values():
+        if process.is_alive():
+            process.terminate()
+    for process in processes.values():
+        process.join(timeout=10)
+
+
 def map_runs(
     jobs: Sequence[Job], n_procs: int, on_done: Callable[[int], None] | None = None
 ) -> list[Any]:
@@ -166,5 +180,6 @@ def map_runs(
         except BaseException:
             for future in pending:
                 future.cancel()
+            _stop(processes)  # Ctrl-C, SIGTERM, a failed run: the running runs stop now
             raise
     return results

@@ -52,14 +52,14 @@ KV cache has already been applied, so ``T`` covers the whole prefix and ``Lq`` t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+import warnings
 from dataclasses import fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.config import AttentionConfig
@@ -70,6 +70,7 @@ from .attention import (
     note_cache_layer,
     sinkhorn_attention_forward,
 )
+from .calibrate import calibrate
 
 try:
     import transformers
@@ -99,6 +100,7 @@ OPTIONS: dict[str, Any] = {
     "sort_net": "bilinear",
     "mixture": False,
 }
+DIGEST_KEY = f"{CONFIG_KEY}_digest"  # config.json: a fingerprint of the options convert() saved
 
 
 def register() -> None:
@@ -145,7 +147,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     options = {**OPTIONS, **attention_options, "block_size": block_size}
     if options["max_len"] is None:
         options["max_len"] = _max_positions(config)
-    att = _attention_config(options)
+    att = _attention_config(options)  # every option checked (mixture included)
     if att.shared_routing == "layers":
         raise ValueError(
             "shared_routing='layers' needs this project's models (a converted model's layers "
@@ -170,6 +172,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
         object.__setattr__(module, "sinkhorn_config", att)  # a plain attribute, not a module
         module.register_forward_pre_hook(note_cache_layer, with_kwargs=True)
     setattr(config, CONFIG_KEY, options)
+    setattr(config, DIGEST_KEY, _digest(options))
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     generation = getattr(model, "generation_config", None)
@@ -189,9 +192,24 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
     ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
     not ``attn_implementation``). ``path`` is a local directory written by ``save_pretrained``.
+
+    Refused with an error naming the problem: a path that is a file or no directory, options
+    in ``config.json`` that are unknown, of the wrong type or out of range, options that do
+    not fit the saved sort-net weights (e.g. one removed from ``config.json``), and sort-net
+    weights holding NaN or infinity. Options edited by hand to other valid values (a block
+    size, ``hard``, a pooling) load with a ``UserWarning``: the sort nets were trained with
+    the saved ones, so the outputs differ from the saved model's.
     """
     if "attn_implementation" in kwargs:
         raise TypeError("from_pretrained sets attn_implementation='sinkhorn' itself")
+    root = os.fspath(path)
+    if os.path.isfile(root):
+        raise ValueError(
+            f"{root!r} is a file; pass the directory save_pretrained wrote (the one holding "
+            "config.json and model.safetensors)"
+        )
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no directory {root!r} (a local save_pretrained directory)")
     register()
     config = transformers.AutoConfig.from_pretrained(path)
     options = getattr(config, CONFIG_KEY, None)
@@ -207,6 +225,20 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     unknown = sorted(set(options) - set(OPTIONS) - {"block_size"})
     if unknown:
         raise ValueError(f"{where} has unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
+    filled = sorted(set(OPTIONS) - set(options))  # saved before these options existed
+    try:  # before the weights load: a bad value is one error naming the option
+        _attention_config({**options, "max_len": options.get("max_len") or 1})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    digest = getattr(config, DIGEST_KEY, None)
+    if digest is not None and digest != _digest(options):
+        warnings.warn(
+            f"{where} was edited after the model was saved (its options no longer match the "
+            f"fingerprint saved with them): the sort nets were trained with other options, so "
+            f"this model's outputs differ from the saved model's. Options now: {options}",
+            UserWarning,
+            stacklevel=2,
+        )
     block_size = options.pop("block_size")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the sort-net weights are loaded below
@@ -217,89 +249,51 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     finally:
         transformers.logging.set_verbosity(verbosity)
     delattr(model.config, CONFIG_KEY)
+    if hasattr(model.config, DIGEST_KEY):
+        delattr(model.config, DIGEST_KEY)
     convert(model, block_size=block_size, **options)
     state = {k: v for k, v in _load_weights(path).items() if ".sort_net." in k}
-    expected = {k for k in model.state_dict() if ".sort_net." in k}
-    if set(state) != expected:
-        raise ValueError(
-            f"the checkpoint's sort-net weights do not match the model: missing "
-            f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}"
-        )
+    _check_weights(state, model, where, filled)
     model.load_state_dict(state, strict=False)
     return model
 
 
-def calibrate(
-    model: PreTrainedModel,
-    batches: Iterable[Tensor | dict[str, Tensor]],
-    *,
-    lr: float = 1e-3,
-) -> list[float]:
-    """Train only the sort nets of a converted model to match its own dense attention.
-
-    For each batch the model runs twice with the same weights: with ``sdpa`` (dense attention,
-    the teacher; no gradient) and with Sinkhorn attention (the student); the loss is the KL
-    divergence from the teacher's next-token distribution to the student's, averaged over the
-    real (unmasked) positions, and AdamW updates the sort nets only. Every other weight is
-    left bit-identical, so a pretrained model keeps its knowledge and its routing starts warm
-    instead of random. The model is in eval mode while calibrating (no dropout, no Gumbel
-    noise) and is given back in the mode it came in.
-
-    Args:
-        model: converted with :func:`convert`.
-        batches: input ids ``(B, L)``, or dicts of model inputs (``input_ids``,
-            ``attention_mask``, ...); one optimizer step each.
-        lr: AdamW learning rate.
-
-    Returns:
-        The loss (nats per real position) of every step.
-    """
-    nets = [p for name, p in model.named_parameters() if ".sort_net." in name]
-    if not nets or getattr(model.config, CONFIG_KEY, None) is None:
-        raise ValueError("calibrate needs a model converted with sparse_sinkhorn.hf.convert")
-    if not lr > 0 or lr == float("inf"):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    training = model.training
-    opt = torch.optim.AdamW(nets, lr=lr, weight_decay=0.0)
-    losses: list[float] = []
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in nets:
-            p.requires_grad_(True)
-        model.eval()
-        for batch in batches:
-            inputs: dict[str, Any] = (
-                {"input_ids": batch} if isinstance(batch, Tensor) else dict(batch)
-            )
-            inputs["use_cache"] = False
-            model.set_attn_implementation("sdpa")
-            try:
-                with torch.no_grad():
-                    teacher = F.log_softmax(model(**inputs).logits.float(), dim=-1)
-            finally:
-                model.set_attn_implementation(ATTN_IMPLEMENTATION)
-            student = F.log_softmax(model(**inputs).logits.float(), dim=-1)
-            kl = (teacher.exp() * (teacher - student)).sum(-1)  # (B, L)
-            mask = inputs.get("attention_mask")
-            loss = kl.mean() if mask is None else (kl * mask).sum() / mask.sum().clamp_min(1)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"calibration loss is {loss.item()} at step {len(losses)}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(training)
-    return losses
-
-
 def _attention_config(options: dict[str, Any]) -> AttentionConfig:
+    """The layers' :class:`AttentionConfig` for convert()'s options (every option checked;
+    ``mixture`` must be a bool: a string such as "false" would be true)."""
+    mixture = options.get("mixture", OPTIONS["mixture"])
+    if not isinstance(mixture, bool):
+        raise TypeError(f"mixture must be True or False, got {type(mixture).__name__} {mixture!r}")
     fields_ = {k: v for k, v in {**OPTIONS, **options}.items() if k != "mixture"}
-    return AttentionConfig(kind="mixture" if options["mixture"] else "sinkhorn", **fields_)
+    return AttentionConfig(kind="mixture" if mixture else "sinkhorn", **fields_)
+
+
+def _digest(options: dict[str, Any]) -> str:
+    """A fingerprint of the options convert() saved: from_pretrained tells an edited
+    ``config.json`` from the options the sort nets were trained with."""
+    text = json.dumps(options, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_weights(state: dict[str, Tensor], model: nn.Module, where: str, filled: list[str]):
+    """The saved sort-net tensors fit the model built from the saved options and are finite."""
+    expected = {k: v for k, v in model.state_dict().items() if ".sort_net." in k}
+    if set(state) != set(expected):
+        raise ValueError(
+            f"the checkpoint's sort-net weights do not match the model: missing "
+            f"{sorted(set(expected) - set(state))[:3]}, unexpected "
+            f"{sorted(set(state) - set(expected))[:3]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            gone = f" (missing, so set to their defaults: {', '.join(filled)})" if filled else ""
+            raise ValueError(
+                f"{where} does not describe the saved weights{gone}: {name} is "
+                f"{tuple(tensor.shape)} in the checkpoint but {tuple(expected[name].shape)} for "
+                "these options; restore the options the model was saved with"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"the checkpoint's {name} holds NaN or infinite values")
 
 
 def _attention_modules(model: nn.Module, family: str) -> list[nn.Module]:

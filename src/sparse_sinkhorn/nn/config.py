@@ -33,11 +33,16 @@ def check_field_types(config: Any) -> None:
     """Every int/float/bool/str field of a config dataclass holds that type (float: finite).
 
     Configs are rebuilt from JSON files a user may have edited; a wrong type is a
-    ``TypeError`` naming the field instead of a failure deep inside a layer.
+    ``TypeError`` naming the field (a NaN or infinite float: a ``ValueError`` saying so)
+    instead of a failure deep inside a layer.
     """
     for f in fields(config):
         value = getattr(config, f.name)
         if not _type_ok(value, str(f.type)):
+            if isinstance(value, float) and str(f.type).startswith("float"):
+                raise ValueError(
+                    f"{type(config).__name__}.{f.name} must be a finite number, got {value!r}"
+                )
             raise TypeError(
                 f"{type(config).__name__}.{f.name} must be {f.type}, got "
                 f"{type(value).__name__} {value!r}"

@@ -86,7 +86,9 @@ def test_unknown_balance_is_refused() -> None:
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
 @pytest.mark.parametrize("top_k", [1, 2, 9], ids=["k1", "k2", "k9"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-@pytest.mark.parametrize("tile", [32, 2], ids=["tile32", "tile2"])
+@pytest.mark.parametrize(
+    ("tile", "compressed"), [(32, False), (2, False), (32, True)], ids=["", "tile2", "compressed"]
+)
 def test_topk_matches_reference_forward_and_backward(
     block: int,
     length: int,
@@ -94,13 +96,21 @@ def test_topk_matches_reference_forward_and_backward(
     top_k: int,
     padded: bool,
     tile: int,
+    compressed: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """tile2: the queries that read one block fill several tiles (BlockGroups)."""
+    """tile2: the queries that read one block fill several tiles (BlockGroups);
+    compressed: with the blocks' mean keys and values in the softmax."""
     monkeypatch.setattr(grouped, "TILE", tile)
     q, k, v = (t.requires_grad_() for t in _qkv(length))
     mask = _padding(length) if padded else None
-    opts = dict(block_size=block, top_k=top_k, is_causal=causal, key_padding_mask=mask)
+    opts = dict(
+        block_size=block,
+        top_k=top_k,
+        is_causal=causal,
+        key_padding_mask=mask,
+        compressed=compressed,
+    )
     out = topk_block_attention(q, k, v, **opts)
     ref = reference_topk_block_attention(q, k, v, **opts)
     real = torch.ones(B, length, dtype=torch.bool) if mask is None else mask
@@ -114,18 +124,13 @@ def test_topk_matches_reference_forward_and_backward(
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2], ids=["kv1", "kv2"])
-def test_topk_grouped_query_equals_repeated_kv(kv_heads: int) -> None:
+@pytest.mark.parametrize("compressed", [False, True], ids=["", "compressed"])
+def test_topk_grouped_query_equals_repeated_kv(kv_heads: int, compressed: bool) -> None:
     q, k, v = _qkv(19, kv_heads)
-    out = topk_block_attention(q, k, v, block_size=4, top_k=2, is_causal=True)
+    opts = dict(block_size=4, top_k=2, is_causal=True, compressed=compressed)
+    out = topk_block_attention(q, k, v, **opts)
     rep = H // kv_heads
-    ref = topk_block_attention(
-        q,
-        k.repeat_interleave(rep, 1),
-        v.repeat_interleave(rep, 1),
-        block_size=4,
-        top_k=2,
-        is_causal=True,
-    )
+    ref = topk_block_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), **opts)
     assert torch.equal(out, ref)
 
 
@@ -148,25 +153,30 @@ def test_topk_selection_picks_the_best_earlier_blocks() -> None:
             assert (chosen[..., 1] == -1).all()  # one candidate only
 
 
-def test_topk_is_exactly_causal() -> None:
+@pytest.mark.parametrize("compressed", [False, True], ids=["", "compressed"])
+def test_topk_is_exactly_causal(compressed: bool) -> None:
     length, w = 22, 4
     q, k, v = _qkv(length, dtype=torch.float32)
-    out = topk_block_attention(q, k, v, block_size=w, top_k=2, is_causal=True)
+    opts = dict(block_size=w, top_k=2, is_causal=True, compressed=compressed)
+    out = topk_block_attention(q, k, v, **opts)
     for t in range(length - 1):
         q2, k2, v2 = (x.clone() for x in (q, k, v))
         for x in (q2, k2, v2):
             x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
-        out2 = topk_block_attention(q2, k2, v2, block_size=w, top_k=2, is_causal=True)
+        out2 = topk_block_attention(q2, k2, v2, **opts)
         assert torch.equal(out2[:, :, : t + 1], out[:, :, : t + 1]), f"leak into t <= {t}"
         assert not torch.equal(out2[:, :, t + 1 :], out[:, :, t + 1 :])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
-def test_topk_padding_never_reaches_real_outputs(causal: bool) -> None:
+@pytest.mark.parametrize("compressed", [False, True], ids=["", "compressed"])
+def test_topk_padding_never_reaches_real_outputs(causal: bool, compressed: bool) -> None:
     length = 23
     q, k, v = _qkv(length, dtype=torch.float32)
     mask = _padding(length)
-    opts = dict(block_size=4, top_k=2, is_causal=causal, key_padding_mask=mask)
+    opts = dict(
+        block_size=4, top_k=2, is_causal=causal, key_padding_mask=mask, compressed=compressed
+    )
     out = topk_block_attention(q, k, v, **opts)
     hostile = [
         torch.where(mask[:, None, :, None], x, torch.full_like(x, float("nan"))) for x in (q, k, v)
@@ -184,6 +194,9 @@ def test_topk_arguments_are_checked() -> None:
             topk_block_attention(q, k, v, block_size=4, top_k=bad)
     with pytest.raises(ValueError, match="top_k"):
         AttentionConfig(kind="topk", top_k=0)
+    for kind in ("sinkhorn", "dense", "local"):
+        with pytest.raises(ValueError, match="compressed applies to attention kind 'topk'"):
+            AttentionConfig(kind=kind, compressed=True)
 
 
 # ---- layer and decoding cache --------------------------------------------------------------
@@ -191,6 +204,7 @@ def test_topk_arguments_are_checked() -> None:
 VARIANTS = [
     {"kind": "topk", "top_k": 1},
     {"kind": "topk", "top_k": 2},
+    {"kind": "topk", "top_k": 1, "compressed": True},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear"},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear", "hard": True},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "linear", "hard": True},

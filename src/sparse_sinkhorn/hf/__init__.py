@@ -90,7 +90,8 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
 # that apply to a causal Sinkhorn layer (an option added there is an option here), and
 # ``mixture`` for the kind.
 _NOT_OPTIONS = (
-    "kind", "block_size", "n_sortcut", "sparse_mode", "share_kv", "top_k", "routing_loss"
+    "kind", "block_size", "n_sortcut", "sparse_mode", "share_kv", "top_k", "compressed",
+    "routing_loss",
 )  # fmt: skip
 OPTIONS: dict[str, Any] = {
     **{f.name: f.default for f in fields(AttentionConfig) if f.name not in _NOT_OPTIONS},

@@ -201,7 +201,13 @@ class SinkhornSelfAttention(nn.Module):
             ), None
         if cfg.kind == "topk":
             return topk_block_attention(
-                q, k, v, block_size=cfg.block_size, top_k=cfg.top_k, **common
+                q,
+                k,
+                v,
+                block_size=cfg.block_size,
+                top_k=cfg.top_k,
+                compressed=cfg.compressed,
+                **common,
             ), None
         options = cfg.op_options(is_causal=self.causal, training=self.training, dropout_p=p)
         if self.training and cfg.routing_loss > 0:

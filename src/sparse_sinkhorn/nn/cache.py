@@ -37,6 +37,7 @@ from ..ops.decode import (
     local_and_sorted_token,
     sorted_row,
     topk_keep_row,
+    with_block_means,
 )
 from .config import AttentionConfig
 from .sortnet import SortNet, routing_summaries
@@ -150,6 +151,8 @@ class AttentionCache:
         w = config.block_size
         if config.kind == "topk":
             keep = topk_keep_row(q, self.k, block_size=w, top_k=config.top_k)  # (B, H, 1, T)
+            if config.compressed:
+                return attend_token(q, *with_block_means(self.k, self.v, keep, block_size=w))
             return attend_token(q, self.k, self.v, keep)
         keep = baseline_keep_row(
             config.kind, t, block_size=w, sparse_mode=config.sparse_mode, device=q.device

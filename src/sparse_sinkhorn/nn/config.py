@@ -71,6 +71,9 @@ class AttentionConfig:
     sparse_mode: str = "fixed"  # Sparse Transformer pattern: "fixed" | "strided"
     share_kv: bool = False  # keys double as values (one projection fewer; an ablation)
     top_k: int = 1  # topk: earlier blocks each query reads beside its own (MoBA's gate)
+    # topk: every query also attends to each gate candidate block's mean key and value (NSA's
+    # compressed branch), which trains the block summaries the gate ranks
+    compressed: bool = False
     # sinkhorn/mixture, training only: weight of a loss pulling each sort-net row towards the
     # layer's own dense block attention mass (see SinkhornSelfAttention.routing_aux)
     routing_loss: float = 0.0
@@ -113,6 +116,8 @@ class AttentionConfig:
             )
         if self.top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")
+        if self.compressed and self.kind != "topk":
+            raise ValueError(f"compressed applies to attention kind 'topk' only, not {self.kind!r}")
         if self.sparse_mode not in ("fixed", "strided"):
             raise ValueError(f"sparse_mode must be 'fixed' or 'strided', got {self.sparse_mode!r}")
 

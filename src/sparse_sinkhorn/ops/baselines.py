@@ -207,6 +207,7 @@ def topk_block_attention(
     block_size: int,
     top_k: int = 1,
     is_causal: bool = False,
+    compressed: bool = False,
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
@@ -216,7 +217,12 @@ def topk_block_attention(
     Each query attends, under one softmax, to its own block (the causal triangle when
     ``is_causal``) and to every key of the ``top_k`` blocks :func:`topk_block_selection`
     picks for it. Exactly causal: a query's blocks are chosen from complete earlier blocks by
-    its own query vector. The selected blocks are multiplied a tile of queries at a time
+    its own query vector. ``compressed``: the softmax also holds one entry per gate candidate
+    block (every complete earlier block when causal, every other block if not), its mean
+    real key and mean real value (NSA's compressed branch): the gate picks blocks by the
+    same ``q · mean(K)`` that this branch trains, so the selection learns where to look.
+
+    The selected blocks are multiplied a tile of queries at a time
     (:class:`~.grouped.BlockGroups`): O(L·k·(W + D)) gathered numbers, no per-token copy of a
     block.
     """
@@ -263,33 +269,74 @@ def topk_block_attention(
         rows = torch.arange(kb.shape[0], device=q.device)[:, None, None]  # (G, 1, 1)
         keep_sel = keep_sel & per_g[rows, idx3.clamp_min(0)]
     local = local.masked_fill(~keep_local, float("-inf"))
+    summary = None
+    if compressed:
+        summary = _compressed_branch(q_tok, kb, vb, real_kw, heads, scale, is_causal)
     out = _softmax_local_and_selected(
-        local, chosen.masked_fill(~keep_sel, float("-inf")), vb, groups, dropout_p
+        local, chosen.masked_fill(~keep_sel, float("-inf")), vb, groups, dropout_p, summary
     )
     out = rearrange(out, "(b h) l d -> b h l d", b=batch)
     return out[:, :, :length].to(query.dtype)
 
 
+def _compressed_branch(
+    q_tok: Tensor,
+    kb: Tensor,
+    vb: Tensor,
+    real_kw: Tensor | None,
+    heads: int,
+    scale: float,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Scores ``(G, N*W, N)`` of each query against every block's mean real key (-inf where
+    the block is not a gate candidate: own or later blocks when causal, own block if not,
+    blocks without a real key) and the blocks' mean real values ``(G, N, Dv)``."""
+    n, w = kb.shape[1:3]
+    if real_kw is None:
+        count = kb.new_full((1, n, 1), float(w))
+        has = torch.ones(1, n, dtype=torch.bool, device=kb.device)
+    else:
+        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
+        count = per_g.sum(-1, keepdim=True).clamp_min(1).to(kb.dtype)  # (G, N, 1)
+        has = per_g.any(-1)  # (G, N)
+    k_mean, v_mean = kb.sum(dim=2) / count, vb.sum(dim=2) / count  # padding is zero already
+    scores = torch.einsum("gld,gnd->gln", q_tok, k_mean) * scale  # (G, N*W, N)
+    t_blk = torch.arange(n * w, device=kb.device)[:, None] // w  # (N*W, 1)
+    j = torch.arange(n, device=kb.device)[None, :]  # (1, N)
+    ok = ((j < t_blk) if is_causal else (j != t_blk))[None] & has[:, None, :]  # (G|1, N*W, N)
+    return scores.masked_fill(~ok, float("-inf")), v_mean
+
+
 def _softmax_local_and_selected(
-    local: Tensor, chosen: Tensor, vb: Tensor, groups: BlockGroups, dropout_p: float
+    local: Tensor,
+    chosen: Tensor,
+    vb: Tensor,
+    groups: BlockGroups,
+    dropout_p: float,
+    summary: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """One softmax over each query's own-block scores ``(G, N, W, W)`` and selected-block
-    scores ``(G, N*W, k, W)`` (masked entries -inf), applied to the block values ``vb``
-    ``(G, N, W, Dv)``, own and selected (``groups``: which blocks each query picked); a
-    query with no key gets 0. Returns ``(G, N*W, Dv)``."""
+    """One softmax over each query's own-block scores ``(G, N, W, W)``, selected-block
+    scores ``(G, N*W, k, W)`` and (``summary``) block-summary scores ``(G, N*W, N)``
+    (masked entries -inf), applied to the block values ``vb`` ``(G, N, W, Dv)``, own and
+    selected (``groups``: which blocks each query picked), and to the summaries' values
+    ``(G, N, Dv)``; a query with no key gets 0. Returns ``(G, N*W, Dv)``."""
     w = local.shape[-1]
-    scores = torch.cat(
-        [rearrange(local, "g n q k -> g (n q) k"), rearrange(chosen, "g l k w -> g l (k w)")],
-        dim=-1,
-    )  # (G, N*W, W + k*W)
+    parts = [rearrange(local, "g n q k -> g (n q) k"), rearrange(chosen, "g l k w -> g l (k w)")]
+    if summary is not None:
+        parts.append(summary[0])
+    scores = torch.cat(parts, dim=-1)  # (G, N*W, W + k*W [+ N])
     wide = torch.promote_types(vb.dtype, torch.float32)
     probs = torch.softmax(scores.to(wide), dim=-1).nan_to_num(0.0).to(vb.dtype)  # no key: 0
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     p_local = rearrange(probs[..., :w], "g (n q) k -> g n q k", q=w)  # (G, N, W, W)
-    p_sel = rearrange(probs[..., w:], "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
+    n_sel = chosen.shape[2] * w
+    p_sel = rearrange(probs[..., w : w + n_sel], "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
     out = torch.einsum("gnqk,gnkd->gnqd", p_local, vb)  # (G, N, W, Dv)
-    return rearrange(out, "g n q d -> g (n q) d") + groups.mix(p_sel, vb)
+    out = rearrange(out, "g n q d -> g (n q) d") + groups.mix(p_sel, vb)
+    if summary is not None:
+        out = out + torch.einsum("gln,gnd->gld", probs[..., w + n_sel :], summary[1])
+    return out
 
 
 def _check_blocked(

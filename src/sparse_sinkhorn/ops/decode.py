@@ -87,6 +87,28 @@ def topk_keep_row(q: Tensor, k: Tensor, *, block_size: int, top_k: int) -> Tenso
     return (keep | (blk == t // w))[:, :, None, :]
 
 
+def with_block_means(
+    k: Tensor, v: Tensor, keep: Tensor, *, block_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A compressed ``topk`` row: keys ``(B, H_kv, T, E)``, values and the keep-mask
+    ``(B, H, 1, T)`` of the newest position ``t = T - 1``, each extended by the mean key and
+    value of every complete block before ``t``'s (all kept), as in
+    :func:`~.baselines.topk_block_attention` with ``compressed``."""
+    w = block_size
+    complete = (k.shape[2] - 1) // w
+    if complete == 0:
+        return k, v, keep
+    k_mean, v_mean = (
+        x[:, :, : complete * w].unflatten(2, (complete, w)).sum(3) / w for x in (k, v)
+    )
+    ones = torch.ones(*keep.shape[:-1], complete, dtype=torch.bool, device=keep.device)
+    return (
+        torch.cat([k, k_mean], dim=2),
+        torch.cat([v, v_mean], dim=2),
+        torch.cat([keep.expand(*keep.shape[:-1], k.shape[2]), ones], dim=-1),
+    )
+
+
 def attend_token(
     q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float | None = None
 ) -> Tensor:
@@ -130,4 +152,5 @@ __all__ = [
     "local_and_sorted_token",
     "sorted_row",
     "topk_keep_row",
+    "with_block_means",
 ]

@@ -214,12 +214,15 @@ def reference_topk_block_attention(
     block_size: int,
     top_k: int = 1,
     is_causal: bool = False,
+    compressed: bool = False,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """The oracle for :func:`sparse_sinkhorn.ops.topk_block_attention`: dense attention in
     float64 under the ``(L, L)`` mask "own block (causal triangle) or a block the gate chose"
-    (the gate is :func:`~.baselines.topk_block_selection`'s, written out per query)."""
+    (the gate is :func:`~.baselines.topk_block_selection`'s, written out per query); with
+    ``compressed``, over ``N`` more keys and values, block ``j``'s mean real key and value,
+    which query ``t`` sees when ``j`` is a gate candidate for it."""
     batch, heads, length, _ = query.shape
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     w = block_size
@@ -231,6 +234,7 @@ def reference_topk_block_attention(
     blk = torch.arange(length, device=query.device) // w  # (L,)
     n = num_blocks(length, w)
     keep = torch.zeros(batch, heads, length, length, dtype=torch.bool, device=query.device)
+    summaries_k, summaries_v, summaries_ok = [], [], []
     for j in range(n):
         in_j = blk == j  # (L,)
         has = (real & in_j).sum(-1)  # (B,)
@@ -255,8 +259,16 @@ def reference_topk_block_attention(
             better = better + (ok_m & beats).long()
         chosen = ok & (better < top_k)  # (B, H, L)
         keep = keep | (chosen[..., None] & in_j[None, None, None, :])
+        mean_v = (v * (real & in_j)[:, None, :, None]).sum(2) / has.clamp_min(1)[:, None, None]
+        summaries_k.append(mean)
+        summaries_v.append(mean_v)
+        summaries_ok.append(ok.expand(batch, heads, length))
     own = blk[:, None] == blk[None, :]  # (L, L)
     if is_causal:
         own = own & (torch.arange(length)[None, :] <= torch.arange(length)[:, None])
     keep = (keep | own[None, None]) & real[:, None, None, :]
+    if compressed:  # block j's mean key and value as one more key and value
+        k = torch.cat([k, torch.stack(summaries_k, dim=2)], dim=2)  # (B, H, L + N, D)
+        v = torch.cat([v, torch.stack(summaries_v, dim=2)], dim=2)
+        keep = torch.cat([keep, torch.stack(summaries_ok, dim=-1)], dim=-1)  # (B, H, L, L + N)
     return reference_dense_attention(q, k, v, keep=keep, scale=scale)

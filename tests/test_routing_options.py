@@ -27,7 +27,7 @@ from sparse_sinkhorn.ops.sinkhorn import softmax_routing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B, H, D = 2, 4, 4
-SHAPES = [(4, 16), (4, 19), (3, 13), (8, 40)]  # (block size, length)
+SHAPES = [(4, 16), (4, 19), (3, 13), (8, 40), (4, 3)]  # (block size, length); one block
 
 
 def _qkv(length: int, kv_heads: int = H, dtype: torch.dtype = torch.float64):

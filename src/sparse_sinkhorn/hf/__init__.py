@@ -14,10 +14,12 @@ never imports transformers, this module does.
     model.save_pretrained("out")
     model = hf.from_pretrained("out")          # the same model, trained sort nets included
 
-How it plugs in: :func:`register` adds the attention function :func:`sinkhorn_attention_forward`
+How it plugs in: [`register`][sparse_sinkhorn.hf.register] adds the attention function
+[`sinkhorn_attention_forward`][sparse_sinkhorn.hf.sinkhorn_attention_forward]
 to transformers' ``AttentionInterface`` under the name ``"sinkhorn"`` (with SDPA's boolean mask
-builder in ``AttentionMaskInterface``), and :func:`convert` gives each self-attention module a
-:class:`~sparse_sinkhorn.nn.SortNet` submodule (``<layer>.sort_net``) and switches the model to
+builder in ``AttentionMaskInterface``), and [`convert`][sparse_sinkhorn.hf.convert] gives each
+self-attention module a
+[`SortNet`][sparse_sinkhorn.nn.SortNet] submodule (``<layer>.sort_net``) and switches the model to
 ``attn_implementation="sinkhorn"``; the options are stored in ``config.sinkhorn_attention``.
 
 What the attention function computes, for queries ``(B, H, Lq, E)`` and the keys/values
@@ -29,7 +31,7 @@ KV cache has already been applied, so ``T`` covers the whole prefix and ``Lq`` t
   the keys), and the KV cache holds them for every past position, so routing needs no state
   beyond transformers' own cache. Routing is per query head (``(B, H, N, N)`` logits); each
   head mixes its group's shared key/value blocks (see
-  :func:`sparse_sinkhorn.ops.sinkhorn_attention`).
+  [`sparse_sinkhorn.ops.sinkhorn_attention`][sparse_sinkhorn.ops.sinkhorn_attention]).
 * **Causal** always: query rows use the leak-free prefix summaries and the op's exact
   causality, so output ``t`` depends on tokens ``<= t`` only.
 * **Padding** (left, right, or anywhere) from the boolean attention mask: the real tokens of
@@ -127,7 +129,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     """Switch every self-attention layer of a causal LM to Sinkhorn attention, in place.
 
     Args:
-        model: a transformers causal LM of a supported family (:data:`SUPPORTED_FAMILIES`:
+        model: a transformers causal LM of a supported family (`SUPPORTED_FAMILIES`:
             Llama-style models with any number of key/value heads, GPT-2).
         block_size: tokens per block ``W``.
         **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
@@ -139,8 +141,8 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
             summaries grow with the position; ``"mean"``), ``shared_routing`` (``"none"``, or
             ``"heads"``: one routing for all heads), ``hard``, ``n_iters``, ``temperature``,
             ``gumbel_noise`` (training mode only), ``mixture`` (add dense attention). The
-            other defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s; every
-            default is in :data:`OPTIONS`.
+            other defaults are [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig]'s; every
+            default is in `OPTIONS`.
 
     Returns:
         ``model``, whose attention modules now own a ``sort_net`` (new, randomly initialised
@@ -206,7 +208,8 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
 
 
 def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """Load a causal LM saved after :func:`convert`, with its trained sort nets.
+    """Load a causal LM saved after [`convert`][sparse_sinkhorn.hf.convert], with its trained sort
+    nets.
 
     ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
     not ``attn_implementation``). ``path`` is a local directory written by ``save_pretrained``.
@@ -277,8 +280,8 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
 
 def _attention_config(options: dict[str, Any]) -> AttentionConfig:
-    """The layers' :class:`AttentionConfig` for convert()'s options (every option checked;
-    ``mixture`` must be a bool: a string such as "false" would be true)."""
+    """The layers' [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig] for convert()'s options
+    (every option checked; ``mixture`` must be a bool: a string such as "false" would be true)."""
     mixture = options.get("mixture", OPTIONS["mixture"])
     if not isinstance(mixture, bool):
         raise TypeError(f"mixture must be True or False, got {type(mixture).__name__} {mixture!r}")

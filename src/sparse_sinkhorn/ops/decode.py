@@ -1,6 +1,6 @@
 """One decoding step of the attention ops: the output at a new position from cached keys and
 values, equal to the full causal forward there (the algorithms behind the decoding caches
-of :mod:`sparse_sinkhorn.nn.cache`, which own the state).
+of `sparse_sinkhorn.nn.cache`, which own the state).
 
 Axes: B batch, H heads, H_kv key/value heads, T positions so far, E head dim, N blocks,
 W block size.
@@ -57,8 +57,9 @@ def baseline_keep_row(
     device: torch.device | None = None,
 ) -> Tensor:
     """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline: all
-    (``"dense"``), its own block (``"local"``, :func:`~.baselines.local_attention`), or row
-    ``t`` of :func:`~.baselines.sparse_pattern` (``"sparse"``)."""
+    (``"dense"``), its own block (``"local"``,
+    [`local_attention`][sparse_sinkhorn.ops.local_attention]), or row
+    ``t`` of [`sparse_pattern`][sparse_sinkhorn.ops.sparse_pattern] (``"sparse"``)."""
     w = block_size
     if kind == "dense":
         return torch.ones(t + 1, dtype=torch.bool, device=device)
@@ -75,7 +76,8 @@ def baseline_keep_row(
 def topk_keep_row(q: Tensor, k: Tensor, *, block_size: int, top_k: int) -> Tensor:
     """``(B, H, 1, T)`` bool: the keys the newest query ``q`` ``(B, H, 1, E)`` sees in a
     ``topk`` layer: its own block's (causal) and those of the blocks the gate picks for it
-    (:func:`~.baselines.topk_block_selection`, asked for the last row only)."""
+    ([`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection], asked for the last row
+    only)."""
     keys = repeat_kv(k, q.shape[1])  # (B, H, T, E)
     t, w = keys.shape[2] - 1, block_size
     rows = torch.cat([q.new_zeros(*q.shape[:2], t, q.shape[-1]), q], dim=2)  # query at t

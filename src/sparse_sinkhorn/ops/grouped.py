@@ -2,7 +2,7 @@
 
 When every query token picks its own key blocks (MoBA's gate), gathering each token's
 ``W x D`` keys materialises ``L * k * W * D`` numbers and multiplies them one token at a time.
-:class:`BlockGroups` instead sorts the (token, chosen block) pairs by block, cuts each block's
+`BlockGroups` instead sorts the (token, chosen block) pairs by block, cuts each block's
 queries into tiles of ``T`` rows, and multiplies every tile by its block once: a batched GEMM
 of ``(T, D) x (D, W)`` per tile, with gathers of ``O(L * k * (D + W))`` numbers.
 

@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--balance", default=hf.OPTIONS["balance"], help="sinkhorn: the paper's")
+    ap.add_argument("--pooling", default=hf.OPTIONS["pooling"], help="sum: the paper's")
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
@@ -95,7 +97,9 @@ def _seed(seed: int, train: torch.Tensor, valid: torch.Tensor, args: argparse.Na
     dense.set_attn_implementation("sdpa")
     _train(dense, train, argparse.Namespace(**{**vars(args), "seed": seed}))
     bpb = {"dense": _bits(dense, valid, args)}
-    converted = hf.convert(copy.deepcopy(dense), block_size=args.block_size)
+    converted = hf.convert(
+        copy.deepcopy(dense), block_size=args.block_size, balance=args.balance, pooling=args.pooling
+    )
     bpb["converted"] = _bits(converted, valid, args)
 
     adapt = argparse.Namespace(**{**vars(args), "steps": args.adapt_steps, "seed": 1000 + seed})

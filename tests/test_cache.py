@@ -16,6 +16,7 @@ VARIANTS = [
     ("local", "linear", False, "sum", "fixed"),
     ("sparse", "linear", False, "sum", "fixed"),
     ("sparse", "linear", False, "sum", "strided"),
+    ("topk", "linear", False, "sum", "fixed"),
 ] + [
     (kind, net, hard, pool, "fixed")
     for kind in ("sinkhorn", "mixture")
@@ -72,7 +73,7 @@ def test_cached_logits_equal_full_forward(
         torch.testing.assert_close(got, full, atol=TOL[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["sinkhorn", "mixture", "sparse"])
+@pytest.mark.parametrize("kind", ["sinkhorn", "mixture", "sparse", "topk"])
 def test_cached_chunks_and_odd_block_sizes(kind: str) -> None:
     model = _model(kind, "linear", False, "sum", "fixed", torch.float64, block_size=5, n_iters=0)
     ids = torch.randint(0, 13, (3, 31))

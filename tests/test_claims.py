@@ -32,7 +32,7 @@ from sparse_sinkhorn.train.loading import load_trainer_state
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---- 1. exact causality, bit for bit, in training mode -------------------------------------
+# ---- exact causality, bit for bit, in training mode -----------------------------------------
 # docs/guarantees.md: "perturbing any input after position t leaves output t bit-identical,
 # in training and in eval (op, layer, language model)". The existing tests check eval (op) or
 # use a tolerance (layer, model); these run in training mode with Gumbel noise and dropout on,
@@ -162,7 +162,7 @@ def test_language_model_is_exactly_causal_in_training_mode(kind: str) -> None:
         assert not torch.equal(logits2[:, t + 1 :], logits[:, t + 1 :])
 
 
-# ---- 2. forward and backward against the float64 reference ---------------------------------
+# ---- forward and backward against the float64 reference -------------------------------------
 
 GRID = list(itertools.product((False, True), (False, True), (2, 4, 8), (False, True)))
 
@@ -229,7 +229,7 @@ def test_forward_and_backward_equal_the_float64_reference(
         )
 
 
-# ---- 3. O(L·b) memory: nothing L x L is allocated ------------------------------------------
+# ---- O(L·b) memory: nothing L x L is allocated ----------------------------------------------
 # docs/method.md: "Memory is O(L·b + N²) per head; nothing of size L × L is built outside the
 # dense reference". torch.profiler's profile_memory does not see most CPU allocations here,
 # so each case runs in a fresh process, resets its peak resident memory (Linux clear_refs) and
@@ -304,7 +304,7 @@ def test_sinkhorn_forward_and_backward_never_allocate_an_l_by_l_tensor() -> None
         assert grew < l_by_l / 8, (name, grew / 2**20)
 
 
-# ---- 7. hostile trainer-state files ---------------------------------------------------------
+# ---- hostile trainer-state files ------------------------------------------------------------
 
 
 class _RunsCode:
@@ -357,7 +357,7 @@ def test_a_crafted_trainer_state_pickle_is_refused_and_never_runs(tmp_path: Path
     assert not marker.exists()
 
 
-# ---- 8. non-finite dropout_p ---------------------------------------------------------------
+# ---- non-finite dropout_p -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("p", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])

@@ -118,7 +118,7 @@ def _files(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
-# ---- 5. every experiment subcommand checks its run directory first -------------------------
+# ---- every experiment subcommand checks its run directory first -----------------------------
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -151,7 +151,7 @@ def test_every_experiment_refuses_a_run_dir_holding_an_earlier_run(
     assert _files(out) == before
 
 
-# ---- 9. every subcommand answers nonsense with one line and exit status 2 -------------------
+# ---- every subcommand answers nonsense with one line and exit status 2 ----------------------
 
 
 def _nonsense(name: str, tmp: Path, data: Path) -> list[list[str]]:
@@ -217,7 +217,7 @@ def test_every_subcommand_answers_nonsense_with_one_line_and_exit_2(
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-# ---- 6. a read-only place fails cleanly ----------------------------------------------------
+# ---- a read-only place fails cleanly --------------------------------------------------------
 
 
 def _env() -> dict[str, str]:
@@ -267,7 +267,7 @@ def test_a_read_only_checkpoints_dir_is_one_line_and_leaves_the_run_intact(
     assert (ckpts / "step_0000008").is_dir()
 
 
-# ---- 4. SIGKILL and --resume of a Sinkhorn run through the console script ------------------
+# ---- SIGKILL and --resume of a Sinkhorn run through the console script ----------------------
 
 SCRIPT = Path(sys.executable).parent / "sparse-sinkhorn"
 KILL_STEPS = 40  # sort checkpoints every steps // 4 = 10 steps
@@ -333,7 +333,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(
     assert run_figures(got[2]["runs"]) == run_figures(want[2]["runs"])
 
 
-# ---- 10. --jobs 2 equals --jobs 1 for Sinkhorn runs ----------------------------------------
+# ---- --jobs 2 equals --jobs 1 for Sinkhorn runs ---------------------------------------------
 
 
 def test_jobs_2_gives_the_sinkhorn_runs_of_one_process(tmp_path: Path) -> None:

@@ -67,3 +67,18 @@ def test_the_sweep_results_are_gone() -> None:
     assert not list((ROOT / "benchmarks" / "results").glob("sweep.*"))
     for path in [*OWN_DOCS, *RESULTS_TEXT]:
         assert "results/sweep." not in path.read_text(), path
+
+
+SPHINX_ROLE = re.compile(r":(class|func|data|mod|meth|attr|obj|exc):`")
+
+
+def test_docstrings_use_markdown_cross_references() -> None:
+    """The API pages are rendered by mkdocstrings, which shows a Sphinx role as literal text:
+    docstrings link with ``[`name`][sparse_sinkhorn.path]`` instead."""
+    found = [
+        f"{_rel(p)}:{n}"
+        for p in sorted((ROOT / "src").rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if SPHINX_ROLE.search(line)
+    ]
+    assert not found, found

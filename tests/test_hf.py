@@ -30,6 +30,7 @@ from transformers import (
 from sparse_sinkhorn import hf
 from sparse_sinkhorn.hf import attention as hf_attention
 from sparse_sinkhorn.nn.cache import SequenceRouting
+from sparse_sinkhorn.ops import sinkhorn_plan
 
 VOCAB, BLOCK, PAD = 37, 4, 0
 CACHES = ["dynamic", "static"]
@@ -120,6 +121,61 @@ def test_convert_defaults_to_the_length_agnostic_sort_net() -> None:
     assert sizes[0] == sizes[1]
 
 
+def _routing(monkeypatch: pytest.MonkeyPatch, length: int, **options: object) -> tuple:
+    """The routing logits and plans of every layer of a converted Llama on one random batch
+    (``(layers, B, H, N, N)`` each; block size 4, so ``N = length / 4``)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=length,
+    )
+    model = hf.convert(LlamaForCausalLM(cfg), block_size=BLOCK, **options).eval()
+    logits, plans = [], []
+    inner = hf_attention.sinkhorn_attention
+
+    def spy(q, k, v, sort_logits, opts, **kwargs):  # type: ignore[no-untyped-def]
+        logits.append(sort_logits)
+        plans.append(sinkhorn_plan(sort_logits, opts).P)
+        return inner(q, k, v, sort_logits, opts, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "sinkhorn_attention", spy)
+    with torch.no_grad():
+        model(_ids(4, length))
+    monkeypatch.undo()
+    return model.config.sinkhorn_attention, torch.stack(logits), torch.stack(plans)
+
+
+def test_convert_defaults_route_by_the_sort_net_in_a_causal_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A converted model is a decoder: with the paper's routing (explicit arguments, still
+    honoured) every block routes to its previous one whatever the sort net says, and the
+    sum-pooled routing logits grow with the position. convert()'s defaults (rows-only
+    balancing, max pooling) follow the sort net, with logits of one scale at every position."""
+    options, logits, plans = _routing(monkeypatch, 256)
+    assert (options["balance"], options["pooling"]) == ("softmax", "max")
+    rows = plans[..., 1:, :]  # (layers, B, H, N-1, N): the rows with an earlier block
+    previous = torch.arange(rows.shape[-2])
+    assert (rows.argmax(-1) == previous).float().mean() < 0.5
+
+    paper, paper_logits, paper_plans = _routing(monkeypatch, 256, **PAPER)
+    assert (paper["balance"], paper["pooling"]) == ("sinkhorn", "sum")
+    assert torch.equal(paper_plans[..., 1:, :].argmax(-1), previous.expand(*rows.shape[:-1]))
+
+    def spread(sort_logits: torch.Tensor, row: int) -> float:  # a row's logit range
+        earlier = sort_logits[..., row, :row]
+        return float((earlier.amax(-1) - earlier.amin(-1)).mean())
+
+    last = logits.shape[-1] - 1
+    assert spread(paper_logits, last) > 3 * spread(paper_logits, last // 4)
+    assert spread(logits, last) < 3 * spread(logits, last // 4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("sort_net", ["bilinear", "linear"])
@@ -179,17 +235,19 @@ class _Spy:
         monkeypatch.setattr(owner, name, counted)
 
 
+PAPER = {"balance": "sinkhorn", "pooling": "sum"}  # the paper's routing; not convert()'s default
 DECODE_OPTIONS = [
-    {},  # bilinear
+    {},  # bilinear, softmax, max
+    PAPER,
     {"hard": True},
-    {"sort_net": "linear"},
+    {"sort_net": "linear", **PAPER},
     {"sort_net": "linear", "hard": True},
     {"sort_net": "mlp", "pooling": "mean"},
-    {"hard": True, "pooling": "max"},
-    {"n_iters": 3, "temperature": 0.5},
+    {"hard": True, **PAPER},
+    {"n_iters": 3, "temperature": 0.5, "balance": "sinkhorn"},
     {"mixture": True},
-    {"balance": "softmax"},  # an AttentionConfig field, so a convert() option too
-    {"shared_routing": "heads", "pooling": "max", "balance": "softmax"},
+    {"mixture": True, **PAPER},
+    {"shared_routing": "heads"},
 ]
 
 
@@ -222,7 +280,7 @@ def test_kv_cache_equals_full_forward(
 @pytest.mark.parametrize("cache_kind", CACHES)
 @pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
 @pytest.mark.parametrize(
-    "options", [{"sort_net": "linear"}, {"hard": True}, {"pooling": "mean"}, {"pooling": "max"}]
+    "options", [{"sort_net": "linear"}, {"hard": True}, {"pooling": "mean"}, PAPER]
 )
 def test_kv_cache_float64_left_padded_equals_full_forward(
     family: str, options: dict, cache_kind: str
@@ -555,7 +613,7 @@ def test_a_removed_option_that_changes_the_weights_is_named(tmp_path: Path) -> N
         hf.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("edit", [{"block_size": 8}, {"hard": True}, {"pooling": "max"}])
+@pytest.mark.parametrize("edit", [{"block_size": 8}, {"hard": True}, {"pooling": "sum"}])
 def test_hand_edited_valid_options_load_with_a_warning(tmp_path: Path, edit: dict) -> None:
     _edited_save(tmp_path, **edit)
     with pytest.warns(UserWarning, match="was edited after the model was saved"):

@@ -98,12 +98,23 @@ def test_return_plan_and_gradients_reach_the_sort_net() -> None:
     assert grad is not None and grad.abs().sum() > 0  # the sort net is really trained
 
 
-def test_sort_net_length_limits() -> None:
-    linear = SortNet(D_MODEL, HEADS, max_blocks=3)
-    with pytest.raises(ValueError, match="has 4 blocks but this 'linear' sort net was built"):
-        linear(torch.randn(1, 4, D_MODEL))
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_sort_net_length_limits(kind: str) -> None:
+    """``linear`` and ``mlp`` nets have one weight row per block: a layer takes up to
+    ``max_len`` tokens and refuses one block more; ``bilinear`` takes any length."""
+    net = SortNet(D_MODEL, HEADS, max_blocks=3, kind=kind)
+    with pytest.raises(ValueError, match=f"has 4 blocks but this '{kind}' sort net was built"):
+        net(torch.randn(1, 4, D_MODEL))
+    layer = SinkhornSelfAttention(D_MODEL, HEADS, block_size=4, max_len=12, sort_net=kind)
+    assert layer.config.length_limit == 12
+    assert layer(torch.randn(1, 12, D_MODEL)).shape == (1, 12, D_MODEL)
+    with pytest.raises(ValueError, match="sort net was built for at"):
+        layer(torch.randn(1, 13, D_MODEL))
     bilinear = SortNet(D_MODEL, HEADS, max_blocks=None, kind="bilinear")
     assert bilinear(torch.randn(1, 40, D_MODEL)).shape == (1, HEADS, 40, 40)
+    layer = SinkhornSelfAttention(D_MODEL, HEADS, block_size=4, max_len=12, sort_net="bilinear")
+    assert layer.config.length_limit is None
+    assert layer(torch.randn(1, 40, D_MODEL)).shape == (1, 40, D_MODEL)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "bilinear"])

@@ -27,7 +27,7 @@ from sparse_sinkhorn.ops.sinkhorn import softmax_routing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B, H, D = 2, 4, 4
-SHAPES = [(4, 16), (4, 19), (3, 13), (8, 40)]  # (block size, length)
+SHAPES = [(4, 16), (4, 19), (3, 13), (8, 40), (4, 3)]  # (block size, length); one block
 
 
 def _qkv(length: int, kv_heads: int = H, dtype: torch.dtype = torch.float64):
@@ -300,20 +300,46 @@ def test_max_pooled_summaries_are_the_definition(causal: bool, padded: bool) -> 
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("scale", [1.0, 10.0])
-def test_causal_sinkhorn_balancing_sends_every_block_to_its_previous_one(scale: float) -> None:
-    """The paper's causal balancing (8 rounds) routes block i to block i-1 whatever the
-    logits: the only strictly lower-triangular doubly stochastic matrix is that shift, so hard
-    routing always takes the previous block and soft routing puts most of its mass there.
-    Softmax routing (rows only) follows the logits instead. docs/long-context.md cites this."""
+def _far_preference(blocks: int, margin: float) -> torch.Tensor:
+    """``(1, 3, N, N)`` logits whose row i prefers another earlier block than i-1 by
+    ``margin``: block 0, block i-2, and a random earlier block."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.arange(blocks)
+    targets = [
+        torch.zeros_like(rows),
+        (rows - 2).clamp(min=0),
+        (torch.rand(blocks, generator=g) * rows).long(),
+    ]
+    logits = torch.zeros(1, 3, blocks, blocks)
+    for head, target in enumerate(targets):
+        logits[0, head, rows, target] = margin
+    return logits
+
+
+@pytest.mark.parametrize("blocks", [3, 12, 64])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 10.0, 1000.0])
+def test_causal_sinkhorn_balancing_sends_every_block_to_its_previous_one(
+    blocks: int, scale: float
+) -> None:
+    """The paper's causal balancing (8 rounds, tau = 0.75) routes block i to block i-1 whatever
+    the logits: random ones at every scale, and ones that prefer another earlier block by a
+    margin of ``scale``. The only strictly lower-triangular matrix with unit rows and columns is
+    that shift, so hard routing always takes the previous block and soft routing puts most of
+    its mass (over 0.8) there. Softmax routing (rows only) follows the logits instead."""
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(16, 2, 12, 12, generator=g) * scale
-    sink = sinkhorn_plan(logits, block_size=4, is_causal=True)
-    previous = torch.arange(11)
-    assert torch.equal(sink.P[..., 1:, :].argmax(-1), previous.expand(16, 2, 11))
-    assert torch.diagonal(sink.P, offset=-1, dim1=-2, dim2=-1).mean() > 0.85
-    soft = sinkhorn_plan(logits, block_size=4, is_causal=True, balance="softmax")
-    assert (soft.P[..., 1:, :].argmax(-1) != previous).float().mean() > 0.5
+    random = torch.randn(16, 2, blocks, blocks, generator=g) * scale
+    previous = torch.arange(blocks - 1)
+    for logits in (random, _far_preference(blocks, scale)):
+        sink = sinkhorn_plan(logits, block_size=4, is_causal=True)
+        assert torch.equal(sink.P[..., 1:, :].argmax(-1), previous.expand(*logits.shape[:2], -1))
+        assert torch.diagonal(sink.P, offset=-1, dim1=-2, dim2=-1).mean() > 0.8
+    if blocks > 3 and scale >= 1:  # softmax follows logits that are not all alike
+        soft = sinkhorn_plan(random, block_size=4, is_causal=True, balance="softmax")
+        assert (soft.P[..., 1:, :].argmax(-1) != previous).float().mean() > 0.5
+        far = sinkhorn_plan(
+            _far_preference(blocks, scale), block_size=4, is_causal=True, balance="softmax"
+        )
+        assert (far.P[..., 2:, :].argmax(-1) != torch.arange(1, blocks - 1)).float().mean() > 0.5
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -6,7 +6,7 @@ Each subcommand lives in its own module and registers itself through a function
 Errors about the user's input, files or data (a corrupt checkpoint, a checkpoint from
 another config, a dataset not fetched yet), bad values (``ValueError``/``TypeError`` from the
 library's checks), file-system failures (missing, unreadable or unwritable paths, a full disk:
-``OSError``) and a subcommand's :class:`~sparse_sinkhorn.errors.UsageError` are printed as one
+``OSError``) and a subcommand's [`UsageError`][sparse_sinkhorn.errors.UsageError] are printed as one
 line on stderr and exit with status 2; Ctrl-C (status 130) and SIGTERM (143) are one line too.
 Set ``SPARSE_SINKHORN_DEBUG=1`` to see the traceback instead.
 """
@@ -86,8 +86,8 @@ def _missing_extra(err: ModuleNotFoundError) -> str | None:
 
 
 class ExitWithError(SystemExit):
-    """A subcommand's :class:`~sparse_sinkhorn.errors.UsageError` (or ``SystemExit("error: ...")``)
-    after :func:`main` printed it: exit status 2.
+    """A subcommand's [`UsageError`][sparse_sinkhorn.errors.UsageError] (or ``SystemExit("error:
+    ...")``) after `main` printed it: exit status 2.
 
     ``str()`` is still the message (for callers and tests that match it).
     """

@@ -1,14 +1,15 @@
 """The library's error types: every error the library defines derives from
-:class:`SparseSinkhornError` (and, where it has one, from the built-in type it refines, so
-``except ValueError`` keeps working).
+[`SparseSinkhornError`][sparse_sinkhorn.errors.SparseSinkhornError] (and, where it has one, from
+the built-in type it refines, so ``except ValueError`` keeps working).
 
-* :class:`UsageError`: a bad flag value, a flag combination that cannot work, or an
+* [`UsageError`][sparse_sinkhorn.errors.UsageError]: a bad flag value, a flag combination that
+  cannot work, or an
   ``--out`` that does not fit the request; the ``sparse-sinkhorn`` command prints it as one
   line (``sparse-sinkhorn: error: ...``) and exits with status 2, as for an argparse error.
 * the others (a locked run directory, a bad checkpoint, a config that does not match a
   checkpoint, a missing dataset, a failed download, a non-finite loss, a dead worker) live
-  beside the code that raises them; the command prints any :class:`SparseSinkhornError` as
-  one line.
+  beside the code that raises them; the command prints any
+  [`SparseSinkhornError`][sparse_sinkhorn.errors.SparseSinkhornError] as one line.
 
 Errors about a function's arguments (shapes, dtypes, option values) are plain
 ``ValueError``/``TypeError``, as in PyTorch.

@@ -6,7 +6,7 @@ Text from a ``sparse-sinkhorn lm`` run, images from a ``sparse-sinkhorn image`` 
     sparse-sinkhorn generate --run runs/lm-char/sinkhorn --tokens 512 --no-cache  # reference
     sparse-sinkhorn generate --run runs/image-fashion-mnist/sinkhorn --samples 16
 
-Decoding is incremental by default (:mod:`sparse_sinkhorn.nn.cache`): the prompt goes through
+Decoding is incremental by default (`sparse_sinkhorn.nn.cache`): the prompt goes through
 the model once, then each new token costs one position per layer, and the logits equal the
 full causal forward's. ``--no-cache`` recomputes the whole prefix at every step (the slow,
 obviously-correct reference); both print tokens/s.

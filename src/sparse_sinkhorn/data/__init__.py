@@ -1,7 +1,7 @@
 """Datasets: standard-format readers, torch datasets, tokenisers and the fetch step.
 
-Nothing here imports ``tokenizers`` at import time (see :mod:`.tokenize`). The synthetic
-sorting data lives in :mod:`.sorting`. Datasets are read from the data directory
+Nothing here imports ``tokenizers`` at import time (see `tokenize`). The synthetic
+sorting data lives in `sorting`. Datasets are read from the data directory
 (``--data-dir`` > ``$SPARSE_SINKHORN_DATA`` > ``~/.cache/sparse-sinkhorn/data``), filled by
 ``sparse-sinkhorn data fetch NAME``.
 """

@@ -1,6 +1,6 @@
 """Plain-text corpora for language modelling, with their held-out splits.
 
-:func:`load_corpus` reads LM1B's layout, a directory with train/valid/test entries, or any
+`load_corpus` reads LM1B's layout, a directory with train/valid/test entries, or any
 text file or directory of shards (split by lines in order).
 """
 

@@ -2,12 +2,12 @@
 
 Axis legend: N examples (or tokens), L sequence length, B batch, H height, W width, C channels.
 
-* :class:`TokenWindows`: LM windows ``(inputs, targets)`` cut from one token stream.
-* :class:`ImageTokens`: images as sequences of 256-level pixel tokens.
-* :class:`TextClassification`: variable-length ``(ids, label)``; batch with :func:`collate`.
-* :class:`PairClassification`: NLI pairs, encoded as ``[CLS] premise [SEP] hypothesis`` with
+* `TokenWindows`: LM windows ``(inputs, targets)`` cut from one token stream.
+* `ImageTokens`: images as sequences of 256-level pixel tokens.
+* `TextClassification`: variable-length ``(ids, label)``; batch with `collate`.
+* `PairClassification`: NLI pairs, encoded as ``[CLS] premise [SEP] hypothesis`` with
   segment ids (``encoding="concat"``) or as two separate sequences (``encoding="separate"``);
-  batch with :func:`collate_pairs`.
+  batch with `collate_pairs`.
 
 Padding masks follow the library convention: bool, ``True`` = real token.
 """
@@ -187,7 +187,7 @@ def pad_sequences(seqs: Sequence[Tensor], pad_id: int = 0) -> tuple[Tensor, Tens
 
 
 def collate(batch: Sequence[tuple[Tensor, int]], pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch :class:`TextClassification` items.
+    """Batch `TextClassification` items.
 
     Returns ``(ids (B, L), key_padding_mask (B, L), labels (B,))``.
 
@@ -204,7 +204,7 @@ def collate_pairs(
     pad_id: int = 0,
     encoding: PairEncoding = "concat",
 ) -> tuple[Tensor, ...]:
-    """Batch :class:`PairClassification` items; ``encoding`` must match the dataset's.
+    """Batch `PairClassification` items; ``encoding`` must match the dataset's.
 
     * ``"concat"`` -> ``(ids, key_padding_mask, labels, segment_ids)``: ids, mask and segment ids
       ``(B, L)``, labels ``(B,)``; padded positions have segment id 0 and mask False.

@@ -96,7 +96,7 @@ def fetch(
 ) -> dict[str, Any]:
     """Fetch dataset ``name`` into ``<data_dir>/<name>/``; returns the written manifest.
 
-    An existing complete dataset is kept unless ``force``. Raises :class:`FetchError` with
+    An existing complete dataset is kept unless ``force``. Raises `FetchError` with
     instructions when no source works (CIFAR-10 and MNLI have no registry copy).
     """
 

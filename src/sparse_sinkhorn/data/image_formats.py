@@ -214,7 +214,7 @@ def _from_bytes(raw: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -
 
 
 class _NdarrayName:
-    """What the global ``numpy.ndarray`` resolves to: a name that :class:`_ArrayStub` accepts
+    """What the global ``numpy.ndarray`` resolves to: a name that `_ArrayStub` accepts
     as its class argument and nothing can call or instantiate (``numpy.ndarray(shape)``
     would allocate whatever shape the file declares, before any size check)."""
 
@@ -320,7 +320,7 @@ def _finish(obj: Any, depth: int) -> Any:
 
 
 def safe_pickle_load(path: str | os.PathLike[str]) -> Any:
-    """Load a pickle of numpy arrays and plain containers with :class:`RestrictedUnpickler`."""
+    """Load a pickle of numpy arrays and plain containers with `RestrictedUnpickler`."""
     with Path(path).open("rb") as fh:
         return RestrictedUnpickler(fh, encoding="bytes").load()
 

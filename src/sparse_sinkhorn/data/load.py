@@ -1,6 +1,6 @@
 """Load a fetched dataset by name from the data directory.
 
-Every function raises :class:`~sparse_sinkhorn.data.registry.DatasetNotFoundError` (a
+Every function raises `DatasetNotFoundError` (a
 ``FileNotFoundError``) naming ``sparse-sinkhorn data fetch NAME`` when the dataset is missing.
 """
 

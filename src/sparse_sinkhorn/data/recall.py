@@ -5,10 +5,10 @@ model reads ``ids`` and is scored only where ``targets != IGNORE`` (next-token p
 the answer tokens); everything else is context. Example ``i`` of a task is a pure function of
 ``(seed, i)``, so a dataset needs no storage and every run sees the same examples.
 
-* :class:`Passkey`: random filler with ``KEY d1 .. dn`` (n digits) at a uniformly random
+* `Passkey`: random filler with ``KEY d1 .. dn`` (n digits) at a uniformly random
   position; the sequence ends ``QUERY d1 .. dn-1`` and the model must produce the digits
   (scored on all n). Accuracy: all n digits right (chance ``10**-n``).
-* :class:`MQAR`: multi-query associative recall (Arora et al., 2023, "Zoology"): ``D``
+* `MQAR`: multi-query associative recall (Arora et al., 2023, "Zoology"): ``D``
   key-value pairs first, then each key queried once at a position drawn uniformly from the
   rest of the sequence (uniform key-query gaps, instead of Zoology's power law, so that
   recall reaches across the whole length); the model must produce the value after the key.
@@ -18,12 +18,12 @@ Tasks whose answer lies in a block that depends on the question (RULER's multi-k
 MQAR with the pairs spread over the context); the block to read differs between queries, so a
 routing that only finds "the marked block" cannot solve them:
 
-* :class:`MultiKeyPasskey`: random filler with ``n_needles`` needles ``KEYk v1 .. vn`` (distinct
+* `MultiKeyPasskey`: random filler with ``n_needles`` needles ``KEYk v1 .. vn`` (distinct
   keys ``k``, values drawn from ``n_values`` symbols) at random positions; one question
   ``QUERY KEYj v1 .. vn-1`` at a random position of the last ``query_window`` tokens (so not
   aligned to a block start), random filler after it; the model must produce needle ``j``'s
   values. Accuracy: all n values right (chance ``n_values**-n``).
-* :class:`ScatteredMQAR`: MQAR whose ``n_pairs`` key-value pairs lie at random positions of the
+* `ScatteredMQAR`: MQAR whose ``n_pairs`` key-value pairs lie at random positions of the
   first ``context_share`` of the sequence, each key queried once (the key, then a blank: the
   key is scored on predicting its value) at a random position after the context. Answers are
   not shown after their queries, so a query cannot be answered by elimination (the one value

@@ -125,7 +125,7 @@ class DatasetNotFoundError(SparseSinkhornError, FileNotFoundError):
 
 
 def get_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` for ``name``; ``ValueError`` listing known names otherwise."""
+    """The `DatasetInfo` for ``name``; ``ValueError`` listing known names otherwise."""
     try:
         return DATASETS[name]
     except KeyError:
@@ -156,7 +156,7 @@ def is_present(name: str, data_dir: str | os.PathLike[str] | None = None) -> boo
 
 
 def dataset_dir(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``<data_dir>/<name>``, raising :class:`DatasetNotFoundError` if it is not there."""
+    """``<data_dir>/<name>``, raising `DatasetNotFoundError` if it is not there."""
     info = get_info(name)
     base = resolve_data_dir(data_dir)
     root = base / name

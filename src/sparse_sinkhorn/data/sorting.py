@@ -102,7 +102,7 @@ def collate_sorting(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Ten
 
 
 def sorting_batch(dataset: SortingDataset, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """The examples at ``indices``, padded into one batch (see :func:`collate_sorting`)."""
+    """The examples at ``indices``, padded into one batch (see `collate_sorting`)."""
     return collate_sorting([dataset[i] for i in indices])
 
 

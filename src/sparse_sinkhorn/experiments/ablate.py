@@ -121,7 +121,7 @@ Runners = dict[str, Runner]
 def _sort_runners(
     preset_name: str, changes: dict[str, int], variants: list[str], n_seeds: int
 ) -> tuple[Runners, dict[str, Any]]:
-    """The sort task: one :func:`~.sorting.run_seed` runner per variant, and the settings."""
+    """The sort task: one `run_seed` runner per variant, and the settings."""
     base = ABLATE_SORT_PRESET if preset_name == "cpu" else SORT_PRESETS["paper"]
     # --n-eval caps the eval batch at the cpu preset's, whichever preset runs
     preset = sorting.with_overrides(base, changes, eval_batch=ABLATE_SORT_PRESET.eval_batch)
@@ -138,7 +138,7 @@ def _sort_runners(
 def _lm_runners(
     args: argparse.Namespace, changes: dict[str, int], variants: list[str]
 ) -> tuple[Runners, dict[str, Any]]:
-    """The lm task (subwords): one :func:`~.lm.run_kind` runner per variant, and the settings."""
+    """The lm task (subwords): one `run_kind` runner per variant, and the settings."""
     base = ABLATE_LM_PRESET if args.preset == "paper" else LM_PRESETS[("subword", "cpu")]
     preset = replace(base, **changes)
     corpus = lm.load_text(args.corpus, args.data_dir, preset.max_train_chars)

@@ -189,7 +189,7 @@ def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
 
 def run_variant(variant: Variant, preset: TaskPreset, data: Data, run: Run) -> dict[str, Any]:
     """Train one attention variant as ``run``; score it on the held-out splits (a runner of
-    :func:`~.driver.train_grid`)."""
+    `train_grid`)."""
     tok, train_ds, evals, n_classes, pair = data
     config = model_config(preset, variant, tok.vocab_size, n_classes, pair, tok.pad_id)
     model = Classifier(config)

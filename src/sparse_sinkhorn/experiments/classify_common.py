@@ -2,7 +2,7 @@
 
 Attention variants, data loading and tokenisation, batching, evaluation, the
 analytic attention-memory model and the accuracy-vs-memory plot. The command line lives in
-:mod:`sparse_sinkhorn.experiments.classify`.
+`sparse_sinkhorn.experiments.classify`.
 
 Axes: B batch, L length, C classes.
 """

@@ -2,8 +2,8 @@
 
 Rule: this module only declares command lines (``sparse-sinkhorn sort``, ``ablate``, ``lm``,
 ``image``, ``classify``, ``nli``, ``recall``); what a flag does is up to the experiment's
-``run``. Flags every experiment takes come from :mod:`.flags`. :func:`add_subparser` registers
-them all (see :mod:`sparse_sinkhorn.cli`).
+``run``. Flags every experiment takes come from `flags`. `add_subparser` registers
+them all (see `sparse_sinkhorn.cli`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _runs(
     default_seeds: int | str = 1,
     **defaults: Any,
 ) -> None:
-    """The flags every experiment takes (:mod:`.flags`' grid and common ones), and ``run``,
+    """The flags every experiment takes (`flags`' grid and common ones), and ``run``,
     the function that runs the subcommand (``defaults``: further parsed values it reads)."""
     flags.add_grid_args(parser, default_seeds=default_seeds)
     flags.add_common_args(parser, default_out=default_out)
@@ -36,7 +36,7 @@ def _runs(
 
 
 def add_sort(subparsers: argparse._SubParsersAction) -> None:
-    """``sparse-sinkhorn sort`` (:mod:`.sorting`)."""
+    """``sparse-sinkhorn sort`` (`sorting`)."""
     parser = subparsers.add_parser(
         "sort",
         help="seq2seq sorting (paper Table 1)",
@@ -57,7 +57,7 @@ def add_sort(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_ablate(subparsers: argparse._SubParsersAction) -> None:
-    """``sparse-sinkhorn ablate`` (:mod:`.ablate`)."""
+    """``sparse-sinkhorn ablate`` (`ablate`)."""
     parser = subparsers.add_parser(
         "ablate",
         help="SortNet ablation (paper Table 8)",
@@ -91,7 +91,7 @@ def add_ablate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_lm(subparsers: argparse._SubParsersAction) -> None:
-    """``sparse-sinkhorn lm`` (:mod:`.lm`)."""
+    """``sparse-sinkhorn lm`` (`lm`)."""
     parser = subparsers.add_parser(
         "lm",
         help="language modelling: char bits/char, subword perplexity (paper Tables 2, 4)",
@@ -120,7 +120,7 @@ def add_lm(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_image(subparsers: argparse._SubParsersAction) -> None:
-    """``sparse-sinkhorn image`` (:mod:`.image`)."""
+    """``sparse-sinkhorn image`` (`image`)."""
     parser = subparsers.add_parser(
         "image",
         help="pixel-wise image generation, bits/dim (paper Table 5)",
@@ -146,7 +146,7 @@ def add_image(subparsers: argparse._SubParsersAction) -> None:
 def add_classify(
     subparsers: argparse._SubParsersAction, task: str, datasets: tuple[str, ...], help_: str
 ) -> None:
-    """``sparse-sinkhorn classify`` or ``nli`` (:mod:`.classify`)."""
+    """``sparse-sinkhorn classify`` or ``nli`` (`classify`)."""
     description = (classify.__doc__ or "").split("\n\n")[1]
     parser = subparsers.add_parser(task, help=help_, description=description)
     parser.add_argument("--dataset", required=True, choices=datasets, help="dataset to train on")
@@ -182,7 +182,7 @@ def add_classify(
 
 
 def add_recall(subparsers: argparse._SubParsersAction) -> None:
-    """``sparse-sinkhorn recall`` (:mod:`.recall`)."""
+    """``sparse-sinkhorn recall`` (`recall`)."""
     parser = subparsers.add_parser(
         "recall",
         help="long-context retrieval: passkey and multi-query associative recall",

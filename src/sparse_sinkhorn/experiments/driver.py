@@ -3,24 +3,24 @@
 An experiment is a set of *names* (attention kinds, classifier variants, ablation variants),
 each trained with every seed. This module is the only place that
 
-* names a run's directory (:func:`run_name`: ``<out>/<name>/seed<seed>``, whatever the
+* names a run's directory (`run_name`: ``<out>/<name>/seed<seed>``, whatever the
   number of seeds, so ``--resume`` with another ``--seeds`` finds the same runs),
 * checks every run directory before the first run trains (``--resume`` / ``--overwrite``
-  rules of :func:`prepare_run_dir`) and decides whether each run resumes, so a bad flag fails
+  rules of `prepare_run_dir`) and decides whether each run resumes, so a bad flag fails
   at once rather than an hour in,
-* seeds a run (:func:`seed_run`, before its runner builds anything),
-* builds a run's :class:`~sparse_sinkhorn.train.TrainConfig` from its preset and its
-  experiment's :class:`~.presets.Schedule` (:func:`train_config`),
-* trains, times and records a run (:func:`fit`: ``train``, ``loss.png``, the common record),
-* spreads the runs over ``--jobs`` one-thread worker processes (:func:`~.workers.map_runs`),
+* seeds a run (`seed_run`, before its runner builds anything),
+* builds a run's [`TrainConfig`][sparse_sinkhorn.train.TrainConfig] from its preset and its
+  experiment's `Schedule` (`train_config`),
+* trains, times and records a run (`fit`: ``train``, ``loss.png``, the common record),
+* spreads the runs over ``--jobs`` one-thread worker processes (`map_runs`),
   naming each run in its log lines and logging the grid's progress, and
 * summarises each name over its seeds (mean ± sample standard deviation).
 
-An experiment supplies, per name, a *runner*: ``runner(run)`` gets the :class:`Run` the
-driver prepared, builds that run's data and model, trains them with :func:`fit` and returns
+An experiment supplies, per name, a *runner*: ``runner(run)`` gets the `Run` the
+driver prepared, builds that run's data and model, trains them with `fit` and returns
 its record (a dict with at least ``"eval"``, a flat ``{metric: value}``, and
-``"train_seconds"`` for :func:`summarize_seeds`). For ``--jobs > 1`` a runner must be
-picklable: a :func:`functools.partial` of a module-level function with picklable arguments.
+``"train_seconds"`` for `summarize_seeds`). For ``--jobs > 1`` a runner must be
+picklable: a `functools.partial` of a module-level function with picklable arguments.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def grid_options(args: argparse.Namespace, out: str | None = None) -> GridOption
     Runs trained in parallel would interleave their progress bars, so this also turns progress
     bars off when ``--jobs > 1``. ``--resume`` needs an existing ``--out`` (checked here,
     before an experiment loads its data). Sets up the log lines
-    (:func:`~.progress.setup_logging`): an experiment calls this before it logs.
+    (`setup_logging`): an experiment calls this before it logs.
     """
     setup_logging()  # the experiment's log lines from here on
     jobs = int(getattr(args, "jobs", 1))
@@ -108,12 +108,14 @@ def run_name(name: str, seed: int) -> str:
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, is_main: bool = True) -> None:
-    """Check one training run's directory before :func:`train` uses it; touch nothing yet.
+    """Check one training run's directory before [`train`][sparse_sinkhorn.train.train] uses it;
+    touch nothing yet.
 
     * ``--out`` must be a directory this process can write (else a one-line error).
     * The main rank takes the run dir's lock for the rest of the process: a second process
       writing the same run gets a one-line error (a lock left by a dead process is free).
-    * ``--overwrite`` only *marks* an existing run for replacement: :func:`train` removes it
+    * ``--overwrite`` only *marks* an existing run for replacement:
+      [`train`][sparse_sinkhorn.train.train] removes it
       when the new run starts, after its data, tokenizer and model were built, so a command
       that fails before that (missing data, a bad flag) leaves the earlier run intact.
     * ``--resume`` of a run dir that exists but holds no complete checkpoint (killed before or
@@ -166,14 +168,14 @@ def summarize_seeds(
 def check_runs(
     names: Sequence[str], seeds: Sequence[int], options: GridOptions
 ) -> dict[tuple[str, int], tuple[Path, bool]]:
-    """Check every ``(name, seed)`` run directory (:func:`prepare_run_dir`) before any trains.
+    """Check every ``(name, seed)`` run directory (`prepare_run_dir`) before any trains.
 
     Returns each run's directory and whether it resumes (``--resume`` and the directory exists:
     a run an interrupted grid never started starts fresh). The main rank first takes the lock of
     ``--out`` itself for the rest of the process (one grid per ``--out``; a second command gets
     a one-line error). When the runs will go to worker processes, each worker takes its own
     run's lock; otherwise the main rank takes them all here.
-    :func:`train_grid` calls this; an experiment may call it earlier, before it loads its data.
+    `train_grid` calls this; an experiment may call it earlier, before it loads its data.
     """
     dist = init_distributed()
     parallel = options.in_workers
@@ -205,7 +207,7 @@ class Run:
     name: str  # the grid's name: an attention kind or a variant
     seed: int
     out: Path  # the grid's --out
-    resume: bool  # continue from the checkpoint in ``dir`` (decided by :func:`check_runs`)
+    resume: bool  # continue from the checkpoint in ``dir`` (decided by `check_runs`)
     progress: bool  # show a progress bar
     keeps_plots: bool  # the --seed run: the one whose figures an experiment keeps
 
@@ -222,7 +224,8 @@ class Run:
 
 def seed_run(seed: int) -> None:
     """Seed torch, ``random`` and numpy for a run: the one place runs are seeded (model
-    initialisation draws from these; :func:`~sparse_sinkhorn.train.train` reseeds for the data)."""
+    initialisation draws from these; [`train`][sparse_sinkhorn.train.train] reseeds for the
+    data)."""
     seed_everything(seed)
 
 
@@ -283,7 +286,7 @@ def _share(steps: int, share: int) -> int:
 def train_config(preset: Preset, schedule: Schedule, *, seed: int, progress: bool) -> TrainConfig:
     """A run's training hyper-parameters: the preset's steps, batch, learning rate and
     warm-up, the warm-up clamped, and logs, evaluations and checkpoints spaced, by the
-    experiment's :class:`~.presets.Schedule` (the one warm-up rule)."""
+    experiment's `Schedule` (the one warm-up rule)."""
     steps = preset.steps
     longest = steps // schedule.warmup_share - schedule.warmup_margin
     return TrainConfig(
@@ -302,7 +305,7 @@ def train_config(preset: Preset, schedule: Schedule, *, seed: int, progress: boo
 
 @dataclass
 class Plan:
-    """What a runner hands :func:`fit`: a model built after :func:`seed_run`, and its data."""
+    """What a runner hands `fit`: a model built after `seed_run`, and its data."""
 
     model: nn.Module
     model_config: dict[str, Any]  # saved with every checkpoint and in the run's record
@@ -314,7 +317,7 @@ class Plan:
 
 @dataclass
 class Fitted:
-    """A trained run: the model, what :func:`~sparse_sinkhorn.train.train` returned, and how long
+    """A trained run: the model, what [`train`][sparse_sinkhorn.train.train] returned, and how long
     training took."""
 
     run: Run
@@ -357,8 +360,8 @@ class Fitted:
 
 
 def fit(run: Run, plan: Plan, preset: Preset, schedule: Schedule) -> Fitted:
-    """Train ``plan`` as ``run`` (resumed when the driver said so) with :func:`train_config`,
-    timing it and measuring its peak memory (:mod:`~sparse_sinkhorn.train.memory`, on the
+    """Train ``plan`` as ``run`` (resumed when the driver said so) with `train_config`,
+    timing it and measuring its peak memory (`memory`, on the
     device it trains on; evaluations included); draw ``loss.png`` in the run directory when
     the schedule asks for it."""
     config = train_config(preset, schedule, seed=run.seed, progress=run.progress)

@@ -1,8 +1,9 @@
 """The experiments' command-line flags and how they become values (``from . import flags``).
 
 Rule: everything here reads or declares argparse flags and nothing else; a flag's value is
-validated where it is read, so a bad flag is a one-line :class:`~sparse_sinkhorn.errors.UsageError`
-before any data is loaded. The list of seeds is computed here only (:func:`seed_list`).
+validated where it is read, so a bad flag is a one-line
+[`UsageError`][sparse_sinkhorn.errors.UsageError]
+before any data is loaded. The list of seeds is computed here only (`seed_list`).
 """
 
 from __future__ import annotations

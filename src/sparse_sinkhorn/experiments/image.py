@@ -206,7 +206,7 @@ def run_kind(
     run: Run,
 ) -> dict[str, Any]:
     """Train one attention kind as ``run``, then sample a grid of images from it (a runner
-    of :func:`~.driver.train_grid`)."""
+    of `train_grid`)."""
     shape = train_set.image_shape
     dims = train_set.seq_len
     block = block_size_for(preset, shape)

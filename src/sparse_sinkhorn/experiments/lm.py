@@ -11,7 +11,7 @@ character) or on byte-level BPE subwords (perplexity per subword token)::
     sparse-sinkhorn generate --run runs/lm-char/sinkhorn --prompt "ROMEO:"
 
 Data: Shakespeare's plays from the data directory (split by play into train/valid/test by
-the fetch step), or any plain-text corpus given with ``--corpus`` (see :func:`load_corpus`).
+the fetch step), or any plain-text corpus given with ``--corpus`` (see `load_corpus`).
 The tokenizer (characters, or BPE with the preset's vocabulary) is trained on the training
 split only and saved with each run as ``<out>/<kind>/seed<N>/tokenizer.json``; ``--resume`` and
 ``generate`` reuse that file. Evaluation: the held-out text is cut into non-overlapping
@@ -210,8 +210,8 @@ def run_kind(
 ) -> dict[str, Any]:
     """Train one attention kind as ``run``; valid/test metrics on held-out windows.
 
-    ``attention_options`` override :class:`AttentionConfig` fields (the SortNet ablation's
-    variants). A runner of :func:`~.driver.train_grid`.
+    ``attention_options`` override [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig] fields
+    (the SortNet ablation's variants). A runner of `train_grid`.
     """
     tokenizer = run_tokenizer(run.dir, level, corpus, preset, run.resume)
     train_ids, valid_ids, test_ids = token_streams(tokenizer, corpus, streams)

@@ -3,8 +3,8 @@
 Rule: this module holds values (and the lookup that assembles a classification preset), no
 behaviour. A preset (``cpu``: minutes on a 2-core CPU;
 ``paper``: the paper's sizes) fixes one experiment's data, model and optimiser sizes; its
-experiment's :class:`Schedule` says how warm-up, logging, evaluation and checkpoints follow from
-the number of steps (:func:`~.driver.train_config` applies it, the one place that does). The
+experiment's `Schedule` says how warm-up, logging, evaluation and checkpoints follow from
+the number of steps (`train_config` applies it, the one place that does). The
 schedules differ between experiments on purpose, and only as the values below.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Schedule:
-    """How a run's training follows from its preset's ``steps`` (see :func:`~.driver.train_config`).
+    """How a run's training follows from its preset's ``steps`` (see `train_config`).
 
     warm-up: ``min(warmup_steps, max(warmup_least, steps // warmup_share - warmup_margin))``;
     log every ``max(1, min(log_cap, steps // log_share))`` steps; evaluate every
@@ -51,7 +51,7 @@ SCHEDULES = {
 @dataclass(frozen=True)
 class Preset:
     """What every experiment's preset fixes: the model's sizes and the training budget
-    (:func:`~.driver.model_sizes` and :func:`~.driver.train_config` read these)."""
+    (`model_sizes` and `train_config` read these)."""
 
     d_model: int
     n_heads: int

@@ -1,8 +1,8 @@
 """What a grid says while it trains: log lines that name their run, and the grid's progress.
 
 Rule: while a run trains (in this process or in a ``--jobs`` worker), every log line the
-experiments' handler prints starts with the run's ``[<name>/seed<N>]`` (:func:`naming`), so the
-lines of runs trained in parallel can be told apart; :class:`GridProgress` logs runs done /
+experiments' handler prints starts with the run's ``[<name>/seed<N>]`` (`naming`), so the
+lines of runs trained in parallel can be told apart; `GridProgress` logs runs done /
 total, the elapsed time and an estimate of the time left each time a run finishes.
 """
 
@@ -27,7 +27,7 @@ class RunFormatter(logging.Formatter):
 
 
 def setup_logging() -> None:
-    """INFO lines on stderr that name their run (:class:`RunFormatter`); does nothing when the
+    """INFO lines on stderr that name their run (`RunFormatter`); does nothing when the
     root logger already has a handler (an application's, or pytest's)."""
     root = logging.getLogger()
     if root.handlers:

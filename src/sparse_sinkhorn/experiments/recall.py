@@ -1,8 +1,8 @@
 """Long-context retrieval: ``sparse-sinkhorn recall`` (passkey and multi-query associative
-recall in a causal LM; tasks in :mod:`sparse_sinkhorn.data.recall`).
+recall in a causal LM; tasks in `sparse_sinkhorn.data.recall`).
 
 Where does learned block routing find what dense attention finds? Every kind in
-:data:`RECALL_KINDS` is trained from scratch on one task at each length, with the same model,
+`RECALL_KINDS` is trained from scratch on one task at each length, with the same model,
 data and budget, and scored on the same held-out examples::
 
     sparse-sinkhorn recall --task passkey --seeds 3 --jobs 2        # cpu preset: 512 and 1K
@@ -173,7 +173,7 @@ def make_task(task: str, length: int, preset: RecallPreset) -> Task:
 
 
 def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:
-    """The :data:`RECALL_KINDS` (or :data:`CONTROL_KINDS`) entry ``name`` at this block size
+    """The `RECALL_KINDS` (or `CONTROL_KINDS`) entry ``name`` at this block size
     and length."""
     fields = RECALL_KINDS[CONTROL_KINDS.get(name, name)]
     return AttentionConfig(block_size=block_size, max_len=length, **fields)
@@ -181,7 +181,7 @@ def attention_config(name: str, block_size: int, length: int) -> AttentionConfig
 
 def install_oracle_routing(model: LanguageModel) -> None:
     """Replace every Sinkhorn layer's sort logits by the passkey answer (see
-    :data:`CONTROL_KINDS`): row ``i`` scores :data:`ORACLE_LOGIT` on the block holding the
+    `CONTROL_KINDS`): row ``i`` scores `ORACLE_LOGIT` on the block holding the
     KEY marker when that block is earlier than ``i``, 0 everywhere else."""
     seen: dict[str, Tensor] = {}
 
@@ -209,7 +209,7 @@ def install_oracle_routing(model: LanguageModel) -> None:
 
 def share_first_routing(model: LanguageModel) -> None:
     """Make every Sinkhorn layer route with the first one's sort logits (``shared-max``, see
-    :data:`CONTROL_KINDS`): the first layer's logits of each forward are kept and returned by
+    `CONTROL_KINDS`): the first layer's logits of each forward are kept and returned by
     the later layers' ``sort_logits``, so the later layers' sort nets go unused and the first
     one's learns from every layer's loss."""
     layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
@@ -337,7 +337,7 @@ def hard_twin(config: LanguageModelConfig) -> LanguageModel | None:
 
 
 def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run) -> dict[str, Any]:
-    """Train one kind at one length as ``run``; a runner of :func:`~.driver.train_grid`."""
+    """Train one kind at one length as ``run``; a runner of `train_grid`."""
     spec = make_task(task, length, preset)
     config = LanguageModelConfig(
         vocab_size=spec.vocab_size,
@@ -405,7 +405,7 @@ def results_table(results: list[dict[str, Any]], lengths: tuple[int, ...], chanc
 
 
 def summarize(name: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
-    """:func:`~.driver.summarize_seeds` keeping each run's training time per step."""
+    """`summarize_seeds` keeping each run's training time per step."""
     record = summarize_seeds(name, runs, seeds)
     for entry, run in zip(record["runs"], runs, strict=True):
         entry["seconds_per_step"] = run["seconds_per_step"]

@@ -1,7 +1,7 @@
 """What an experiment leaves in ``--out``: ``results.json``, ``results.md`` and the printed table.
 
-Rule: every experiment reports through :func:`report` (print the table, write both files), and
-``results.json`` is only ever written by :func:`write_results`, atomically and under the
+Rule: every experiment reports through `report` (print the table, write both files), and
+``results.json`` is only ever written by `write_results`, atomically and under the
 directory's lock. The names of the files a run directory holds beside its checkpoints live here.
 """
 
@@ -174,7 +174,7 @@ def report(
     note: str | None = None,
 ) -> Path:
     """Print ``title``, ``table`` and ``note`` (a line under the table, when given), write
-    ``results.json`` and ``results.md`` (:func:`write_results`), then print where the results
+    ``results.json`` and ``results.md`` (`write_results`), then print where the results
     and ``files`` (``(what, path)`` pairs, e.g. ``("loss curves", path)``) are. Returns the
     ``results.json`` path."""
     print(f"\n{title}\n")

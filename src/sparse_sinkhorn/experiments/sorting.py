@@ -3,7 +3,7 @@
 The task and its metrics follow Tensor2Tensor's ``algorithmic_sort_problem``, which the paper
 ran: training sequences have lengths uniform in ``[1, L]``, the dev set lengths uniform in
 ``[1, 2L]``, symbols come from an alphabet of ``2L`` (with replacement), and inputs and targets
-end in EOS (see :mod:`sparse_sinkhorn.data.sorting`). An encoder-decoder reads the sequence and
+end in EOS (see `sparse_sinkhorn.data.sorting`). An encoder-decoder reads the sequence and
 writes it sorted. The headline is greedy decoding until EOS (at most ``2L + 1`` tokens), scored
 by exact match and by Tensor2Tensor's edit distance (summed Levenshtein distances over summed
 reference lengths, EOS included in both sequences); Tensor2Tensor's own eval metrics are
@@ -89,7 +89,7 @@ OVERRIDES = {
 def with_overrides(
     base: SortPreset, changes: dict[str, int], *, eval_batch: int | None = None
 ) -> SortPreset:
-    """``base`` with the flags' ``changes`` (:func:`positive_overrides`) applied.
+    """``base`` with the flags' ``changes`` (`positive_overrides`) applied.
 
     A new ``length`` L also sets Tensor2Tensor's alphabet of ``2L`` symbols unless
     ``n_symbols`` is given; ``n_eval`` caps the eval batch (at ``eval_batch``, default the
@@ -267,10 +267,11 @@ def run_seed(
     attention_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one attention kind as ``run``; evaluate it on the dev set (a runner of
-    :func:`~.driver.train_grid`).
+    `train_grid`).
 
     ``label`` (default: the kind) names the sort-matrix plot of the first seed;
-    ``attention_options`` override :class:`AttentionConfig` fields (the ablation's variants).
+    ``attention_options`` override [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig] fields
+    (the ablation's variants).
     """
     config = model_config(preset, kind, **(attention_options or {}))
     model = Seq2Seq(config)

@@ -40,7 +40,7 @@ def mean_std_cell(mean: float | None, std: float | None, digits: int, n_seeds: i
 
 
 def seeds_cell(result: Mapping[str, Any], key: str, digits: int) -> str:
-    """One metric of a :func:`~.driver.summarize_seeds` record as ``"mean ± std"``."""
+    """One metric of a `summarize_seeds` record as ``"mean ± std"``."""
     n_seeds = len(result.get("runs", [None]))
     std = result.get("eval_std", {}).get(key)
     return mean_std_cell(result["eval"].get(key), std, digits, n_seeds)

@@ -1,4 +1,4 @@
-"""Training runs side by side: ``--jobs`` one-thread worker processes (:func:`map_runs`).
+"""Training runs side by side: ``--jobs`` one-thread worker processes (`map_runs`).
 
 Rule: this module knows nothing of experiments; it runs independent jobs ``fn(*args,
 **kwargs)`` in order, several at a time, tells the caller as each one finishes, and turns a
@@ -59,7 +59,7 @@ def _call(job: Job) -> Any:
 
 
 def _ignore(index: int) -> None:
-    """The default ``on_done`` of :func:`map_runs`."""
+    """The default ``on_done`` of `map_runs`."""
 
 
 def _call_and_report(job: Job, index: int, report: Callable[[int], None]) -> Any:

@@ -14,10 +14,12 @@ never imports transformers, this module does.
     model.save_pretrained("out")
     model = hf.from_pretrained("out")          # the same model, trained sort nets included
 
-How it plugs in: :func:`register` adds the attention function :func:`sinkhorn_attention_forward`
+How it plugs in: [`register`][sparse_sinkhorn.hf.register] adds the attention function
+[`sinkhorn_attention_forward`][sparse_sinkhorn.hf.sinkhorn_attention_forward]
 to transformers' ``AttentionInterface`` under the name ``"sinkhorn"`` (with SDPA's boolean mask
-builder in ``AttentionMaskInterface``), and :func:`convert` gives each self-attention module a
-:class:`~sparse_sinkhorn.nn.SortNet` submodule (``<layer>.sort_net``) and switches the model to
+builder in ``AttentionMaskInterface``), and [`convert`][sparse_sinkhorn.hf.convert] gives each
+self-attention module a
+[`SortNet`][sparse_sinkhorn.nn.SortNet] submodule (``<layer>.sort_net``) and switches the model to
 ``attn_implementation="sinkhorn"``; the options are stored in ``config.sinkhorn_attention``.
 
 What the attention function computes, for queries ``(B, H, Lq, E)`` and the keys/values
@@ -29,25 +31,32 @@ KV cache has already been applied, so ``T`` covers the whole prefix and ``Lq`` t
   the keys), and the KV cache holds them for every past position, so routing needs no state
   beyond transformers' own cache. Routing is per query head (``(B, H, N, N)`` logits); each
   head mixes its group's shared key/value blocks (see
-  :func:`sparse_sinkhorn.ops.sinkhorn_attention`).
+  [`sparse_sinkhorn.ops.sinkhorn_attention`][sparse_sinkhorn.ops.sinkhorn_attention]).
 * **Causal** always: query rows use the leak-free prefix summaries and the op's exact
   causality, so output ``t`` depends on tokens ``<= t`` only.
 * **Padding** (left, right, or anywhere) from the boolean attention mask: the real tokens of
   each sequence are moved to the front (order kept) before blocking, so block boundaries
   count from a sequence's first real token and a padded sequence attends exactly as it does
   alone; outputs are moved back afterwards.
-* **Decoding** at the cost of a block: with transformers' default ``DynamicCache``, each
-  attention layer keeps a :class:`~sparse_sinkhorn.nn.cache.SequenceRouting` beside its cache
-  layer (the running value summaries, the current block's keys/values and its sorted
+* **Decoding** at the cost of a block, with transformers' default ``DynamicCache`` or a
+  preallocated ``StaticCache`` (``generate(..., cache_implementation="static")``; only its
+  filled positions are read): each attention layer keeps a ``SequenceRouting`` beside its
+  cache layer (the running value summaries, the current block's keys/values and its sorted
   keys/values), so one new token costs O(W + N) per head, plus one routing row per sequence
   at its blocks' first tokens (the sort net and plan on ``i+1`` summaries, which mix the
   ``i`` earlier blocks). Prefix-causal balancing makes plan row ``i`` depend on logit rows
   ``<= i`` only, so this equals the full forward (to float rounding). The state is tied to
   the cache layer's key tensor: anything that replaces it (beam reordering, cropping) makes
-  the next step rebuild the state from the cached prefix, and steps the state cannot take
-  (several new tokens at once, a padded new token, other cache classes, training mode)
-  recompute Sinkhorn attention over the whole prefix (zero queries for the old positions,
-  whose outputs are discarded), O(T·W + N²) per head; both are exact.
+  the next step rebuild the state from the cached prefix; other static layers (sliding
+  window, indexed) are refused; steps the state cannot take (several new tokens at once, a
+  padded new token, other dynamic cache classes such as quantized or offloaded ones,
+  training mode) recompute Sinkhorn attention over the whole prefix (zero queries for the
+  old positions, whose outputs are discarded), O(T·W + N²) per head; both are exact.
+* **Routing defaults** differ from the paper's: ``balance="softmax"`` and ``pooling="max"``
+  (with the length-agnostic ``sort_net="bilinear"``). In a decoder the paper's causal
+  Sinkhorn balancing routes every block to its previous one whatever the sort net says, and
+  sum-pooled prefix summaries make the routing logits grow with the position; pass
+  ``balance="sinkhorn", pooling="sum"`` (and ``sort_net="linear"``) for the paper's routing.
 """
 
 from __future__ import annotations
@@ -99,6 +108,13 @@ OPTIONS: dict[str, Any] = {
     # length-agnostic: a linear net sized by a long model's positions would add about
     # H_kv*E x H*max_len/b weights per layer (67M for a Llama-3-8B shape at 128K positions)
     "sort_net": "bilinear",
+    # A converted model is a decoder, where the paper's routing does not route: causal
+    # Sinkhorn balancing converges to the shift "block i reads block i-1" whatever the sort
+    # net says, and sum-pooled causal summaries grow with the position, so the routing
+    # logits grow with it. Rows-only balancing and max pooling follow the sort net at any
+    # position (docs/huggingface.md, "Routing options").
+    "balance": "softmax",
+    "pooling": "max",
     "mixture": False,
 }
 DIGEST_KEY = f"{CONFIG_KEY}_digest"  # config.json: a fingerprint of the options convert() saved
@@ -114,16 +130,20 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     """Switch every self-attention layer of a causal LM to Sinkhorn attention, in place.
 
     Args:
-        model: a transformers causal LM of a supported family (:data:`SUPPORTED_FAMILIES`:
+        model: a transformers causal LM of a supported family (`SUPPORTED_FAMILIES`:
             Llama-style models with any number of key/value heads, GPT-2).
         block_size: tokens per block ``W``.
         **attention_options: ``max_len`` (longest input; sizes the ``linear``/``mlp`` sort
             net; default the model's maximum positions), ``sort_net`` (``"bilinear"``, the
-            default here: length-agnostic; ``"linear"``, the paper's; ``"mlp"``), ``pooling``
-            (``"sum"``/``"mean"``/``"max"``), ``shared_routing`` (``"none"``, or ``"heads"``:
-            one routing for all heads), ``hard``, ``balance``, ``n_iters``, ``temperature``,
+            default here: length-agnostic; ``"linear"``, the paper's; ``"mlp"``), ``balance``
+            (``"softmax"``, the default here: routing rows normalised only; ``"sinkhorn"``,
+            the paper's, which in a causal model routes every block to its previous one),
+            ``pooling`` (``"max"``, the default here; ``"sum"``, the paper's, whose causal
+            summaries grow with the position; ``"mean"``), ``shared_routing`` (``"none"``, or
+            ``"heads"``: one routing for all heads), ``hard``, ``n_iters``, ``temperature``,
             ``gumbel_noise`` (training mode only), ``mixture`` (add dense attention). The
-            other defaults are :class:`~sparse_sinkhorn.nn.AttentionConfig`'s.
+            other defaults are [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig]'s; every
+            default is in `OPTIONS`.
 
     Returns:
         ``model``, whose attention modules now own a ``sort_net`` (new, randomly initialised
@@ -189,7 +209,8 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
 
 
 def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """Load a causal LM saved after :func:`convert`, with its trained sort nets.
+    """Load a causal LM saved after [`convert`][sparse_sinkhorn.hf.convert], with its trained sort
+    nets.
 
     ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...;
     not ``attn_implementation``). ``path`` is a local directory written by ``save_pretrained``.
@@ -260,8 +281,8 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
 
 def _attention_config(options: dict[str, Any]) -> AttentionConfig:
-    """The layers' :class:`AttentionConfig` for convert()'s options (every option checked;
-    ``mixture`` must be a bool: a string such as "false" would be true)."""
+    """The layers' [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig] for convert()'s options
+    (every option checked; ``mixture`` must be a bool: a string such as "false" would be true)."""
     mixture = options.get("mixture", OPTIONS["mixture"])
     if not isinstance(mixture, bool):
         raise TypeError(f"mixture must be True or False, got {type(mixture).__name__} {mixture!r}")

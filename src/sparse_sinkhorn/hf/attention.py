@@ -1,5 +1,5 @@
 """The attention function transformers calls for ``attn_implementation="sinkhorn"``, and
-its decoding path through the model's ``DynamicCache`` (see :mod:`sparse_sinkhorn.hf`)."""
+its decoding path through the model's ``DynamicCache`` (see `sparse_sinkhorn.hf`)."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def _decode_step(
     dropout: float,
     scaling: float | None,
 ) -> Tensor | None:
-    """One new token through the layer's :class:`SequenceRouting` (``(B, 1, H, E)``), or
+    """One new token through the layer's `SequenceRouting` (``(B, 1, H, E)``), or
     None when the step is not one it can take (the caller recomputes over the prefix)."""
     layer, before, _ = note
     ok = query.shape[2] == 1 and key.shape[2] > 1 and not sort_net.training and not dropout

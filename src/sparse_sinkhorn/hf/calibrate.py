@@ -36,7 +36,7 @@ def calibrate(
     the sort nets keep the weights of the steps before it, never NaN.
 
     Args:
-        model: converted with :func:`~sparse_sinkhorn.hf.convert`.
+        model: converted with [`convert`][sparse_sinkhorn.hf.convert].
         batches: an iterable of batches, each input ids ``(B, L)`` or a dict of model inputs
             (``input_ids`` and optionally ``attention_mask`` of the same shape, ...); one
             optimizer step each.

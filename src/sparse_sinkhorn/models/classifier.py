@@ -79,7 +79,7 @@ class Classifier(nn.Module):
     def _pad_for_sortcut(
         self, ids: Tensor, mask: Tensor, segment_ids: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Right-pad ``(B, L)`` inputs to :meth:`min_length` (padding is invisible)."""
+        """Right-pad ``(B, L)`` inputs to `min_length` (padding is invisible)."""
         extra = self.min_length() - ids.shape[1]
         if extra <= 0:
             return ids, mask, segment_ids

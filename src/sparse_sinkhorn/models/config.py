@@ -13,16 +13,28 @@ C = TypeVar("C", bound="TransformerConfig")
 @dataclass(frozen=True)
 class TransformerConfig:
     """What every model shares. ``attention.max_len`` is the longest input the model takes
-    (it sizes the linear sort net); positions are sinusoidal, so they need no table."""
+    (it sizes the linear sort net); positions are sinusoidal, so they need no table.
 
-    vocab_size: int  # token ids are 0 .. vocab_size - 1
-    d_model: int = 128  # model width
-    n_heads: int = 4  # attention heads
-    n_layers: int = 2  # (encoder) layers
-    d_ff: int = 512  # feed-forward hidden width
-    dropout: float = 0.1  # residual / attention / feed-forward dropout (training only)
-    pad_id: int = 0  # padding token (masked everywhere)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)  # self-attention
+    Attributes:
+        vocab_size: the vocabulary size; token ids are ``0 .. vocab_size - 1``.
+        d_model: model width.
+        n_heads: attention heads.
+        n_layers: layers (the encoder's, in a `Seq2SeqConfig`).
+        d_ff: feed-forward hidden width.
+        dropout: residual, attention and feed-forward dropout (training only).
+        pad_id: the padding token (masked everywhere).
+        attention: the self-attention layers'
+            [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig].
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 512
+    dropout: float = 0.1
+    pad_id: int = 0
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):  # built from JSON
@@ -48,7 +60,8 @@ class TransformerConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with the class name so :func:`config_from_dict` can rebuild it."""
+        """JSON-ready, with the class name so
+        [`config_from_dict`][sparse_sinkhorn.models.config_from_dict] can rebuild it."""
         return {"type": type(self).__name__, **asdict(self)}
 
     @classmethod
@@ -63,10 +76,15 @@ class TransformerConfig:
 
 @dataclass(frozen=True)
 class Seq2SeqConfig(TransformerConfig):
-    """Encoder-decoder; source and target share one vocabulary."""
+    """Encoder-decoder; source and target share one vocabulary.
 
-    n_decoder_layers: int = 2  # decoder layers (encoder layers: n_layers)
-    bos_id: int = 1  # start-of-sequence token fed to the decoder first
+    Attributes:
+        n_decoder_layers: decoder layers (the encoder's: ``n_layers``).
+        bos_id: the start-of-sequence token fed to the decoder first.
+    """
+
+    n_decoder_layers: int = 2
+    bos_id: int = 1
 
 
 @dataclass(frozen=True)
@@ -76,11 +94,18 @@ class LanguageModelConfig(TransformerConfig):
 
 @dataclass(frozen=True)
 class ClassifierConfig(TransformerConfig):
-    """Encoder with pooling and a classification head; one sequence or a pair."""
+    """Encoder with pooling and a classification head; one sequence or a pair.
 
-    n_classes: int = 2  # output classes
-    pooling: str = "mean"  # "mean" over real tokens | "first" (the [CLS] position)
-    pair: str = "none"  # "none" | "concat" (one sequence, segment ids) | "separate" (siamese)
+    Attributes:
+        n_classes: output classes (at least 2).
+        pooling: ``"mean"`` over the real tokens, or ``"first"`` (the ``[CLS]`` position).
+        pair: ``"none"`` (one sequence), ``"concat"`` (a pair as one sequence with segment
+            ids) or ``"separate"`` (siamese: each side encoded alone).
+    """
+
+    n_classes: int = 2
+    pooling: str = "mean"
+    pair: str = "none"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,7 +123,8 @@ _CONFIGS: dict[str, type[TransformerConfig]] = {
 
 
 def config_from_dict(data: dict[str, Any]) -> TransformerConfig:
-    """Rebuild any model config from :meth:`TransformerConfig.to_dict` output."""
+    """Rebuild any model config from
+    [`TransformerConfig.to_dict`][sparse_sinkhorn.models.TransformerConfig.to_dict] output."""
     if not isinstance(data, dict):
         raise TypeError(f"a model config must be a JSON object, got {type(data).__name__}")
     name = data.get("type")

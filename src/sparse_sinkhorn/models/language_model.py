@@ -23,7 +23,7 @@ class LanguageModel(nn.Module):
         self.decoder = Decoder(config, config.n_layers, cross_attention=False)
 
     def new_cache(self) -> DecodingCache:
-        """An empty incremental-decoding cache for :meth:`forward` (eval mode)."""
+        """An empty incremental-decoding cache for `forward` (eval mode)."""
         return DecodingCache.for_layers(len(self.decoder.layers))
 
     def forward(
@@ -37,7 +37,7 @@ class LanguageModel(nn.Module):
 
         With ``cache`` (eval mode, no padding), ``ids`` are the positions after the
         ``cache.length`` already decoded; the logits equal those of the full forward on the
-        whole sequence at these positions (see :mod:`sparse_sinkhorn.nn.cache`).
+        whole sequence at these positions (see `sparse_sinkhorn.nn.cache`).
         """
         offset = 0 if cache is None else cache.length
         check_ids(ids, self.config)

@@ -1,5 +1,5 @@
 """Attention modules: Sinkhorn self-attention (with the baselines behind one switch) and
-dense cross-attention. Modules own weights; the maths lives in :mod:`sparse_sinkhorn.ops`.
+dense cross-attention. Modules own weights; the maths lives in `sparse_sinkhorn.ops`.
 
 Axes: B batch, L length, S memory length, D model dim, H heads, E head dim, N blocks.
 """
@@ -42,7 +42,8 @@ def check_sizes(d_model: int, n_heads: int, dropout: float) -> None:
 class SinkhornSelfAttention(nn.Module):
     """Multi-head self-attention with Sparse Sinkhorn attention or a baseline.
 
-    ``config`` (an :class:`AttentionConfig`) says how it attends; or give its fields as
+    ``config`` (an [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig]) says how it attends; or
+    give its fields as
     keywords (``kind="dense"``, ``block_size=64``, ...). The kinds: ``"sinkhorn"`` (local +
     sorted blocks), ``"mixture"`` (sinkhorn + dense), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse
     Transformer) or ``"topk"`` (own block + the ``top_k`` blocks MoBA's parameter-free gate
@@ -58,8 +59,8 @@ class SinkhornSelfAttention(nn.Module):
         bias: biases in the projections.
         config: the attention configuration (then no field keywords).
         routes: False for a later layer under ``shared_routing="layers"``: it has no sort net
-            and routes by the first layer's logits, which :meth:`forward` takes as
-            ``routing`` (the model's :class:`~sparse_sinkhorn.models.common.Encoder` /
+            and routes by the first layer's logits, which `forward` takes as
+            ``routing`` (the model's `Encoder` /
             ``Decoder`` pass them).
 
     Shapes: ``x`` ``(B, L, D)`` with any ``L <= max_len`` (any ``L`` for ``bilinear``),

@@ -6,7 +6,7 @@ Axes: B batch, H heads, T tokens seen so far, E head dim, D model dim, N blocks,
 Why this works for causal Sinkhorn attention (docs/method.md §5):
 
 * the routing row of query block ``i`` reads the prefix summary of the layer input up to and
-  including position ``i*W`` (:func:`~sparse_sinkhorn.ops.blocks.block_summaries`, causal), so
+  including position ``i*W`` ([`block_summaries`][sparse_sinkhorn.ops.block_summaries], causal), so
   it is known as soon as the first token of block ``i`` arrives; key block ``j < i`` is
   summarised whole and is complete by then;
 * prefix-causal balancing makes row ``i`` of ``P`` depend on logit rows ``<= i`` only, so the
@@ -17,8 +17,10 @@ Why this works for causal Sinkhorn attention (docs/method.md §5):
   ``i*W .. t``.
 
 Dense, local, sparse and mixture layers keep the keys and values of every position and apply
-their causal mask row for the new query. A :class:`DecodingCache` holds one
-:class:`AttentionCache` per decoder layer; the first call (``length == 0``) runs the ordinary
+their causal mask row for the new query. A [`DecodingCache`][sparse_sinkhorn.nn.DecodingCache]
+holds one
+[`AttentionCache`][sparse_sinkhorn.nn.AttentionCache] per decoder layer; the first call (``length
+== 0``) runs the ordinary
 full forward on the prompt and fills the cache from it (so a prompt's outputs are the full
 forward's), later calls add tokens one at a time.
 """
@@ -51,7 +53,7 @@ class AttentionCache:
         k, v: ``(B, H_kv, T, E)`` keys and values of every position seen so far; ``H_kv``
             may divide the query heads ``H`` (grouped-query attention: the cache keeps the
             ``H_kv`` heads, each serving ``H / H_kv`` query heads).
-        x_sum: ``(B, D)`` running pool (:func:`~sparse_sinkhorn.ops.blocks.pool`) of the layer
+        x_sum: ``(B, D)`` running pool (`pool`) of the layer
             inputs seen so far (causal row summaries).
         block_sum: ``(B, D)`` running pool of the layer inputs of the current block.
         row_summaries: ``(B, n, D)`` routing-row summary of each block started so far.
@@ -59,7 +61,7 @@ class AttentionCache:
         sorted_k, sorted_v: ``(B, H, W, E)`` the current block's sorted keys/values, or None
             (block 0, which receives no sorted block, or before the block's first token).
         sorted_ok: ``(B, H, 1, W)`` bool, which sorted slots hold some weight.
-        config, sort_net: the layer's, kept by :meth:`prefill`.
+        config, sort_net: the layer's, kept by `prefill`.
         source: under ``shared_routing="layers"``, the first layer's cache, whose summaries
             and sort net route this (later) layer's blocks; this cache then keeps no
             summaries of its own. Set by the decoder.
@@ -118,7 +120,7 @@ class AttentionCache:
             self._route_block(complete)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor) -> Tensor:
-        """Attend from new tokens, one at a time, updating the cache (after :meth:`prefill`).
+        """Attend from new tokens, one at a time, updating the cache (after `prefill`).
 
         Args:
             q, k, v: ``(B, H, L, E)`` the new tokens' projections.
@@ -222,7 +224,8 @@ class AttentionCache:
 
 @dataclass
 class DecodingCache:
-    """The decoding state of a whole decoder: one :class:`AttentionCache` per layer.
+    """The decoding state of a whole decoder: one
+    [`AttentionCache`][sparse_sinkhorn.nn.AttentionCache] per layer.
 
     Example::
 
@@ -251,7 +254,7 @@ class SequenceRouting:
     (a left-padded batch): each sequence has its own block boundaries, counted from its own
     first real token (the positions the full forward uses after moving real tokens first).
 
-    One token per sequence per :meth:`step`, at O(W + N) per head, plus one routing row per
+    One token per sequence per `step`, at O(W + N) per head, plus one routing row per
     sequence at its blocks' first tokens (a sort net on that sequence's ``i+1`` summaries and
     the prefix-causal plan; its sorted keys/values mix the ``i`` earlier, complete blocks). The
     routing input ``x`` is whatever the layer's sort net summarises (``D`` features per token).
@@ -397,7 +400,7 @@ def route_block(
     logits_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Row ``block`` (``i >= 1``) of the causal plan from the running summaries -> block
-    ``i``'s sorted keys, values and row weight (:func:`~sparse_sinkhorn.ops.decode.sorted_row`).
+    ``i``'s sorted keys, values and row weight (`sorted_row`).
 
     Args:
         rows: ``(B, >= i+1, D)`` routing-row summaries; keys: ``(B, >= i, D)`` key summaries

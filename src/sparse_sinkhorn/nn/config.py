@@ -51,31 +51,59 @@ def check_field_types(config: Any) -> None:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """How a self-attention layer attends. Every field is used by at least one kind."""
+    """How a self-attention layer attends. Every field is used by at least one kind.
 
-    kind: str = "sinkhorn"  # one of ATTENTION_KINDS; "mixture" = sinkhorn + dense
-    block_size: int = 64  # tokens per block (sinkhorn, mixture, local, sparse stride, topk)
-    max_len: int = 4096  # longest input; sizes the linear/mlp sort net (N_max = max_len / W)
-    n_sortcut: int | None = None  # SortCut budget in blocks (sinkhorn encoders only)
-    hard: bool = False  # straight-through hard routing
-    balance: str = "sinkhorn"  # "sinkhorn" (paper) | "softmax" (rows only, no balancing)
-    sort_net: str = "linear"  # "linear" (paper) | "mlp" | "bilinear" (length-agnostic)
-    pooling: str = "sum"  # block summaries: "sum" (paper) | "mean" | "max"
-    # sinkhorn/mixture: "none" (the paper: every head of every layer routes by its own sort
-    # logits) | "heads" (one routing per layer, for all its heads) | "layers" (one routing for
-    # the whole stack: the first layer's, for all heads; later layers have no sort net)
+    Attributes:
+        kind: one of `ATTENTION_KINDS`: ``"sinkhorn"`` (the paper), ``"mixture"`` (Sinkhorn
+            plus dense attention), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse
+            Transformer), ``"topk"`` (MoBA's parameter-free block gate).
+        block_size: tokens per block ``W`` (sinkhorn, mixture, local, the sparse stride, topk).
+        max_len: the longest input; sizes the ``linear``/``mlp`` sort net
+            (``N_max = max_len / W``, see
+            [`length_limit`][sparse_sinkhorn.nn.AttentionConfig.length_limit]).
+        n_sortcut: SortCut budget in blocks (``"sinkhorn"`` encoders only), or None.
+        hard: straight-through hard routing (the argmax block of each row forward, the soft
+            plan's gradient backward).
+        balance: ``"sinkhorn"`` (the paper's balancing) or ``"softmax"`` (routing rows
+            normalised only; in a decoder, causal Sinkhorn balancing routes every block to its
+            previous one, see `docs/method.md` §5).
+        sort_net: ``"linear"`` (the paper's), ``"mlp"`` (two layers) or ``"bilinear"``
+            (length-agnostic).
+        pooling: block summaries read by the sort net: ``"sum"`` (the paper's), ``"mean"``
+            over the real tokens, or ``"max"`` (per feature, so one token marks its block).
+        shared_routing: sinkhorn and mixture: ``"none"`` (the paper: every head of every layer
+            routes by its own sort logits), ``"heads"`` (one routing per layer, for all its
+            heads) or ``"layers"`` (one routing for the whole stack: the first layer's, for all
+            heads; later layers have no sort net).
+        n_iters: Sinkhorn balancing rounds.
+        temperature: Gumbel-Sinkhorn temperature ``tau``.
+        gumbel_noise: add Gumbel noise to the routing logits in training mode (never in eval).
+        sparse_mode: Sparse Transformer pattern, ``"fixed"`` or ``"strided"``.
+        share_kv: keys double as values (one projection fewer; the paper's ablation).
+        top_k: topk: the earlier blocks each query reads beside its own.
+        compressed: topk: every query also attends to each gate candidate block's mean key and
+            value (NSA's compressed branch), which trains the block summaries the gate ranks.
+        routing_loss: sinkhorn and mixture, training only: the weight of a loss pulling each
+            sort-net row towards the layer's own dense block attention mass (see
+            [`routing_losses`][sparse_sinkhorn.nn.routing_losses]).
+    """
+
+    kind: str = "sinkhorn"
+    block_size: int = 64
+    max_len: int = 4096
+    n_sortcut: int | None = None
+    hard: bool = False
+    balance: str = "sinkhorn"
+    sort_net: str = "linear"
+    pooling: str = "sum"
     shared_routing: str = "none"
-    n_iters: int = 8  # Sinkhorn balancing rounds
-    temperature: float = 0.75  # Gumbel-Sinkhorn temperature tau
-    gumbel_noise: bool = True  # add Gumbel noise in training mode (never in eval)
-    sparse_mode: str = "fixed"  # Sparse Transformer pattern: "fixed" | "strided"
-    share_kv: bool = False  # keys double as values (one projection fewer; an ablation)
-    top_k: int = 1  # topk: earlier blocks each query reads beside its own (MoBA's gate)
-    # topk: every query also attends to each gate candidate block's mean key and value (NSA's
-    # compressed branch), which trains the block summaries the gate ranks
+    n_iters: int = 8
+    temperature: float = 0.75
+    gumbel_noise: bool = True
+    sparse_mode: str = "fixed"
+    share_kv: bool = False
+    top_k: int = 1
     compressed: bool = False
-    # sinkhorn/mixture, training only: weight of a loss pulling each sort-net row towards the
-    # layer's own dense block attention mass (see SinkhornSelfAttention.routing_aux)
     routing_loss: float = 0.0
 
     def __post_init__(self) -> None:
@@ -129,7 +157,7 @@ class AttentionConfig:
         dropout_p: float = 0.0,
         scale: float | None = None,
     ) -> SinkhornOptions:
-        """The op's :class:`~sparse_sinkhorn.ops.SinkhornOptions` for this configuration:
+        """The op's [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions] for this configuration:
         same-named fields are copied; Gumbel noise only in ``training``; ``mixture`` from
         the kind."""
         same = {name: getattr(self, name) for name in _OWN}

@@ -28,7 +28,7 @@ class TransformerLayer(nn.Module):
 
     An encoder layer is ``causal=False``; a decoder layer ``causal=True``, with
     ``cross_attention=True`` in an encoder-decoder. ``routes=False``: a later layer of a stack
-    with ``shared_routing="layers"`` (no sort net; :meth:`forward` takes ``routing``).
+    with ``shared_routing="layers"`` (no sort net; `forward` takes ``routing``).
     """
 
     def __init__(
@@ -67,7 +67,7 @@ class TransformerLayer(nn.Module):
     ) -> Tensor:
         """``memory``: the encoder output (with ``cross_attention``); ``cache``: incremental
         decoding state of the self-attention (causal, eval mode); ``routing``: sort logits
-        to route by instead of the layer's own (:func:`stack_routing`)."""
+        to route by instead of the layer's own (`stack_routing`)."""
         if (memory is None) != (self.cross is None):
             has = "has cross-attention: pass memory" if memory is None else "has no cross-attention"
             raise ValueError(f"this layer {has}")
@@ -87,7 +87,8 @@ def stack_layers(
     n_layers: int,
     **kwargs: Any,
 ) -> nn.ModuleList:
-    """``n_layers`` :class:`TransformerLayer` s (``kwargs``: ``dropout``, ``causal``,
+    """``n_layers`` [`TransformerLayer`][sparse_sinkhorn.nn.TransformerLayer] s (``kwargs``:
+    ``dropout``, ``causal``,
     ``cross_attention``); with ``shared_routing="layers"`` only the first has a sort net."""
     later = attention.shared_routing != "layers"
     return nn.ModuleList(

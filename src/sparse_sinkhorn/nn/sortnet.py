@@ -32,7 +32,7 @@ class SortNet(nn.Module):
         d_model: summary width ``D``.
         n_heads: heads ``H`` (one routing matrix each, or one for all with ``shared``).
         max_blocks: the most blocks a sequence may have (``linear`` / ``mlp`` only).
-        kind: one of :data:`SORT_NETS`.
+        kind: one of `SORT_NETS`.
         d_hidden: hidden width of ``mlp`` (default ``D``) and per-head width of ``bilinear``
             (default ``D // H``).
         shared: one routing matrix for every head (the net scores one head's worth of
@@ -96,7 +96,7 @@ class SortNet(nn.Module):
         pooling: str = "sum",
     ) -> Tensor:
         """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)``: the sort
-        net on its :func:`routing_summaries` (the one recipe every layer and cache uses)."""
+        net on its `routing_summaries` (the one recipe every layer and cache uses)."""
         rows, keys = routing_summaries(
             x, block_size, causal=causal, key_padding_mask=key_padding_mask, pooling=pooling
         )

@@ -1,5 +1,5 @@
 """The autograd functions of Sparse Sinkhorn attention: sorted blocks (``P @ blocks``, or a
-gather with hard routing) and the two-part path in one node. :mod:`.attention` picks which
+gather with hard routing) and the two-part path in one node. `attention` picks which
 one a call takes.
 
 Axes: B batch, H heads, N blocks, R rows of the plan, W block size, G = B*H.
@@ -60,7 +60,7 @@ def _row_chunks(n: int, causal: bool) -> list[tuple[int, int]]:
 
 
 def _mix_rows(p3: Tensor, x3: Tensor, idx3: Tensor | None, chunks: list[tuple[int, int]]) -> Tensor:
-    """:func:`_mix` by row chunks (see :func:`_row_chunks`)."""
+    """`_mix` by row chunks (see `_row_chunks`)."""
     if idx3 is not None or len(chunks) == 1:
         return _mix(p3, x3, idx3)
     out = x3.new_empty(x3.shape[0], p3.shape[1], x3.shape[-1])

@@ -94,7 +94,7 @@ def check_inputs(
     scale: float | None,
     gqa: bool = False,
 ) -> None:
-    """Everything every attention op checks: :func:`check_qkv` and :func:`check_common`."""
+    """Everything every attention op checks: `check_qkv` and `check_common`."""
     check_qkv(query, key, value, same_length=same_length, gqa=gqa)
     check_common(key, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale)
 
@@ -143,7 +143,8 @@ def check_sinkhorn(
     n_sortcut: int | None,
 ) -> None:
     """The routing logits and the SortCut budget against the inputs' shapes (the options
-    themselves are checked when :class:`~.options.SinkhornOptions` is built)."""
+    themselves are checked when [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions] is
+    built)."""
     check_tensor("sort_logits", sort_logits, key.device)
     batch, heads, length, _ = key.shape
     n = num_blocks(length, block_size)
@@ -162,7 +163,8 @@ def check_sinkhorn(
 
 
 def check_balance(logits: Tensor, n_iters: int, temperature: float) -> None:
-    """The arguments of :func:`~.sinkhorn.sinkhorn_balance` (and so of every Sinkhorn op)."""
+    """The arguments of [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance] (and so of every
+    Sinkhorn op)."""
     if logits.dim() < 2:
         raise ValueError(f"sort logits must have at least 2 dims (..., N, M), got {logits.shape}")
     if not logits.is_floating_point():

@@ -1,7 +1,7 @@
 """Sparse Sinkhorn attention: the public entry points and the choice of compute path.
 
-The plan (logits -> ``P``) lives in :mod:`.plan`, the options in :mod:`.options`, the
-autograd functions in :mod:`._autograd`.
+The plan (logits -> ``P``) lives in `plan`, the options in `options`, the
+autograd functions in `_autograd`.
 
 Axes: B batch, H heads, L length, D head dim, N blocks, R rows of the plan (N, or n for
 SortCut), W block size, Q/K query/key positions inside a block.
@@ -34,7 +34,8 @@ _P = ParamSpec("_P")
 
 
 class SinkhornOutput(NamedTuple):
-    """What :func:`sinkhorn_attention_with_plan` returns."""
+    """What [`sinkhorn_attention_with_plan`][sparse_sinkhorn.ops.sinkhorn_attention_with_plan]
+    returns."""
 
     out: Tensor  # (B, H, L, Dv)
     plan: SinkhornPlan
@@ -51,7 +52,8 @@ def sinkhorn_attention_with_plan(
     generator: torch.Generator | None = None,
     **kwargs: Unpack[SinkhornKwargs],
 ) -> SinkhornOutput:
-    """:func:`sinkhorn_attention` that also returns its :class:`SinkhornPlan`
+    """[`sinkhorn_attention`][sparse_sinkhorn.ops.sinkhorn_attention] that also returns its
+    [`SinkhornPlan`][sparse_sinkhorn.ops.SinkhornPlan]
     (``out, plan = sinkhorn_attention_with_plan(...)``); same arguments."""
     opts = resolve_options(options, kwargs)
     if not torch.compiler.is_compiling():
@@ -114,7 +116,8 @@ def sinkhorn_attention(*args: Any, **kwargs: Any) -> Tensor:
             group's shared key/value blocks with its own plan (GQA shares the K/V
             projections and cache to save memory; routing is an O(N²) per-head choice that
             costs little, and one plan per query head keeps ``H_kv = H`` the ordinary case).
-        options: a :class:`~.options.SinkhornOptions`, or its fields as keywords (SDPA
+        options: a [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions], or its fields as
+            keywords (SDPA
             style: ``block_size=64, is_causal=True, ...``); keywords given with ``options``
             override its fields. The fields:
         block_size: tokens per block ``W``.
@@ -131,15 +134,17 @@ def sinkhorn_attention(*args: Any, **kwargs: Any) -> Tensor:
         balance: ``"sinkhorn"`` (the paper: Gumbel-Sinkhorn balancing, each key block shared
             out over the query blocks, one-to-one in the limit) or ``"softmax"`` (each row a
             softmax over its allowed key blocks, no column normalisation: many query blocks
-            may take the same key block; see :func:`~.sinkhorn.softmax_routing`).
-        n_iters, temperature, gumbel_noise, generator: see :func:`sinkhorn_balance`
+            may take the same key block; see `softmax_routing`).
+        n_iters, temperature, gumbel_noise, generator: see
+            [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance]
             (``n_iters`` is unused with ``balance="softmax"``).
         dropout_p: dropout on the attention weights (pass 0 in eval, like SDPA).
         scale: score scale, default ``1/sqrt(D)``.
 
     Returns:
-        ``(B, H, L, Dv)`` in the input dtype. :func:`sinkhorn_attention_with_plan` also
-        returns the :class:`SinkhornPlan`.
+        ``(B, H, L, Dv)`` in the input dtype.
+        [`sinkhorn_attention_with_plan`][sparse_sinkhorn.ops.sinkhorn_attention_with_plan] also
+        returns the [`SinkhornPlan`][sparse_sinkhorn.ops.SinkhornPlan].
 
     Equivalent PyTorch (non-causal, no padding, L a multiple of W)::
 
@@ -170,7 +175,7 @@ def attend_with_plan(
                                   ``key_padding_mask``), no dropout, not SortCut, not
                                   under ``torch.compile``: local and sorted blocks as two
                                   mask-free attention calls merged through their
-                                  log-sum-exp (:mod:`.lse_merge`); the causal local block
+                                  log-sum-exp (`lse_merge`); the causal local block
                                   is a plain causal call
     masked ``[local ; sorted]``   padding or dropout: one SDPA over ``2W`` keys per block
                                   with a boolean keep-mask
@@ -207,7 +212,8 @@ def attend_with_plan(
 
 
 def _two_part_applies(plan: SinkhornPlan, dropout_p: float) -> bool:
-    """Whether the mask-free two-part path computes this call (see :func:`attend_with_plan`)."""
+    """Whether the mask-free two-part path computes this call (see
+    [`attend_with_plan`][sparse_sinkhorn.ops.attend_with_plan])."""
     return (
         plan.key_mask is None
         and dropout_p == 0.0
@@ -227,7 +233,7 @@ def _local_and_sorted(
     """Each query block attends to its ``2W`` keys ``[local ; sorted]`` under one softmax.
 
     One fused ``scaled_dot_product_attention`` over ``B*H`` x ``N`` blocks with the
-    :func:`keep_mask`: no ``(W, 2W)`` score tensor is materialised or saved for backward.
+    `keep_mask`: no ``(W, 2W)`` score tensor is materialised or saved for backward.
     """
     w = plan.block_size
     batch, heads, n = k_pair.shape[:3]

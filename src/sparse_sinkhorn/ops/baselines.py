@@ -215,7 +215,8 @@ def topk_block_attention(
     """Block attention with MoBA's top-k gate (Lu et al., 2025): no parameters, no sorting.
 
     Each query attends, under one softmax, to its own block (the causal triangle when
-    ``is_causal``) and to every key of the ``top_k`` blocks :func:`topk_block_selection`
+    ``is_causal``) and to every key of the ``top_k`` blocks
+    [`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection]
     picks for it. Exactly causal: a query's blocks are chosen from complete earlier blocks by
     its own query vector. ``compressed``: the softmax also holds one entry per gate candidate
     block (every complete earlier block when causal, every other block if not), its mean
@@ -223,7 +224,7 @@ def topk_block_attention(
     same ``q · mean(K)`` that this branch trains, so the selection learns where to look.
 
     The selected blocks are multiplied a tile of queries at a time
-    (:class:`~.grouped.BlockGroups`): O(L·k·(W + D)) gathered numbers, no per-token copy of a
+    (`BlockGroups`): O(L·k·(W + D)) gathered numbers, no per-token copy of a
     block.
     """
     _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale, gqa=True)

@@ -80,7 +80,8 @@ def _real_blocks(
 def _check_summary_args(
     x: Tensor, block_size: int, key_padding_mask: Tensor | None, pooling: str
 ) -> None:
-    """The arguments of :func:`block_summaries` (skipped while ``torch.compile`` traces)."""
+    """The arguments of [`block_summaries`][sparse_sinkhorn.ops.block_summaries] (skipped while
+    ``torch.compile`` traces)."""
     if torch.compiler.is_compiling():
         return
     check_block_size(block_size)
@@ -166,18 +167,19 @@ def pool(x: Tensor, dim: int, pooling: str) -> Tensor:
 
 
 def pool_add(acc: Tensor, x: Tensor, pooling: str) -> Tensor:
-    """A running :func:`pool` with one more token's features ``x`` added."""
+    """A running `pool` with one more token's features ``x`` added."""
     return torch.maximum(acc, x) if pooling == "max" else acc + x
 
 
 def pool_value(acc: Tensor, count: int, pooling: str) -> Tensor:
-    """A running :func:`pool` of ``count`` tokens as :func:`block_summaries` pools them."""
+    """A running `pool` of ``count`` tokens as
+    [`block_summaries`][sparse_sinkhorn.ops.block_summaries] pools them."""
     return acc / count if pooling == "mean" else acc
 
 
 def _max_summaries(blocks: Tensor, mask: Tensor | None, block_size: int, causal: bool) -> Tensor:
-    """``pooling="max"`` of :func:`block_summaries` on ``(B, N, W, D)`` blocks whose padding
-    is 0; a pool of no real token is 0."""
+    """``pooling="max"`` of [`block_summaries`][sparse_sinkhorn.ops.block_summaries] on ``(B, N, W,
+    D)`` blocks whose padding is 0; a pool of no real token is 0."""
     if mask is not None:
         real = rearrange(mask, "b (n w) -> b n w", w=block_size)[..., None]  # (B, N, W, 1)
         blocks = blocks.masked_fill(~real, float("-inf"))

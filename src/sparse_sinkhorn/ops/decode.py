@@ -1,6 +1,6 @@
 """One decoding step of the attention ops: the output at a new position from cached keys and
 values, equal to the full causal forward there (the algorithms behind the decoding caches
-of :mod:`sparse_sinkhorn.nn.cache`, which own the state).
+of `sparse_sinkhorn.nn.cache`, which own the state).
 
 Axes: B batch, H heads, H_kv key/value heads, T positions so far, E head dim, N blocks,
 W block size.
@@ -57,8 +57,9 @@ def baseline_keep_row(
     device: torch.device | None = None,
 ) -> Tensor:
     """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline: all
-    (``"dense"``), its own block (``"local"``, :func:`~.baselines.local_attention`), or row
-    ``t`` of :func:`~.baselines.sparse_pattern` (``"sparse"``)."""
+    (``"dense"``), its own block (``"local"``,
+    [`local_attention`][sparse_sinkhorn.ops.local_attention]), or row
+    ``t`` of [`sparse_pattern`][sparse_sinkhorn.ops.sparse_pattern] (``"sparse"``)."""
     w = block_size
     if kind == "dense":
         return torch.ones(t + 1, dtype=torch.bool, device=device)
@@ -75,7 +76,8 @@ def baseline_keep_row(
 def topk_keep_row(q: Tensor, k: Tensor, *, block_size: int, top_k: int) -> Tensor:
     """``(B, H, 1, T)`` bool: the keys the newest query ``q`` ``(B, H, 1, E)`` sees in a
     ``topk`` layer: its own block's (causal) and those of the blocks the gate picks for it
-    (:func:`~.baselines.topk_block_selection`, asked for the last row only)."""
+    ([`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection], asked for the last row
+    only)."""
     keys = repeat_kv(k, q.shape[1])  # (B, H, T, E)
     t, w = keys.shape[2] - 1, block_size
     rows = torch.cat([q.new_zeros(*q.shape[:2], t, q.shape[-1]), q], dim=2)  # query at t
@@ -93,7 +95,7 @@ def with_block_means(
     """A compressed ``topk`` row: keys ``(B, H_kv, T, E)``, values and the keep-mask
     ``(B, H, 1, T)`` of the newest position ``t = T - 1``, each extended by the mean key and
     value of every complete block before ``t``'s (all kept), as in
-    :func:`~.baselines.topk_block_attention` with ``compressed``."""
+    [`topk_block_attention`][sparse_sinkhorn.ops.topk_block_attention] with ``compressed``."""
     w = block_size
     complete = (k.shape[2] - 1) // w
     if complete == 0:

@@ -2,7 +2,7 @@
 
 When every query token picks its own key blocks (MoBA's gate), gathering each token's
 ``W x D`` keys materialises ``L * k * W * D`` numbers and multiplies them one token at a time.
-:class:`BlockGroups` instead sorts the (token, chosen block) pairs by block, cuts each block's
+`BlockGroups` instead sorts the (token, chosen block) pairs by block, cuts each block's
 queries into tiles of ``T`` rows, and multiplies every tile by its block once: a batched GEMM
 of ``(T, D) x (D, W)`` per tile, with gathers of ``O(L * k * (D + W))`` numbers.
 
@@ -58,11 +58,11 @@ class BlockGroups:
     def _rows(self, per_pair: Tensor) -> Tensor:
         """``(P, F)`` -> ``(n_tiles, T, F)``, zeros in empty rows."""
         table = torch.cat([per_pair, per_pair.new_zeros(1, per_pair.shape[-1])])
-        return table.index_select(0, self.row_pair).view(self.n_tiles, self.tile, -1)
+        return table.index_select(0, self.row_pair).view(self.n_tiles, self.tile, table.shape[-1])
 
     def _pairs(self, per_row: Tensor) -> Tensor:
         """``(n_tiles, T, F)`` -> ``(P, F)``, zeros for pairs without a block."""
-        flat = per_row.reshape(self.n_tiles * self.tile, -1)
+        flat = per_row.reshape(self.n_tiles * self.tile, per_row.shape[-1])  # also 0 tiles
         table = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])
         return table.index_select(0, self.pair_row)
 

@@ -94,8 +94,8 @@ def part_backward(
     part: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one part's ``q, k, v`` given the *merged* ``out`` and ``lse`` and the
-    forward's ``info``: ``part`` 0 is the local part (:func:`merged_forward`'s first call),
-    1 the sorted part (use :func:`sorted_part_backward`, which also masks rows without one)."""
+    forward's ``info``: ``part`` 0 is the local part (`merged_forward`'s first call),
+    1 the sorted part (use `sorted_part_backward`, which also masks rows without one)."""
     flash, aux = info[0], info[1 + part]
     if flash and q.device.type == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -1,12 +1,13 @@
 """The options of Sparse Sinkhorn attention: one frozen, validated object.
 
-:class:`SinkhornOptions` is the one place the op's options are listed; every entry point
-(:func:`~.attention.sinkhorn_attention`, :func:`~.attention.sinkhorn_plan`, the float64
+[`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions] is the one place the op's options are
+listed; every entry point ([`sinkhorn_attention`][sparse_sinkhorn.ops.sinkhorn_attention],
+[`sinkhorn_plan`][sparse_sinkhorn.ops.sinkhorn_plan], the float64
 reference, the layer, the Hugging Face forward, the decoding caches) takes it, or the same
-names as keywords (:class:`SinkhornKwargs`, checked against the dataclass by a test), and
-builds it once with :func:`resolve_options`. Adding an option: a field here (and in
-:class:`SinkhornKwargs`), the code that reads it, and, for layers, the same-named field of
-:class:`~sparse_sinkhorn.nn.config.AttentionConfig` (copied over by name).
+names as keywords (`SinkhornKwargs`, checked against the dataclass by a test), and
+builds it once with `resolve_options`. Adding an option: a field here (and in
+`SinkhornKwargs`), the code that reads it, and, for layers, the same-named field of
+[`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig] (copied over by name).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class SinkhornOptions:
 
 
 class SinkhornKwargs(TypedDict, total=False):
-    """The fields of :class:`SinkhornOptions` as keyword arguments (for type checkers)."""
+    """The fields of [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions] as keyword arguments
+    (for type checkers)."""
 
     block_size: int  # required unless options= is given
     is_causal: bool

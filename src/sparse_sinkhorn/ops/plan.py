@@ -1,5 +1,5 @@
 """The sort *plan* of Sparse Sinkhorn attention: routing logits -> the block matrix ``P``,
-and which keys each query may see given a plan (:func:`keep_mask`).
+and which keys each query may see given a plan (`keep_mask`).
 
 Axes: B batch, H heads, N blocks, R rows of the plan (N, or n for SortCut), W block size.
 """
@@ -90,13 +90,15 @@ def sinkhorn_plan(
     generator: torch.Generator | None = None,
     **kwargs: Unpack[SinkhornKwargs],
 ) -> SinkhornPlan:
-    """Balance ``(B, H, N, N)`` routing logits into a :class:`SinkhornPlan`.
+    """Balance ``(B, H, N, N)`` routing logits into a
+    [`SinkhornPlan`][sparse_sinkhorn.ops.SinkhornPlan].
 
-    ``options`` (or its fields as keywords, see :class:`~.options.SinkhornOptions`) say how:
+    ``options`` (or its fields as keywords, see
+    [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions]) say how:
     ``block_size``, ``is_causal``, ``n_sortcut``, ``hard``, ``balance`` (``"softmax"``:
     normalise rows only), ``n_iters``, ``temperature``, ``gumbel_noise``; ``generator``
     draws the Gumbel noise. ``key_mask`` is the ``(B, N*W)`` bool mask of real tokens after
-    internal padding (see :func:`sparse_sinkhorn.ops.blocks.padded_mask`); padding-only
+    internal padding (see `sparse_sinkhorn.ops.blocks.padded_mask`); padding-only
     blocks are dropped from the balancing (rows and columns), so whole-block padding never
     changes the plan.
     """
@@ -155,8 +157,9 @@ def keep_mask(plan: SinkhornPlan) -> tuple[Tensor | None, Tensor | None]:
       no earlier block). None without causality and padding (every slot has weight 1).
 
     SortCut uses only the sorted part (every query sees the ``n*W`` slots of the first ``n``
-    rows). The reference (:func:`~.reference.reference_sinkhorn_attention`) states the same
-    rule on the ``(L, L)`` token grid.
+    rows). The reference
+    ([`reference_sinkhorn_attention`][sparse_sinkhorn.ops.reference_sinkhorn_attention]) states the
+    same rule on the ``(L, L)`` token grid.
     """
     w = plan.block_size
     local: Tensor | None = None

@@ -118,8 +118,9 @@ def reference_sinkhorn_attention(
     generator: torch.Generator | None = None,
     **kwargs: Unpack[SinkhornKwargs],
 ) -> Tensor:
-    """The oracle for :func:`sparse_sinkhorn.ops.sinkhorn_attention` (same arguments; no
-    dropout), in float64 on the ``(L, L)`` token grid."""
+    """The oracle for
+    [`sparse_sinkhorn.ops.sinkhorn_attention`][sparse_sinkhorn.ops.sinkhorn_attention] (same
+    arguments; no dropout), in float64 on the ``(L, L)`` token grid."""
     opts = resolve_options(options, kwargs)
     if opts.dropout_p != 0.0:
         raise ValueError("the reference has no dropout; pass dropout_p=0")
@@ -218,11 +219,13 @@ def reference_topk_block_attention(
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
-    """The oracle for :func:`sparse_sinkhorn.ops.topk_block_attention`: dense attention in
+    """The oracle for
+    [`sparse_sinkhorn.ops.topk_block_attention`][sparse_sinkhorn.ops.topk_block_attention]: dense
+    attention in
     float64 under the ``(L, L)`` mask "own block (causal triangle) or a block the gate chose"
-    (the gate is :func:`~.baselines.topk_block_selection`'s, written out per query); with
-    ``compressed``, over ``N`` more keys and values, block ``j``'s mean real key and value,
-    which query ``t`` sees when ``j`` is a gate candidate for it."""
+    (the gate is [`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection]'s, written out
+    per query); with ``compressed``, over ``N`` more keys and values, block ``j``'s mean real
+    key and value, which query ``t`` sees when ``j`` is a gate candidate for it."""
     batch, heads, length, _ = query.shape
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     w = block_size

@@ -92,7 +92,7 @@ def _floor(dtype: torch.dtype) -> float:
 def _logsumexp(s: Tensor, dim: int, masked: Tensor | None) -> Tensor:
     """``logsumexp(s, dim, keepdim=True)``; with masked entries, through in-range ``exp()``.
 
-    Terms more than :func:`_floor` below the line's maximum count as ``exp(-floor)``: equal
+    Terms more than `_floor` below the line's maximum count as ``exp(-floor)``: equal
     to ``torch.logsumexp`` to rounding (the maximum's term is 1), and a fully masked line
     stays finite.
     """
@@ -119,7 +119,7 @@ def prefix_logsumexp(s: Tensor, first: Tensor) -> Tensor:
     entry* (``first``: its index, ``(..., 1)``), so entry ``i`` depends on entries ``<= i``
     only, bit for bit (a line's maximum would leak later entries into earlier ones'
     rounding), and every prefix from ``first`` on holds ``c``'s term ``exp(0) = 1``: terms
-    far below ``c`` vanish in rounding (they are clamped, see :func:`_floor`), only terms
+    far below ``c`` vanish in rounding (they are clamped, see `_floor`), only terms
     far *above* it could overflow. Entries whose prefix holds such a term (``> c + floor``)
     take the value computed in float64 instead (range +-700; beyond that, float64 inputs
     take ``torch.logcumsumexp``'s), computed only when some entry needs it; the choice for
@@ -169,7 +169,7 @@ def sinkhorn_balance(
     * Non-causal: each round normalises rows, then columns (the paper's order); ``P`` tends to
       a doubly stochastic matrix, exactly column-stochastic after the last round.
     * ``causal=True``: entries ``j >= i`` are masked (row 0 is all zero), columns are normalised
-      with a *prefix* log-sum-exp over rows ``<= i`` (:func:`prefix_logsumexp`) and each round
+      with a *prefix* log-sum-exp over rows ``<= i`` (`prefix_logsumexp`) and each round
       ends with the row step, so row ``i`` depends on logits rows ``<= i`` only and every row
       ``i >= 1`` is a convex combination of earlier blocks (sums to 1 exactly).
 
@@ -179,7 +179,7 @@ def sinkhorn_balance(
             reports 5–10 rounds suffice).
         temperature: ``tau > 0``; smaller is closer to a hard permutation.
         gumbel_noise: add Gumbel noise (training); sampled from ``generator`` if given.
-        allowed: optional bool mask broadcastable to ``logits`` (see :func:`allowed_entries`);
+        allowed: optional bool mask broadcastable to ``logits`` (see `allowed_entries`);
             with ``causal=True`` the causal mask is added to it.
 
     Returns:
@@ -234,12 +234,13 @@ def softmax_routing(
 
     ``P = softmax((logits + gumbel) / temperature)`` per row, in float32 (float64 for float64
     logits), exactly 0 where not allowed; a row with no allowed entry (causal row 0, a
-    padding-only block) is all zero. Unlike :func:`sinkhorn_balance`, columns are not
+    padding-only block) is all zero. Unlike
+    [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance], columns are not
     normalised: many rows may take the same key block (a block every later query needs, such
     as the one holding a passkey, is not shared out). Row ``i`` depends on logits row ``i``
     only, so causal routing stays exactly causal.
 
-    Args: as :func:`sinkhorn_balance` (there is no ``n_iters``).
+    Args: as [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance] (there is no ``n_iters``).
     """
     if not torch.compiler.is_compiling():
         _validate.check_balance(logits, 0, temperature)
@@ -367,10 +368,10 @@ class _SinkhornRounds(torch.autograd.Function):
 
     Only ``S0`` is saved: the ``2 * n_iters`` intermediate ``(N, N)`` states exist only
     while this (last) part of the backward runs, not beside every attention activation, and
-    then not all at once: the backward keeps a checkpoint every :func:`_segment_length`
+    then not all at once: the backward keeps a checkpoint every `_segment_length`
     half-steps and recomputes one segment's states at a time (the same arithmetic as the
     forward, so the same states bit for bit), for one chunk of the ``(..., N, N)`` matrices
-    at a time (:data:`_CHUNK_ELEMENTS`).
+    at a time (`_CHUNK_ELEMENTS`).
     With ``g`` the gradient of a half-step's output (0 where masked):
 
     * row/column step ``y = x - logsumexp(x)``: ``dx = g - exp(y) * sum(g)``;
@@ -413,7 +414,7 @@ class _SinkhornRounds(torch.autograd.Function):
 def _rounds_backward(
     s: Tensor, masked: Tensor | None, grad: Tensor, n_iters: int, causal: bool
 ) -> Tensor:
-    """The gradient of :class:`_SinkhornRounds` with respect to ``s`` (see there)."""
+    """The gradient of `_SinkhornRounds` with respect to ``s`` (see there)."""
     kinds = [step for _ in range(n_iters) for step in _step_dims(causal)]
     first = None if masked is None or not causal else _first_real(masked, s.shape)
     every = _segment_length(len(kinds))
@@ -457,7 +458,7 @@ def _segment_length(n_steps: int) -> int:
 def _prefix_step_backward(
     g: Tensor, x: Tensor, first: Tensor, masked: Tensor | None, bufs: tuple[Tensor, Tensor]
 ) -> Tensor:
-    """Gradient of ``x - prefix_logsumexp(x)`` (see :class:`_SinkhornRounds`), in place in
+    """Gradient of ``x - prefix_logsumexp(x)`` (see `_SinkhornRounds`), in place in
     ``g`` (ours) with two scratch buffers."""
     c = x.gather(-1, first)
     e = torch.sub(x, c, out=bufs[0])

@@ -1,7 +1,7 @@
 """``TrainConfig``: every knob of the training loop, validated on construction.
 
 The config is saved as JSON beside every checkpoint (``config.json["train_config"]``) and can be
-rebuilt with :meth:`TrainConfig.from_dict`.
+rebuilt with [`TrainConfig.from_dict`][sparse_sinkhorn.train.TrainConfig.from_dict].
 """
 
 from __future__ import annotations
@@ -21,31 +21,51 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of :func:`sparse_sinkhorn.train.train`.
+    """Hyper-parameters of [`sparse_sinkhorn.train.train`][sparse_sinkhorn.train.train].
 
     ``batch_size`` is the GLOBAL number of examples per optimizer step: it is split over
     ``world_size`` ranks and ``grad_accum`` micro-batches per rank, so the per-rank micro-batch is
     ``batch_size // (world_size * grad_accum)``.
+
+    Attributes:
+        steps: optimizer steps of the whole run (resumes included).
+        batch_size: global examples per optimizer step, summed over ranks and micro-batches.
+        grad_accum: micro-batches per optimizer step on each rank.
+        lr: peak learning rate (reached at the end of warm-up).
+        weight_decay: AdamW decay, applied to parameters with ``ndim >= 2`` only.
+        betas: AdamW ``(beta1, beta2)``.
+        warmup_steps: linear warm-up length, then cosine decay.
+        min_lr_ratio: the cosine decays to ``min_lr_ratio * lr`` at the last step.
+        clip_norm: global gradient-norm clip; None disables clipping.
+        seed: seeds torch, random and numpy (plus the rank) and the data order.
+        log_every: write a metrics row every N steps (and at the last step).
+        eval_every: run ``eval_fn`` every N steps; 0: only at the end.
+        ckpt_every: save a checkpoint every N steps; 0: only at the end.
+        keep_checkpoints: the newest checkpoints kept on disk; older ones are pruned.
+        amp: ``"auto"`` (bf16 on CUDA, none on CPU), ``"bf16"``, ``"fp16"`` or ``"none"``.
+        num_workers: DataLoader worker processes per rank.
+        progress: a tqdm bar on rank 0 with the loss and throughput.
+        find_unused_parameters: passed to ``DistributedDataParallel``.
     """
 
-    steps: int  # number of optimizer steps of the whole run (resumes included)
-    batch_size: int  # global examples per optimizer step, summed over ranks and micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step on each rank
-    lr: float = 3e-4  # peak learning rate (reached at the end of warm-up)
-    weight_decay: float = 0.01  # AdamW decay, applied to params with ndim >= 2 only
-    betas: tuple[float, float] = (0.9, 0.98)  # AdamW (beta1, beta2)
-    warmup_steps: int = 100  # linear warm-up length, then cosine decay
-    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr at the last step
-    clip_norm: float | None = 1.0  # global grad-norm clip; None disables clipping
-    seed: int = 0  # seeds torch / random / numpy (+ rank) and the data order
-    log_every: int = 10  # write a metrics row every N steps (and at the last step)
-    eval_every: int = 0  # run eval_fn every N steps; 0 = only at the end
-    ckpt_every: int = 0  # save a checkpoint every N steps; 0 = only at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk; older ones are pruned
-    amp: str = "auto"  # "auto" (bf16 on CUDA, none on CPU) | "bf16" | "fp16" | "none"
-    num_workers: int = 0  # DataLoader worker processes per rank
-    progress: bool = True  # tqdm bar on rank 0 with loss and throughput
-    find_unused_parameters: bool = False  # passed to DistributedDataParallel
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    clip_norm: float | None = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    amp: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+    find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
@@ -99,7 +119,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them."""
+        """Inverse of `to_dict`; unknown keys raise a ``ValueError`` naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

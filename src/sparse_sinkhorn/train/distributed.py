@@ -1,8 +1,8 @@
 """Process-group helpers: one code path for a single process and for ``torchrun``.
 
 ``torchrun --nproc_per_node=N script.py`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
-:func:`init_distributed` reads them and joins the group (nccl on CUDA, gloo on CPU). Without
-them it is a no-op that describes a world of one process.
+[`init_distributed`][sparse_sinkhorn.train.init_distributed] reads them and joins the group (nccl
+on CUDA, gloo on CPU). Without them it is a no-op that describes a world of one process.
 """
 
 from __future__ import annotations
@@ -18,12 +18,19 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits in the job."""
+    """Where this process sits in the job.
 
-    rank: int  # global rank, 0 .. world_size - 1
-    world_size: int  # number of processes
-    local_rank: int  # rank on this machine (selects the CUDA device)
-    device: torch.device  # cuda:LOCAL_RANK when CUDA is available, else cpu
+    Attributes:
+        rank: global rank, ``0 .. world_size - 1``.
+        world_size: the number of processes.
+        local_rank: the rank on this machine (selects the CUDA device).
+        device: ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
 
     @property
     def is_main(self) -> bool:

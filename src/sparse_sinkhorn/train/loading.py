@@ -1,7 +1,7 @@
-"""Finding, verifying and loading checkpoints written by :mod:`sparse_sinkhorn.train.checkpoint`.
+"""Finding, verifying and loading checkpoints written by `sparse_sinkhorn.train.checkpoint`.
 
 Every path argument accepts a checkpoint directory (``.../checkpoints/step_0000010``), a run
-directory (the ``out_dir`` of :func:`~sparse_sinkhorn.train.train`) or its ``checkpoints``
+directory (the ``out_dir`` of [`train`][sparse_sinkhorn.train.train]) or its ``checkpoints``
 folder. A run directory resolves to the checkpoint named by ``latest.json``; when that one is
 corrupt, the newest valid older one is used with a logged warning.
 """
@@ -47,7 +47,8 @@ def _read_json(path: Path, what: str) -> Any:
 def verify_checkpoint(path: str | Path) -> Path:
     """Check every file against ``manifest.json`` (size, sha256) and parse the safetensors header.
 
-    Returns the path; raises :class:`CheckpointError` naming the first problem found.
+    Returns the path; raises [`CheckpointError`][sparse_sinkhorn.train.CheckpointError] naming the
+    first problem found.
     """
     ckpt = Path(path)
     if not ckpt.is_dir():
@@ -138,7 +139,8 @@ def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def check_shapes_match(ckpt: Path, factory: Callable[[], nn.Module]) -> None:
     """Build ``factory()`` on the meta device (no memory) and compare its weight shapes with
-    the ones stored in ``ckpt``; a config whose sizes disagree is a :class:`CheckpointError`
+    the ones stored in ``ckpt``; a config whose sizes disagree is a
+    [`CheckpointError`][sparse_sinkhorn.train.CheckpointError]
     before any real allocation (a tampered config cannot ask for terabytes)."""
     try:
         with torch.device("meta"):
@@ -220,7 +222,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 
 def check_model_config(ckpt: Path, saved: Any, expected: Mapping[str, Any]) -> None:
-    """Raise :class:`ConfigMismatchError` naming every key where ``saved != expected``."""
+    """Raise [`ConfigMismatchError`][sparse_sinkhorn.train.ConfigMismatchError] naming every key
+    where ``saved != expected``."""
     diffs = config_differences(saved or {}, expected)
     if diffs:
         raise ConfigMismatchError(
@@ -275,7 +278,8 @@ def load_checkpoint(
     """Load weights (and optimizer/scheduler state when given) from a checkpoint or run dir.
 
     With ``expected_config``, the saved ``model_config`` must equal it (else
-    :class:`ConfigMismatchError`). Returns the trainer state dict (``step``, ``extra_state``,
+    [`ConfigMismatchError`][sparse_sinkhorn.train.ConfigMismatchError]). Returns the trainer state
+    dict (``step``, ``extra_state``,
     RNG states, ...) plus ``"path"`` (the checkpoint used) and ``"config"`` (its config.json).
     """
     ckpt = resolve_checkpoint(path)

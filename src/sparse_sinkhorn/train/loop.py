@@ -10,7 +10,7 @@ Several processes (the same script, unchanged)::
     torchrun --standalone --nproc_per_node=2 my_experiment.py
 
 Each step, every rank takes ``grad_accum`` micro-batches of ``batch_size // (world_size *
-grad_accum)`` examples (see :mod:`sparse_sinkhorn.train.sampling`), back-propagates
+grad_accum)`` examples (see `sparse_sinkhorn.train.sampling`), back-propagates
 ``loss / grad_accum`` (DDP averages over ranks, so the gradient is the mean over the global
 batch when ``loss_fn`` returns a per-example mean), syncs gradients only on the last
 micro-batch (``no_sync``), clips, and steps AdamW and the LR schedule. Rank 0 writes
@@ -71,15 +71,25 @@ EvalFn = Callable[[nn.Module], Mapping[str, Any]]
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns (identical on every rank)."""
+    """What [`train`][sparse_sinkhorn.train.train] returns (identical on every rank).
 
-    step: int  # optimizer steps completed
-    metrics: dict[str, float]  # the last logged training row
-    eval_metrics: dict[str, float]  # the last eval_fn result, keys prefixed "eval/"
+    Attributes:
+        step: optimizer steps completed.
+        metrics: the last logged training row.
+        eval_metrics: the last ``eval_fn`` result, keys prefixed ``"eval/"``.
+        out_dir: the run directory.
+        checkpoint: the final checkpoint directory, or None.
+        resumed_from: the checkpoint this run started from, if any.
+        history: the rows logged by this call.
+    """
+
+    step: int
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float]
     out_dir: Path
-    checkpoint: Path | None  # the final checkpoint directory
-    resumed_from: Path | None = None  # the checkpoint this run started from, if any
-    history: list[dict[str, float]] = field(default_factory=list)  # rows logged by this call
+    checkpoint: Path | None
+    resumed_from: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def _train_step(
@@ -89,7 +99,7 @@ def _train_step(
 
     Returns the summed micro-batch losses of this rank (a tensor), summed metrics and the
     gradient norm before clipping (a tensor, or None without clipping). A non-finite loss
-    (or gradient norm) stops training before the update: :func:`_check_finite`.
+    (or gradient norm) stops training before the update: `_check_finite`.
     """
     config, model = run.config, run.model
     loss_sum = torch.zeros((), device=run.info.device)
@@ -127,7 +137,8 @@ def _check_finite(
     run: Run, step: int, out_dir: Path, loss_sum: torch.Tensor, grad_norm: Any
 ) -> None:
     """Stop at the first step whose loss (any rank's) or gradient norm is NaN or infinite,
-    before the optimizer applies it: :class:`NonFiniteLossError` on every rank.
+    before the optimizer applies it:
+    [`NonFiniteLossError`][sparse_sinkhorn.train.NonFiniteLossError] on every rank.
 
     With fp16 loss scaling an infinite gradient only means the scale was too high (the scaler
     skips that update itself), so there the loss alone decides.
@@ -288,8 +299,10 @@ def train(
         extra_state: tensors/plain data stored in ``trainer_state.pt`` (e.g. a vocabulary).
 
     Seeds torch/random/numpy with ``config.seed + rank``; build the model before calling (seed
-    it yourself with :func:`seed_everything` for a reproducible init). Leaves any process group
-    initialised: call :func:`cleanup_distributed` at the end of a torchrun script.
+    it yourself with [`seed_everything`][sparse_sinkhorn.train.seed_everything] for a reproducible
+    init). Leaves any process group
+    initialised: call [`cleanup_distributed`][sparse_sinkhorn.train.cleanup_distributed] at the end
+        of a torchrun script.
     """
     info = init_distributed()
     check_world(config, info)

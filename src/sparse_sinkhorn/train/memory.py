@@ -1,4 +1,4 @@
-"""Peak memory of a stretch of code, in MiB: :func:`reset_peak` before it, :func:`peak` after.
+"""Peak memory of a stretch of code, in MiB: `reset_peak` before it, `peak` after.
 
 CPU (Linux): freed heap memory is returned to the system (``malloc_trim``), the kernel's
 peak-RSS counter is reset (``/proc/self/clear_refs``, "5"), and the peak is ``VmHWM``
@@ -52,7 +52,7 @@ def _reset_peak_rss() -> bool:
 
 def reset_peak(device: str) -> float:
     """Reset the peak counter of ``device`` (``"cpu"`` or ``"cuda"``); the memory in use
-    now, in MiB: the baseline to subtract from :func:`peak`."""
+    now, in MiB: the baseline to subtract from `peak`."""
     global _peak_field
     if device == "cuda":
         torch.cuda.synchronize()
@@ -69,7 +69,7 @@ def reset_peak(device: str) -> float:
 
 
 def peak(device: str) -> float:
-    """The most memory in use on ``device`` since the last :func:`reset_peak`, in MiB."""
+    """The most memory in use on ``device`` since the last `reset_peak`, in MiB."""
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20

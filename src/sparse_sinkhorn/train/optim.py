@@ -39,7 +39,8 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> LambdaLR:
-    """``LambdaLR`` over :func:`lr_multiplier`; call ``scheduler.step()`` after each update."""
+    """``LambdaLR`` over [`lr_multiplier`][sparse_sinkhorn.train.lr_multiplier]; call
+    ``scheduler.step()`` after each update."""
 
     def factor(step: int) -> float:
         return lr_multiplier(

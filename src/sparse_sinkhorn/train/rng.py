@@ -51,7 +51,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (parts absent on this machine are skipped)."""
+    """Inverse of `capture_rng_state` (parts absent on this machine are skipped)."""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     internal = tuple(int(v) for v in py["internal"].tolist())

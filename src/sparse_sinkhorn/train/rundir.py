@@ -1,14 +1,14 @@
 """Run directories: one writer at a time, checks before anything is touched, and replacing a
 run only once the new one is about to start.
 
-* :func:`run_lock` / :func:`hold_run_lock`: an exclusive ``fcntl.flock`` on the directory
+* `run_lock` / `hold_run_lock`: an exclusive ``fcntl.flock`` on the directory
   itself (``<dir>/.lock`` holds the owner's pid, for messages; deleting it frees nothing).
   The kernel drops the lock when its process dies (even by SIGKILL), so a lock left by a dead
-  process is never mistaken for a live writer; a second live writer gets :class:`RunLockedError`.
+  process is never mistaken for a live writer; a second live writer gets `RunLockedError`.
   Locks are re-entrant within one process (the experiment that checks a run dir and the
-  :func:`~sparse_sinkhorn.train.train` call that writes it share one lock).
-* :func:`check_writable`: ``--out`` is a directory (or can become one) this process may write.
-* :func:`allow_overwrite`: mark a run dir whose previous run may be replaced; ``train()``
+  [`train`][sparse_sinkhorn.train.train] call that writes it share one lock).
+* `check_writable`: ``--out`` is a directory (or can become one) this process may write.
+* `allow_overwrite`: mark a run dir whose previous run may be replaced; ``train()``
   removes the old checkpoints only when the new run actually starts (after its data, model
   and config were built), so a run that fails before that leaves the old one intact.
 """
@@ -137,7 +137,7 @@ def allow_overwrite(directory: str | Path) -> None:
 
 
 def take_overwrite(directory: str | Path) -> bool:
-    """Whether ``directory`` was marked by :func:`allow_overwrite` (the mark is consumed)."""
+    """Whether ``directory`` was marked by `allow_overwrite` (the mark is consumed)."""
     key = _key(Path(directory))
     if key in _OVERWRITE:
         _OVERWRITE.discard(key)

@@ -1,4 +1,4 @@
-"""What :func:`~sparse_sinkhorn.train.train` builds once, and how it is saved and resumed.
+"""What [`train`][sparse_sinkhorn.train.train] builds once, and how it is saved and resumed.
 
 A checkpoint's ``trainer_state.pt`` holds the optimizer, scheduler and GradScaler states, the
 step and the position in the data order, every rank's RNG states, the elapsed time and the
@@ -40,7 +40,7 @@ class NonFiniteLossError(SparseSinkhornError, ValueError):
 
 @dataclass
 class Run:
-    """Everything the step function needs, built once by :func:`train`."""
+    """Everything the step function needs, built once by [`train`][sparse_sinkhorn.train.train]."""
 
     config: TrainConfig
     info: DistInfo
@@ -75,7 +75,8 @@ def save_run(run: Run, step: int, out_dir: Path, extra: dict[str, Any]) -> Path:
     """Checkpoint after ``step`` updates: rank 0 writes, every rank returns the path.
 
     Weights that are not finite are never written (they would replace good checkpoints):
-    :class:`NonFiniteLossError` instead (every rank holds the same weights, so all raise).
+    [`NonFiniteLossError`][sparse_sinkhorn.train.NonFiniteLossError] instead (every rank holds the
+    same weights, so all raise).
     """
     for name, param in run.raw_model.named_parameters():
         if not bool(torch.isfinite(param).all()):
@@ -124,7 +125,7 @@ def save_run(run: Run, step: int, out_dir: Path, extra: dict[str, Any]) -> Path:
 def prepare_fresh(out_dir: Path) -> None:
     """Make ``out_dir`` ready for a new run.
 
-    A run already there is an error, unless :func:`~sparse_sinkhorn.train.rundir.allow_overwrite`
+    A run already there is an error, unless `allow_overwrite`
     marked the directory: its checkpoints and metrics are removed now, once the new run has
     everything it needs. What an interrupted first checkpoint write left (a ``checkpoints``
     folder without any ``step_*`` checkpoint) is cleared.

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_sinkhorn.data.recall import IGNORE, MultiKeyPasskey, RecallDataset, ScatteredMQAR
+from sparse_sinkhorn.data.recall import (
+    IGNORE,
+    PAD,
+    KeyedNeedles,
+    MultiKeyPasskey,
+    RecallDataset,
+    ScatteredMQAR,
+)
 
 
 def _examples(task, n: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -40,6 +47,45 @@ def test_multikey_passkey_layout(n_digits: int) -> None:
     assert len(offsets) > 5  # the question is not aligned to a block start
 
 
+def test_keyed_needles_layout() -> None:
+    task = KeyedNeedles(256, n_needles=4, query_window=64)
+    for ids, targets in _examples(task):
+        needles = ids[(ids >= task.needle0) & (ids < task.needle0 + 16 * 16)]
+        assert len(needles) == 4
+        keys = (needles - task.needle0) // task.n_values
+        assert len(set(keys.tolist())) == 4  # distinct keys
+        at = int((ids == task.QUERY).nonzero().squeeze())
+        assert 256 - 64 <= at < 255
+        asked = int(ids[at + 1]) - task.KEY0
+        (needle,) = [int(n) for n in needles if (int(n) - task.needle0) // task.n_values == asked]
+        scored = (targets != IGNORE).nonzero().flatten().tolist()
+        assert scored == [at + 1]
+        assert targets[at + 1] == task.KEY0 + task.n_keys + (needle - task.needle0) % 16
+        assert int((ids[: 256 - 64] >= task.needle0).sum()) >= 4  # needles before the window
+
+
+def test_mixed_spans_are_left_padded_examples_of_the_task() -> None:
+    task = KeyedNeedles(512, query_window=16)
+    data = RecallDataset(task, 200, seed=0, min_span=32)
+    spans = []
+    for i in range(200):
+        ids, targets = data[i]
+        assert ids.shape == targets.shape == (512,)
+        real = ids != PAD
+        span = int(real.sum())
+        assert torch.all(real[512 - span :]) and not torch.any(real[: 512 - span])  # left pad
+        assert torch.all(targets[: 512 - span] == IGNORE)
+        assert int((targets != IGNORE).sum()) == 1 and 32 <= span <= 512
+        spans.append(span)
+    assert min(spans) < 64 and max(spans) > 256  # log-uniform over [32, 512]
+    again = RecallDataset(task, 200, seed=0, min_span=32)
+    assert all(torch.equal(data[i][0], again[i][0]) for i in range(5))
+    with pytest.raises(ValueError, match="min_span"):
+        RecallDataset(task, 10, seed=0, min_span=0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        RecallDataset(task, 10, seed=0, min_span=17)  # no room for needles before the window
+
+
 @pytest.mark.parametrize("n_distractors", [0, 16])
 def test_scattered_mqar_layout(n_distractors: int) -> None:
     task = ScatteredMQAR(512, n_pairs=8, n_distractors=n_distractors, context_share=0.5)
@@ -68,7 +114,9 @@ def test_scattered_mqar_layout(n_distractors: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "task", [MultiKeyPasskey(300), ScatteredMQAR(300, n_distractors=4)], ids=["mk", "mqar"]
+    "task",
+    [MultiKeyPasskey(300), KeyedNeedles(300), ScatteredMQAR(300, n_distractors=4)],
+    ids=["mk", "keyed", "mqar"],
 )
 def test_new_tasks_are_pure_functions_of_seed_and_index(task) -> None:
     a, b = RecallDataset(task, 5, seed=1), RecallDataset(task, 5, seed=1)
@@ -83,6 +131,8 @@ def test_new_tasks_are_pure_functions_of_seed_and_index(task) -> None:
         (lambda: MultiKeyPasskey(64, n_needles=17), "n_needles"),
         (lambda: MultiKeyPasskey(64, query_window=2), "query_window"),
         (lambda: MultiKeyPasskey(70, n_needles=4, query_window=64), "cannot hold"),
+        (lambda: KeyedNeedles(64, n_needles=17), "n_needles"),
+        (lambda: KeyedNeedles(66, n_needles=4, query_window=64), "cannot hold"),
         (lambda: ScatteredMQAR(512, n_pairs=40, n_distractors=30), "distinct keys"),
         (lambda: ScatteredMQAR(512, context_share=1.0), "context_share"),
         (lambda: ScatteredMQAR(40, n_pairs=8, n_distractors=8), "cannot hold"),

@@ -34,7 +34,8 @@ routing that only finds "the marked block" cannot solve them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -218,6 +219,66 @@ class MultiKeyPasskey:
 
 
 @dataclass(frozen=True)
+class KeyedNeedles:
+    """Multi-key needles of one token each; token ids: 0 pad, 1 QUERY, then ``n_keys`` keys,
+    then ``n_values`` values (answers only), then ``n_keys * n_values`` needles (needle
+    ``(k, v)`` is ``NEEDLE0 + k * n_values + v``), then ``n_filler`` filler symbols."""
+
+    length: int
+    n_needles: int = 4
+    n_keys: int = 16
+    n_values: int = 16
+    n_filler: int = 16
+    query_window: int = 64  # the question starts at a random position of the last tokens
+
+    QUERY = 1
+    KEY0 = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_needles <= self.n_keys:
+            raise ValueError(
+                f"n_needles must be in [1, n_keys={self.n_keys}], got {self.n_needles}"
+            )
+        if min(self.n_values, self.n_filler) < 1 or self.query_window < 2:
+            raise ValueError("n_values and n_filler must be >= 1 and query_window >= 2")
+        if self.length - self.query_window < self.n_needles:
+            raise ValueError(
+                f"length {self.length} cannot hold {self.n_needles} needles before a "
+                f"{self.query_window}-token question window"
+            )
+
+    @property
+    def needle0(self) -> int:
+        return self.KEY0 + self.n_keys + self.n_values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.needle0 + self.n_keys * self.n_values + self.n_filler
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_values
+
+    def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        length, filler0 = self.length, self.needle0 + self.n_keys * self.n_values
+        ids = torch.randint(filler0, filler0 + self.n_filler, (length,), generator=generator)
+        keys = torch.randperm(self.n_keys, generator=generator)[: self.n_needles]
+        values = torch.randint(0, self.n_values, (self.n_needles,), generator=generator)
+        where = torch.randperm(length - self.query_window, generator=generator)[: self.n_needles]
+        ids[where] = self.needle0 + keys * self.n_values + values
+        asked = int(torch.randint(0, self.n_needles, (1,), generator=generator))
+        at = (
+            length
+            - self.query_window
+            + int(torch.randint(0, self.query_window - 1, (1,), generator=generator))
+        )
+        ids[at], ids[at + 1] = self.QUERY, self.KEY0 + keys[asked]
+        targets = torch.full((length,), IGNORE, dtype=torch.long)
+        targets[at + 1] = self.KEY0 + self.n_keys + values[asked]  # KEYj predicts the value
+        return ids, targets
+
+
+@dataclass(frozen=True)
 class ScatteredMQAR:
     """MQAR with pairs spread over the context; token ids: 0 pad, 1 blank, then ``n_keys``
     keys, then ``n_values`` values."""
@@ -282,16 +343,27 @@ class ScatteredMQAR:
         return ids, targets
 
 
-Task = Passkey | MQAR | MultiKeyPasskey | ScatteredMQAR
+Task = Passkey | MQAR | MultiKeyPasskey | KeyedNeedles | ScatteredMQAR
 
 
 class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
-    """``size`` examples of ``task``; example ``i`` is generated from ``(seed, i)`` on demand."""
+    """``size`` examples of ``task``; example ``i`` is generated from ``(seed, i)`` on demand.
 
-    def __init__(self, task: Task, size: int, seed: int) -> None:
+    ``min_span``: mixed lengths. Example ``i`` is the task at a length drawn log-uniformly
+    from ``[min_span, task.length]`` (from the same generator), left-padded with :data:`PAD`
+    (targets :data:`IGNORE`) to ``task.length``: the model, given ``ids != PAD`` as its key
+    padding mask, learns on short examples, where the needle is one of few tokens, and long
+    ones alike. Every batch keeps one shape.
+    """
+
+    def __init__(self, task: Task, size: int, seed: int, *, min_span: int | None = None) -> None:
         if size <= 0:
             raise ValueError(f"size must be > 0, got {size}")
-        self.task, self.size, self.seed = task, size, seed
+        if min_span is not None:
+            if not 0 < min_span <= task.length:
+                raise ValueError(f"min_span must be in [1, {task.length}], got {min_span}")
+            replace(task, length=min_span)  # a span the task cannot use fails here
+        self.task, self.size, self.seed, self.min_span = task, size, seed, min_span
 
     def __len__(self) -> int:
         return self.size
@@ -300,13 +372,24 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
         if not 0 <= index < self.size:
             raise IndexError(index)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return self.task.example(generator)
+        if self.min_span is None:
+            return self.task.example(generator)
+        low, high = math.log(self.min_span), math.log(self.task.length)
+        draw = float(torch.rand((), generator=generator, dtype=torch.float64))
+        span = min(self.task.length, max(self.min_span, round(math.exp(low + draw * (high - low)))))
+        ids, targets = replace(self.task, length=span).example(generator)
+        pad = self.task.length - span
+        return (
+            torch.cat([ids.new_full((pad,), PAD), ids]),
+            torch.cat([targets.new_full((pad,), IGNORE), targets]),
+        )
 
 
 __all__ = [
     "IGNORE",
     "MQAR",
     "PAD",
+    "KeyedNeedles",
     "MultiKeyPasskey",
     "Passkey",
     "RecallDataset",

@@ -25,7 +25,8 @@ import torch
 
 from sparse_sinkhorn.data.recall import RecallDataset
 from sparse_sinkhorn.experiments import recall
-from sparse_sinkhorn.experiments.presets import RECALL_PRESETS, RecallPreset
+from sparse_sinkhorn.experiments.presets import RecallPreset
+from sparse_sinkhorn.experiments.recall_tasks import TASKS
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.train import load_model_weights, read_config, resolve_checkpoint
 
@@ -42,14 +43,14 @@ def load(seed_dir: Path, hard: bool | None = None) -> LanguageModel:
     return model.eval()
 
 
-def run_preset(kind_dir: Path) -> RecallPreset:
-    """The preset the run trained with: ``settings`` of its ``results.json`` (the cpu preset's
-    task sizes when the run has none yet)."""
-    preset = RECALL_PRESETS["cpu"]
+def run_preset(kind_dir: Path, task: str) -> RecallPreset:
+    """The preset the run trained with: ``settings`` of its ``results.json`` (the task's cpu
+    preset's sizes when the run has none yet)."""
+    preset = TASKS[task].presets["cpu"]
     results = kind_dir.parent.parent / "results.json"
     if results.is_file():
         settings = json.loads(results.read_text())["settings"]
-        sizes = ("n_eval", "n_pairs", "n_digits")
+        sizes = ("n_eval", "n_pairs", "n_digits", "n_needles")
         preset = replace(preset, **{k: settings[k] for k in sizes if k in settings})
     return preset
 
@@ -62,9 +63,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     task, _, length = args.kind_dir.resolve().parent.name.rpartition("-")
-    if task not in recall.TASKS or not length.isdigit():
+    if task not in TASKS or not length.isdigit():
         parser.error(f"{args.kind_dir} is not a recall run's <task>-<length>/<kind> directory")
-    preset = run_preset(args.kind_dir)
+    preset = run_preset(args.kind_dir, task)
     spec = recall.make_task(task, int(length), preset)
     held_out = RecallDataset(spec, preset.n_eval, recall.EVAL_SEED)
     per = "per layer, head" if args.per_head else "per layer"
@@ -76,8 +77,6 @@ def main() -> None:
         acc = recall.accuracy(trained, held_out, task, 16)["accuracy"]
         acc_hard = recall.accuracy(hard, held_out, task, 16)["accuracy"]
         hits = recall.routing_hits(trained, held_out, 16, per_head=args.per_head)
-        if task != "passkey":  # the needle's block is a passkey notion
-            hits = dict.fromkeys(hits)
         per_layer = ", ".join("n/a" if v is None else f"{v:.1f}" for v in hits.values()) or "–"
         print(f"| {seed_dir.name} | {acc:.1f} | {acc_hard:.1f} | {per_layer} |")
 

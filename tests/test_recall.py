@@ -24,7 +24,6 @@ from sparse_sinkhorn.experiments.recall import (
     DEFAULT_KINDS,
     HARD,
     ORACLE_LOGIT,
-    PRESETS,
     RECALL_KINDS,
     accuracy,
     attention_config,
@@ -32,6 +31,7 @@ from sparse_sinkhorn.experiments.recall import (
     install_oracle_routing,
     routing_hits,
 )
+from sparse_sinkhorn.experiments.recall_tasks import TASKS
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import SinkhornSelfAttention
 
@@ -151,7 +151,7 @@ def test_every_kind_builds_and_runs(name: str) -> None:
     logits = model(torch.randint(1, 66, (2, 64)))
     assert logits.shape == (2, 64, 66) and torch.isfinite(logits).all()
     assert set(DEFAULT_KINDS) <= set(RECALL_KINDS)
-    assert set(PRESETS) == {"cpu", "paper"}
+    assert all(set(spec.presets) == {"cpu", "paper"} for spec in TASKS.values())
 
 
 def _control(name: str, n_layers: int) -> tuple[Passkey, LanguageModel]:
@@ -346,8 +346,8 @@ def test_recall_checkpoints_example_rescores_a_run(
 def test_recall_checkpoints_example_scores_an_mqar_run_as_mqar(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On an MQAR run the example scores MQAR (the accuracy the run recorded) and gives no
-    routing hits (a passkey figure): n/a."""
+    """On an MQAR run the example scores MQAR: the accuracy and the routing hits per layer
+    (to the queried pair's block) that the run recorded."""
     out = tmp_path / "recall"
     argv = ["recall", "--task", "mqar", "--lengths", "96", "--block-size", "16", "--steps"]
     argv += ["2", "--batch-size", "2", "--attention", "softmax-max", "--out", str(out)]
@@ -361,7 +361,8 @@ def test_recall_checkpoints_example_scores_an_mqar_run_as_mqar(
     assert lines[0] == "mqar at 96 tokens"
     row = lines[-1].split("|")
     assert float(row[2]) == pytest.approx(recorded["accuracy"], abs=0.05)
-    assert row[4].strip() == "n/a, n/a"
+    hits = [recorded[f"routing_hit_layer{i}"] for i in range(2)]
+    assert [float(x) for x in row[4].split(",")] == pytest.approx(hits, abs=0.05)
 
 
 def test_shared_routing_routes_every_layer_as_the_first() -> None:

@@ -350,8 +350,8 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
     """``size`` examples of ``task``; example ``i`` is generated from ``(seed, i)`` on demand.
 
     ``min_span``: mixed lengths. Example ``i`` is the task at a length drawn log-uniformly
-    from ``[min_span, task.length]`` (from the same generator), left-padded with :data:`PAD`
-    (targets :data:`IGNORE`) to ``task.length``: the model, given ``ids != PAD`` as its key
+    from ``[min_span, task.length]`` (from the same generator), left-padded with `PAD`
+    (targets `IGNORE`) to ``task.length``: the model, given ``ids != PAD`` as its key
     padding mask, learns on short examples, where the needle is one of few tokens, and long
     ones alike. Every batch keeps one shape.
     """

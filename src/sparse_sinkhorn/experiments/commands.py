@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from . import ablate, classify, flags, image, lm, recall, sorting
+from . import ablate, classify, flags, image, lm, recall, recall_tasks, sorting
 from .classify_common import CLASSIFY_DATASETS, LEVELS, VARIANTS
 from .presets import NLI_DATASETS
 
@@ -188,7 +188,12 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         help="long-context retrieval: passkey and multi-query associative recall",
         description="Train causal LMs per attention kind on a synthetic retrieval task.",
     )
-    parser.add_argument("--task", default="passkey", help="passkey (default) or mqar")
+    parser.add_argument(
+        "--task",
+        default="passkey",
+        help=f"one of {', '.join(recall_tasks.TASKS)} (default: passkey); the last three ask "
+        "questions whose answer block depends on the question",
+    )
     kinds, controls = ", ".join(recall.RECALL_KINDS), ", ".join(recall.CONTROL_KINDS)
     flags.add_attention_arg(
         parser,

@@ -1,5 +1,6 @@
-"""Long-context retrieval: ``sparse-sinkhorn recall`` (passkey and multi-query associative
-recall in a causal LM; tasks in `sparse_sinkhorn.data.recall`).
+"""Long-context retrieval: ``sparse-sinkhorn recall`` (passkey, multi-query associative recall
+and multi-key needles in a causal LM; tasks in `sparse_sinkhorn.data.recall`, the table of
+them with their presets in ``recall_tasks``).
 
 Where does learned block routing find what dense attention finds? Every kind in
 `RECALL_KINDS` is trained from scratch on one task at each length, with the same model,
@@ -8,9 +9,12 @@ data and budget, and scored on the same held-out examples::
     sparse-sinkhorn recall --task passkey --seeds 3 --jobs 2        # cpu preset: 512 and 1K
     sparse-sinkhorn recall --task mqar --attention dense,local,softmax-hard --seeds 3
     sparse-sinkhorn recall --task passkey --preset paper --lengths 8192,65536   # a GPU
+    sparse-sinkhorn recall --task keyed-needles --seeds 3 --jobs 2  # the answer block
+                                                                    # depends on the question
 
-Accuracy: passkey, both digits right (chance 1 %); MQAR, the fraction of queried values
-produced right (chance 1/64). ``results.json`` holds every run's accuracy, its training
+Accuracy: passkey, mk-passkey and keyed-needles, every answer token right (chance 1 %,
+1/16, 1/16); MQAR and mqar-scattered, the fraction of questions answered right (chance
+1/64). ``results.json`` holds every run's accuracy, its training
 time per step and the wall time; ``accuracy.png`` plots accuracy against length and
 ``cost.png`` accuracy against time per step.
 """
@@ -30,15 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.recall import IGNORE, MQAR, Passkey, RecallDataset, Task
+from ..data.recall import IGNORE, PAD, Passkey, RecallDataset, Task
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig, SinkhornSelfAttention, routing_losses
-from ..ops import sinkhorn_plan
+from ..ops import sinkhorn_plan, topk_block_selection
 from ..train import init_distributed
 from . import flags
 from .driver import Plan, Run, fit, grid_options, model_sizes, summarize_seeds, train_grid
-from .presets import RECALL_PRESETS, SCHEDULES, RecallPreset
+from .presets import SCHEDULES, RecallPreset
+from .recall_tasks import TASKS, answer_sources
 from .results import format_table, report
 from .stats import seeds_cell
 
@@ -137,6 +142,10 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
     # MoBA's parameter-free gate: own block + the best earlier block(s) by q . mean(K)
     "topk": {"kind": "topk", "top_k": 1},
     "topk-2": {"kind": "topk", "top_k": 2},
+    # topk with NSA's compressed branch: every query also attends to each earlier block's mean
+    # key and value, which trains the block summaries the gate ranks
+    "topk-compressed": {"kind": "topk", "top_k": 1, "compressed": True},
+    "topk-2-compressed": {"kind": "topk", "top_k": 2, "compressed": True},
 }
 DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-max", "softmax-max-layers", "topk")
 # Controls, not methods: a RECALL_KINDS configuration (the value) whose routing is changed
@@ -155,10 +164,8 @@ CONTROL_KINDS: dict[str, str] = {
 }
 PASSKEY_CONTROLS = ("oracle-hard",)
 ORACLE_LOGIT = 30.0  # the needle block's routing logit; every other block's is 0
-TASKS = ("passkey", "mqar")
 
 
-PRESETS = RECALL_PRESETS
 # preset fields a flag of the same name sets (--d-model also sets d_ff to 4 * d_model)
 OVERRIDES = ("steps", "batch_size", "block_size", "d_model", "n_heads")
 HARD = "accuracy_hard_routing"  # a soft-routing kind's weights scored with hard routing
@@ -167,9 +174,7 @@ MAX_LENGTH = 1 << 20  # longest --lengths: 16 x the paper preset's longest
 
 
 def make_task(task: str, length: int, preset: RecallPreset) -> Task:
-    if task == "passkey":
-        return Passkey(length, n_digits=preset.n_digits)
-    return MQAR(length, n_pairs=preset.n_pairs)
+    return TASKS[task].make(length, preset)
 
 
 def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:
@@ -235,11 +240,18 @@ CONTROLS = {
 }
 
 
+def forward(model: nn.Module, ids: Tensor) -> Tensor:
+    """``model(ids)``, with ``ids != PAD`` as the key padding mask when a sequence is padded
+    (mixed lengths: `RecallDataset`'s ``min_span`` left-pads with `PAD`)."""
+    real = ids != PAD
+    return model(ids) if bool(real.all()) else model(ids, real)
+
+
 def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy on the scored positions only (the answers), plus the layers' routing
     distillation losses where a kind has them."""
     ids, targets = batch
-    logits = model(ids)  # (B, L, V)
+    logits = forward(model, ids)  # (B, L, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
     metrics = {"tokens": float(ids.numel())}
     routing = routing_losses(model)
@@ -261,9 +273,9 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
     """Passkey: sequences with every digit right; MQAR: queries answered right."""
     right = total = 0
     for ids, targets in _batches(data, batch_size):
-        pred = model(ids).argmax(-1)  # (B, L)
+        pred = forward(model, ids).argmax(-1)  # (B, L)
         scored = targets != IGNORE
-        if task == "passkey":
+        if not TASKS[task].per_query:
             right += int(((pred == targets) | ~scored).all(-1).sum())
             total += ids.shape[0]
         else:
@@ -276,15 +288,22 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
 def routing_hits(
     model: LanguageModel, data: RecallDataset, batch_size: int, *, per_head: bool = False
 ) -> dict[str, float | None]:
-    """Passkey: for the ``i``-th layer with a sort net (one, under ``shared_routing="layers"``),
-    ``routing_hit_layer{i}`` is the % of (held-out sequence, head) pairs whose last query block
-    (the one that holds ``QUERY``) gives its largest routing weight to a block holding the
-    needle's ``KEY`` or first digit; sequences whose needle is in the last block (seen locally)
-    are left out. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead, the % of sequences
-    for each head. Empty for kinds without routing. None (n/a) where the figure means nothing:
-    with at most two blocks the last one has at most one earlier block to route to (every
-    routing would score 100 %), and with no needle outside the last block nothing is scored."""
-    layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
+    """How often each routing layer sends a question to its answer's block.
+
+    For the ``i``-th routing layer (a sort net's: one under ``shared_routing="layers"``; or a
+    ``topk`` gate's), ``routing_hit_layer{i}`` is the % of (held-out question, head) pairs
+    whose routing reads a block holding the asked needle's first token or the token after it
+    (`recall_tasks.answer_sources`): for a sort net, the largest weight of the question
+    block's routing row; for a ``topk`` gate, any block it picks at the question's position.
+    Questions whose needle lies in their own block (seen locally) are left out, and so are
+    questions with fewer than two earlier blocks to choose from, where any routing would
+    score 100 %. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead. Empty for kinds
+    without routing; None (n/a) when no question qualifies."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, SinkhornSelfAttention) and (m.sort_net or m.config.kind == "topk")
+    ]
     if not layers:
         return {}
     inputs: dict[int, Tensor] = {}
@@ -295,35 +314,51 @@ def routing_hits(
     hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
     w = layers[0].config.block_size
     hits, total = torch.zeros(len(layers), layers[0].n_heads, dtype=torch.float64), 0
-    last = 0
     try:
-        for ids, _ in _batches(data, batch_size):
-            model(ids)
-            key = (ids == Passkey.KEY).float().argmax(-1)  # (B,) the needle's position
-            last = (ids.shape[1] - 1) // w
-            far = key // w < last  # (B,) needles the last block cannot see locally
-            for i, layer in enumerate(layers):  # the layer's eval plan, without attending again
-                options = layer.config.op_options(is_causal=layer.causal)
-                plan = sinkhorn_plan(layer.sort_logits(inputs[i]), options)
-                top = plan.P[:, :, last].argmax(-1)  # (B, H)
-                hit = (top == (key // w)[:, None]) | (top == ((key + 1) // w)[:, None])
-                hits[i] += hit[far].sum(0)
-            total += int(far.sum())
+        for ids, targets in _batches(data, batch_size):
+            forward(model, ids)
+            row, pos, source = answer_sources(data.task, ids, targets)
+            asked = pos // w  # the question's block
+            ok = (source // w < asked) & (asked >= 2)  # an earlier block, among >= 2
+            row, pos, asked = row[ok], pos[ok], asked[ok]
+            goal = torch.stack([source[ok] // w, (source[ok] + 1) // w], -1)  # (Q, 2)
+            for i, layer in enumerate(layers):
+                picked = _routed_blocks(layer, inputs[i], row, pos, asked)  # (Q, H, k)
+                hit = (picked[..., None] == goal[:, None, None, :]).any(-1).any(-1)  # (Q, H)
+                hits[i] += hit.sum(0)
+            total += int(ok.sum())
     finally:
         for hook in hooks:
             hook.remove()
-    share = 100.0 * hits / max(total, 1)  # (layers, H): % of sequences per head
-    scored = total > 0 and last >= 2  # the last block chooses among at least two earlier ones
+    share = 100.0 * hits / max(total, 1)  # (layers, H): % of questions per head
     if per_head:
         return {
-            f"routing_hit_layer{i}_head{h}": float(share[i, h]) if scored else None
+            f"routing_hit_layer{i}_head{h}": float(share[i, h]) if total else None
             for i in range(len(layers))
             for h in range(share.shape[1])
         }
     return {
-        f"routing_hit_layer{i}": float(share[i].mean()) if scored else None
+        f"routing_hit_layer{i}": float(share[i].mean()) if total else None
         for i in range(len(layers))
     }
+
+
+def _routed_blocks(
+    layer: SinkhornSelfAttention, x: Tensor, row: Tensor, pos: Tensor, block: Tensor
+) -> Tensor:
+    """``(Q, H, k)`` the blocks ``layer`` routes questions ``(row, pos)`` (in blocks ``block``)
+    to, from its input ``x``: a sort net's eval plan, the largest weight of the block's row
+    (``k = 1``), without attending again; a ``topk`` gate's picks at the position."""
+    cfg = layer.config
+    if cfg.kind == "topk":
+        parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, layer.d_model // layer.n_heads)
+        q, k = parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)  # (B, H, L, E)
+        picks = topk_block_selection(
+            q, k, block_size=cfg.block_size, top_k=cfg.top_k, is_causal=True
+        )
+        return picks[row, :, pos]  # (Q, H, k)
+    plan = sinkhorn_plan(layer.sort_logits(x), cfg.op_options(is_causal=layer.causal))
+    return plan.P[row, :, block].argmax(-1, keepdim=True)  # (Q, H, 1)
 
 
 def hard_twin(config: LanguageModelConfig) -> LanguageModel | None:
@@ -348,14 +383,15 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     model = LanguageModel(config)
     if kind in CONTROLS:
         CONTROLS[kind](model)
-    train_data = RecallDataset(spec, preset.steps * preset.batch_size, run.seed)
+    train_data = RecallDataset(
+        spec, preset.steps * preset.batch_size, run.seed, min_span=preset.min_span
+    )
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         metrics = accuracy(m, held_out, task, 2 * preset.batch_size)
-        if task == "passkey":  # n/a (None) figures are left out
-            hits = routing_hits(model, held_out, 2 * preset.batch_size)
-            metrics.update({k: v for k, v in hits.items() if v is not None})
+        hits = routing_hits(model, held_out, 2 * preset.batch_size)
+        metrics.update({k: v for k, v in hits.items() if v is not None})  # n/a: left out
         with torch.random.fork_rng():  # building it leaves the training's random stream alone
             twin = hard_twin(config) if kind not in CONTROL_KINDS else None
         if twin is not None:  # the same weights, routed by argmax
@@ -461,7 +497,7 @@ def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...
 def run(args: argparse.Namespace) -> int:
     if args.task not in TASKS:
         raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
-    preset = PRESETS[args.preset]
+    preset = TASKS[args.task].presets[args.preset]
     changes: dict[str, Any] = {"lengths": parse_lengths(args.lengths, preset.lengths)}
     changes.update(flags.positive_overrides(args, {f: f for f in OVERRIDES}))
     if "d_model" in changes:
@@ -486,7 +522,7 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     if init_distributed().rank != 0:
         return 0
-    chance = "1 %" if args.task == "passkey" else f"{100 / 64:.1f} %"
+    chance = f"{100 * make_task(args.task, preset.lengths[0], preset).chance:.3g} %"
     title = (
         f"{args.task} (preset {args.preset}, b={preset.block_size}, {preset.steps} steps of "
         f"{preset.batch_size}, mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s)"

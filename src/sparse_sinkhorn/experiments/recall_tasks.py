@@ -1,0 +1,79 @@
+"""The tasks of ``sparse-sinkhorn recall``, as one table: how each is built from a preset, how
+it is scored, and where its answer lies (the block a routing should read).
+
+Two families, each with its own presets (`RECALL_PRESETS`, `QUERY_RECALL_PRESETS`):
+
+* ``passkey``, ``mqar``: the answer block is the same for every question of a sequence
+  (passkey: the block holding the one needle; MQAR: the pairs, all in block 0);
+* ``keyed-needles``, ``mk-passkey``, ``mqar-scattered``: the answer block depends on the
+  question (which needle or which pair is asked), so a routing must read the question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data.recall import (
+    IGNORE,
+    MQAR,
+    KeyedNeedles,
+    MultiKeyPasskey,
+    Passkey,
+    ScatteredMQAR,
+    Task,
+)
+from .presets import QUERY_RECALL_PRESETS, RECALL_PRESETS, RecallPreset
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of `TASKS`."""
+
+    build: Callable[[int, RecallPreset], Task]  # (length, preset) -> the task
+    per_query: bool  # accuracy over questions (MQAR) instead of over sequences
+    presets: dict[str, RecallPreset]  # by --preset name
+
+    def make(self, length: int, preset: RecallPreset) -> Task:
+        return self.build(length, preset)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "passkey": TaskSpec(lambda n, p: Passkey(n, n_digits=p.n_digits), False, RECALL_PRESETS),
+    "mqar": TaskSpec(lambda n, p: MQAR(n, n_pairs=p.n_pairs), True, RECALL_PRESETS),
+    "keyed-needles": TaskSpec(
+        lambda n, p: KeyedNeedles(n, n_needles=p.n_needles), False, QUERY_RECALL_PRESETS
+    ),
+    "mk-passkey": TaskSpec(
+        lambda n, p: MultiKeyPasskey(n, n_needles=p.n_needles, n_digits=p.n_digits),
+        False,
+        QUERY_RECALL_PRESETS,
+    ),
+    "mqar-scattered": TaskSpec(
+        lambda n, p: ScatteredMQAR(n, n_pairs=p.n_pairs), True, QUERY_RECALL_PRESETS
+    ),
+}
+
+
+def answer_sources(task: Task, ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each scored question of a batch ``ids``, ``targets`` ``(B, L)`` reads its answer:
+    ``(row, position, source)`` long tensors, one entry per question (its first scored
+    position when it has several), ``source`` the position of the asked needle's first token
+    (the ``KEY`` marker for passkey, the pair's key for MQAR)."""
+    first = (targets != IGNORE) & ~torch.roll(targets != IGNORE, 1, dims=-1)
+    row, pos = first.nonzero(as_tuple=True)
+    if isinstance(task, Passkey):
+        source = (ids == Passkey.KEY).float().argmax(-1)[row]
+        return row, pos, source
+    if isinstance(task, KeyedNeedles):
+        asked = ids[row, pos] - task.KEY0  # the asked key
+        is_needle = ids[row] >= task.needle0
+        key_of = torch.where(is_needle, (ids[row] - task.needle0) // task.n_values, -1)
+        source = (key_of == asked[:, None]).float().argmax(-1)
+        return row, pos, source
+    # the key token names its needle or pair: its first occurrence in the sequence
+    same = ids[row] == ids[row, pos][:, None]  # (Q, L)
+    return row, pos, same.float().argmax(-1)

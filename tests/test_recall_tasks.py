@@ -11,9 +11,11 @@ from sparse_sinkhorn.data.recall import (
     PAD,
     KeyedNeedles,
     MultiKeyPasskey,
+    Passkey,
     RecallDataset,
     ScatteredMQAR,
 )
+from sparse_sinkhorn.experiments.recall_tasks import TASKS, answer_sources
 
 
 def _examples(task, n: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,8 +67,8 @@ def test_keyed_needles_layout() -> None:
 
 
 def test_mixed_spans_are_left_padded_examples_of_the_task() -> None:
-    task = KeyedNeedles(512, query_window=16)
-    data = RecallDataset(task, 200, seed=0, min_span=32)
+    task = KeyedNeedles(512, query_window=64)
+    data = RecallDataset(task, 200, seed=0, min_span=32)  # windows of 8 below 256 tokens
     spans = []
     for i in range(200):
         ids, targets = data[i]
@@ -83,7 +85,7 @@ def test_mixed_spans_are_left_padded_examples_of_the_task() -> None:
     with pytest.raises(ValueError, match="min_span"):
         RecallDataset(task, 10, seed=0, min_span=0)
     with pytest.raises(ValueError, match="cannot hold"):
-        RecallDataset(task, 10, seed=0, min_span=17)  # no room for needles before the window
+        RecallDataset(task, 10, seed=0, min_span=5)  # no room for needles before the window
 
 
 @pytest.mark.parametrize("n_distractors", [0, 16])
@@ -141,3 +143,24 @@ def test_new_tasks_are_pure_functions_of_seed_and_index(task) -> None:
 def test_new_task_sizes_are_refused(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_answer_sources_point_at_the_asked_needle(name: str) -> None:
+    spec = TASKS[name]
+    task = spec.make(256, spec.presets["cpu"])
+    data = RecallDataset(task, 8, seed=0)
+    ids = torch.stack([data[i][0] for i in range(8)])
+    targets = torch.stack([data[i][1] for i in range(8)])
+    row, pos, source = answer_sources(task, ids, targets)
+    questions = int(((targets != IGNORE) & ~torch.roll(targets != IGNORE, 1, -1)).sum())
+    assert len(row) == questions > 0 and torch.all(source < pos)
+    if isinstance(task, Passkey):
+        assert torch.all(ids[row, source] == Passkey.KEY)
+    elif isinstance(task, KeyedNeedles):
+        needle = ids[row, source] - task.needle0
+        assert torch.all(needle // task.n_values == ids[row, pos] - task.KEY0)  # the asked key
+        assert torch.all(targets[row, pos] - task.KEY0 - task.n_keys == needle % task.n_values)
+    else:  # the asked key's first occurrence, followed by its answer
+        assert torch.all(ids[row, source] == ids[row, pos])
+        assert torch.all(ids[row, source + 1] == targets[row, pos])

@@ -248,6 +248,10 @@ class KeyedNeedles:
             )
 
     @property
+    def question_length(self) -> int:
+        return 2  # QUERY KEYj
+
+    @property
     def needle0(self) -> int:
         return self.KEY0 + self.n_keys + self.n_values
 
@@ -346,6 +350,15 @@ class ScatteredMQAR:
 Task = Passkey | MQAR | MultiKeyPasskey | KeyedNeedles | ScatteredMQAR
 
 
+def at_length(task: Task, length: int) -> Task:
+    """``task`` at another ``length``; a question window longer than a quarter of it is cut
+    to that quarter (at least the question), so a short example keeps room for its needles."""
+    if isinstance(task, (KeyedNeedles, MultiKeyPasskey)):
+        window = max(task.question_length, min(task.query_window, length // 4))
+        return replace(task, length=length, query_window=window)
+    return replace(task, length=length)
+
+
 class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
     """``size`` examples of ``task``; example ``i`` is generated from ``(seed, i)`` on demand.
 
@@ -362,7 +375,7 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
         if min_span is not None:
             if not 0 < min_span <= task.length:
                 raise ValueError(f"min_span must be in [1, {task.length}], got {min_span}")
-            replace(task, length=min_span)  # a span the task cannot use fails here
+            at_length(task, min_span)  # a span the task cannot use fails here
         self.task, self.size, self.seed, self.min_span = task, size, seed, min_span
 
     def __len__(self) -> int:
@@ -377,7 +390,7 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
         low, high = math.log(self.min_span), math.log(self.task.length)
         draw = float(torch.rand((), generator=generator, dtype=torch.float64))
         span = min(self.task.length, max(self.min_span, round(math.exp(low + draw * (high - low)))))
-        ids, targets = replace(self.task, length=span).example(generator)
+        ids, targets = at_length(self.task, span).example(generator)
         pad = self.task.length - span
         return (
             torch.cat([ids.new_full((pad,), PAD), ids]),
@@ -395,4 +408,5 @@ __all__ = [
     "RecallDataset",
     "ScatteredMQAR",
     "Task",
+    "at_length",
 ]

@@ -41,14 +41,20 @@ class TaskSpec:
         return self.build(length, preset)
 
 
+def _filler(preset: RecallPreset) -> dict[str, int]:
+    return {} if preset.n_filler is None else {"n_filler": preset.n_filler}
+
+
 TASKS: dict[str, TaskSpec] = {
     "passkey": TaskSpec(lambda n, p: Passkey(n, n_digits=p.n_digits), False, RECALL_PRESETS),
     "mqar": TaskSpec(lambda n, p: MQAR(n, n_pairs=p.n_pairs), True, RECALL_PRESETS),
     "keyed-needles": TaskSpec(
-        lambda n, p: KeyedNeedles(n, n_needles=p.n_needles), False, QUERY_RECALL_PRESETS
+        lambda n, p: KeyedNeedles(n, n_needles=p.n_needles, **_filler(p)),
+        False,
+        QUERY_RECALL_PRESETS,
     ),
     "mk-passkey": TaskSpec(
-        lambda n, p: MultiKeyPasskey(n, n_needles=p.n_needles, n_digits=p.n_digits),
+        lambda n, p: MultiKeyPasskey(n, n_needles=p.n_needles, n_digits=p.n_digits, **_filler(p)),
         False,
         QUERY_RECALL_PRESETS,
     ),

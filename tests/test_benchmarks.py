@@ -128,3 +128,19 @@ def test_generate_help_and_where_it_writes(tmp_path: Path) -> None:
     # a case that fails in its process: its own error, not CalledProcessError
     with pytest.raises(SystemExit, match=r"case sdpa at 0 tokens failed: .*--case: must be > 0"):
         generate._run_child(["--lengths", "64"], "sdpa", 0)
+
+
+def test_recall_step_times_kinds_side_by_side(tmp_path: Path) -> None:
+    """Each kind's training step in a fresh process, divided by dense's at the same length."""
+    from benchmarks import recall_step
+
+    recall_step.main(["--lengths", "64", "--kinds", "dense", "topk-compressed", "--repeats", "1",
+                      "--out", str(tmp_path)])  # fmt: skip
+    meta = json.loads((tmp_path / "recall_step.json").read_text())
+    rows = {r["kind"]: r for r in meta["results"]}
+    assert set(rows) == {"dense", "topk-compressed"}
+    assert all(r["time_s"] > 0 and "error" not in r for r in rows.values())
+    table = (tmp_path / "recall_step.md").read_text()
+    assert "| dense | " in table and "1.00×" in table
+    ratio = rows["topk-compressed"]["time_s"] / rows["dense"]["time_s"]
+    assert f"{ratio:.2f}×" in table

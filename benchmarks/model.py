@@ -144,10 +144,12 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     return {"time_s": t_med, "times_s": times, "peak_mem_mb": max(memory.peak("cpu") - base, 0.0)}
 
 
-def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
+def in_fresh_process(spec: dict[str, Any], module: str = "benchmarks.model") -> dict[str, Any]:
+    """``python -m <module> --case <spec>`` in a fresh process: the dict it prints on its
+    ``RESULT`` line, or ``{"error": <its last stderr line>}``."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "benchmarks.model", "--case", json.dumps(spec)]
+    cmd = [sys.executable, "-m", module, "--case", json.dumps(spec)]
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
     for line in proc.stdout.splitlines():
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue  # the same for every contender: measured once per length
                 spec = dict(kind=kind, contender=name, length=length, repeats=args.repeats,
                             budget_s=args.budget)  # fmt: skip
-                res = _in_fresh_process(spec)
+                res = in_fresh_process(spec)
                 row = {"kind": kind, "contender": name, "length": length, **res}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from .machine import machine_info
+from .model import in_fresh_process
 
 LENGTHS = [1024, 2048, 4096]
 KINDS = ["dense", "local", "sinkhorn", "softmax-max-layers", "topk", "topk-compressed"]
@@ -71,16 +71,6 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     base = memory.reset_peak("cpu")
     t_med, times = _timed(step, "cpu", 0, spec["repeats"], spec["budget_s"], first=first)
     return {"time_s": t_med, "times_s": times, "peak_mem_mb": max(memory.peak("cpu") - base, 0.0)}
-
-
-def _in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.recall_step", "--case", json.dumps(spec)]
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
 
 
 def report(meta: dict[str, Any]) -> str:
@@ -162,7 +152,11 @@ def main(argv: list[str] | None = None) -> None:
                 "repeats": args.repeats,
                 "budget_s": args.budget,
             }
-            row = {"kind": kind, "length": length, **_in_fresh_process(spec)}
+            row = {
+                "kind": kind,
+                "length": length,
+                **in_fresh_process(spec, "benchmarks.recall_step"),
+            }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     meta["load_end"] = os.getloadavg()[0]

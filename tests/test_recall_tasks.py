@@ -82,8 +82,10 @@ def test_mixed_spans_are_left_padded_examples_of_the_task() -> None:
     assert min(spans) < 64 and max(spans) > 256  # log-uniform over [32, 512]
     again = RecallDataset(task, 200, seed=0, min_span=32)
     assert all(torch.equal(data[i][0], again[i][0]) for i in range(5))
-    with pytest.raises(ValueError, match="min_span"):
+    with pytest.raises(ValueError, match=r"spans must be in \[1, 512\]"):
         RecallDataset(task, 10, seed=0, min_span=0)
+    with pytest.raises(ValueError, match="not both"):
+        RecallDataset(task, 10, seed=0, min_span=32, spans=torch.full((10,), 64))
     with pytest.raises(ValueError, match="cannot hold"):
         RecallDataset(task, 10, seed=0, min_span=5)  # no room for needles before the window
 
@@ -164,3 +166,25 @@ def test_answer_sources_point_at_the_asked_needle(name: str) -> None:
     else:  # the asked key's first occurrence, followed by its answer
         assert torch.all(ids[row, source] == ids[row, pos])
         assert torch.all(ids[row, source + 1] == targets[row, pos])
+
+
+def test_length_curriculum_gives_each_step_one_growing_span() -> None:
+    from sparse_sinkhorn.data.recall import length_curriculum
+    from sparse_sinkhorn.train.sampling import first_epoch_steps, global_batch_indices
+
+    steps = first_epoch_steps(160, 16, seed=3)  # 10 steps of 16
+    for step in (0, 4, 9):  # the sampler's batch of a step is the examples given that step
+        batch = global_batch_indices(step, num_examples=160, batch_size=16, seed=3)
+        assert torch.all(steps[batch] == step)
+    spans = length_curriculum(steps, 10, 16, 512, hold=0.3, reach=0.7)
+    per_step = [set(spans[steps == s].tolist()) for s in range(10)]
+    assert all(len(x) == 1 for x in per_step)  # one span per step: batches stack
+    flat = [x.pop() for x in per_step]
+    assert flat[:3] == [16, 16, 16] and flat[7:] == [512, 512, 512]
+    assert flat == sorted(flat) and 16 < flat[5] < 512
+    task = KeyedNeedles(512, query_window=64)
+    data = RecallDataset(task, 160, seed=3, spans=spans)
+    for i in (0, 50, 159):
+        ids, targets = data[i]
+        assert ids.shape == targets.shape == (int(spans[i]),) and torch.all(ids != PAD)
+        assert int((targets != IGNORE).sum()) == 1

@@ -350,6 +350,19 @@ class ScatteredMQAR:
 Task = Passkey | MQAR | MultiKeyPasskey | KeyedNeedles | ScatteredMQAR
 
 
+def length_curriculum(
+    steps: Tensor, total: int, min_span: int, length: int, *, hold: float, reach: float
+) -> Tensor:
+    """Spans for examples consumed at optimizer ``steps`` of ``total``: ``min_span`` until
+    ``hold`` of the run, growing geometrically to ``length`` at ``reach`` of it, then
+    ``length``; examples of one step share a span."""
+    if not 0.0 <= hold < reach <= 1.0:
+        raise ValueError(f"need 0 <= hold < reach <= 1, got hold={hold}, reach={reach}")
+    frac = ((steps.double() / total - hold) / (reach - hold)).clamp(0.0, 1.0)
+    spans = (min_span * (length / min_span) ** frac).round().long()
+    return spans.clamp(min_span, length)
+
+
 def at_length(task: Task, length: int) -> Task:
     """``task`` at another ``length``; a question window longer than a quarter of it is cut
     to that quarter (at least the question), so a short example keeps room for its needles."""
@@ -367,16 +380,34 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
     (targets `IGNORE`) to ``task.length``: the model, given ``ids != PAD`` as its key
     padding mask, learns on short examples, where the needle is one of few tokens, and long
     ones alike. Every batch keeps one shape.
+
+    ``spans``: ``(size,)`` lengths, example ``i`` generated at ``spans[i]`` tokens and not
+    padded (a curriculum gives the examples of one step one span: `length_curriculum`).
     """
 
-    def __init__(self, task: Task, size: int, seed: int, *, min_span: int | None = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        size: int,
+        seed: int,
+        *,
+        min_span: int | None = None,
+        spans: Tensor | None = None,
+    ) -> None:
         if size <= 0:
             raise ValueError(f"size must be > 0, got {size}")
-        if min_span is not None:
-            if not 0 < min_span <= task.length:
-                raise ValueError(f"min_span must be in [1, {task.length}], got {min_span}")
-            at_length(task, min_span)  # a span the task cannot use fails here
-        self.task, self.size, self.seed, self.min_span = task, size, seed, min_span
+        if min_span is not None and spans is not None:
+            raise ValueError("give min_span (mixed lengths) or spans (set lengths), not both")
+        if spans is not None and (spans.shape != (size,) or spans.dtype != torch.long):
+            raise ValueError(f"spans must be a ({size},) long tensor, got {tuple(spans.shape)}")
+        shortest = min_span if spans is None else int(spans.min())
+        if shortest is not None:
+            longest = task.length if spans is None else int(spans.max())
+            if not 0 < shortest <= longest <= task.length:
+                raise ValueError(f"spans must be in [1, {task.length}], got {shortest}..{longest}")
+            at_length(task, shortest)  # a span the task cannot use fails here
+        self.task, self.size, self.seed = task, size, seed
+        self.min_span, self.spans = min_span, spans
 
     def __len__(self) -> int:
         return self.size
@@ -385,6 +416,8 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
         if not 0 <= index < self.size:
             raise IndexError(index)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        if self.spans is not None:  # the example at its set length, unpadded
+            return at_length(self.task, int(self.spans[index])).example(generator)
         if self.min_span is None:
             return self.task.example(generator)
         low, high = math.log(self.min_span), math.log(self.task.length)
@@ -409,4 +442,5 @@ __all__ = [
     "ScatteredMQAR",
     "Task",
     "at_length",
+    "length_curriculum",
 ]

@@ -174,6 +174,9 @@ class RecallPreset(Preset):
     # training examples at log-uniform lengths in [min_span, length], left-padded (None: all
     # at the full length); evaluation is always at the full length
     min_span: int | None = None
+    # with min_span: (hold, reach) trains every example of a step at one span instead, min_span
+    # until `hold` of the steps, growing geometrically to the full length at `reach`
+    curriculum: tuple[float, float] | None = None
 
 
 # head dim 16 (CPU attention kernels are slow for smaller head dims); dense needs ~1,500

@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.recall import IGNORE, PAD, Passkey, RecallDataset, Task
+from ..data.recall import IGNORE, PAD, Passkey, RecallDataset, Task, length_curriculum
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig, SinkhornSelfAttention, routing_losses
 from ..ops import sinkhorn_plan, topk_block_selection
 from ..train import init_distributed
+from ..train.sampling import first_epoch_steps
 from . import flags
 from .driver import Plan, Run, fit, grid_options, model_sizes, summarize_seeds, train_grid
 from .presets import SCHEDULES, RecallPreset
@@ -247,6 +248,20 @@ def forward(model: nn.Module, ids: Tensor) -> Tensor:
     return model(ids) if bool(real.all()) else model(ids, real)
 
 
+def training_data(task: Task, preset: RecallPreset, seed: int) -> RecallDataset:
+    """``steps * batch_size`` examples of ``task``: at its length, at mixed lengths
+    (``min_span``) or at the lengths of a curriculum (``min_span`` and ``curriculum``)."""
+    size = preset.steps * preset.batch_size
+    if preset.min_span is None or preset.curriculum is None:
+        return RecallDataset(task, size, seed, min_span=preset.min_span)
+    hold, reach = preset.curriculum
+    steps = first_epoch_steps(size, preset.batch_size, seed)  # the sampler's order
+    spans = length_curriculum(
+        steps, preset.steps, preset.min_span, task.length, hold=hold, reach=reach
+    )
+    return RecallDataset(task, size, seed, spans=spans)
+
+
 def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy on the scored positions only (the answers), plus the layers' routing
     distillation losses where a kind has them."""
@@ -383,9 +398,7 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     model = LanguageModel(config)
     if kind in CONTROLS:
         CONTROLS[kind](model)
-    train_data = RecallDataset(
-        spec, preset.steps * preset.batch_size, run.seed, min_span=preset.min_span
-    )
+    train_data = training_data(spec, preset, run.seed)
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:

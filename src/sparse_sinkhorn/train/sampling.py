@@ -35,6 +35,17 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=generator)
 
 
+def first_epoch_steps(num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
+    """``(num_examples,)`` int64: the optimizer step that consumes each example in the first
+    epoch (``steps_per_epoch`` for the remainder the epoch drops), so that a dataset can make
+    an example depend on when it is trained on (a curriculum)."""
+    per_epoch = steps_per_epoch(num_examples, batch_size)
+    steps = torch.full((num_examples,), per_epoch, dtype=torch.long)
+    order = epoch_permutation(num_examples, seed, 0)[: per_epoch * batch_size]
+    steps[order] = torch.arange(per_epoch * batch_size) // batch_size
+    return steps
+
+
 def global_batch_indices(
     step: int, *, num_examples: int, batch_size: int, seed: int
 ) -> torch.Tensor:

@@ -197,8 +197,8 @@ RECALL_PRESETS = {"cpu": _RECALL_CPU, "paper": _RECALL_PAPER}
 # source pins them: dense attention must learn the task at the cpu preset's lengths.
 _QUERY_RECALL_CPU = RecallPreset(
     lengths=(512, 1024), block_size=32, d_model=64, n_heads=4, n_layers=2, d_ff=256, dropout=0.0,
-    steps=1500, batch_size=16, lr=1e-2, warmup_steps=100, n_eval=256, n_pairs=8, n_digits=1,
-    n_needles=4, n_filler=1, min_span=16,
+    steps=3000, batch_size=16, lr=3e-3, warmup_steps=100, n_eval=256, n_pairs=8, n_digits=1,
+    n_needles=4, n_filler=1, min_span=16, curriculum=(0.3, 0.7),
 )  # fmt: skip
 _QUERY_RECALL_PAPER = replace(
     _QUERY_RECALL_CPU, lengths=(8192, 16384, 32768, 65536), block_size=128, d_model=128,

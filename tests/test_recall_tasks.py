@@ -188,3 +188,28 @@ def test_length_curriculum_gives_each_step_one_growing_span() -> None:
         ids, targets = data[i]
         assert ids.shape == targets.shape == (int(spans[i]),) and torch.all(ids != PAD)
         assert int((targets != IGNORE).sum()) == 1
+
+
+@pytest.mark.parametrize(
+    ("choice", "min_span", "curriculum"),
+    [("full", None, None), ("mixed", 16, None), ("curriculum", 16, [0.3, 0.7])],
+)
+def test_recall_cli_trains_at_the_lengths_asked(
+    choice: str, min_span, curriculum, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from helpers_cli import run_cli
+
+    out = tmp_path / "out"
+    argv = ["recall", "--task", "keyed-needles", "--lengths", "96", "--steps", "4"]
+    argv += ["--batch-size", "2", "--attention", "dense,topk-compressed", "--out", str(out)]
+    code, err = run_cli([*argv, "--lengths-in-training", choice, "--no-progress"], capsys)
+    assert code == 0, err
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["settings"]["min_span"] == min_span
+    assert payload["settings"]["curriculum"] == curriculum
+    kinds = {r["kind"]: r["eval"] for r in payload["results"]}
+    assert set(kinds) == {"dense", "topk-compressed"}
+    assert 0.0 <= kinds["dense"]["accuracy"] <= 100.0
+    assert "routing_hit_layer0" in kinds["topk-compressed"]  # the gate's hits are scored

@@ -203,6 +203,14 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         f"first) (comma list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
     )
     parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
+    parser.add_argument(
+        "--lengths-in-training",
+        choices=recall.TRAINING_LENGTHS,
+        default=None,
+        help="full: every example at the run's length; mixed: log-uniform lengths from the "
+        "preset's min_span, left-padded; curriculum: one length per step, from min_span up "
+        "(default: the preset's)",
+    )
     flags.add_int_flags(
         parser,
         {

@@ -248,6 +248,23 @@ def forward(model: nn.Module, ids: Tensor) -> Tensor:
     return model(ids) if bool(real.all()) else model(ids, real)
 
 
+TRAINING_LENGTHS = ("full", "mixed", "curriculum")
+CURRICULUM = (0.3, 0.7)  # --lengths-in-training curriculum on a preset without one
+
+
+def training_lengths(choice: str | None, preset: RecallPreset) -> dict[str, Any]:
+    """The preset changes of ``--lengths-in-training`` (`TRAINING_LENGTHS`; None: none)."""
+    if choice is None:
+        return {}
+    if choice == "full":
+        return {"min_span": None, "curriculum": None}
+    if preset.min_span is None:
+        raise UsageError(f"--lengths-in-training {choice} needs a preset with a min_span")
+    if choice == "mixed":
+        return {"curriculum": None}
+    return {"curriculum": preset.curriculum or CURRICULUM}
+
+
 def training_data(task: Task, preset: RecallPreset, seed: int) -> RecallDataset:
     """``steps * batch_size`` examples of ``task``: at its length, at mixed lengths
     (``min_span``) or at the lengths of a curriculum (``min_span`` and ``curriculum``)."""
@@ -513,6 +530,7 @@ def run(args: argparse.Namespace) -> int:
     preset = TASKS[args.task].presets[args.preset]
     changes: dict[str, Any] = {"lengths": parse_lengths(args.lengths, preset.lengths)}
     changes.update(flags.positive_overrides(args, {f: f for f in OVERRIDES}))
+    changes.update(training_lengths(args.lengths_in_training, preset))
     if "d_model" in changes:
         changes["d_ff"] = 4 * changes["d_model"]
     preset = replace(preset, **changes)

@@ -87,8 +87,11 @@ def test_unknown_balance_is_refused() -> None:
 @pytest.mark.parametrize("top_k", [1, 2, 9], ids=["k1", "k2", "k9"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize(
-    ("tile", "compressed"), [(32, False), (2, False), (32, True)], ids=["", "tile2", "compressed"]
-)
+    ("tile", "compressed", "gate"),
+    [(32, False, "mean"), (2, False, "mean"), (32, True, "mean"), (32, False, "bound"),
+     (2, True, "bound")],
+    ids=["", "tile2", "compressed", "bound", "tile2-compressed-bound"],
+)  # fmt: skip
 def test_topk_matches_reference_forward_and_backward(
     block: int,
     length: int,
@@ -97,6 +100,7 @@ def test_topk_matches_reference_forward_and_backward(
     padded: bool,
     tile: int,
     compressed: bool,
+    gate: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """tile2: the queries that read one block fill several tiles (BlockGroups);
@@ -110,6 +114,7 @@ def test_topk_matches_reference_forward_and_backward(
         is_causal=causal,
         key_padding_mask=mask,
         compressed=compressed,
+        gate=gate,
     )
     out = topk_block_attention(q, k, v, **opts)
     ref = reference_topk_block_attention(q, k, v, **opts)
@@ -151,6 +156,27 @@ def test_topk_selection_picks_the_best_earlier_blocks() -> None:
         assert torch.equal(chosen[..., : min(2, i)].sort(-1).values, best.sort(-1).values)
         if i == 1:
             assert (chosen[..., 1] == -1).all()  # one candidate only
+
+
+def test_bound_gate_finds_one_matching_key_that_the_mean_dilutes() -> None:
+    """A block with one key along the query beats, under Quest's bound, a block whose every
+    key leans a little towards it; MoBA's mean prefers the second."""
+    w, length = 4, 32
+    q = torch.zeros(1, 1, length, D, dtype=torch.float64)
+    k = 0.01 * torch.randn(1, 1, length, D, dtype=torch.float64)
+    q[..., -1, :] = torch.ones(D)  # the last query
+    k[..., 2 * w + 1, :] += 1.5  # block 2: one key along it
+    k[..., 5 * w : 6 * w, :] += 0.5  # block 5: every key a little along it
+    pick = {
+        gate: topk_block_selection(q, k, block_size=w, top_k=1, is_causal=True, gate=gate)
+        for gate in ("mean", "bound")
+    }
+    assert int(pick["bound"][0, 0, -1, 0]) == 2 and int(pick["mean"][0, 0, -1, 0]) == 5
+    with pytest.raises(ValueError, match="gate must be one of"):
+        topk_block_selection(q, k, block_size=w, top_k=1, gate="max")
+    for kind in ("sinkhorn", "dense"):
+        with pytest.raises(ValueError, match="gate applies to attention kind 'topk'"):
+            AttentionConfig(kind=kind, gate="bound")
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["", "compressed"])
@@ -205,6 +231,7 @@ VARIANTS = [
     {"kind": "topk", "top_k": 1},
     {"kind": "topk", "top_k": 2},
     {"kind": "topk", "top_k": 1, "compressed": True},
+    {"kind": "topk", "top_k": 1, "compressed": True, "gate": "bound"},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear"},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "bilinear", "hard": True},
     {"kind": "sinkhorn", "balance": "softmax", "sort_net": "linear", "hard": True},

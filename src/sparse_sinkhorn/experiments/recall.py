@@ -147,6 +147,9 @@ RECALL_KINDS: dict[str, dict[str, Any]] = {
     # key and value, which trains the block summaries the gate ranks
     "topk-compressed": {"kind": "topk", "top_k": 1, "compressed": True},
     "topk-2-compressed": {"kind": "topk", "top_k": 2, "compressed": True},
+    # Quest's block score: an upper bound on q . k over the block's keys (per-feature min/max)
+    "topk-bound": {"kind": "topk", "top_k": 1, "gate": "bound"},
+    "topk-bound-compressed": {"kind": "topk", "top_k": 1, "gate": "bound", "compressed": True},
 }
 DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-max", "softmax-max-layers", "topk")
 # Controls, not methods: a RECALL_KINDS configuration (the value) whose routing is changed
@@ -386,7 +389,7 @@ def _routed_blocks(
         parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, layer.d_model // layer.n_heads)
         q, k = parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)  # (B, H, L, E)
         picks = topk_block_selection(
-            q, k, block_size=cfg.block_size, top_k=cfg.top_k, is_causal=True
+            q, k, block_size=cfg.block_size, top_k=cfg.top_k, is_causal=True, gate=cfg.gate
         )
         return picks[row, :, pos]  # (Q, H, k)
     plan = sinkhorn_plan(layer.sort_logits(x), cfg.op_options(is_causal=layer.causal))

@@ -100,7 +100,7 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
 # ``mixture`` for the kind.
 _NOT_OPTIONS = (
     "kind", "block_size", "n_sortcut", "sparse_mode", "share_kv", "top_k", "compressed",
-    "routing_loss",
+    "gate", "routing_loss",
 )  # fmt: skip
 OPTIONS: dict[str, Any] = {
     **{f.name: f.default for f in fields(AttentionConfig) if f.name not in _NOT_OPTIONS},

@@ -208,6 +208,7 @@ class SinkhornSelfAttention(nn.Module):
                 block_size=cfg.block_size,
                 top_k=cfg.top_k,
                 compressed=cfg.compressed,
+                gate=cfg.gate,
                 **common,
             ), None
         options = cfg.op_options(is_causal=self.causal, training=self.training, dropout_p=p)

@@ -152,7 +152,9 @@ class AttentionCache:
         assert self.k is not None and self.v is not None
         w = config.block_size
         if config.kind == "topk":
-            keep = topk_keep_row(q, self.k, block_size=w, top_k=config.top_k)  # (B, H, 1, T)
+            keep = topk_keep_row(
+                q, self.k, block_size=w, top_k=config.top_k, gate=config.gate
+            )  # (B, H, 1, T)
             if config.compressed:
                 return attend_token(q, *with_block_means(self.k, self.v, keep, block_size=w))
             return attend_token(q, self.k, self.v, keep)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..ops.baselines import GATES
 from ..ops.blocks import POOLINGS, num_blocks
 from ..ops.options import SinkhornOptions
 from .sortnet import SORT_NETS
@@ -83,6 +84,9 @@ class AttentionConfig:
         top_k: topk: the earlier blocks each query reads beside its own.
         compressed: topk: every query also attends to each gate candidate block's mean key and
             value (NSA's compressed branch), which trains the block summaries the gate ranks.
+        gate: topk: how the gate scores a block, ``"mean"`` (MoBA's ``q · mean(K)``) or
+            ``"bound"`` (Quest's upper bound on ``q · k`` over the block's keys, from their
+            per-feature minimum and maximum).
         routing_loss: sinkhorn and mixture, training only: the weight of a loss pulling each
             sort-net row towards the layer's own dense block attention mass (see
             [`routing_losses`][sparse_sinkhorn.nn.routing_losses]).
@@ -104,6 +108,7 @@ class AttentionConfig:
     share_kv: bool = False
     top_k: int = 1
     compressed: bool = False
+    gate: str = "mean"
     routing_loss: float = 0.0
 
     def __post_init__(self) -> None:
@@ -144,6 +149,10 @@ class AttentionConfig:
             )
         if self.top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.gate != "mean" and self.kind != "topk":
+            raise ValueError(f"gate applies to attention kind 'topk' only, not {self.kind!r}")
         if self.compressed and self.kind != "topk":
             raise ValueError(f"compressed applies to attention kind 'topk' only, not {self.kind!r}")
         if self.sparse_mode not in ("fixed", "strided"):

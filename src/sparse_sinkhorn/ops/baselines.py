@@ -153,6 +153,9 @@ def sparse_attention(
     return masked_sdpa(query, key, value, mask, dropout_p, scale)
 
 
+GATES = ("mean", "bound")  # topk block scores: MoBA's q . mean(K), Quest's upper bound
+
+
 def topk_block_selection(
     query: Tensor,
     key: Tensor,
@@ -161,41 +164,59 @@ def topk_block_selection(
     top_k: int,
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    gate: str = "mean",
 ) -> Tensor:
-    """MoBA's parameter-free block gate: which ``top_k`` other key blocks each query reads.
+    """A parameter-free block gate: which ``top_k`` other key blocks each query reads.
 
-    Query ``t`` (in block ``i``) scores every candidate key block ``j`` by ``q_t · mean(K_j)``
-    (the mean over block ``j``'s real keys) and keeps the ``top_k`` best; candidates are the
-    blocks ``j < i`` (causal: complete, earlier blocks only, so the choice depends on
-    positions ``<= t``) or every ``j != i``, and never a block without a real key.
+    Query ``t`` (in block ``i``) scores every candidate key block ``j`` and keeps the
+    ``top_k`` best: ``gate="mean"`` (MoBA's) by ``q_t · mean(K_j)``, the mean over block
+    ``j``'s real keys; ``gate="bound"`` (Quest's) by ``sum_d max(q_d min_d, q_d max_d)`` over
+    the per-feature minimum and maximum of its real keys, an upper bound on ``q_t · k`` for
+    every key ``k`` of the block, so one key that matches the query marks its block.
+    Candidates are the blocks ``j < i`` (causal: complete, earlier blocks only, so the choice
+    depends on positions ``<= t``) or every ``j != i``, and never a block without a real key.
 
     Returns:
         ``(B, H, L, k)`` long block indices, ``k = min(top_k, N)``, -1 where a query has
         fewer than ``k`` candidates. The selection carries no gradient.
     """
+    if gate not in GATES and not torch.compiler.is_compiling():
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     batch, _, length, _ = query.shape
     w = block_size
     mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None
     kb = rearrange(pad_to_blocks(key.detach(), w), "b h (n w) d -> b h n w d", w=w)
-    if mask is None:
-        k_mean = kb.mean(dim=3)  # (B, H, N, D)
-        valid = None
-    else:
-        real = rearrange(mask, "b (n w) -> b 1 n w 1", w=w)  # (B, 1, N, W, 1)
-        count = real.sum(dim=3).clamp_min(1).to(kb.dtype)  # (B, 1, N, 1)
-        k_mean = zero_padding(kb, real).sum(dim=3) / count  # (B, H, N, D)
-        valid = real.squeeze(-1).any(dim=-1)  # (B, 1, N): blocks holding a real key
+    real = None if mask is None else rearrange(mask, "b (n w) -> b 1 n w 1", w=w)
+    valid = None if real is None else real.squeeze(-1).any(dim=-1)  # (B, 1, N): a real key
     wide = torch.promote_types(query.dtype, torch.float32)  # the gate in float32 at least
-    gate = torch.einsum("bhld,bhnd->bhln", query.detach().to(wide), k_mean.to(wide))
-    n = k_mean.shape[2]
+    q = query.detach().to(wide)
+    if gate == "mean":
+        if real is None:
+            k_mean = kb.mean(dim=3)  # (B, H, N, D)
+        else:
+            count = real.sum(dim=3).clamp_min(1).to(kb.dtype)  # (B, 1, N, 1)
+            k_mean = zero_padding(kb, real).sum(dim=3) / count  # (B, H, N, D)
+        score = torch.einsum("bhld,bhnd->bhln", q, k_mean.to(wide))
+    else:
+        k_max, k_min = kb.to(wide), kb.to(wide)
+        if real is not None:  # padding never sets a bound; a block without a real key: 0
+            k_max = k_max.masked_fill(~real, float("-inf"))
+            k_min = k_min.masked_fill(~real, float("inf"))
+        k_max, k_min = k_max.amax(dim=3), k_min.amin(dim=3)  # (B, H, N, D)
+        if valid is not None:
+            k_max = torch.where(valid[..., None], k_max, 0.0)
+            k_min = torch.where(valid[..., None], k_min, 0.0)
+        score = torch.einsum("bhld,bhnd->bhln", q.clamp(min=0), k_max)
+        score = score + torch.einsum("bhld,bhnd->bhln", q.clamp(max=0), k_min)
+    n = kb.shape[2]
     t_blk = torch.arange(length, device=query.device)[:, None] // w  # (L, 1)
     j = torch.arange(n, device=query.device)[None, :]  # (1, N)
     allowed = (j < t_blk) if is_causal else (j != t_blk)  # (L, N)
     allowed = allowed[None, None]  # (1, 1, L, N)
     if valid is not None:
         allowed = allowed & valid[:, :, None, :]  # (B, 1, L, N)
-    gate = gate.masked_fill(~allowed, float("-inf"))
-    best, idx = gate.topk(min(top_k, n), dim=-1)  # (B, H, L, k)
+    score = score.masked_fill(~allowed, float("-inf"))
+    best, idx = score.topk(min(top_k, n), dim=-1)  # (B, H, L, k)
     return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1))
 
 
@@ -208,6 +229,7 @@ def topk_block_attention(
     top_k: int = 1,
     is_causal: bool = False,
     compressed: bool = False,
+    gate: str = "mean",
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
@@ -217,11 +239,13 @@ def topk_block_attention(
     Each query attends, under one softmax, to its own block (the causal triangle when
     ``is_causal``) and to every key of the ``top_k`` blocks
     [`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection]
-    picks for it. Exactly causal: a query's blocks are chosen from complete earlier blocks by
-    its own query vector. ``compressed``: the softmax also holds one entry per gate candidate
-    block (every complete earlier block when causal, every other block if not), its mean
-    real key and mean real value (NSA's compressed branch): the gate picks blocks by the
-    same ``q · mean(K)`` that this branch trains, so the selection learns where to look.
+    picks for it (``gate``: its block score, MoBA's ``"mean"`` or Quest's ``"bound"``). Exactly
+    causal: a query's blocks are chosen from complete earlier blocks by its own query vector.
+
+    ``compressed``: the softmax also holds one entry per gate candidate block (every complete
+    earlier block when causal, every other block if not), its mean real key and mean real
+    value (NSA's compressed branch), which trains the keys the gate scores blocks by (with
+    ``gate="mean"``, the very ``q · mean(K)`` the gate ranks).
 
     The selected blocks are multiplied a tile of queries at a time
     (`BlockGroups`): O(L·k·(W + D)) gathered numbers, no per-token copy of a
@@ -243,6 +267,7 @@ def topk_block_attention(
         top_k=top_k,
         is_causal=is_causal,
         key_padding_mask=key_padding_mask,
+        gate=gate,
     )  # (B, H, L, k)
     q, k, v = (pad_to_blocks(t, w) for t in (query, key, value))  # (B, H, N*W, D)
     if mask is not None:

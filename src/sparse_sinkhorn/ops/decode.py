@@ -73,7 +73,9 @@ def baseline_keep_row(
     raise ValueError(f"no cached baseline for attention kind {kind!r}")
 
 
-def topk_keep_row(q: Tensor, k: Tensor, *, block_size: int, top_k: int) -> Tensor:
+def topk_keep_row(
+    q: Tensor, k: Tensor, *, block_size: int, top_k: int, gate: str = "mean"
+) -> Tensor:
     """``(B, H, 1, T)`` bool: the keys the newest query ``q`` ``(B, H, 1, E)`` sees in a
     ``topk`` layer: its own block's (causal) and those of the blocks the gate picks for it
     ([`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection], asked for the last row
@@ -81,7 +83,7 @@ def topk_keep_row(q: Tensor, k: Tensor, *, block_size: int, top_k: int) -> Tenso
     keys = repeat_kv(k, q.shape[1])  # (B, H, T, E)
     t, w = keys.shape[2] - 1, block_size
     rows = torch.cat([q.new_zeros(*q.shape[:2], t, q.shape[-1]), q], dim=2)  # query at t
-    picked = topk_block_selection(rows, keys, block_size=w, top_k=top_k, is_causal=True)[
+    picked = topk_block_selection(rows, keys, block_size=w, top_k=top_k, is_causal=True, gate=gate)[
         :, :, t
     ]  # (B, H, k)
     blk = torch.arange(t + 1, device=q.device) // w  # (T,)

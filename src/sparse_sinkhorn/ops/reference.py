@@ -216,6 +216,7 @@ def reference_topk_block_attention(
     top_k: int = 1,
     is_causal: bool = False,
     compressed: bool = False,
+    gate: str = "mean",
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
@@ -225,7 +226,9 @@ def reference_topk_block_attention(
     float64 under the ``(L, L)`` mask "own block (causal triangle) or a block the gate chose"
     (the gate is [`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection]'s, written out
     per query); with ``compressed``, over ``N`` more keys and values, block ``j``'s mean real
-    key and value, which query ``t`` sees when ``j`` is a gate candidate for it."""
+    key and value, which query ``t`` sees when ``j`` is a gate candidate for it; with
+    ``gate="bound"``, block ``j``'s score is ``sum_d max(q_d min_d, q_d max_d)`` over its real
+    keys, written out."""
     batch, heads, length, _ = query.shape
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)
     w = block_size
@@ -238,11 +241,26 @@ def reference_topk_block_attention(
     n = num_blocks(length, w)
     keep = torch.zeros(batch, heads, length, length, dtype=torch.bool, device=query.device)
     summaries_k, summaries_v, summaries_ok = [], [], []
+
+    def block_score(j: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(every query's gate score for block j (B, H, L), its real-key count (B,), its
+        mean real key (B, H, D))."""
+        in_j = real & (blk == j)[None]  # (B, L)
+        has = in_j.sum(-1)  # (B,)
+        mean = (k * in_j[:, None, :, None]).sum(2) / has.clamp_min(1)[:, None, None]
+        if gate == "mean":
+            return torch.einsum("bhld,bhd->bhl", q, mean), has, mean
+        sel = in_j[:, None, :, None]  # bound: per feature, the extreme of the real keys
+        k_max = torch.where(sel, k, torch.full_like(k, float("-inf"))).amax(2)  # (B, H, D)
+        k_min = torch.where(sel, k, torch.full_like(k, float("inf"))).amin(2)
+        k_max = torch.where((has > 0)[:, None, None], k_max, torch.zeros_like(k_max))
+        k_min = torch.where((has > 0)[:, None, None], k_min, torch.zeros_like(k_min))
+        score = torch.maximum(q * k_max[:, :, None], q * k_min[:, :, None]).sum(-1)
+        return score, has, mean
+
     for j in range(n):
         in_j = blk == j  # (L,)
-        has = (real & in_j).sum(-1)  # (B,)
-        mean = (k * (real & in_j)[:, None, :, None]).sum(2) / has.clamp_min(1)[:, None, None]
-        score = torch.einsum("bhld,bhd->bhl", q, mean)  # (B, H, L): every query vs block j
+        score, has, mean = block_score(j)
         ok = (blk > j) if is_causal else (blk != j)  # (L,)
         ok = ok[None, None] & (has > 0)[:, None, None]  # (B, 1, L)
         # block j is chosen iff fewer than top_k allowed blocks score strictly higher
@@ -251,12 +269,7 @@ def reference_topk_block_attention(
         for m in range(n):
             if m == j:
                 continue
-            in_m = blk == m
-            has_m = (real & in_m).sum(-1)
-            mean_m = (k * (real & in_m)[:, None, :, None]).sum(2) / has_m.clamp_min(1)[
-                :, None, None
-            ]
-            score_m = torch.einsum("bhld,bhd->bhl", q, mean_m)
+            score_m, has_m, _ = block_score(m)
             ok_m = ((blk > m) if is_causal else (blk != m))[None, None] & (has_m > 0)[:, None, None]
             beats = (score_m > score) | ((score_m == score) & (m < j))
             better = better + (ok_m & beats).long()

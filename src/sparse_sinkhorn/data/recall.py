@@ -355,12 +355,12 @@ def length_curriculum(
 ) -> Tensor:
     """Spans for examples consumed at optimizer ``steps`` of ``total``: ``min_span`` until
     ``hold`` of the run, growing geometrically to ``length`` at ``reach`` of it, then
-    ``length``; examples of one step share a span."""
+    ``length``; examples of one step share a span, a multiple of ``min_span`` (or ``length``)."""
     if not 0.0 <= hold < reach <= 1.0:
         raise ValueError(f"need 0 <= hold < reach <= 1, got hold={hold}, reach={reach}")
     frac = ((steps.double() / total - hold) / (reach - hold)).clamp(0.0, 1.0)
-    spans = (min_span * (length / min_span) ** frac).round().long()
-    return spans.clamp(min_span, length)
+    spans = (min_span * (length / min_span) ** frac).long() // min_span * min_span
+    return spans.clamp(min_span, length)  # multiples of min_span: few distinct shapes
 
 
 def at_length(task: Task, length: int) -> Task:

@@ -18,6 +18,14 @@ from torch import Tensor
 TILE = 32  # query rows per tile
 
 
+def _round_up(n: int) -> int:
+    """``n`` rounded up to a multiple of a quarter of its power of two (at least 1)."""
+    if n <= 4:
+        return max(n, 1)
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
 class BlockGroups:
     """The tiling of ``picked`` ``(G, L, k)`` block indices (-1: no block) over ``n_blocks``
     key blocks per group ``g``. Pairs with no block are left out of every tile (their scores
@@ -41,12 +49,16 @@ class BlockGroups:
         pair_start = torch.cumsum(counts, 0) - counts  # first sorted pair of each (g, block)
         rank = torch.arange(len(key), device=device) - pair_start[key]  # rank within its block
         slot = (tile_start[key] + rank // tile) * tile + rank % tile  # (R,) row of the tiles
-        self.n_tiles = int(tiles.sum())
+        # the tile count, rounded up to one of a few sizes (four per octave): a step's shapes
+        # repeat across steps, so the allocator reuses its buffers instead of fragmenting
+        self.n_tiles = _round_up(int(tiles.sum()))
         self.tile = tile
         # each tile's (g, block) row of a (G*N, ...) block table
-        self.tile_block = torch.repeat_interleave(
-            torch.arange(g * n_blocks, device=device), tiles, output_size=self.n_tiles
+        used = torch.repeat_interleave(
+            torch.arange(g * n_blocks, device=device), tiles, output_size=int(tiles.sum())
         )
+        spare = torch.zeros(self.n_tiles - len(used), dtype=torch.long, device=device)
+        self.tile_block = torch.cat([used, spare])  # spare tiles: empty rows, any block
         # tile row -> pair (P for an empty row: a zero row appended to the pair table)
         n_pairs = g * length * k
         self.row_pair = torch.full((self.n_tiles * tile,), n_pairs, dtype=torch.long, device=device)

@@ -126,6 +126,31 @@ def test_a_results_file_set_aside_is_never_overwritten(tmp_path: Path) -> None:
     assert kinds == [["k3"], ["k1"], ["k2"]]
 
 
+def test_other_seeds_of_a_kind_never_drop_the_earlier_seeds(tmp_path: Path) -> None:
+    """A second grid on one --out with other seeds of a kind replaces its row in results.json;
+    the earlier file, with the first seeds' row, is kept whole beside it and the table says so."""
+    from sparse_sinkhorn.experiments.results import write_results
+
+    def payload(seeds: list[int]) -> dict:
+        row = {"kind": "dense", "length": 64, "runs": [{"seed": s} for s in seeds], "eval": {}}
+        other = {"kind": "local", "length": 64, "runs": [{"seed": 0}], "eval": {}}
+        rows = [row, other] if seeds == [0] else [row]
+        return {"experiment": "x", "settings": {"steps": 1}, "results": rows}
+
+    write_results(tmp_path, payload([0]), "table")
+    write_results(tmp_path, payload([1, 2]), "table")
+    current = _results_file(tmp_path / "results.json")["results"]
+    assert {r["kind"]: [x["seed"] for x in r["runs"]] for r in current} == {
+        "dense": [1, 2],
+        "local": [0],
+    }
+    earlier = _results_file(tmp_path / "results.previous.json")["results"]
+    assert [x["seed"] for x in earlier[0]["runs"]] == [0]  # seed 0's dense row is kept
+    assert "results.previous.json" in (tmp_path / "results.md").read_text()
+    write_results(tmp_path, payload([1, 2]), "table")  # the same seeds again: nothing set aside
+    assert not (tmp_path / "results.previous-2.json").exists()
+
+
 def _results_file(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -106,6 +106,23 @@ def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any],
     return merged, sorted({str(r.get("kind", r.get("attention"))) for r in kept})
 
 
+def _seeds(row: Any) -> set[Any]:
+    runs = row.get("runs") if isinstance(row, dict) else None
+    return {r.get("seed") for r in runs if isinstance(r, dict)} if isinstance(runs, list) else set()
+
+
+def lost_seeds(old: Any, payload: Mapping[str, Any]) -> list[str]:
+    """The kinds whose row in ``old`` has seeds the new row of ``payload`` that replaces it
+    lacks (a second grid on one ``--out`` with other seeds of a kind): merging would drop them."""
+    new = {_row_key(r): _seeds(r) for r in payload.get("results", [])}
+    lost = [
+        r
+        for r in old.get("results", [])
+        if _row_key(r) in new and not _seeds(r) <= new[_row_key(r)]
+    ]
+    return sorted({str(r.get("kind", r.get("attention"))) for r in lost})
+
+
 def _free_backup(out_dir: Path) -> Path:
     """``results.previous.json``, or ``results.previous-<n>.json`` with the first free ``n``
     when earlier ones exist: a set-aside results file is never overwritten."""
@@ -152,6 +169,19 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
                 _atomic_write(backup, path.read_text(encoding="utf-8", errors="replace"))
                 logger.warning("%s: %s; it is kept as %s", path, err, backup)
             else:
+                dropped = lost_seeds(old, payload)
+                if dropped:  # the merge replaces their rows: the earlier file is kept whole
+                    backup = _free_backup(out_dir)
+                    _atomic_write(backup, path.read_text(encoding="utf-8"))
+                    logger.warning(
+                        "%s: the rows of %s held other seeds; the earlier file is kept as %s "
+                        "(--resume with every seed re-scores them all)",
+                        path, ", ".join(dropped), backup,
+                    )  # fmt: skip
+                    table += (
+                        f"\n\nRows of {', '.join(dropped)} held other seeds too: the earlier "
+                        f"results are kept in {backup.name}"
+                    )
                 if kept:
                     logger.info("results.json keeps the earlier rows of: %s", ", ".join(kept))
                     table += (

@@ -150,7 +150,7 @@ def test_new_task_sizes_are_refused(build, message: str) -> None:
 @pytest.mark.parametrize("name", list(TASKS))
 def test_answer_sources_point_at_the_asked_needle(name: str) -> None:
     spec = TASKS[name]
-    task = spec.make(256, spec.presets["cpu"])
+    task = spec.build(256, spec.presets["cpu"])
     data = RecallDataset(task, 8, seed=0)
     ids = torch.stack([data[i][0] for i in range(8)])
     targets = torch.stack([data[i][1] for i in range(8)])

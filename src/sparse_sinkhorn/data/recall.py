@@ -146,6 +146,23 @@ def _free_slots(n_slots: int, taken: Tensor, count: int, generator: torch.Genera
     return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
 
 
+def _check_needles(task: MultiKeyPasskey | KeyedNeedles, slots: int) -> None:
+    """The sizes the keyed-needle tasks share: needles with distinct keys, at least one value
+    and filler symbol, a question window that holds the question, and ``slots`` needle places
+    before it for every needle."""
+    if not 1 <= task.n_needles <= task.n_keys:
+        raise ValueError(f"n_needles must be in [1, n_keys={task.n_keys}], got {task.n_needles}")
+    if min(task.n_values, task.n_filler) < 1:
+        raise ValueError("n_values and n_filler must be >= 1")
+    if task.query_window < task.question_length:
+        raise ValueError(f"query_window must be >= {task.question_length} (the question)")
+    if slots < task.n_needles:
+        raise ValueError(
+            f"length {task.length} cannot hold {task.n_needles} needles before a "
+            f"{task.query_window}-token question window"
+        )
+
+
 @dataclass(frozen=True)
 class MultiKeyPasskey:
     """Multi-key needles, one asked; token ids: 0 pad, 1 QUERY, then ``n_keys`` keys, then
@@ -163,19 +180,9 @@ class MultiKeyPasskey:
     KEY0 = 2
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_needles <= self.n_keys:
-            raise ValueError(
-                f"n_needles must be in [1, n_keys={self.n_keys}], got {self.n_needles}"
-            )
-        if min(self.n_values, self.n_digits, self.n_filler, self.query_window) < 1:
-            raise ValueError("n_values, n_digits, n_filler and query_window must be >= 1")
-        if self.query_window < self.question_length:
-            raise ValueError(f"query_window must be >= {self.question_length} (the question)")
-        if self.context_slots < self.n_needles:
-            raise ValueError(
-                f"length {self.length} cannot hold {self.n_needles} needles before a "
-                f"{self.query_window}-token question window"
-            )
+        if self.n_digits < 1:
+            raise ValueError(f"n_digits must be >= 1, got {self.n_digits}")
+        _check_needles(self, self.context_slots)
 
     @property
     def question_length(self) -> int:
@@ -235,17 +242,7 @@ class KeyedNeedles:
     KEY0 = 2
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_needles <= self.n_keys:
-            raise ValueError(
-                f"n_needles must be in [1, n_keys={self.n_keys}], got {self.n_needles}"
-            )
-        if min(self.n_values, self.n_filler) < 1 or self.query_window < 2:
-            raise ValueError("n_values and n_filler must be >= 1 and query_window >= 2")
-        if self.length - self.query_window < self.n_needles:
-            raise ValueError(
-                f"length {self.length} cannot hold {self.n_needles} needles before a "
-                f"{self.query_window}-token question window"
-            )
+        _check_needles(self, self.length - self.query_window)  # one token a needle
 
     @property
     def question_length(self) -> int:

@@ -178,7 +178,7 @@ MAX_LENGTH = 1 << 20  # longest --lengths: 16 x the paper preset's longest
 
 
 def make_task(task: str, length: int, preset: RecallPreset) -> Task:
-    return TASKS[task].make(length, preset)
+    return TASKS[task].build(length, preset)
 
 
 def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:

@@ -37,9 +37,6 @@ class TaskSpec:
     per_query: bool  # accuracy over questions (MQAR) instead of over sequences
     presets: dict[str, RecallPreset]  # by --preset name
 
-    def make(self, length: int, preset: RecallPreset) -> Task:
-        return self.build(length, preset)
-
 
 def _filler(preset: RecallPreset) -> dict[str, int]:
     return {} if preset.n_filler is None else {"n_filler": preset.n_filler}

@@ -121,6 +121,22 @@ def test_convert_defaults_to_the_length_agnostic_sort_net() -> None:
     assert sizes[0] == sizes[1]
 
 
+def test_models_built_from_one_config_keep_their_own_options(tmp_path: Path) -> None:
+    """Converting two models that share one config object records each model's options on
+    its own config: the second conversion does not rewrite the first model's options (which
+    save_pretrained writes), and the shared config is left as it was."""
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    first = hf.convert(GPT2LMHeadModel(cfg), block_size=BLOCK)
+    second = hf.convert(GPT2LMHeadModel(cfg), block_size=BLOCK, sort_net="linear", n_iters=3)
+    assert not hasattr(cfg, "sinkhorn_attention")
+    assert first.config.sinkhorn_attention["sort_net"] == "bilinear"
+    assert second.config.sinkhorn_attention["sort_net"] == "linear"
+    assert all(m.config is first.config for m in first.modules() if hasattr(m, "config"))
+    first.save_pretrained(tmp_path / "first")
+    loaded = hf.from_pretrained(tmp_path / "first")
+    assert loaded.config.sinkhorn_attention == first.config.sinkhorn_attention
+
+
 def _routing(monkeypatch: pytest.MonkeyPatch, length: int, **options: object) -> tuple:
     """The routing logits and plans of every layer of a converted Llama on one random batch
     (``(layers, B, H, N, N)`` each; block size 4, so ``N = length / 4``)."""

@@ -61,6 +61,7 @@ KV cache has already been applied, so ``T`` covers the whole prefix and ``Lq`` t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -185,6 +186,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     if any(hasattr(m, "sort_net") for m in modules):
         raise ValueError("this model is already converted (its attention layers have sort nets)")
     heads, kv_heads, head_dim = _head_shape(config)
+    config = _own_config(model)
     for module in modules:
         weight = next(module.parameters())
         module.sort_net = SortNet.from_config(kv_heads * head_dim, heads, att).to(
@@ -206,6 +208,20 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     # attention without its sort nets; sparse_sinkhorn.hf.from_pretrained loads it.
     config.attn_implementation = ATTN_IMPLEMENTATION
     return model
+
+
+def _own_config(model: PreTrainedModel) -> Any:
+    """Give ``model`` (and each of its submodules that shares it) a copy of its config.
+
+    Models built from one config object share it; the options written by `convert` must
+    describe this model only, not every model built from the same config.
+    """
+    shared = model.config
+    own = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = own  # type: ignore[assignment]
+    return own
 
 
 def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:

@@ -206,8 +206,9 @@ def topk_block_selection(
         if valid is not None:
             k_max = torch.where(valid[..., None], k_max, 0.0)
             k_min = torch.where(valid[..., None], k_min, 0.0)
-        score = torch.einsum("bhld,bhnd->bhln", q.clamp(min=0), k_max)
-        score = score + torch.einsum("bhld,bhnd->bhln", q.clamp(max=0), k_min)
+        # one product: [q+, q-] . [max, min] = sum_d max(q_d min_d, q_d max_d)
+        q_sides = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # (B, H, L, 2D)
+        score = q_sides @ torch.cat([k_max, k_min], dim=-1).mT  # (B, H, L, N)
     n = kb.shape[2]
     t_blk = torch.arange(length, device=query.device)[:, None] // w  # (L, 1)
     j = torch.arange(n, device=query.device)[None, :]  # (1, N)
@@ -215,8 +216,11 @@ def topk_block_selection(
     allowed = allowed[None, None]  # (1, 1, L, N)
     if valid is not None:
         allowed = allowed & valid[:, :, None, :]  # (B, 1, L, N)
-    score = score.masked_fill(~allowed, float("-inf"))
-    best, idx = score.topk(min(top_k, n), dim=-1)  # (B, H, L, k)
+    score = score.masked_fill_(~allowed, float("-inf"))  # a fresh tensor, no gradient
+    if top_k == 1:  # the common case: a max is cheaper than topk
+        best, idx = (t[..., None] for t in score.max(dim=-1))  # (B, H, L, 1)
+    else:
+        best, idx = score.topk(min(top_k, n), dim=-1)  # (B, H, L, k)
     return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1))
 
 
@@ -299,7 +303,13 @@ def topk_block_attention(
     if compressed:
         summary = _compressed_branch(q_tok, kb, vb, real_kw, heads, scale, is_causal)
     out = _softmax_local_and_selected(
-        local, chosen.masked_fill(~keep_sel, float("-inf")), vb, groups, dropout_p, summary
+        local,
+        chosen.masked_fill(~keep_sel, float("-inf")),
+        vb,
+        groups,
+        dropout_p,
+        summary,
+        padded=mask is not None,
     )
     out = rearrange(out, "(b h) l d -> b h l d", b=batch)
     return out[:, :, :length].to(query.dtype)
@@ -340,28 +350,36 @@ def _softmax_local_and_selected(
     groups: BlockGroups,
     dropout_p: float,
     summary: tuple[Tensor, Tensor] | None = None,
+    *,
+    padded: bool = True,
 ) -> Tensor:
     """One softmax over each query's own-block scores ``(G, N, W, W)``, selected-block
     scores ``(G, N*W, k, W)`` and (``summary``) block-summary scores ``(G, N*W, N)``
     (masked entries -inf), applied to the block values ``vb`` ``(G, N, W, Dv)``, own and
     selected (``groups``: which blocks each query picked), and to the summaries' values
-    ``(G, N, Dv)``; a query with no key gets 0. Returns ``(G, N*W, Dv)``."""
+    ``(G, N, Dv)``; a query with no key gets 0 (possible only with ``padded``: padding in
+    the keys). Returns ``(G, N*W, Dv)``."""
     w = local.shape[-1]
     parts = [rearrange(local, "g n q k -> g (n q) k"), rearrange(chosen, "g l k w -> g l (k w)")]
     if summary is not None:
         parts.append(summary[0])
     scores = torch.cat(parts, dim=-1)  # (G, N*W, W + k*W [+ N])
     wide = torch.promote_types(vb.dtype, torch.float32)
-    probs = torch.softmax(scores.to(wide), dim=-1).nan_to_num(0.0).to(vb.dtype)  # no key: 0
+    probs = torch.softmax(scores.to(wide), dim=-1)
+    if padded:  # a padded query may have no key at all: its row is NaN, make it 0
+        probs = probs.nan_to_num(0.0)
+    probs = probs.to(vb.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    p_local = rearrange(probs[..., :w], "g (n q) k -> g n q k", q=w)  # (G, N, W, W)
-    n_sel = chosen.shape[2] * w
-    p_sel = rearrange(probs[..., w : w + n_sel], "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
+    # split, not slices: the backward concatenates the parts' gradients instead of adding
+    # each into a zero tensor of the whole width
+    p_local, p_sel, *p_summary = probs.split([p.shape[-1] for p in parts], dim=-1)
+    p_local = rearrange(p_local, "g (n q) k -> g n q k", q=w)  # (G, N, W, W)
+    p_sel = rearrange(p_sel, "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
     out = torch.einsum("gnqk,gnkd->gnqd", p_local, vb)  # (G, N, W, Dv)
     out = rearrange(out, "g n q d -> g (n q) d") + groups.mix(p_sel, vb)
     if summary is not None:
-        out = out + torch.einsum("gln,gnd->gld", probs[..., w + n_sel :], summary[1])
+        out = out + torch.einsum("gln,gnd->gld", p_summary[0], summary[1])
     return out
 
 

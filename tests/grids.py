@@ -1,8 +1,9 @@
 """Test grids: the op's modes as the product of independent axes (flash-attn's style).
 
-``op_modes()`` crosses causal x SortCut x hard routing x Mixture x balance (Sinkhorn, or
-rows-only ``"softmax"``) and leaves out what the op
-rejects (causal SortCut: SortCut is for encoders); ``mode_id`` names a mode for pytest ids
+``op_modes()`` crosses causal x SortCut x hard routing x Mixture x balance (Sinkhorn,
+rows-only ``"softmax"``, or causal column targets ``"sinkhorn-targets"``) and leaves out what
+the op rejects (causal SortCut: SortCut is for encoders) and what repeats another mode
+(``"sinkhorn-targets"`` without causality is Sinkhorn); ``mode_id`` names a mode for pytest ids
 (``causal-hard``, ``encoder-sortcut2-soft-mixture``).
 """
 
@@ -19,7 +20,7 @@ def op_modes(
     sortcut: Sequence[int | None] = (None, 2),
     hard: Sequence[bool] = (False, True),
     mixture: Sequence[bool] = (False,),
-    balance: Sequence[str] = ("sinkhorn", "softmax"),
+    balance: Sequence[str] = ("sinkhorn", "softmax", "sinkhorn-targets"),
 ) -> list[dict[str, Any]]:
     """Keyword arguments of :func:`sinkhorn_attention` for every valid combination
     (``balance`` appears only when it is not the default, Sinkhorn balancing)."""
@@ -29,6 +30,8 @@ def op_modes(
     ):
         if is_causal and n_sortcut is not None:
             continue  # SortCut is for encoders only
+        if how == "sinkhorn-targets" and not is_causal:
+            continue  # every target is 1: the paper's balancing
         mode = dict(is_causal=is_causal, n_sortcut=n_sortcut, hard=is_hard, mixture=is_mixture)
         if how != "sinkhorn":
             mode["balance"] = how

@@ -31,7 +31,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(
-    kind: str, net: str, hard: bool, pool: str, mode: str, dtype: torch.dtype, **kw: int
+    kind: str,
+    net: str,
+    hard: bool,
+    pool: str,
+    mode: str,
+    dtype: torch.dtype,
+    balance: str = "sinkhorn",
+    **kw: int,
 ) -> LanguageModel:
     att = AttentionConfig(
         kind=kind,
@@ -42,6 +49,7 @@ def _model(
         pooling=pool,
         sparse_mode=mode,
         n_iters=kw.get("n_iters", 8),
+        balance=balance,
     )
     cfg = LanguageModelConfig(
         vocab_size=13, d_model=16, n_heads=2, n_layers=2, d_ff=32, attention=att
@@ -71,6 +79,34 @@ def test_cached_logits_equal_full_forward(
     for prompt in (1, 4, 6):  # a prompt ending mid-block and at a block boundary
         got = _cached_logits(model, ids, prompt)
         torch.testing.assert_close(got, full, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("balance", ["softmax", "sinkhorn-targets"])
+@pytest.mark.parametrize(("kind", "net", "hard"), [("sinkhorn", "linear", False),
+    ("sinkhorn", "bilinear", True), ("mixture", "mlp", False)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cached_logits_equal_full_forward_beyond_the_paper_balancing(
+    balance: str, kind: str, net: str, hard: bool, dtype: torch.dtype
+) -> None:
+    model = _model(kind, net, hard, "max", "fixed", dtype, balance=balance)
+    ids = torch.randint(0, 13, (2, 22))
+    full = model(ids)
+    for prompt in (1, 6):
+        torch.testing.assert_close(
+            _cached_logits(model, ids, prompt), full, atol=TOL[dtype], rtol=0
+        )
+
+
+def test_decoding_refuses_the_non_causal_balancing() -> None:
+    """``balance="sinkhorn-leaky"``: row ``i`` of its plan depends on later blocks, so no
+    cache can reproduce the full forward; decoding says so (without the cache it runs)."""
+    model = _model("sinkhorn", "linear", False, "sum", "fixed", torch.float64, "sinkhorn-leaky")
+    prompt = torch.randint(0, 13, (1, 6))
+    with pytest.raises(ValueError, match="not causal"):
+        model.generate(prompt, 3)
+    with pytest.raises(ValueError, match="not causal"):
+        model(prompt[:, :2], cache=model.new_cache())  # refused before any block is routed
+    assert model.generate(prompt, 3, use_cache=False).shape == (1, 9)
 
 
 @pytest.mark.parametrize("kind", ["sinkhorn", "mixture", "sparse", "topk"])

@@ -42,6 +42,8 @@ def _op(kind: str, causal: bool):
             "mixture": {"mixture": True},
             "hard": {"hard": True},
             "sortcut": {"n_sortcut": 2},
+            "targets": {"balance": "sinkhorn-targets"},
+            "targets-hard": {"balance": "sinkhorn-targets", "hard": True},
         }[kind]
         return sinkhorn_attention(q, k, v, logits, block_size=W, **common, **extra)
 
@@ -50,9 +52,12 @@ def _op(kind: str, causal: bool):
 
 OP_CASES = [
     (kind, causal)
-    for kind in ("dense", "local", "sparse", "sinkhorn", "mixture", "hard", "sortcut")
+    for kind in (
+        *("dense", "local", "sparse", "sinkhorn", "mixture", "hard", "sortcut"),
+        *("targets", "targets-hard"),
+    )
     for causal in (False, True)
-    if not (kind == "sortcut" and causal)
+    if not (kind == "sortcut" and causal) and not (kind.startswith("targets") and not causal)
 ]
 
 

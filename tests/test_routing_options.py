@@ -23,7 +23,7 @@ from sparse_sinkhorn.ops import (
     topk_block_selection,
 )
 from sparse_sinkhorn.ops.blocks import block_summaries
-from sparse_sinkhorn.ops.sinkhorn import softmax_routing
+from sparse_sinkhorn.ops.routing import softmax_routing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B, H, D = 2, 4, 4

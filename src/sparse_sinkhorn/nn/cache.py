@@ -36,6 +36,7 @@ from ..ops.blocks import num_blocks, pool, pool_add, pool_value
 from ..ops.decode import (
     attend_token,
     baseline_keep_row,
+    check_decodable,
     local_and_sorted_token,
     sorted_row,
     topk_keep_row,
@@ -104,6 +105,7 @@ class AttentionCache:
         self.k, self.v, self.config, self.sort_net = k, v, config, sort_net
         if not config.uses_sorting:
             return
+        check_decodable(config.balance)  # before anything is routed
         w, length = config.block_size, x.shape[1]
         started, complete = num_blocks(length, w), length // w  # blocks begun / finished
         if sort_net is None:  # routed by the first layer's cache (shared_routing="layers")

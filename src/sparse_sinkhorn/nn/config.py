@@ -65,9 +65,13 @@ class AttentionConfig:
         n_sortcut: SortCut budget in blocks (``"sinkhorn"`` encoders only), or None.
         hard: straight-through hard routing (the argmax block of each row forward, the soft
             plan's gradient backward).
-        balance: ``"sinkhorn"`` (the paper's balancing) or ``"softmax"`` (routing rows
+        balance: ``"sinkhorn"`` (the paper's balancing), ``"softmax"`` (routing rows
             normalised only; in a decoder, causal Sinkhorn balancing routes every block to its
-            previous one, see `docs/method.md` §5).
+            previous one, see `docs/method.md` §5), ``"sinkhorn-targets"`` (decoders: prefix
+            balancing towards column targets ``2 (i - j) / (i + 1)`` a causal plan can meet,
+            exactly causal and not the shift) or ``"sinkhorn-leaky"`` (the paper's causal
+            balancing with columns over all rows: **not causal**, a comparison only;
+            ``generate`` refuses it).
         sort_net: ``"linear"`` (the paper's), ``"mlp"`` (two layers) or ``"bilinear"``
             (length-agnostic).
         pooling: block summaries read by the sort net: ``"sum"`` (the paper's), ``"mean"``

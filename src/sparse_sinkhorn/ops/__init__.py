@@ -26,6 +26,7 @@ from .reference import (
     reference_softmax_routing,
     reference_topk_block_attention,
 )
+from .routing import leaky_sinkhorn_balance, target_sinkhorn_balance
 from .sinkhorn import hard_routing, sample_gumbel, sinkhorn_balance
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "block_summaries",
     "dense_attention",
     "hard_routing",
+    "leaky_sinkhorn_balance",
     "local_attention",
     "num_blocks",
     "pad_to_blocks",
@@ -52,6 +54,7 @@ __all__ = [
     "sinkhorn_plan",
     "sparse_attention",
     "sparse_pattern",
+    "target_sinkhorn_balance",
     "topk_block_attention",
     "topk_block_selection",
 ]

@@ -134,7 +134,11 @@ def sinkhorn_attention(*args: Any, **kwargs: Any) -> Tensor:
         balance: ``"sinkhorn"`` (the paper: Gumbel-Sinkhorn balancing, each key block shared
             out over the query blocks, one-to-one in the limit) or ``"softmax"`` (each row a
             softmax over its allowed key blocks, no column normalisation: many query blocks
-            may take the same key block; see `softmax_routing`).
+            may take the same key block; see `softmax_routing`), ``"sinkhorn-targets"``
+            (causal: prefix balancing towards column targets a causal plan can meet, see
+            [`target_sinkhorn_balance`][sparse_sinkhorn.ops.target_sinkhorn_balance]) or
+            ``"sinkhorn-leaky"`` (**not causal**: the paper's causal balancing with columns
+            over all rows, a comparison only).
         n_iters, temperature, gumbel_noise, generator: see
             [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance]
             (``n_iters`` is unused with ``balance="softmax"``).

@@ -17,6 +17,13 @@ from .blocks import repeat_kv
 from .masked import masked_sdpa
 from .options import SinkhornOptions
 from .plan import sinkhorn_plan
+from .routing import NOT_CAUSAL
+
+
+def check_decodable(balance: str) -> None:
+    """Refuse a balancing whose causal plan rows depend on later blocks (no cache can be exact)."""
+    if balance in NOT_CAUSAL:
+        raise ValueError(f"balance={balance!r} is not causal; incremental decoding needs another")
 
 
 def sorted_row(
@@ -37,6 +44,7 @@ def sorted_row(
         sorted keys and values ``(B, H, W, E)`` and the ``(B, H)`` weight row ``i`` puts on
         earlier blocks (0: the sorted slots hold nothing).
     """
+    check_decodable(options.balance)
     w = options.block_size
     plan = sinkhorn_plan(logits, options)
     p_row = plan.P[:, :, block, :block].to(k.dtype)  # (B, H, i)

@@ -21,7 +21,7 @@ import torch
 
 from . import _validate
 from .blocks import check_block_size
-from .sinkhorn import BALANCES
+from .routing import BALANCES
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,11 @@ class SinkhornOptions:
         n_sortcut: SortCut budget ``n`` in blocks (encoders only), or None.
         mixture: add dense attention (Sinkhorn Mixture; O(L²)).
         hard: straight-through hard routing (argmax block per row forward, soft backward).
-        balance: ``"sinkhorn"`` (the paper) or ``"softmax"`` (rows only, no balancing).
+        balance: ``"sinkhorn"`` (the paper), ``"softmax"`` (rows only, no balancing),
+            ``"sinkhorn-targets"`` (causal: prefix balancing towards column targets a causal
+            matrix can meet, not the shift the paper's causal balancing tends to) or
+            ``"sinkhorn-leaky"`` (the paper's causal balancing taken literally, columns over
+            all rows: **not causal**, a measured comparison; decoding refuses it).
         n_iters: Sinkhorn balancing rounds (unused with ``balance="softmax"``).
         temperature: Gumbel-Sinkhorn temperature ``tau`` (> 0).
         gumbel_noise: add Gumbel noise to the routing logits (training only).

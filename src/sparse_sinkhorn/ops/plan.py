@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .blocks import block_validity, repeat_kv
 from .options import SinkhornOptions, resolve_options
-from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance, softmax_routing
+from .routing import leaky_sinkhorn_balance, softmax_routing, target_sinkhorn_balance
+from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -96,11 +97,13 @@ def sinkhorn_plan(
     ``options`` (or its fields as keywords, see
     [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions]) say how:
     ``block_size``, ``is_causal``, ``n_sortcut``, ``hard``, ``balance`` (``"softmax"``:
-    normalise rows only), ``n_iters``, ``temperature``, ``gumbel_noise``; ``generator``
-    draws the Gumbel noise. ``key_mask`` is the ``(B, N*W)`` bool mask of real tokens after
-    internal padding (see `sparse_sinkhorn.ops.blocks.padded_mask`); padding-only
-    blocks are dropped from the balancing (rows and columns), so whole-block padding never
-    changes the plan.
+    normalise rows only; ``"sinkhorn-targets"``: causal column targets, see
+    [`target_sinkhorn_balance`][sparse_sinkhorn.ops.target_sinkhorn_balance];
+    ``"sinkhorn-leaky"``: not causal, a comparison), ``n_iters``, ``temperature``,
+    ``gumbel_noise``; ``generator`` draws the Gumbel noise. ``key_mask`` is the ``(B, N*W)``
+    bool mask of real tokens after internal padding (see
+    `sparse_sinkhorn.ops.blocks.padded_mask`); padding-only blocks are dropped from the
+    balancing (rows and columns), so whole-block padding never changes the plan.
     """
     opts = resolve_options(options, kwargs)
     n = sort_logits.shape[-1]
@@ -111,10 +114,15 @@ def sinkhorn_plan(
         block_valid=block_validity(key_mask, opts.block_size),
         device=sort_logits.device,
     )
+    balancings = {
+        "sinkhorn": sinkhorn_balance,
+        "sinkhorn-targets": target_sinkhorn_balance,  # causal column targets
+        "sinkhorn-leaky": leaky_sinkhorn_balance,  # not causal: a comparison
+    }
     # "softmax": rows only, a key block may serve many query blocks
     route = (
-        partial(sinkhorn_balance, n_iters=opts.n_iters)
-        if opts.balance == "sinkhorn"
+        partial(balancings[opts.balance], n_iters=opts.n_iters)
+        if opts.balance in balancings
         else softmax_routing
     )
     p = route(

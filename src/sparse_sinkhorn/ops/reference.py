@@ -34,11 +34,17 @@ def reference_sinkhorn_balance(
     causal: bool = False,
     allowed: Tensor | None = None,
     noise: Tensor | None = None,
+    targets: bool = False,
+    leaky: bool = False,
 ) -> Tensor:
     """Sinkhorn balancing by the definition, one row / column at a time (float64).
 
     ``allowed`` (broadcastable bool) restricts the support; ``causal`` adds ``j < i``.
-    Causal columns are normalised over rows ``<= i`` only (prefix-causal balancing).
+    Causal columns are normalised over rows ``<= i`` only (prefix-causal balancing), to 1,
+    or with ``targets`` to ``t(i, j) = R(i) n(i, j) / sum_k n(i, k)``: ``n(i, j)`` the rows
+    ``<= i`` allowed to read column ``j``, ``R(i)`` the rows ``<= i`` with any allowed entry
+    (``balance="sinkhorn-targets"``). ``leaky``: causal entries, but the paper's rounds
+    (rows, then columns over all rows; ``balance="sinkhorn-leaky"``, not causal).
     """
     s = logits.double() + (0 if noise is None else noise.double())
     s = s / temperature
@@ -57,10 +63,18 @@ def reference_sinkhorn_balance(
         total = torch.where(keep, x.exp(), torch.zeros_like(x)).sum(dim=dim, keepdim=True)
         return torch.log(torch.where(total > 0, total, torch.ones_like(total)))
 
+    log_t = torch.zeros_like(s)  # the prefix column targets, t = 1 unless `targets`
+    if causal and targets:
+        for row in range(n_rows):
+            reach = ok[..., : row + 1, :].double().sum(-2, keepdim=True)  # n(i, j)
+            mass = ok[..., : row + 1, :].any(-1).double().sum(-1)[..., None, None]  # R(i)
+            t = mass * reach / reach.sum(-1, keepdim=True).clamp_min(1.0)
+            log_t[..., row : row + 1, :] = torch.where(t > 0, t, torch.ones_like(t)).log()
+
     for _ in range(n_iters):
-        if causal:  # column sums over rows <= i only, then rows
+        if causal and not leaky:  # column sums over rows <= i only, then rows
             cols = [lse(s[..., : i + 1, :], ok[..., : i + 1, :], dim=-2) for i in range(n_rows)]
-            s = torch.where(ok, s - torch.cat(cols, dim=-2), s)
+            s = torch.where(ok, s - torch.cat(cols, dim=-2) + log_t, s)
             s = torch.where(ok, s - lse(s, ok, dim=-1), s)
         else:
             s = torch.where(ok, s - lse(s, ok, dim=-1), s)
@@ -186,8 +200,11 @@ def _reference_plan(
     where: dict[str, Any] = dict(
         temperature=opts.temperature, causal=opts.is_causal, allowed=allowed, noise=noise
     )
-    if opts.balance == "sinkhorn":
-        p = reference_sinkhorn_balance(sort_logits, n_iters=opts.n_iters, **where)  # (B, H, N, N)
+    if opts.balance != "softmax":  # (B, H, N, N)
+        p = reference_sinkhorn_balance(
+            sort_logits, n_iters=opts.n_iters, targets=opts.balance == "sinkhorn-targets",
+            leaky=opts.balance == "sinkhorn-leaky", **where,
+        )  # fmt: skip
     else:
         p = reference_softmax_routing(sort_logits, **where)  # rows only
     if opts.n_sortcut is not None:

@@ -202,9 +202,6 @@ def sinkhorn_balance(
     return _balance_rounds(s, allowed, n_iters, causal)
 
 
-BALANCES = ("sinkhorn", "softmax")
-
-
 def _scores(
     logits: Tensor, temperature: float, causal: bool, gumbel_noise: bool,
     generator: torch.Generator | None, allowed: Tensor | None,
@@ -221,37 +218,9 @@ def _scores(
     return s, allowed
 
 
-def softmax_routing(
-    logits: Tensor,
-    *,
-    temperature: float = 0.75,
-    causal: bool = False,
-    gumbel_noise: bool = False,
-    generator: torch.Generator | None = None,
-    allowed: Tensor | None = None,
+def _balance_rounds(
+    s: Tensor, allowed: Tensor | None, n_iters: int, causal: bool, log_targets: Tensor | None = None
 ) -> Tensor:
-    """Routing without balancing: each row a softmax over its allowed columns.
-
-    ``P = softmax((logits + gumbel) / temperature)`` per row, in float32 (float64 for float64
-    logits), exactly 0 where not allowed; a row with no allowed entry (causal row 0, a
-    padding-only block) is all zero. Unlike
-    [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance], columns are not
-    normalised: many rows may take the same key block (a block every later query needs, such
-    as the one holding a passkey, is not shared out). Row ``i`` depends on logits row ``i``
-    only, so causal routing stays exactly causal.
-
-    Args: as [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance] (there is no ``n_iters``).
-    """
-    if not torch.compiler.is_compiling():
-        _validate.check_balance(logits, 0, temperature)
-    s, allowed = _scores(logits, temperature, causal, gumbel_noise, generator, allowed)
-    if allowed is None:
-        return s.softmax(dim=-1)
-    s = torch.where(allowed, s, torch.full_like(s, _NEG))  # finite: a masked row stays finite
-    return s.softmax(dim=-1).masked_fill(~allowed, 0.0)
-
-
-def _balance_rounds(s: Tensor, allowed: Tensor | None, n_iters: int, causal: bool) -> Tensor:
     """The ``n_iters`` normalisation rounds on scaled, masked log-scores; returns ``P``.
 
     Causal rounds run on ``S^T``, so the cumulative sum over rows (the prefix column step)
@@ -259,20 +228,26 @@ def _balance_rounds(s: Tensor, allowed: Tensor | None, n_iters: int, causal: boo
 
         column step:  St[j, i] -= log sum_{r <= i} exp(St[j, r])     (prefix over rows)
         row step:     St[j, i] -= log sum_j exp(St[j, i])              (ends each round)
+
+    ``log_targets`` (causal only, broadcastable to ``S``): the prefix column step moves
+    column ``j`` of prefix ``i`` to the sum ``exp(log_targets[i, j])`` instead of 1.
     """
     masked = None if allowed is None else ~allowed
     if causal:
         assert masked is not None
         st, masked = s.mT.contiguous(), masked.mT.contiguous()
-        return _rounds(st, masked, n_iters, causal=True).mT.contiguous()
+        bias = None if log_targets is None else log_targets.mT.contiguous()
+        return _rounds(st, masked, n_iters, causal=True, bias=bias).mT.contiguous()
     return _rounds(s, masked, n_iters, causal=False)
 
 
-def _rounds(s: Tensor, masked: Tensor | None, n_iters: int, *, causal: bool) -> Tensor:
+def _rounds(
+    s: Tensor, masked: Tensor | None, n_iters: int, *, causal: bool, bias: Tensor | None = None
+) -> Tensor:
     """Rounds then ``P = exp(S)``: through autograd when compiling, else one node."""
     if torch.compiler.is_compiling() or not (s.requires_grad and torch.is_grad_enabled()):
-        return _exp(_run_steps(s, masked, n_iters, causal, keep=False)[-1], masked)
-    return _SinkhornRounds.apply(s, masked, n_iters, causal)
+        return _exp(_run_steps(s, masked, n_iters, causal, bias, keep=False)[-1], masked)
+    return _SinkhornRounds.apply(s, masked, n_iters, causal, bias)
 
 
 def _step_dims(causal: bool) -> tuple[tuple[str, int], tuple[str, int]]:
@@ -286,12 +261,18 @@ def _first_real(masked: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _run_steps(
-    s: Tensor, masked: Tensor | None, n_iters: int, causal: bool, *, keep: bool
+    s: Tensor,
+    masked: Tensor | None,
+    n_iters: int,
+    causal: bool,
+    bias: Tensor | None,
+    *,
+    keep: bool,
 ) -> list[Tensor]:
     """``[S0, S1, ..., S_2n]`` (every half-step's output if ``keep``, else the last only)."""
     first = None if masked is None or not causal else _first_real(masked, s.shape)
     kinds = [step for _ in range(n_iters) for step in _step_dims(causal)]
-    return _steps(s, kinds, masked, first, keep=keep)
+    return _steps(s, kinds, masked, first, bias, keep=keep)
 
 
 def _steps(
@@ -299,6 +280,7 @@ def _steps(
     kinds: list[tuple[str, int]],
     masked: Tensor | None,
     first: Tensor | None,
+    bias: Tensor | None,
     *,
     keep: bool,
 ) -> list[Tensor]:
@@ -316,7 +298,7 @@ def _steps(
     states = [s]
     for kind, dim in kinds:
         out = None if track else spare.pop() if spare else torch.empty_like(s)
-        y = _half_step(states[-1], kind, dim, masked, first, out, scratch)
+        y = _half_step(states[-1], kind, dim, masked, first, bias, out, scratch)
         if not keep and not track and states[-1] is not s:
             spare.append(states[-1])  # the previous state's buffer is free again
         states = [*states, y] if keep else [y]
@@ -329,16 +311,19 @@ def _half_step(
     dim: int,
     masked: Tensor | None,
     first: Tensor | None,
+    bias: Tensor | None,
     out: Tensor | None,
     scratch: Tensor | None,
 ) -> Tensor:
-    """``y = x - lse(x)`` (row/column or prefix), masked entries back at ``_NEG``.
+    """``y = x - lse(x)`` (row/column or prefix; ``+ bias`` after a prefix step, if given),
+    masked entries back at ``_NEG``.
 
     With ``out`` and ``scratch`` (no autograd) everything is written into them."""
     if out is None or scratch is None:  # autograd (torch.compile) path
         if kind == "prefix":
             assert first is not None
             y = x - prefix_logsumexp(x, first)
+            y = y if bias is None else y + bias
         else:
             y = x - _logsumexp(x, dim, masked)
         return y if masked is None else y.masked_fill(masked, _NEG)
@@ -355,6 +340,8 @@ def _half_step(
         if over is not None:
             out = torch.where(over, _wider_prefix_logsumexp(x, first), out)
         torch.sub(x, out, out=out)
+        if bias is not None:
+            out.add_(bias)
     else:
         m = x.amax(dim=dim, keepdim=True)
         torch.sub(x, m, out=scratch)
@@ -383,38 +370,43 @@ class _SinkhornRounds(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, masked: Tensor | None, n_iters: int, causal: bool) -> Tensor:
+    def forward(
+        ctx: Any, s: Tensor, masked: Tensor | None, n_iters: int, causal: bool, bias: Tensor | None
+    ) -> Tensor:
         with torch.no_grad():
-            p = _exp(_run_steps(s, masked, n_iters, causal, keep=False)[-1], masked)
-        ctx.save_for_backward(s, masked)
+            p = _exp(_run_steps(s, masked, n_iters, causal, bias, keep=False)[-1], masked)
+        ctx.save_for_backward(s, masked, bias)
         ctx.opts = (n_iters, causal)
         return p
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        s, masked = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        s, masked, bias = ctx.saved_tensors
         n_iters, causal = ctx.opts
         m, n = s.shape[-2:]
         count = s.numel() // max(m * n, 1)  # matrices, balanced independently
         per = max(1, _CHUNK_ELEMENTS // max(m * n, 1))
         if count <= per:
-            return _rounds_backward(s, masked, grad, n_iters, causal), None, None, None
+            return _rounds_backward(s, masked, bias, grad, n_iters, causal), None, None, None, None
         # a chunk of matrices at a time: the recomputed states are the chunk's, not all of them
         s3, g3 = s.reshape(-1, m, n), grad.reshape(-1, m, n)
         mask3 = None if masked is None else masked.expand(s.shape).reshape(-1, m, n)
+        bias3 = None if bias is None else bias.expand(s.shape).reshape(-1, m, n)
         out = torch.empty_like(s3)
         for a in range(0, count, per):
             part = None if mask3 is None else mask3[a : a + per]
+            shift = None if bias3 is None else bias3[a : a + per]
             out[a : a + per] = _rounds_backward(
-                s3[a : a + per], part, g3[a : a + per], n_iters, causal
+                s3[a : a + per], part, shift, g3[a : a + per], n_iters, causal
             )
-        return out.view(s.shape), None, None, None
+        return out.view(s.shape), None, None, None, None
 
 
 def _rounds_backward(
-    s: Tensor, masked: Tensor | None, grad: Tensor, n_iters: int, causal: bool
+    s: Tensor, masked: Tensor | None, bias: Tensor | None, grad: Tensor, n_iters: int, causal: bool
 ) -> Tensor:
-    """The gradient of `_SinkhornRounds` with respect to ``s`` (see there)."""
+    """The gradient of `_SinkhornRounds` with respect to ``s`` (see there; a constant
+    ``bias`` after the prefix steps changes the states, not the steps' derivatives)."""
     kinds = [step for _ in range(n_iters) for step in _step_dims(causal)]
     first = None if masked is None or not causal else _first_real(masked, s.shape)
     every = _segment_length(len(kinds))
@@ -423,11 +415,13 @@ def _rounds_backward(
         starts = list(range(0, max(len(kinds), 1), every))  # [0] without rounds
         checkpoints = [s]
         for a, b in itertools.pairwise(starts):
-            checkpoints.append(_steps(checkpoints[-1], kinds[a:b], masked, first, keep=False)[-1])
+            checkpoints.append(
+                _steps(checkpoints[-1], kinds[a:b], masked, first, bias, keep=False)[-1]
+            )
         g: Tensor | None = None
         bufs = (torch.empty_like(s), torch.empty_like(s))  # scratch, reused by every step
         for a in reversed(starts):  # segments last to first, each recomputed from its start
-            states = _steps(checkpoints.pop(), kinds[a : a + every], masked, first, keep=True)
+            states = _steps(checkpoints.pop(), kinds[a : a + every], masked, first, bias, keep=True)
             if g is None:
                 g = grad * _exp(states[-1], masked)  # P = exp(S_2n)
             # g stays exactly 0 where masked (masked outputs are constants): P is 0 there,

@@ -12,6 +12,8 @@ P = G * L * k (token, pick) pairs, T tile rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,42 @@ def _round_up(n: int) -> int:
         return max(n, 1)
     step = 1 << (n.bit_length() - 3)
     return -(-n // step) * step
+
+
+class _Regroup(torch.autograd.Function):
+    """``cat([x, 0]).index_select(0, forward)`` whose backward is the same gather with the
+    inverse map ``backward``, not a scatter-add: between pairs and tile rows every real entry
+    has exactly one place, and an entry mapped to the appended zero row gets no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, forward: Tensor, backward: Tensor) -> Tensor:
+        ctx.save_for_backward(backward)
+        return torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, forward)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (backward,) = ctx.saved_tensors
+        grad = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])]).index_select(0, backward)
+        return grad, None, None
+
+
+class _TileBlocks(torch.autograd.Function):
+    """``blocks.index_select(0, tile_block)`` (one block per tile) whose backward sums each
+    tile's gradient into its block with ``index_add_`` on flat rows: on CPU an order of
+    magnitude faster than the scatter-add autograd uses for ``index_select``."""
+
+    @staticmethod
+    def forward(ctx: Any, blocks: Tensor, tile_block: Tensor) -> Tensor:
+        ctx.save_for_backward(tile_block)
+        ctx.shape = blocks.shape
+        return blocks.index_select(0, tile_block)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (tile_block,) = ctx.saved_tensors
+        flat = grad.reshape(grad.shape[0], -1)
+        out = flat.new_zeros(ctx.shape[0], flat.shape[1]).index_add_(0, tile_block, flat)
+        return out.view(ctx.shape), None
 
 
 class BlockGroups:
@@ -69,21 +107,20 @@ class BlockGroups:
 
     def _rows(self, per_pair: Tensor) -> Tensor:
         """``(P, F)`` -> ``(n_tiles, T, F)``, zeros in empty rows."""
-        table = torch.cat([per_pair, per_pair.new_zeros(1, per_pair.shape[-1])])
-        return table.index_select(0, self.row_pair).view(self.n_tiles, self.tile, table.shape[-1])
+        rows = _Regroup.apply(per_pair, self.row_pair, self.pair_row)
+        return rows.view(self.n_tiles, self.tile, per_pair.shape[-1])
 
     def _pairs(self, per_row: Tensor) -> Tensor:
         """``(n_tiles, T, F)`` -> ``(P, F)``, zeros for pairs without a block."""
         flat = per_row.reshape(self.n_tiles * self.tile, per_row.shape[-1])  # also 0 tiles
-        table = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])])
-        return table.index_select(0, self.pair_row)
+        return _Regroup.apply(flat, self.pair_row, self.row_pair)
 
     def scores(self, q: Tensor, kb: Tensor) -> Tensor:
         """``q`` ``(G, L, D)``, key blocks ``kb`` ``(G, N, W, D)`` -> ``(G, L, k, W)``: each
         token's dot products with the keys of each block it picked (0 where it picked none)."""
         g, length, k = self.shape
         per_pair = q[:, :, None, :].expand(g, length, k, q.shape[-1]).reshape(-1, q.shape[-1])
-        keys = kb.reshape(-1, *kb.shape[2:]).index_select(0, self.tile_block)  # (tiles, W, D)
+        keys = _TileBlocks.apply(kb.reshape(-1, *kb.shape[2:]), self.tile_block)  # (tiles, W, D)
         out = torch.bmm(self._rows(per_pair), keys.transpose(1, 2))  # (tiles, T, W)
         return self._pairs(out).view(g, length, k, -1)
 
@@ -91,7 +128,7 @@ class BlockGroups:
         """``probs`` ``(G, L, k, W)`` over the picked blocks' keys, value blocks ``vb``
         ``(G, N, W, Dv)`` -> ``(G, L, Dv)``: each token's weighted sum of those values."""
         g, length, k = self.shape
-        values = vb.reshape(-1, *vb.shape[2:]).index_select(0, self.tile_block)  # (tiles, W, Dv)
+        values = _TileBlocks.apply(vb.reshape(-1, *vb.shape[2:]), self.tile_block)  # (tiles, W, Dv)
         rows = self._rows(probs.reshape(-1, probs.shape[-1]))  # (tiles, T, W)
         out = self._pairs(torch.bmm(rows, values))  # (P, Dv)
         return out.view(g, length, k, -1).sum(dim=2)

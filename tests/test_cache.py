@@ -8,6 +8,7 @@ import torch
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import AttentionConfig, SinkhornSelfAttention
 from sparse_sinkhorn.nn.cache import AttentionCache, DecodingCache
+from sparse_sinkhorn.nn.kinds import kind_fields
 
 SORT_NETS = ("linear", "mlp", "bilinear")
 # (kind, sort net, hard, pooling, sparse mode); sort options exist for sinkhorn kinds only.
@@ -33,8 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _model(
     kind: str, net: str, hard: bool, pool: str, mode: str, dtype: torch.dtype, **kw: int
 ) -> LanguageModel:
-    att = AttentionConfig(
-        kind=kind,
+    fields = dict(
         block_size=kw.get("block_size", 4),
         max_len=64,
         sort_net=net,
@@ -43,6 +43,7 @@ def _model(
         sparse_mode=mode,
         n_iters=kw.get("n_iters", 8),
     )
+    att = AttentionConfig(kind=kind, **kind_fields(kind, fields))  # the fields the kind reads
     cfg = LanguageModelConfig(
         vocab_size=13, d_model=16, n_heads=2, n_layers=2, d_ff=32, attention=att
     )

@@ -46,6 +46,7 @@ from ..data.sorting import (
 )
 from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerLayer
+from ..nn import kinds as registry
 from ..train import cleanup_distributed, init_distributed
 from ..train.seq_metrics import sequence_metrics
 from . import flags
@@ -71,7 +72,6 @@ PAPER_ROWS = {
     "sinkhorn": ("Sinkhorn (b=32)", 0.4054, 49.24),
 }
 SPLITS = ("dev", "dev_short", "dev_long")  # all dev sequences, length <= L, length > L
-METRICS = ("exact_match", "edit_distance")
 
 
 PRESETS = SORT_PRESETS
@@ -110,7 +110,8 @@ def max_input_length(preset: SortPreset) -> int:
 
 def model_config(preset: SortPreset, kind: str, **attention_options: Any) -> Seq2SeqConfig:
     """The model for one attention kind; ``attention_options`` override AttentionConfig fields."""
-    options = {"temperature": preset.temperature, "n_iters": preset.n_iters, **attention_options}
+    routing = {"temperature": preset.temperature, "n_iters": preset.n_iters}  # routed kinds
+    options = {**registry.kind_fields(kind, routing), **attention_options}
     attention = AttentionConfig(
         kind=kind, block_size=preset.block_size, max_len=max_input_length(preset), **options
     )
@@ -289,7 +290,7 @@ def run_seed(
     )
     fitted = fit(run, plan, preset, SCHEDULES["sort"])
     plan_png = None
-    if kind in ("sinkhorn", "mixture") and run.keeps_plots:
+    if registry.KINDS[kind].routes and run.keeps_plots:
         plan_png = save_sort_matrix(model, dev, run.out, label or kind)
     return {
         "seed": run.seed,

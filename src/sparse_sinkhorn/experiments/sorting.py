@@ -75,14 +75,16 @@ SPLITS = ("dev", "dev_short", "dev_long")  # all dev sequences, length <= L, len
 
 
 PRESETS = SORT_PRESETS
-# The flags that override preset fields, as ``{field: flag attribute}``.
+# The flags that override preset fields (`flags.Override`).
 OVERRIDES = {
-    "steps": "steps",
-    "length": "length",
-    "block_size": "block_size",
-    "n_seeds": "seeds",
-    "n_eval": "n_eval",
-    "n_symbols": "n_symbols",
+    "steps": flags.STEPS,
+    "length": flags.Override("--length", "override the training length L (dev lengths go to 2L)"),
+    "block_size": flags.Override("--block-size", "override the block size"),
+    "n_symbols": flags.Override(
+        "--n-symbols", "override the alphabet size (default: the preset's, or 2 * --length)"
+    ),
+    "n_eval": flags.Override("--n-eval", "override the number of dev sequences"),
+    "n_seeds": flags.SEEDS,
 }
 
 

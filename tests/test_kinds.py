@@ -12,6 +12,7 @@ import torch
 from sparse_sinkhorn.models import LanguageModelConfig, config_from_dict
 from sparse_sinkhorn.nn import ATTENTION_KINDS, AttentionConfig
 from sparse_sinkhorn.nn.kinds import KINDS, Call, kind_fields, users
+from sparse_sinkhorn.ops import num_blocks
 
 # A valid value other than the default, for every field but ``kind``.
 OTHER = {
@@ -99,7 +100,7 @@ def test_each_kind_attends_as_its_reference(kind: str, causal: bool, padded: boo
     if padded:
         mask = torch.ones(2, length, dtype=torch.bool)
         mask[0, 15:] = False
-    n = -(-length // w)
+    n = num_blocks(length, w)
     logits = None
     if KINDS[kind].routes:
         logits = torch.randn(2, 4, n, n, generator=torch.Generator().manual_seed(1))

@@ -8,6 +8,7 @@ import torch
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import AttentionConfig, SinkhornSelfAttention
 from sparse_sinkhorn.nn.cache import AttentionCache, DecodingCache
+from sparse_sinkhorn.nn.kinds import kind_fields
 
 SORT_NETS = ("linear", "mlp", "bilinear")
 # (kind, sort net, hard, pooling, sparse mode); sort options exist for sinkhorn kinds only.
@@ -40,8 +41,7 @@ def _model(
     balance: str = "sinkhorn",
     **kw: int,
 ) -> LanguageModel:
-    att = AttentionConfig(
-        kind=kind,
+    fields = dict(
         block_size=kw.get("block_size", 4),
         max_len=64,
         sort_net=net,
@@ -51,6 +51,7 @@ def _model(
         n_iters=kw.get("n_iters", 8),
         balance=balance,
     )
+    att = AttentionConfig(kind=kind, **kind_fields(kind, fields))  # the fields the kind reads
     cfg = LanguageModelConfig(
         vocab_size=13, d_model=16, n_heads=2, n_layers=2, d_ff=32, attention=att
     )

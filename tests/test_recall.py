@@ -23,14 +23,13 @@ from sparse_sinkhorn.experiments.recall import (
     CONTROLS,
     DEFAULT_KINDS,
     HARD,
-    ORACLE_LOGIT,
     RECALL_KINDS,
     accuracy,
     attention_config,
     hard_twin,
-    install_oracle_routing,
     routing_hits,
 )
+from sparse_sinkhorn.experiments.recall_controls import ORACLE_LOGIT, install_oracle_routing
 from sparse_sinkhorn.experiments.recall_tasks import TASKS
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import SinkhornSelfAttention

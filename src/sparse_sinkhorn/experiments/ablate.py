@@ -114,6 +114,14 @@ def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str
     return format_table(headers, rows)
 
 
+# The flags that override preset fields (`flags.Override`); the last three: sort task only.
+OVERRIDES = {
+    "steps": flags.STEPS,
+    "n_seeds": flags.SEEDS,
+    "length": flags.Override("--length", "override the training length L (sort task)"),
+    "block_size": flags.Override("--block-size", "override the block size (sort task)"),
+    "n_eval": flags.Override("--n-eval", "override the number of dev sequences (sort task)"),
+}
 SORT_FLAGS = ("length", "block_size", "n_eval")  # flags of the sort task only
 Runners = dict[str, Runner]
 
@@ -161,10 +169,8 @@ def _lm_runners(
 def run(args: argparse.Namespace) -> int:
     task = args.task or ABLATE_TASKS[args.preset]
     variants = flags.parse_kinds(args.variants, tuple(VARIANTS), what="variant")
-    fields = {"steps": "steps", "n_seeds": "seeds"}
-    if task == "sort":
-        fields.update({f: f for f in SORT_FLAGS})
-    elif any(getattr(args, f) is not None for f in SORT_FLAGS):
+    fields = {f: o for f, o in OVERRIDES.items() if task == "sort" or f not in SORT_FLAGS}
+    if task != "sort" and any(getattr(args, OVERRIDES[f].dest) is not None for f in SORT_FLAGS):
         raise UsageError("--length, --block-size and --n-eval apply to the sort task only")
     changes = flags.positive_overrides(args, fields)
     changes.pop("n_seeds", None)  # the seeds come from seed_list

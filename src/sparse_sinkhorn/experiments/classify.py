@@ -72,16 +72,21 @@ logger = logging.getLogger(__name__)
 Data = tuple[Tokenizer, Dataset[Any], dict[str, Dataset[Any]], int, str]
 
 
-# The preset fields a flag of the same name overrides.
-OVERRIDES = (
-    "steps",
-    "max_len",
-    "block_size",
-    "batch_size",
-    "train_examples",
-    "eval_examples",
-    "d_model",
-)
+# The flags that override preset fields (`flags.Override`).
+OVERRIDES = {
+    "steps": flags.STEPS,
+    **{
+        field: flags.Override(f"--{field.replace('_', '-')}", f"override the preset's {help_}")
+        for field, help_ in {
+            "max_len": "tokens kept per text (per sentence for NLI)",
+            "block_size": "block size of sinkhorn/local",
+            "batch_size": "batch size",
+            "train_examples": "train on a seeded subsample of this many examples",
+            "eval_examples": "score a seeded subsample of the held-out split",
+            "d_model": "model width (d_ff = 2 * d_model)",
+        }.items()
+    },
+}
 
 
 def sequence_length(preset: TaskPreset, pair: str) -> int:
@@ -284,7 +289,7 @@ def results_table(
 
 def _apply_overrides(preset: TaskPreset, args: argparse.Namespace) -> TaskPreset:
     """``preset`` with the override flags applied (``--d-model`` also sets ``d_ff``)."""
-    changes: dict[str, Any] = dict(flags.positive_overrides(args, {f: f for f in OVERRIDES}))
+    changes: dict[str, Any] = dict(flags.positive_overrides(args, OVERRIDES))
     if "d_model" in changes:
         changes["d_ff"] = 2 * changes["d_model"]
         if changes["d_model"] % preset.n_heads:

@@ -1,8 +1,9 @@
 """Pieces of the classification and NLI experiments (paper Tables 6 and 7).
 
 Attention variants, data loading and tokenisation, batching, evaluation, the
-analytic attention-memory model and the accuracy-vs-memory plot. The command line lives in
-`sparse_sinkhorn.experiments.classify`.
+analytic attention-memory model and the accuracy-vs-memory plot. The runner (``run``) lives in
+`sparse_sinkhorn.experiments.classify`, the command line in
+`sparse_sinkhorn.experiments.commands`.
 
 Axes: B batch, L length, C classes.
 """
@@ -41,6 +42,7 @@ from ..data import (
 from ..data.datasets import PairEncoding
 from ..data.load import nli_path
 from ..errors import UsageError
+from ..ops import num_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def attention_memory(variant: Variant, length: int, block_size: int) -> int:
     ``N = ceil(L / b)`` blocks (the ``N²`` term is the sort matrix).
     """
     b = variant.block(block_size)
-    n_blocks = -(-length // b)
+    n_blocks = num_blocks(length, b)
     if variant.kind == "dense":
         return length * length
     if variant.kind == "local":

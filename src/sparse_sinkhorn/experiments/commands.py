@@ -44,15 +44,7 @@ def add_sort(subparsers: argparse._SubParsersAction) -> None:
         "(Tensor2Tensor's sort problem); evaluate on dev lengths U[1, 2L].",
     )
     flags.add_attention_arg(parser, sorting.KINDS, sorting.DEFAULT_KINDS)
-    flags.add_int_flags(
-        parser,
-        {
-            "--length": "override the training length L (dev lengths go to 2L)",
-            "--block-size": "override the block size",
-            "--n-symbols": "override the alphabet size (default: the preset's, or 2 * --length)",
-            "--n-eval": "override the number of dev sequences",
-        },
-    )
+    flags.add_override_flags(parser, sorting.OVERRIDES)
     _runs(parser, sorting.run, "runs/sort", default_seeds=BY_PRESET)
 
 
@@ -75,14 +67,7 @@ def add_ablate(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="sort (the cpu preset's default) or lm (subword LM; the paper preset's default)",
     )
-    flags.add_int_flags(
-        parser,
-        {
-            "--length": "override the training length L (sort task)",
-            "--block-size": "override the block size (sort task)",
-            "--n-eval": "override the number of dev sequences (sort task)",
-        },
-    )
+    flags.add_override_flags(parser, ablate.OVERRIDES)
     parser.add_argument("--data-dir", default=None, help="data directory (lm task)")
     parser.add_argument(
         "--corpus", default=None, help="plain-text corpus, e.g. LM1B's shards (lm task)"
@@ -105,17 +90,7 @@ def add_lm(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="plain-text file or directory (e.g. LM1B) instead of Shakespeare",
     )
-    flags.add_int_flags(
-        parser,
-        {
-            "--length": "override the window length",
-            "--block-size": "override the block size",
-            "--batch-size": "override the batch size",
-            "--vocab-size": "override the BPE vocab",
-            "--eval-windows": "override held-out windows per split",
-            "--max-train-chars": "read at most this much training text",
-        },
-    )
+    flags.add_override_flags(parser, lm.OVERRIDES)
     _runs(parser, lm.run, "runs/lm-<level>", out=None)
 
 
@@ -130,15 +105,9 @@ def add_image(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {datasets}")
     flags.add_attention_arg(parser, image.KINDS)
     parser.add_argument("--data-dir", default=None, help=DATA_DIR)
-    flags.add_int_flags(
-        parser,
-        {
-            "--block-size": "override the block size",
-            "--batch-size": "override the batch size",
-            "--eval-images": "test images scored",
-            "--samples": "images sampled for the PNG",
-            "--train-images": "use only the first N training images",
-        },
+    flags.add_override_flags(parser, image.OVERRIDES)
+    parser.add_argument(
+        "--train-images", type=int, default=None, help="use only the first N training images"
     )
     _runs(parser, image.run, "runs/image-<dataset>", out=None)
 
@@ -168,15 +137,7 @@ def add_classify(
             "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
             "features [u, v, |u-v|, u*v]",
         )
-    overrides = {
-        "--max-len": "tokens kept per text (per sentence for NLI)",
-        "--block-size": "block size of sinkhorn/local",
-        "--batch-size": "batch size",
-        "--train-examples": "train on a seeded subsample of this many examples",
-        "--eval-examples": "score a seeded subsample of the held-out split",
-        "--d-model": "model width (d_ff = 2 * d_model)",
-    }
-    flags.add_int_flags(parser, {k: f"override the preset's {v}" for k, v in overrides.items()})
+    flags.add_override_flags(parser, classify.OVERRIDES)
     no_pair = {"pair": "none"} if task != "nli" else {}
     _runs(parser, classify.run, f"runs/{task}/DATASET-LEVEL", task=task, **no_pair)
 
@@ -211,15 +172,7 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         "preset's min_span, left-padded; curriculum: one length per step, from min_span up "
         "(default: the preset's)",
     )
-    flags.add_int_flags(
-        parser,
-        {
-            "--block-size": "override the block size",
-            "--batch-size": "override the batch size",
-            "--d-model": "override the model width (d_ff follows at 4 * d_model)",
-            "--n-heads": "override the number of heads",
-        },
-    )
+    flags.add_override_flags(parser, recall.OVERRIDES)
     _runs(parser, recall.run, "runs/recall-<task>", out=None)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..nn import ATTENTION_KINDS
@@ -104,10 +105,31 @@ def add_attention_arg(
     )
 
 
-def add_int_flags(parser: argparse.ArgumentParser, helps: Mapping[str, str]) -> None:
-    """Optional int flags (``None`` when not given), ``{flag: help}``: the preset overrides."""
-    for flag, help_ in helps.items():
-        parser.add_argument(flag, type=int, default=None, help=help_)
+@dataclass(frozen=True)
+class Override:
+    """An optional positive-int flag that overrides one preset field. An experiment lists
+    its own as ``OVERRIDES = {field: Override(flag, help)}``; `add_override_flags` declares
+    them and `positive_overrides` reads them."""
+
+    flag: str  # e.g. "--block-size"
+    help: str = ""  # empty for the flags every experiment declares (`DECLARED`)
+
+    @property
+    def dest(self) -> str:
+        """The parsed attribute: ``--block-size`` -> ``block_size``."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+STEPS = Override("--steps")  # declared by add_common_args
+SEEDS = Override("--seeds")  # declared by add_grid_args
+DECLARED = (STEPS.flag, SEEDS.flag)
+
+
+def add_override_flags(parser: argparse.ArgumentParser, overrides: Mapping[str, Override]) -> None:
+    """Declare the override flags (``None`` when not given) but those in `DECLARED`."""
+    for override in overrides.values():
+        if override.flag not in DECLARED:
+            parser.add_argument(override.flag, type=int, default=None, help=override.help)
 
 
 def add_grid_args(parser: argparse.ArgumentParser, *, default_seeds: int | str = 1) -> None:
@@ -128,18 +150,20 @@ def add_grid_args(parser: argparse.ArgumentParser, *, default_seeds: int | str =
     )
 
 
-def positive_overrides(args: argparse.Namespace, fields: Mapping[str, str]) -> dict[str, int]:
-    """The preset fields the user overrode: ``{field: flag attribute}`` -> ``{field: value}``.
+def positive_overrides(
+    args: argparse.Namespace, overrides: Mapping[str, Override]
+) -> dict[str, int]:
+    """The preset fields the user overrode: ``{field: Override}`` -> ``{field: value}``.
 
     Every override flag is an optional positive int; ``<= 0`` is a one-line error.
     """
     changes: dict[str, int] = {}
-    for field, name in fields.items():
-        value = getattr(args, name)
+    for field, override in overrides.items():
+        value = getattr(args, override.dest)
         if value is None:
             continue
         if value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            raise UsageError(f"{override.flag} must be > 0, got {value}")
         changes[field] = value
     return changes
 

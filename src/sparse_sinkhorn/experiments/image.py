@@ -63,13 +63,13 @@ PAPER_ROWS: dict[str, float | None] = {
 
 
 PRESETS = IMAGE_PRESETS
-# The flags that override preset fields, as ``{field: flag attribute}``.
+# The flags that override preset fields (`flags.Override`).
 OVERRIDES = {
-    "steps": "steps",
-    "block_size": "block_size",
-    "batch_size": "batch_size",
-    "eval_images": "eval_images",
-    "n_samples": "samples",
+    "steps": flags.STEPS,
+    "block_size": flags.Override("--block-size", "override the block size"),
+    "batch_size": flags.Override("--batch-size", "override the batch size"),
+    "eval_images": flags.Override("--eval-images", "test images scored"),
+    "n_samples": flags.Override("--samples", "images sampled for the PNG"),
 }
 
 

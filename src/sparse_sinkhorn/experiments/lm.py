@@ -72,15 +72,15 @@ PAPER_CHAR: dict[str, float | None] = {
 
 
 PRESETS = LM_PRESETS
-# The flags that override preset fields, as ``{field: flag attribute}``.
+# The flags that override preset fields (`flags.Override`).
 OVERRIDES = {
-    "steps": "steps",
-    "seq_len": "length",
-    "block_size": "block_size",
-    "batch_size": "batch_size",
-    "vocab_size": "vocab_size",
-    "eval_windows": "eval_windows",
-    "max_train_chars": "max_train_chars",
+    "steps": flags.STEPS,
+    "seq_len": flags.Override("--length", "override the window length"),
+    "block_size": flags.Override("--block-size", "override the block size"),
+    "batch_size": flags.Override("--batch-size", "override the batch size"),
+    "vocab_size": flags.Override("--vocab-size", "override the BPE vocab"),
+    "eval_windows": flags.Override("--eval-windows", "override held-out windows per split"),
+    "max_train_chars": flags.Override("--max-train-chars", "read at most this much training text"),
 }
 
 

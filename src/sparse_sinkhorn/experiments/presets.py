@@ -35,17 +35,27 @@ class Schedule:
     loss_plot: bool = False  # each run saves its training loss as loss.png
 
 
+_LM_SCHEDULE = Schedule(
+    warmup_share=10, warmup_margin=0, warmup_least=1, log_cap=25, log_share=10, eval_share=4,
+    ckpt_share=4, loss_plot=True,
+)  # fmt: skip
 SCHEDULES = {
     # warm-up ends before the last step; a metrics row every 25 steps
-    "sort": Schedule(1, 1, 0, 25, 1, 0, 4),
+    "sort": Schedule(
+        warmup_share=1, warmup_margin=1, warmup_least=0, log_cap=25, log_share=1, eval_share=0,
+        ckpt_share=4,
+    ),
     # warm-up at most a tenth of the run (at least one step)
-    "lm": Schedule(10, 0, 1, 25, 10, 4, 4, loss_plot=True),
-    "image": Schedule(10, 0, 1, 25, 10, 0, 4, loss_plot=True),
+    "lm": _LM_SCHEDULE,
+    "image": replace(_LM_SCHEDULE, eval_share=0),
     # checkpoints every quarter, as lm and image: a killed run resumes from its latest one
-    "recall": Schedule(10, 0, 1, 25, 10, 0, 4, weight_decay=0.0),
+    "recall": replace(_LM_SCHEDULE, eval_share=0, weight_decay=0.0, loss_plot=False),
     # warm-up at most half the run
-    "classify": Schedule(2, 0, 0, 50, 4, 0, 2),
-}
+    "classify": Schedule(
+        warmup_share=2, warmup_margin=0, warmup_least=0, log_cap=50, log_share=4, eval_share=0,
+        ckpt_share=2,
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

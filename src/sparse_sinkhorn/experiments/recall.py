@@ -24,224 +24,55 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.recall import IGNORE, PAD, Passkey, RecallDataset, Task, length_curriculum
+from ..data.recall import IGNORE, PAD, RecallDataset, Task, length_curriculum
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
-from ..nn import AttentionConfig, SinkhornSelfAttention, routing_losses
+from ..nn import SinkhornSelfAttention, routing_losses
 from ..ops import sinkhorn_plan, topk_block_selection
 from ..train import init_distributed
 from ..train.sampling import first_epoch_steps
 from . import flags
-from .driver import Plan, Run, fit, grid_options, model_sizes, summarize_seeds, train_grid
+from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
 from .presets import SCHEDULES, RecallPreset
+from .recall_controls import CONTROLS
+from .recall_kinds import (
+    CONTROL_KINDS,
+    DEFAULT_KINDS,
+    PASSKEY_CONTROLS,
+    RECALL_KINDS,
+    attention_config,
+)
+from .recall_report import HARD, plot, results_table, summarize
 from .recall_tasks import TASKS, answer_sources
-from .results import format_table, report
-from .stats import seeds_cell
+from .results import report
 
 logger = logging.getLogger(__name__)
 
-# name -> AttentionConfig fields (block size and max_len come from the preset). Public:
-# other code (benchmarks, notebooks) builds the same kinds from this table.
-RECALL_KINDS: dict[str, dict[str, Any]] = {
-    "dense": {"kind": "dense"},
-    "local": {"kind": "local"},
-    "sparse": {"kind": "sparse"},
-    # the paper's Sinkhorn: linear sort net, 8 balancing rounds, soft routing
-    "sinkhorn": {"kind": "sinkhorn"},
-    "mixture": {"kind": "mixture"},
-    # one change at a time from the paper's configuration
-    "sinkhorn-bilinear": {"kind": "sinkhorn", "sort_net": "bilinear"},
-    "sinkhorn-hard": {"kind": "sinkhorn", "sort_net": "bilinear", "hard": True},
-    "softmax-linear-hard": {"kind": "sinkhorn", "balance": "softmax", "hard": True},
-    "softmax": {"kind": "sinkhorn", "sort_net": "bilinear", "balance": "softmax"},
-    "softmax-hard": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "hard": True,
-    },
-    # softmax-hard whose sort net also learns from the layer's own dense block attention mass
-    "softmax-hard-distill": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "hard": True,
-        "routing_loss": 1.0,
-    },
-    # mean-pooled block summaries: routing logits that do not grow with the prefix length
-    "softmax-hard-mean": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "hard": True,
-        "pooling": "mean",
-    },
-    # max-pooled block summaries: one token with a large feature marks its block
-    "softmax-hard-max": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "hard": True,
-        "pooling": "max",
-    },
-    # soft routing (every block mixed by its weight) with mean- or max-pooled summaries
-    "softmax-max": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "pooling": "max",
-    },
-    # softmax-max with one routing for all heads of a layer (shared_routing="heads")
-    "softmax-max-shared": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "pooling": "max",
-        "shared_routing": "heads",
-    },
-    # softmax-max with one routing for the whole model: the first layer's, for every head of
-    # every layer (shared_routing="layers")
-    "softmax-max-layers": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "pooling": "max",
-        "shared_routing": "layers",
-    },
-    # softmax-max without Gumbel noise on the routing logits in training
-    "softmax-max-nonoise": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "pooling": "max",
-        "gumbel_noise": False,
-    },
-    "softmax-mean": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "pooling": "mean",
-    },
-    "softmax-hard-distill-mean": {
-        "kind": "sinkhorn",
-        "sort_net": "bilinear",
-        "balance": "softmax",
-        "hard": True,
-        "pooling": "mean",
-        "routing_loss": 1.0,
-    },
-    # MoBA's parameter-free gate: own block + the best earlier block(s) by q . mean(K)
-    "topk": {"kind": "topk", "top_k": 1},
-    "topk-2": {"kind": "topk", "top_k": 2},
-    # topk with NSA's compressed branch: every query also attends to each earlier block's mean
-    # key and value, which trains the block summaries the gate ranks
-    "topk-compressed": {"kind": "topk", "top_k": 1, "compressed": True},
-    "topk-2-compressed": {"kind": "topk", "top_k": 2, "compressed": True},
-    # Quest's block score: an upper bound on q . k over the block's keys (per-feature min/max)
-    "topk-bound": {"kind": "topk", "top_k": 1, "gate": "bound"},
-    "topk-bound-compressed": {"kind": "topk", "top_k": 1, "gate": "bound", "compressed": True},
+# The flags that override preset fields (`flags.Override`; --d-model also sets d_ff).
+OVERRIDES = {
+    "steps": flags.STEPS,
+    "block_size": flags.Override("--block-size", "override the block size"),
+    "batch_size": flags.Override("--batch-size", "override the batch size"),
+    "d_model": flags.Override(
+        "--d-model", "override the model width (d_ff follows at 4 * d_model)"
+    ),
+    "n_heads": flags.Override("--n-heads", "override the number of heads"),
 }
-DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-max", "softmax-max-layers", "topk")
-# Controls, not methods: a RECALL_KINDS configuration (the value) whose routing is changed
-# once the model is built, to isolate one cause (see CONTROLS for how).
-# - oracle-hard (passkey only): the sort logits are the answer; every query block after the
-#   needle routes to the block that holds the needle's KEY marker. It separates "the routing
-#   is not learned" from "right routing is not enough".
-# - shared-max: every layer routes with the first layer's sort logits (the later layers' sort
-#   nets go unused). It separates "the first layer does not learn to route" from "a later
-#   layer does not".
-# - shared-max-shared: shared-max on softmax-max-shared (one routing for all heads too).
-CONTROL_KINDS: dict[str, str] = {
-    "oracle-hard": "softmax-hard",
-    "shared-max": "softmax-max",
-    "shared-max-shared": "softmax-max-shared",
-}
-PASSKEY_CONTROLS = ("oracle-hard",)
-ORACLE_LOGIT = 30.0  # the needle block's routing logit; every other block's is 0
-
-
-# preset fields a flag of the same name sets (--d-model also sets d_ff to 4 * d_model)
-OVERRIDES = ("steps", "batch_size", "block_size", "d_model", "n_heads")
-HARD = "accuracy_hard_routing"  # a soft-routing kind's weights scored with hard routing
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
 MAX_LENGTH = 1 << 20  # longest --lengths: 16 x the paper preset's longest
 
 
 def make_task(task: str, length: int, preset: RecallPreset) -> Task:
     return TASKS[task].build(length, preset)
-
-
-def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:
-    """The `RECALL_KINDS` (or `CONTROL_KINDS`) entry ``name`` at this block size
-    and length."""
-    fields = RECALL_KINDS[CONTROL_KINDS.get(name, name)]
-    return AttentionConfig(block_size=block_size, max_len=length, **fields)
-
-
-def install_oracle_routing(model: LanguageModel) -> None:
-    """Replace every Sinkhorn layer's sort logits by the passkey answer (see
-    `CONTROL_KINDS`): row ``i`` scores `ORACLE_LOGIT` on the block holding the
-    KEY marker when that block is earlier than ``i``, 0 everywhere else."""
-    seen: dict[str, Tensor] = {}
-
-    def keep_ids(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        seen["ids"] = args[0]
-
-    model.register_forward_pre_hook(keep_ids)
-    for layer in model.modules():
-        if not isinstance(layer, SinkhornSelfAttention) or layer.sort_net is None:
-            continue
-        block_size, n_heads = layer.config.block_size, layer.n_heads
-
-        def oracle(x: Tensor, key_padding_mask: Tensor | None = None, *, _w=block_size, _h=n_heads):
-            ids = seen["ids"]  # (B, L)
-            n = -(-ids.shape[1] // _w)
-            needle = (ids == Passkey.KEY).float().argmax(-1) // _w  # (B,)
-            logits = x.new_zeros(ids.shape[0], _h, n, n)
-            rows = torch.arange(n, device=ids.device)
-            hit = F.one_hot(needle, n).to(x.dtype)[:, None, None, :]  # (B, 1, 1, N)
-            later = (rows[None, :] > needle[:, None]).to(x.dtype)[:, None, :, None]  # (B,1,N,1)
-            return logits + ORACLE_LOGIT * hit * later
-
-        layer.sort_logits = oracle  # type: ignore[method-assign]
-
-
-def share_first_routing(model: LanguageModel) -> None:
-    """Make every Sinkhorn layer route with the first one's sort logits (``shared-max``, see
-    `CONTROL_KINDS`): the first layer's logits of each forward are kept and returned by
-    the later layers' ``sort_logits``, so the later layers' sort nets go unused and the first
-    one's learns from every layer's loss."""
-    layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
-    kept: dict[str, Tensor] = {}
-    own = layers[0].sort_logits
-
-    def first(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        kept["logits"] = own(x, key_padding_mask)
-        return kept["logits"]
-
-    def later(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        return kept["logits"]
-
-    layers[0].sort_logits = first  # type: ignore[method-assign]
-    for layer in layers[1:]:
-        layer.sort_logits = later  # type: ignore[method-assign]
-
-
-CONTROLS = {
-    "oracle-hard": install_oracle_routing,
-    "shared-max": share_first_routing,
-    "shared-max-shared": share_first_routing,
-}
 
 
 def forward(model: nn.Module, ids: Tensor) -> Tensor:
@@ -446,71 +277,6 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     return {**fitted.record(kind=kind, task=task, length=length), "seconds_per_step": per_step}
 
 
-def results_table(results: list[dict[str, Any]], lengths: tuple[int, ...], chance: str) -> str:
-    kinds = list(dict.fromkeys(r["kind"] for r in results))
-    has_hard = any(HARD in x["eval"] for x in results)
-    rows = []
-    for kind in kinds:
-        row: list[Any] = [kind]
-        for length in lengths:
-            r = next((x for x in results if x["kind"] == kind and x["length"] == length), None)
-            if r is None:
-                row += ["–"] * (4 if has_hard else 3)
-                continue
-            steps = [run["seconds_per_step"] for run in r["runs"]]
-            hard = seeds_cell(r, HARD, 1) if HARD in r["eval"] else "–"
-            peak = r.get("peak_mem_mb")
-            row += [seeds_cell(r, "accuracy", 1), f"{sum(steps) / len(steps):.3f}"]
-            row += ["–" if peak is None else f"{peak:,.0f}"]
-            row += [hard] if has_hard else []
-        rows.append(row)
-    headers = ["attention"]
-    for length in lengths:
-        headers += [f"accuracy % at {length:,} (chance {chance})", f"s/step at {length:,}"]
-        headers += [f"peak MiB at {length:,}"]
-        if has_hard:
-            headers += [f"hard routing at eval, % at {length:,}"]
-    return format_table(headers, rows)
-
-
-def summarize(name: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
-    """`summarize_seeds` keeping each run's training time per step."""
-    record = summarize_seeds(name, runs, seeds)
-    for entry, run in zip(record["runs"], runs, strict=True):
-        entry["seconds_per_step"] = run["seconds_per_step"]
-    return record
-
-
-def plot(results: list[dict[str, Any]], out: Path, title: str) -> tuple[Path, Path]:
-    from matplotlib.figure import Figure
-
-    kinds = list(dict.fromkeys(r["kind"] for r in results))
-    paths = (out / "accuracy.png", out / "cost.png")
-    for path, xkey in zip(paths, ("length", "seconds_per_step"), strict=True):
-        fig = Figure(figsize=(6.5, 3.8))
-        ax = fig.subplots()
-        for kind in kinds:
-            rs = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["length"])
-            xs = [
-                r["length"]
-                if xkey == "length"
-                else sum(x["seconds_per_step"] for x in r["runs"]) / len(r["runs"])
-                for r in rs
-            ]
-            ys = [r["eval"]["accuracy"] for r in rs]
-            es = [r["eval_std"]["accuracy"] for r in rs]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=kind)
-        ax.set_xscale("log", base=2 if xkey == "length" else 10)
-        ax.set_xlabel("sequence length" if xkey == "length" else "training time per step (s)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    return paths
-
-
 def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     if value is None:
         return default
@@ -532,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
     preset = TASKS[args.task].presets[args.preset]
     changes: dict[str, Any] = {"lengths": parse_lengths(args.lengths, preset.lengths)}
-    changes.update(flags.positive_overrides(args, {f: f for f in OVERRIDES}))
+    changes.update(flags.positive_overrides(args, OVERRIDES))
     changes.update(training_lengths(args.lengths_in_training, preset))
     if "d_model" in changes:
         changes["d_ff"] = 4 * changes["d_model"]

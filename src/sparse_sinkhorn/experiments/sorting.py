@@ -46,6 +46,7 @@ from ..data.sorting import (
 )
 from ..models import Seq2Seq, Seq2SeqConfig
 from ..nn import AttentionConfig, TransformerLayer
+from ..nn import kinds as registry
 from ..train import cleanup_distributed, init_distributed
 from ..train.seq_metrics import sequence_metrics
 from . import flags
@@ -71,18 +72,19 @@ PAPER_ROWS = {
     "sinkhorn": ("Sinkhorn (b=32)", 0.4054, 49.24),
 }
 SPLITS = ("dev", "dev_short", "dev_long")  # all dev sequences, length <= L, length > L
-METRICS = ("exact_match", "edit_distance")
 
 
 PRESETS = SORT_PRESETS
-# The flags that override preset fields, as ``{field: flag attribute}``.
+# The flags that override preset fields (`flags.Override`).
 OVERRIDES = {
-    "steps": "steps",
-    "length": "length",
-    "block_size": "block_size",
-    "n_seeds": "seeds",
-    "n_eval": "n_eval",
-    "n_symbols": "n_symbols",
+    "steps": flags.STEPS,
+    "length": flags.Override("--length", "override the training length L (dev lengths go to 2L)"),
+    "block_size": flags.Override("--block-size", "override the block size"),
+    "n_symbols": flags.Override(
+        "--n-symbols", "override the alphabet size (default: the preset's, or 2 * --length)"
+    ),
+    "n_eval": flags.Override("--n-eval", "override the number of dev sequences"),
+    "n_seeds": flags.SEEDS,
 }
 
 
@@ -110,7 +112,8 @@ def max_input_length(preset: SortPreset) -> int:
 
 def model_config(preset: SortPreset, kind: str, **attention_options: Any) -> Seq2SeqConfig:
     """The model for one attention kind; ``attention_options`` override AttentionConfig fields."""
-    options = {"temperature": preset.temperature, "n_iters": preset.n_iters, **attention_options}
+    routing = {"temperature": preset.temperature, "n_iters": preset.n_iters}  # routed kinds
+    options = {**registry.kind_fields(kind, routing), **attention_options}
     attention = AttentionConfig(
         kind=kind, block_size=preset.block_size, max_len=max_input_length(preset), **options
     )
@@ -289,7 +292,7 @@ def run_seed(
     )
     fitted = fit(run, plan, preset, SCHEDULES["sort"])
     plan_png = None
-    if kind in ("sinkhorn", "mixture") and run.keeps_plots:
+    if registry.KINDS[kind].routes and run.keeps_plots:
         plan_png = save_sort_matrix(model, dev, run.out, label or kind)
     return {
         "seed": run.seed,

@@ -73,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.config import AttentionConfig
+from ..nn.kinds import KINDS
 from ..nn.sortnet import SortNet
 from .attention import (
     ATTN_IMPLEMENTATION,
@@ -96,15 +97,18 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
     "gpt2": ("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"),
 }
 
-# The convert() options beyond block_size, with their defaults: AttentionConfig's fields
-# that apply to a causal Sinkhorn layer (an option added there is an option here), and
-# ``mixture`` for the kind.
-_NOT_OPTIONS = (
-    "kind", "block_size", "n_sortcut", "sparse_mode", "share_kv", "top_k", "compressed",
-    "gate", "routing_loss",
-)  # fmt: skip
+# The convert() options beyond block_size, with their defaults: the AttentionConfig fields
+# the sinkhorn and mixture kinds read (`nn.kinds.KINDS`: a field added there is an option
+# here), and ``mixture`` for the kind; not SortCut (encoders only), share_kv (the model keeps
+# its own projections) or routing_loss (the layers' distillation loss).
+_NOT_OPTIONS = ("kind", "block_size", "n_sortcut", "share_kv", "routing_loss")
+_ROUTED = KINDS["sinkhorn"].uses | KINDS["mixture"].uses
 OPTIONS: dict[str, Any] = {
-    **{f.name: f.default for f in fields(AttentionConfig) if f.name not in _NOT_OPTIONS},
+    **{
+        f.name: f.default
+        for f in fields(AttentionConfig)
+        if f.name in _ROUTED and f.name not in _NOT_OPTIONS
+    },
     "max_len": None,  # default: the model's max_position_embeddings / n_positions
     # length-agnostic: a linear net sized by a long model's positions would add about
     # H_kv*E x H*max_len/b weights per layer (67M for a Llama-3-8B shape at 128K positions)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.cache import SequenceRouting
 from ..nn.config import AttentionConfig
+from ..nn.kinds import KINDS
 from ..nn.sortnet import SortNet
 from ..ops import dense_attention, sinkhorn_attention
 from ..ops.blocks import repeat_kv
@@ -25,7 +26,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 ATTN_IMPLEMENTATION = "sinkhorn"
 CONFIG_KEY = "sinkhorn_attention"
 
-# model_type -> the attention module class converted (its import path in transformers).
 # Attention-function keyword arguments of features this integration does not implement.
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
 
@@ -171,7 +171,7 @@ def _decode_step(
         state.prefill(old_k, old_v, _routing_input(old_v, sort_net), prefix_real)
     x = _routing_input(value[:, :, -1:], sort_net)[:, 0]  # (B, H_kv*E)
     out = state.step(query, key[:, :, -1:], value[:, :, -1:], x, (key, value, real), scaling)
-    if att.kind == "mixture":
+    if KINDS[att.kind].mixture:
         k_all, v_all = (repeat_kv(t, query.shape[1]) for t in (key, value))  # GQA
         out = out + dense_attention(query, k_all, v_all, key_padding_mask=real, scale=scaling)
     layer.__dict__[_STATE] = (state, layer.keys)  # the tensor the cache layer holds now

@@ -39,7 +39,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):  # built from JSON
             try:
-                object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+                object.__setattr__(self, "attention", AttentionConfig.from_dict(self.attention))
             except TypeError as err:
                 raise TypeError(f"attention config: {err}") from err
         if not isinstance(self.attention, AttentionConfig):

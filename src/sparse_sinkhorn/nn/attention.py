@@ -12,18 +12,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..ops import (
-    SinkhornPlan,
-    block_attention_mass,
-    dense_attention,
-    local_attention,
-    sinkhorn_attention_with_plan,
-    sparse_attention,
-    topk_block_attention,
-)
+from ..ops import SinkhornPlan, block_attention_mass, dense_attention
 from ..ops._validate import check_layer_input
 from .cache import AttentionCache
 from .config import AttentionConfig
+from .kinds import KINDS, Call
 from .sortnet import SortNet
 
 
@@ -190,35 +183,15 @@ class SinkhornSelfAttention(nn.Module):
         routing: Tensor | None = None,
     ) -> tuple[Tensor, SinkhornPlan | None]:
         cfg = self.config
+        kind = KINDS[cfg.kind]
         p = self.dropout if self.training else 0.0
-        common: dict[str, Any] = dict(is_causal=self.causal, key_padding_mask=mask, dropout_p=p)
-        if cfg.kind == "dense":
-            return dense_attention(q, k, v, **common), None
-        if cfg.kind == "local":
-            return local_attention(q, k, v, block_size=cfg.block_size, **common), None
-        if cfg.kind == "sparse":
-            return sparse_attention(
-                q, k, v, block_size=cfg.block_size, mode=cfg.sparse_mode, **common
-            ), None
-        if cfg.kind == "topk":
-            return topk_block_attention(
-                q,
-                k,
-                v,
-                block_size=cfg.block_size,
-                top_k=cfg.top_k,
-                compressed=cfg.compressed,
-                gate=cfg.gate,
-                **common,
-            ), None
-        options = cfg.op_options(is_causal=self.causal, training=self.training, dropout_p=p)
-        if self.training and cfg.routing_loss > 0:
-            self.routing_aux = cfg.routing_loss * self._routing_distillation(q, k, x, mask)
-        logits = self.sort_logits(x, mask) if routing is None else routing
-        out, plan = sinkhorn_attention_with_plan(
-            q, k, v, logits, options, key_padding_mask=mask, generator=generator
-        )
-        return out, plan
+        logits = None
+        if kind.routes:
+            if self.training and cfg.routing_loss > 0:
+                self.routing_aux = cfg.routing_loss * self._routing_distillation(q, k, x, mask)
+            logits = self.sort_logits(x, mask) if routing is None else routing
+        call = Call(self.causal, mask, p, self.training, logits, generator)
+        return kind.attend(cfg, q, k, v, call)
 
     def _routing_distillation(self, q: Tensor, k: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
         """KL from the layer's own dense block attention mass (the teacher, no gradient) to

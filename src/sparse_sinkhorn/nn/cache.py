@@ -33,16 +33,9 @@ import torch
 from torch import Tensor
 
 from ..ops.blocks import num_blocks, pool, pool_add, pool_value
-from ..ops.decode import (
-    attend_token,
-    baseline_keep_row,
-    check_decodable,
-    local_and_sorted_token,
-    sorted_row,
-    topk_keep_row,
-    with_block_means,
-)
+from ..ops.decode import attend_token, check_decodable, local_and_sorted_token, sorted_row
 from .config import AttentionConfig
+from .kinds import KINDS
 from .sortnet import SortNet, routing_summaries
 
 
@@ -149,21 +142,14 @@ class AttentionCache:
         return t
 
     def _step_baseline(self, q: Tensor, k: Tensor, v: Tensor, config: AttentionConfig) -> Tensor:
-        """One token of dense / local / sparse attention: the causal mask row of position t."""
-        t = self._append(k, v)
+        """One token of a kind without routing (dense, local, sparse, topk): its registry
+        decoding step on every cached key (`Kind.decode`)."""
+        decode = KINDS[config.kind].decode
+        if decode is None:
+            raise ValueError(f"no cached decoding step for attention kind {config.kind!r}")
+        self._append(k, v)
         assert self.k is not None and self.v is not None
-        w = config.block_size
-        if config.kind == "topk":
-            keep = topk_keep_row(
-                q, self.k, block_size=w, top_k=config.top_k, gate=config.gate
-            )  # (B, H, 1, T)
-            if config.compressed:
-                return attend_token(q, *with_block_means(self.k, self.v, keep, block_size=w))
-            return attend_token(q, self.k, self.v, keep)
-        keep = baseline_keep_row(
-            config.kind, t, block_size=w, sparse_mode=config.sparse_mode, device=q.device
-        )  # (T,)
-        return attend_token(q, self.k, self.v, keep[None, None, None])
+        return decode(config, q, self.k, self.v)
 
     def _step_sorting(
         self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, config: AttentionConfig
@@ -188,7 +174,7 @@ class AttentionCache:
             assert self.sorted_v is not None and self.sorted_ok is not None
             sorted_ = (self.sorted_k, self.sorted_v, self.sorted_ok)
         out = local_and_sorted_token(q, (local_k, local_v, ones), sorted_)
-        if config.kind == "mixture":
+        if KINDS[config.kind].mixture:
             out = out + attend_token(q, self.k, self.v, None)
         return out
 

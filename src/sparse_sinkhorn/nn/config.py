@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from ..ops.baselines import GATES
 from ..ops.blocks import POOLINGS, num_blocks
 from ..ops.options import SinkhornOptions
+from .kinds import KINDS, users
 from .sortnet import SORT_NETS
 
-ATTENTION_KINDS = ("sinkhorn", "mixture", "dense", "local", "sparse", "topk")
+ATTENTION_KINDS = tuple(KINDS)  # the names in the kind registry (`nn.kinds.KINDS`)
 SHARED_ROUTINGS = ("none", "heads", "layers")
 
 
@@ -52,7 +55,10 @@ def check_field_types(config: Any) -> None:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """How a self-attention layer attends. Every field is used by at least one kind.
+    """How a self-attention layer attends. Every field is used by at least one kind; a field
+    the kind does not read (`nn.kinds.KINDS`) must keep its default, else a ``ValueError``
+    names the field and the kinds that read it (`from_dict`, for saved configurations, drops
+    such a field with a warning instead).
 
     Attributes:
         kind: one of `ATTENTION_KINDS`: ``"sinkhorn"`` (the paper), ``"mixture"`` (Sinkhorn
@@ -117,16 +123,9 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        if self.kind not in ATTENTION_KINDS:
-            raise ValueError(
-                f"unknown attention kind {self.kind!r}; choose one of {ATTENTION_KINDS}"
-            )
+        self._check_kind()
         if self.max_len <= 0:
             raise ValueError(f"max_len must be > 0, got {self.max_len}")
-        if self.n_sortcut is not None and self.kind != "sinkhorn":
-            raise ValueError(
-                f"n_sortcut applies to attention kind 'sinkhorn' only, not {self.kind!r}"
-            )
         self.op_options(is_causal=False)  # block_size, n_sortcut, balance, n_iters, temperature
         if self.sort_net not in SORT_NETS:
             raise ValueError(f"sort_net must be one of {SORT_NETS}, got {self.sort_net!r}")
@@ -134,17 +133,9 @@ class AttentionConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.routing_loss >= 0:
             raise ValueError(f"routing_loss must be >= 0, got {self.routing_loss}")
-        if self.routing_loss and not self.uses_sorting:
-            raise ValueError(
-                f"routing_loss trains a sort net: attention kind {self.kind!r} has none"
-            )
         if self.shared_routing not in SHARED_ROUTINGS:
             raise ValueError(
                 f"shared_routing must be one of {SHARED_ROUTINGS}, got {self.shared_routing!r}"
-            )
-        if self.shared_routing != "none" and not self.uses_sorting:
-            raise ValueError(
-                f"shared_routing shares a sort net's routing: attention kind {self.kind!r} has none"
             )
         if self.shared_routing == "layers" and self.routing_loss:
             raise ValueError(
@@ -155,12 +146,41 @@ class AttentionConfig:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if self.gate != "mean" and self.kind != "topk":
-            raise ValueError(f"gate applies to attention kind 'topk' only, not {self.kind!r}")
-        if self.compressed and self.kind != "topk":
-            raise ValueError(f"compressed applies to attention kind 'topk' only, not {self.kind!r}")
         if self.sparse_mode not in ("fixed", "strided"):
             raise ValueError(f"sparse_mode must be 'fixed' or 'strided', got {self.sparse_mode!r}")
+
+    def _check_kind(self) -> None:
+        """A known kind, and every field it does not read at its default."""
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"AttentionConfig: unknown attention kind {self.kind!r}; choose one of "
+                f"{ATTENTION_KINDS}"
+            )
+        unused = _unused_fields(self.kind, {f.name: getattr(self, f.name) for f in fields(self)})
+        if unused:
+            name = unused[0]
+            raise ValueError(
+                f"AttentionConfig: kind={self.kind!r} does not use {name} (set it only with "
+                f"kind in {users(name)})"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttentionConfig:
+        """A configuration saved as JSON (``config.json``, ``results.json``). Configurations
+        saved before unused fields were refused may set one (the ``sort`` experiment gave
+        every kind its preset's balancing rounds): such a field is dropped, with a warning
+        naming it, since the kind never read it."""
+        values = dict(data)
+        kind = values.get("kind", cls.kind)
+        unused = _unused_fields(kind, values) if isinstance(kind, str) and kind in KINDS else []
+        if unused:
+            warnings.warn(
+                f"AttentionConfig: kind={kind!r} does not use {', '.join(unused)}; dropped "
+                "from the saved configuration",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(**{k: v for k, v in values.items() if k not in unused})
 
     def op_options(
         self,
@@ -177,7 +197,7 @@ class AttentionConfig:
         return SinkhornOptions(
             **same,
             is_causal=is_causal,
-            mixture=self.kind == "mixture",
+            mixture=KINDS[self.kind].mixture,
             gumbel_noise=self.gumbel_noise and training,
             dropout_p=dropout_p,
             scale=scale,
@@ -185,7 +205,8 @@ class AttentionConfig:
 
     @property
     def uses_sorting(self) -> bool:
-        return self.kind in ("sinkhorn", "mixture")
+        """The kind routes blocks by a sort net (`Kind.routes`: sinkhorn, mixture)."""
+        return KINDS[self.kind].routes
 
     @property
     def length_limit(self) -> int | None:
@@ -207,3 +228,16 @@ _OWN = tuple(
     for f in fields(SinkhornOptions)
     if f.name not in ("is_causal", "mixture", "gumbel_noise", "dropout_p", "scale")
 )
+
+
+_DEFAULTS = {f.name: f.default for f in fields(AttentionConfig)}
+
+
+def _unused_fields(kind: str, values: Mapping[str, Any]) -> list[str]:
+    """The fields in ``values`` that ``kind`` does not read, set to other than their default."""
+    uses = KINDS[kind].uses
+    return [
+        name
+        for name, value in values.items()
+        if name in _DEFAULTS and name not in uses and value != _DEFAULTS[name]
+    ]

@@ -56,29 +56,26 @@ def sorted_row(
     return sorted_k, sorted_v, plan.P[:, :, block, :block].detach().sum(-1)
 
 
-def baseline_keep_row(
-    kind: str,
-    t: int,
-    *,
-    block_size: int,
-    sparse_mode: str = "fixed",
-    device: torch.device | None = None,
+def dense_keep_row(t: int, *, device: torch.device | None = None) -> Tensor:
+    """``(t+1,)`` bool: query ``t`` of causal dense attention sees every key ``s <= t``."""
+    return torch.ones(t + 1, dtype=torch.bool, device=device)
+
+
+def local_keep_row(t: int, block_size: int, *, device: torch.device | None = None) -> Tensor:
+    """``(t+1,)`` bool: query ``t`` of causal local attention sees the keys of its own block
+    ([`local_attention`][sparse_sinkhorn.ops.local_attention])."""
+    return torch.arange(t + 1, device=device) // block_size == t // block_size
+
+
+def sparse_keep_row(
+    t: int, block_size: int, *, mode: str = "fixed", device: torch.device | None = None
 ) -> Tensor:
-    """``(t+1,)`` bool: which keys ``s <= t`` query ``t`` sees in a causal baseline: all
-    (``"dense"``), its own block (``"local"``,
-    [`local_attention`][sparse_sinkhorn.ops.local_attention]), or row
-    ``t`` of [`sparse_pattern`][sparse_sinkhorn.ops.sparse_pattern] (``"sparse"``)."""
-    w = block_size
-    if kind == "dense":
-        return torch.ones(t + 1, dtype=torch.bool, device=device)
-    if kind == "local":
-        return torch.arange(t + 1, device=device) // w == t // w
-    if kind == "sparse":
-        row = torch.tensor([t], device=device)
-        return sparse_pattern(
-            t + 1, block_size=w, is_causal=True, mode=sparse_mode, device=device, queries=row
-        )[0]
-    raise ValueError(f"no cached baseline for attention kind {kind!r}")
+    """``(t+1,)`` bool: row ``t`` of the causal
+    [`sparse_pattern`][sparse_sinkhorn.ops.sparse_pattern]."""
+    row = torch.tensor([t], device=device)
+    return sparse_pattern(
+        t + 1, block_size=block_size, is_causal=True, mode=mode, device=device, queries=row
+    )[0]
 
 
 def topk_keep_row(
@@ -160,9 +157,11 @@ def local_and_sorted_token(
 
 __all__ = [
     "attend_token",
-    "baseline_keep_row",
+    "dense_keep_row",
     "local_and_sorted_token",
+    "local_keep_row",
     "sorted_row",
+    "sparse_keep_row",
     "topk_keep_row",
     "with_block_means",
 ]

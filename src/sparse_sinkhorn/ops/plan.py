@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .blocks import block_validity, repeat_kv
+from .blocks import block_validity, num_blocks, repeat_kv
 from .options import SinkhornOptions, resolve_options
 from .routing import leaky_sinkhorn_balance, softmax_routing, target_sinkhorn_balance
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
@@ -216,7 +216,7 @@ def block_attention_mass(
         real = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         keep4 = keep[None, None] if real is None else keep[None, None] & real  # (B|1, 1, L, L)
         probs = scores.masked_fill(~keep4, float("-inf")).softmax(-1).nan_to_num(0.0)
-        n = -(-length // w)
+        n = num_blocks(length, w)
         pad = n * w - length
         probs = torch.nn.functional.pad(probs, (0, pad, 0, pad))  # (B, H, N*W, N*W)
         mass = rearrange(probs, "b h q (n w) -> b h q n w", w=w).sum(-1)  # (B, H, N*W, N)

@@ -1,9 +1,8 @@
-"""docs/configuration.md: every snippet runs and prints what its comments say, and every
-figure of its tables is the one in the committed result file it names."""
+"""docs/configuration.md: every snippet runs and prints what its comments say (its tables
+are checked against their result files by ``test_docs_figures.py``)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 from test_docs_blocks import ROOT, Block, blocks
 
 PAGE = ROOT / "docs" / "configuration.md"
-RESULTS = ROOT / "docs" / "results" / "recall"
 PYTHON_BLOCKS = blocks(PAGE, ("python",))
 
 
@@ -59,55 +57,3 @@ def test_snippet_runs_and_prints_what_it_says(
         )
     if "hard=True" in block.code:
         assert ns["serving"].config.attention.hard and not ns["model"].config.attention.hard
-
-
-def _rows(table_header: str) -> list[list[str]]:
-    """The body rows of the page's table whose header line starts with ``table_header``."""
-    lines = PAGE.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(table_header))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows
-
-
-def _result(path: Path, kind: str) -> dict:
-    return next(r for r in json.loads(path.read_text())["results"] if r["kind"] == kind)
-
-
-def test_passkey_seeds_are_the_committed_ones() -> None:
-    rows = _rows("| length, steps | seeds |")
-    assert len(rows) == 2
-    for _, n_seeds, per_seed, file in rows:
-        runs = _result(RESULTS / file.strip("`"), "softmax-max-layers")["runs"]
-        assert int(n_seeds) == len(runs)
-        assert per_seed == ", ".join(f"{r['eval']['accuracy']:.1f}" for r in runs)
-
-
-KEYED = {  # the page's row label -> (file, kind)
-    "dense attention": ("keyed-needles-512-3000steps.json", "dense"),
-    '`topk`, `gate="bound"`, `compressed=True`': (
-        "keyed-needles-512-3000steps.json",
-        "topk-bound-compressed",
-    ),
-    '`topk`, `gate="bound"`': ("keyed-needles-512-3000steps-bound.json", "topk-bound"),
-    '`topk`, `gate="mean"` (MoBA\'s), `compressed=True`': (
-        "keyed-needles-512-3000steps.json",
-        "topk-compressed",
-    ),
-    "`softmax-max-layers`": ("keyed-needles-512-3000steps.json", "softmax-max-layers"),
-}
-
-
-def test_keyed_needles_figures_are_the_committed_ones() -> None:
-    rows = _rows("| configuration | seeds | accuracy % at 512 tokens |")
-    assert {r[0] for r in rows} == set(KEYED)
-    for label, n_seeds, accuracy in rows:
-        file, kind = KEYED[label]
-        result = _result(RESULTS / file, kind)
-        assert int(n_seeds) == len(result.get("runs", [result]))
-        mean = f"{result['eval']['accuracy']:.1f}"
-        expected = mean if int(n_seeds) == 1 else f"{mean} ± {result['eval_std']['accuracy']:.1f}"
-        assert accuracy == expected

@@ -1,0 +1,99 @@
+"""Figures in the docs' result tables are the ones in the committed result files.
+
+A table whose header has a ``kind`` and a ``file`` column is checked row by row against the
+``results.json`` the ``file`` cell names (a path under ``docs/results/``, in backticks or as a
+link): the row of that ``kind`` (and of the ``length`` cell, where the table has one) must
+exist, and each of these columns, where the table has it, must equal the file's figure:
+
+- ``seeds``: the number of seeds of that row;
+- ``accuracy %``: the mean over seeds, ``mean ± std`` (std over seeds) for more than one seed,
+  one decimal;
+- ``per seed``: each seed's accuracy, one decimal, comma separated, in seed order;
+- ``routing hits %``: the first layer's routing hits, mean (± std) as ``accuracy %``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from test_docs_blocks import ROOT
+
+DOCS = ROOT / "docs"
+RESULTS = DOCS / "results"
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _tables(path: Path) -> list[tuple[int, list[str], list[list[str]]]]:
+    """``(line, header, rows)`` of every markdown table of ``path`` with kind and file columns."""
+    lines = path.read_text().splitlines()
+    found = []
+    i = 0
+    while i < len(lines) - 1:
+        if lines[i].startswith("|") and re.match(r"^\|[-| :]+\|$", lines[i + 1].strip()):
+            header = _cells(lines[i])
+            rows, j = [], i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                rows.append(_cells(lines[j]))
+                j += 1
+            if "kind" in header and "file" in header:
+                found.append((i + 1, header, rows))
+            i = j
+        else:
+            i += 1
+    return found
+
+
+PAGES = sorted(p for p in DOCS.rglob("*.md") if _tables(p))
+
+
+def _file(cell: str) -> Path:
+    match = re.search(r"\(([^)]+\.json)\)", cell) or re.search(r"`([^`]+\.json)`", cell)
+    assert match, f"no result file in {cell!r}"
+    name = match.group(1).removeprefix("results/")
+    return RESULTS / name
+
+
+def _mean(value: float, std: float | None) -> str:
+    return f"{value:.1f}" if std is None else f"{value:.1f} ± {std:.1f}"
+
+
+def _check_row(header: list[str], row: list[str]) -> None:
+    cell = dict(zip(header, row, strict=True))
+    data = json.loads(_file(cell["file"]).read_text())
+    kind = cell["kind"].strip("`")
+    length = int(cell["length"].replace(",", "")) if "length" in cell else None
+    matches = [r for r in data["results"] if r["kind"] == kind and length in (None, r["length"])]
+    assert len(matches) == 1, f"{kind} (length {length}) in {cell['file']}: {len(matches)} rows"
+    result = matches[0]
+    runs = result.get("runs", [result])
+    many = len(runs) > 1
+    if "seeds" in cell:
+        assert int(cell["seeds"]) == len(runs), cell
+    if "accuracy %" in cell:
+        std = result["eval_std"]["accuracy"] if many else None
+        assert cell["accuracy %"] == _mean(result["eval"]["accuracy"], std), cell
+    if "per seed" in cell:
+        shown = ", ".join(f"{r['eval']['accuracy']:.1f}" for r in runs)
+        assert cell["per seed"] == shown, cell
+    if "routing hits %" in cell:
+        std = result["eval_std"]["routing_hit_layer0"] if many else None
+        assert cell["routing hits %"] == _mean(result["eval"]["routing_hit_layer0"], std), cell
+
+
+def test_some_page_has_checked_tables() -> None:
+    assert DOCS / "configuration.md" in PAGES
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_table_figures_are_the_result_files(page: Path) -> None:
+    for line, header, rows in _tables(page):
+        assert rows, f"{page.name}:{line}: an empty table"
+        for row in rows:
+            _check_row(header, row)

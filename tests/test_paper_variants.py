@@ -16,6 +16,7 @@ from sparse_sinkhorn.cli import main
 from sparse_sinkhorn.experiments import image, lm, sorting, variants
 from sparse_sinkhorn.experiments.ranking import Ranking, compare, rank, ranking_line
 from sparse_sinkhorn.experiments.recall_kinds import RECALL_KINDS
+from sparse_sinkhorn.experiments.results import KIND_NAMES
 from sparse_sinkhorn.experiments.routing_shape import ENTROPY, PREV_MASS, RoutingShape, row_shape
 from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig, Seq2Seq
 from sparse_sinkhorn.nn import AttentionConfig
@@ -36,6 +37,8 @@ def test_one_table_for_recall_and_the_paper_experiments() -> None:
     }  # fmt: skip
     assert not variants.is_causal("sinkhorn-leaky") and variants.is_causal("sinkhorn-targets")
     assert variants.label("sinkhorn-leaky") == "sinkhorn-leaky (NOT causal)"
+    assert all(name in KIND_NAMES for name in variants.PAPER_VARIANTS)  # lm and image tables
+    assert "NOT causal" in KIND_NAMES["sinkhorn-leaky"]
     assert variants.not_causal_note(["sinkhorn", "dense"]) is None
     assert "NOT causal" in (variants.not_causal_note(["sinkhorn-leaky"]) or "")
     # the default grids are the plain kinds, as before
@@ -169,3 +172,23 @@ def test_tiny_sort_run_of_the_variants(tmp_path: Path, capsys: pytest.CaptureFix
     assert results["ranking"]["metric"] == "dev/exact_match"
     with pytest.raises(SystemExit, match="unknown attention kind 'softmax-hard'"):
         main([*args, "--attention", "softmax-hard"])
+
+
+def test_tiny_lm_run_of_the_variants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "".join(f"the king {i % 7} speaks to the queen {i % 5}.\n" for i in range(400))
+    )
+    out = tmp_path / "lm"
+    args = ["lm", "--level", "char", "--corpus", str(corpus), "--out", str(out), "--steps", "2"]
+    args += ["--length", "32", "--block-size", "4", "--batch-size", "4", "--eval-windows", "2"]
+    assert main([*args, "--attention", "softmax-max,sinkhorn-leaky,local", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Softmax routing, max pooling (softmax-max)" in printed and "NOT causal" in printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["kind"]: r for r in results["results"]}
+    assert rows["softmax-max"]["config"]["attention"]["pooling"] == "max"
+    assert 0.0 < rows["softmax-max"]["eval"][PREV_MASS] <= 1.0
+    assert PREV_MASS not in rows["local"]["eval"]
+    assert results["ranking"]["metric"] == "test/bits_per_char"
+    assert len(results["ranking"]["order"]) == 3

@@ -12,12 +12,31 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from . import ablate, classify, flags, image, lm, recall, recall_tasks, sorting
+from . import ablate, classify, flags, image, lm, recall, recall_tasks, sorting, variants
 from .classify_common import CLASSIFY_DATASETS, LEVELS, VARIANTS
 from .presets import NLI_DATASETS
 
 BY_PRESET = "3 at the cpu preset, 1 at the paper preset"  # --seeds of sort and ablate
 DATA_DIR = "data directory (see `data fetch`)"
+
+
+def _paper_attention(
+    parser: argparse.ArgumentParser,
+    kinds: tuple[str, ...],
+    defaults: tuple[str, ...],
+    where: str,
+) -> None:
+    """``--attention`` of a paper decoder experiment: its kinds and `variants.PAPER_VARIANTS`
+    (``where``: the sentence that says which layers a variant changes)."""
+    named = ", ".join(variants.label(n) for n in variants.PAPER_VARIANTS)
+    flags.add_attention_arg(
+        parser,
+        kinds,
+        help=f"one of {', '.join(kinds)}, or a named configuration: {named} (as in recall; "
+        f"sinkhorn-targets and softmax-max are causal routing that is not the shift the "
+        f"paper's sinkhorn converges to in a decoder); a comma list, or 'all' "
+        f"(= {', '.join(defaults)}; default). {where}",
+    )
 
 
 def _runs(
@@ -43,7 +62,15 @@ def add_sort(subparsers: argparse._SubParsersAction) -> None:
         description="Train encoder-decoders to sort random sequences of lengths U[1, L] "
         "(Tensor2Tensor's sort problem); evaluate on dev lengths U[1, 2L].",
     )
-    flags.add_attention_arg(parser, sorting.KINDS, sorting.DEFAULT_KINDS)
+    _paper_attention(
+        parser,
+        sorting.KINDS,
+        sorting.DEFAULT_KINDS,
+        "A variant's balance applies to the decoder's causal self-attention; the encoder is "
+        "not causal, where sinkhorn-targets and sinkhorn-leaky balance as sinkhorn does "
+        "(softmax-max routes the encoder by softmax rows too); cross-attention is dense "
+        "for every kind.",
+    )
     flags.add_override_flags(parser, sorting.OVERRIDES)
     _runs(parser, sorting.run, "runs/sort", default_seeds=BY_PRESET)
 
@@ -83,7 +110,7 @@ def add_lm(subparsers: argparse._SubParsersAction) -> None:
         description="Train decoder-only LMs per attention kind on a plain-text corpus.",
     )
     parser.add_argument("--level", default="char", help="char (default) or subword")
-    flags.add_attention_arg(parser, lm.KINDS)
+    _paper_attention(parser, lm.KINDS, lm.KINDS, "Every layer is causal self-attention.")
     parser.add_argument("--data-dir", default=None, help=DATA_DIR)
     parser.add_argument(
         "--corpus",
@@ -103,7 +130,13 @@ def add_image(subparsers: argparse._SubParsersAction) -> None:
     )
     datasets = ", ".join(image.DATASETS)
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {datasets}")
-    flags.add_attention_arg(parser, image.KINDS)
+    _paper_attention(
+        parser,
+        image.KINDS,
+        image.KINDS,
+        "Every layer is causal self-attention; sinkhorn-leaky samples without the decoding "
+        "cache (which refuses it).",
+    )
     parser.add_argument("--data-dir", default=None, help=DATA_DIR)
     flags.add_override_flags(parser, image.OVERRIDES)
     parser.add_argument(
@@ -155,7 +188,8 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         help=f"one of {', '.join(recall_tasks.TASKS)} (default: passkey); the last three ask "
         "questions whose answer block depends on the question",
     )
-    kinds, controls = ", ".join(recall.RECALL_KINDS), ", ".join(recall.CONTROL_KINDS)
+    kinds = ", ".join(variants.label(k) for k in recall.RECALL_KINDS)
+    controls = ", ".join(recall.CONTROL_KINDS)
     flags.add_attention_arg(
         parser,
         list(recall.RECALL_KINDS),

@@ -37,11 +37,12 @@ from ..models import LanguageModel, LanguageModelConfig
 from ..models.common import check_sampling, sample_next
 from ..nn import AttentionConfig
 from ..train import init_distributed
-from . import flags
+from . import flags, routing_shape, variants
 from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
 from .lm import lm_loss, total_nll
 from .plots import plot_loss_curves
 from .presets import IMAGE_PRESETS, SCHEDULES, ImagePreset
+from .ranking import Ranking
 from .results import KIND_NAMES, TABLE_KINDS, TASK_FILE, format_table, report
 from .stats import bits_per_unit, evenly_spaced, seeds_cell
 
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 KINDS = TABLE_KINDS
+NAMES = (*KINDS, *variants.PAPER_VARIANTS)  # what --attention takes
+RANKING = Ranking("test/bits_per_dim", higher_is_better=False)
 N_LEVELS = 256  # pixel values 0..255 are the token ids
 START_ID = 256  # begins every image
 PAD_ID = 257  # never occurs (kept out of the pixel ids so that value 0 trains normally)
@@ -152,6 +155,7 @@ def save_grid(samples: Tensor, path: Path, title: str, real: Tensor | None = Non
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
+    shape = routing_shape.has_shape(results)
     rows = [
         [
             KIND_NAMES[r["kind"]],
@@ -159,6 +163,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
             PAPER_ROWS.get(r["kind"]),
             r["params"],
             round(r["train_seconds"]),
+            *(routing_shape.cells(r) if shape else ()),
         ]
         for r in results
     ]
@@ -168,6 +173,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
         "paper CIFAR-10 bits/dim (T5)",
         "params",
         "train s",
+        *(routing_shape.HEADERS if shape else ()),
     ]
     return format_table(headers, rows)
 
@@ -180,12 +186,13 @@ def block_size_for(preset: ImagePreset, shape: tuple[int, ...]) -> int:
     return 2 * row
 
 
-def model_config(preset: ImagePreset, kind: str, dims: int, block: int) -> LanguageModelConfig:
+def model_config(preset: ImagePreset, name: str, dims: int, block: int) -> LanguageModelConfig:
+    """The pixel model for one attention kind or named variant (`variants.VARIANTS`)."""
     return LanguageModelConfig(
         vocab_size=N_LEVELS + 2,  # 256 pixel values, start, pad
         **model_sizes(preset),
         pad_id=PAD_ID,
-        attention=AttentionConfig(kind=kind, block_size=block, max_len=dims),
+        attention=AttentionConfig(block_size=block, max_len=dims, **variants.fields(name)),
     )
 
 
@@ -218,13 +225,17 @@ def run_kind(
     evals = evenly_spaced(PixelSequences(test_set), preset.eval_images)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
-        nats, count = pixel_nll(m, evals, preset.eval_batch)
-        return {"test/bits_per_dim": bits_per_unit(nats, count)}
+        with routing_shape.RoutingShape(m) as shape:
+            nats, count = pixel_nll(m, evals, preset.eval_batch)
+        return {"test/bits_per_dim": bits_per_unit(nats, count), **shape.metrics()}
 
     plan = Plan(model, config.to_dict(), PixelSequences(train_set), pixel_loss, eval_fn)
     fitted = fit(run, plan, preset, SCHEDULES["image"])
     t1 = time.perf_counter()
-    samples = sample_images(model, preset.n_samples, shape, seed=run.seed)
+    # a non-causal decoder (sinkhorn-leaky) samples without the decoding cache, which refuses
+    # it: each pixel from a forward over the pixels before it
+    use_cache = variants.decodes_causally(config.attention)
+    samples = sample_images(model, preset.n_samples, shape, seed=run.seed, use_cache=use_cache)
     sample_seconds = time.perf_counter() - t1
     real = torch.stack([test_set.pixels[i] for i in range(preset.n_samples)]).reshape(-1, *shape)
     title = f"{dataset}, {KIND_NAMES[kind]}: samples / real"
@@ -241,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
     preset = replace(PRESETS[args.preset], **flags.positive_overrides(args, OVERRIDES))
     options = grid_options(args, args.out or f"runs/image-{args.dataset}")
-    kinds = flags.parse_kinds(args.attention, KINDS, KINDS)
+    kinds = flags.parse_kinds(args.attention, NAMES, KINDS)
     train_set = load_split(args.dataset, "train", args.data_dir)
     test_set = load_split(args.dataset, "test", args.data_dir)
     if args.train_images is not None:
@@ -279,7 +290,9 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
         "loss_curves_png": str(curves),
         "paper": {"cifar10_bits_per_dim": PAPER_ROWS},
+        "ranking": RANKING.to_dict(),
     }
     files = [("loss curves", curves), *(("samples", r["samples_png"]) for r in results)]
-    report(options.out, title, results_table(results), payload, files)
+    note = variants.not_causal_note(kinds)
+    report(options.out, title, results_table(results), payload, files, note=note)
     return 0

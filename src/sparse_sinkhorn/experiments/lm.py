@@ -43,10 +43,11 @@ from ..models import LanguageModel, LanguageModelConfig
 from ..nn import AttentionConfig
 from ..train import init_distributed
 from ..train.helpers import rank0_call
-from . import flags
+from . import flags, routing_shape, variants
 from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
 from .plots import plot_loss_curves
 from .presets import LM_PRESETS, SCHEDULES, LMPreset
+from .ranking import Ranking
 from .results import KIND_NAMES, TABLE_KINDS, TASK_FILE, TOKENIZER_FILE, format_table, report
 from .stats import bits_per_unit, evenly_spaced, perplexity, seeds_cell
 
@@ -54,6 +55,12 @@ logger = logging.getLogger(__name__)
 
 LEVELS = ("char", "subword")
 KINDS = TABLE_KINDS
+NAMES = (*KINDS, *variants.PAPER_VARIANTS)  # what --attention takes
+# The headline of each level's table (lower is better).
+RANKINGS = {
+    "char": Ranking("test/bits_per_char", higher_is_better=False),
+    "subword": Ranking("test/perplexity", higher_is_better=False),
+}
 # Paper Table 2 (LM1B subword perplexity; Base, Big) and Table 4 (LM1B bits/char, Big).
 PAPER_SUBWORD: dict[str, tuple[float | None, float | None]] = {
     "dense": (41.57, 27.59),
@@ -152,11 +159,13 @@ def encode(tokenizer: Tokenizer, text: str) -> Tensor:
 
 # ----------------------------------------------------------------------------- runs
 def model_config(
-    preset: LMPreset, kind: str, vocab_size: int, **attention_options: Any
+    preset: LMPreset, name: str, vocab_size: int, **attention_options: Any
 ) -> LanguageModelConfig:
-    """The LM for one attention kind; ``attention_options`` override AttentionConfig fields."""
+    """The LM for one attention kind or named variant (`variants.VARIANTS`);
+    ``attention_options`` override AttentionConfig fields."""
+    options = {**variants.fields(name), **attention_options}
     attention = AttentionConfig(
-        kind=kind, block_size=preset.block_size, max_len=4 * preset.seq_len, **attention_options
+        block_size=preset.block_size, max_len=4 * preset.seq_len, **options
     )  # max_len > seq_len lets `generate` continue past the training length
     return LanguageModelConfig(
         vocab_size=vocab_size,
@@ -228,14 +237,16 @@ def run_kind(
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
+        shape = routing_shape.RoutingShape(m)
         for name, data in evals.items():
-            nats, count = total_nll(m, data, preset.eval_batch)
+            with shape:
+                nats, count = total_nll(m, data, preset.eval_batch)
             out[f"{name}/nll"] = nats / count
             if level == "char":
                 out[f"{name}/bits_per_char"] = bits_per_unit(nats, count)
             else:
                 out[f"{name}/perplexity"] = perplexity(nats, count)
-        return out
+        return {**out, **shape.metrics()}
 
     plan = Plan(model, config.to_dict(), train_data, lm_loss, eval_fn)
     fitted = fit(run, plan, preset, SCHEDULES["lm"])
@@ -256,6 +267,7 @@ def _windows(ids: Tensor, seq_len: int, split: str) -> TokenWindows:
 
 
 def results_table(results: list[dict[str, Any]], level: str) -> str:
+    shape = routing_shape.has_shape(results)
     rows: list[list[Any]] = []
     for r in results:
         if level == "char":
@@ -268,6 +280,7 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
                     paper,
                     r["params"],
                     round(r["train_seconds"]),
+                    *(routing_shape.cells(r) if shape else ()),
                 ]
             )
         else:
@@ -281,6 +294,7 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
                     big,
                     r["params"],
                     round(r["train_seconds"]),
+                    *(routing_shape.cells(r) if shape else ()),
                 ]
             )
     if level == "char":
@@ -302,7 +316,7 @@ def results_table(results: list[dict[str, Any]], level: str) -> str:
             "params",
             "train s",
         ]
-    return format_table(headers, rows)
+    return format_table([*headers, *(routing_shape.HEADERS if shape else ())], rows)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -311,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     preset = PRESETS[(args.level, args.preset)]
     preset = replace(preset, **flags.positive_overrides(args, OVERRIDES))
     options = grid_options(args, args.out or f"runs/lm-{args.level}")
-    kinds = flags.parse_kinds(args.attention, KINDS, KINDS)
+    kinds = flags.parse_kinds(args.attention, NAMES, KINDS)
     corpus = load_text(args.corpus, args.data_dir, preset.max_train_chars)
     logger.info(
         "corpus %s: %d train / %d valid / %d test chars",
@@ -348,7 +362,9 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
         "loss_curves_png": str(curves),
         "paper": {"subword_ppl_base_big": PAPER_SUBWORD, "char_bits_per_char_big": PAPER_CHAR},
+        "ranking": RANKINGS[args.level].to_dict(),
     }
     table = results_table(results, args.level)
-    report(options.out, title, table, payload, [("loss curves", curves)])
+    note = variants.not_causal_note(kinds)
+    report(options.out, title, table, payload, [("loss curves", curves)], note=note)
     return 0

@@ -54,6 +54,7 @@ from .recall_kinds import (
 from .recall_report import HARD, plot, results_table, summarize
 from .recall_tasks import TASKS, answer_sources
 from .results import report
+from .variants import not_causal_note
 
 logger = logging.getLogger(__name__)
 
@@ -340,5 +341,6 @@ def run(args: argparse.Namespace) -> int:
         "plots": [str(p) for p in figures],
     }
     table = results_table(results, preset.lengths, chance)
-    report(out, title, table, payload, [("plots", ", ".join(str(p) for p in figures))])
+    files = [("plots", ", ".join(str(p) for p in figures))]
+    report(out, title, table, payload, files, note=not_causal_note(kinds))
     return 0

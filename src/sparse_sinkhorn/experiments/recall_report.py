@@ -10,6 +10,7 @@ from typing import Any
 from .driver import summarize_seeds
 from .results import format_table
 from .stats import seeds_cell
+from .variants import label
 
 HARD = "accuracy_hard_routing"  # a soft-routing kind's weights scored with hard routing
 
@@ -19,7 +20,7 @@ def results_table(results: list[dict[str, Any]], lengths: tuple[int, ...], chanc
     has_hard = any(HARD in x["eval"] for x in results)
     rows = []
     for kind in kinds:
-        row: list[Any] = [kind]
+        row: list[Any] = [label(kind)]
         for length in lengths:
             r = next((x for x in results if x["kind"] == kind and x["length"] == length), None)
             if r is None:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from ..train.rundir import run_lock
+from .ranking import Ranking, ranking_line, ranking_record
+from .variants import NOT_CAUSAL_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ logger = logging.getLogger(__name__)
 TASK_FILE = "run.json"  # what `generate` needs to know about a run directory
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer (text tasks)
 
-# The attention kinds of the LM and image tables, in table order, and how tables name them.
+# The attention kinds of the LM and image tables, in table order, and how tables name them
+# (and the named variants those experiments take too, `variants.PAPER_VARIANTS`).
 TABLE_KINDS = ("dense", "local", "sparse", "sinkhorn", "mixture")
 KIND_NAMES = {
     "dense": "Transformer",
@@ -33,6 +36,9 @@ KIND_NAMES = {
     "sparse": "Sparse Transformer",
     "sinkhorn": "Sinkhorn",
     "mixture": "Sinkhorn Mixture",
+    "sinkhorn-targets": "Sinkhorn, column targets (sinkhorn-targets)",
+    "sinkhorn-leaky": f"Sinkhorn, leaky (sinkhorn-leaky, {NOT_CAUSAL_LABEL})",
+    "softmax-max": "Softmax routing, max pooling (softmax-max)",
 }
 
 # Payload fields that must agree for two runs' results to share one results.json.
@@ -153,8 +159,9 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
     sinkhorn run keeps the sinkhorn row; settings compare as the file holds them, so a tuple
     and the list it was saved as are the same); one from a different run is copied to
     ``results.previous.json``, or ``results.previous-<n>.json`` when that exists (a file set
-    aside is never overwritten), with a warning instead of being lost. Both files are replaced
-    atomically under the directory's lock.
+    aside is never overwritten), with a warning instead of being lost. A payload with a
+    ``"ranking"`` (`ranking.Ranking.to_dict`) gets the order of every row the file then holds,
+    and ``results.md`` its line. Both files are replaced atomically under the directory's lock.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
@@ -188,6 +195,11 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
                         "\n\nKept from an earlier run with the same settings (see results.json): "
                         + ", ".join(kept)
                     )
+        if isinstance(document.get("ranking"), dict):  # over every row the file now holds
+            spec = document["ranking"]
+            ranking = Ranking(spec["metric"], spec["higher_is_better"])
+            document["ranking"] = ranking_record(document["results"], ranking)
+            table += "\n\n" + ranking_line(document["ranking"])
         text = json.dumps({**document, "machine": machine_info()}, indent=2) + "\n"
         _atomic_write(path, text)
         _atomic_write(out_dir / "results.md", table + "\n")
@@ -212,6 +224,8 @@ def report(
     if note:
         print(f"\n{note}")
     path = write_results(out_dir, payload, table)
+    if "ranking" in payload:  # the order of every row results.json now holds
+        print("\n" + ranking_line(json.loads(path.read_text(encoding="utf-8"))["ranking"]))
     print(f"\nresults: {path}")
     for what, where in files:
         print(f"{what}: {where}")

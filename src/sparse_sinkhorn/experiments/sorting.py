@@ -49,10 +49,11 @@ from ..nn import AttentionConfig, TransformerLayer
 from ..nn import kinds as registry
 from ..train import cleanup_distributed, init_distributed
 from ..train.seq_metrics import sequence_metrics
-from . import flags
+from . import flags, routing_shape, variants
 from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
 from .plots import plot_sort_matrices
 from .presets import SCHEDULES, SORT_PRESETS, SortPreset
+from .ranking import Ranking
 from .results import format_table, report
 from .stats import mean_and_std, mean_std_cell
 
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("sinkhorn", "dense", "local", "sparse", "mixture")
 DEFAULT_KINDS = ("sinkhorn", "dense", "local", "sparse")
+NAMES = (*KINDS, *variants.PAPER_VARIANTS)  # what --attention takes
 PROTOCOL = "t2t"  # Tensor2Tensor's algorithmic_sort_problem (see the module docstring)
 DEV_SEED = 20_200_713  # the dev set is the same for every kind, seed and --seed
 
@@ -72,6 +74,7 @@ PAPER_ROWS = {
     "sinkhorn": ("Sinkhorn (b=32)", 0.4054, 49.24),
 }
 SPLITS = ("dev", "dev_short", "dev_long")  # all dev sequences, length <= L, length > L
+RANKING = Ranking("dev/exact_match", higher_is_better=True)  # the headline: greedy exact match
 
 
 PRESETS = SORT_PRESETS
@@ -110,12 +113,15 @@ def max_input_length(preset: SortPreset) -> int:
     return 2 * preset.length + 1
 
 
-def model_config(preset: SortPreset, kind: str, **attention_options: Any) -> Seq2SeqConfig:
-    """The model for one attention kind; ``attention_options`` override AttentionConfig fields."""
+def model_config(preset: SortPreset, name: str, **attention_options: Any) -> Seq2SeqConfig:
+    """The model for one attention kind or named variant (`variants.VARIANTS`; the variant's
+    fields apply to every self-attention layer, encoder and decoder); ``attention_options``
+    override AttentionConfig fields."""
     routing = {"temperature": preset.temperature, "n_iters": preset.n_iters}  # routed kinds
-    options = {**registry.kind_fields(kind, routing), **attention_options}
+    named = variants.fields(name)
+    options = {**registry.kind_fields(named["kind"], routing), **named, **attention_options}
     attention = AttentionConfig(
-        kind=kind, block_size=preset.block_size, max_len=max_input_length(preset), **options
+        block_size=preset.block_size, max_len=max_input_length(preset), **options
     )
     return Seq2SeqConfig(
         vocab_size=vocab_size(preset.n_symbols),
@@ -174,11 +180,17 @@ def evaluate(
     """Greedy decoding until EOS, and teacher-forced argmax, over the whole dev set.
 
     Keys ``dev/exact_match``, ``dev_short/edit_distance`` ... (greedy) and the same with a
-    ``_tf`` suffix on the split (``dev_tf/exact_match`` ...) for the teacher-forced figures.
+    ``_tf`` suffix on the split (``dev_tf/exact_match`` ...) for the teacher-forced figures;
+    for a decoder that routes blocks, the shape of its causal routing in the teacher-forced
+    pass (`routing_shape`). A decoder that is not causal (``sinkhorn-leaky``) decodes
+    greedily without the incremental cache, which refuses it: each step recomputes the
+    prefix, so a generated token never reads a later one.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    use_cache = variants.decodes_causally(model.config.attention)
+    shape = routing_shape.RoutingShape(model.decoder)
     order = sorted(range(len(dataset)), key=dataset.length_of)  # batches of similar lengths
     greedy: dict[int, list[int]] = {}
     forced: dict[int, list[int]] = {}
@@ -186,9 +198,12 @@ def evaluate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         src, tgt = (t.to(device) for t in sorting_batch(dataset, idx))  # (B, S), (B, T)
-        out = model.generate(src, dataset.max_tokens, eos_id=EOS_ID)  # (B, <= 2L+1)
+        out = model.generate(
+            src, dataset.max_tokens, eos_id=EOS_ID, use_cache=use_cache
+        )  # (B, <= 2L+1)
         tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS_ID), tgt[:, :-1]], dim=1)
-        argmax = model(src, tgt_in).argmax(-1)  # (B, T)
+        with shape:
+            argmax = model(src, tgt_in).argmax(-1)  # (B, T)
         for row, i in enumerate(idx):
             real = tgt[row] != PAD_ID
             targets[i] = tgt[row][real].tolist()
@@ -201,6 +216,7 @@ def evaluate(
     result = _split_metrics([greedy[i] for i in ids], tgts, lengths, length)
     tf = _split_metrics([forced[i] for i in ids], tgts, lengths, length)
     result.update({k.replace("/", "_tf/", 1): v for k, v in tf.items()})
+    result.update(shape.metrics())
     return result
 
 
@@ -216,12 +232,13 @@ def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
     def cell(r: dict[str, Any], key: str, digits: int) -> str:
         return mean_std_cell(r["eval"].get(key), r["eval_std"].get(key), digits, preset.n_seeds)
 
+    shape = routing_shape.has_shape(results)
     rows: list[list[Any]] = []
     for r in results:
         paper = PAPER_ROWS.get(r["kind"])
         rows.append(
             [
-                r["kind"],
+                variants.label(r["kind"]),
                 cell(r, "dev/exact_match", 1),
                 cell(r, "dev/edit_distance", 3),
                 cell(r, "dev_short/exact_match", 1),
@@ -230,6 +247,7 @@ def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
                 cell(r, "dev_tf/edit_distance", 3),
                 paper[2] if paper else None,
                 paper[1] if paper else None,
+                *(routing_shape.cells(r) if shape else ()),
             ]
         )
     headers = [
@@ -242,6 +260,7 @@ def results_table(results: list[dict[str, Any]], preset: SortPreset) -> str:
         "teacher-forced edit dist.",
         "paper exact %",
         "paper edit dist.",
+        *(routing_shape.HEADERS if shape else ()),
     ]
     return format_table(headers, rows)
 
@@ -292,7 +311,7 @@ def run_seed(
     )
     fitted = fit(run, plan, preset, SCHEDULES["sort"])
     plan_png = None
-    if registry.KINDS[kind].routes and run.keeps_plots:
+    if config.attention.uses_sorting and run.keeps_plots:
         plan_png = save_sort_matrix(model, dev, run.out, label or kind)
     return {
         "seed": run.seed,
@@ -322,7 +341,7 @@ def save_sort_matrix(model: Seq2Seq, data: SortingDataset, out: Path, kind: str)
 
 def run(args: argparse.Namespace) -> int:
     preset = with_overrides(PRESETS[args.preset], flags.positive_overrides(args, OVERRIDES))
-    kinds = flags.parse_kinds(args.attention, KINDS, DEFAULT_KINDS)
+    kinds = flags.parse_kinds(args.attention, NAMES, DEFAULT_KINDS)
     dist = init_distributed()
     options = grid_options(args)
     results = train_grid(
@@ -349,8 +368,11 @@ def run(args: argparse.Namespace) -> int:
             k: {"name": v[0], "edit_distance": v[1], "exact_match": v[2]}
             for k, v in PAPER_ROWS.items()
         },
+        "ranking": RANKING.to_dict(),
     }
     heat_maps = [("sort matrix heat map", r["sort_matrix_png"]) for r in results]
     heat_maps = [(what, png) for what, png in heat_maps if png]
-    report(Path(args.out), title, results_table(results, preset), payload, heat_maps)
+    table = results_table(results, preset)
+    note = variants.not_causal_note(kinds)
+    report(Path(args.out), title, table, payload, heat_maps, note=note)
     return 0

@@ -34,8 +34,10 @@ from torch import Tensor
 
 from ..ops.blocks import num_blocks, pool, pool_add, pool_value
 from ..ops.decode import attend_token, check_decodable, local_and_sorted_token, sorted_row
+from ..ops.options import SinkhornOptions
 from .config import AttentionConfig
 from .kinds import KINDS
+from .routing import Routing
 from .sortnet import SortNet, routing_summaries
 
 
@@ -56,9 +58,11 @@ class AttentionCache:
             (block 0, which receives no sorted block, or before the block's first token).
         sorted_ok: ``(B, H, 1, W)`` bool, which sorted slots hold some weight.
         config, sort_net: the layer's, kept by `prefill`.
-        source: under ``shared_routing="layers"``, the first layer's cache, whose summaries
-            and sort net route this (later) layer's blocks; this cache then keeps no
-            summaries of its own. Set by the decoder.
+        options: the op's options of a causal eval step (routed kinds), built by `prefill`.
+        source: the cache whose summaries and sort net route this layer's blocks when that
+            is another layer's (`Routing.source`: the first layer's, for a later layer under
+            ``shared_routing="layers"``); this cache then keeps no summaries of its own.
+            None: the layer routes itself. Set by `DecodingCache.follow`.
     """
 
     k: Tensor | None = None
@@ -72,6 +76,7 @@ class AttentionCache:
     sorted_ok: Tensor | None = None
     config: AttentionConfig | None = None
     sort_net: SortNet | None = None
+    options: SinkhornOptions | None = None
     source: AttentionCache | None = None
 
     @property
@@ -99,11 +104,10 @@ class AttentionCache:
         if not config.uses_sorting:
             return
         check_decodable(config.balance)  # before anything is routed
+        self.options = config.op_options(is_causal=True)
         w, length = config.block_size, x.shape[1]
         started, complete = num_blocks(length, w), length // w  # blocks begun / finished
-        if sort_net is None:  # routed by the first layer's cache (shared_routing="layers")
-            if self.source is None:
-                raise ValueError("a layer without a sort net decodes with the first layer's cache")
+        if self.source is not None:  # routed by another layer's cache (Routing.source)
             if length % w:
                 self._route_block(complete)
             return
@@ -161,7 +165,7 @@ class AttentionCache:
         w = config.block_size
         t = self._append(k, v)
         block = t // w
-        if self.sort_net is None:  # routed by self.source, which has seen this token already
+        if self.source is not None:  # routed by the source, which has seen this token already
             if t % w == 0:
                 self._route_block(block)
         else:
@@ -202,13 +206,13 @@ class AttentionCache:
         if block == 0:
             return  # block 0 receives no sorted block (its sorted half is fully masked)
         router = self if self.source is None else self.source  # whose summaries route
-        config, sort_net = self.config, router.sort_net
-        assert config is not None and sort_net is not None and router.row_summaries is not None
+        options, sort_net = self.options, router.sort_net
+        assert options is not None and sort_net is not None and router.row_summaries is not None
         assert router.key_summaries is not None and self.k is not None and self.v is not None
         self.sorted_k, self.sorted_v, weight = route_block(
-            block, router.row_summaries, router.key_summaries, self.k, self.v, config, sort_net
+            block, router.row_summaries, router.key_summaries, self.k, self.v, options, sort_net
         )
-        w = config.block_size
+        w = options.block_size
         self.sorted_ok = (weight > 0)[:, :, None, None].expand(-1, -1, 1, w)  # (B, H, 1, W)
 
 
@@ -226,6 +230,13 @@ class DecodingCache:
     """
 
     layers: list[AttentionCache] = field(default_factory=list)
+
+    def follow(self, routing: Routing) -> None:
+        """Link each layer's cache to the cache that routes it (`Routing.source`); the stack
+        calls this on every forward it is given the cache."""
+        for i, layer in enumerate(self.layers):
+            source = routing.source(i)
+            layer.source = None if source == i else self.layers[source]
 
     @classmethod
     def for_layers(cls, n_layers: int) -> DecodingCache:
@@ -262,6 +273,7 @@ class SequenceRouting:
 
     def __init__(self, config: AttentionConfig, sort_net: SortNet) -> None:
         self.config, self.sort_net = config, sort_net
+        self.options = config.op_options(is_causal=True)
         self.count: Tensor | None = None
 
     def prefill(self, k: Tensor, v: Tensor, x: Tensor, real: Tensor | None) -> None:
@@ -370,7 +382,7 @@ class SequenceRouting:
             self.keys[b : b + 1],
             k[None],
             v[None],
-            self.config,
+            self.options,
             self.sort_net,
             logits_dtype=k.dtype,
         )
@@ -384,7 +396,7 @@ def route_block(
     keys: Tensor,
     k: Tensor,
     v: Tensor,
-    config: AttentionConfig,
+    options: SinkhornOptions,
     sort_net: SortNet,
     *,
     logits_dtype: torch.dtype | None = None,
@@ -396,6 +408,7 @@ def route_block(
         rows: ``(B, >= i+1, D)`` routing-row summaries; keys: ``(B, >= i, D)`` key summaries
             of the complete blocks.
         k, v: ``(B, H_kv, >= i*W, E)`` keys/values of the earlier blocks, in block order.
+        options: the op's options of a causal eval step (`AttentionConfig.op_options`).
         logits_dtype: cast the sort logits to it before balancing (None: keep them).
     """
     rows = rows[:, : block + 1]  # (B, i+1, D)
@@ -404,7 +417,7 @@ def route_block(
     logits = sort_net(rows, keys)  # (B, H, i+1, i+1)
     if logits_dtype is not None:
         logits = logits.to(logits_dtype)
-    return sorted_row(logits, block, k, v, config.op_options(is_causal=True))
+    return sorted_row(logits, block, k, v, options)
 
 
 def _append_row(rows: Tensor | None, row: Tensor) -> Tensor:

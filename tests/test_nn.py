@@ -10,6 +10,7 @@ import torch
 from sparse_sinkhorn.nn import (
     AttentionConfig,
     CrossAttention,
+    Routing,
     SinkhornSelfAttention,
     SortNet,
     TransformerLayer,
@@ -129,7 +130,7 @@ def test_shared_routing_gives_every_head_one_routing_trained_by_all(kind: str) -
     own = SortNet.from_config(D_MODEL, HEADS, replace(cfg, shared_routing="none")).double()
     last = lambda net: [p for p in net.parameters() if p.dim() == 2][-1]  # noqa: E731
     assert HEADS * last(shared).shape[0] == last(own).shape[0]
-    logits = shared.route(x, 4, causal=True)
+    logits = shared.route(x, causal=True)
     assert logits.shape == (2, HEADS, 4, 4)
     for h in range(1, HEADS):
         assert torch.equal(logits[:, h], logits[:, 0])
@@ -152,11 +153,11 @@ def test_bad_config_errors() -> None:
         AttentionConfig(shared_routing="all")
     with pytest.raises(ValueError, match="only the first layer has one"):
         AttentionConfig(shared_routing="layers", routing_loss=1.0)
-    with pytest.raises(ValueError, match="routes=False is for the later layers"):
-        SinkhornSelfAttention(D_MODEL, HEADS, routes=False)
-    with pytest.raises(ValueError, match="routing= is for sinkhorn/mixture layers"):
+    with pytest.raises(ValueError, match="does not fit the layer's configuration"):
+        SinkhornSelfAttention(D_MODEL, HEADS, routing=Routing(layers=True))
+    with pytest.raises(ValueError, match="logits= is for sinkhorn/mixture layers"):
         SinkhornSelfAttention(D_MODEL, HEADS, kind="dense")(
-            torch.randn(1, 8, D_MODEL), routing=torch.zeros(1, HEADS, 2, 2)
+            torch.randn(1, 8, D_MODEL), logits=torch.zeros(1, HEADS, 2, 2)
         )
     with pytest.raises(ValueError, match="temperature must be > 0"):
         AttentionConfig(temperature=0.0)

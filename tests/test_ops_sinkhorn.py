@@ -114,7 +114,7 @@ def test_balance_backward_in_chunks_and_segments_is_the_reference_gradient(
     """The balancing's backward recomputes its rounds from checkpoints, one chunk of
     matrices at a time: its gradient is the loop reference's (autograd, float64), and the
     chunked gradient is the one-chunk gradient bit for bit."""
-    from sparse_sinkhorn.ops import sinkhorn as ops_sinkhorn
+    from sparse_sinkhorn.ops import _balance_backward
 
     logits = (3 * torch.randn(2, 3, 7, 7, dtype=torch.float64)).requires_grad_()
     valid = torch.ones(2, 7, dtype=torch.bool)
@@ -127,7 +127,7 @@ def test_balance_backward_in_chunks_and_segments_is_the_reference_gradient(
     grads = []
     balance = target_sinkhorn_balance if targets else sinkhorn_balance
     for chunk in (1 << 24, 49, 1):  # everything at once, one matrix per chunk, the minimum
-        monkeypatch.setattr(ops_sinkhorn, "_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(_balance_backward, "_CHUNK_ELEMENTS", chunk)
         (grad,) = torch.autograd.grad(balance(logits, **kw), logits, cotangent)
         grads.append(grad)
     torch.testing.assert_close(grads[0], expected, atol=1e-10, rtol=1e-8)

@@ -471,7 +471,7 @@ def test_layers_routing_is_the_first_layer_s_for_every_layer() -> None:
     shared(ids[:, :5], cache=cache)
     layer = shared.decoder.layers[1]
     with pytest.raises(ValueError, match="a filled cache routes each new block itself"):
-        layer(torch.randn(2, 1, 16, dtype=torch.float64), cache=cache.layers[1], routing=out)
+        layer(torch.randn(2, 1, 16, dtype=torch.float64), cache=cache.layers[1], logits=out)
 
 
 def test_layers_routing_trains_the_one_sort_net_from_every_layer() -> None:
@@ -481,7 +481,7 @@ def test_layers_routing_trains_the_one_sort_net_from_every_layer() -> None:
     x = model.embed(ids)
     layers = model.decoder.layers
     routing = layers[0].attn.sort_logits(layers[0].norm1(x))
-    layers[2].attn(layers[2].norm1(x), routing=routing).square().sum().backward()
+    layers[2].attn(layers[2].norm1(x), logits=routing).square().sum().backward()
     net = layers[0].attn.sort_net
     assert net is not None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())

@@ -166,19 +166,23 @@ def routing_hits(
     questions with fewer than two earlier blocks to choose from, where any routing would
     score 100 %. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead. Empty for kinds
     without routing; None (n/a) when no question qualifies."""
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, SinkhornSelfAttention) and (m.sort_net or m.config.kind == "topk")
+    stack = model.decoder.layers
+    every = stack.attentions()
+    # (the layer reported, the layer whose routing it uses: `Routing.source`)
+    chosen = [
+        (i, stack.routing.source(i))
+        for i, m in enumerate(every)
+        if m.sort_net is not None or m.config.kind == "topk"
     ]
-    if not layers:
+    if not chosen:
         return {}
+    layers = [every[i] for i, _ in chosen]
     inputs: dict[int, Tensor] = {}
 
     def keep(i: int) -> Any:
         return lambda _module, args: inputs.__setitem__(i, args[0])
 
-    hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+    hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(every)]
     w = layers[0].config.block_size
     hits, total = torch.zeros(len(layers), layers[0].n_heads, dtype=torch.float64), 0
     try:
@@ -189,8 +193,8 @@ def routing_hits(
             ok = (source // w < asked) & (asked >= 2)  # an earlier block, among >= 2
             row, pos, asked = row[ok], pos[ok], asked[ok]
             goal = torch.stack([source[ok] // w, (source[ok] + 1) // w], -1)  # (Q, 2)
-            for i, layer in enumerate(layers):
-                picked = _routed_blocks(layer, inputs[i], row, pos, asked)  # (Q, H, k)
+            for i, (_, by) in enumerate(chosen):
+                picked = _routed_blocks(every[by], inputs[by], row, pos, asked)  # (Q, H, k)
                 hit = (picked[..., None] == goal[:, None, None, :]).any(-1).any(-1)  # (Q, H)
                 hits[i] += hit.sum(0)
             total += int(ok.sum())

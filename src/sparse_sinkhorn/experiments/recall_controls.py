@@ -1,5 +1,6 @@
 """The controls of ``sparse-sinkhorn recall`` (`recall_kinds.CONTROL_KINDS`): each changes a
-built model's routing, by replacing its layers' ``sort_logits``, to isolate one cause."""
+built model's routing to isolate one cause (the oracle by replacing its layers'
+``sort_logits``, the shared ones through the decoder's `Routing`)."""
 
 from __future__ import annotations
 
@@ -47,23 +48,14 @@ def install_oracle_routing(model: LanguageModel) -> None:
 
 def share_first_routing(model: LanguageModel) -> None:
     """Make every Sinkhorn layer route with the first one's sort logits (``shared-max``, see
-    `recall_kinds.CONTROL_KINDS`): the first layer's logits of each forward are kept and
-    returned by the later layers' ``sort_logits``, so the later layers' sort nets go unused
-    and the first one's learns from every layer's loss."""
-    layers = [m for m in model.modules() if isinstance(m, SinkhornSelfAttention) and m.sort_net]
-    kept: dict[str, Tensor] = {}
-    own = layers[0].sort_logits
+    `recall_kinds.CONTROL_KINDS`): the decoder's [`Routing`][sparse_sinkhorn.nn.Routing]
+    becomes one routing for the stack whose later layers keep their (now unused) sort nets,
+    so the first one's learns from every layer's loss.
 
-    def first(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        kept["logits"] = own(x, key_padding_mask)
-        return kept["logits"]
-
-    def later(x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        return kept["logits"]
-
-    layers[0].sort_logits = first  # type: ignore[method-assign]
-    for layer in layers[1:]:
-        layer.sort_logits = later  # type: ignore[method-assign]
+    Not ``shared_routing="layers"``: that model has no later sort nets, so its parameter
+    count and initialisation (the random stream its later layers draw from) differ, and
+    ``"layers"`` also shares one routing across heads, which ``shared-max`` does not."""
+    model.decoder.layers.share_first_routing()
 
 
 CONTROLS = {

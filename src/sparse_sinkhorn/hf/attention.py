@@ -89,9 +89,7 @@ def sinkhorn_attention_forward(
         query, key, value = (_gather(t, order) for t in (query, key, value))
         mask = torch.arange(length, device=real.device) < real.sum(1, keepdim=True)  # (B, T)
     x = _routing_input(value, sort_net)  # (B, T, H_kv*E): the values of every KV head
-    logits = sort_net.route(
-        x, att.block_size, causal=True, key_padding_mask=mask, pooling=att.pooling
-    )
+    logits = sort_net.route(x, causal=True, key_padding_mask=mask)
     options = att.op_options(
         is_causal=True, training=module.training, dropout_p=dropout, scale=scaling
     )

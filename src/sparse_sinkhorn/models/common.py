@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
-from ..nn.layers import stack_layers, stack_routing
+from ..nn.layers import stack_layers
 from ..ops._validate import check_number
 from .config import TransformerConfig
 
@@ -58,10 +58,7 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(c.d_model)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        routing = stack_routing(self.layers, x, key_padding_mask)
-        for layer in self.layers:
-            x = layer(x, key_padding_mask, routing=routing)
-        return self.norm(x)
+        return self.norm(self.layers(x, key_padding_mask))
 
 
 class Decoder(nn.Module):
@@ -91,17 +88,7 @@ class Decoder(nn.Module):
         cache: DecodingCache | None = None,
     ) -> Tensor:
         """``cache``: incremental decoding state, one entry per layer (eval mode)."""
-        if cache is not None and len(cache.layers) != len(self.layers):
-            raise ValueError(
-                f"the cache has {len(cache.layers)} layers but the decoder has {len(self.layers)}"
-            )
-        routing = stack_routing(self.layers, x, key_padding_mask, cache)
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache.layers[i]
-            x = layer(
-                x, key_padding_mask, memory, memory_padding_mask, cache=layer_cache, routing=routing
-            )
-        return self.norm(x)
+        return self.norm(self.layers(x, key_padding_mask, memory, memory_padding_mask, cache))
 
 
 def check_ids(ids: Tensor, config: TransformerConfig, name: str = "ids") -> None:

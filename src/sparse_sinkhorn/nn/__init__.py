@@ -5,7 +5,8 @@ from __future__ import annotations
 from .attention import CrossAttention, SinkhornSelfAttention, routing_losses
 from .cache import AttentionCache, DecodingCache
 from .config import ATTENTION_KINDS, AttentionConfig
-from .layers import FeedForward, TransformerLayer
+from .layers import FeedForward, LayerStack, TransformerLayer
+from .routing import Routing
 from .sortnet import SORT_NETS, SortNet
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "CrossAttention",
     "DecodingCache",
     "FeedForward",
+    "LayerStack",
+    "Routing",
     "SinkhornSelfAttention",
     "SortNet",
     "TransformerLayer",

@@ -6,7 +6,7 @@ Axes: B batch, L length, S memory length, D model dim, H heads, E head dim, N bl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
@@ -17,6 +17,7 @@ from ..ops._validate import check_layer_input
 from .cache import AttentionCache
 from .config import AttentionConfig
 from .kinds import KINDS, Call
+from .routing import Routing
 from .sortnet import SortNet
 
 
@@ -30,6 +31,14 @@ def check_sizes(d_model: int, n_heads: int, dropout: float) -> None:
     ok = isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
     if not ok or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+class _Routed(NamedTuple):
+    """What `SinkhornSelfAttention.attend` returns."""
+
+    out: Tensor  # (B, L, D)
+    plan: SinkhornPlan | None
+    logits: Tensor | None  # (B, H, N, N): the sort logits it routed by
 
 
 class SinkhornSelfAttention(nn.Module):
@@ -51,10 +60,12 @@ class SinkhornSelfAttention(nn.Module):
         dropout: attention-weight dropout (training only).
         bias: biases in the projections.
         config: the attention configuration (then no field keywords).
-        routes: False for a later layer under ``shared_routing="layers"``: it has no sort net
-            and routes by the first layer's logits, which `forward` takes as
-            ``routing`` (the model's `Encoder` /
-            ``Decoder`` pass them).
+        routing: the [`Routing`][sparse_sinkhorn.nn.Routing] of the stack this layer is in
+            (default: the configuration's, for a layer on its own); with ``index``, it says
+            whether the layer owns a sort net (`Routing.has_sort_net`: not a later layer
+            under ``shared_routing="layers"``, which routes by the first layer's logits,
+            given to `forward` as ``logits``).
+        index: the layer's place in its stack (0 = the first).
 
     Shapes: ``x`` ``(B, L, D)`` with any ``L <= max_len`` (any ``L`` for ``bilinear``),
     ``key_padding_mask`` ``(B, L)`` bool (True = real token) -> ``(B, L, D)``.
@@ -69,7 +80,8 @@ class SinkhornSelfAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         config: AttentionConfig | None = None,
-        routes: bool = True,
+        routing: Routing | None = None,
+        index: int = 0,
         **fields: Any,
     ) -> None:
         super().__init__()
@@ -91,12 +103,19 @@ class SinkhornSelfAttention(nn.Module):
         self.sort_net: SortNet | None = None
         # the routing distillation loss of the last training forward (config.routing_loss > 0)
         self.routing_aux: Tensor | None = None
-        if not routes and self.config.shared_routing != "layers":
-            raise ValueError(
-                "routes=False is for the later layers of a stack with shared_routing='layers'"
-            )
-        if self.config.uses_sorting and routes:
+        if routing is None:
+            routing = Routing.from_config(self.config)
+        routing.check(self.config)
+        if self.config.uses_sorting and routing.has_sort_net(index):
             self.sort_net = SortNet.from_config(d_model, n_heads, self.config)
+        # the op's options, built once per mode (eval, training); causal is the layer's
+        self._options = {
+            training: self.config.op_options(
+                is_causal=causal, training=training, dropout_p=dropout if training else 0.0
+            )
+            for training in (False, True)
+            if self.config.uses_sorting
+        }
 
     @classmethod
     def from_config(
@@ -112,14 +131,7 @@ class SinkhornSelfAttention(nn.Module):
                 "this layer has no sort net (a baseline kind, or a later layer under "
                 "shared_routing='layers', which routes by the first layer's logits)"
             )
-        cfg = self.config
-        return self.sort_net.route(
-            x,
-            cfg.block_size,
-            causal=self.causal,
-            key_padding_mask=key_padding_mask,
-            pooling=cfg.pooling,
-        )
+        return self.sort_net.route(x, causal=self.causal, key_padding_mask=key_padding_mask)
 
     def forward(
         self,
@@ -129,12 +141,15 @@ class SinkhornSelfAttention(nn.Module):
         return_plan: bool = False,
         generator: torch.Generator | None = None,
         cache: AttentionCache | None = None,
-        routing: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, SinkhornPlan | None]:
+        logits: Tensor | None = None,
+        return_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, SinkhornPlan | None] | _Routed:
         """``x`` ``(B, L, D)`` -> ``(B, L, D)`` (and the plan if ``return_plan``).
 
-        ``routing``: ``(B, H, N, N)`` sort logits to route by instead of this layer's own
+        ``logits``: ``(B, H, N, N)`` sort logits to route by instead of this layer's own
         (``shared_routing="layers"``: the first layer's, for every layer of the stack).
+        ``return_logits``: return ``(out, plan, logits)``, the sort logits it routed by
+        (None for a kind without routing, or a step of a filled cache; `attend`).
 
         With ``cache`` (incremental decoding, eval mode, causal layers, no padding mask), ``x``
         holds the *new* positions only: an empty cache runs the full forward on them and
@@ -142,27 +157,44 @@ class SinkhornSelfAttention(nn.Module):
         equals the full causal forward of the whole sequence at those positions.
         """
         check_layer_input(x, key_padding_mask, d_model=self.d_model, weight=self.qkv.weight)
-        if routing is not None and not self.config.uses_sorting:
-            raise ValueError(f"routing= is for sinkhorn/mixture layers, not {self.config.kind!r}")
+        if logits is not None and not self.config.uses_sorting:
+            raise ValueError(f"logits= is for sinkhorn/mixture layers, not {self.config.kind!r}")
         n_proj = self.qkv.out_features // self.d_model  # 3, or 2 with share_kv
         parts = _SplitHeads.apply(self.qkv(x), n_proj, self.n_heads)  # n_proj x (B, H, L, E)
         q, k, v = parts if len(parts) == 3 else (parts[0], parts[1], parts[1])
         if cache is None:
-            out, plan = self._attend(q, k, v, x, key_padding_mask, generator, routing)
+            out, plan, logits = self._attend(q, k, v, x, key_padding_mask, generator, logits)
         else:
             self._check_cache_use(key_padding_mask)
             if cache.length == 0:
-                out, plan = self._attend(q, k, v, x, None, None, routing)
+                out, plan, logits = self._attend(q, k, v, x, None, None, logits)
                 cache.prefill(k, v, x, self.config, self.sort_net)
             else:
-                if routing is not None:
+                if logits is not None:
                     raise ValueError(
-                        "routing= is for full forwards; a filled cache routes each new block "
+                        "logits= is for full forwards; a filled cache routes each new block "
                         "itself (from the first layer's cache under shared_routing='layers')"
                     )
                 out, plan = cache.step(q, k, v, x), None
         y = self.out(rearrange(out, "b h l e -> b l (h e)"))  # (B, L, D)
+        if return_logits:
+            return _Routed(y, plan, logits)
         return (y, plan) if return_plan else y
+
+    def attend(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        *,
+        cache: AttentionCache | None = None,
+        logits: Tensor | None = None,
+    ) -> _Routed:
+        """``self(x, ..., return_logits=True)`` (hooks run), typed: ``(out, plan, logits)``,
+        the sort logits being what a stack hands its later layers under
+        ``shared_routing="layers"``."""
+        routed = self(x, key_padding_mask, cache=cache, logits=logits, return_logits=True)
+        assert isinstance(routed, _Routed)
+        return routed
 
     def _check_cache_use(self, key_padding_mask: Tensor | None) -> None:
         if not self.causal:
@@ -180,18 +212,21 @@ class SinkhornSelfAttention(nn.Module):
         x: Tensor,
         mask: Tensor | None,
         generator: torch.Generator | None,
-        routing: Tensor | None = None,
-    ) -> tuple[Tensor, SinkhornPlan | None]:
+        logits: Tensor | None = None,
+    ) -> tuple[Tensor, SinkhornPlan | None, Tensor | None]:
         cfg = self.config
         kind = KINDS[cfg.kind]
         p = self.dropout if self.training else 0.0
-        logits = None
+        options = None
         if kind.routes:
             if self.training and cfg.routing_loss > 0:
                 self.routing_aux = cfg.routing_loss * self._routing_distillation(q, k, x, mask)
-            logits = self.sort_logits(x, mask) if routing is None else routing
-        call = Call(self.causal, mask, p, self.training, logits, generator)
-        return kind.attend(cfg, q, k, v, call)
+            if logits is None:
+                logits = self.sort_logits(x, mask)
+            options = self._options[self.training]
+        call = Call(self.causal, mask, p, self.training, logits, generator, options)
+        out, plan = kind.attend(cfg, q, k, v, call)
+        return out, plan, logits
 
     def _routing_distillation(self, q: Tensor, k: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
         """KL from the layer's own dense block attention mass (the teacher, no gradient) to
@@ -211,10 +246,7 @@ class SinkhornSelfAttention(nn.Module):
         total = target.sum(-1, keepdim=True)  # (B, H, N, 1)
         has = total[..., 0] > 0  # rows with a target (not causal row 0, not padding)
         target = target / total.clamp_min(1e-12)
-        student = self.sort_net.route(
-            x.detach(), cfg.block_size, causal=self.causal, key_padding_mask=mask,
-            pooling=cfg.pooling,
-        ).float()  # fmt: skip
+        student = self.sort_net.route(x.detach(), causal=self.causal, key_padding_mask=mask).float()
         log_p = student.masked_fill(~allowed, -1e9).log_softmax(-1)  # finite: row 0 stays so
         kl = (target * (target.clamp_min(1e-12).log() - log_p)).sum(-1)  # (B, H, N)
         return (kl * has).sum() / has.sum().clamp_min(1)

@@ -12,10 +12,10 @@ from ..ops.baselines import GATES
 from ..ops.blocks import POOLINGS, num_blocks
 from ..ops.options import SinkhornOptions
 from .kinds import KINDS, users
+from .routing import SHARED_ROUTINGS
 from .sortnet import SORT_NETS
 
 ATTENTION_KINDS = tuple(KINDS)  # the names in the kind registry (`nn.kinds.KINDS`)
-SHARED_ROUTINGS = ("none", "heads", "layers")
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -85,7 +85,8 @@ class AttentionConfig:
         shared_routing: sinkhorn and mixture: ``"none"`` (the paper: every head of every layer
             routes by its own sort logits), ``"heads"`` (one routing per layer, for all its
             heads) or ``"layers"`` (one routing for the whole stack: the first layer's, for all
-            heads; later layers have no sort net).
+            heads; later layers have no sort net). A stack reads it as a
+            [`Routing`][sparse_sinkhorn.nn.Routing].
         n_iters: Sinkhorn balancing rounds.
         temperature: Gumbel-Sinkhorn temperature ``tau``.
         gumbel_noise: add Gumbel noise to the routing logits in training mode (never in eval).

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..ops import (
+    SinkhornOptions,
     SinkhornPlan,
     dense_attention,
     local_attention,
@@ -67,6 +68,9 @@ class Call:
     training: bool = False
     logits: Tensor | None = None  # (B, H, N, N) sort logits (kinds with ``routes``)
     generator: torch.Generator | None = None
+    # the op's options for these settings (kinds with ``routes``), built once by the layer;
+    # None: from the config (`AttentionConfig.op_options`)
+    options: SinkhornOptions | None = None
 
 
 Attend = Callable[["AttentionConfig", Tensor, Tensor, Tensor, Call], tuple[Tensor, Any]]
@@ -140,7 +144,9 @@ def _routed(
 ) -> tuple[Tensor, SinkhornPlan]:
     if c.logits is None:
         raise ValueError(f"attention kind {cfg.kind!r} routes by sort logits; none given")
-    options = cfg.op_options(is_causal=c.is_causal, training=c.training, dropout_p=c.dropout_p)
+    options = c.options
+    if options is None:
+        options = cfg.op_options(is_causal=c.is_causal, training=c.training, dropout_p=c.dropout_p)
     return sinkhorn_attention_with_plan(
         q, k, v, c.logits, options, key_padding_mask=c.key_padding_mask, generator=c.generator
     )

@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..ops.blocks import block_summaries
+from ..ops.blocks import POOLINGS, check_block_size, routing_block_summaries
 
 if TYPE_CHECKING:
     from .config import AttentionConfig
@@ -38,6 +38,9 @@ class SortNet(nn.Module):
         shared: one routing matrix for every head (the net scores one head's worth of
             logits and every head routes by them), so a block that any head's loss favours
             is routed to by all heads; the output keeps its ``H`` axis.
+        block_size: tokens per block ``W`` of the input `route` summarises.
+        pooling: how `route` pools a block (``"sum"``, ``"mean"`` or ``"max"``,
+            [`block_summaries`][sparse_sinkhorn.ops.block_summaries]).
     """
 
     def __init__(
@@ -49,8 +52,14 @@ class SortNet(nn.Module):
         kind: str = "linear",
         d_hidden: int | None = None,
         shared: bool = False,
+        block_size: int = 64,
+        pooling: str = "sum",
     ) -> None:
         super().__init__()
+        check_block_size(block_size)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.block_size, self.pooling = block_size, pooling
         if kind not in SORT_NETS:
             raise ValueError(f"sort net kind must be one of {SORT_NETS}, got {kind!r}")
         if kind != "bilinear" and (max_blocks is None or max_blocks <= 0):
@@ -77,29 +86,25 @@ class SortNet(nn.Module):
     @classmethod
     def from_config(cls, d_model: int, n_heads: int, config: AttentionConfig) -> SortNet:
         """The sort net an attention configuration asks for (``sort_net``, ``max_len`` /
-        ``block_size``; one routing for all heads unless ``shared_routing="none"``)."""
+        ``block_size``, ``pooling``; one routing for all heads unless
+        ``shared_routing="none"``)."""
         return cls(
             d_model,
             n_heads,
             config.max_blocks,
             kind=config.sort_net,
             shared=config.shared_routing != "none",
+            block_size=config.block_size,
+            pooling=config.pooling,
         )
 
-    def route(
-        self,
-        x: Tensor,
-        block_size: int,
-        *,
-        causal: bool,
-        key_padding_mask: Tensor | None = None,
-        pooling: str = "sum",
-    ) -> Tensor:
+    def route(self, x: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None) -> Tensor:
         """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)``: the sort
         net on its `routing_summaries` (the one recipe every layer and cache uses)."""
         rows, keys = routing_summaries(
-            x, block_size, causal=causal, key_padding_mask=key_padding_mask, pooling=pooling
-        )
+            x, self.block_size, causal=causal, key_padding_mask=key_padding_mask,
+            pooling=self.pooling,
+        )  # fmt: skip
         return self(rows, keys)
 
     def forward(self, query_summary: Tensor, key_summary: Tensor | None = None) -> Tensor:
@@ -139,10 +144,6 @@ def routing_summaries(
     Keys are the masked block summaries; rows are the same, or in a causal layer the
     leak-free prefix summaries (row ``i`` sees positions ``<= i*W`` only, docs/method.md §5).
     """
-    keys = block_summaries(x, block_size, key_padding_mask=key_padding_mask, pooling=pooling)
-    if not causal:
-        return keys, keys
-    rows = block_summaries(
-        x, block_size, key_padding_mask=key_padding_mask, pooling=pooling, causal=True
+    return routing_block_summaries(
+        x, block_size, key_padding_mask=key_padding_mask, pooling=pooling, causal=causal
     )
-    return rows, keys

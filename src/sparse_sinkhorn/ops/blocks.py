@@ -133,6 +133,35 @@ def block_summaries(
         ``(B, N, D)``; a pool of no real token is 0.
     """
     blocks, mask = _real_blocks(x, block_size, key_padding_mask, pooling)  # (B, N, W, D)
+    return _pooled(x, blocks, mask, block_size, pooling, causal)
+
+
+def routing_block_summaries(
+    x: Tensor,
+    block_size: int,
+    *,
+    key_padding_mask: Tensor | None = None,
+    pooling: str = "sum",
+    causal: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """What a sort net reads: ``(B, N, D)`` row and key summaries of ``x`` ``(B, L, D)``, from
+    one blocking of ``x`` (the arguments checked once).
+
+    Keys are the masked [`block_summaries`][sparse_sinkhorn.ops.block_summaries]; rows are the
+    same, or with ``causal`` the leak-free prefix summaries (row ``i`` sees positions
+    ``<= i*W`` only, docs/method.md §5).
+    """
+    blocks, mask = _real_blocks(x, block_size, key_padding_mask, pooling)  # (B, N, W, D)
+    keys = _pooled(x, blocks, mask, block_size, pooling, False)
+    if not causal:
+        return keys, keys
+    return _pooled(x, blocks, mask, block_size, pooling, True), keys
+
+
+def _pooled(
+    x: Tensor, blocks: Tensor, mask: Tensor | None, block_size: int, pooling: str, causal: bool
+) -> Tensor:
+    """`block_summaries` of ``x`` from its ``(B, N, W, D)`` blocks and ``(B, N*W)`` mask."""
     if pooling == "max":
         return _max_summaries(blocks, mask, block_size, causal)
     if causal:

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from .sinkhorn import _NEG, _balance_rounds, _scores, causal_block_mask, sinkhorn_balance
+from ._balance_steps import _NEG
+from .sinkhorn import _balance_rounds, _scores, causal_block_mask, sinkhorn_balance
 
 # Values of the ``balance`` option. "sinkhorn-leaky" is a measured comparison, not causal.
 BALANCES = ("sinkhorn", "softmax", "sinkhorn-targets", "sinkhorn-leaky")

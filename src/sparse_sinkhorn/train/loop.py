@@ -20,10 +20,9 @@ micro-batch (``no_sync``), clips, and steps AdamW and the LR schedule. Rank 0 wr
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,16 +36,13 @@ from .checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from .config import TrainConfig
 from .distributed import (
     DistInfo,
-    all_reduce_sum,
     init_distributed,
 )
 from .helpers import (
     as_json_dict,
-    autocast,
     check_dataset,
     check_plain_data,
     check_world,
-    move_to_device,
     rank0_call,
     run_eval,
 )
@@ -56,13 +52,13 @@ from .rundir import LOCK_FILE, run_lock
 from .sampling import MicroBatchSampler, steps_per_epoch
 from .state import (
     LossFn,
-    NonFiniteLossError,
     Run,
     build_run,
     prepare_fresh,
     resume_run,
     save_run,
 )
+from .step import Window, reduce_row, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -90,113 +86,6 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: Path | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _train_step(
-    run: Run, batches: Any, step: int, out_dir: Path
-) -> tuple[torch.Tensor, dict[str, float], Any]:
-    """One optimizer step over ``grad_accum`` micro-batches.
-
-    Returns the summed micro-batch losses of this rank (a tensor), summed metrics and the
-    gradient norm before clipping (a tensor, or None without clipping). A non-finite loss
-    (or gradient norm) stops training before the update: `_check_finite`.
-    """
-    config, model = run.config, run.model
-    loss_sum = torch.zeros((), device=run.info.device)
-    metric_sums: dict[str, float] = {}
-    for micro in range(config.grad_accum):
-        batch = move_to_device(next(batches), run.info.device)
-        last = micro == config.grad_accum - 1
-        # DDP all-reduces gradients on the last micro-batch only.
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
-        with sync or nullcontext():
-            with autocast(run.info.device, run.amp_dtype):
-                loss, metrics = run.loss_fn(model, batch)
-            scaled = loss / config.grad_accum
-            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-        loss_sum += loss.detach().float()
-        for key, value in metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-    if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)
-    grad_norm = None
-    if config.clip_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.clip_norm)
-    _check_finite(run, step, out_dir, loss_sum, grad_norm)
-    if run.scaler is not None:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    return loss_sum, metric_sums, grad_norm
-
-
-def _check_finite(
-    run: Run, step: int, out_dir: Path, loss_sum: torch.Tensor, grad_norm: Any
-) -> None:
-    """Stop at the first step whose loss (any rank's) or gradient norm is NaN or infinite,
-    before the optimizer applies it:
-    [`NonFiniteLossError`][sparse_sinkhorn.train.NonFiniteLossError] on every rank.
-
-    With fp16 loss scaling an infinite gradient only means the scale was too high (the scaler
-    skips that update itself), so there the loss alone decides.
-    """
-    bad = ~torch.isfinite(loss_sum)
-    if grad_norm is not None and run.scaler is None:
-        bad = bad | ~torch.isfinite(grad_norm)
-    flag = all_reduce_sum(bad.to(torch.float32).reshape(1))  # every rank stops together
-    if not bool(flag.item()):
-        return
-    loss = loss_sum.item() / run.config.grad_accum
-    if not math.isfinite(loss):
-        what = f"loss is {loss:g}"
-    elif grad_norm is not None and not math.isfinite(float(grad_norm)):
-        what = f"gradient norm is {float(grad_norm):g}"
-    else:
-        what = "loss is not finite on another rank"
-    newest = list_checkpoints(out_dir / CHECKPOINTS_DIR)
-    kept = f"the newest is {newest[-1][1]}" if newest else "none was written yet"
-    raise NonFiniteLossError(
-        f"step {step}: the training {what}; training stopped before applying that update and "
-        f"no later checkpoint was written ({kept}); lower the learning rate or check the data"
-    )
-
-
-@dataclass
-class _Window:
-    """Throughput accounting between two log rows."""
-
-    start: float = field(default_factory=time.perf_counter)
-    steps: int = 0
-    tokens: float = 0.0
-
-
-def _reduce_row(
-    run: Run,
-    step: int,
-    lr: float,
-    step_out: tuple[torch.Tensor, dict[str, float], Any],
-    window: _Window,
-    elapsed: float,
-) -> dict[str, float]:
-    """The metrics row of ``step``: loss/metrics averaged over every micro-batch of every rank."""
-    loss_sum, metric_sums, grad_norm = step_out
-    keys = sorted(k for k in metric_sums if k != "tokens")
-    values = [loss_sum.item(), window.tokens, *(metric_sums[k] for k in keys)]
-    totals = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=run.info.device))
-    parts = run.info.world_size * run.config.grad_accum
-    seconds = max(time.perf_counter() - window.start, 1e-9)
-    row: dict[str, float] = {"step": step, "loss": totals[0].item() / parts, "lr": lr}
-    if grad_norm is not None:
-        row["grad_norm"] = float(grad_norm)
-    row.update({key: totals[2 + i].item() / parts for i, key in enumerate(keys)})
-    row["examples_per_s"] = window.steps * run.config.batch_size / seconds
-    if "tokens" in metric_sums:
-        row["tokens_per_s"] = totals[1].item() / seconds
-    row["elapsed"] = elapsed
-    return row
 
 
 def _wrap_ddp(run: Run) -> nn.Module:
@@ -425,22 +314,22 @@ def _loop(
     bar: Any,
 ) -> TrainResult:
     config = run.config
-    t0, window = time.perf_counter(), _Window()
+    t0, window = time.perf_counter(), Window()
     result = TrainResult(
         step=start_step, metrics={}, eval_metrics={}, out_dir=out_dir, checkpoint=None
     )
     for step in range(start_step + 1, config.steps + 1):
         lr = float(run.scheduler.get_last_lr()[0])  # the LR this update uses
-        step_out = _train_step(run, batches, step, out_dir)
+        step_out = train_step(run, batches, step, out_dir)
         window.steps += 1
         window.tokens += step_out[1].get("tokens", 0.0)
         extra["elapsed_now"] = time.perf_counter() - t0
         row: dict[str, float] = {}
         if _is_due(step, config.log_every, config.steps):
-            row = _reduce_row(
+            row = reduce_row(
                 run, step, lr, step_out, window, extra["elapsed"] + extra["elapsed_now"]
             )
-            result.metrics, window = dict(row), _Window()
+            result.metrics, window = dict(row), Window()
         if eval_fn is not None and _is_due(step, config.eval_every, config.steps):
             result.eval_metrics = rank0_call(run.info, lambda: run_eval(eval_fn, run.raw_model))
             row = {"step": step, **row, **result.eval_metrics}

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..ops.baselines import GATES
 from ..ops.blocks import POOLINGS, num_blocks
 from ..ops.options import SinkhornOptions
+from ..ops.topk import GATES
 from .kinds import KINDS, users
 from .routing import SHARED_ROUTINGS
 from .sortnet import SORT_NETS

@@ -7,7 +7,7 @@ Every place that depends on the kind reads this table instead of testing names:
 [`SinkhornSelfAttention`][sparse_sinkhorn.nn.SinkhornSelfAttention] calls `Kind.attend`, the
 decoding caches call `Kind.decode`, the tests compare `Kind.attend` with `Kind.reference`,
 and the experiments build configurations with `kind_fields`. Adding a kind is one entry
-here, its op (``ops/baselines.py`` or a new ``ops`` module) and its oracle
+here, its op (``ops/baselines.py``, ``ops/topk.py`` or a new ``ops`` module) and its oracle
 (``ops/reference.py``, unless it is a masked dense problem already).
 
 Axes: B batch, H heads, H_kv key/value heads, L length, T positions so far, E head dim.

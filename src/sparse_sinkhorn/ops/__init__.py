@@ -13,8 +13,6 @@ from .baselines import (
     local_attention,
     sparse_attention,
     sparse_pattern,
-    topk_block_attention,
-    topk_block_selection,
 )
 from .blocks import block_summaries, num_blocks, pad_to_blocks
 from .options import SinkhornOptions
@@ -28,6 +26,7 @@ from .reference import (
 )
 from .routing import leaky_sinkhorn_balance, target_sinkhorn_balance
 from .sinkhorn import hard_routing, sample_gumbel, sinkhorn_balance
+from .topk import topk_block_attention, topk_block_selection
 
 __all__ = [
     "SinkhornOptions",

@@ -12,12 +12,13 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .baselines import sparse_pattern, topk_block_selection
+from .baselines import sparse_pattern
 from .blocks import repeat_kv
 from .masked import masked_sdpa
 from .options import SinkhornOptions
 from .plan import sinkhorn_plan
 from .routing import NOT_CAUSAL
+from .topk import topk_block_selection
 
 
 def check_decodable(balance: str) -> None:

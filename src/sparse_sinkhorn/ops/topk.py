@@ -1,0 +1,242 @@
+"""MoBA's parameter-free top-k block gate (with Quest's bound and NSA's compressed branch):
+each query token attends to its own block and the earlier blocks its gate picks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .baselines import _causal_mask, _check_blocked
+from .blocks import pad_to_blocks, padded_mask, repeat_kv, zero_padding
+from .grouped import BlockGroups
+
+GATES = ("mean", "bound")  # topk block scores: MoBA's q . mean(K), Quest's upper bound
+
+
+def topk_block_selection(
+    query: Tensor,
+    key: Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    gate: str = "mean",
+) -> Tensor:
+    """A parameter-free block gate: which ``top_k`` other key blocks each query reads.
+
+    Query ``t`` (in block ``i``) scores every candidate key block ``j`` and keeps the
+    ``top_k`` best: ``gate="mean"`` (MoBA's) by ``q_t · mean(K_j)``, the mean over block
+    ``j``'s real keys; ``gate="bound"`` (Quest's) by ``sum_d max(q_d min_d, q_d max_d)`` over
+    the per-feature minimum and maximum of its real keys, an upper bound on ``q_t · k`` for
+    every key ``k`` of the block, so one key that matches the query marks its block.
+    Candidates are the blocks ``j < i`` (causal: complete, earlier blocks only, so the choice
+    depends on positions ``<= t``) or every ``j != i``, and never a block without a real key.
+
+    Returns:
+        ``(B, H, L, k)`` long block indices, ``k = min(top_k, N)``, -1 where a query has
+        fewer than ``k`` candidates. The selection carries no gradient.
+    """
+    if gate not in GATES and not torch.compiler.is_compiling():
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    batch, _, length, _ = query.shape
+    w = block_size
+    mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None
+    kb = rearrange(pad_to_blocks(key.detach(), w), "b h (n w) d -> b h n w d", w=w)
+    real = None if mask is None else rearrange(mask, "b (n w) -> b 1 n w 1", w=w)
+    valid = None if real is None else real.squeeze(-1).any(dim=-1)  # (B, 1, N): a real key
+    wide = torch.promote_types(query.dtype, torch.float32)  # the gate in float32 at least
+    q = query.detach().to(wide)
+    if gate == "mean":
+        if real is None:
+            k_mean = kb.mean(dim=3)  # (B, H, N, D)
+        else:
+            count = real.sum(dim=3).clamp_min(1).to(kb.dtype)  # (B, 1, N, 1)
+            k_mean = zero_padding(kb, real).sum(dim=3) / count  # (B, H, N, D)
+        score = torch.einsum("bhld,bhnd->bhln", q, k_mean.to(wide))
+    else:
+        k_max, k_min = kb.to(wide), kb.to(wide)
+        if real is not None:  # padding never sets a bound; a block without a real key: 0
+            k_max = k_max.masked_fill(~real, float("-inf"))
+            k_min = k_min.masked_fill(~real, float("inf"))
+        k_max, k_min = k_max.amax(dim=3), k_min.amin(dim=3)  # (B, H, N, D)
+        if valid is not None:
+            k_max = torch.where(valid[..., None], k_max, 0.0)
+            k_min = torch.where(valid[..., None], k_min, 0.0)
+        # one product: [q+, q-] . [max, min] = sum_d max(q_d min_d, q_d max_d)
+        q_sides = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # (B, H, L, 2D)
+        score = q_sides @ torch.cat([k_max, k_min], dim=-1).mT  # (B, H, L, N)
+    n = kb.shape[2]
+    t_blk = torch.arange(length, device=query.device)[:, None] // w  # (L, 1)
+    j = torch.arange(n, device=query.device)[None, :]  # (1, N)
+    allowed = (j < t_blk) if is_causal else (j != t_blk)  # (L, N)
+    allowed = allowed[None, None]  # (1, 1, L, N)
+    if valid is not None:
+        allowed = allowed & valid[:, :, None, :]  # (B, 1, L, N)
+    score = score.masked_fill_(~allowed, float("-inf"))  # a fresh tensor, no gradient
+    if top_k == 1:  # the common case: a max is cheaper than topk
+        best, idx = (t[..., None] for t in score.max(dim=-1))  # (B, H, L, 1)
+    else:
+        best, idx = score.topk(min(top_k, n), dim=-1)  # (B, H, L, k)
+    return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1))
+
+
+def topk_block_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    block_size: int,
+    top_k: int = 1,
+    is_causal: bool = False,
+    compressed: bool = False,
+    gate: str = "mean",
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> Tensor:
+    """Block attention with MoBA's top-k gate (Lu et al., 2025): no parameters, no sorting.
+
+    Each query attends, under one softmax, to its own block (the causal triangle when
+    ``is_causal``) and to every key of the ``top_k`` blocks
+    [`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection]
+    picks for it (``gate``: its block score, MoBA's ``"mean"`` or Quest's ``"bound"``). Exactly
+    causal: a query's blocks are chosen from complete earlier blocks by its own query vector.
+
+    ``compressed``: the softmax also holds one entry per gate candidate block (every complete
+    earlier block when causal, every other block if not), its mean real key and mean real
+    value (NSA's compressed branch), which trains the keys the gate scores blocks by (with
+    ``gate="mean"``, the very ``q · mean(K)`` the gate ranks).
+
+    The selected blocks are multiplied a tile of queries at a time
+    (`BlockGroups`): O(L·k·(W + D)) gathered numbers, no per-token copy of a
+    block.
+    """
+    _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale, gqa=True)
+    bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0
+    if bad_k and not torch.compiler.is_compiling():
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    batch, heads, length, _ = query.shape
+    key, value = repeat_kv(key, heads), repeat_kv(value, heads)  # grouped-query attention
+    w = block_size
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    mask = padded_mask(key_padding_mask, batch, length, w, query.device)  # (B, N*W) or None
+    idx = topk_block_selection(
+        query,
+        key,
+        block_size=w,
+        top_k=top_k,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        gate=gate,
+    )  # (B, H, L, k)
+    q, k, v = (pad_to_blocks(t, w) for t in (query, key, value))  # (B, H, N*W, D)
+    if mask is not None:
+        real = mask[:, None, :, None]  # (B, 1, N*W, 1)
+        k, v = zero_padding(k, real), zero_padding(v, real)
+    kb = rearrange(k, "b h (n w) d -> (b h) n w d", w=w)  # (G, N, W, D)
+    vb = rearrange(v, "b h (n w) d -> (b h) n w d", w=w)
+    qb = rearrange(q, "b h (n w) d -> (b h) n w d", w=w)  # (G, N, W, D)
+    local = torch.einsum("gnqd,gnkd->gnqk", qb, kb) * scale  # (G, N, W, W)
+    keep_local = torch.ones(1, 1, w, w, dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep_local = _causal_mask(w, w, q.device)[None, None]  # (1, 1, W, W)
+    real_kw = None
+    if mask is not None:
+        real_kw = rearrange(mask, "b (n w) -> b n w", w=w)  # (B, N, W)
+        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
+        keep_local = keep_local & per_g[:, :, None, :]  # (G, N, W, W)
+    idx3 = rearrange(pad_to_blocks(idx, w), "b h l k -> (b h) l k")  # (G, N*W, k)
+    groups = BlockGroups(idx3, kb.shape[1])  # queries grouped by the block they read
+    q_tok = rearrange(q, "b h l d -> (b h) l d")  # (G, N*W, D)
+    chosen = groups.scores(q_tok, kb) * scale  # (G, N*W, k, W)
+    keep_sel = (idx3 >= 0)[..., None].expand(*idx3.shape, w)  # (G, N*W, k, W)
+    if real_kw is not None:
+        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
+        rows = torch.arange(kb.shape[0], device=q.device)[:, None, None]  # (G, 1, 1)
+        keep_sel = keep_sel & per_g[rows, idx3.clamp_min(0)]
+    local = local.masked_fill(~keep_local, float("-inf"))
+    summary = None
+    if compressed:
+        summary = _compressed_branch(q_tok, kb, vb, real_kw, heads, scale, is_causal)
+    out = _softmax_local_and_selected(
+        local,
+        chosen.masked_fill(~keep_sel, float("-inf")),
+        vb,
+        groups,
+        dropout_p,
+        summary,
+        padded=mask is not None,
+    )
+    out = rearrange(out, "(b h) l d -> b h l d", b=batch)
+    return out[:, :, :length].to(query.dtype)
+
+
+def _compressed_branch(
+    q_tok: Tensor,
+    kb: Tensor,
+    vb: Tensor,
+    real_kw: Tensor | None,
+    heads: int,
+    scale: float,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Scores ``(G, N*W, N)`` of each query against every block's mean real key (-inf where
+    the block is not a gate candidate: own or later blocks when causal, own block if not,
+    blocks without a real key) and the blocks' mean real values ``(G, N, Dv)``."""
+    n, w = kb.shape[1:3]
+    if real_kw is None:
+        count = kb.new_full((1, n, 1), float(w))
+        has = torch.ones(1, n, dtype=torch.bool, device=kb.device)
+    else:
+        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
+        count = per_g.sum(-1, keepdim=True).clamp_min(1).to(kb.dtype)  # (G, N, 1)
+        has = per_g.any(-1)  # (G, N)
+    k_mean, v_mean = kb.sum(dim=2) / count, vb.sum(dim=2) / count  # padding is zero already
+    scores = torch.einsum("gld,gnd->gln", q_tok, k_mean) * scale  # (G, N*W, N)
+    t_blk = torch.arange(n * w, device=kb.device)[:, None] // w  # (N*W, 1)
+    j = torch.arange(n, device=kb.device)[None, :]  # (1, N)
+    ok = ((j < t_blk) if is_causal else (j != t_blk))[None] & has[:, None, :]  # (G|1, N*W, N)
+    return scores.masked_fill(~ok, float("-inf")), v_mean
+
+
+def _softmax_local_and_selected(
+    local: Tensor,
+    chosen: Tensor,
+    vb: Tensor,
+    groups: BlockGroups,
+    dropout_p: float,
+    summary: tuple[Tensor, Tensor] | None = None,
+    *,
+    padded: bool = True,
+) -> Tensor:
+    """One softmax over each query's own-block scores ``(G, N, W, W)``, selected-block
+    scores ``(G, N*W, k, W)`` and (``summary``) block-summary scores ``(G, N*W, N)``
+    (masked entries -inf), applied to the block values ``vb`` ``(G, N, W, Dv)``, own and
+    selected (``groups``: which blocks each query picked), and to the summaries' values
+    ``(G, N, Dv)``; a query with no key gets 0 (possible only with ``padded``: padding in
+    the keys). Returns ``(G, N*W, Dv)``."""
+    w = local.shape[-1]
+    parts = [rearrange(local, "g n q k -> g (n q) k"), rearrange(chosen, "g l k w -> g l (k w)")]
+    if summary is not None:
+        parts.append(summary[0])
+    scores = torch.cat(parts, dim=-1)  # (G, N*W, W + k*W [+ N])
+    wide = torch.promote_types(vb.dtype, torch.float32)
+    probs = torch.softmax(scores.to(wide), dim=-1)
+    if padded:  # a padded query may have no key at all: its row is NaN, make it 0
+        probs = probs.nan_to_num(0.0)
+    probs = probs.to(vb.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    # split, not slices: the backward concatenates the parts' gradients instead of adding
+    # each into a zero tensor of the whole width
+    p_local, p_sel, *p_summary = probs.split([p.shape[-1] for p in parts], dim=-1)
+    p_local = rearrange(p_local, "g (n q) k -> g n q k", q=w)  # (G, N, W, W)
+    p_sel = rearrange(p_sel, "g l (k w) -> g l k w", w=w)  # (G, N*W, k, W)
+    out = torch.einsum("gnqk,gnkd->gnqd", p_local, vb)  # (G, N, W, Dv)
+    out = rearrange(out, "g n q d -> g (n q) d") + groups.mix(p_sel, vb)
+    if summary is not None:
+        out = out + torch.einsum("gln,gnd->gld", p_summary[0], summary[1])
+    return out

@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validate
-from ._balance_steps import _NEG
-from .sinkhorn import _balance_rounds, _scores, causal_block_mask, sinkhorn_balance
+from .sinkhorn import _balance_rounds, _masked_scores
 
 # Values of the ``balance`` option. "sinkhorn-leaky" is a measured comparison, not causal.
 BALANCES = ("sinkhorn", "softmax", "sinkhorn-targets", "sinkhorn-leaky")
@@ -41,13 +39,9 @@ def softmax_routing(
 
     Args: as [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance] (there is no ``n_iters``).
     """
-    if not torch.compiler.is_compiling():
-        _validate.check_balance(logits, 0, temperature)
-    s, allowed = _scores(logits, temperature, causal, gumbel_noise, generator, allowed)
-    if allowed is None:
-        return s.softmax(dim=-1)
-    s = torch.where(allowed, s, torch.full_like(s, _NEG))  # finite: a masked row stays finite
-    return s.softmax(dim=-1).masked_fill(~allowed, 0.0)
+    s, allowed = _masked_scores(logits, 0, temperature, causal, gumbel_noise, generator, allowed)
+    p = s.softmax(dim=-1)  # a masked row holds finite scores, so it stays finite
+    return p if allowed is None else p.masked_fill(~allowed, 0.0)
 
 
 def causal_log_targets(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -101,16 +95,12 @@ def target_sinkhorn_balance(
 
     Args and returns: as [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance].
     """
+    s, allowed = _masked_scores(
+        logits, n_iters, temperature, causal, gumbel_noise, generator, allowed
+    )
     if not causal:
-        return sinkhorn_balance(
-            logits, n_iters=n_iters, temperature=temperature, gumbel_noise=gumbel_noise,
-            generator=generator, allowed=allowed,
-        )  # fmt: skip
-    if not torch.compiler.is_compiling():
-        _validate.check_balance(logits, n_iters, temperature)
-    s, allowed = _scores(logits, temperature, causal, gumbel_noise, generator, allowed)
+        return _balance_rounds(s, allowed, n_iters, False)  # every target is 1
     assert allowed is not None
-    s = torch.where(allowed, s, torch.full_like(s, _NEG))
     log_t = causal_log_targets(allowed, s.dtype)
     return _balance_rounds(s, allowed, n_iters, True, log_targets=log_t)
 
@@ -136,13 +126,10 @@ def leaky_sinkhorn_balance(
 
     Args and returns: as [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance].
     """
-    if causal:
-        mask = causal_block_mask(logits.shape[-2], device=logits.device)
-        allowed = mask if allowed is None else allowed & mask
-    return sinkhorn_balance(
-        logits, n_iters=n_iters, temperature=temperature, gumbel_noise=gumbel_noise,
-        generator=generator, allowed=allowed,
-    )  # fmt: skip
+    s, allowed = _masked_scores(
+        logits, n_iters, temperature, causal, gumbel_noise, generator, allowed
+    )
+    return _balance_rounds(s, allowed, n_iters, False)  # columns over all rows: the leak
 
 
 __all__ = [

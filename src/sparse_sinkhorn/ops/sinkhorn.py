@@ -108,20 +108,21 @@ def sinkhorn_balance(
             S = S - S.logsumexp(-2, keepdim=True)
         P = S.exp()
     """
-    if not torch.compiler.is_compiling():
-        _validate.check_balance(logits, n_iters, temperature)
-    s, allowed = _scores(logits, temperature, causal, gumbel_noise, generator, allowed)
-    if allowed is not None:
-        s = torch.where(allowed, s, torch.full_like(s, _NEG))
+    s, allowed = _masked_scores(
+        logits, n_iters, temperature, causal, gumbel_noise, generator, allowed
+    )
     return _balance_rounds(s, allowed, n_iters, causal)
 
 
-def _scores(
-    logits: Tensor, temperature: float, causal: bool, gumbel_noise: bool,
+def _masked_scores(
+    logits: Tensor, n_iters: int, temperature: float, causal: bool, gumbel_noise: bool,
     generator: torch.Generator | None, allowed: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """Scaled scores ``(logits + gumbel) / temperature`` (float32 at least) and the allowed
-    entries, causal mask included."""
+    """What every balancing starts with: its arguments checked, the scaled scores
+    ``(logits + gumbel) / temperature`` (float32 at least) held at a large negative finite
+    value where not allowed, and the allowed entries (causal mask included)."""
+    if not torch.compiler.is_compiling():
+        _validate.check_balance(logits, n_iters, temperature)
     s = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64
     if gumbel_noise:
         s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)
@@ -129,6 +130,8 @@ def _scores(
     if causal:
         causal_mask = causal_block_mask(s.shape[-2], device=s.device)
         allowed = causal_mask if allowed is None else allowed & causal_mask
+    if allowed is not None:
+        s = torch.where(allowed, s, torch.full_like(s, _NEG))
     return s, allowed
 
 

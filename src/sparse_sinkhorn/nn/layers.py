@@ -69,23 +69,14 @@ class TransformerLayer(nn.Module):
         memory_padding_mask: Tensor | None = None,
         cache: AttentionCache | None = None,
         logits: Tensor | None = None,
-    ) -> Tensor:
+        *,
+        return_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
         """``memory``: the encoder output (with ``cross_attention``); ``cache``: incremental
         decoding state of the self-attention (causal, eval mode); ``logits``: sort logits
-        to route by instead of the layer's own (the stack's, `LayerStack`)."""
-        return self.run(x, key_padding_mask, memory, memory_padding_mask, cache, logits)[0]
-
-    def run(
-        self,
-        x: Tensor,
-        key_padding_mask: Tensor | None = None,
-        memory: Tensor | None = None,
-        memory_padding_mask: Tensor | None = None,
-        cache: AttentionCache | None = None,
-        logits: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """`forward`, and the sort logits the self-attention routed by (None when it does
-        not route, or steps a filled cache)."""
+        to route by instead of the layer's own (the stack's, `LayerStack`).
+        ``return_logits``: return ``(out, sort_logits)``, the sort logits the self-attention
+        routed by (None when it does not route, or steps a filled cache)."""
         if (memory is None) != (self.cross is None):
             has = "has cross-attention: pass memory" if memory is None else "has no cross-attention"
             raise ValueError(f"this layer {has}")
@@ -96,7 +87,8 @@ class TransformerLayer(nn.Module):
         if self.cross is not None:
             assert memory is not None
             x = x + self.drop(self.cross(self.norm_cross(x), memory, memory_padding_mask))
-        return x + self.drop(self.ff(self.norm2(x))), logits
+        x = x + self.drop(self.ff(self.norm2(x)))
+        return (x, logits) if return_logits else x
 
 
 class LayerStack(nn.ModuleList):
@@ -147,9 +139,10 @@ class LayerStack(nn.ModuleList):
             source = self.routing.source(i)
             given = made.get(source) if source != i else None
             layer_cache = None if cache is None else cache.layers[i]
-            x, made[i] = layer.run(
-                x, key_padding_mask, memory, memory_padding_mask, layer_cache, given
-            )
+            x, made[i] = layer(
+                x, key_padding_mask, memory, memory_padding_mask, layer_cache, given,
+                return_logits=True,
+            )  # fmt: skip
         return x
 
 

@@ -92,26 +92,14 @@ class Passkey:
         return ids, targets
 
 
-@dataclass(frozen=True)
-class MQAR:
-    """Multi-query associative recall; token ids: 0 pad, 1 blank, then ``n_keys`` keys,
-    then ``n_values`` values."""
-
-    length: int
-    n_pairs: int = 16
-    n_keys: int = 64
-    n_values: int = 64
+class _KeyValueVocab:
+    """The vocabulary of the MQAR tasks: 0 pad, 1 blank, then ``n_keys`` keys, then
+    ``n_values`` values; and the draw of their key-value pairs."""
 
     BLANK = 1
     KEY0 = 2
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.n_pairs <= self.n_keys:
-            raise ValueError(f"n_pairs must be in [1, n_keys={self.n_keys}], got {self.n_pairs}")
-        if (self.length - 2 * self.n_pairs) // 2 < self.n_pairs:
-            raise ValueError(
-                f"length {self.length} cannot hold {self.n_pairs} pairs and their queries"
-            )
+    n_keys: int
+    n_values: int
 
     @property
     def vocab_size(self) -> int:
@@ -121,11 +109,34 @@ class MQAR:
     def chance(self) -> float:
         return 1.0 / self.n_values
 
+    def _pairs(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``count`` pairs as token ids: distinct keys, and values drawn uniformly."""
+        keys = torch.randperm(self.n_keys, generator=generator)[:count] + self.KEY0
+        values = torch.randint(0, self.n_values, (count,), generator=generator)
+        return keys, values + self.KEY0 + self.n_keys
+
+
+@dataclass(frozen=True)
+class MQAR(_KeyValueVocab):
+    """Multi-query associative recall; token ids: 0 pad, 1 blank, then ``n_keys`` keys,
+    then ``n_values`` values."""
+
+    length: int
+    n_pairs: int = 16
+    n_keys: int = 64
+    n_values: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_pairs <= self.n_keys:
+            raise ValueError(f"n_pairs must be in [1, n_keys={self.n_keys}], got {self.n_pairs}")
+        if (self.length - 2 * self.n_pairs) // 2 < self.n_pairs:
+            raise ValueError(
+                f"length {self.length} cannot hold {self.n_pairs} pairs and their queries"
+            )
+
     def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         d, length = self.n_pairs, self.length
-        keys = torch.randperm(self.n_keys, generator=generator)[:d] + self.KEY0  # distinct
-        values = torch.randint(0, self.n_values, (d,), generator=generator)
-        values = values + self.KEY0 + self.n_keys
+        keys, values = self._pairs(d, generator)
         ids = torch.full((length,), self.BLANK, dtype=torch.long)
         ids[0 : 2 * d : 2], ids[1 : 2 * d : 2] = keys, values
         slots = (length - 2 * d) // 2  # (key, value) query slots after the context
@@ -279,7 +290,7 @@ class KeyedNeedles:
 
 
 @dataclass(frozen=True)
-class ScatteredMQAR:
+class ScatteredMQAR(_KeyValueVocab):
     """MQAR with pairs spread over the context; token ids: 0 pad, 1 blank, then ``n_keys``
     keys, then ``n_values`` values."""
 
@@ -289,9 +300,6 @@ class ScatteredMQAR:
     n_values: int = 64
     n_distractors: int = 0  # further pairs (other keys, never asked), one per equal stretch
     context_share: float = 0.5  # the pairs lie in this leading share of the sequence
-
-    BLANK = 1
-    KEY0 = 2
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1 or self.n_distractors < 0:
@@ -312,19 +320,9 @@ class ScatteredMQAR:
     def context_slots(self) -> int:
         return int(self.length * self.context_share) // 2
 
-    @property
-    def vocab_size(self) -> int:
-        return self.KEY0 + self.n_keys + self.n_values
-
-    @property
-    def chance(self) -> float:
-        return 1.0 / self.n_values
-
     def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         d, extra, slots = self.n_pairs, self.n_distractors, self.context_slots
-        keys = torch.randperm(self.n_keys, generator=generator)[: d + extra] + self.KEY0
-        values = torch.randint(0, self.n_values, (d + extra,), generator=generator)
-        values = values + self.KEY0 + self.n_keys
+        keys, values = self._pairs(d + extra, generator)
         # distractor i in stretch i of the context, then the asked pairs in free slots
         stretch = torch.arange(extra) * slots // max(extra, 1)
         width = (torch.arange(1, extra + 1) * slots // max(extra, 1)) - stretch

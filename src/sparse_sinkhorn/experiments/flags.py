@@ -122,6 +122,8 @@ class Override:
 
 STEPS = Override("--steps")  # declared by add_common_args
 SEEDS = Override("--seeds")  # declared by add_grid_args
+BLOCK_SIZE = Override("--block-size", "override the block size")
+BATCH_SIZE = Override("--batch-size", "override the batch size")
 DECLARED = (STEPS.flag, SEEDS.flag)
 
 

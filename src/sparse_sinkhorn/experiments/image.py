@@ -69,8 +69,8 @@ PRESETS = IMAGE_PRESETS
 # The flags that override preset fields (`flags.Override`).
 OVERRIDES = {
     "steps": flags.STEPS,
-    "block_size": flags.Override("--block-size", "override the block size"),
-    "batch_size": flags.Override("--batch-size", "override the batch size"),
+    "block_size": flags.BLOCK_SIZE,
+    "batch_size": flags.BATCH_SIZE,
     "eval_images": flags.Override("--eval-images", "test images scored"),
     "n_samples": flags.Override("--samples", "images sampled for the PNG"),
 }

@@ -83,8 +83,8 @@ PRESETS = LM_PRESETS
 OVERRIDES = {
     "steps": flags.STEPS,
     "seq_len": flags.Override("--length", "override the window length"),
-    "block_size": flags.Override("--block-size", "override the block size"),
-    "batch_size": flags.Override("--batch-size", "override the batch size"),
+    "block_size": flags.BLOCK_SIZE,
+    "batch_size": flags.BATCH_SIZE,
     "vocab_size": flags.Override("--vocab-size", "override the BPE vocab"),
     "eval_windows": flags.Override("--eval-windows", "override held-out windows per split"),
     "max_train_chars": flags.Override("--max-train-chars", "read at most this much training text"),

@@ -61,8 +61,8 @@ logger = logging.getLogger(__name__)
 # The flags that override preset fields (`flags.Override`; --d-model also sets d_ff).
 OVERRIDES = {
     "steps": flags.STEPS,
-    "block_size": flags.Override("--block-size", "override the block size"),
-    "batch_size": flags.Override("--batch-size", "override the batch size"),
+    "block_size": flags.BLOCK_SIZE,
+    "batch_size": flags.BATCH_SIZE,
     "d_model": flags.Override(
         "--d-model", "override the model width (d_ff follows at 4 * d_model)"
     ),

@@ -82,7 +82,7 @@ PRESETS = SORT_PRESETS
 OVERRIDES = {
     "steps": flags.STEPS,
     "length": flags.Override("--length", "override the training length L (dev lengths go to 2L)"),
-    "block_size": flags.Override("--block-size", "override the block size"),
+    "block_size": flags.BLOCK_SIZE,
     "n_symbols": flags.Override(
         "--n-symbols", "override the alphabet size (default: the preset's, or 2 * --length)"
     ),

@@ -9,7 +9,7 @@ them all (see `sparse_sinkhorn.cli`).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from . import ablate, classify, flags, image, lm, recall, recall_tasks, sorting, variants
@@ -41,17 +41,19 @@ def _paper_attention(
 
 def _runs(
     parser: argparse.ArgumentParser,
-    run: Callable[[argparse.Namespace], int],
+    experiment: ModuleType,
     default_out: str,
     *,
     default_seeds: int | str = 1,
     **defaults: Any,
 ) -> None:
-    """The flags every experiment takes (`flags`' grid and common ones), and ``run``,
-    the function that runs the subcommand (``defaults``: further parsed values it reads)."""
+    """The flags every experiment takes (its ``OVERRIDES``, `flags`' grid and common ones),
+    and its ``run``, the function that runs the subcommand (``defaults``: further parsed
+    values it reads)."""
+    flags.add_override_flags(parser, experiment.OVERRIDES)
     flags.add_grid_args(parser, default_seeds=default_seeds)
     flags.add_common_args(parser, default_out=default_out)
-    parser.set_defaults(func=run, **defaults)
+    parser.set_defaults(func=experiment.run, **defaults)
 
 
 def add_sort(subparsers: argparse._SubParsersAction) -> None:
@@ -71,8 +73,7 @@ def add_sort(subparsers: argparse._SubParsersAction) -> None:
         "(softmax-max routes the encoder by softmax rows too); cross-attention is dense "
         "for every kind.",
     )
-    flags.add_override_flags(parser, sorting.OVERRIDES)
-    _runs(parser, sorting.run, "runs/sort", default_seeds=BY_PRESET)
+    _runs(parser, sorting, "runs/sort", default_seeds=BY_PRESET)
 
 
 def add_ablate(subparsers: argparse._SubParsersAction) -> None:
@@ -94,12 +95,11 @@ def add_ablate(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="sort (the cpu preset's default) or lm (subword LM; the paper preset's default)",
     )
-    flags.add_override_flags(parser, ablate.OVERRIDES)
     parser.add_argument("--data-dir", default=None, help="data directory (lm task)")
     parser.add_argument(
         "--corpus", default=None, help="plain-text corpus, e.g. LM1B's shards (lm task)"
     )
-    _runs(parser, ablate.run, "runs/ablate", default_seeds=BY_PRESET)
+    _runs(parser, ablate, "runs/ablate", default_seeds=BY_PRESET)
 
 
 def add_lm(subparsers: argparse._SubParsersAction) -> None:
@@ -117,8 +117,7 @@ def add_lm(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="plain-text file or directory (e.g. LM1B) instead of Shakespeare",
     )
-    flags.add_override_flags(parser, lm.OVERRIDES)
-    _runs(parser, lm.run, "runs/lm-<level>", out=None)
+    _runs(parser, lm, "runs/lm-<level>", out=None)
 
 
 def add_image(subparsers: argparse._SubParsersAction) -> None:
@@ -138,11 +137,10 @@ def add_image(subparsers: argparse._SubParsersAction) -> None:
         "cache (which refuses it).",
     )
     parser.add_argument("--data-dir", default=None, help=DATA_DIR)
-    flags.add_override_flags(parser, image.OVERRIDES)
     parser.add_argument(
         "--train-images", type=int, default=None, help="use only the first N training images"
     )
-    _runs(parser, image.run, "runs/image-<dataset>", out=None)
+    _runs(parser, image, "runs/image-<dataset>", out=None)
 
 
 def add_classify(
@@ -170,9 +168,8 @@ def add_classify(
             "Tensor2Tensor's NLI problems encode pairs (default); separate: siamese encoder, "
             "features [u, v, |u-v|, u*v]",
         )
-    flags.add_override_flags(parser, classify.OVERRIDES)
     no_pair = {"pair": "none"} if task != "nli" else {}
-    _runs(parser, classify.run, f"runs/{task}/DATASET-LEVEL", task=task, **no_pair)
+    _runs(parser, classify, f"runs/{task}/DATASET-LEVEL", task=task, **no_pair)
 
 
 def add_recall(subparsers: argparse._SubParsersAction) -> None:
@@ -206,8 +203,7 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         "preset's min_span, left-padded; curriculum: one length per step, from min_span up "
         "(default: the preset's)",
     )
-    flags.add_override_flags(parser, recall.OVERRIDES)
-    _runs(parser, recall.run, "runs/recall-<task>", out=None)
+    _runs(parser, recall, "runs/recall-<task>", out=None)
 
 
 def add_subparser(subparsers: argparse._SubParsersAction) -> None:

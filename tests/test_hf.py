@@ -29,6 +29,7 @@ from transformers import (
 
 from sparse_sinkhorn import hf
 from sparse_sinkhorn.hf import attention as hf_attention
+from sparse_sinkhorn.hf.decoding import BlockRouting
 from sparse_sinkhorn.nn.cache import SequenceRouting
 from sparse_sinkhorn.ops import sinkhorn_plan
 
@@ -275,13 +276,15 @@ def test_kv_cache_equals_full_forward(
 ) -> None:
     """Prefill + one token at a time through transformers' DynamicCache or StaticCache == full
     forward, and each single token goes through the block-cost state, not a forward over the
-    prefix (a static cache's unset positions are never read)."""
+    prefix (a static cache's unset positions are never read); the state starts from the
+    prompt's forward, not rebuilt at the first new token."""
     model = _model(family, **options)
     ids = _ids(2, 22)
     full = model(ids).logits
     key = _step_kwarg(model)
     op = _Spy(monkeypatch, hf_attention, "sinkhorn_attention")
-    steps = _Spy(monkeypatch, SequenceRouting, "step")
+    steps = _Spy(monkeypatch, BlockRouting, "step")
+    starts = _Spy(monkeypatch, BlockRouting, "prefill")
     for prompt in (1, 4, 7):  # one token, a block boundary, mid-block
         cache = _cache(cache_kind, model)
         outs = [model(ids[:, :prompt], use_cache=True, **{key: cache}).logits]
@@ -290,6 +293,7 @@ def test_kv_cache_equals_full_forward(
         torch.testing.assert_close(torch.cat(outs, 1), full, atol=TOL, rtol=0)
     layers = 2
     assert op.calls == 3 * layers  # the three prefills only
+    assert starts.calls == 3 * layers  # from those forwards
     assert steps.calls == layers * sum(ids.shape[1] - p for p in (1, 4, 7))
 
 

@@ -15,6 +15,7 @@ from ..nn.kinds import KINDS
 from ..nn.sortnet import SortNet, routing_summaries
 from ..ops import dense_attention, sinkhorn_attention
 from ..ops.blocks import repeat_kv
+from ..ops.options import SinkhornOptions
 from .decoding import BlockRouting
 
 try:
@@ -99,10 +100,7 @@ def sinkhorn_attention_forward(
     options = att.op_options(
         is_causal=True, training=module.training, dropout_p=dropout, scale=scaling
     )
-    out = sinkhorn_attention(
-        query, key, value, logits.to(query.dtype), options, key_padding_mask=mask
-    )
-    assert isinstance(out, Tensor)
+    out = _attend(query, key, value, logits.to(query.dtype), options, mask)
     if step is not None and q_len == length and real is None:
         _keep_state(step[0], att, sort_net, key, value, x, summaries, dropout)
     if order is not None:
@@ -209,6 +207,45 @@ def _decode_step(
         out = out + dense_attention(query, k_all, v_all, key_padding_mask=real, scale=scaling)
     layer.__dict__[_STATE] = (state, layer.keys)  # the tensor the cache layer holds now
     return out.transpose(1, 2).contiguous()
+
+
+def _attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    logits: Tensor,
+    options: SinkhornOptions,
+    mask: Tensor | None,
+) -> Tensor:
+    """`sinkhorn_attention` ``(B, H, T, E)``; without autograd or randomness (Gumbel noise,
+    dropout) one query head at a time (heads are independent), so the op's working memory is
+    one head's, and each head's output is written where ``(B, T, H, E)``, what the model
+    reads next, keeps it."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, key, value, logits)
+    )
+    random = options.gumbel_noise or options.dropout_p > 0
+    heads = query.shape[1]
+    if needs_grad or random or heads == 1:
+        out = sinkhorn_attention(query, key, value, logits, options, key_padding_mask=mask)
+        assert isinstance(out, Tensor)
+        return out
+    batch, _, length, e = query.shape
+    group = heads // key.shape[1]  # query heads per key/value head
+    out = query.new_empty(batch, length, heads, e).transpose(1, 2)  # (B, H, T, E) view
+    for h in range(heads):
+        kv = slice(h // group, h // group + 1)
+        one = sinkhorn_attention(
+            query[:, h : h + 1],
+            key[:, kv],
+            value[:, kv],
+            logits[:, h : h + 1],
+            options,
+            key_padding_mask=mask,
+        )
+        assert isinstance(one, Tensor)
+        out[:, h] = one[:, 0]
+    return out
 
 
 def _routing_input(value: Tensor, sort_net: SortNet) -> Tensor:

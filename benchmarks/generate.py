@@ -10,8 +10,14 @@ length. Per case, in a fresh process:
 * **per token**: the median interval between later tokens (read by a stopping criterion that
   generate calls after every step), over ``--new-tokens`` tokens, which cover at least one
   block boundary (so the routing of a new block is inside the median's sample);
+* **block start**: the longest of those intervals whose token opens a block (its position a
+  multiple of ``--block-size``: Sinkhorn routes the block there), beside the median;
 * **peak memory**: ``VmHWM`` during generate minus ``VmRSS`` before it (CPU; see
   ``benchmarks/case.py``), i.e. the cache and the activations, not the weights.
+
+The report puts the three side by side with ``sdpa``: Sinkhorn's per-token time / sdpa's,
+each implementation's block-start interval / its median interval, and Sinkhorn's peak memory
+/ sdpa's.
 
 Writes ``generate.{json,md,png}`` (``generate_static.*`` with ``--cache static``) with the
 machine, torch, transformers, git commit, command, date and load average into ``--out``
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -96,12 +103,15 @@ def run_case(impl: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         peak = memory.peak("cpu") - base
     assert out.shape[1] == length + args.new_tokens
     steps = [b - a for a, b in itertools.pairwise(stamps)]
+    # steps[k]: the forward on position length + k (the token generated k-th) and its sampling
+    starts = [d for k, d in enumerate(steps) if (length + k) % args.block_size == 0]
     return {
         "impl": impl,
         "length": length,
         "prefill_s": stamps[0] - start,
         "per_token_s": statistics.median(steps),
         "per_token_max_s": max(steps),
+        "block_start_s": max(starts),
         "tokens_per_s": 1.0 / statistics.median(steps),
         "peak_mem_mb": max(peak, 0.0),
     }
@@ -161,6 +171,7 @@ def report(meta: dict[str, Any]) -> str:
                 f"{r['peak_mem_mb']:.0f} MiB",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _ratios(rows, lengths)
     first, last = lengths[0], lengths[-1]
     lines.append("")
     for impl in IMPLS:
@@ -171,6 +182,28 @@ def report(meta: dict[str, Any]) -> str:
                 f"{b['per_token_s'] / a['per_token_s']:.2f}"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ratios(rows: dict[tuple[str, int], dict[str, Any]], lengths: list[int]) -> list[str]:
+    """The table of Sinkhorn beside sdpa: per-token time and peak memory ratios, and each
+    implementation's block-start interval over its median interval."""
+    lines = [
+        "",
+        "| prompt | per token: sinkhorn / sdpa | block start / median: sinkhorn | "
+        "block start / median: sdpa | peak: sinkhorn / sdpa |",
+        "|---|---|---|---|---|",
+    ]
+    for n in lengths:
+        sdpa, sink = rows.get(("sdpa", n)), rows.get(("sinkhorn", n))
+        if sdpa is None or sink is None or "block_start_s" not in sink:
+            continue
+        peak = sink["peak_mem_mb"] / sdpa["peak_mem_mb"] if sdpa["peak_mem_mb"] > 0 else math.nan
+        lines.append(
+            f"| {_fmt_len(n)} | {sink['per_token_s'] / sdpa['per_token_s']:.2f} | "
+            f"{sink['block_start_s'] / sink['per_token_s']:.1f} | "
+            f"{sdpa['block_start_s'] / sdpa['per_token_s']:.1f} | {peak:.2f} |"
+        )
+    return lines
 
 
 def plot(meta: dict[str, Any], path: Path) -> None:

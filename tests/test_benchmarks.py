@@ -130,6 +130,25 @@ def test_generate_help_and_where_it_writes(tmp_path: Path) -> None:
         generate._run_child(["--lengths", "64"], "sdpa", 0)
 
 
+def test_generate_report_puts_the_ratios_beside_sdpa() -> None:
+    """Per-token time and peak memory of Sinkhorn over sdpa's, and each one's block-start
+    interval over its median, in one table; results without block-start times still render."""
+    from benchmarks import generate
+
+    committed = json.loads((generate.RESULTS / "generate_static.json").read_text())
+    assert "| 16K |" in generate.report(committed)
+    meta = json.loads(json.dumps(committed))
+    for row in meta["rows"]:
+        row["block_start_s"] = 4 * row["per_token_s"]
+    text = generate.report(meta)
+    assert "| prompt | per token: sinkhorn / sdpa |" in text
+    sdpa, sink = (next(r for r in meta["rows"] if r["impl"] == i and r["length"] == 1024)
+                  for i in ("sdpa", "sinkhorn"))  # fmt: skip
+    ratio = sink["per_token_s"] / sdpa["per_token_s"]
+    peak = sink["peak_mem_mb"] / sdpa["peak_mem_mb"]
+    assert f"| 1K | {ratio:.2f} | 4.0 | 4.0 | {peak:.2f} |" in text
+
+
 def test_recall_step_times_kinds_side_by_side(tmp_path: Path) -> None:
     """Each kind's training step in a fresh process, divided by dense's at the same length."""
     from benchmarks import recall_step

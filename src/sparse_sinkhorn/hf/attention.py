@@ -185,14 +185,14 @@ def _decode_step(
         return None
     state, held = layer.__dict__.get(_STATE, (None, None))
     fresh = before is not None and held is before  # the cache layer's tensor it has seen
-    x = _routing_input(value[:, :, -1:], sort_net)[:, 0]  # (B, H_kv*E)
     new_k, new_v = key[:, :, -1:], value[:, :, -1:]
+    x = new_v[:, :, 0].flatten(1)  # (B, H_kv*E): _routing_input of the new token
     if real is None:  # every sequence at the same position: one block phase for the batch
         if not (fresh and isinstance(state, BlockRouting) and state.t == key.shape[2] - 1):
             state = BlockRouting(att, sort_net)
             old_k, old_v = key[:, :, :-1], value[:, :, :-1]
             state.prefill(old_k, old_v, _routing_input(old_v, sort_net))
-        out = state.step(query, new_k, new_v, x, (key, value), scaling)
+        out = state.step(query, new_k, new_v, x.to(state.dtype), (key, value), scaling)
     else:
         prefix_real = real[:, :-1]
         count = prefix_real.sum(1)
@@ -201,6 +201,7 @@ def _decode_step(
             state = SequenceRouting(att, sort_net)
             old_k, old_v = key[:, :, :-1], value[:, :, :-1]
             state.prefill(old_k, old_v, _routing_input(old_v, sort_net), prefix_real)
+        x = x.to(next(sort_net.parameters()).dtype)
         out = state.step(query, new_k, new_v, x, (key, value, real), scaling)
     if KINDS[att.kind].mixture:
         k_all, v_all = (repeat_kv(t, query.shape[1]) for t in (key, value))  # GQA

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import Tensor
+from torch.nn import functional as F
 
 from ..nn.config import AttentionConfig
 from ..nn.sortnet import SortNet, routing_summaries
@@ -40,6 +41,7 @@ class BlockRouting:
     def __init__(self, config: AttentionConfig, sort_net: SortNet) -> None:
         self.config, self.sort_net = config, sort_net
         self.options = config.op_options(is_causal=True)
+        self.dtype = next(sort_net.parameters()).dtype  # what the sort net reads
         self.t = 0
 
     def prefill(
@@ -110,10 +112,10 @@ class BlockRouting:
         self.t = t + 1
         end = w + offset + 1
         first = w if block == 0 else 0  # block 0 receives no sorted block
-        keep = None if self.keep is None else self.keep[..., first:end]
-        return attend_token(
-            q, self.buf_k[:, :, first:end], self.buf_v[:, :, first:end], keep, scale
-        )
+        keys, values = self.buf_k[:, :, first:end], self.buf_v[:, :, first:end]
+        if self.keep is None:  # every slot holds a key: plain attention
+            return F.scaled_dot_product_attention(q, keys, values, scale=scale)
+        return attend_token(q, keys, values, self.keep[..., first:end], scale)
 
     def _route(self, block: int, k: Tensor, v: Tensor) -> None:
         """Row ``block`` of the causal plan -> the sorted slots of the buffer; ``k, v``

@@ -100,9 +100,11 @@ def sinkhorn_attention_forward(
     options = att.op_options(
         is_causal=True, training=module.training, dropout_p=dropout, scale=scaling
     )
-    out = _attend(query, key, value, logits.to(query.dtype), options, mask)
     if step is not None and q_len == length and real is None:
+        # before the op: the state's small, long-lived buffers then lie below the op's
+        # temporaries in the heap, which the allocator can give back once they are freed
         _keep_state(step[0], att, sort_net, key, value, x, summaries, dropout)
+    out = _attend(query, key, value, logits.to(query.dtype), options, mask)
     if order is not None:
         out = _gather(out, torch.argsort(order, dim=1))  # back to the original positions
     return out[:, :, length - q_len :].transpose(1, 2).contiguous(), None

@@ -50,6 +50,7 @@ from .machine import machine_info
 RESULTS = Path(__file__).resolve().parent / "results"  # the committed results
 DEFAULT_OUT = Path("runs") / "benchmarks"
 IMPLS = ("sdpa", "sinkhorn")
+ROUTING = ("sort_net", "balance", "pooling")  # the convert() options a result names
 CACHE_NAMES = {"dynamic": "DynamicCache", "static": "StaticCache (preallocated)"}
 
 
@@ -71,7 +72,8 @@ def _model(impl: str, args: argparse.Namespace) -> Any:
     model = LlamaForCausalLM(cfg)
     model.set_attn_implementation("sdpa")
     if impl == "sinkhorn":
-        hf.convert(model, block_size=args.block_size)
+        routing = {k: v for k, v in (("balance", args.balance), ("pooling", args.pooling)) if v}
+        hf.convert(model, block_size=args.block_size, **routing)
     return model.eval()
 
 
@@ -102,6 +104,7 @@ def run_case(impl: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         )
         peak = memory.peak("cpu") - base
     assert out.shape[1] == length + args.new_tokens
+    options = getattr(model.config, "sinkhorn_attention", None) or {}
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     # steps[k]: the forward on position length + k (the token generated k-th) and its sampling
     starts = [d for k, d in enumerate(steps) if (length + k) % args.block_size == 0]
@@ -114,6 +117,7 @@ def run_case(impl: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         "block_start_s": max(starts),
         "tokens_per_s": 1.0 / statistics.median(steps),
         "peak_mem_mb": max(peak, 0.0),
+        **({"routing": {k: options[k] for k in ROUTING}} if options else {}),
     }
 
 
@@ -138,6 +142,12 @@ def report(meta: dict[str, Any]) -> str:
     lengths = meta["settings"]["lengths"]
     p = meta["provenance"]
     s = meta["settings"]
+    routing = next((r["routing"] for r in meta["rows"] if "routing" in r), None)
+    options = (
+        "bilinear sort net"
+        if routing is None
+        else ", ".join(f'{k}="{routing[k]}"' for k in ROUTING)
+    )
     lines = [
         "# Generation with a converted Hugging Face model (`benchmarks.generate`)",
         "",
@@ -148,7 +158,7 @@ def report(meta: dict[str, Any]) -> str:
         f"transformers {p['transformers']}; load average at start {p['load'][0]:.2f}",
         f"- model: random Llama, {s['layers']} layers, {s['heads']} query heads / "
         f"{max(1, s['heads'] // 2)} key-value heads of 64, float32, batch 1; Sinkhorn: "
-        f"`hf.convert(model, block_size={s['block_size']})` (bilinear sort net); greedy "
+        f"`hf.convert(model, block_size={s['block_size']})` ({options}); greedy "
         f"`generate` with a {CACHE_NAMES[s.get('cache', 'dynamic')]}, {s['new_tokens']} new "
         "tokens",
         "- prefill: time to the first token; per token: median interval between later tokens "
@@ -286,6 +296,18 @@ def parser() -> argparse.ArgumentParser:
         choices=tuple(CACHE_NAMES),
         default="dynamic",
         help="dynamic: DynamicCache (default); static: a preallocated StaticCache",
+    )
+    p.add_argument(
+        "--balance",
+        choices=("softmax", "sinkhorn", "sinkhorn-targets"),
+        default=None,
+        help="convert()'s balance (default: convert's own, softmax)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=("max", "sum", "mean"),
+        default=None,
+        help="convert()'s pooling (default: convert's own, max)",
     )
     p.add_argument(
         "--out",

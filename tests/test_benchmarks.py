@@ -98,6 +98,7 @@ def _generate(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--lengths", "0"], "--lengths: must be > 0, got 0"),
         (["--heads", "0"], "--heads: must be > 0, got 0"),
         (["--case", "foo"], "--case: IMPL:LENGTH"),
+        (["--balance", "sinkhorn-leaky"], "--balance: invalid choice"),
     ],
 )
 def test_generate_flags_are_checked_in_one_line(

@@ -150,6 +150,22 @@ def test_generate_report_puts_the_ratios_beside_sdpa() -> None:
     assert f"| 1K | {ratio:.2f} | 4.0 | 4.0 | {peak:.2f} |" in text
 
 
+def test_generate_runs_alternate_and_keep_the_fastest(tmp_path: Path) -> None:
+    """A tiny end-to-end run: with --repeats each case runs that often, the report keeps the
+    fastest per-token run of each and puts the ratios beside sdpa."""
+    argv = ["--lengths", "16", "--layers", "1", "--heads", "2", "--block-size", "8",
+            "--new-tokens", "9", "--cache", "static", "--repeats", "2",
+            "--out", str(tmp_path)]  # fmt: skip
+    done = _generate(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "generate_static.json").read_text())
+    assert [(r["impl"], r["runs"]) for r in meta["rows"]] == [("sdpa", 2), ("sinkhorn", 2)]
+    assert meta["rows"][1]["routing"]["balance"] == "softmax"
+    assert all(r["block_start_s"] > 0 for r in meta["rows"])
+    text = (tmp_path / "generate_static.md").read_text()
+    assert "of 2 runs" in text and "| 16 |" in text.split("per token: sinkhorn / sdpa")[1]
+
+
 def test_recall_step_times_kinds_side_by_side(tmp_path: Path) -> None:
     """Each kind's training step in a fresh process, divided by dense's at the same length."""
     from benchmarks import recall_step

@@ -98,6 +98,7 @@ def _generate(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--lengths", "0"], "--lengths: must be > 0, got 0"),
         (["--heads", "0"], "--heads: must be > 0, got 0"),
         (["--case", "foo"], "--case: IMPL:LENGTH"),
+        (["--balance", "sinkhorn-leaky"], "--balance: invalid choice"),
     ],
 )
 def test_generate_flags_are_checked_in_one_line(
@@ -128,6 +129,41 @@ def test_generate_help_and_where_it_writes(tmp_path: Path) -> None:
     # a case that fails in its process: its own error, not CalledProcessError
     with pytest.raises(SystemExit, match=r"case sdpa at 0 tokens failed: .*--case: must be > 0"):
         generate._run_child(["--lengths", "64"], "sdpa", 0)
+
+
+def test_generate_report_puts_the_ratios_beside_sdpa() -> None:
+    """Per-token time and peak memory of Sinkhorn over sdpa's, and each one's block-start
+    interval over its median, in one table; results without block-start times still render."""
+    from benchmarks import generate
+
+    committed = json.loads((generate.RESULTS / "generate_static.json").read_text())
+    assert "| 16K |" in generate.report(committed)
+    meta = json.loads(json.dumps(committed))
+    for row in meta["rows"]:
+        row["block_start_s"] = 4 * row["per_token_s"]
+    text = generate.report(meta)
+    assert "| prompt | per token: sinkhorn / sdpa |" in text
+    sdpa, sink = (next(r for r in meta["rows"] if r["impl"] == i and r["length"] == 1024)
+                  for i in ("sdpa", "sinkhorn"))  # fmt: skip
+    ratio = sink["per_token_s"] / sdpa["per_token_s"]
+    peak = sink["peak_mem_mb"] / sdpa["peak_mem_mb"]
+    assert f"| 1K | {ratio:.2f} | 4.0 | 4.0 | {peak:.2f} |" in text
+
+
+def test_generate_runs_alternate_and_keep_the_fastest(tmp_path: Path) -> None:
+    """A tiny end-to-end run: with --repeats each case runs that often, the report keeps the
+    fastest per-token run of each and puts the ratios beside sdpa."""
+    argv = ["--lengths", "16", "--layers", "1", "--heads", "2", "--block-size", "8",
+            "--new-tokens", "9", "--cache", "static", "--repeats", "2",
+            "--out", str(tmp_path)]  # fmt: skip
+    done = _generate(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "generate_static.json").read_text())
+    assert [(r["impl"], r["runs"]) for r in meta["rows"]] == [("sdpa", 2), ("sinkhorn", 2)]
+    assert meta["rows"][1]["routing"]["balance"] == "softmax"
+    assert all(r["block_start_s"] > 0 for r in meta["rows"])
+    text = (tmp_path / "generate_static.md").read_text()
+    assert "of 2 runs" in text and "| 16 |" in text.split("per token: sinkhorn / sdpa")[1]
 
 
 def test_recall_step_times_kinds_side_by_side(tmp_path: Path) -> None:

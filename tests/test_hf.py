@@ -29,6 +29,7 @@ from transformers import (
 
 from sparse_sinkhorn import hf
 from sparse_sinkhorn.hf import attention as hf_attention
+from sparse_sinkhorn.hf.decoding import BlockRouting
 from sparse_sinkhorn.nn.cache import SequenceRouting
 from sparse_sinkhorn.ops import sinkhorn_plan
 
@@ -275,13 +276,15 @@ def test_kv_cache_equals_full_forward(
 ) -> None:
     """Prefill + one token at a time through transformers' DynamicCache or StaticCache == full
     forward, and each single token goes through the block-cost state, not a forward over the
-    prefix (a static cache's unset positions are never read)."""
+    prefix (a static cache's unset positions are never read); the state starts from the
+    prompt's forward, not rebuilt at the first new token."""
     model = _model(family, **options)
     ids = _ids(2, 22)
     full = model(ids).logits
     key = _step_kwarg(model)
     op = _Spy(monkeypatch, hf_attention, "sinkhorn_attention")
-    steps = _Spy(monkeypatch, SequenceRouting, "step")
+    steps = _Spy(monkeypatch, BlockRouting, "step")
+    starts = _Spy(monkeypatch, BlockRouting, "prefill")
     for prompt in (1, 4, 7):  # one token, a block boundary, mid-block
         cache = _cache(cache_kind, model)
         outs = [model(ids[:, :prompt], use_cache=True, **{key: cache}).logits]
@@ -290,6 +293,7 @@ def test_kv_cache_equals_full_forward(
         torch.testing.assert_close(torch.cat(outs, 1), full, atol=TOL, rtol=0)
     layers = 2
     assert op.calls == 3 * layers  # the three prefills only
+    assert starts.calls == 3 * layers  # from those forwards
     assert steps.calls == layers * sum(ids.shape[1] - p for p in (1, 4, 7))
 
 
@@ -322,6 +326,80 @@ def test_kv_cache_float64_left_padded_equals_full_forward(
     got = torch.cat(outs, 1)
     real = mask.bool()
     torch.testing.assert_close(got[real], full[real], atol=1e-10, rtol=0)
+
+
+def test_static_and_dynamic_caches_agree_at_block_starts() -> None:
+    """float64, GQA: decoding through a StaticCache and a DynamicCache gives the same logits at
+    every position, block starts included, and both equal the full forward; a state dropped at
+    a block start is rebuilt from the cache (static: its filled slice) and stays exact."""
+    model = _model("llama-gqa").double()
+    ids = _ids(2, 23)
+    full = model(ids).logits
+    key, prompt = _step_kwarg(model), 6
+    got = {}
+    for kind in CACHES:
+        cache = _cache(kind, model)
+        outs = [model(ids[:, :prompt], use_cache=True, **{key: cache}).logits]
+        for t in range(prompt, ids.shape[1]):
+            if t == 3 * BLOCK:  # a block's first token, routed by a state rebuilt from the cache
+                for layer in cache.layers:
+                    layer.__dict__.pop(hf_attention._STATE)
+            outs.append(model(ids[:, t : t + 1], use_cache=True, **{key: cache}).logits)
+        got[kind] = torch.cat(outs, 1)
+        torch.testing.assert_close(got[kind], full, atol=1e-10, rtol=0)
+    torch.testing.assert_close(got["static"], got["dynamic"], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sort_net", ["linear", "mlp", "bilinear"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_routing_row_equals_that_row_of_the_prefix(sort_net: str, shared: bool) -> None:
+    """With row-local balancing a block start scores one row: `route_logits` is that row of
+    the sort net's prefix logits, `plan_row` on it that row of the prefix plan (soft and
+    hard), and `mix_blocks` mixes grouped key/value heads in place as repeat_kv would."""
+    from sparse_sinkhorn.hf.decoding import route_logits
+    from sparse_sinkhorn.nn import SortNet
+    from sparse_sinkhorn.ops.blocks import repeat_kv
+    from sparse_sinkhorn.ops.decode import mix_blocks, plan_row
+    from sparse_sinkhorn.ops.options import SinkhornOptions
+
+    torch.manual_seed(0)
+    net = SortNet(16, 4, 12, kind=sort_net, shared=shared).double()
+    rows, keys = torch.randn(2, 9, 16).double(), torch.randn(2, 9, 16).double()
+    w, block = 3, 7
+    prefix_keys = torch.cat([keys[:, :block], torch.zeros_like(keys[:, :1])], 1)
+    prefix = net(rows[:, : block + 1], prefix_keys)  # (B, H, i+1, i+1)
+    row = route_logits(net, rows, keys, block, "softmax")
+    torch.testing.assert_close(row, prefix[:, :, block : block + 1], atol=1e-12, rtol=0)
+    assert torch.equal(route_logits(net, rows, keys, block, "sinkhorn"), prefix)
+    k, v = torch.randn(2, 2, 30, 5).double(), torch.randn(2, 2, 30, 5).double()
+    for hard in (False, True):
+        opts = SinkhornOptions(block_size=w, is_causal=True, balance="softmax", hard=hard)
+        want = sinkhorn_plan(prefix, opts).P[:, :, block, :block]
+        torch.testing.assert_close(plan_row(row, block, opts), want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(plan_row(prefix, block, opts), want, atol=0, rtol=0)
+    sorted_k, sorted_v = mix_blocks(want, k, v, w)
+    for got, x in ((sorted_k, k), (sorted_v, v)):
+        blocks = repeat_kv(x[:, :, : block * w], 4).unflatten(2, (block, w))
+        ref = torch.einsum("bhn,bhnwe->bhwe", want, blocks)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    opts = SinkhornOptions(block_size=w, is_causal=True, balance="sinkhorn")
+    with pytest.raises(ValueError, match="single logits row"):
+        plan_row(row, block, opts)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_a_forward_without_autograd_equals_one_with_it(family: str) -> None:
+    """Without autograd the op runs one head at a time; the outputs are those of all heads at
+    once (the autograd path), padded batches included."""
+    model = _model(family, **PAPER)
+    ids = _ids(2, 19)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    want = model(ids, attention_mask=mask).logits
+    assert want.requires_grad
+    torch.testing.assert_close(got, want.detach(), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("cache_kind", CACHES)

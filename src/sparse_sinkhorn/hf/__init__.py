@@ -40,12 +40,15 @@ KV cache has already been applied, so ``T`` covers the whole prefix and ``Lq`` t
   alone; outputs are moved back afterwards.
 * **Decoding** at the cost of a block, with transformers' default ``DynamicCache`` or a
   preallocated ``StaticCache`` (``generate(..., cache_implementation="static")``; only its
-  filled positions are read): each attention layer keeps a ``SequenceRouting`` beside its
-  cache layer (the running value summaries, the current block's keys/values and its sorted
-  keys/values), so one new token costs O(W + N) per head, plus one routing row per sequence
-  at its blocks' first tokens (the sort net and plan on ``i+1`` summaries, which mix the
-  ``i`` earlier blocks). Prefix-causal balancing makes plan row ``i`` depend on logit rows
-  ``<= i`` only, so this equals the full forward (to float rounding). The state is tied to
+  filled positions are read): each attention layer keeps a routing state beside its cache
+  layer (the running value summaries, the current block's keys/values and its sorted
+  keys/values; `sparse_sinkhorn.hf.decoding.BlockRouting`, or ``SequenceRouting`` for a
+  left-padded batch), started by the prompt's forward, so one new token costs O(W) per head,
+  plus one routing row at each block's first token (with ``balance="softmax"`` one row of
+  sort-net logits, O(N), otherwise the plan of the ``i+1`` blocks so far) and the mix of the
+  ``i`` earlier blocks, read in place from the cache. Prefix-causal balancing makes plan row
+  ``i`` depend on logit rows ``<= i`` only, so this equals the full forward (to float
+  rounding). The state is tied to
   the cache layer's key tensor: anything that replaces it (beam reordering, cropping) makes
   the next step rebuild the state from the cached prefix; other static layers (sliding
   window, indexed) are refused; steps the state cannot take (several new tokens at once, a

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 from ..nn.cache import SequenceRouting
 from ..nn.config import AttentionConfig
 from ..nn.kinds import KINDS
-from ..nn.sortnet import SortNet
+from ..nn.sortnet import SortNet, routing_summaries
 from ..ops import dense_attention, sinkhorn_attention
 from ..ops.blocks import repeat_kv
+from ..ops.options import SinkhornOptions
+from .decoding import BlockRouting
 
 try:
     from transformers.cache_utils import DynamicLayer, EncoderDecoderCache, StaticLayer
@@ -76,6 +78,8 @@ def sinkhorn_attention_forward(
     if q_len > length:
         raise ValueError(f"more queries ({q_len}) than keys ({length})")
     real = _key_padding(attention_mask, batch, q_len, length, query.device)
+    if real is not None and bool(real.all()):
+        real = None  # no padding
     if step is not None:
         out = _decode_step(step, att, sort_net, query, key, value, real, dropout, scaling)
         if out is not None:
@@ -84,26 +88,51 @@ def sinkhorn_attention_forward(
         old = query.new_zeros(batch, query.shape[1], length - q_len, query.shape[3])
         query = torch.cat([old, query], dim=2)  # (B, H, T, E)
     order = mask = None
-    if real is not None and not bool(real.all()):
+    if real is not None:
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first
         query, key, value = (_gather(t, order) for t in (query, key, value))
         mask = torch.arange(length, device=real.device) < real.sum(1, keepdim=True)  # (B, T)
     x = _routing_input(value, sort_net)  # (B, T, H_kv*E): the values of every KV head
-    logits = sort_net.route(x, causal=True, key_padding_mask=mask)
+    summaries = routing_summaries(
+        x, att.block_size, causal=True, key_padding_mask=mask, pooling=att.pooling
+    )
+    logits = sort_net(*summaries)  # what sort_net.route gives
     options = att.op_options(
         is_causal=True, training=module.training, dropout_p=dropout, scale=scaling
     )
-    out = sinkhorn_attention(
-        query, key, value, logits.to(query.dtype), options, key_padding_mask=mask
-    )
-    assert isinstance(out, Tensor)
+    if step is not None and q_len == length and real is None:
+        # before the op: the state's small, long-lived buffers then lie below the op's
+        # temporaries in the heap, which the allocator can give back once they are freed
+        _keep_state(step[0], att, sort_net, key, value, x, summaries, dropout)
+    out = _attend(query, key, value, logits.to(query.dtype), options, mask)
     if order is not None:
         out = _gather(out, torch.argsort(order, dim=1))  # back to the original positions
     return out[:, :, length - q_len :].transpose(1, 2).contiguous(), None
 
 
 _CACHE_LAYER = "_sinkhorn_cache_layer"  # set on a converted module for one forward call
-_STATE = "_sinkhorn_state"  # on a cache layer: (SequenceRouting, the keys tensor it has seen)
+# on a cache layer: (BlockRouting or SequenceRouting, the keys tensor it has seen)
+_STATE = "_sinkhorn_state"
+
+
+def _keep_state(
+    layer: Any,
+    att: AttentionConfig,
+    sort_net: SortNet,
+    key: Tensor,
+    value: Tensor,
+    x: Tensor,
+    summaries: tuple[Tensor, Tensor],
+    dropout: float,
+) -> None:
+    """After a prompt's forward without padding: start the layer's decoding state from the
+    routing summaries that forward computed, so the first new token does not rebuild it."""
+    if sort_net.training or dropout:
+        layer.__dict__.pop(_STATE, None)
+        return
+    state = BlockRouting(att, sort_net)
+    state.prefill(key, value, x, summaries)
+    layer.__dict__[_STATE] = (state, layer.keys)  # the tensor the cache layer holds now
 
 
 def note_cache_layer(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
@@ -147,7 +176,8 @@ def _decode_step(
     dropout: float,
     scaling: float | None,
 ) -> Tensor | None:
-    """One new token through the layer's `SequenceRouting` (``(B, 1, H, E)``), or
+    """One new token through the layer's `BlockRouting` (no padding) or `SequenceRouting`
+    (``(B, 1, H, E)``), or
     None when the step is not one it can take (the caller recomputes over the prefix)."""
     layer, before, _ = note
     ok = query.shape[2] == 1 and key.shape[2] > 1 and not sort_net.training and not dropout
@@ -156,24 +186,69 @@ def _decode_step(
         layer.__dict__.pop(_STATE, None)
         return None
     state, held = layer.__dict__.get(_STATE, (None, None))
-    prefix_real = None if real is None else real[:, :-1]
-    count = key.shape[2] - 1 if prefix_real is None else prefix_real.sum(1)
-    if (
-        state is None
-        or before is None
-        or held is not before
-        or not bool((state.count == count).all())
-    ):
-        state = SequenceRouting(att, sort_net)
-        old_k, old_v = key[:, :, :-1], value[:, :, :-1]
-        state.prefill(old_k, old_v, _routing_input(old_v, sort_net), prefix_real)
-    x = _routing_input(value[:, :, -1:], sort_net)[:, 0]  # (B, H_kv*E)
-    out = state.step(query, key[:, :, -1:], value[:, :, -1:], x, (key, value, real), scaling)
+    fresh = before is not None and held is before  # the cache layer's tensor it has seen
+    new_k, new_v = key[:, :, -1:], value[:, :, -1:]
+    x = new_v[:, :, 0].flatten(1)  # (B, H_kv*E): _routing_input of the new token
+    if real is None:  # every sequence at the same position: one block phase for the batch
+        if not (fresh and isinstance(state, BlockRouting) and state.t == key.shape[2] - 1):
+            state = BlockRouting(att, sort_net)
+            old_k, old_v = key[:, :, :-1], value[:, :, :-1]
+            state.prefill(old_k, old_v, _routing_input(old_v, sort_net))
+        out = state.step(query, new_k, new_v, x.to(state.dtype), (key, value), scaling)
+    else:
+        prefix_real = real[:, :-1]
+        count = prefix_real.sum(1)
+        same = isinstance(state, SequenceRouting) and state.count is not None
+        if not (fresh and same and bool(torch.equal(state.count, count))):
+            state = SequenceRouting(att, sort_net)
+            old_k, old_v = key[:, :, :-1], value[:, :, :-1]
+            state.prefill(old_k, old_v, _routing_input(old_v, sort_net), prefix_real)
+        x = x.to(next(sort_net.parameters()).dtype)
+        out = state.step(query, new_k, new_v, x, (key, value, real), scaling)
     if KINDS[att.kind].mixture:
         k_all, v_all = (repeat_kv(t, query.shape[1]) for t in (key, value))  # GQA
         out = out + dense_attention(query, k_all, v_all, key_padding_mask=real, scale=scaling)
     layer.__dict__[_STATE] = (state, layer.keys)  # the tensor the cache layer holds now
     return out.transpose(1, 2).contiguous()
+
+
+def _attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    logits: Tensor,
+    options: SinkhornOptions,
+    mask: Tensor | None,
+) -> Tensor:
+    """`sinkhorn_attention` ``(B, H, T, E)``; without autograd or randomness (Gumbel noise,
+    dropout) one query head at a time (heads are independent), so the op's working memory is
+    one head's, and each head's output is written where ``(B, T, H, E)``, what the model
+    reads next, keeps it."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, key, value, logits)
+    )
+    random = options.gumbel_noise or options.dropout_p > 0
+    heads = query.shape[1]
+    if needs_grad or random or heads == 1:
+        out = sinkhorn_attention(query, key, value, logits, options, key_padding_mask=mask)
+        assert isinstance(out, Tensor)
+        return out
+    batch, _, length, e = query.shape
+    group = heads // key.shape[1]  # query heads per key/value head
+    out = query.new_empty(batch, length, heads, e).transpose(1, 2)  # (B, H, T, E) view
+    for h in range(heads):
+        kv = slice(h // group, h // group + 1)
+        one = sinkhorn_attention(
+            query[:, h : h + 1],
+            key[:, kv],
+            value[:, kv],
+            logits[:, h : h + 1],
+            options,
+            key_padding_mask=mask,
+        )
+        assert isinstance(one, Tensor)
+        out[:, h] = one[:, 0]
+    return out
 
 
 def _routing_input(value: Tensor, sort_net: SortNet) -> Tensor:
@@ -203,6 +278,8 @@ def _key_padding(
         )
     mask = attention_mask[:, 0].expand(batch, q_len, length)  # (B, Lq, T)
     real = mask[:, -1]  # the last query sees every real key
+    if q_len == 1:  # one query, at the end: every key mask is causal
+        return real
     pos = torch.arange(length, device=device)
     causal = pos[None, :] <= pos[length - q_len :, None]  # (Lq, T)
     if not torch.equal(mask, causal[None] & real[:, None, :]):

@@ -9,7 +9,6 @@ W block size.
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from .baselines import sparse_pattern
@@ -17,7 +16,8 @@ from .blocks import repeat_kv
 from .masked import masked_sdpa
 from .options import SinkhornOptions
 from .plan import sinkhorn_plan
-from .routing import NOT_CAUSAL
+from .routing import NOT_CAUSAL, softmax_routing
+from .sinkhorn import hard_routing
 from .topk import topk_block_selection
 
 
@@ -27,17 +27,63 @@ def check_decodable(balance: str) -> None:
         raise ValueError(f"balance={balance!r} is not causal; incremental decoding needs another")
 
 
+# Balancings whose causal plan row ``i`` depends on logits row ``i`` alone (no column step):
+# decoding can compute that one row instead of the ``(i+1) x (i+1)`` prefix plan.
+ROW_LOCAL = ("softmax",)
+
+
+def plan_row(logits: Tensor, block: int, options: SinkhornOptions) -> Tensor:
+    """Row ``block`` (``i >= 1``) of the causal plan: ``(B, H, i)`` weights on the earlier blocks.
+
+    Args:
+        logits: ``(B, H, i+1, i+1)`` routing logits of the prefix (prefix-causal balancing
+            makes row ``i`` of the plan depend on logit rows ``<= i`` only), or, for a
+            balancing in `ROW_LOCAL`, only their row ``i``, ``(B, H, 1, i+1)`` (O(N) instead
+            of O(N²)). Column ``i``, the block itself, is never taken.
+        options: the layer's op options (causal).
+    """
+    check_decodable(options.balance)
+    if logits.shape[-2] == logits.shape[-1]:
+        return sinkhorn_plan(logits, options).P[:, :, block, :block]
+    if logits.shape[-2] != 1 or options.balance not in ROW_LOCAL:
+        raise ValueError(
+            f"a single logits row needs a balancing in {ROW_LOCAL}, got {options.balance!r} "
+            f"and logits {tuple(logits.shape)}"
+        )
+    allowed = torch.arange(logits.shape[-1], device=logits.device) < block  # (i+1,): j < i
+    p = softmax_routing(logits, temperature=options.temperature, allowed=allowed)
+    if options.hard:
+        p, _ = hard_routing(p, allowed)
+    return p[:, :, 0, :block]
+
+
+def mix_blocks(p_row: Tensor, k: Tensor, v: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """The sorted keys and values ``(B, H, W, E)`` that the weights ``p_row`` ``(B, H, i)``
+    mix from the first ``i`` blocks of ``k, v`` ``(B, H_kv, >= i*W, E)``.
+
+    Grouped heads read their shared key/value head in place (no ``repeat_kv`` copy), and a
+    slice of a preallocated cache is read where it lies: one matrix product per key/value
+    head over the ``i*W`` positions.
+    """
+    batch, heads, i = p_row.shape
+    kv_heads, e = k.shape[1], k.shape[-1]
+    p = p_row.to(k.dtype).reshape(batch, kv_heads, heads // kv_heads, i)  # head = kv*G + g
+
+    def mix(x: Tensor) -> Tensor:
+        blocks = x[:, :, : i * block_size].reshape(batch, kv_heads, i, block_size * e)
+        return torch.matmul(p, blocks).reshape(batch, heads, block_size, e)
+
+    return mix(k), mix(v)
+
+
 def sorted_row(
     logits: Tensor, block: int, k: Tensor, v: Tensor, options: SinkhornOptions
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Row ``block`` (``i >= 1``) of the causal plan -> block ``i``'s sorted keys and values.
 
-    Prefix-causal balancing makes row ``i`` of the plan depend on logit rows ``<= i`` only,
-    so the ``(i+1) x (i+1)`` prefix of the logits gives row ``i`` of the full plan.
-
     Args:
-        logits: ``(B, H, i+1, i+1)`` routing logits of the prefix (column ``i``, the block
-            itself, is never taken).
+        logits: ``(B, H, i+1, i+1)`` routing logits of the prefix, or their row ``i`` alone
+            (`plan_row`).
         k, v: ``(B, H_kv, >= i*W, E)`` keys/values of the earlier blocks, in block order.
         options: the layer's op options (causal).
 
@@ -45,16 +91,9 @@ def sorted_row(
         sorted keys and values ``(B, H, W, E)`` and the ``(B, H)`` weight row ``i`` puts on
         earlier blocks (0: the sorted slots hold nothing).
     """
-    check_decodable(options.balance)
-    w = options.block_size
-    plan = sinkhorn_plan(logits, options)
-    p_row = plan.P[:, :, block, :block].to(k.dtype)  # (B, H, i)
-    heads = p_row.shape[1]  # routing is per query head, also with grouped K/V heads
-    kb = rearrange(repeat_kv(k[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
-    vb = rearrange(repeat_kv(v[:, :, : block * w], heads), "b h (n w) e -> b h n w e", w=w)
-    sorted_k = torch.einsum("bhn,bhnwe->bhwe", p_row, kb)  # (B, H, W, E)
-    sorted_v = torch.einsum("bhn,bhnwe->bhwe", p_row, vb)
-    return sorted_k, sorted_v, plan.P[:, :, block, :block].detach().sum(-1)
+    p_row = plan_row(logits, block, options)  # (B, H, i); per query head, also with GQA
+    sorted_k, sorted_v = mix_blocks(p_row, k, v, options.block_size)
+    return sorted_k, sorted_v, p_row.detach().sum(-1)
 
 
 def dense_keep_row(t: int, *, device: torch.device | None = None) -> Tensor:
@@ -157,10 +196,13 @@ def local_and_sorted_token(
 
 
 __all__ = [
+    "ROW_LOCAL",
     "attend_token",
     "dense_keep_row",
     "local_and_sorted_token",
     "local_keep_row",
+    "mix_blocks",
+    "plan_row",
     "sorted_row",
     "sparse_keep_row",
     "topk_keep_row",

@@ -218,11 +218,8 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
 
 
 def _own_config(model: PreTrainedModel) -> Any:
-    """Give ``model`` (and each of its submodules that shares it) a copy of its config.
-
-    Models built from one config object share it; the options written by `convert` must
-    describe this model only, not every model built from the same config.
-    """
+    """Give ``model`` and its submodules that share its config a copy of it: models built
+    from one config object share it, and `convert`'s options describe this model only."""
     shared = model.config
     own = copy.deepcopy(shared)
     for module in model.modules():

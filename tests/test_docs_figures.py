@@ -102,3 +102,26 @@ def test_table_figures_are_the_result_files(page: Path) -> None:
         assert rows, f"{page.name}:{line}: an empty table"
         for row in rows:
             _check_row(header, row)
+
+
+def test_the_sorting_table_and_the_readme_row_are_the_make_run_file() -> None:
+    """docs/experiments/sorting.md's table and the README's T1 row (paper Table 1) are
+    ``docs/results/sort/make-run.json``: exact match and edit distance, mean ± std."""
+    data = json.loads((RESULTS / "sort" / "make-run.json").read_text())
+    by_kind = {r["kind"]: r for r in data["results"]}
+
+    def figure(kind: str, metric: str, digits: int) -> str:
+        mean, std = by_kind[kind]["eval"][metric], by_kind[kind]["eval_std"][metric]
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    page = (DOCS / "experiments" / "sorting.md").read_text()
+    for kind in ("sinkhorn", "dense", "local", "sparse"):
+        metrics = [
+            ("dev/exact_match", 1), ("dev/edit_distance", 3), ("dev_short/exact_match", 1),
+            ("dev_long/exact_match", 1), ("dev_tf/exact_match", 1), ("dev_tf/edit_distance", 3),
+        ]  # fmt: skip
+        row = f"| {kind} | " + " | ".join(figure(kind, m, d) for m, d in metrics) + " |"
+        assert row in page, row
+    readme = (ROOT / "README.md").read_text()
+    ours = f"{figure('sinkhorn', 'dev/exact_match', 1)} ({figure('dense', 'dev/exact_match', 1)})"
+    assert f"| {ours} | 49.24 (45.69) |" in readme

@@ -145,22 +145,21 @@ def topk_block_attention(
         keep_local = _causal_mask(w, w, q.device)[None, None]  # (1, 1, W, W)
     real_kw = None
     if mask is not None:
-        real_kw = rearrange(mask, "b (n w) -> b n w", w=w)  # (B, N, W)
-        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
-        keep_local = keep_local & per_g[:, :, None, :]  # (G, N, W, W)
+        # (G, N, W): real keys of each (batch, head) row, computed once for every part
+        real_kw = rearrange(mask, "b (n w) -> b n w", w=w).repeat_interleave(heads, dim=0)
+        keep_local = keep_local & real_kw[:, :, None, :]  # (G, N, W, W)
     idx3 = rearrange(pad_to_blocks(idx, w), "b h l k -> (b h) l k")  # (G, N*W, k)
     groups = BlockGroups(idx3, kb.shape[1])  # queries grouped by the block they read
     q_tok = rearrange(q, "b h l d -> (b h) l d")  # (G, N*W, D)
     chosen = groups.scores(q_tok, kb) * scale  # (G, N*W, k, W)
     keep_sel = (idx3 >= 0)[..., None].expand(*idx3.shape, w)  # (G, N*W, k, W)
     if real_kw is not None:
-        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
         rows = torch.arange(kb.shape[0], device=q.device)[:, None, None]  # (G, 1, 1)
-        keep_sel = keep_sel & per_g[rows, idx3.clamp_min(0)]
+        keep_sel = keep_sel & real_kw[rows, idx3.clamp_min(0)]
     local = local.masked_fill(~keep_local, float("-inf"))
     summary = None
     if compressed:
-        summary = _compressed_branch(q_tok, kb, vb, real_kw, heads, scale, is_causal)
+        summary = _compressed_branch(q_tok, kb, vb, real_kw, scale, is_causal)
     out = _softmax_local_and_selected(
         local,
         chosen.masked_fill(~keep_sel, float("-inf")),
@@ -179,7 +178,6 @@ def _compressed_branch(
     kb: Tensor,
     vb: Tensor,
     real_kw: Tensor | None,
-    heads: int,
     scale: float,
     is_causal: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -191,9 +189,8 @@ def _compressed_branch(
         count = kb.new_full((1, n, 1), float(w))
         has = torch.ones(1, n, dtype=torch.bool, device=kb.device)
     else:
-        per_g = real_kw.repeat_interleave(heads, dim=0)  # (G, N, W)
-        count = per_g.sum(-1, keepdim=True).clamp_min(1).to(kb.dtype)  # (G, N, 1)
-        has = per_g.any(-1)  # (G, N)
+        count = real_kw.sum(-1, keepdim=True).clamp_min(1).to(kb.dtype)  # (G, N, 1)
+        has = real_kw.any(-1)  # (G, N)
     k_mean, v_mean = kb.sum(dim=2) / count, vb.sum(dim=2) / count  # padding is zero already
     scores = torch.einsum("gld,gnd->gln", q_tok, k_mean) * scale  # (G, N*W, N)
     t_blk = torch.arange(n * w, device=kb.device)[:, None] // w  # (N*W, 1)

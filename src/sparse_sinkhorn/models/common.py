@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
 from ..nn.layers import stack_layers
-from ..ops._validate import check_number
+from ..ops.validate import check_number
 from .config import TransformerConfig
 
 

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..ops import SinkhornPlan, block_attention_mass, dense_attention
-from ..ops._validate import check_layer_input
+from ..ops.validate import check_layer_input
 from .cache import AttentionCache
 from .config import AttentionConfig
 from .kinds import KINDS, Call

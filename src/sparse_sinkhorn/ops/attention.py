@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from . import _validate
+from . import validate
 from ._autograd import LocalAndSorted, SortedBlocks, TwoPartSinkhorn
 from .baselines import dense_attention
 from .blocks import num_blocks, pad_to_blocks, padded_mask, repeat_kv, zero_padding
@@ -57,13 +57,10 @@ def sinkhorn_attention_with_plan(
     (``out, plan = sinkhorn_attention_with_plan(...)``); same arguments."""
     opts = resolve_options(options, kwargs)
     if not torch.compiler.is_compiling():
-        _validate.check_qkv(query, key, value, same_length=True, gqa=True)
-        _validate.check_padding_mask(key, key_padding_mask)
-        _validate.check_sinkhorn(
-            query,  # (B, H, L, D): the plan has one routing matrix per query head
-            sort_logits,
-            block_size=opts.block_size,
-            n_sortcut=opts.n_sortcut,
+        validate.check_qkv(query, key, value, same_length=True, gqa=True)
+        validate.check_padding_mask(key, key_padding_mask)
+        validate.check_sinkhorn(
+            query, sort_logits, block_size=opts.block_size, n_sortcut=opts.n_sortcut
         )
     batch, heads, length, _ = query.shape
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)  # grouped-query attention

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from . import _validate
+from . import validate
 from .blocks import check_block_size, pad_to_blocks, padded_mask, zero_padding
 from .masked import masked_sdpa
 
@@ -33,7 +33,7 @@ def dense_attention(
     keys ``<= t + S - L``), as in incremental decoding.
     """
     if not torch.compiler.is_compiling():
-        _validate.check_inputs(
+        validate.check_inputs(
             query,
             key,
             value,
@@ -166,7 +166,7 @@ def _check_blocked(
     """The checks of every block-sparse baseline (skipped while ``torch.compile`` traces)."""
     if torch.compiler.is_compiling():
         return
-    _validate.check_inputs(
+    validate.check_inputs(
         query,
         key,
         value,

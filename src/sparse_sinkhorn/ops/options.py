@@ -19,7 +19,7 @@ from typing import Any, TypedDict, cast
 
 import torch
 
-from . import _validate
+from . import validate
 from .blocks import check_block_size
 from .routing import BALANCES
 
@@ -74,8 +74,8 @@ class SinkhornOptions:
                 raise ValueError(f"n_sortcut must be a positive int, got {n!r}")
         if self.balance not in BALANCES:
             raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
-        _validate.check_iterations(self.n_iters, self.temperature)
-        _validate.check_dropout_and_scale(self.dropout_p, self.scale)
+        validate.check_iterations(self.n_iters, self.temperature)
+        validate.check_dropout_and_scale(self.dropout_p, self.scale)
 
 
 class SinkhornKwargs(TypedDict, total=False):

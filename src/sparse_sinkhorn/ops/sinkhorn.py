@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validate
+from . import validate
 from ._balance_backward import _SinkhornRounds
 from ._balance_steps import _BIG, _NEG, _exp, _run_steps
 
@@ -122,7 +122,7 @@ def _masked_scores(
     ``(logits + gumbel) / temperature`` (float32 at least) held at a large negative finite
     value where not allowed, and the allowed entries (causal mask included)."""
     if not torch.compiler.is_compiling():
-        _validate.check_balance(logits, n_iters, temperature)
+        validate.check_balance(logits, n_iters, temperature)
     s = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64
     if gumbel_noise:
         s = s + sample_gumbel(s.shape, device=s.device, generator=generator).to(s.dtype)

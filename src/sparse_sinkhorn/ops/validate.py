@@ -1,4 +1,10 @@
-"""Early, helpful errors for the functional ops (skipped while ``torch.compile`` traces)."""
+"""Argument checks with early, one-line errors (``ValueError``/``TypeError`` naming the
+argument, as PyTorch raises them), skipped while ``torch.compile`` traces.
+
+The ops check their tensor arguments here; the layers (`check_layer_input`) and the models'
+sampling (`check_number`) use the same checks, so one argument is refused in one wording
+wherever it is passed.
+"""
 
 from __future__ import annotations
 
@@ -106,6 +112,8 @@ def check_common(
     dropout_p: float,
     scale: float | None,
 ) -> None:
+    """The arguments every attention op takes beside its tensors: `check_padding_mask` and
+    `check_dropout_and_scale`."""
     check_padding_mask(key, key_padding_mask)
     check_dropout_and_scale(dropout_p, scale)
 
@@ -136,17 +144,17 @@ def check_dropout_and_scale(dropout_p: float, scale: float | None) -> None:
 
 
 def check_sinkhorn(
-    key: Tensor,
+    query: Tensor,
     sort_logits: Tensor,
     *,
     block_size: int,
     n_sortcut: int | None,
 ) -> None:
-    """The routing logits and the SortCut budget against the inputs' shapes (the options
-    themselves are checked when [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions] is
-    built)."""
-    check_tensor("sort_logits", sort_logits, key.device)
-    batch, heads, length, _ = key.shape
+    """The routing logits and the SortCut budget against the query's shape ``(B, H, L, D)``:
+    the plan has one routing matrix per query head (the options themselves are checked when
+    [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions] is built)."""
+    check_tensor("sort_logits", sort_logits, query.device)
+    batch, heads, length, _ = query.shape
     n = num_blocks(length, block_size)
     want = (batch, heads, n, n)
     if tuple(sort_logits.shape) != want:

@@ -6,14 +6,21 @@ Block ``i`` always holds positions ``[i*W, (i+1)*W)`` — contiguous, never stri
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 
-def num_blocks(length: int, block_size: int) -> int:
-    """Blocks needed to cover ``length`` tokens (the last one may be partly padding)."""
+@overload
+def num_blocks(length: int, block_size: int) -> int: ...
+@overload
+def num_blocks(length: Tensor, block_size: int) -> Tensor: ...
+def num_blocks(length: int | Tensor, block_size: int) -> int | Tensor:
+    """Blocks needed to cover ``length`` tokens (the last one may be partly padding): the
+    ceiling of ``length / block_size``, elementwise for an integer tensor of lengths."""
     return -(-length // block_size)
 
 

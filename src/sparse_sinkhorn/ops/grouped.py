@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .blocks import num_blocks
+
 TILE = 32  # query rows per tile
 
 
@@ -25,7 +27,7 @@ def _round_up(n: int) -> int:
     if n <= 4:
         return max(n, 1)
     step = 1 << (n.bit_length() - 3)
-    return -(-n // step) * step
+    return num_blocks(n, step) * step
 
 
 class _Regroup(torch.autograd.Function):
@@ -82,7 +84,7 @@ class BlockGroups:
         key, order = torch.sort(key, stable=True)
         pair = pair[order]
         counts = torch.bincount(key, minlength=g * n_blocks)  # (G*N,)
-        tiles = (counts + tile - 1) // tile  # tiles per (g, block)
+        tiles = num_blocks(counts, tile)  # tiles per (g, block)
         tile_start = torch.cumsum(tiles, 0) - tiles  # first tile of each (g, block)
         pair_start = torch.cumsum(counts, 0) - counts  # first sorted pair of each (g, block)
         rank = torch.arange(len(key), device=device) - pair_start[key]  # rank within its block

@@ -89,10 +89,10 @@ def _experiment(name: str, data: Path, out: Path) -> list[str]:
         "image": ["--dataset", "fashion-mnist", "--attention", "sinkhorn", "--data-dir", d,
                   "--batch-size", "4", "--eval-images", "2", "--samples", "1"],
         "classify": ["--dataset", "imdb", "--attention", "sinkhorn", "--data-dir", d,
-                     "--max-len", "16", "--block-size", "4", "--batch-size", "4",
+                     "--max-tokens", "16", "--block-size", "4", "--batch-size", "4",
                      "--d-model", "16"],
         "nli": ["--dataset", "snli", "--attention", "sinkhorn", "--data-dir", d,
-                "--max-len", "8", "--block-size", "4", "--batch-size", "4", "--d-model", "16"],
+                "--max-tokens", "8", "--block-size", "4", "--batch-size", "4", "--d-model", "16"],
         "recall": ["--task", "passkey", "--attention", "sinkhorn", "--lengths", "64",
                    "--block-size", "16", "--batch-size", "2"],
     }[name]  # fmt: skip

@@ -174,7 +174,7 @@ def test_classify_end_to_end_tokenizer_and_checkpoint_round_trip(tmp_path: Path)
     out = tmp_path / "run"
     res = _run(
         "classify", tmp_path / "data", out, "--dataset", "imdb", "--attention",
-        "dense,sortcut-2x8", "--max-len", "24",
+        "dense,sortcut-2x8", "--max-tokens", "24",
     )  # fmt: skip
     assert [r["attention"] for r in res["results"]] == ["dense", "sortcut-2x8"]
     assert res["eval_split"] == "test" and res["pair_encoding"] == "none"
@@ -203,7 +203,7 @@ def test_classify_end_to_end_tokenizer_and_checkpoint_round_trip(tmp_path: Path)
         _run("classify", tmp_path / "data", out, "--dataset", "imdb", "--attention", "dense")
     again_res = _run(
         "classify", tmp_path / "data", out, "--dataset", "imdb", "--attention", "dense",
-        "--max-len", "24", "--resume",
+        "--max-tokens", "24", "--resume",
     )  # fmt: skip
     assert [r["attention"] for r in again_res["results"]] == ["dense", "sortcut-2x8"]
     assert again_res["results"][0]["accuracy"] == pytest.approx(res["results"][0]["accuracy"])
@@ -216,7 +216,7 @@ def test_classify_reads_aclimdb_char_level(tmp_path: Path) -> None:
     out = tmp_path / "char"
     res = _run(
         "classify", tmp_path / "data", out, "--dataset", "imdb", "--level", "char",
-        "--attention", "sinkhorn", "--max-len", "40",
+        "--attention", "sinkhorn", "--max-tokens", "40",
     )  # fmt: skip
     assert res["level"] == "char" and res["results"][0]["eval_examples"] == 24
     tok = Tokenizer.load(out / "tokenizer.json")
@@ -229,7 +229,7 @@ def test_nli_end_to_end(tmp_path: Path, pair: str) -> None:
     attention = "local,sortcut-2x8" if pair == "separate" else "sinkhorn"
     res = _run(
         "nli", tmp_path / "data", tmp_path / "run", "--dataset", "snli", "--pair", pair,
-        "--attention", attention, "--max-len", "16",
+        "--attention", attention, "--max-tokens", "16",
     )  # fmt: skip
     assert res["pair_encoding"] == pair and res["eval_split"] == "test"
     assert all(r["eval_examples"] == 12 for r in res["results"])  # "-" rows dropped
@@ -249,7 +249,7 @@ def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) 
     _snli(tmp_path / "data")
     res = _run(
         "nli", tmp_path / "data", tmp_path / "run", "--dataset", "snli", "--attention", "dense",
-        "--max-len", "16",
+        "--max-tokens", "16",
     )  # fmt: skip
     assert res["pair_encoding"] == "concat"
     r = res["results"][0]
@@ -263,7 +263,7 @@ def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) 
     # Several seeds: one run directory each, mean ± std over them in the table.
     res = _run(
         "nli", tmp_path / "data", tmp_path / "seeds", "--dataset", "snli", "--attention",
-        "dense", "--max-len", "16", "--seeds", "2", "--seed", "5",
+        "dense", "--max-tokens", "16", "--seeds", "2", "--seed", "5",
     )  # fmt: skip
     r = res["results"][0]
     assert [run["seed"] for run in r["runs"]] == [5, 6]
@@ -275,7 +275,7 @@ def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) 
     # --jobs 2 (two one-thread worker processes): the runs of one process, figure for figure.
     jobs = _run(
         "nli", tmp_path / "data", tmp_path / "jobs", "--dataset", "snli", "--attention",
-        "dense", "--max-len", "16", "--seeds", "2", "--seed", "5", "--jobs", "2",
+        "dense", "--max-tokens", "16", "--seeds", "2", "--seed", "5", "--jobs", "2",
     )  # fmt: skip
     fields = ("seed", "accuracy_by_split", "train_loss")
     assert [{k: run[k] for k in fields} for run in jobs["results"][0]["runs"]] == [
@@ -286,7 +286,7 @@ def test_nli_defaults_to_concatenation_and_reports_dev_and_test(tmp_path: Path) 
     (root / "snli_1.0_dev.jsonl").write_bytes((root / "snli_1.0_test.jsonl").read_bytes())
     res = _run(
         "nli", tmp_path / "data", tmp_path / "run2", "--dataset", "snli", "--attention", "dense",
-        "--max-len", "16",
+        "--max-tokens", "16",
     )  # fmt: skip
     assert res["results"][0]["examples_by_split"] == {"test": 12, "dev": 12}
 
@@ -313,6 +313,26 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["classify", "--dataset", "mr", "--resume", "--out", str(tmp_path / "nope")])
 
 
+def test_max_len_flag_is_the_former_name_of_max_tokens(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--max-len`` sets what ``--max-tokens`` sets and says it is renamed; ``--help`` lists
+    only ``--max-tokens``."""
+    from sparse_sinkhorn.cli import build_parser
+
+    parser = build_parser()
+    for task, dataset in (("classify", "imdb"), ("nli", "snli")):
+        args = parser.parse_args([task, "--dataset", dataset, "--max-len", "24"])
+        assert args.max_tokens == 24
+        assert "--max-len is renamed --max-tokens" in capsys.readouterr().err
+        args = parser.parse_args([task, "--dataset", dataset, "--max-tokens", "8"])
+        assert args.max_tokens == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["classify", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--max-tokens" in help_text and "--max-len" not in help_text
+
+
 @pytest.mark.parametrize("preset", ["cpu", "paper"])
 def test_every_preset_builds_every_variant(preset: str) -> None:
     from sparse_sinkhorn.experiments.classify import model_config
@@ -324,4 +344,6 @@ def test_every_preset_builds_every_variant(preset: str) -> None:
         for v in VARIANTS.values():
             cfg = model_config(p, v, vocab_size=100, n_classes=3, pair=pair, pad_id=0)
             att = cfg.attention
-            assert att.max_len >= p.max_len and att.max_len >= (att.n_sortcut or 1) * att.block_size
+            assert (
+                att.max_len >= p.max_tokens and att.max_len >= (att.n_sortcut or 1) * att.block_size
+            )

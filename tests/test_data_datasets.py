@@ -50,7 +50,7 @@ def test_image_tokens_grey_and_cifar_order() -> None:
 
 
 def test_collate_pads_and_masks() -> None:
-    ds = TextClassification([[5, 6, 7], [8], [9, 10, 11, 12, 13]], [1, 0, 1], max_len=4)
+    ds = TextClassification([[5, 6, 7], [8], [9, 10, 11, 12, 13]], [1, 0, 1], max_tokens=4)
     ids, mask, labels = collate([ds[0], ds[1], ds[2]])
     assert ids.shape == mask.shape == (3, 4)
     assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0], [9, 10, 11, 12]]
@@ -73,6 +73,20 @@ def test_collate_in_dataloader_custom_pad() -> None:
     assert (ids != 99).eq(mask).all()
 
 
+def test_max_len_is_the_former_name_of_max_tokens() -> None:
+    """``max_len=`` still truncates as ``max_tokens=`` does, with a DeprecationWarning; an
+    unknown keyword is a TypeError."""
+    texts, labels = [[5, 6, 7], [8]], [1, 0]
+    with pytest.warns(DeprecationWarning, match="max_len= is renamed max_tokens="):
+        old = TextClassification(texts, labels, max_len=2)
+    assert [t.tolist() for t in old.ids] == [[5, 6], [8]]
+    with pytest.warns(DeprecationWarning, match="PairClassification: max_len="):
+        pair = PairClassification([[5, 6]], [[8, 9]], [1], cls_id=2, sep_id=3, max_len=4)
+    assert pair[0][0].tolist() == [2, 5, 6, 3]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_length'"):
+        TextClassification(texts, labels, max_length=2)
+
+
 def test_pair_concat_encoding() -> None:
     ds = PairClassification([[5, 6], [7]], [[8], [9, 10, 11]], [2, 0], cls_id=2, sep_id=3)
     ids, seg, label = ds[0]
@@ -84,7 +98,7 @@ def test_pair_concat_encoding() -> None:
     assert mask.sum(1).tolist() == [5, 6]
     assert segments.tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 1, 1, 1]]
     assert labels.tolist() == [2, 0]
-    short = PairClassification([[5, 6]], [[8, 9]], [1], cls_id=2, sep_id=3, max_len=4)
+    short = PairClassification([[5, 6]], [[8, 9]], [1], cls_id=2, sep_id=3, max_tokens=4)
     assert short[0][0].tolist() == [2, 5, 6, 3]
 
 

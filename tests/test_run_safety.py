@@ -126,6 +126,23 @@ def test_a_results_file_set_aside_is_never_overwritten(tmp_path: Path) -> None:
     assert kinds == [["k3"], ["k1"], ["k2"]]
 
 
+def test_a_setting_saved_under_its_former_name_is_the_same_setting(tmp_path: Path) -> None:
+    """A classify results.json that holds ``max_len`` (the former name of ``max_tokens``)
+    merges with a run of the same sizes: its rows are kept, nothing is set aside."""
+    from sparse_sinkhorn.experiments.results import write_results
+
+    def payload(kind: str, **settings: int) -> dict:
+        return {"experiment": "classify", "settings": settings, "results": [{"kind": kind}]}
+
+    write_results(tmp_path, payload("dense", max_len=64, steps=2), "table")
+    write_results(tmp_path, payload("local", max_tokens=64, steps=2), "table")
+    assert [r["kind"] for r in _results_file(tmp_path / "results.json")["results"]] == [
+        "dense",
+        "local",
+    ]
+    assert not list(tmp_path.glob("results.previous*"))
+
+
 def test_other_seeds_of_a_kind_never_drop_the_earlier_seeds(tmp_path: Path) -> None:
     """A second grid on one --out with other seeds of a kind replaces its row in results.json;
     the earlier file, with the first seeds' row, is kept whole beside it and the table says so."""

@@ -15,12 +15,14 @@ Padding masks follow the library convention: bool, ``True`` = real token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from ..renamed import renamed_keywords
 
 
 class TokenWindows(Dataset[tuple[Tensor, Tensor]]):
@@ -89,24 +91,37 @@ class ImageTokens(Dataset[Tensor]):
         return self.pixels[index].long()  # (H*W*C,)
 
 
-def _truncate(ids: Sequence[int], max_len: int | None) -> list[int]:
-    return list(ids) if max_len is None else list(ids)[:max_len]
+def _truncate(ids: Sequence[int], max_tokens: int | None) -> list[int]:
+    return list(ids) if max_tokens is None else list(ids)[:max_tokens]
+
+
+def _max_tokens(max_tokens: int | None, former: dict[str, Any], where: str) -> int | None:
+    """``max_tokens``, or the value passed under its former name ``max_len`` (warned)."""
+    return renamed_keywords(
+        former, {"max_len": "max_tokens"}, where, strict=True, stacklevel=4
+    ).get("max_tokens", max_tokens)
 
 
 class TextClassification(Dataset[tuple[Tensor, int]]):
     """Token-id sequences with integer labels; item ``i`` is ``(ids LongTensor (L_i,), label)``.
 
-    Sequences longer than ``max_len`` are truncated (keeping the start).
+    Sequences longer than ``max_tokens`` are truncated (keeping the start); ``max_len=`` is
+    its former name, still accepted with a ``DeprecationWarning``.
     """
 
     def __init__(
-        self, ids: Sequence[Sequence[int]], labels: Sequence[int], max_len: int | None = None
+        self,
+        ids: Sequence[Sequence[int]],
+        labels: Sequence[int],
+        max_tokens: int | None = None,
+        **former: Any,
     ):
+        max_tokens = _max_tokens(max_tokens, former, "TextClassification")
         if len(ids) != len(labels):
             raise ValueError(f"{len(ids)} sequences but {len(labels)} labels")
-        if max_len is not None and max_len < 1:
-            raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
-        self.ids = [torch.tensor(_truncate(s, max_len), dtype=torch.long) for s in ids]
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+        self.ids = [torch.tensor(_truncate(s, max_tokens), dtype=torch.long) for s in ids]
         self.labels = [int(y) for y in labels]
 
     def __len__(self) -> int:
@@ -124,10 +139,13 @@ class PairClassification(Dataset[tuple[Tensor, Tensor, int]]):
 
     * ``encoding="concat"``: item is ``(ids, segment_ids, label)`` with
       ``ids = [CLS] premise [SEP] hypothesis`` and ``segment_ids`` 0 for ``[CLS]``, the premise
-      and its ``[SEP]``, 1 for the hypothesis. Needs ``cls_id`` and ``sep_id``. ``max_len``
+      and its ``[SEP]``, 1 for the hypothesis. Needs ``cls_id`` and ``sep_id``. ``max_tokens``
       truncates the joined sequence.
     * ``encoding="separate"``: item is ``(premise_ids, hypothesis_ids, label)``, each truncated to
-      ``max_len`` (for siamese encoders).
+      ``max_tokens`` (for siamese encoders).
+
+    ``max_len=`` is the former name of ``max_tokens``, still accepted with a
+    ``DeprecationWarning``.
     """
 
     def __init__(
@@ -139,8 +157,10 @@ class PairClassification(Dataset[tuple[Tensor, Tensor, int]]):
         encoding: PairEncoding = "concat",
         cls_id: int | None = None,
         sep_id: int | None = None,
-        max_len: int | None = None,
+        max_tokens: int | None = None,
+        **former: Any,
     ):
+        max_tokens = _max_tokens(max_tokens, former, "PairClassification")
         if not len(premises) == len(hypotheses) == len(labels):
             raise ValueError(
                 f"lengths differ: {len(premises)} premises, {len(hypotheses)} hypotheses, "
@@ -158,9 +178,9 @@ class PairClassification(Dataset[tuple[Tensor, Tensor, int]]):
                 assert cls_id is not None and sep_id is not None  # validated above
                 ids = [cls_id, *p, sep_id, *h]
                 seg = [0] * (len(p) + 2) + [1] * len(h)
-                first, second = _truncate(ids, max_len), _truncate(seg, max_len)
+                first, second = _truncate(ids, max_tokens), _truncate(seg, max_tokens)
             else:
-                first, second = _truncate(p, max_len), _truncate(h, max_len)
+                first, second = _truncate(p, max_tokens), _truncate(h, max_tokens)
             self.items.append(
                 (torch.tensor(first, dtype=torch.long), torch.tensor(second, dtype=torch.long))
             )

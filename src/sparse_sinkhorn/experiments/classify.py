@@ -75,10 +75,14 @@ Data = tuple[Tokenizer, Dataset[Any], dict[str, Dataset[Any]], int, str]
 # The flags that override preset fields (`flags.Override`).
 OVERRIDES = {
     "steps": flags.STEPS,
+    "max_tokens": flags.Override(
+        "--max-tokens",
+        "override the preset's tokens kept per text (per sentence for NLI)",
+        former="--max-len",
+    ),
     **{
         field: flags.Override(f"--{field.replace('_', '-')}", f"override the preset's {help_}")
         for field, help_ in {
-            "max_len": "tokens kept per text (per sentence for NLI)",
             "block_size": "block size of sinkhorn/local",
             "batch_size": "batch size",
             "train_examples": "train on a seeded subsample of this many examples",
@@ -90,8 +94,8 @@ OVERRIDES = {
 
 
 def sequence_length(preset: TaskPreset, pair: str) -> int:
-    """Longest encoder input: ``max_len``, or both sentences and two specials for concat."""
-    return 2 * preset.max_len + 2 if pair == "concat" else preset.max_len
+    """Longest encoder input: ``max_tokens``, or both sentences and two specials for concat."""
+    return 2 * preset.max_tokens + 2 if pair == "concat" else preset.max_tokens
 
 
 def model_config(
@@ -170,10 +174,10 @@ def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
         keep_dev = [
             dev_ids[i] for i in subsample(len(dev_ids), preset.eval_examples, args.seed + 2)
         ]
-        train_p = pair_dataset(tok, train_pairs, preset.max_len, keep_tr, args.pair)
+        train_p = pair_dataset(tok, train_pairs, preset.max_tokens, keep_tr, args.pair)
         evals: dict[str, Dataset[Any]] = {
-            split: pair_dataset(tok, eval_pairs, preset.max_len, keep_ev, args.pair),
-            dev_split: pair_dataset(tok, dev_pairs, preset.max_len, keep_dev, args.pair),
+            split: pair_dataset(tok, eval_pairs, preset.max_tokens, keep_ev, args.pair),
+            dev_split: pair_dataset(tok, dev_pairs, preset.max_tokens, keep_dev, args.pair),
         }
         return tok, train_p, evals, 3, args.pair
     train_texts = load_texts(args.dataset, "train", args.data_dir)
@@ -187,8 +191,8 @@ def _datasets(args: argparse.Namespace, preset: TaskPreset, out: Path) -> Data:
     keep_tr = subsample(len(train_texts), preset.train_examples, args.seed)
     keep_ev = subsample(len(eval_texts), preset.eval_examples, args.seed + 1)
     n_classes = max(max(train_texts.labels), max(eval_texts.labels)) + 1
-    train_ds = text_dataset(tok, train_texts, preset.max_len, keep_tr)
-    eval_ds = text_dataset(tok, eval_texts, preset.max_len, keep_ev)
+    train_ds = text_dataset(tok, train_texts, preset.max_tokens, keep_tr)
+    eval_ds = text_dataset(tok, eval_texts, preset.max_tokens, keep_ev)
     return tok, train_ds, {split: eval_ds}, max(n_classes, 2), "none"
 
 
@@ -370,7 +374,8 @@ def _report(
         "preset": args.preset,
         "settings": asdict(preset),
         "tokenizer": str(out / TOKENIZER_FILE),
-        "memory_note": "analytic score entries per head and layer at L = max_len: dense L^2, "
+        "memory_note": "analytic score entries per head and layer at L = the encoder's longest "
+        "input: dense L^2, "
         "local L*b, sinkhorn L*2b + N^2, sortcut L*n*b + N^2 (N = L/b)",
         "results": results,
         "paper": paper,

@@ -188,24 +188,24 @@ def encode(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def text_dataset(
-    tokenizer: Tokenizer, data: LabeledTexts, max_len: int, keep: list[int]
+    tokenizer: Tokenizer, data: LabeledTexts, max_tokens: int, keep: list[int]
 ) -> TextClassification:
     ids = encode(tokenizer, [data.texts[i] for i in keep])
-    return TextClassification(ids, [data.labels[i] for i in keep], max_len=max_len)
+    return TextClassification(ids, [data.labels[i] for i in keep], max_tokens=max_tokens)
 
 
 def pair_dataset(
-    tokenizer: Tokenizer, data: LabeledPairs, max_len: int, keep: list[int], pair: str
+    tokenizer: Tokenizer, data: LabeledPairs, max_tokens: int, keep: list[int], pair: str
 ) -> PairClassification:
-    """``max_len`` truncates each sentence (separate) or the joined sequence (concat, which
-    gets room for both sentences and the two special tokens: ``2 * max_len + 2``)."""
+    """``max_tokens`` truncates each sentence (separate) or the joined sequence (concat, which
+    gets room for both sentences and the two special tokens: ``2 * max_tokens + 2``)."""
     prem = encode(tokenizer, [data.premises[i] for i in keep])
     hyp = encode(tokenizer, [data.hypotheses[i] for i in keep])
     labels = [data.labels[i] for i in keep]
     if pair == "separate":
-        return PairClassification(prem, hyp, labels, encoding="separate", max_len=max_len)
-    prem = [p[:max_len] for p in prem]
-    hyp = [h[:max_len] for h in hyp]
+        return PairClassification(prem, hyp, labels, encoding="separate", max_tokens=max_tokens)
+    prem = [p[:max_tokens] for p in prem]
+    hyp = [h[:max_tokens] for h in hyp]
     return PairClassification(
         prem,
         hyp,
@@ -213,7 +213,7 @@ def pair_dataset(
         encoding="concat",
         cls_id=tokenizer.cls_id,
         sep_id=tokenizer.sep_id,
-        max_len=2 * max_len + 2,
+        max_tokens=2 * max_tokens + 2,
     )
 
 

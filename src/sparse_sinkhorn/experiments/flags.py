@@ -9,6 +9,7 @@ before any data is loaded. The list of seeds is computed here only (`seed_list`)
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ class Override:
 
     flag: str  # e.g. "--block-size"
     help: str = ""  # empty for the flags every experiment declares (`DECLARED`)
+    former: str | None = None  # the flag's former name, still accepted with a warning
 
     @property
     def dest(self) -> str:
@@ -127,11 +129,41 @@ BATCH_SIZE = Override("--batch-size", "override the batch size")
 DECLARED = (STEPS.flag, SEEDS.flag)
 
 
+class _FormerFlag(argparse.Action):
+    """A flag's former name: stores into the current flag's ``dest`` and says on stderr that
+    the flag is renamed (as argparse says of a deprecated option)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        current = "--" + self.dest.replace("_", "-")
+        print(
+            f"{parser.prog}: warning: {option_string} is renamed {current}; the former name "
+            "will be removed",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
 def add_override_flags(parser: argparse.ArgumentParser, overrides: Mapping[str, Override]) -> None:
-    """Declare the override flags (``None`` when not given) but those in `DECLARED`."""
+    """Declare the override flags (``None`` when not given) but those in `DECLARED`, and
+    the former name of a renamed one (left out of ``--help``)."""
     for override in overrides.values():
         if override.flag not in DECLARED:
             parser.add_argument(override.flag, type=int, default=None, help=override.help)
+        if override.former is not None:
+            parser.add_argument(
+                override.former,
+                type=int,
+                dest=override.dest,
+                default=None,
+                help=argparse.SUPPRESS,
+                action=_FormerFlag,
+            )
 
 
 def add_grid_args(parser: argparse.ArgumentParser, *, default_seeds: int | str = 1) -> None:

@@ -223,7 +223,7 @@ QUERY_RECALL_PRESETS = {"cpu": _QUERY_RECALL_CPU, "paper": _QUERY_RECALL_PAPER}
 class TaskPreset(Preset):
     """Sizes of one run (shared by every attention variant)."""
 
-    max_len: int  # tokens kept per text (per sentence for NLI); longer inputs are truncated
+    max_tokens: int  # tokens kept per text (per sentence for NLI); longer inputs are truncated
     block_size: int  # block size of "sinkhorn" and "local" (SortCut budgets fix their own)
     max_vocab: int  # word level: the most frequent training words kept (min_freq 2)
     train_examples: int | None  # seeded training subsample; None = the whole training split
@@ -241,7 +241,7 @@ _CLASSIFY_PAPER: dict[str, Any] = {
     "warmup_steps": 1_000, "max_vocab": 30_000,
 }  # fmt: skip
 _CLASSIFY_BASE = {"cpu": _CLASSIFY_CPU, "paper": _CLASSIFY_PAPER}
-# (dataset, level) -> preset -> (max_len, block_size, steps)
+# (dataset, level) -> preset -> (max_tokens, block_size, steps)
 CLASSIFY_SIZES: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {
     ("imdb", "word"): {"cpu": (128, 16, 400), "paper": (512, 32, 20_000)},
     ("imdb", "char"): {"cpu": (256, 32, 300), "paper": (1024, 32, 20_000)},
@@ -259,11 +259,11 @@ NLI_DATASETS = ("snli", "mnli")  # short sentences: twice the batch, which costs
 
 def classify_preset(dataset: str, level: str, preset: str) -> TaskPreset:
     """The sizes of ``dataset`` at ``level`` under preset ``cpu`` or ``paper``."""
-    max_len, block_size, steps = CLASSIFY_SIZES[dataset, level][preset]
+    max_tokens, block_size, steps = CLASSIFY_SIZES[dataset, level][preset]
     base = dict(_CLASSIFY_BASE[preset])
     if dataset in NLI_DATASETS:
         base["batch_size"] *= 2
-    return TaskPreset(max_len=max_len, block_size=block_size, steps=steps, **base)
+    return TaskPreset(max_tokens=max_tokens, block_size=block_size, steps=steps, **base)
 
 
 # --------------------------------------------------------------------------- ablate (Table 8)

@@ -43,6 +43,8 @@ KIND_NAMES = {
 
 # Payload fields that must agree for two runs' results to share one results.json.
 _SAME_RUN_FIELDS = ("experiment", "preset", "settings", "dataset", "level", "pair_encoding")
+# Preset fields an earlier results.json may hold under a former name: former -> current.
+_RENAMED_SETTINGS = {"max_len": "max_tokens"}  # classify, nli: tokens kept per text
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -92,6 +94,13 @@ def _as_saved(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _current_names(settings: Any) -> Any:
+    """``settings`` with each field of `_RENAMED_SETTINGS` under its current name."""
+    if not isinstance(settings, dict):
+        return settings
+    return {_RENAMED_SETTINGS.get(k, k): v for k, v in settings.items()}
+
+
 def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``payload`` plus the rows of ``old`` (an earlier ``results.json``) for kinds it did not
     re-run, when both come from the same experiment, preset and settings.
@@ -102,6 +111,7 @@ def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any],
     merged = dict(payload)
     if not isinstance(old, dict) or not isinstance(old.get("results"), list):
         raise ValueError("the earlier results.json is not a results file")
+    old = {**old, "settings": _current_names(old.get("settings"))}
     differ = [k for k in _SAME_RUN_FIELDS if _as_saved(old.get(k)) != _as_saved(payload.get(k))]
     if differ:
         raise ValueError(f"the earlier results.json differs in {', '.join(differ)}")

@@ -65,9 +65,10 @@ class AttentionConfig:
             plus dense attention), ``"dense"``, ``"local"``, ``"sparse"`` (Sparse
             Transformer), ``"topk"`` (MoBA's parameter-free block gate).
         block_size: tokens per block ``W`` (sinkhorn, mixture, local, the sparse stride, topk).
-        max_len: the longest input; sizes the ``linear``/``mlp`` sort net
-            (``N_max = max_len / W``, see
-            [`length_limit`][sparse_sinkhorn.nn.AttentionConfig.length_limit]).
+        max_len: the attention's length bound, in tokens: it sizes the ``linear``/``mlp``
+            sort net (``N_max = max_len / W``), which then takes no longer sequence (see
+            [`length_limit`][sparse_sinkhorn.nn.AttentionConfig.length_limit]; the other
+            kinds and the ``bilinear`` net take any length).
         n_sortcut: SortCut budget in blocks (``"sinkhorn"`` encoders only), or None.
         hard: straight-through hard routing (the argmax block of each row forward, the soft
             plan's gradient backward).

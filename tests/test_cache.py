@@ -121,13 +121,33 @@ def test_cached_chunks_and_odd_block_sizes(kind: str) -> None:
 def test_generate_with_cache_matches_without() -> None:
     model = _model("sinkhorn", "bilinear", False, "sum", "fixed", torch.float64)
     prompt = torch.randint(0, 13, (2, 3))
-    fast = model.generate(prompt, 20, temperature=0.0)
-    slow = model.generate(prompt, 20, temperature=0.0, use_cache=False)
+    fast = model.generate(prompt, 20, sample_temperature=0.0)
+    slow = model.generate(prompt, 20, sample_temperature=0.0, use_cache=False)
     assert torch.equal(fast, slow)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    a = model.generate(prompt, 20, temperature=1.0, top_k=5, generator=g1)
-    b = model.generate(prompt, 20, temperature=1.0, top_k=5, generator=g2, use_cache=False)
+    a = model.generate(prompt, 20, sample_temperature=1.0, sample_top_k=5, generator=g1)
+    b = model.generate(
+        prompt, 20, sample_temperature=1.0, sample_top_k=5, generator=g2, use_cache=False
+    )
     assert torch.equal(a, b)
+
+
+def test_generate_takes_the_former_sampling_names() -> None:
+    """``temperature=`` and ``top_k=`` (the former names of ``sample_temperature`` and
+    ``sample_top_k``) sample the same tokens, with a DeprecationWarning each; another unknown
+    keyword is a TypeError."""
+    model = _model("sinkhorn", "bilinear", False, "sum", "fixed", torch.float64)
+    prompt = torch.randint(0, 13, (2, 3))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    new = model.generate(prompt, 8, sample_temperature=0.7, sample_top_k=4, generator=g1)
+    with pytest.warns(DeprecationWarning) as caught:
+        old = model.generate(prompt, 8, temperature=0.7, top_k=4, generator=g2)
+    assert torch.equal(new, old)
+    messages = {str(w.message) for w in caught}
+    assert any("temperature= is renamed sample_temperature=" in m for m in messages)
+    assert any("top_k= is renamed sample_top_k=" in m for m in messages)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'topk'"):
+        model.generate(prompt, 2, topk=3)
 
 
 def test_cache_errors() -> None:
@@ -145,10 +165,10 @@ def test_cache_errors() -> None:
         model.generate(ids[:, :0], 3)
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="temperature"):
-            model.generate(ids, 3, temperature=bad)
+            model.generate(ids, 3, sample_temperature=bad)
     for bad_k in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="top_k"):
-            model.generate(ids, 3, top_k=bad_k)  # type: ignore[arg-type]
+            model.generate(ids, 3, sample_top_k=bad_k)  # type: ignore[arg-type]
     enc = SinkhornSelfAttention(16, 2, causal=False, block_size=4, max_len=64).eval()
     with pytest.raises(ValueError, match="causal"):
         enc(torch.randn(1, 5, 16), cache=AttentionCache())

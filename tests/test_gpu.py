@@ -358,8 +358,8 @@ def check_cache(device: torch.device, variant: tuple[str, str, bool], dtype: tor
             torch.testing.assert_close(
                 torch.cat(steps, 1), full, atol=CACHE_TOL[dtype], rtol=CACHE_TOL[dtype]
             )
-        with_cache = model.generate(ids[:, :5], 20, top_k=1, use_cache=True)  # greedy
-        without = model.generate(ids[:, :5], 20, top_k=1, use_cache=False)
+        with_cache = model.generate(ids[:, :5], 20, sample_top_k=1, use_cache=True)  # greedy
+        without = model.generate(ids[:, :5], 20, sample_top_k=1, use_cache=False)
     assert torch.equal(with_cache, without)
 
 

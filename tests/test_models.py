@@ -77,7 +77,7 @@ def test_seq2seq_decoding_is_consistent_with_teacher_forcing(kind: str) -> None:
     logits[..., cfg.pad_id] = float("-inf")
     assert torch.equal(logits.argmax(-1), out)  # greedy == argmax of the teacher-forced pass
     assert torch.equal(model.generate(src, 11, use_cache=False), out)  # cache is exact
-    kwargs: dict = dict(temperature=1.0, top_k=3)
+    kwargs: dict = dict(sample_temperature=1.0, sample_top_k=3)
     sampled = model.generate(src, 11, generator=torch.Generator().manual_seed(0), **kwargs)
     uncached = model.generate(
         src, 11, generator=torch.Generator().manual_seed(0), use_cache=False, **kwargs

@@ -136,8 +136,8 @@ def timed_generate(
     prompt: Tensor,
     tokens: int,
     *,
-    temperature: float,
-    top_k: int | None,
+    sample_temperature: float,
+    sample_top_k: int | None,
     seed: int,
     use_cache: bool,
 ) -> tuple[Tensor, float]:
@@ -147,8 +147,8 @@ def timed_generate(
     out = model.generate(
         prompt,
         tokens,
-        temperature=temperature,
-        top_k=top_k,
+        sample_temperature=sample_temperature,
+        sample_top_k=sample_top_k,
         generator=generator,
         use_cache=use_cache,
     )
@@ -158,12 +158,13 @@ def timed_generate(
 def _check_args(args: argparse.Namespace) -> None:
     if args.tokens is not None and args.tokens <= 0:
         raise UsageError(f"--tokens must be > 0, got {args.tokens}")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
+    temperature = args.sample_temperature
+    if not math.isfinite(temperature) or temperature < 0:
         raise UsageError(
-            f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"
+            f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
         )
-    if args.top_k is not None and args.top_k <= 0:
-        raise UsageError(f"--top-k must be > 0, got {args.top_k}")
+    if args.sample_top_k is not None and args.sample_top_k <= 0:
+        raise UsageError(f"--top-k must be > 0, got {args.sample_top_k}")
     if args.samples <= 0:
         raise UsageError(f"--samples must be > 0, got {args.samples}")
 
@@ -198,8 +199,8 @@ def generate_text(model: LanguageModel, task: dict[str, Any], args: argparse.Nam
         model,
         prompt,
         tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
+        sample_temperature=args.sample_temperature,
+        sample_top_k=args.sample_top_k,
         seed=args.seed,
         use_cache=not args.no_cache,
     )
@@ -219,8 +220,8 @@ def generate_images(model: LanguageModel, task: dict[str, Any], args: argparse.N
         args.samples,
         shape,
         start_id=int(task["start_id"]),
-        temperature=args.temperature,
-        top_k=args.top_k,
+        sample_temperature=args.sample_temperature,
+        sample_top_k=args.sample_top_k,
         seed=args.seed,
         use_cache=not args.no_cache,
     )
@@ -253,9 +254,19 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     parser.add_argument("--tokens", type=int, default=None, help="new tokens (default: 200)")
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy"
+        "--temperature",
+        dest="sample_temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature; 0 = greedy",
     )
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely")
+    parser.add_argument(
+        "--top-k",
+        dest="sample_top_k",
+        type=int,
+        default=None,
+        help="sample from the k most likely",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute the whole prefix every step"

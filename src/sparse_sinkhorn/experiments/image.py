@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from ..data import DatasetNotFoundError, ImageTokens, load_images
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
-from ..models.common import check_sampling, sample_next
+from ..models.common import next_token_sampler
 from ..nn import AttentionConfig
 from ..train import init_distributed
 from . import flags, routing_shape, variants
@@ -110,23 +110,25 @@ def sample_images(
     shape: tuple[int, ...],
     *,
     start_id: int = START_ID,
-    temperature: float = 1.0,
-    top_k: int | None = None,
+    sample_temperature: float = 1.0,
+    sample_top_k: int | None = None,
     seed: int = 0,
     use_cache: bool = True,
+    **former: Any,
 ) -> Tensor:
-    """``n`` images ``(n, *shape)`` uint8, sampled pixel by pixel (only values 0..255)."""
-    check_sampling(temperature, top_k)
-    model.eval()
+    """``n`` images ``(n, *shape)`` uint8, sampled pixel by pixel (only values 0..255);
+    ``temperature=``, ``top_k=``: the former names of the sampling arguments."""
     device = next(model.parameters()).device
-    dims = int(np.prod(shape))
     generator = torch.Generator(device=device).manual_seed(seed)
+    pick = next_token_sampler(sample_temperature, sample_top_k, generator, former, "sample_images")
+    model.eval()
+    dims = int(np.prod(shape))
     out = torch.full((n, 1), start_id, dtype=torch.long, device=device)  # (n, 1)
     cache = model.new_cache() if use_cache else None
     step = out
     for _ in range(dims):
         logits = model(step if use_cache else out, cache=cache)[:, -1, :N_LEVELS]  # (n, 256)
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+        nxt = pick(logits)  # (n,)
         out = torch.cat([out, nxt[:, None]], dim=1)
         step = nxt[:, None]
     return out[:, 1:].reshape(n, *shape).to(torch.uint8).cpu()

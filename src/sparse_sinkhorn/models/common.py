@@ -6,6 +6,9 @@ Axes: B batch, L length, D model dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +16,7 @@ from torch import Tensor, nn
 from ..nn.cache import DecodingCache
 from ..nn.layers import stack_layers
 from ..ops.validate import check_number
+from ..renamed import renamed_keywords
 from .config import TransformerConfig
 
 
@@ -114,23 +118,57 @@ def check_ids(ids: Tensor, config: TransformerConfig, name: str = "ids") -> None
         )
 
 
-def check_sampling(temperature: object, top_k: object) -> None:
-    """``temperature`` a finite number >= 0 and ``top_k`` None or a positive int, else raise."""
-    check_number("temperature", temperature, low=0.0, low_ok=True)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+# Sampling keywords accepted under their former names (the attention's ``temperature``, the
+# Gumbel-Sinkhorn tau, and ``top_k``, the top-k gate's block count, keep those names).
+FORMER_SAMPLING_NAMES = {"temperature": "sample_temperature", "top_k": "sample_top_k"}
+
+
+def check_sampling(sample_temperature: object, sample_top_k: object) -> None:
+    """``sample_temperature`` a finite number >= 0 and ``sample_top_k`` None or a positive
+    int, else raise."""
+    check_number("sample_temperature", sample_temperature, low=0.0, low_ok=True)
+    k = sample_top_k
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"sample_top_k must be None or a positive int, got {k!r}")
+
+
+def next_token_sampler(
+    sample_temperature: float,
+    sample_top_k: int | None,
+    generator: torch.Generator | None,
+    former: Mapping[str, Any],
+    where: str,
+) -> Callable[[Tensor], Tensor]:
+    """`sample_next` with the sampling arguments of a ``generate``-like function ``where``,
+    checked once: ``(B, V)`` logits -> ``(B,)`` next tokens. ``former``: that function's
+    ``**former``, where ``temperature=`` and ``top_k=`` (the former names) are accepted with
+    a ``DeprecationWarning``."""
+    values = renamed_keywords(former, FORMER_SAMPLING_NAMES, where, strict=True, stacklevel=4)
+    sample_temperature = values.get("sample_temperature", sample_temperature)
+    sample_top_k = values.get("sample_top_k", sample_top_k)
+    check_sampling(sample_temperature, sample_top_k)
+    return partial(
+        sample_next,
+        sample_temperature=sample_temperature,
+        sample_top_k=sample_top_k,
+        generator=generator,
+    )
 
 
 def sample_next(
-    logits: Tensor, *, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: Tensor,
+    *,
+    sample_temperature: float,
+    sample_top_k: int | None,
+    generator: torch.Generator | None,
 ) -> Tensor:
-    """Greedy (``temperature == 0``) or sampled next tokens from ``(B, V)`` logits."""
-    check_sampling(temperature, top_k)
-    if temperature == 0:
+    """Greedy (``sample_temperature == 0``) or sampled next tokens from ``(B, V)`` logits."""
+    check_sampling(sample_temperature, sample_top_k)
+    if sample_temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    logits = logits.float() / sample_temperature
+    if sample_top_k is not None:
+        kth = logits.topk(min(sample_top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

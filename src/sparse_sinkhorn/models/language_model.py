@@ -5,11 +5,13 @@ Axes: B batch, L length, P prompt length, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
-from .common import Decoder, Embedding, check_ids, check_sampling, sample_next
+from .common import Decoder, Embedding, check_ids, next_token_sampler
 from .config import LanguageModelConfig
 
 
@@ -60,29 +62,36 @@ class LanguageModel(nn.Module):
         prompt: Tensor,
         max_new_tokens: int,
         *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
+        sample_temperature: float = 1.0,
+        sample_top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        **former: Any,
     ) -> Tensor:
         """Continue ``prompt`` ``(B, P)``; returns ``(B, P + max_new_tokens)``.
 
         ``use_cache=True`` decodes incrementally (the prompt once, then one position per
         step, exactly the full forward's logits); ``False`` recomputes the whole prefix each
         step (O(L²) steps, the reference). Call ``model.eval()`` first.
+
+        ``sample_temperature`` 0 is greedy; ``sample_top_k`` samples among the k most likely
+        tokens (None: all). ``temperature=`` and ``top_k=``, their former names, are accepted
+        with a ``DeprecationWarning``.
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (B, P) with P >= 1, got {tuple(prompt.shape)}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        check_sampling(temperature, top_k)
+        pick = next_token_sampler(
+            sample_temperature, sample_top_k, generator, former, "LanguageModel.generate"
+        )
         self._check_length(prompt.shape[1] + max(max_new_tokens - 1, 0))
         out = prompt
         cache = self.new_cache() if use_cache else None
         step_in = prompt
         for _ in range(max_new_tokens):
             logits = self(step_in if use_cache else out, cache=cache)[:, -1]  # (B, V)
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+            nxt = pick(logits)  # (B,)
             out = torch.cat([out, nxt[:, None]], dim=1)
             step_in = nxt[:, None]
         return out

@@ -5,11 +5,13 @@ Axes: B batch, S source length, T target length, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
-from .common import Decoder, Embedding, Encoder, check_ids, check_sampling, sample_next
+from .common import Decoder, Embedding, Encoder, check_ids, next_token_sampler
 from .config import Seq2SeqConfig
 
 
@@ -61,21 +63,27 @@ class Seq2Seq(nn.Module):
         src: Tensor,
         max_new_tokens: int,
         *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
+        sample_temperature: float = 0.0,
+        sample_top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         eos_id: int | None = None,
+        **former: Any,
     ) -> Tensor:
-        """Greedy (``temperature=0``) or sampled decoding: ``(B, S)`` -> ``(B, T)``.
+        """Greedy (``sample_temperature=0``) or sampled decoding: ``(B, S)`` -> ``(B, T)``.
 
         ``T == max_new_tokens`` unless ``eos_id`` is given: then a row that has emitted
         ``eos_id`` continues with the padding id, and decoding stops once every row has
         emitted it (``T <= max_new_tokens``). The padding token is never emitted otherwise.
         ``use_cache=True`` decodes incrementally with an exact cache (one new position per
         step); ``False`` recomputes the whole prefix each step. Call ``model.eval()`` first.
+        ``sample_top_k`` samples among the k most likely tokens (None: all);
+        ``temperature=`` and ``top_k=``, the former names of the sampling arguments, are
+        accepted with a ``DeprecationWarning``.
         """
-        check_sampling(temperature, top_k)
+        pick = next_token_sampler(
+            sample_temperature, sample_top_k, generator, former, "Seq2Seq.generate"
+        )
         memory, mask = self.encode(src)
         out = torch.full((src.shape[0], 1), self.config.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
@@ -84,7 +92,7 @@ class Seq2Seq(nn.Module):
         for _ in range(max_new_tokens):
             logits = self.decode(step_in if use_cache else out, memory, mask, cache=cache)[:, -1]
             logits[:, self.config.pad_id] = float("-inf")  # (B, V); padding is not an output
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+            nxt = pick(logits)  # (B,)
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, self.config.pad_id)  # (B,)
                 done |= nxt == eos_id

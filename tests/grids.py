@@ -19,20 +19,20 @@ def op_modes(
     causal: Sequence[bool] = (False, True),
     sortcut: Sequence[int | None] = (None, 2),
     hard: Sequence[bool] = (False, True),
-    mixture: Sequence[bool] = (False,),
+    mix_dense: Sequence[bool] = (False,),
     balance: Sequence[str] = ("sinkhorn", "softmax", "sinkhorn-targets"),
 ) -> list[dict[str, Any]]:
     """Keyword arguments of :func:`sinkhorn_attention` for every valid combination
     (``balance`` appears only when it is not the default, Sinkhorn balancing)."""
     modes = []
-    for is_causal, n_sortcut, is_hard, is_mixture, how in itertools.product(
-        causal, sortcut, hard, mixture, balance
+    for is_causal, n_sortcut, is_hard, is_mix, how in itertools.product(
+        causal, sortcut, hard, mix_dense, balance
     ):
         if is_causal and n_sortcut is not None:
             continue  # SortCut is for encoders only
         if how == "sinkhorn-targets" and not is_causal:
             continue  # every target is 1: the paper's balancing
-        mode = dict(is_causal=is_causal, n_sortcut=n_sortcut, hard=is_hard, mixture=is_mixture)
+        mode = dict(is_causal=is_causal, n_sortcut=n_sortcut, hard=is_hard, mix_dense=is_mix)
         if how != "sinkhorn":
             mode["balance"] = how
         modes.append(mode)
@@ -44,7 +44,7 @@ def mode_id(mode: dict[str, Any]) -> str:
     if mode.get("n_sortcut"):
         parts.append(f"sortcut{mode['n_sortcut']}")
     parts.append("hard" if mode.get("hard") else "soft")
-    if mode.get("mixture"):
+    if mode.get("mix_dense"):
         parts.append("mixture")
     if mode.get("balance", "sinkhorn") != "sinkhorn":
         parts.append(mode["balance"])

@@ -39,14 +39,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # the random streams seeded identically for both runs, and compare with torch.equal.
 
 CAUSAL_MODES = [
-    dict(hard=hard, mixture=mixture, dropout_p=p)
-    for hard, mixture, p in itertools.product((False, True), (False, True), (0.0, 0.3))
+    dict(hard=hard, mix_dense=mix, dropout_p=p)
+    for hard, mix, p in itertools.product((False, True), (False, True), (0.0, 0.3))
 ]
 
 
 def _mode_id(mode: dict[str, Any]) -> str:
     hard = "hard" if mode["hard"] else "soft"
-    return f"{hard}-{'mixture' if mode['mixture'] else 'plain'}-drop{mode['dropout_p']}"
+    return f"{hard}-{'mixture' if mode['mix_dense'] else 'plain'}-drop{mode['dropout_p']}"
 
 
 @pytest.mark.parametrize("mode", CAUSAL_MODES, ids=_mode_id)
@@ -206,7 +206,7 @@ def test_forward_and_backward_equal_the_float64_reference(
     padded, mixture, block, causal = case
     inputs, mask = _grid_inputs(block, padded, length)
     weight = torch.randn(2, 2, length, 4, generator=torch.Generator().manual_seed(1))
-    kw = dict(block_size=block, is_causal=causal, mixture=mixture)
+    kw = dict(block_size=block, is_causal=causal, mix_dense=mixture)
     ref_out, ref_grads = _forward_backward(reference_sinkhorn_attention, inputs, mask, weight, **kw)
     # Every input gets a gradient; the logits' is 0 only where routing has no choice (causal
     # with two blocks: block 1 can only take block 0).

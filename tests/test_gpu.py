@@ -47,7 +47,7 @@ MODES: dict[str, dict[str, Any]] = {
     "sortcut": {"n_sortcut": 2},
     "sortcut_hard": {"n_sortcut": 2, "hard": True},
     "mixture": {"mixture": True},
-    "mixture_causal": {"mixture": True, "is_causal": True},
+    "mixture_causal": {"mix_dense": True, "is_causal": True},
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (block size, length): whole blocks, and an odd length with a partial last block.
@@ -76,7 +76,7 @@ def _dense_in_dtype(
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
     n_sortcut: int | None = None,
-    mixture: bool = False,
+    mix_dense: bool = False,
     hard: bool = False,
 ) -> Tensor:
     """Sinkhorn attention as one dense problem, computed in the inputs' dtype and device.
@@ -132,7 +132,7 @@ def _dense_in_dtype(
     out = _masked_softmax_attend(
         q, torch.cat([k, k_sorted], -2), torch.cat([v, v_sorted], -2), keep
     )
-    if mixture:
+    if mix_dense:
         dense_keep = real[:, None, None, :].expand(batch, heads, lp, lp)
         if is_causal:
             dense_keep = dense_keep & (pos[None, :] <= pos[:, None])

@@ -18,7 +18,7 @@ from sparse_sinkhorn.ops import (
 
 B, H, D = 2, 4, 4
 
-MODES = op_modes(mixture=(False, True))
+MODES = op_modes(mix_dense=(False, True))
 
 
 def _inputs(kv_heads: int, length: int, block: int, dtype: torch.dtype = torch.float64):
@@ -123,7 +123,7 @@ def test_gqa_decoding_cache_equals_full_forward(kind: str, hard: bool, kv_heads:
     x = torch.randn(B, length, d_x, dtype=torch.float64)
     logits = sort_net(block_summaries(x, block, causal=True), block_summaries(x, block))
     full = sinkhorn_attention(
-        q, k, v, logits, block_size=block, is_causal=True, mixture=kind == "mixture", hard=hard
+        q, k, v, logits, block_size=block, is_causal=True, mix_dense=kind == "mixture", hard=hard
     )
     assert isinstance(full, torch.Tensor)
     for prompt in (1, 4, 6):

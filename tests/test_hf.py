@@ -667,14 +667,43 @@ def test_convert_turns_off_generate_s_automatic_compile() -> None:
     assert model.generation_config.disable_compile is True
 
 
-def test_mixture_must_be_a_bool_in_convert_and_in_a_saved_config(tmp_path: Path) -> None:
-    """``mixture="no"`` (a truthy string) would build Mixture attention; a saved "false" would
-    load as Mixture: both refused."""
-    with pytest.raises(TypeError, match="mixture must be True or False, got str 'no'"):
-        hf.convert(_plain_gpt2(), block_size=4, mixture="no")
-    _edited_save(tmp_path, mixture="false")
-    with pytest.raises(ValueError, match="mixture must be True or False, got str 'false'"):
+def test_mix_dense_must_be_a_bool_in_convert_and_in_a_saved_config(tmp_path: Path) -> None:
+    """``mix_dense="no"`` (a truthy string) would build Mixture attention; a saved "false"
+    would load as Mixture: both refused."""
+    with pytest.raises(TypeError, match="mix_dense must be True or False, got str 'no'"):
+        hf.convert(_plain_gpt2(), block_size=4, mix_dense="no")
+    _edited_save(tmp_path, mix_dense="false")
+    with pytest.raises(ValueError, match="mix_dense must be True or False, got str 'false'"):
         hf.from_pretrained(tmp_path)
+
+
+def test_mixture_is_the_former_name_of_mix_dense(tmp_path: Path) -> None:
+    """``convert(mixture=True)`` converts as ``mix_dense=True`` does, and a model saved with
+    its options under ``mixture`` (fingerprint included) loads as it was saved: each with a
+    DeprecationWarning, and no warning that the options were edited."""
+    with pytest.warns(DeprecationWarning, match="mixture= is renamed mix_dense="):
+        model = _model("gpt2", mixture=True)
+    assert (
+        model.config.sinkhorn_attention == _model("gpt2", mix_dense=True).config.sinkhorn_attention
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".sort_net." in name:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    options = config["sinkhorn_attention"]
+    options["mixture"] = options.pop("mix_dense")
+    config[hf.DIGEST_KEY] = hf._digest(options)
+    path.write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.warns(DeprecationWarning, match="mixture= is renamed mix_dense="):
+            loaded = hf.from_pretrained(tmp_path).eval()
+    assert loaded.config.sinkhorn_attention["mix_dense"] is True
+    ids = _ids(2, 13)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def _edited_save(tmp_path: Path, *, model: torch.nn.Module | None = None, **edits) -> None:

@@ -25,7 +25,7 @@ from sparse_sinkhorn.ops.sinkhorn import causal_block_mask
 B, H, D = 2, 2, 4
 
 # causal x SortCut x hard x Mixture, each over block sizes, odd lengths and padding.
-MODES = op_modes(mixture=(False, True))
+MODES = op_modes(mix_dense=(False, True))
 SHAPES = [(4, 16), (4, 19), (3, 13), (8, 40), (1, 7)]  # (block_size, length)
 
 
@@ -208,7 +208,7 @@ def test_hard_low_temperature_equals_explicit_block_permutation(sortcut: int | N
     torch.testing.assert_close(out, expect)
 
 
-@pytest.mark.parametrize("mode", op_modes(causal=(True,), mixture=(False, True)), ids=mode_id)
+@pytest.mark.parametrize("mode", op_modes(causal=(True,), mix_dense=(False, True)), ids=mode_id)
 @pytest.mark.parametrize(
     "length", [19, 36], ids=["masked-path", "two-part-path"]
 )  # 19: padded to blocks; 36: 9 whole blocks, the plan matmuls run in row chunks
@@ -302,7 +302,7 @@ def test_half_precision_inputs(dtype: torch.dtype) -> None:
         torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("mode", op_modes(hard=(False,), mixture=(False, True)), ids=mode_id)
+@pytest.mark.parametrize("mode", op_modes(hard=(False,), mix_dense=(False, True)), ids=mode_id)
 def test_dropout(mode: dict) -> None:
     """``dropout_p > 0`` (the masked path): reproducible under a seed, unbiased (the mean over
     many draws is the dropout-free output, as SDPA rescales by 1 / (1 - p)), values stay

@@ -18,7 +18,7 @@ from sparse_sinkhorn.ops import reference_sinkhorn_attention, sinkhorn_attention
 
 B, H, D = 2, 3, 8
 
-MODES = op_modes(mixture=(False, True))
+MODES = op_modes(mix_dense=(False, True))
 PLAIN = op_modes(sortcut=(None,))  # no SortCut, no Mixture
 SHAPES = [(4, 16), (8, 24), (1, 5), (16, 16), (2, 22)]  # (block, length): 4, 3, 5, 1, 11 blocks
 
@@ -141,7 +141,7 @@ class _AttentionKernels(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-FLASH_MODES = op_modes(mixture=(False, True), hard=(False,)) + op_modes(
+FLASH_MODES = op_modes(mix_dense=(False, True), hard=(False,)) + op_modes(
     sortcut=(None,), hard=(True,)
 )
 

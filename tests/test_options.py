@@ -88,7 +88,7 @@ def test_config_maps_onto_the_op_options_by_name() -> None:
     assert opts == SinkhornOptions(
         block_size=8,
         is_causal=True,
-        mixture=True,
+        mix_dense=True,
         hard=True,
         n_iters=2,
         temperature=0.5,
@@ -109,3 +109,19 @@ def test_layer_takes_a_config_directly() -> None:
     assert torch.equal(a(x), b(x))
     with pytest.raises(TypeError, match="not both"):
         SinkhornSelfAttention(16, 2, config=cfg, block_size=8)
+
+
+def test_mixture_is_the_former_name_of_mix_dense() -> None:
+    """``mixture=`` (the former name of ``mix_dense=``) gives the same output through every
+    keyword entry point, with a DeprecationWarning; both names at once are a TypeError."""
+    q, k, v, logits = _inputs()
+    for op in (sinkhorn_attention, reference_sinkhorn_attention):
+        new = op(q, k, v, logits, block_size=4, mix_dense=True)
+        with pytest.warns(DeprecationWarning, match="mixture= is renamed mix_dense="):
+            old = op(q, k, v, logits, block_size=4, mixture=True)  # type: ignore[call-arg]
+        assert torch.equal(new, old)
+    opts = SinkhornOptions(block_size=4)
+    with pytest.warns(DeprecationWarning):
+        assert sinkhorn_plan(logits, opts, mixture=True) is not None  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="pass mix_dense= only"):
+        sinkhorn_attention(q, k, v, logits, block_size=4, mixture=True, mix_dense=True)  # type: ignore[call-arg]

@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from ..nn.config import AttentionConfig
 from ..nn.kinds import KINDS
 from ..nn.sortnet import SortNet
+from ..renamed import renamed_keywords
 from .attention import (
     ATTN_IMPLEMENTATION,
     CONFIG_KEY,
@@ -102,8 +103,9 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
 
 # The convert() options beyond block_size, with their defaults: the AttentionConfig fields
 # the sinkhorn and mixture kinds read (`nn.kinds.KINDS`: a field added there is an option
-# here), and ``mixture`` for the kind; not SortCut (encoders only), share_kv (the model keeps
-# its own projections) or routing_loss (the layers' distillation loss).
+# here), and ``mix_dense`` for the kind (``"mixture"`` when True); not SortCut (encoders
+# only), share_kv (the model keeps its own projections) or routing_loss (the layers'
+# distillation loss).
 _NOT_OPTIONS = ("kind", "block_size", "n_sortcut", "share_kv", "routing_loss")
 _ROUTED = KINDS["sinkhorn"].uses | KINDS["mixture"].uses
 OPTIONS: dict[str, Any] = {
@@ -123,8 +125,10 @@ OPTIONS: dict[str, Any] = {
     # position (docs/huggingface.md, "Routing options").
     "balance": "softmax",
     "pooling": "max",
-    "mixture": False,
+    "mix_dense": False,
 }
+# Options convert() takes, and from_pretrained reads, under a former name: former -> current.
+FORMER_OPTIONS = {"mixture": "mix_dense"}
 DIGEST_KEY = f"{CONFIG_KEY}_digest"  # config.json: a fingerprint of the options convert() saved
 
 
@@ -149,7 +153,9 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
             ``pooling`` (``"max"``, the default here; ``"sum"``, the paper's, whose causal
             summaries grow with the position; ``"mean"``), ``shared_routing`` (``"none"``, or
             ``"heads"``: one routing for all heads), ``hard``, ``n_iters``, ``temperature``,
-            ``gumbel_noise`` (training mode only), ``mixture`` (add dense attention). The
+            ``gumbel_noise`` (training mode only), ``mix_dense`` (add dense attention: the
+            ``"mixture"`` kind; ``mixture=`` is its former name, accepted with a
+            ``DeprecationWarning``). The
             other defaults are [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig]'s; every
             default is in `OPTIONS`.
 
@@ -168,6 +174,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
         )
     if any(getattr(config, name, False) for name in ("add_cross_attention", "is_encoder_decoder")):
         raise ValueError("Sinkhorn attention here is for decoder-only models (no cross-attention)")
+    attention_options = renamed_keywords(attention_options, FORMER_OPTIONS, "hf.convert")
     unknown = set(attention_options) - set(OPTIONS)
     if unknown:
         raise TypeError(
@@ -176,7 +183,7 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
     options = {**OPTIONS, **attention_options, "block_size": block_size}
     if options["max_len"] is None:
         options["max_len"] = _max_positions(config)
-    att = _attention_config(options)  # every option checked (mixture included)
+    att = _attention_config(options)  # every option checked (mix_dense included)
     if att.shared_routing == "layers":
         raise ValueError(
             "shared_routing='layers' needs this project's models (a converted model's layers "
@@ -260,8 +267,12 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
             f"{os.fspath(path)!r} holds no {CONFIG_KEY!r} options in its config: it was not "
             "saved from a model converted with sparse_sinkhorn.hf.convert"
         )
-    options = dict(options)
+    saved = dict(options)  # as saved: what its fingerprint is of
     where = f"{os.fspath(path)!r}: config.json's {CONFIG_KEY!r}"
+    try:  # an option saved under its former name is read under its current one
+        options = renamed_keywords(saved, FORMER_OPTIONS, where)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
     if "block_size" not in options:
         raise ValueError(f"{where} has no 'block_size' (the options convert() saved are gone)")
     unknown = sorted(set(options) - set(OPTIONS) - {"block_size"})
@@ -273,7 +284,7 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
     digest = getattr(config, DIGEST_KEY, None)
-    if digest is not None and digest != _digest(options):
+    if digest is not None and digest != _digest(saved):
         warnings.warn(
             f"{where} was edited after the model was saved (its options no longer match the "
             f"fingerprint saved with them): the sort nets were trained with other options, so "
@@ -302,12 +313,13 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
 def _attention_config(options: dict[str, Any]) -> AttentionConfig:
     """The layers' [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig] for convert()'s options
-    (every option checked; ``mixture`` must be a bool: a string such as "false" would be true)."""
-    mixture = options.get("mixture", OPTIONS["mixture"])
-    if not isinstance(mixture, bool):
-        raise TypeError(f"mixture must be True or False, got {type(mixture).__name__} {mixture!r}")
-    fields_ = {k: v for k, v in {**OPTIONS, **options}.items() if k != "mixture"}
-    return AttentionConfig(kind="mixture" if mixture else "sinkhorn", **fields_)
+    (every option checked; ``mix_dense`` must be a bool: a string such as "false" would be
+    true)."""
+    mix = options.get("mix_dense", OPTIONS["mix_dense"])
+    if not isinstance(mix, bool):
+        raise TypeError(f"mix_dense must be True or False, got {type(mix).__name__} {mix!r}")
+    fields_ = {k: v for k, v in {**OPTIONS, **options}.items() if k != "mix_dense"}
+    return AttentionConfig(kind="mixture" if mix else "sinkhorn", **fields_)
 
 
 def _digest(options: dict[str, Any]) -> str:

@@ -205,7 +205,7 @@ def _decode_step(
             state.prefill(old_k, old_v, _routing_input(old_v, sort_net), prefix_real)
         x = x.to(next(sort_net.parameters()).dtype)
         out = state.step(query, new_k, new_v, x, (key, value, real), scaling)
-    if KINDS[att.kind].mixture:
+    if KINDS[att.kind].mix_dense:
         k_all, v_all = (repeat_kv(t, query.shape[1]) for t in (key, value))  # GQA
         out = out + dense_attention(query, k_all, v_all, key_padding_mask=real, scale=scaling)
     layer.__dict__[_STATE] = (state, layer.keys)  # the tensor the cache layer holds now

@@ -179,7 +179,7 @@ class AttentionCache:
             assert self.sorted_v is not None and self.sorted_ok is not None
             sorted_ = (self.sorted_k, self.sorted_v, self.sorted_ok)
         out = local_and_sorted_token(q, (local_k, local_v, ones), sorted_)
-        if KINDS[config.kind].mixture:
+        if KINDS[config.kind].mix_dense:
             out = out + attend_token(q, self.k, self.v, None)
         return out
 

@@ -193,13 +193,13 @@ class AttentionConfig:
         scale: float | None = None,
     ) -> SinkhornOptions:
         """The op's [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions] for this configuration:
-        same-named fields are copied; Gumbel noise only in ``training``; ``mixture`` from
+        same-named fields are copied; Gumbel noise only in ``training``; ``mix_dense`` from
         the kind."""
         same = {name: getattr(self, name) for name in _OWN}
         return SinkhornOptions(
             **same,
             is_causal=is_causal,
-            mixture=KINDS[self.kind].mixture,
+            mix_dense=KINDS[self.kind].mix_dense,
             gumbel_noise=self.gumbel_noise and training,
             dropout_p=dropout_p,
             scale=scale,
@@ -228,7 +228,7 @@ class AttentionConfig:
 _OWN = tuple(
     f.name
     for f in fields(SinkhornOptions)
-    if f.name not in ("is_causal", "mixture", "gumbel_noise", "dropout_p", "scale")
+    if f.name not in ("is_causal", "mix_dense", "gumbel_noise", "dropout_p", "scale")
 )
 
 

@@ -92,7 +92,7 @@ class Kind:
             that ``routes`` (the caches' routing path, `sparse_sinkhorn.nn.cache`).
         reference: the float64 oracle of ``attend`` (same arguments, no dropout).
         routes: it routes blocks by a sort net's logits (``call.logits``).
-        mixture: it adds dense attention over every key (Sinkhorn Mixture).
+        mix_dense: it adds dense attention over every key (Sinkhorn Mixture).
     """
 
     name: str
@@ -101,7 +101,7 @@ class Kind:
     decode: Decode | None
     reference: Reference
     routes: bool = False
-    mixture: bool = False
+    mix_dense: bool = False
 
     @property
     def uses(self) -> frozenset[str]:
@@ -228,7 +228,7 @@ KINDS: Mapping[str, Kind] = {
         # the paper: local block + the sort net's sorted block; SortCut in encoders
         Kind("sinkhorn", ("n_sortcut", *ROUTING_FIELDS), **_ROUTED),  # type: ignore[arg-type]
         # Sinkhorn plus dense attention over every key
-        Kind("mixture", ROUTING_FIELDS, **_ROUTED, mixture=True),  # type: ignore[arg-type]
+        Kind("mixture", ROUTING_FIELDS, **_ROUTED, mix_dense=True),  # type: ignore[arg-type]
         Kind(
             "dense",
             (),

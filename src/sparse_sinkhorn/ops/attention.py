@@ -67,7 +67,7 @@ def sinkhorn_attention_with_plan(
     key_mask = padded_mask(key_padding_mask, batch, length, opts.block_size, query.device)
     plan = sinkhorn_plan(sort_logits, opts, key_mask=key_mask, generator=generator)
     out = attend_with_plan(query, key, value, plan, dropout_p=opts.dropout_p, scale=opts.scale)
-    if opts.mixture:
+    if opts.mix_dense:
         out = out + dense_attention(
             query,
             key,
@@ -126,7 +126,8 @@ def sinkhorn_attention(*args: Any, **kwargs: Any) -> Tensor:
             the balancing, and sorted slots holding no real key are masked.
         n_sortcut: SortCut budget ``n`` (in blocks): every query attends to the first ``n``
             sorted blocks only (``n*W`` keys). Encoders only.
-        mixture: add dense attention (Sinkhorn Mixture; O(L²)).
+        mix_dense: add dense attention (Sinkhorn Mixture; O(L²); ``mixture=``: its former
+            name, accepted with a ``DeprecationWarning``).
         hard: straight-through hard routing (argmax block per row forward, soft backward).
         balance: ``"sinkhorn"`` (the paper: Gumbel-Sinkhorn balancing, each key block shared
             out over the query blocks, one-to-one in the limit) or ``"softmax"`` (each row a

@@ -19,6 +19,7 @@ from typing import Any, TypedDict, cast
 
 import torch
 
+from ..renamed import renamed_keywords
 from . import validate
 from .blocks import check_block_size
 from .routing import BALANCES
@@ -33,7 +34,9 @@ class SinkhornOptions:
         is_causal: decoder attention: causal local triangle, sorted blocks strictly from the
             past, prefix-causal balancing.
         n_sortcut: SortCut budget ``n`` in blocks (encoders only), or None.
-        mixture: add dense attention (Sinkhorn Mixture; O(L²)).
+        mix_dense: add dense attention over every key (Sinkhorn Mixture, the ``"mixture"``
+            attention kind; O(L²)). ``mixture=``, its former name, is accepted as a keyword
+            of the entry points with a ``DeprecationWarning``.
         hard: straight-through hard routing (argmax block per row forward, soft backward).
         balance: ``"sinkhorn"`` (the paper), ``"softmax"`` (rows only, no balancing),
             ``"sinkhorn-targets"`` (causal: prefix balancing towards column targets a causal
@@ -50,7 +53,7 @@ class SinkhornOptions:
     block_size: int
     is_causal: bool = False
     n_sortcut: int | None = None
-    mixture: bool = False
+    mix_dense: bool = False
     hard: bool = False
     balance: str = "sinkhorn"
     n_iters: int = 8
@@ -85,7 +88,7 @@ class SinkhornKwargs(TypedDict, total=False):
     block_size: int  # required unless options= is given
     is_causal: bool
     n_sortcut: int | None
-    mixture: bool
+    mix_dense: bool
     hard: bool
     balance: str
     n_iters: int
@@ -98,8 +101,13 @@ class SinkhornKwargs(TypedDict, total=False):
 def resolve_options(
     options: SinkhornOptions | None, kwargs: Mapping[str, object]
 ) -> SinkhornOptions:
-    """``options`` with ``kwargs`` overriding its fields, or a new object from ``kwargs``."""
+    """``options`` with ``kwargs`` overriding its fields, or a new object from ``kwargs``
+    (``mixture=``, the former name of ``mix_dense=``, accepted with a warning)."""
     fields = cast(dict[str, Any], kwargs)
+    if "mixture" in fields:
+        fields = renamed_keywords(
+            fields, {"mixture": "mix_dense"}, "Sinkhorn attention", stacklevel=4
+        )
     if options is None:
         if "block_size" not in kwargs:
             raise TypeError("Sinkhorn attention needs block_size=... (or options=...)")

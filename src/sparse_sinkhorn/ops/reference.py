@@ -176,7 +176,7 @@ def reference_sinkhorn_attention(
     keys = torch.cat([k, k_sorted], dim=-2)  # (B, H, Lp + R*W, D)
     values = torch.cat([v, v_sorted], dim=-2)
     out = reference_dense_attention(q, keys, values, keep=keep, scale=opts.scale)
-    if opts.mixture:
+    if opts.mix_dense:
         dense_keep = real[:, None, None, :].expand(batch, heads, lp, lp)
         if opts.is_causal:
             dense_keep = dense_keep & (pos[None, :] <= pos[:, None])

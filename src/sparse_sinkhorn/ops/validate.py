@@ -118,21 +118,25 @@ def check_common(
     check_dropout_and_scale(dropout_p, scale)
 
 
-def check_padding_mask(key: Tensor, key_padding_mask: Tensor | None) -> None:
+def check_padding_mask(key: Tensor, key_padding_mask: object) -> None:
     """None, or a bool ``(B, L)`` tensor on ``key``'s device (``key`` ``(B, H, L, D)``)."""
     batch, _, length, _ = key.shape
-    if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, key.device)
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                "key_padding_mask must be a bool tensor (True = real token), "
-                f"got dtype {key_padding_mask.dtype}"
-            )
-        if tuple(key_padding_mask.shape) != (batch, length):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, L) = {(batch, length)}, "
-                f"got {tuple(key_padding_mask.shape)}"
-            )
+    _check_mask(key_padding_mask, (batch, length), key.device)
+
+
+def _check_mask(key_padding_mask: object, shape: tuple[int, ...], device: torch.device) -> None:
+    """None, or a bool tensor of ``shape`` ``(B, L)`` on ``device``."""
+    if key_padding_mask is None:
+        return
+    mask = check_tensor("key_padding_mask", key_padding_mask, device)
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = real token), got dtype {mask.dtype}"
+        )
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, L) = {tuple(shape)}, got {tuple(mask.shape)}"
+        )
 
 
 def check_dropout_and_scale(dropout_p: float, scale: float | None) -> None:
@@ -212,15 +216,4 @@ def check_layer_input(x: object, key_padding_mask: object, *, d_model: int, weig
             f"x is {x.dtype} but the layer's parameters are {weight.dtype}; convert one "
             f"(layer.to({x.dtype}) or x.to({weight.dtype})) or run under torch.autocast"
         )
-    if key_padding_mask is not None:
-        mask = check_tensor("key_padding_mask", key_padding_mask, x.device)
-        if mask.dtype != torch.bool:
-            raise TypeError(
-                "key_padding_mask must be a bool tensor (True = real token), "
-                f"got dtype {mask.dtype}"
-            )
-        if tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, L) = {tuple(x.shape[:2])}, "
-                f"got {tuple(mask.shape)}"
-            )
+    _check_mask(key_padding_mask, tuple(x.shape[:2]), x.device)

@@ -72,8 +72,7 @@ import warnings
 from dataclasses import fields
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..nn.config import AttentionConfig
 from ..nn.kinds import KINDS
@@ -86,6 +85,7 @@ from .attention import (
     sinkhorn_attention_forward,
 )
 from .calibrate import calibrate
+from .saved import check_weights, load_weights
 
 try:
     import transformers
@@ -103,9 +103,8 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
 
 # The convert() options beyond block_size, with their defaults: the AttentionConfig fields
 # the sinkhorn and mixture kinds read (`nn.kinds.KINDS`: a field added there is an option
-# here), and ``mix_dense`` for the kind (``"mixture"`` when True); not SortCut (encoders
-# only), share_kv (the model keeps its own projections) or routing_loss (the layers'
-# distillation loss).
+# here), and ``mix_dense`` for the kind; not SortCut (encoders only), share_kv (the model
+# keeps its own projections) or routing_loss (the layers' distillation loss).
 _NOT_OPTIONS = ("kind", "block_size", "n_sortcut", "share_kv", "routing_loss")
 _ROUTED = KINDS["sinkhorn"].uses | KINDS["mixture"].uses
 OPTIONS: dict[str, Any] = {
@@ -127,8 +126,7 @@ OPTIONS: dict[str, Any] = {
     "pooling": "max",
     "mix_dense": False,
 }
-# Options convert() takes, and from_pretrained reads, under a former name: former -> current.
-FORMER_OPTIONS = {"mixture": "mix_dense"}
+FORMER_OPTIONS = {"mixture": "mix_dense"}  # still read under a former name: former -> current
 DIGEST_KEY = f"{CONFIG_KEY}_digest"  # config.json: a fingerprint of the options convert() saved
 
 
@@ -153,9 +151,8 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
             ``pooling`` (``"max"``, the default here; ``"sum"``, the paper's, whose causal
             summaries grow with the position; ``"mean"``), ``shared_routing`` (``"none"``, or
             ``"heads"``: one routing for all heads), ``hard``, ``n_iters``, ``temperature``,
-            ``gumbel_noise`` (training mode only), ``mix_dense`` (add dense attention: the
-            ``"mixture"`` kind; ``mixture=`` is its former name, accepted with a
-            ``DeprecationWarning``). The
+            ``gumbel_noise`` (training mode only), ``mix_dense`` (add dense attention; its
+            former name ``mixture`` is accepted with a ``DeprecationWarning``). The
             other defaults are [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig]'s; every
             default is in `OPTIONS`.
 
@@ -269,10 +266,7 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
         )
     saved = dict(options)  # as saved: what its fingerprint is of
     where = f"{os.fspath(path)!r}: config.json's {CONFIG_KEY!r}"
-    try:  # an option saved under its former name is read under its current one
-        options = renamed_keywords(saved, FORMER_OPTIONS, where)
-    except TypeError as err:
-        raise ValueError(str(err)) from None
+    options = renamed_keywords(saved, FORMER_OPTIONS, where)  # former names -> current ones
     if "block_size" not in options:
         raise ValueError(f"{where} has no 'block_size' (the options convert() saved are gone)")
     unknown = sorted(set(options) - set(OPTIONS) - {"block_size"})
@@ -305,16 +299,15 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     if hasattr(model.config, DIGEST_KEY):
         delattr(model.config, DIGEST_KEY)
     convert(model, block_size=block_size, **options)
-    state = {k: v for k, v in _load_weights(path).items() if ".sort_net." in k}
-    _check_weights(state, model, where, filled)
+    state = {k: v for k, v in load_weights(path).items() if ".sort_net." in k}
+    check_weights(state, model, where, filled)
     model.load_state_dict(state, strict=False)
     return model
 
 
 def _attention_config(options: dict[str, Any]) -> AttentionConfig:
     """The layers' [`AttentionConfig`][sparse_sinkhorn.nn.AttentionConfig] for convert()'s options
-    (every option checked; ``mix_dense`` must be a bool: a string such as "false" would be
-    true)."""
+    (every option checked; ``mix_dense`` a bool: a string such as "false" would be true)."""
     mix = options.get("mix_dense", OPTIONS["mix_dense"])
     if not isinstance(mix, bool):
         raise TypeError(f"mix_dense must be True or False, got {type(mix).__name__} {mix!r}")
@@ -327,27 +320,6 @@ def _digest(options: dict[str, Any]) -> str:
     ``config.json`` from the options the sort nets were trained with."""
     text = json.dumps(options, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _check_weights(state: dict[str, Tensor], model: nn.Module, where: str, filled: list[str]):
-    """The saved sort-net tensors fit the model built from the saved options and are finite."""
-    expected = {k: v for k, v in model.state_dict().items() if ".sort_net." in k}
-    if set(state) != set(expected):
-        raise ValueError(
-            f"the checkpoint's sort-net weights do not match the model: missing "
-            f"{sorted(set(expected) - set(state))[:3]}, unexpected "
-            f"{sorted(set(state) - set(expected))[:3]}"
-        )
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            gone = f" (missing, so set to their defaults: {', '.join(filled)})" if filled else ""
-            raise ValueError(
-                f"{where} does not describe the saved weights{gone}: {name} is "
-                f"{tuple(tensor.shape)} in the checkpoint but {tuple(expected[name].shape)} for "
-                "these options; restore the options the model was saved with"
-            )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"the checkpoint's {name} holds NaN or infinite values")
 
 
 def _attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
@@ -376,25 +348,6 @@ def _max_positions(config: Any, *, required: bool = True) -> Any:
     if not required:
         return None
     raise ValueError("the config has no maximum length; pass max_len=")
-
-
-def _load_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Every tensor of a local ``save_pretrained`` directory (single or sharded safetensors)."""
-    from safetensors.torch import load_file
-
-    root = os.fspath(path)
-    single = os.path.join(root, "model.safetensors")
-    if os.path.isfile(single):
-        return load_file(single)
-    index = os.path.join(root, "model.safetensors.index.json")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(f"no model.safetensors(.index.json) in {root!r}")
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    state: dict[str, Tensor] = {}
-    for shard in shards:
-        state.update(load_file(os.path.join(root, shard)))
-    return state
 
 
 __all__ = [

@@ -46,7 +46,7 @@ MODES: dict[str, dict[str, Any]] = {
     "causal_hard": {"is_causal": True, "hard": True},
     "sortcut": {"n_sortcut": 2},
     "sortcut_hard": {"n_sortcut": 2, "hard": True},
-    "mixture": {"mixture": True},
+    "mixture": {"mix_dense": True},
     "mixture_causal": {"mix_dense": True, "is_causal": True},
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -262,8 +262,8 @@ DECODE_OPTIONS = [
     {"sort_net": "mlp", "pooling": "mean"},
     {"hard": True, **PAPER},
     {"n_iters": 3, "temperature": 0.5, "balance": "sinkhorn"},
-    {"mixture": True},
-    {"mixture": True, **PAPER},
+    {"mix_dense": True},
+    {"mix_dense": True, **PAPER},
     {"shared_routing": "heads"},
 ]
 

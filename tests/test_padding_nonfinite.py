@@ -39,7 +39,7 @@ def _op(kind: str, causal: bool):
             return sparse_attention(q, k, v, block_size=W, **common)
         extra = {
             "sinkhorn": {},
-            "mixture": {"mixture": True},
+            "mixture": {"mix_dense": True},
             "hard": {"hard": True},
             "sortcut": {"n_sortcut": 2},
             "targets": {"balance": "sinkhorn-targets"},

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import resource
 import signal
 import subprocess
@@ -94,6 +95,36 @@ def test_results_json_keeps_kinds_not_rerun_and_replaces_incompatible(
     assert [r["kind"] for r in _results(out)["results"]] == ["dense"]
     previous = json.loads((out / "results.previous.json").read_text())
     assert [r["kind"] for r in previous["results"]] == ["sinkhorn", "dense"]
+
+
+def test_results_json_records_its_command_commit_and_wall_time(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every results.json says how it was made: the command line as typed, the git commit of
+    the source tree (in a checkout whose files are tracked, as in an editable install; else
+    none), when it was written and the invocation's wall time."""
+    import shlex
+
+    import sparse_sinkhorn.experiments.provenance as provenance
+
+    out = tmp_path / "out"
+    argv = _lm(data_dir, out, "--attention", "dense")
+    assert run_cli(argv, capsys)[0] == 0
+    made = _results(out)["provenance"]
+    assert made["command"] == shlex.join(["sparse-sinkhorn", *argv])
+    assert 0.0 < made["wall_seconds"] < 600.0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", made["written_at"])
+    here = Path(provenance.__file__).parent
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "provenance.py"], cwd=here, capture_output=True
+    ).returncode == 0  # fmt: skip
+    if tracked:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert made["git_commit"] == head and isinstance(made["git_dirty"], bool)
+    else:
+        assert made["git_commit"] is None and made["git_dirty"] is None
 
 
 def test_recall_kinds_run_one_by_one_on_one_out_all_stay_in_results(

@@ -152,10 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    from .experiments.provenance import begin_invocation
+
+    begin_invocation(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as err:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..train.rundir import run_lock
+from .provenance import provenance
 from .ranking import Ranking, ranking_line, ranking_record
 from .variants import NOT_CAUSAL_LABEL
 
@@ -162,7 +163,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path:
-    """``results.json`` (with the machine) and ``results.md`` (the printed table).
+    """``results.json`` (with the machine and the `provenance`) and ``results.md`` (the
+    printed table).
 
     An existing ``results.json`` from the same experiment, preset and settings keeps the rows
     of the kinds this run did not re-run (``sort --attention dense`` into an ``--out`` with a
@@ -210,7 +212,8 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
             ranking = Ranking(spec["metric"], spec["higher_is_better"])
             document["ranking"] = ranking_record(document["results"], ranking)
             table += "\n\n" + ranking_line(document["ranking"])
-        text = json.dumps({**document, "machine": machine_info()}, indent=2) + "\n"
+        record = {**document, "machine": machine_info(), "provenance": provenance()}
+        text = json.dumps(record, indent=2) + "\n"
         _atomic_write(path, text)
         _atomic_write(out_dir / "results.md", table + "\n")
     return path

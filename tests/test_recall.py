@@ -223,7 +223,7 @@ def test_recall_cli_writes_results_and_plots(
     out = tmp_path / "recall"
     argv = ["recall", "--task", "mqar", "--lengths", "96,128", "--block-size", "16"]
     argv += ["--steps", "2", "--batch-size", "2", "--attention", "dense,topk,softmax-max"]
-    argv += ["--d-model", "24", "--n-heads", "3"]
+    argv += ["--d-model", "24", "--n-heads", "3", "--token-conv", "3"]
     argv += ["--seeds", "2", "--out", str(out), "--no-progress"]
     code, err = run_cli(argv, capsys)
     assert code == 0, err
@@ -233,6 +233,8 @@ def test_recall_cli_writes_results_and_plots(
     sizes = {k: payload["settings"][k] for k in ("d_model", "n_heads", "d_ff")}
     assert sizes == {"d_model": 24, "n_heads": 3, "d_ff": 96}
     assert all(r["config"]["d_model"] == 24 for r in payload["results"])
+    assert payload["settings"]["token_conv"] == 3
+    assert all(r["config"]["token_conv"] == 3 for r in payload["results"])
     got = {(r["kind"], r["length"]) for r in payload["results"]}
     assert got == {(k, n) for k in ("dense", "topk", "softmax-max") for n in (96, 128)}
     for record in payload["results"]:
@@ -282,6 +284,8 @@ def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert_one_line_error(["recall", "--d-model", "0", *out], capsys, "--d-model")
     heads = ["recall", "--d-model", "48", "--n-heads", "5", *out]
     assert_one_line_error(heads, capsys, "not a multiple of 5 heads")
+    assert_one_line_error(["recall", "--token-conv", "1", *out], capsys, "--token-conv")
+    assert_one_line_error(["recall", "--token-conv", "-2", *out], capsys, "--token-conv")
     oracle = ["recall", "--task", "mqar", "--attention", "oracle-hard", *out]
     assert_one_line_error(oracle, capsys, "passkey")
     assert_one_line_error(["recall", "--lengths", "64,64", *out], capsys, "twice")

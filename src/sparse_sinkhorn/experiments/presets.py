@@ -187,6 +187,8 @@ class RecallPreset(Preset):
     # with min_span: (hold, reach) trains every example of a step at one span instead, min_span
     # until `hold` of the steps, growing geometrically to the full length at `reach`
     curriculum: tuple[float, float] | None = None
+    # width of the models' causal convolution over the embeddings (`LanguageModelConfig`), 0: none
+    token_conv: int = 0
 
 
 # head dim 16 (CPU attention kernels are slow for smaller head dims); dense needs ~1,500

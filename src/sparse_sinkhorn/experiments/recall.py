@@ -67,6 +67,11 @@ OVERRIDES = {
         "--d-model", "override the model width (d_ff follows at 4 * d_model)"
     ),
     "n_heads": flags.Override("--n-heads", "override the number of heads"),
+    "token_conv": flags.Override(
+        "--token-conv",
+        "width k of a causal convolution added to the embeddings (each position also reads "
+        "the k - 1 before it; default: the preset's, 0 = none)",
+    ),
 }
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed
 MAX_LENGTH = 1 << 20  # longest --lengths: 16 x the paper preset's longest
@@ -250,6 +255,7 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
         **model_sizes(preset),
         pad_id=0,
         attention=attention_config(kind, preset.block_size, length),
+        token_conv=preset.token_conv,
     )
     model = LanguageModel(config)
     if kind in CONTROLS:
@@ -310,6 +316,10 @@ def run(args: argparse.Namespace) -> int:
     preset = replace(preset, **changes)
     if preset.d_model % preset.n_heads:
         raise UsageError(f"--d-model {preset.d_model} is not a multiple of {preset.n_heads} heads")
+    if preset.token_conv == 1:
+        raise UsageError(
+            "--token-conv must be a width >= 2 (a convolution over 1 position mixes none)"
+        )
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
     options = grid_options(args, args.out or f"runs/recall-{args.task}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .classifier import Classifier
+from .common import TokenConv
 from .config import (
     ClassifierConfig,
     LanguageModelConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "LanguageModelConfig",
     "Seq2Seq",
     "Seq2SeqConfig",
+    "TokenConv",
     "TransformerConfig",
     "build_model",
     "config_from_dict",

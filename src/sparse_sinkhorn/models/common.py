@@ -50,6 +50,28 @@ class Embedding(nn.Module):
         return self.drop(x + pos.to(x.dtype))
 
 
+class TokenConv(nn.Module):
+    """``x + conv(x)``: a causal depthwise convolution of width ``k`` over the positions,
+    ``(B, L, D) -> (B, L, D)``; position ``t`` reads ``t - k + 1 .. t`` (zeros before the
+    start). Padded positions (``key_padding_mask`` False) are read as zeros, so no padded
+    value reaches a real position. ``past`` ``(B, k - 1, D)``: the inputs just before ``x``
+    (incremental decoding; zeros when None)."""
+
+    def __init__(self, d_model: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.conv = nn.Conv1d(d_model, d_model, width, groups=d_model)
+
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, past: Tensor | None = None
+    ) -> Tensor:
+        seen = x if key_padding_mask is None else x.masked_fill(~key_padding_mask[..., None], 0)
+        if past is None:
+            past = x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
+        window = torch.cat([past, seen], dim=1).transpose(1, 2)  # (B, D, k - 1 + L)
+        return x + self.conv(window).transpose(1, 2)
+
+
 class Encoder(nn.Module):
     """A stack of pre-LN encoder layers with a final LayerNorm: ``(B, L, D) -> (B, L, D)``."""
 

@@ -89,7 +89,22 @@ class Seq2SeqConfig(TransformerConfig):
 
 @dataclass(frozen=True)
 class LanguageModelConfig(TransformerConfig):
-    """Decoder-only language model (also the pixel-wise image model)."""
+    """Decoder-only language model (also the pixel-wise image model).
+
+    Attributes:
+        token_conv: 0 (none), or the width ``k >= 2`` of a causal depthwise convolution added
+            to the embeddings before the first layer (`TokenConv`): each position also reads
+            the ``k - 1`` positions before it, which lets attention match a token by what
+            precedes it (an associative-recall lookup) without first learning a
+            previous-token head.
+    """
+
+    token_conv: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.token_conv == 1 or self.token_conv < 0:
+            raise ValueError(f"token_conv must be 0 (none) or a width >= 2, got {self.token_conv}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
-from .common import Decoder, Embedding, check_ids, next_token_sampler
+from .common import Decoder, Embedding, TokenConv, check_ids, next_token_sampler
 from .config import LanguageModelConfig
 
 
@@ -22,6 +22,9 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = Embedding(config)
+        self.token_conv = (
+            TokenConv(config.d_model, config.token_conv) if config.token_conv else None
+        )
         self.decoder = Decoder(config, config.n_layers, cross_attention=False)
 
     def new_cache(self) -> DecodingCache:
@@ -45,6 +48,15 @@ class LanguageModel(nn.Module):
         check_ids(ids, self.config)
         self._check_length(offset + ids.shape[1])
         x = self.embed(ids, offset=offset)
+        if self.token_conv is not None:
+            past = None if cache is None else cache.token_conv_past
+            if cache is not None and past is None:  # zeros before the start
+                past = x.new_zeros(x.shape[0], self.token_conv.width - 1, x.shape[2])
+            mixed = self.token_conv(x, key_padding_mask, past)
+            if cache is not None:  # the next call's past: the last k - 1 inputs so far
+                assert past is not None
+                cache.token_conv_past = torch.cat([past, x], dim=1)[:, -past.shape[1] :]
+            x = mixed
         x = self.decoder(x, key_padding_mask, cache=cache)
         return x @ self.embed.tokens.weight.T
 

@@ -231,6 +231,8 @@ class DecodingCache:
     """
 
     layers: list[AttentionCache] = field(default_factory=list)
+    # the last inputs of a model's token convolution (`models.TokenConv`), (B, k - 1, D)
+    token_conv_past: Tensor | None = None
 
     def follow(self, routing: Routing) -> None:
         """Link each layer's cache to the cache that routes it (`Routing.source`); the stack

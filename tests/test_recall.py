@@ -426,3 +426,25 @@ def test_a_killed_recall_run_resumes_from_its_latest_checkpoint(tmp_path: Path) 
     want, got = (json.loads((d / "results.json").read_text())["results"][0] for d in (
         tmp_path / "reference", out))  # fmt: skip
     assert got["eval"] == want["eval"] and got["train_loss"] == want["train_loss"]
+
+
+def test_the_shortest_training_span_holds_the_task() -> None:
+    """Mixed lengths and curricula start at the preset's min_span, raised (doubling) to a
+    length that holds the task's pairs: scattered MQAR's 8 pairs need 32 tokens; needle
+    tasks keep 16."""
+    from sparse_sinkhorn.data.recall import KeyedNeedles, ScatteredMQAR, shortest_length
+
+    assert shortest_length(ScatteredMQAR(512, n_pairs=8), 16) == 32
+    assert shortest_length(KeyedNeedles(512, n_needles=4, n_filler=1), 16) == 16
+    assert shortest_length(ScatteredMQAR(40, n_pairs=9), 16) == 40  # 32 is short, 64 too long
+
+
+def test_scattered_mqar_trains_with_the_query_presets_curriculum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    argv = ["recall", "--task", "mqar-scattered", "--lengths", "128", "--steps", "4"]
+    argv += ["--batch-size", "2", "--attention", "dense", "--out", str(out), "--no-progress"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert json.loads((out / "results.json").read_text())["settings"]["min_span"] == 16

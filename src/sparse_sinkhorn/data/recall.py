@@ -53,6 +53,21 @@ def at_length(task: Task, length: int) -> Task:
     return replace(task, length=length)
 
 
+def shortest_length(task: Task, least: int) -> int:
+    """The shortest of ``least, 2 * least, 4 * least, ...`` at which `at_length` can build
+    ``task`` (a task with several pairs or needles needs room for them), at most
+    ``task.length``: the shortest span of mixed lengths or of a curriculum."""
+    length = least
+    while length < task.length:
+        try:
+            at_length(task, length)
+        except ValueError:
+            length *= 2
+        else:
+            return length
+    return task.length
+
+
 class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
     """``size`` examples of ``task``; example ``i`` is generated from ``(seed, i)`` on demand.
 

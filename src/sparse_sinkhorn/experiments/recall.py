@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.recall import IGNORE, PAD, RecallDataset, Task, length_curriculum
+from ..data.recall import (
+    IGNORE,
+    PAD,
+    RecallDataset,
+    Task,
+    length_curriculum,
+    shortest_length,
+)
 from ..errors import UsageError
 from ..models import LanguageModel, LanguageModelConfig
 from ..nn import SinkhornSelfAttention, routing_losses
@@ -107,15 +114,18 @@ def training_lengths(choice: str | None, preset: RecallPreset) -> dict[str, Any]
 
 def training_data(task: Task, preset: RecallPreset, seed: int) -> RecallDataset:
     """``steps * batch_size`` examples of ``task``: at its length, at mixed lengths
-    (``min_span``) or at the lengths of a curriculum (``min_span`` and ``curriculum``)."""
+    (``min_span``) or at the lengths of a curriculum (``min_span`` and ``curriculum``); the
+    shortest span is raised to one that holds the task's pairs or needles (`shortest_length`).
+    """
     size = preset.steps * preset.batch_size
-    if preset.min_span is None or preset.curriculum is None:
-        return RecallDataset(task, size, seed, min_span=preset.min_span)
+    if preset.min_span is None:
+        return RecallDataset(task, size, seed)
+    min_span = shortest_length(task, preset.min_span)
+    if preset.curriculum is None:
+        return RecallDataset(task, size, seed, min_span=min_span)
     hold, reach = preset.curriculum
     steps = first_epoch_steps(size, preset.batch_size, seed)  # the sampler's order
-    spans = length_curriculum(
-        steps, preset.steps, preset.min_span, task.length, hold=hold, reach=reach
-    )
+    spans = length_curriculum(steps, preset.steps, min_span, task.length, hold=hold, reach=reach)
     return RecallDataset(task, size, seed, spans=spans)
 
 

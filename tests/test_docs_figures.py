@@ -125,3 +125,48 @@ def test_the_sorting_table_and_the_readme_row_are_the_make_run_file() -> None:
     readme = (ROOT / "README.md").read_text()
     ours = f"{figure('sinkhorn', 'dev/exact_match', 1)} ({figure('dense', 'dev/exact_match', 1)})"
     assert f"| {ours} | 49.24 (45.69) |" in readme
+
+
+LM_LABELS = {
+    "dense": "Transformer",
+    "local": "Local",
+    "sparse": "Sparse Transformer",
+    "sinkhorn": "Sinkhorn",
+    "mixture": "Sinkhorn Mixture",
+    "sinkhorn-targets": "Sinkhorn, column targets (`sinkhorn-targets`)",
+    "softmax-max": "Softmax routing, max pooling (`softmax-max`)",
+}
+
+
+def test_the_char_lm_table_and_the_readme_row_are_the_result_file() -> None:
+    """docs/experiments/language-modelling.md's char table (paper Table 4) and the README's
+    T4 row are ``docs/results/lm/char-300steps.json``: bits/char and routing shape, mean ±
+    std over its seeds."""
+    data = json.loads((RESULTS / "lm" / "char-300steps.json").read_text())
+    paper = data["paper"]["char_bits_per_char_big"]
+
+    def figure(result: dict, metric: str, digits: int) -> str:
+        if metric not in result["eval"]:
+            return "–"
+        mean, std = result["eval"][metric], result["eval_std"][metric]
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    page = (DOCS / "experiments" / "language-modelling.md").read_text()
+    by_kind = {r["kind"]: r for r in data["results"]}
+    assert set(by_kind) == set(LM_LABELS)
+    for kind, result in by_kind.items():
+        cells = [
+            LM_LABELS[kind],
+            figure(result, "valid/bits_per_char", 3),
+            figure(result, "test/bits_per_char", 3),
+            figure(result, "routing/prev_block_mass", 2),
+            figure(result, "routing/row_entropy", 2),
+            "–" if paper.get(kind) is None else f"{paper[kind]:.3f}",
+        ]
+        row = "| " + " | ".join(cells) + " |"
+        assert row in page, row
+        assert len(result["runs"]) == 3
+    readme = (ROOT / "README.md").read_text()
+    sinkhorn, dense = by_kind["sinkhorn"], by_kind["dense"]
+    ours = f"{figure(sinkhorn, 'test/bits_per_char', 3)} ({figure(dense, 'test/bits_per_char', 3)})"
+    assert f"| {ours}, Shakespeare | 1.132 (1.121), LM1B |" in readme

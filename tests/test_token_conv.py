@@ -110,3 +110,58 @@ def test_token_conv_round_trips_through_the_saved_config_and_defaults_to_none() 
     config = LanguageModelConfig(vocab_size=10, token_conv=4)
     assert LanguageModelConfig.from_dict(config.to_dict()).token_conv == 4
     assert LanguageModel(LanguageModelConfig(vocab_size=10)).token_conv is None
+
+
+def test_prefill_in_chunks_is_the_full_forward() -> None:
+    """Several calls of several tokens each (the convolution's past spans the calls)."""
+    model = _lm("sinkhorn")
+    ids = torch.randint(1, 20, (2, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        steps = [model(ids[:, a:b], cache=cache) for a, b in ((0, 4), (4, 7), (7, 8), (8, 13))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_refused_call_leaves_the_cache_as_it_was() -> None:
+    """A call the layers refuse (a padding mask, or training mode, with a cache) does not
+    advance the convolution's past: decoding goes on exactly."""
+    model = _lm("dense")
+    ids = torch.randint(1, 20, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        steps = [model(ids[:, :5], cache=cache)]
+        with pytest.raises(ValueError, match="no key_padding_mask"):
+            model(ids[:, 5:6], torch.ones(2, 1, dtype=torch.bool), cache=cache)
+        model.train()
+        with pytest.raises(ValueError, match="eval mode"):
+            model(ids[:, 5:6], cache=cache)
+        model.eval()
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_serves_one_batch() -> None:
+    model = _lm("dense")
+    ids = torch.randint(1, 20, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :5], cache=cache)
+        with pytest.raises(ValueError, match="a decoding cache serves one batch"):
+            model(ids[:1, 5:6], cache=cache)
+
+
+def test_token_conv_checks_its_input_as_a_layer_does() -> None:
+    """A padding mask that is not bool ``(B, L)``, or an input of another width, gets the
+    layers' one-line messages (not a broadcasting error, nor a mask applied as broadcast)."""
+    conv = TokenConv(8, 3)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        conv(x, torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, L\)"):
+        conv(x, torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, L, 8\)"):
+        conv(torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="past must be"):
+        conv(x, past=torch.zeros(2, 3, 8))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..nn.cache import DecodingCache
 from ..nn.layers import stack_layers
-from ..ops.validate import check_number
+from ..ops.validate import check_layer_input, check_number
 from ..renamed import renamed_keywords
 from .config import TransformerConfig
 
@@ -65,9 +65,17 @@ class TokenConv(nn.Module):
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, past: Tensor | None = None
     ) -> Tensor:
+        check_layer_input(
+            x, key_padding_mask, d_model=self.conv.in_channels, weight=self.conv.weight
+        )
         seen = x if key_padding_mask is None else x.masked_fill(~key_padding_mask[..., None], 0)
         if past is None:
             past = x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
+        elif past.shape != (x.shape[0], self.width - 1, x.shape[2]):
+            raise ValueError(
+                f"past must be (B, k - 1, D) = {(x.shape[0], self.width - 1, x.shape[2])} for "
+                f"this input, got {tuple(past.shape)} (a decoding cache serves one batch)"
+            )
         window = torch.cat([past, seen], dim=1).transpose(1, 2)  # (B, D, k - 1 + L)
         return x + self.conv(window).transpose(1, 2)
 

@@ -48,16 +48,18 @@ class LanguageModel(nn.Module):
         check_ids(ids, self.config)
         self._check_length(offset + ids.shape[1])
         x = self.embed(ids, offset=offset)
+        past = None  # the next call's token-convolution inputs (with a cache)
         if self.token_conv is not None:
-            past = None if cache is None else cache.token_conv_past
-            if cache is not None and past is None:  # zeros before the start
-                past = x.new_zeros(x.shape[0], self.token_conv.width - 1, x.shape[2])
-            mixed = self.token_conv(x, key_padding_mask, past)
-            if cache is not None:  # the next call's past: the last k - 1 inputs so far
-                assert past is not None
-                cache.token_conv_past = torch.cat([past, x], dim=1)[:, -past.shape[1] :]
+            before = None if cache is None else cache.token_conv_past
+            if cache is not None and before is None:  # zeros before the start
+                before = x.new_zeros(x.shape[0], self.token_conv.width - 1, x.shape[2])
+            mixed = self.token_conv(x, key_padding_mask, before)
+            if before is not None:  # the last k - 1 inputs so far
+                past = torch.cat([before, x], dim=1)[:, -before.shape[1] :]
             x = mixed
         x = self.decoder(x, key_padding_mask, cache=cache)
+        if cache is not None and past is not None:  # only once the layers' caches took the step
+            cache.token_conv_past = past
         return x @ self.embed.tokens.weight.T
 
     def _check_length(self, length: int) -> None:

@@ -448,3 +448,34 @@ def test_scattered_mqar_trains_with_the_query_presets_curriculum(
     code, err = run_cli(argv, capsys)
     assert code == 0, err
     assert json.loads((out / "results.json").read_text())["settings"]["min_span"] == 16
+
+
+def test_a_results_file_from_before_token_conv_merges(tmp_path: Path) -> None:
+    """An earlier results.json whose settings lack ``token_conv`` ran without one: a run with
+    the same settings (``token_conv`` 0) keeps its rows; one with a convolution does not."""
+    from sparse_sinkhorn.experiments.results import merge_results
+
+    settings = {"lengths": [64], "d_model": 32, "token_conv": 0}
+    old = {"experiment": "recall", "settings": {k: v for k, v in settings.items()
+                                                if k != "token_conv"},
+           "results": [{"kind": "dense", "seed": 0, "length": 64}]}  # fmt: skip
+    payload = {"experiment": "recall", "settings": settings,
+               "results": [{"kind": "local", "seed": 0, "length": 64}]}  # fmt: skip
+    merged, kept = merge_results(old, payload)
+    assert kept == ["dense"] and [r["kind"] for r in merged["results"]] == ["dense", "local"]
+    with pytest.raises(ValueError, match="settings"):
+        merge_results(old, {**payload, "settings": {**settings, "token_conv": 3}})
+
+
+def test_resuming_with_another_token_conv_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resumed run keeps a saved configuration only when it is the same model: a run
+    trained without a convolution does not resume with one."""
+    out = tmp_path / "r"
+    argv = ["recall", "--task", "mqar", "--lengths", "64", "--block-size", "16", "--steps", "2"]
+    argv += ["--batch-size", "2", "--attention", "dense", "--out", str(out), "--no-progress"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    code, err = run_cli([*argv, "--resume", "--steps", "3", "--token-conv", "3"], capsys)
+    assert code != 0 and "token_conv: saved 0, current 3" in err, err

@@ -4,6 +4,7 @@ and a failed write (full disk) leaves the previous state intact with a one-line 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -125,6 +126,36 @@ def test_results_json_records_its_command_commit_and_wall_time(
         assert made["git_commit"] == head and isinstance(made["git_dirty"], bool)
     else:
         assert made["git_commit"] is None and made["git_dirty"] is None
+
+
+def test_a_run_saved_before_a_model_field_existed_resumes(
+    data_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint whose model_config lacks a field added since with its default
+    (LanguageModelConfig.token_conv) is the same model: --resume continues it, and keeps the
+    configuration as saved."""
+    from sparse_sinkhorn.models import LanguageModelConfig
+
+    def before_token_conv(self: LanguageModelConfig) -> dict[str, Any]:
+        data = {"type": type(self).__name__, **dataclasses.asdict(self)}
+        del data["token_conv"]
+        return data
+
+    out = tmp_path / "out"
+    argv = _lm(data_dir, out, "--attention", "dense")
+    with monkeypatch.context() as patch:
+        patch.setattr(LanguageModelConfig, "to_dict", before_token_conv)
+        assert run_cli(argv, capsys)[0] == 0
+    code, err = run_cli([*argv, "--resume", "--steps", "3"], capsys)
+    assert code == 0, err
+    row = _results(out)["results"][0]
+    assert "token_conv" not in row["config"]
+    step = json.loads((out / "dense" / "seed0" / "checkpoints" / "step_0000003" / "config.json")
+                      .read_text())  # fmt: skip
+    assert "token_conv" not in step["model_config"]
 
 
 def test_recall_kinds_run_one_by_one_on_one_out_all_stay_in_results(

@@ -26,9 +26,11 @@ picklable: a `functools.partial` of a module-level function with picklable argum
 from __future__ import annotations
 
 import argparse
+import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
+from ..models import config_from_dict
 from ..train import TrainConfig, TrainResult, init_distributed, memory, plot_metrics, train
-from ..train.checkpoint import list_checkpoints
+from ..train.checkpoint import CONFIG_FILE, list_checkpoints
 from ..train.distributed import barrier
 from ..train.rng import seed_everything
 from ..train.rundir import allow_overwrite, check_writable, hold_run_lock
@@ -359,12 +362,38 @@ class Fitted:
         }
 
 
+def resumed_model_config(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
+    """The model configuration a resumed run is checked against and saves: its newest
+    checkpoint's, when that describes the same model as ``current`` (a configuration saved
+    before a model field with a default existed lacks the field, e.g.
+    ``LanguageModelConfig.token_conv``), else ``current`` (the checkpoint's check then names
+    every difference)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # this only compares; the runner built the model
+            model = config_from_dict(current)
+    except (ValueError, TypeError):
+        return current  # not a model configuration of `sparse_sinkhorn.models`
+    for _, checkpoint in reversed(list_checkpoints(run_dir / "checkpoints")):
+        try:  # the newest readable one (the train loop skips a corrupt one too)
+            saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                same = config_from_dict(saved["model_config"]) == model
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        return saved["model_config"] if same else current
+    return current
+
+
 def fit(run: Run, plan: Plan, preset: Preset, schedule: Schedule) -> Fitted:
     """Train ``plan`` as ``run`` (resumed when the driver said so) with `train_config`,
     timing it and measuring its peak memory (`memory`, on the
     device it trains on; evaluations included); draw ``loss.png`` in the run directory when
     the schedule asks for it."""
     config = train_config(preset, schedule, seed=run.seed, progress=run.progress)
+    if run.resume:
+        plan = replace(plan, model_config=resumed_model_config(run.dir, plan.model_config))
     device = init_distributed().device.type  # where train() puts the model
     base = memory.reset_peak(device)
     t0 = time.perf_counter()

@@ -46,6 +46,8 @@ KIND_NAMES = {
 _SAME_RUN_FIELDS = ("experiment", "preset", "settings", "dataset", "level", "pair_encoding")
 # Preset fields an earlier results.json may hold under a former name: former -> current.
 _RENAMED_SETTINGS = {"max_len": "max_tokens"}  # classify, nli: tokens kept per text
+# Preset fields added later, with the value an earlier results.json that lacks them ran with.
+_ADDED_SETTINGS = {"token_conv": 0}  # recall: no convolution over the embeddings
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -113,6 +115,10 @@ def merge_results(old: Any, payload: Mapping[str, Any]) -> tuple[dict[str, Any],
     if not isinstance(old, dict) or not isinstance(old.get("results"), list):
         raise ValueError("the earlier results.json is not a results file")
     old = {**old, "settings": _current_names(old.get("settings"))}
+    settings, current = old["settings"], payload.get("settings")
+    if isinstance(settings, dict) and isinstance(current, dict):
+        added = {k: v for k, v in _ADDED_SETTINGS.items() if k in current and k not in settings}
+        old["settings"] = {**settings, **added}
     differ = [k for k in _SAME_RUN_FIELDS if _as_saved(old.get(k)) != _as_saved(payload.get(k))]
     if differ:
         raise ValueError(f"the earlier results.json differs in {', '.join(differ)}")

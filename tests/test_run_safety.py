@@ -128,6 +128,59 @@ def test_results_json_records_its_command_commit_and_wall_time(
         assert made["git_commit"] is None and made["git_dirty"] is None
 
 
+def test_merged_results_keep_the_provenance_of_their_earlier_rows(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that keeps rows of an earlier one says which invocations made them: the
+    earlier file's provenance under ``earlier``, oldest first (its own ``earlier`` included)."""
+    import shlex
+
+    out = tmp_path / "out"
+    argvs = [_lm(data_dir, out, "--attention", kind) for kind in ("sinkhorn", "dense", "local")]
+    for argv in argvs:
+        assert run_cli(argv, capsys)[0] == 0
+    made = _results(out)["provenance"]
+    assert made["command"] == shlex.join(["sparse-sinkhorn", *argvs[2]])
+    earlier = made["earlier"]
+    assert [e["command"] for e in earlier] == [
+        shlex.join(["sparse-sinkhorn", *a]) for a in argvs[:2]
+    ]
+    assert all("earlier" not in e and "git_commit" in e for e in earlier)
+    # Re-running every kind keeps nothing earlier: no list.
+    both = _lm(data_dir, out, "--attention", "sinkhorn,dense,local", "--overwrite")
+    assert run_cli(both, capsys)[0] == 0
+    assert "earlier" not in _results(out)["provenance"]
+
+
+def test_provenance_is_the_tree_the_command_began_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit is noted when the command begins (a commit made while a grid trains is not
+    the code it ran); a checkout that moved by the time the file is written says so. git is
+    asked about this package's own checkout, whatever GIT_DIR says, and without locks."""
+    import sparse_sinkhorn.experiments.provenance as provenance
+
+    states = iter([("a" * 40, False), ("b" * 40, True)])
+    monkeypatch.setattr(provenance, "_git_state", lambda: next(states))
+    monkeypatch.setattr(provenance, "_INVOCATION", dict(provenance._INVOCATION))
+    provenance.begin_invocation(["lm", "--steps", "2"])
+    made = provenance.provenance()
+    assert made["command"] == "sparse-sinkhorn lm --steps 2"
+    assert (made["git_commit"], made["git_dirty"]) == ("a" * 40, False)
+    assert made["git_commit_at_write"] == "b" * 40
+
+    calls: list[tuple[list[str], dict[str, str]]] = []
+
+    def fake_run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        calls.append((cmd, kw["env"]))
+        return subprocess.CompletedProcess(cmd, 0, stdout="")
+
+    monkeypatch.undo()
+    monkeypatch.setenv("GIT_DIR", str(Path("/nonexistent")))
+    monkeypatch.setattr(provenance.subprocess, "run", fake_run)
+    provenance._git_state()
+    assert calls and all(c[:2] == ["git", "--no-optional-locks"] for c, _ in calls)
+    assert all("GIT_DIR" not in env for _, env in calls)
+
+
 def test_a_run_saved_before_a_model_field_existed_resumes(
     data_dir: Path,
     tmp_path: Path,

@@ -168,9 +168,22 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def earlier_provenance(old: Mapping[str, Any]) -> list[Any]:
+    """The provenance of the invocations behind the rows an earlier ``results.json`` holds,
+    oldest first: its own ``earlier`` list, then its ``provenance`` (``None`` for a file
+    written before results recorded theirs)."""
+    made = old.get("provenance")
+    if not isinstance(made, dict):
+        return [None]
+    earlier = made.get("earlier")
+    own = {k: v for k, v in made.items() if k != "earlier"}
+    return [*(earlier if isinstance(earlier, list) else []), own]
+
+
 def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path:
     """``results.json`` (with the machine and the `provenance`) and ``results.md`` (the
-    printed table).
+    printed table). When rows of an earlier file are kept, ``provenance["earlier"]`` holds
+    the provenance of the invocations that made them (`earlier_provenance`).
 
     An existing ``results.json`` from the same experiment, preset and settings keeps the rows
     of the kinds this run did not re-run (``sort --attention dense`` into an ``--out`` with a
@@ -185,6 +198,7 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
     path = out_dir / "results.json"
     with run_lock(out_dir):
         document = dict(payload)
+        made = provenance()
         if path.is_file():
             try:
                 old = json.loads(path.read_text(encoding="utf-8"))
@@ -208,6 +222,7 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
                         f"results are kept in {backup.name}"
                     )
                 if kept:
+                    made["earlier"] = earlier_provenance(old)
                     logger.info("results.json keeps the earlier rows of: %s", ", ".join(kept))
                     table += (
                         "\n\nKept from an earlier run with the same settings (see results.json): "
@@ -218,7 +233,7 @@ def write_results(out_dir: Path, payload: Mapping[str, Any], table: str) -> Path
             ranking = Ranking(spec["metric"], spec["higher_is_better"])
             document["ranking"] = ranking_record(document["results"], ranking)
             table += "\n\n" + ranking_line(document["ranking"])
-        record = {**document, "machine": machine_info(), "provenance": provenance()}
+        record = {**document, "machine": machine_info(), "provenance": made}
         text = json.dumps(record, indent=2) + "\n"
         _atomic_write(path, text)
         _atomic_write(out_dir / "results.md", table + "\n")

@@ -437,6 +437,8 @@ def test_the_shortest_training_span_holds_the_task() -> None:
     assert shortest_length(ScatteredMQAR(512, n_pairs=8), 16) == 32
     assert shortest_length(KeyedNeedles(512, n_needles=4, n_filler=1), 16) == 16
     assert shortest_length(ScatteredMQAR(40, n_pairs=9), 16) == 40  # 32 is short, 64 too long
+    with pytest.raises(ValueError, match="shortest span must be > 0"):
+        shortest_length(ScatteredMQAR(512, n_pairs=8), 0)  # doubling 0 would never end
 
 
 def test_scattered_mqar_trains_with_the_query_presets_curriculum(

@@ -57,6 +57,8 @@ def shortest_length(task: Task, least: int) -> int:
     """The shortest of ``least, 2 * least, 4 * least, ...`` at which `at_length` can build
     ``task`` (a task with several pairs or needles needs room for them), at most
     ``task.length``: the shortest span of mixed lengths or of a curriculum."""
+    if least <= 0:
+        raise ValueError(f"the shortest span must be > 0, got {least}")
     length = least
     while length < task.length:
         try:

@@ -77,7 +77,7 @@ OVERRIDES = {
     "token_conv": flags.Override(
         "--token-conv",
         "width k of a causal convolution added to the embeddings (each position also reads "
-        "the k - 1 before it; default: the preset's, 0 = none)",
+        "the k - 1 before it; at least 2; default: the preset's, which has none)",
     ),
 }
 EVAL_SEED = 1_000_000  # held-out examples come from another stream than any training seed

@@ -15,7 +15,7 @@ PYTHON_BLOCKS = blocks(PAGE, ("python",))
 
 
 def test_the_page_has_a_snippet_per_configuration() -> None:
-    assert len(PYTHON_BLOCKS) == 6
+    assert len(PYTHON_BLOCKS) == 7
 
 
 @pytest.mark.usefixtures("one_thread")

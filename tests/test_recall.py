@@ -31,7 +31,7 @@ from sparse_sinkhorn.experiments.recall import (
 )
 from sparse_sinkhorn.experiments.recall_controls import ORACLE_LOGIT, install_oracle_routing
 from sparse_sinkhorn.experiments.recall_tasks import TASKS
-from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+from sparse_sinkhorn.models import Classifier, LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import SinkhornSelfAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,6 +252,54 @@ def test_recall_cli_writes_results_and_plots(
     assert "hard routing at eval, % at 128" in table and "peak MiB at 128" in table
 
 
+def test_the_lookup_trains_an_encoder_classifier_reading_position_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "lookup"
+    argv = ["recall", "--task", "lookup", "--lengths", "128", "--block-size", "16"]
+    argv += ["--steps", "2", "--batch-size", "2", "--attention", "dense,softmax-max,topk-bound"]
+    argv += ["--d-model", "16", "--out", str(out), "--no-progress"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    payload = json.loads((out / "results.json").read_text())
+    by_kind = {r["kind"]: r for r in payload["results"]}
+    for record in by_kind.values():
+        config = record["config"]
+        assert config["type"] == "ClassifierConfig" and config["pooling"] == "first"
+        assert config["n_classes"] == 16
+    hits = {"routing_hit_layer0", "routing_hit_layer1"}
+    assert set(by_kind["dense"]["eval"]) == {"accuracy"}
+    assert set(by_kind["softmax-max"]["eval"]) == {"accuracy", HARD, *hits}
+    assert set(by_kind["topk-bound"]["eval"]) == {"accuracy", *hits}
+
+
+def test_an_encoder_lookup_is_scored_on_its_class() -> None:
+    """`accuracy` of a classifier on the lookup: an oracle reading the needles scores 100 %,
+    one that answers a wrong value for even keys about half."""
+    from sparse_sinkhorn.data.recall import KeyedLookup
+
+    task = KeyedLookup(128, reserved=32)
+    data = RecallDataset(task, 40, 0)
+
+    class Lookup(Classifier):
+        def __init__(self, wrong: bool) -> None:
+            nn.Module.__init__(self)
+            self.wrong = wrong
+
+        def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+            logits = torch.zeros(ids.shape[0], task.n_values)
+            for b, row in enumerate(ids):
+                asked = int(row[0]) - task.KEY0
+                needles = row[(row >= task.needle0) & (row < task.needle0 + 256)] - task.needle0
+                value = int(needles[needles // task.n_values == asked][0]) % task.n_values
+                shift = int(self.wrong and asked % 2 == 0)
+                logits[b, (value + shift) % task.n_values] = 1.0
+            return logits
+
+    assert accuracy(Lookup(False), data, "lookup", 8) == {"accuracy": 100.0}
+    assert 20 < accuracy(Lookup(True), data, "lookup", 8)["accuracy"] < 80
+
+
 def test_hard_twin_shares_the_weights_and_routes_by_argmax() -> None:
     """A soft-routing kind's hard twin takes its weights and routes by argmax (one-hot plan
     rows where the soft model's are not); other kinds have no twin."""
@@ -289,6 +337,9 @@ def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     oracle = ["recall", "--task", "mqar", "--attention", "oracle-hard", *out]
     assert_one_line_error(oracle, capsys, "passkey")
     assert_one_line_error(["recall", "--lengths", "64,64", *out], capsys, "twice")
+    lookup = ["recall", "--task", "lookup", *out]
+    assert_one_line_error([*lookup, "--token-conv", "3"], capsys, "encoder")
+    assert_one_line_error([*lookup, "--attention", "shared-max"], capsys, "decoder")
     huge = ["recall", "--lengths", "64,99999999999", *out]
     assert_one_line_error(huge, capsys, "99,999,999,999 is longer than 1,048,576")
     assert not (tmp_path / "r").exists()  # refused before any run directory is made

@@ -1,5 +1,6 @@
-"""The retrieval tasks whose answer block depends on the question: multi-key needles and MQAR
-with pairs spread over the context (layout, determinism, refused sizes)."""
+"""The retrieval tasks whose answer block depends on the question: multi-key needles, MQAR
+with pairs spread over the context and the encoder lookup (layout, determinism, refused
+sizes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from sparse_sinkhorn.data.recall import (
     IGNORE,
     PAD,
+    KeyedLookup,
     KeyedNeedles,
     MultiKeyPasskey,
     Passkey,
@@ -117,10 +119,53 @@ def test_scattered_mqar_layout(n_distractors: int) -> None:
         assert sum(blocks_with_pairs) / len(blocks_with_pairs) > 5
 
 
+def test_keyed_lookup_layout() -> None:
+    task = KeyedLookup(256, n_needles=4, reserved=64)
+    filler0 = task.needle0 + task.n_keys * task.n_values
+    answers = set()
+    for ids, targets in _examples(task):
+        assert ids.shape == targets.shape == (256,)
+        asked = int(ids[0]) - task.KEY0  # the question: a key at position 0
+        assert 0 <= asked < task.n_keys
+        is_needle = (ids >= task.needle0) & (ids < filler0)
+        where = is_needle.nonzero().flatten()
+        assert len(where) == 4 and int(where.min()) >= 64  # none in the first 64 positions
+        assert torch.all(ids[1:][~is_needle[1:]] >= filler0)  # filler elsewhere
+        keys = (ids[where] - task.needle0) // task.n_values
+        assert len(set(keys.tolist())) == 4  # distinct keys
+        assert int((keys == asked).sum()) == 1  # the asked key names one needle
+        value = int((ids[where][keys == asked] - task.needle0) % task.n_values)
+        assert (targets != IGNORE).nonzero().flatten().tolist() == [0]
+        assert int(targets[0]) == value  # a class: the asked needle's value
+        answers.add(value)
+    assert len(answers) > 5
+    assert task.n_classes == task.n_values and task.chance == 1 / 16
+
+
+def test_keyed_lookup_is_padded_on_the_right() -> None:
+    """Mixed lengths pad after the example, so the question stays at position 0."""
+    task = KeyedLookup(512, n_needles=4)
+    data = RecallDataset(task, 30, seed=0, min_span=128)
+    padded = 0
+    for i in range(30):
+        ids, targets = data[i]
+        real = ids != PAD
+        n = int(real.sum())
+        assert torch.all(real[:n]) and not torch.any(real[n:])  # real tokens first
+        assert int(ids[0]) - task.KEY0 < task.n_keys and targets[0] != IGNORE
+        padded += n < 512
+    assert padded > 10
+
+
 @pytest.mark.parametrize(
     "task",
-    [MultiKeyPasskey(300), KeyedNeedles(300), ScatteredMQAR(300, n_distractors=4)],
-    ids=["mk", "keyed", "mqar"],
+    [
+        MultiKeyPasskey(300),
+        KeyedNeedles(300),
+        ScatteredMQAR(300, n_distractors=4),
+        KeyedLookup(300),
+    ],
+    ids=["mk", "keyed", "mqar", "lookup"],
 )
 def test_new_tasks_are_pure_functions_of_seed_and_index(task) -> None:
     a, b = RecallDataset(task, 5, seed=1), RecallDataset(task, 5, seed=1)
@@ -140,6 +185,10 @@ def test_new_tasks_are_pure_functions_of_seed_and_index(task) -> None:
         (lambda: ScatteredMQAR(512, n_pairs=40, n_distractors=30), "distinct keys"),
         (lambda: ScatteredMQAR(512, context_share=1.0), "context_share"),
         (lambda: ScatteredMQAR(40, n_pairs=8, n_distractors=8), "cannot hold"),
+        (lambda: KeyedLookup(64, n_needles=17), "n_needles"),
+        (lambda: KeyedLookup(67, n_needles=4, reserved=64), "cannot hold"),
+        (lambda: KeyedLookup(128, reserved=0), "reserved"),
+        (lambda: KeyedLookup(128, n_filler=0), "n_filler"),
     ],
 )
 def test_new_task_sizes_are_refused(build, message: str) -> None:
@@ -156,7 +205,14 @@ def test_answer_sources_point_at_the_asked_needle(name: str) -> None:
     targets = torch.stack([data[i][1] for i in range(8)])
     row, pos, source = answer_sources(task, ids, targets)
     questions = int(((targets != IGNORE) & ~torch.roll(targets != IGNORE, 1, -1)).sum())
-    assert len(row) == questions > 0 and torch.all(source < pos)
+    assert len(row) == questions > 0
+    if isinstance(task, KeyedLookup):  # the question at position 0, its needle later
+        assert torch.all(pos == 0) and torch.all(source >= task.reserved)
+        needle = ids[row, source] - task.needle0
+        assert torch.all(needle // task.n_values == ids[row, 0] - task.KEY0)
+        assert torch.all(targets[row, 0] == needle % task.n_values)
+        return
+    assert torch.all(source < pos)
     if isinstance(task, Passkey):
         assert torch.all(ids[row, source] == Passkey.KEY)
     elif isinstance(task, KeyedNeedles):

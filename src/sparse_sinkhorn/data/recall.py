@@ -1,6 +1,7 @@
 """Synthetic long-context retrieval tasks for causal language models, generated in-process:
 the dataset (`RecallDataset`), mixed lengths and the length curriculum. The task generators
-(`Passkey`, `MQAR`, `MultiKeyPasskey`, `KeyedNeedles`, `ScatteredMQAR`) live in
+(`Passkey`, `MQAR`, `MultiKeyPasskey`, `KeyedNeedles`, `ScatteredMQAR`, and the encoder's
+`KeyedLookup`) live in
 `sparse_sinkhorn.data.recall_generators` and are re-exported here.
 
 Axes: L sequence length. Each example is ``(ids, targets)``, two ``(L,)`` long tensors: the
@@ -22,13 +23,14 @@ from .recall_generators import (
     IGNORE,
     MQAR,
     PAD,
+    KeyedLookup,
     KeyedNeedles,
     MultiKeyPasskey,
     Passkey,
     ScatteredMQAR,
 )
 
-Task = Passkey | MQAR | MultiKeyPasskey | KeyedNeedles | ScatteredMQAR
+Task = Passkey | MQAR | MultiKeyPasskey | KeyedNeedles | ScatteredMQAR | KeyedLookup
 
 
 def length_curriculum(
@@ -75,7 +77,8 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
 
     ``min_span``: mixed lengths. Example ``i`` is the task at a length drawn log-uniformly
     from ``[min_span, task.length]`` (from the same generator), left-padded with `PAD`
-    (targets `IGNORE`) to ``task.length``: the model, given ``ids != PAD`` as its key
+    (targets `IGNORE`) to ``task.length`` (right-padded for `KeyedLookup`, whose question is
+    at position 0): the model, given ``ids != PAD`` as its key
     padding mask, learns on short examples, where the needle is one of few tokens, and long
     ones alike. Every batch keeps one shape.
 
@@ -122,17 +125,18 @@ class RecallDataset(Dataset[tuple[Tensor, Tensor]]):
         draw = float(torch.rand((), generator=generator, dtype=torch.float64))
         span = min(self.task.length, max(self.min_span, round(math.exp(low + draw * (high - low)))))
         ids, targets = at_length(self.task, span).example(generator)
-        pad = self.task.length - span
-        return (
-            torch.cat([ids.new_full((pad,), PAD), ids]),
-            torch.cat([targets.new_full((pad,), IGNORE), targets]),
-        )
+        pad_ids = ids.new_full((self.task.length - span,), PAD)
+        pad_targets = targets.new_full(pad_ids.shape, IGNORE)
+        if isinstance(self.task, KeyedLookup):  # its question stays at position 0
+            return torch.cat([ids, pad_ids]), torch.cat([targets, pad_targets])
+        return torch.cat([pad_ids, ids]), torch.cat([pad_targets, targets])
 
 
 __all__ = [
     "IGNORE",
     "MQAR",
     "PAD",
+    "KeyedLookup",
     "KeyedNeedles",
     "MultiKeyPasskey",
     "Passkey",

@@ -31,6 +31,13 @@ routing that only finds "the marked block" cannot solve them:
   not yet shown), only by finding its key. ``n_distractors`` more pairs with other keys,
   spread evenly over the context, put pairs in every context block. Accuracy: the fraction of
   queries answered right (chance ``1/n_values``).
+
+And one for an encoder, the paper's non-causal setting, where a block's routing sees the
+block's own tokens:
+
+* `KeyedLookup`: the asked key at position 0, one-token needles (key and value in one
+  symbol) in later blocks; a classifier reading position 0 must name the asked needle's
+  value.
 """
 
 from __future__ import annotations
@@ -338,4 +345,73 @@ class ScatteredMQAR(_KeyValueVocab):
         ids[at] = keys[order]  # the value is never shown after a query (see the class)
         targets = torch.full((self.length,), IGNORE, dtype=torch.long)
         targets[at] = values[order]
+        return ids, targets
+
+
+@dataclass(frozen=True)
+class KeyedLookup:
+    """The encoder lookup: a key at position 0, one-token needles in the rest; token ids:
+    0 pad, then ``n_keys`` keys, then ``n_keys * n_values`` needles (needle ``(k, v)`` is
+    ``needle0 + k * n_values + v``), then ``n_filler`` filler symbols.
+
+    Position 0 holds the asked key ``KEYj``; ``n_needles`` needles with distinct keys lie at
+    random positions from ``reserved`` on (so with blocks of at most ``reserved`` tokens the
+    asked needle is in another block than the question), random filler elsewhere. The
+    target is a class, not a token: ``targets[0]`` is needle ``j``'s value ``v`` in
+    ``[0, n_values)`` (a classifier reads position 0), every other position `IGNORE`.
+    Accuracy: the value right (chance ``1/n_values``)."""
+
+    length: int
+    n_needles: int = 4
+    n_keys: int = 16
+    n_values: int = 16
+    n_filler: int = 16
+    reserved: int = 64  # positions 0 .. reserved - 1 hold no needle
+
+    KEY0 = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_needles <= self.n_keys:
+            raise ValueError(
+                f"n_needles must be in [1, n_keys={self.n_keys}], got {self.n_needles}"
+            )
+        if min(self.n_values, self.n_filler) < 1:
+            raise ValueError("n_values and n_filler must be >= 1")
+        if self.reserved < 1:
+            raise ValueError(
+                f"reserved must be >= 1 (position 0 is the question), got {self.reserved}"
+            )
+        if self.length - self.reserved < self.n_needles:
+            raise ValueError(
+                f"length {self.length} cannot hold {self.n_needles} needles after the first "
+                f"{self.reserved} positions"
+            )
+
+    @property
+    def needle0(self) -> int:
+        return self.KEY0 + self.n_keys
+
+    @property
+    def vocab_size(self) -> int:
+        return self.needle0 + self.n_keys * self.n_values + self.n_filler
+
+    @property
+    def n_classes(self) -> int:
+        return self.n_values
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_values
+
+    def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        length, filler0 = self.length, self.needle0 + self.n_keys * self.n_values
+        ids = torch.randint(filler0, filler0 + self.n_filler, (length,), generator=generator)
+        keys = torch.randperm(self.n_keys, generator=generator)[: self.n_needles]
+        values = torch.randint(0, self.n_values, (self.n_needles,), generator=generator)
+        where = torch.randperm(length - self.reserved, generator=generator)[: self.n_needles]
+        ids[where + self.reserved] = self.needle0 + keys * self.n_values + values
+        asked = int(torch.randint(0, self.n_needles, (1,), generator=generator))
+        ids[0] = self.KEY0 + keys[asked]
+        targets = torch.full((length,), IGNORE, dtype=torch.long)
+        targets[0] = values[asked]  # a class index
         return ids, targets

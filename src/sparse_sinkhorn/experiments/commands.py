@@ -177,13 +177,15 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "recall",
         help="long-context retrieval: passkey and multi-query associative recall",
-        description="Train causal LMs per attention kind on a synthetic retrieval task.",
+        description="Train causal LMs per attention kind on a synthetic retrieval task "
+        "(an encoder classifier for --task lookup).",
     )
     parser.add_argument(
         "--task",
         default="passkey",
-        help=f"one of {', '.join(recall_tasks.TASKS)} (default: passkey); the last three ask "
-        "questions whose answer block depends on the question",
+        help=f"one of {', '.join(recall_tasks.TASKS)} (default: passkey); all but passkey and "
+        "mqar ask questions whose answer block depends on the question; lookup is an "
+        "encoder's (the question at position 0)",
     )
     kinds = ", ".join(variants.label(k) for k in recall.RECALL_KINDS)
     controls = ", ".join(recall.CONTROL_KINDS)
@@ -200,7 +202,7 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
         choices=recall.TRAINING_LENGTHS,
         default=None,
         help="full: every example at the run's length; mixed: log-uniform lengths from the "
-        "preset's min_span, left-padded; curriculum: one length per step, from min_span up "
+        "preset's min_span, padded; curriculum: one length per step, from min_span up "
         "(default: the preset's)",
     )
     _runs(parser, recall, "runs/recall-<task>", out=None)

@@ -11,10 +11,11 @@ data and budget, and scored on the same held-out examples::
     sparse-sinkhorn recall --task passkey --preset paper --lengths 8192,65536   # a GPU
     sparse-sinkhorn recall --task keyed-needles --seeds 3 --jobs 2  # the answer block
                                                                     # depends on the question
+    sparse-sinkhorn recall --task lookup --lengths 512 --seeds 3    # the same in an encoder
 
 Accuracy: passkey, mk-passkey and keyed-needles, every answer token right (chance 1 %,
 1/16, 1/16); MQAR and mqar-scattered, the fraction of questions answered right (chance
-1/64). ``results.json`` holds every run's accuracy, its training
+1/64); lookup, the class right (chance 1/16). ``results.json`` holds every run's accuracy, its training
 time per step and the wall time; ``accuracy.png`` plots accuracy against length and
 ``cost.png`` accuracy against time per step.
 """
@@ -36,13 +37,14 @@ from torch import Tensor, nn
 from ..data.recall import (
     IGNORE,
     PAD,
+    KeyedLookup,
     RecallDataset,
     Task,
     length_curriculum,
     shortest_length,
 )
 from ..errors import UsageError
-from ..models import LanguageModel, LanguageModelConfig
+from ..models import Classifier, ClassifierConfig, LanguageModel, LanguageModelConfig
 from ..nn import SinkhornSelfAttention, routing_losses
 from ..ops import sinkhorn_plan, topk_block_selection
 from ..train import init_distributed
@@ -90,9 +92,20 @@ def make_task(task: str, length: int, preset: RecallPreset) -> Task:
 
 def forward(model: nn.Module, ids: Tensor) -> Tensor:
     """``model(ids)``, with ``ids != PAD`` as the key padding mask when a sequence is padded
-    (mixed lengths: `RecallDataset`'s ``min_span`` left-pads with `PAD`)."""
+    (mixed lengths: `RecallDataset`'s ``min_span`` pads with `PAD`)."""
     real = ids != PAD
     return model(ids) if bool(real.all()) else model(ids, real)
+
+
+def scored(model: nn.Module, ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits, gold)``: ``(Q, V)`` and ``(Q,)`` for the ``Q`` scored positions of a batch,
+    in order; a `Classifier` (the encoder lookup) is scored once a sequence, on the class
+    ``targets[:, 0]``."""
+    logits = forward(model, ids)
+    if isinstance(model, Classifier):  # (B, C)
+        return logits, targets[:, 0]
+    keep = targets != IGNORE  # (B, L, V) -> the scored positions
+    return logits[keep], targets[keep]
 
 
 TRAINING_LENGTHS = ("full", "mixed", "curriculum")
@@ -133,8 +146,8 @@ def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor,
     """Cross-entropy on the scored positions only (the answers), plus the layers' routing
     distillation losses where a kind has them."""
     ids, targets = batch
-    logits = forward(model, ids)  # (B, L, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    logits, gold = scored(model, ids, targets)
+    loss = F.cross_entropy(logits.float(), gold)
     metrics = {"tokens": float(ids.numel())}
     routing = routing_losses(model)
     if routing is not None:
@@ -152,23 +165,29 @@ def _batches(data: RecallDataset, batch_size: int) -> Iterator[tuple[Tensor, Ten
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) -> dict[str, float]:
-    """Passkey: sequences with every digit right; MQAR: queries answered right."""
+    """Passkey: sequences with every digit right; MQAR and the lookup: questions answered
+    right."""
     right = total = 0
     for ids, targets in _batches(data, batch_size):
-        pred = forward(model, ids).argmax(-1)  # (B, L)
-        scored = targets != IGNORE
-        if not TASKS[task].per_query:
-            right += int(((pred == targets) | ~scored).all(-1).sum())
-            total += ids.shape[0]
-        else:
-            right += int(((pred == targets) & scored).sum())
-            total += int(scored.sum())
+        logits, gold = scored(model, ids, targets)
+        hit = logits.argmax(-1) == gold  # (Q,)
+        if TASKS[task].per_query:
+            right, total = right + int(hit.sum()), total + len(hit)
+        else:  # a sequence is right when all its scored positions are
+            rows = (targets != IGNORE).nonzero()[:, 0]  # the sequence of each position
+            wrong = torch.zeros(ids.shape[0], dtype=torch.bool)
+            wrong[rows[~hit]] = True
+            right, total = right + int((~wrong).sum()), total + ids.shape[0]
     return {"accuracy": 100.0 * right / total}
 
 
 @torch.no_grad()
 def routing_hits(
-    model: LanguageModel, data: RecallDataset, batch_size: int, *, per_head: bool = False
+    model: LanguageModel | Classifier,
+    data: RecallDataset,
+    batch_size: int,
+    *,
+    per_head: bool = False,
 ) -> dict[str, float | None]:
     """How often each routing layer sends a question to its answer's block.
 
@@ -177,11 +196,12 @@ def routing_hits(
     whose routing reads a block holding the asked needle's first token or the token after it
     (`recall_tasks.answer_sources`): for a sort net, the largest weight of the question
     block's routing row; for a ``topk`` gate, any block it picks at the question's position.
-    Questions whose needle lies in their own block (seen locally) are left out, and so are
-    questions with fewer than two earlier blocks to choose from, where any routing would
-    score 100 %. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead. Empty for kinds
-    without routing; None (n/a) when no question qualifies."""
-    stack = model.decoder.layers
+    Questions whose needle lies in their own block (seen locally) are left out, and so, in a
+    decoder, are questions with fewer than two earlier blocks to choose from, where any
+    routing would score 100 %. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead.
+    Empty for kinds without routing; None (n/a) when no question qualifies."""
+    causal = isinstance(model, LanguageModel)
+    stack = model.encoder.layers if isinstance(model, Classifier) else model.decoder.layers
     every = stack.attentions()
     # (the layer reported, the layer whose routing it uses: `Routing.source`)
     chosen = [
@@ -205,7 +225,8 @@ def routing_hits(
             forward(model, ids)
             row, pos, source = answer_sources(data.task, ids, targets)
             asked = pos // w  # the question's block
-            ok = (source // w < asked) & (asked >= 2)  # an earlier block, among >= 2
+            earlier = (source // w < asked) & (asked >= 2)  # an earlier block, among >= 2
+            ok = earlier if causal else source // w != asked  # encoder: another block
             row, pos, asked = row[ok], pos[ok], asked[ok]
             goal = torch.stack([source[ok] // w, (source[ok] + 1) // w], -1)  # (Q, 2)
             for i, (_, by) in enumerate(chosen):
@@ -240,36 +261,43 @@ def _routed_blocks(
         parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, layer.d_model // layer.n_heads)
         q, k = parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)  # (B, H, L, E)
         picks = topk_block_selection(
-            q, k, block_size=cfg.block_size, top_k=cfg.top_k, is_causal=True, gate=cfg.gate
+            q, k, block_size=cfg.block_size, top_k=cfg.top_k, is_causal=layer.causal, gate=cfg.gate
         )
         return picks[row, :, pos]  # (Q, H, k)
     plan = sinkhorn_plan(layer.sort_logits(x), cfg.op_options(is_causal=layer.causal))
     return plan.P[row, :, block].argmax(-1, keepdim=True)  # (Q, H, 1)
 
 
-def hard_twin(config: LanguageModelConfig) -> LanguageModel | None:
+def hard_twin(config: LanguageModelConfig | ClassifierConfig) -> nn.Module | None:
     """For a kind with soft routing, a model of the same configuration but hard (argmax)
     routing, to score the trained weights with hard routing at evaluation (its accuracy is
     ``accuracy_hard_routing``); None for every other kind."""
     att = config.attention
     if not att.uses_sorting or att.hard:
         return None
-    return LanguageModel(replace(config, attention=replace(att, hard=True)))
+    twin = replace(config, attention=replace(att, hard=True))
+    return Classifier(twin) if isinstance(twin, ClassifierConfig) else LanguageModel(twin)
 
 
 def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run) -> dict[str, Any]:
     """Train one kind at one length as ``run``; a runner of `train_grid`."""
     spec = make_task(task, length, preset)
-    config = LanguageModelConfig(
-        vocab_size=spec.vocab_size,
+    sizes = {
+        "vocab_size": spec.vocab_size,
         **model_sizes(preset),
-        pad_id=0,
-        attention=attention_config(kind, preset.block_size, length),
-        token_conv=preset.token_conv,
-    )
-    model = LanguageModel(config)
-    if kind in CONTROLS:
-        CONTROLS[kind](model)
+        "pad_id": PAD,
+        "attention": attention_config(kind, preset.block_size, length),
+    }
+    config: LanguageModelConfig | ClassifierConfig
+    model: LanguageModel | Classifier
+    if isinstance(spec, KeyedLookup):  # the encoder: a classifier reading position 0
+        config = ClassifierConfig(**sizes, n_classes=spec.n_classes, pooling="first")
+        model = Classifier(config)
+    else:
+        config = LanguageModelConfig(**sizes, token_conv=preset.token_conv)
+        model = LanguageModel(config)
+        if kind in CONTROLS:  # the decoder's (`run` refuses them for the encoder)
+            CONTROLS[kind](model)
     train_data = training_data(spec, preset, run.seed)
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
 
@@ -336,6 +364,11 @@ def run(args: argparse.Namespace) -> int:
     kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *CONTROL_KINDS), DEFAULT_KINDS)
     if args.task != "passkey" and any(k in PASSKEY_CONTROLS for k in kinds):
         raise UsageError(f"{', '.join(PASSKEY_CONTROLS)} is a control for --task passkey")
+    if TASKS[args.task].encoder:
+        if preset.token_conv:
+            raise UsageError(f"--token-conv is a decoder's; --task {args.task} is an encoder")
+        if any(k in CONTROL_KINDS for k in kinds):
+            raise UsageError(f"the controls ({', '.join(CONTROL_KINDS)}) are the decoder's")
     seeds = flags.seed_list(args)
     runners = {
         f"{args.task}-{length}/{kind}": partial(run_recall, args.task, length, kind, preset)
@@ -366,5 +399,6 @@ def run(args: argparse.Namespace) -> int:
     }
     table = results_table(results, preset.lengths, chance)
     files = [("plots", ", ".join(str(p) for p in figures))]
-    report(out, title, table, payload, files, note=not_causal_note(kinds))
+    note = None if TASKS[args.task].encoder else not_causal_note(kinds)
+    report(out, title, table, payload, files, note=note)
     return 0

@@ -6,7 +6,9 @@ Two families, each with its own presets (`RECALL_PRESETS`, `QUERY_RECALL_PRESETS
 * ``passkey``, ``mqar``: the answer block is the same for every question of a sequence
   (passkey: the block holding the one needle; MQAR: the pairs, all in block 0);
 * ``keyed-needles``, ``mk-passkey``, ``mqar-scattered``: the answer block depends on the
-  question (which needle or which pair is asked), so a routing must read the question.
+  question (which needle or which pair is asked), so a routing must read the question;
+* ``lookup``: the same for an encoder (``TaskSpec.encoder``): a `Classifier` reads the
+  question at position 0 and names the asked needle's value.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 from ..data.recall import (
     IGNORE,
     MQAR,
+    KeyedLookup,
     KeyedNeedles,
     MultiKeyPasskey,
     Passkey,
@@ -36,6 +39,7 @@ class TaskSpec:
     build: Callable[[int, RecallPreset], Task]  # (length, preset) -> the task
     per_query: bool  # accuracy over questions (MQAR) instead of over sequences
     presets: dict[str, RecallPreset]  # by --preset name
+    encoder: bool = False  # a Classifier reading position 0, instead of a causal LM
 
 
 def _filler(preset: RecallPreset) -> dict[str, int]:
@@ -58,6 +62,12 @@ TASKS: dict[str, TaskSpec] = {
     "mqar-scattered": TaskSpec(
         lambda n, p: ScatteredMQAR(n, n_pairs=p.n_pairs), True, QUERY_RECALL_PRESETS
     ),
+    "lookup": TaskSpec(
+        lambda n, p: KeyedLookup(n, n_needles=p.n_needles, **_filler(p)),
+        True,  # one question a sequence
+        QUERY_RECALL_PRESETS,
+        encoder=True,
+    ),
 }
 
 
@@ -71,9 +81,10 @@ def answer_sources(task: Task, ids: Tensor, targets: Tensor) -> tuple[Tensor, Te
     if isinstance(task, Passkey):
         source = (ids == Passkey.KEY).float().argmax(-1)[row]
         return row, pos, source
-    if isinstance(task, KeyedNeedles):
-        asked = ids[row, pos] - task.KEY0  # the asked key
-        is_needle = ids[row] >= task.needle0
+    if isinstance(task, (KeyedNeedles, KeyedLookup)):
+        asked = ids[row, pos] - task.KEY0  # the asked key (the lookup's is at position 0)
+        filler0 = task.needle0 + task.n_keys * task.n_values
+        is_needle = (ids[row] >= task.needle0) & (ids[row] < filler0)
         key_of = torch.where(is_needle, (ids[row] - task.needle0) // task.n_values, -1)
         source = (key_of == asked[:, None]).float().argmax(-1)
         return row, pos, source

@@ -163,14 +163,18 @@ def _free_slots(n_slots: int, taken: Tensor, count: int, generator: torch.Genera
     return candidates[torch.randperm(len(candidates), generator=generator)[:count]]
 
 
-def _check_needles(task: MultiKeyPasskey | KeyedNeedles, slots: int) -> None:
-    """The sizes the keyed-needle tasks share: needles with distinct keys, at least one value
-    and filler symbol, a question window that holds the question, and ``slots`` needle places
-    before it for every needle."""
+def _check_counts(task: MultiKeyPasskey | KeyedNeedles | KeyedLookup) -> None:
+    """Needles with distinct keys, and at least one value and filler symbol."""
     if not 1 <= task.n_needles <= task.n_keys:
         raise ValueError(f"n_needles must be in [1, n_keys={task.n_keys}], got {task.n_needles}")
     if min(task.n_values, task.n_filler) < 1:
         raise ValueError("n_values and n_filler must be >= 1")
+
+
+def _check_needles(task: MultiKeyPasskey | KeyedNeedles, slots: int) -> None:
+    """The sizes the keyed-needle tasks share: `_check_counts`, a question window that holds
+    the question, and ``slots`` needle places before it for every needle."""
+    _check_counts(task)
     if task.query_window < task.question_length:
         raise ValueError(f"query_window must be >= {task.question_length} (the question)")
     if slots < task.n_needles:
@@ -278,13 +282,10 @@ class KeyedNeedles:
         return 1.0 / self.n_values
 
     def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        length, filler0 = self.length, self.needle0 + self.n_keys * self.n_values
-        ids = torch.randint(filler0, filler0 + self.n_filler, (length,), generator=generator)
-        keys = torch.randperm(self.n_keys, generator=generator)[: self.n_needles]
-        values = torch.randint(0, self.n_values, (self.n_needles,), generator=generator)
-        where = torch.randperm(length - self.query_window, generator=generator)[: self.n_needles]
-        ids[where] = self.needle0 + keys * self.n_values + values
-        asked = int(torch.randint(0, self.n_needles, (1,), generator=generator))
+        length = self.length
+        ids, keys, values, asked = _one_token_needles(
+            self, 0, length - self.query_window, generator
+        )
         at = (
             length
             - self.query_window
@@ -371,12 +372,7 @@ class KeyedLookup:
     KEY0 = 1
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_needles <= self.n_keys:
-            raise ValueError(
-                f"n_needles must be in [1, n_keys={self.n_keys}], got {self.n_needles}"
-            )
-        if min(self.n_values, self.n_filler) < 1:
-            raise ValueError("n_values and n_filler must be >= 1")
+        _check_counts(self)
         if self.reserved < 1:
             raise ValueError(
                 f"reserved must be >= 1 (position 0 is the question), got {self.reserved}"
@@ -404,14 +400,24 @@ class KeyedLookup:
         return 1.0 / self.n_values
 
     def example(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        length, filler0 = self.length, self.needle0 + self.n_keys * self.n_values
-        ids = torch.randint(filler0, filler0 + self.n_filler, (length,), generator=generator)
-        keys = torch.randperm(self.n_keys, generator=generator)[: self.n_needles]
-        values = torch.randint(0, self.n_values, (self.n_needles,), generator=generator)
-        where = torch.randperm(length - self.reserved, generator=generator)[: self.n_needles]
-        ids[where + self.reserved] = self.needle0 + keys * self.n_values + values
-        asked = int(torch.randint(0, self.n_needles, (1,), generator=generator))
+        ids, keys, values, asked = _one_token_needles(self, self.reserved, self.length, generator)
         ids[0] = self.KEY0 + keys[asked]
-        targets = torch.full((length,), IGNORE, dtype=torch.long)
+        targets = torch.full((self.length,), IGNORE, dtype=torch.long)
         targets[0] = values[asked]  # a class index
         return ids, targets
+
+
+def _one_token_needles(
+    task: KeyedNeedles | KeyedLookup, start: int, stop: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Filler of ``task.length`` tokens with ``task.n_needles`` one-token needles (distinct
+    keys) at random positions of ``[start, stop)``: ``(ids, keys, values, asked)``, keys and
+    values as indices, ``asked`` the index of the needle the question names."""
+    filler0 = task.needle0 + task.n_keys * task.n_values
+    ids = torch.randint(filler0, filler0 + task.n_filler, (task.length,), generator=generator)
+    keys = torch.randperm(task.n_keys, generator=generator)[: task.n_needles]
+    values = torch.randint(0, task.n_values, (task.n_needles,), generator=generator)
+    where = torch.randperm(stop - start, generator=generator)[: task.n_needles] + start
+    ids[where] = task.needle0 + keys * task.n_values + values
+    asked = int(torch.randint(0, task.n_needles, (1,), generator=generator))
+    return ids, keys, values, asked

@@ -1,8 +1,8 @@
 """Score the trained models of a `sparse-sinkhorn recall` run again from their checkpoints:
 accuracy with the routing they were trained with, accuracy with hard (argmax) routing (the same
-for a kind trained with it), and, for passkey, per routing layer how often the last query block
-routes to the needle's block (:func:`sparse_sinkhorn.experiments.recall.routing_hits`; n/a
-where it means nothing: other tasks, two blocks or fewer), on the run's held-out examples. The
+for a kind trained with it), and per routing layer how often a question's routing reads its
+answer's block (:func:`sparse_sinkhorn.experiments.recall_scoring.routing_hits`; n/a
+where no question qualifies), on the run's held-out examples. The
 task and length come from the directory's name (``<task>-<length>``), the task's sizes from
 the run's ``results.json`` (the cpu preset's when there is none).
 
@@ -22,23 +22,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sparse_sinkhorn.data.recall import RecallDataset
-from sparse_sinkhorn.experiments import recall
+from sparse_sinkhorn.experiments import recall, recall_scoring
 from sparse_sinkhorn.experiments.presets import RecallPreset
 from sparse_sinkhorn.experiments.recall_tasks import TASKS
-from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+from sparse_sinkhorn.models import build_model, config_from_dict
 from sparse_sinkhorn.train import load_model_weights, read_config, resolve_checkpoint
 
 
-def load(seed_dir: Path, hard: bool | None = None) -> LanguageModel:
-    """The seed's latest verified checkpoint; ``hard``: its routing set hard or soft (None: as
-    trained)."""
+def load(seed_dir: Path, hard: bool | None = None) -> nn.Module:
+    """The seed's latest verified checkpoint (a `LanguageModel`, or the lookup's `Classifier`);
+    ``hard``: its routing set hard or soft (None: as trained)."""
     ckpt = resolve_checkpoint(seed_dir)
-    config = LanguageModelConfig.from_dict(read_config(ckpt / "config.json")["model_config"])
+    config = config_from_dict(read_config(ckpt / "config.json")["model_config"])
     if hard is not None:
         config = replace(config, attention=replace(config.attention, hard=hard))
-    model = LanguageModel(config)
+    model = build_model(config)
     load_model_weights(ckpt, model)
     return model.eval()
 
@@ -74,9 +75,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for seed_dir in sorted(args.kind_dir.glob("seed*")):
         trained, hard = load(seed_dir), load(seed_dir, hard=True)
-        acc = recall.accuracy(trained, held_out, task, 16)["accuracy"]
-        acc_hard = recall.accuracy(hard, held_out, task, 16)["accuracy"]
-        hits = recall.routing_hits(trained, held_out, 16, per_head=args.per_head)
+        acc = recall_scoring.accuracy(trained, held_out, task, 16)["accuracy"]
+        acc_hard = recall_scoring.accuracy(hard, held_out, task, 16)["accuracy"]
+        hits = recall_scoring.routing_hits(trained, held_out, 16, per_head=args.per_head)
         per_layer = ", ".join("n/a" if v is None else f"{v:.1f}" for v in hits.values()) or "–"
         print(f"| {seed_dir.name} | {acc:.1f} | {acc_hard:.1f} | {per_layer} |")
 

@@ -24,12 +24,10 @@ from sparse_sinkhorn.experiments.recall import (
     DEFAULT_KINDS,
     HARD,
     RECALL_KINDS,
-    accuracy,
     attention_config,
-    hard_twin,
-    routing_hits,
 )
 from sparse_sinkhorn.experiments.recall_controls import ORACLE_LOGIT, install_oracle_routing
+from sparse_sinkhorn.experiments.recall_scoring import accuracy, hard_twin, routing_hits
 from sparse_sinkhorn.experiments.recall_tasks import TASKS
 from sparse_sinkhorn.models import Classifier, LanguageModel, LanguageModelConfig
 from sparse_sinkhorn.nn import SinkhornSelfAttention

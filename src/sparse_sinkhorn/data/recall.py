@@ -1,8 +1,8 @@
-"""Synthetic long-context retrieval tasks for causal language models, generated in-process:
-the dataset (`RecallDataset`), mixed lengths and the length curriculum. The task generators
-(`Passkey`, `MQAR`, `MultiKeyPasskey`, `KeyedNeedles`, `ScatteredMQAR`, and the encoder's
-`KeyedLookup`) live in
-`sparse_sinkhorn.data.recall_generators` and are re-exported here.
+"""Synthetic long-context retrieval tasks, generated in-process: the dataset
+(`RecallDataset`), mixed lengths and the length curriculum. The task generators live in
+`sparse_sinkhorn.data.recall_generators` (`Passkey`, `MQAR`, `ScatteredMQAR`) and
+`sparse_sinkhorn.data.recall_needles` (`MultiKeyPasskey`, `KeyedNeedles`, and the encoder's
+`KeyedLookup`) and are re-exported here.
 
 Axes: L sequence length. Each example is ``(ids, targets)``, two ``(L,)`` long tensors: the
 model reads ``ids`` and is scored only where ``targets != IGNORE`` (next-token prediction of
@@ -19,16 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .recall_generators import (
-    IGNORE,
-    MQAR,
-    PAD,
-    KeyedLookup,
-    KeyedNeedles,
-    MultiKeyPasskey,
-    Passkey,
-    ScatteredMQAR,
-)
+from .recall_generators import IGNORE, MQAR, PAD, Passkey, ScatteredMQAR
+from .recall_needles import KeyedLookup, KeyedNeedles, MultiKeyPasskey
 
 Task = Passkey | MQAR | MultiKeyPasskey | KeyedNeedles | ScatteredMQAR | KeyedLookup
 

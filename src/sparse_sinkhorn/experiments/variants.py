@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sinkhorn-leaky": {"kind": "sinkhorn", "balance": "sinkhorn-leaky"},
     # one change at a time from the paper's configuration
     "sinkhorn-bilinear": {"kind": "sinkhorn", "sort_net": "bilinear"},
+    # the same with max-pooled block summaries (one token with a large feature marks its block)
+    "sinkhorn-max": {"kind": "sinkhorn", "sort_net": "bilinear", "pooling": "max"},
     "sinkhorn-hard": {"kind": "sinkhorn", "sort_net": "bilinear", "hard": True},
     "softmax-linear-hard": {"kind": "sinkhorn", "balance": "softmax", "hard": True},
     "softmax": {"kind": "sinkhorn", "sort_net": "bilinear", "balance": "softmax"},

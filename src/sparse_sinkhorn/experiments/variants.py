@@ -37,6 +37,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sinkhorn-bilinear": {"kind": "sinkhorn", "sort_net": "bilinear"},
     # the same with max-pooled block summaries (one token with a large feature marks its block)
     "sinkhorn-max": {"kind": "sinkhorn", "sort_net": "bilinear", "pooling": "max"},
+    "sinkhorn-hard-max": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "pooling": "max",
+        "hard": True,
+    },
     "sinkhorn-hard": {"kind": "sinkhorn", "sort_net": "bilinear", "hard": True},
     "softmax-linear-hard": {"kind": "sinkhorn", "balance": "softmax", "hard": True},
     "softmax": {"kind": "sinkhorn", "sort_net": "bilinear", "balance": "softmax"},

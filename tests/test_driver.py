@@ -220,8 +220,8 @@ def test_an_empty_out_is_refused(
 def test_one_warmup_rule_keeps_each_experiments_clamp(
     schedule: str, steps: int, warmup: int, expected: int
 ) -> None:
-    from sparse_sinkhorn.experiments.driver import train_config
     from sparse_sinkhorn.experiments.presets import SCHEDULES
+    from sparse_sinkhorn.experiments.run_setup import train_config
 
     preset = argparse.Namespace(steps=steps, batch_size=4, lr=1e-3, warmup_steps=warmup)
     config = train_config(preset, SCHEDULES[schedule], seed=3, progress=False)

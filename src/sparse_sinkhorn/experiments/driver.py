@@ -10,7 +10,7 @@ each trained with every seed. This module is the only place that
   at once rather than an hour in,
 * seeds a run (`seed_run`, before its runner builds anything),
 * builds a run's [`TrainConfig`][sparse_sinkhorn.train.TrainConfig] from its preset and its
-  experiment's `Schedule` (`train_config`),
+  experiment's `Schedule` (through `run_setup.train_config`, the one warm-up rule),
 * trains, times and records a run (`fit`: ``train``, ``loss.png``, the common record),
 * spreads the runs over ``--jobs`` one-thread worker processes (`map_runs`),
   naming each run in its log lines and logging the grid's progress, and
@@ -26,9 +26,7 @@ picklable: a `functools.partial` of a module-level function with picklable argum
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,14 +36,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
-from ..models import config_from_dict
-from ..train import TrainConfig, TrainResult, init_distributed, memory, plot_metrics, train
-from ..train.checkpoint import CONFIG_FILE, list_checkpoints
+from ..train import TrainResult, init_distributed, memory, plot_metrics, train
+from ..train.checkpoint import list_checkpoints
 from ..train.distributed import barrier
 from ..train.rng import seed_everything
 from ..train.rundir import allow_overwrite, check_writable, hold_run_lock
 from .presets import Preset, Schedule
 from .progress import GridProgress, naming, setup_logging
+from .run_setup import resumed_model_config, train_config
 from .stats import mean_and_std
 from .workers import Job, map_runs
 
@@ -281,31 +279,6 @@ def model_sizes(preset: Preset) -> dict[str, Any]:
     return {field: getattr(preset, field) for field in fields}
 
 
-def _share(steps: int, share: int) -> int:
-    """A ``1/share`` part of ``steps``, at least 1; 0 when ``share`` is 0 (never)."""
-    return max(1, steps // share) if share else 0
-
-
-def train_config(preset: Preset, schedule: Schedule, *, seed: int, progress: bool) -> TrainConfig:
-    """A run's training hyper-parameters: the preset's steps, batch, learning rate and
-    warm-up, the warm-up clamped, and logs, evaluations and checkpoints spaced, by the
-    experiment's `Schedule` (the one warm-up rule)."""
-    steps = preset.steps
-    longest = steps // schedule.warmup_share - schedule.warmup_margin
-    return TrainConfig(
-        steps=steps,
-        batch_size=preset.batch_size,
-        lr=preset.lr,
-        weight_decay=schedule.weight_decay,
-        warmup_steps=min(preset.warmup_steps, max(schedule.warmup_least, longest)),
-        seed=seed,
-        log_every=max(1, min(schedule.log_cap, steps // schedule.log_share)),
-        eval_every=_share(steps, schedule.eval_share),
-        ckpt_every=_share(steps, schedule.ckpt_share),
-        progress=progress,
-    )
-
-
 @dataclass
 class Plan:
     """What a runner hands `fit`: a model built after `seed_run`, and its data."""
@@ -360,30 +333,6 @@ class Fitted:
             "run_dir": str(self.run.dir),
             "config": self.plan.model_config,
         }
-
-
-def resumed_model_config(run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
-    """The model configuration a resumed run is checked against and saves: its newest
-    checkpoint's, when that describes the same model as ``current`` (a configuration saved
-    before a model field with a default existed lacks the field, e.g.
-    ``LanguageModelConfig.token_conv``), else ``current`` (the checkpoint's check then names
-    every difference)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # this only compares; the runner built the model
-            model = config_from_dict(current)
-    except (ValueError, TypeError):
-        return current  # not a model configuration of `sparse_sinkhorn.models`
-    for _, checkpoint in reversed(list_checkpoints(run_dir / "checkpoints")):
-        try:  # the newest readable one (the train loop skips a corrupt one too)
-            saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                same = config_from_dict(saved["model_config"]) == model
-        except (OSError, ValueError, TypeError, KeyError):
-            continue
-        return saved["model_config"] if same else current
-    return current
 
 
 def fit(run: Run, plan: Plan, preset: Preset, schedule: Schedule) -> Fitted:

@@ -2,13 +2,15 @@
 
 Rule: this module only declares command lines (``sparse-sinkhorn sort``, ``ablate``, ``lm``,
 ``image``, ``classify``, ``nli``, ``recall``); what a flag does is up to the experiment's
-``run``. Flags every experiment takes come from `flags`. `add_subparser` registers
-them all (see `sparse_sinkhorn.cli`).
+``run``. Flags every experiment takes come from `flags`. `SUBCOMMANDS` lists them, and
+`add_subparser` registers them all (see `sparse_sinkhorn.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -56,14 +58,8 @@ def _runs(
     parser.set_defaults(func=experiment.run, **defaults)
 
 
-def add_sort(subparsers: argparse._SubParsersAction) -> None:
+def _sort(parser: argparse.ArgumentParser) -> None:
     """``sparse-sinkhorn sort`` (`sorting`)."""
-    parser = subparsers.add_parser(
-        "sort",
-        help="seq2seq sorting (paper Table 1)",
-        description="Train encoder-decoders to sort random sequences of lengths U[1, L] "
-        "(Tensor2Tensor's sort problem); evaluate on dev lengths U[1, 2L].",
-    )
     _paper_attention(
         parser,
         sorting.KINDS,
@@ -76,14 +72,8 @@ def add_sort(subparsers: argparse._SubParsersAction) -> None:
     _runs(parser, sorting, "runs/sort", default_seeds=BY_PRESET)
 
 
-def add_ablate(subparsers: argparse._SubParsersAction) -> None:
+def _ablate(parser: argparse.ArgumentParser) -> None:
     """``sparse-sinkhorn ablate`` (`ablate`)."""
-    parser = subparsers.add_parser(
-        "ablate",
-        help="SortNet ablation (paper Table 8)",
-        description="Sinkhorn variants (sort net, K = V, balancing rounds, temperature), "
-        "everything else equal; cpu: the sorting task, paper: LM1B subwords at b = 32.",
-    )
     parser.add_argument(
         "--variants",
         default="all",
@@ -102,13 +92,8 @@ def add_ablate(subparsers: argparse._SubParsersAction) -> None:
     _runs(parser, ablate, "runs/ablate", default_seeds=BY_PRESET)
 
 
-def add_lm(subparsers: argparse._SubParsersAction) -> None:
+def _lm(parser: argparse.ArgumentParser) -> None:
     """``sparse-sinkhorn lm`` (`lm`)."""
-    parser = subparsers.add_parser(
-        "lm",
-        help="language modelling: char bits/char, subword perplexity (paper Tables 2, 4)",
-        description="Train decoder-only LMs per attention kind on a plain-text corpus.",
-    )
     parser.add_argument("--level", default="char", help="char (default) or subword")
     _paper_attention(parser, lm.KINDS, lm.KINDS, "Every layer is causal self-attention.")
     parser.add_argument("--data-dir", default=None, help=DATA_DIR)
@@ -120,13 +105,8 @@ def add_lm(subparsers: argparse._SubParsersAction) -> None:
     _runs(parser, lm, "runs/lm-<level>", out=None)
 
 
-def add_image(subparsers: argparse._SubParsersAction) -> None:
+def _image(parser: argparse.ArgumentParser) -> None:
     """``sparse-sinkhorn image`` (`image`)."""
-    parser = subparsers.add_parser(
-        "image",
-        help="pixel-wise image generation, bits/dim (paper Table 5)",
-        description="Train decoder-only pixel models per attention kind; bits/dim on test.",
-    )
     datasets = ", ".join(image.DATASETS)
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {datasets}")
     _paper_attention(
@@ -143,12 +123,8 @@ def add_image(subparsers: argparse._SubParsersAction) -> None:
     _runs(parser, image, "runs/image-<dataset>", out=None)
 
 
-def add_classify(
-    subparsers: argparse._SubParsersAction, task: str, datasets: tuple[str, ...], help_: str
-) -> None:
+def _classify(parser: argparse.ArgumentParser, task: str, datasets: tuple[str, ...]) -> None:
     """``sparse-sinkhorn classify`` or ``nli`` (`classify`)."""
-    description = (classify.__doc__ or "").split("\n\n")[1]
-    parser = subparsers.add_parser(task, help=help_, description=description)
     parser.add_argument("--dataset", required=True, choices=datasets, help="dataset to train on")
     parser.add_argument(
         "--level", default="word", choices=LEVELS, help="word or character tokens (default: word)"
@@ -172,14 +148,8 @@ def add_classify(
     _runs(parser, classify, f"runs/{task}/DATASET-LEVEL", task=task, **no_pair)
 
 
-def add_recall(subparsers: argparse._SubParsersAction) -> None:
+def _recall(parser: argparse.ArgumentParser) -> None:
     """``sparse-sinkhorn recall`` (`recall`)."""
-    parser = subparsers.add_parser(
-        "recall",
-        help="long-context retrieval: passkey and multi-query associative recall",
-        description="Train causal LMs per attention kind on a synthetic retrieval task "
-        "(an encoder classifier for --task lookup).",
-    )
     parser.add_argument(
         "--task",
         default="passkey",
@@ -208,19 +178,59 @@ def add_recall(subparsers: argparse._SubParsersAction) -> None:
     _runs(parser, recall, "runs/recall-<task>", out=None)
 
 
-def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    """Every experiment's subcommand, in the order ``sparse-sinkhorn --help`` lists them."""
-    add_sort(subparsers)
-    add_ablate(subparsers)
-    add_lm(subparsers)
-    add_image(subparsers)
-    add_classify(
-        subparsers,
+# Every experiment's subcommand, in the order ``sparse-sinkhorn --help`` lists them: its
+# name, its line in that list, its description and the function that declares its flags.
+_CLASSIFY = (classify.__doc__ or "").split("\n\n")[1]
+SUBCOMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    (
+        "sort",
+        "seq2seq sorting (paper Table 1)",
+        "Train encoder-decoders to sort random sequences of lengths U[1, L] "
+        "(Tensor2Tensor's sort problem); evaluate on dev lengths U[1, 2L].",
+        _sort,
+    ),
+    (
+        "ablate",
+        "SortNet ablation (paper Table 8)",
+        "Sinkhorn variants (sort net, K = V, balancing rounds, temperature), "
+        "everything else equal; cpu: the sorting task, paper: LM1B subwords at b = 32.",
+        _ablate,
+    ),
+    (
+        "lm",
+        "language modelling: char bits/char, subword perplexity (paper Tables 2, 4)",
+        "Train decoder-only LMs per attention kind on a plain-text corpus.",
+        _lm,
+    ),
+    (
+        "image",
+        "pixel-wise image generation, bits/dim (paper Table 5)",
+        "Train decoder-only pixel models per attention kind; bits/dim on test.",
+        _image,
+    ),
+    (
         "classify",
-        CLASSIFY_DATASETS,
         "document classification: IMDb, MR, SST (paper Table 6)",
-    )
-    add_classify(
-        subparsers, "nli", NLI_DATASETS, "natural language inference: SNLI, MNLI (Table 7)"
-    )
-    add_recall(subparsers)
+        _CLASSIFY,
+        partial(_classify, task="classify", datasets=CLASSIFY_DATASETS),
+    ),
+    (
+        "nli",
+        "natural language inference: SNLI, MNLI (Table 7)",
+        _CLASSIFY,
+        partial(_classify, task="nli", datasets=NLI_DATASETS),
+    ),
+    (
+        "recall",
+        "long-context retrieval: passkey and multi-query associative recall",
+        "Train causal LMs per attention kind on a synthetic retrieval task "
+        "(an encoder classifier for --task lookup).",
+        _recall,
+    ),
+)
+
+
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
+    """Every experiment's subcommand (`SUBCOMMANDS`), in order."""
+    for name, help_, description, add_flags in SUBCOMMANDS:
+        add_flags(subparsers.add_parser(name, help=help_, description=description))

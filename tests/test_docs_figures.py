@@ -146,56 +146,51 @@ def _seeds_figure(result: dict, metric: str, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _check_decoder_table(
+    file: str, paper_key: str, page: str, metric: str, readme_tail: str, *, valid: bool
+) -> None:
+    """The page's table of the seven decoder kinds is the result ``file``: (``valid/`` and)
+    ``test/`` ``metric``, the routing shape and the paper's figure, mean ± std over 3 seeds;
+    the README's row is Sinkhorn's (the Transformer's) test figure, then ``readme_tail``."""
+    data = json.loads((RESULTS / file).read_text())
+    paper = data["paper"][paper_key]
+    text = (DOCS / "experiments" / page).read_text()
+    by_kind = {r["kind"]: r for r in data["results"]}
+    assert set(by_kind) == set(LM_LABELS)
+    splits = ("valid", "test") if valid else ("test",)
+    for kind, result in by_kind.items():
+        cells = [
+            LM_LABELS[kind],
+            *(_seeds_figure(result, f"{split}/{metric}", 3) for split in splits),
+            _seeds_figure(result, "routing/prev_block_mass", 2),
+            _seeds_figure(result, "routing/row_entropy", 2),
+            "–" if paper.get(kind) is None else f"{paper[kind]:.3f}",
+        ]
+        row = "| " + " | ".join(cells) + " |"
+        assert row in text, row
+        assert len(result["runs"]) == 3
+    readme = (ROOT / "README.md").read_text()
+    test = "test/" + metric
+    sinkhorn = _seeds_figure(by_kind["sinkhorn"], test, 3)
+    ours = f"{sinkhorn} ({_seeds_figure(by_kind['dense'], test, 3)})"
+    assert f"| {ours}, {readme_tail}" in readme
+
+
 def test_the_char_lm_table_and_the_readme_row_are_the_result_file() -> None:
     """docs/experiments/language-modelling.md's char table (paper Table 4) and the README's
     T4 row are ``docs/results/lm/char-300steps.json``: bits/char and routing shape, mean ±
     std over its seeds."""
-    data = json.loads((RESULTS / "lm" / "char-300steps.json").read_text())
-    paper = data["paper"]["char_bits_per_char_big"]
-    figure = _seeds_figure
-    page = (DOCS / "experiments" / "language-modelling.md").read_text()
-    by_kind = {r["kind"]: r for r in data["results"]}
-    assert set(by_kind) == set(LM_LABELS)
-    for kind, result in by_kind.items():
-        cells = [
-            LM_LABELS[kind],
-            figure(result, "valid/bits_per_char", 3),
-            figure(result, "test/bits_per_char", 3),
-            figure(result, "routing/prev_block_mass", 2),
-            figure(result, "routing/row_entropy", 2),
-            "–" if paper.get(kind) is None else f"{paper[kind]:.3f}",
-        ]
-        row = "| " + " | ".join(cells) + " |"
-        assert row in page, row
-        assert len(result["runs"]) == 3
-    readme = (ROOT / "README.md").read_text()
-    sinkhorn, dense = by_kind["sinkhorn"], by_kind["dense"]
-    ours = f"{figure(sinkhorn, 'test/bits_per_char', 3)} ({figure(dense, 'test/bits_per_char', 3)})"
-    assert f"| {ours}, Shakespeare | 1.132 (1.121), LM1B |" in readme
+    _check_decoder_table(
+        "lm/char-300steps.json", "char_bits_per_char_big", "language-modelling.md",
+        "bits_per_char", "Shakespeare | 1.132 (1.121), LM1B |", valid=True,
+    )  # fmt: skip
 
 
 def test_the_image_table_and_the_readme_row_are_the_result_file() -> None:
     """docs/experiments/image.md's Fashion-MNIST table (paper Table 5) and the README's T5 row
     are ``docs/results/image/fashion-mnist-150steps.json``: bits/dim and routing shape, mean ±
     std over its seeds."""
-    data = json.loads((RESULTS / "image" / "fashion-mnist-150steps.json").read_text())
-    paper = data["paper"]["cifar10_bits_per_dim"]
-    page = (DOCS / "experiments" / "image.md").read_text()
-    by_kind = {r["kind"]: r for r in data["results"]}
-    assert set(by_kind) == set(LM_LABELS)
-    for kind, result in by_kind.items():
-        cells = [
-            LM_LABELS[kind],
-            _seeds_figure(result, "test/bits_per_dim", 3),
-            _seeds_figure(result, "routing/prev_block_mass", 2),
-            _seeds_figure(result, "routing/row_entropy", 2),
-            "–" if paper.get(kind) is None else f"{paper[kind]:.3f}",
-        ]
-        row = "| " + " | ".join(cells) + " |"
-        assert row in page, row
-        assert len(result["runs"]) == 3
-    readme = (ROOT / "README.md").read_text()
-    sinkhorn, dense = by_kind["sinkhorn"], by_kind["dense"]
-    bits = "test/bits_per_dim"
-    ours = f"{_seeds_figure(sinkhorn, bits, 3)} ({_seeds_figure(dense, bits, 3)})"
-    assert f"| {ours}, Fashion-MNIST | 3.197 (3.198), CIFAR-10 |" in readme
+    _check_decoder_table(
+        "image/fashion-mnist-150steps.json", "cifar10_bits_per_dim", "image.md",
+        "bits_per_dim", "Fashion-MNIST | 3.197 (3.198), CIFAR-10 |", valid=False,
+    )  # fmt: skip

@@ -10,7 +10,7 @@ from sparse_sinkhorn.nn import AttentionConfig, SinkhornSelfAttention
 from sparse_sinkhorn.nn.cache import AttentionCache, DecodingCache
 from sparse_sinkhorn.nn.kinds import kind_fields
 
-SORT_NETS = ("linear", "mlp", "bilinear")
+SORT_NETS = ("linear", "mlp", "bilinear", "qk")
 # (kind, sort net, hard, pooling, sparse mode); sort options exist for sinkhorn kinds only.
 VARIANTS = [
     ("dense", "linear", False, "sum", "fixed"),
@@ -24,6 +24,7 @@ VARIANTS = [
     for net in SORT_NETS
     for hard in (False, True)
     for pool in ("sum", "mean", "max")
+    if not (net == "qk" and pool == "sum")  # qk refuses sum pooling
 ]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

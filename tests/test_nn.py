@@ -18,12 +18,14 @@ from sparse_sinkhorn.nn import (
 from sparse_sinkhorn.nn.kinds import kind_fields
 
 D_MODEL, HEADS = 16, 2
-SORT_NETS = ["linear", "mlp", "bilinear"]
+SORT_NETS = ["linear", "mlp", "bilinear", "qk"]
 
 
 def _layer(causal: bool, **kw: object) -> SinkhornSelfAttention:
     cfg: dict = dict(block_size=4, max_len=64, kind="sinkhorn")
     cfg.update(kw)
+    if cfg.get("sort_net") == "qk":
+        cfg.setdefault("pooling", "max")  # qk refuses sum pooling
     cfg = kind_fields(cfg["kind"], cfg)  # routing options only where the kind reads them
     return SinkhornSelfAttention(D_MODEL, HEADS, causal=causal, **cfg).double()
 
@@ -99,6 +101,43 @@ def test_return_plan_and_gradients_reach_the_sort_net() -> None:
     assert layer.sort_net is not None
     grad = layer.sort_net.net.weight.grad
     assert grad is not None and grad.abs().sum() > 0  # the sort net is really trained
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_qk_sort_net_routes_by_the_layers_own_pooled_queries_and_keys(
+    pooling: str, causal: bool
+) -> None:
+    """``sort_net="qk"``: ``R_ij = pool(Q)_i · pool(K)_j / √E`` per head, from the layer's
+    own projections (rows: the causal prefix up to position ``i*W``), checked against a
+    loop; and the routing trains those projections (it has no weights of its own)."""
+    layer = _layer(causal, sort_net="qk", pooling=pooling)
+    assert layer.sort_net is not None and not list(layer.sort_net.parameters())
+    x = torch.randn(2, 12, D_MODEL, dtype=torch.float64)
+    logits = layer.sort_logits(x)  # (B, H, N, N)
+    q, k = layer.qkv(x)[..., :D_MODEL], layer.qkv(x)[..., D_MODEL : 2 * D_MODEL]
+    reduce = (lambda t: t.mean(1)) if pooling == "mean" else (lambda t: t.amax(1))
+    w, e = 4, D_MODEL // HEADS
+    for i in range(3):
+        rows = q[:, : i * w + 1] if causal else q[:, i * w : (i + 1) * w]
+        for j in range(3):
+            cols = k[:, j * w : (j + 1) * w]
+            for h in range(HEADS):
+                head = slice(h * e, (h + 1) * e)
+                want = (reduce(rows[..., head]) * reduce(cols[..., head])).sum(-1) / e**0.5
+                torch.testing.assert_close(logits[:, h, i, j], want, atol=1e-12, rtol=0)
+    logits.square().sum().backward()
+    assert layer.qkv.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0
+
+
+def test_qk_sort_net_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match="use pooling='mean' or 'max'"):
+        AttentionConfig(sort_net="qk")
+    with pytest.raises(ValueError, match="sort_net='qk' has none"):
+        AttentionConfig(sort_net="qk", pooling="max", routing_loss=1.0)
+    assert AttentionConfig(sort_net="qk", pooling="max", max_len=8).length_limit is None
+    with pytest.raises(ValueError, match=r"reads \(B, N, 2\*16\) summaries"):
+        SortNet(D_MODEL, HEADS, None, kind="qk")(torch.randn(1, 3, D_MODEL))
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

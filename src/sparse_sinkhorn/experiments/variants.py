@@ -122,6 +122,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "pooling": "mean",
         "routing_loss": 1.0,
     },
+    # routed by the layer's own query and key projections, max-pooled per block (no sort-net
+    # weights): the paper's balancing, and rows normalised only
+    "sinkhorn-qk": {"kind": "sinkhorn", "sort_net": "qk", "pooling": "max"},
+    "softmax-qk": {"kind": "sinkhorn", "sort_net": "qk", "balance": "softmax", "pooling": "max"},
     # MoBA's parameter-free gate: own block + the best earlier block(s) by q . mean(K)
     "topk": {"kind": "topk", "top_k": 1},
     "topk-2": {"kind": "topk", "top_k": 2},

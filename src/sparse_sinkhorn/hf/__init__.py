@@ -186,6 +186,11 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
             "shared_routing='layers' needs this project's models (a converted model's layers "
             "route one by one); use shared_routing='heads' or 'none'"
         )
+    if att.sort_net == "qk":
+        raise ValueError(
+            "sort_net='qk' needs this project's models (a converted model's routing reads "
+            "its value states, not the queries and keys); use 'bilinear', 'linear' or 'mlp'"
+        )
     positions = _max_positions(config, required=False)
     if positions is not None and att.max_len > positions:
         # the sort net is sized by max_len / block_size: bound it by what the model can read

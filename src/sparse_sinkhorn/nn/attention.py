@@ -125,13 +125,25 @@ class SinkhornSelfAttention(nn.Module):
         return cls(d_model, n_heads, config=config, **kwargs)
 
     def sort_logits(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)``."""
+        """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)`` (the
+        one place a forward takes them from; ``sort_net="qk"`` projects ``x`` again)."""
         if self.sort_net is None:
             raise ValueError(
                 "this layer has no sort net (a baseline kind, or a later layer under "
                 "shared_routing='layers', which routes by the first layer's logits)"
             )
-        return self.sort_net.route(x, causal=self.causal, key_padding_mask=key_padding_mask)
+        return self.sort_net.route(
+            self._routing_input(x), causal=self.causal, key_padding_mask=key_padding_mask
+        )
+
+    def _routing_input(self, x: Tensor, projected: Tensor | None = None) -> Tensor:
+        """What the sort net summarises: the layer input ``x``, or for ``sort_net="qk"`` the
+        layer's projected ``[Q | K]`` ``(B, L, 2D)`` (``projected``: ``self.qkv(x)``, when
+        the caller has it)."""
+        if self.config.sort_net != "qk":
+            return x
+        projected = self.qkv(x) if projected is None else projected
+        return projected[..., : 2 * self.d_model]
 
     def forward(
         self,
@@ -160,22 +172,24 @@ class SinkhornSelfAttention(nn.Module):
         if logits is not None and not self.config.uses_sorting:
             raise ValueError(f"logits= is for sinkhorn/mixture layers, not {self.config.kind!r}")
         n_proj = self.qkv.out_features // self.d_model  # 3, or 2 with share_kv
-        parts = _SplitHeads.apply(self.qkv(x), n_proj, self.n_heads)  # n_proj x (B, H, L, E)
+        projected = self.qkv(x)
+        parts = _SplitHeads.apply(projected, n_proj, self.n_heads)  # n_proj x (B, H, L, E)
         q, k, v = parts if len(parts) == 3 else (parts[0], parts[1], parts[1])
         if cache is None:
             out, plan, logits = self._attend(q, k, v, x, key_padding_mask, generator, logits)
         else:
             self._check_cache_use(key_padding_mask)
+            routed_by = self._routing_input(x, projected)  # what the cache summarises
             if cache.length == 0:
                 out, plan, logits = self._attend(q, k, v, x, None, None, logits)
-                cache.prefill(k, v, x, self.config, self.sort_net)
+                cache.prefill(k, v, routed_by, self.config, self.sort_net)
             else:
                 if logits is not None:
                     raise ValueError(
                         "logits= is for full forwards; a filled cache routes each new block "
                         "itself (from the first layer's cache under shared_routing='layers')"
                     )
-                out, plan = cache.step(q, k, v, x), None
+                out, plan = cache.step(q, k, v, routed_by), None
         y = self.out(rearrange(out, "b h l e -> b l (h e)"))  # (B, L, D)
         if return_logits:
             return _Routed(y, plan, logits)

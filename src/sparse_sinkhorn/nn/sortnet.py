@@ -16,7 +16,9 @@ from ..ops.blocks import POOLINGS, check_block_size, routing_block_summaries
 if TYPE_CHECKING:
     from .config import AttentionConfig
 
-SORT_NETS = ("linear", "mlp", "bilinear")
+SORT_NETS = ("linear", "mlp", "bilinear", "qk")
+# sort nets with no weight row per block, which take any number of blocks
+LENGTH_AGNOSTIC = ("bilinear", "qk")
 
 
 class SortNet(nn.Module):
@@ -27,6 +29,12 @@ class SortNet(nn.Module):
     * ``"mlp"``: two layers with a ReLU (the paper's ablation).
     * ``"bilinear"`` (length-agnostic, beyond the paper): ``R_ij = (W_q x_i)·(W_k x_j)/√E``;
       it has no ``max_blocks`` and works for any number of blocks.
+    * ``"qk"`` (length-agnostic, no parameters, beyond the paper): the attention layer's own
+      query and key projections, pooled per block: ``R_ij = pool(Q)_i · pool(K)_j / √E`` per
+      head, so the routing learns with the attention it serves (a block-level form of
+      MoBA's gate). Its input is the layer's ``(B, L, 2D)`` projected ``[Q | K]``, not the
+      layer input (`SinkhornSelfAttention` feeds it so); with one routing for all heads the
+      heads' logits are averaged.
 
     Args:
         d_model: summary width ``D``.
@@ -62,13 +70,14 @@ class SortNet(nn.Module):
         self.block_size, self.pooling = block_size, pooling
         if kind not in SORT_NETS:
             raise ValueError(f"sort net kind must be one of {SORT_NETS}, got {kind!r}")
-        if kind != "bilinear" and (max_blocks is None or max_blocks <= 0):
+        if kind not in LENGTH_AGNOSTIC and (max_blocks is None or max_blocks <= 0):
             raise ValueError(f"sort net {kind!r} needs max_blocks > 0, got {max_blocks}")
         self.kind = kind
         self.n_heads = n_heads
         self.n_scored = scored = 1 if shared else n_heads  # routing matrices the net computes
         self.max_blocks = max_blocks
-        self.net: nn.Module
+        self.d_model = d_model
+        self.net: nn.Module | None = None
         if kind == "linear":
             assert max_blocks is not None
             self.net = nn.Linear(d_model, scored * max_blocks)
@@ -78,7 +87,7 @@ class SortNet(nn.Module):
             self.net = nn.Sequential(
                 nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, scored * max_blocks)
             )
-        else:
+        elif kind == "bilinear":
             self.d_sort = d_hidden or max(1, d_model // n_heads)
             self.net = nn.Linear(d_model, scored * self.d_sort)  # query-block side
             self.key_net = nn.Linear(d_model, scored * self.d_sort)  # key-block side
@@ -108,14 +117,29 @@ class SortNet(nn.Module):
         return self(rows, keys)
 
     def forward(self, query_summary: Tensor, key_summary: Tensor | None = None) -> Tensor:
-        """``(B, N, D)`` row summaries (and key summaries for bilinear) -> ``(B, H, N, N)``.
+        """``(B, N, D)`` row summaries (and key summaries for bilinear) -> ``(B, H, N, N)``
+        (``(B, N, 2D)`` summaries of ``[Q | K]`` for ``qk``).
 
-        ``key_summary`` defaults to ``query_summary``; only ``bilinear`` reads it (the
-        linear nets score columns by learned weights).
+        ``key_summary`` defaults to ``query_summary``; only ``bilinear`` and ``qk`` read it
+        (the linear nets score columns by learned weights).
         """
         n, scored = query_summary.shape[1], self.n_scored
+        keys = query_summary if key_summary is None else key_summary
+        if self.kind == "qk":
+            d, h = self.d_model, self.n_heads
+            if query_summary.shape[-1] != 2 * d or keys.shape[-1] != 2 * d:
+                raise ValueError(
+                    f"sort net 'qk' reads (B, N, 2*{d}) summaries of the projected [Q | K], "
+                    f"got {tuple(query_summary.shape)} and {tuple(keys.shape)}"
+                )
+            q = rearrange(query_summary[..., :d], "b n (h e) -> b h n e", h=h)
+            k = rearrange(keys[..., d:], "b m (h e) -> b h m e", h=h)
+            logits = torch.einsum("bhne,bhme->bhnm", q, k) * (d // h) ** -0.5
+            if scored == 1:
+                logits = logits.mean(1, keepdim=True).expand(-1, h, -1, -1)
+            return logits
+        assert self.net is not None
         if self.kind == "bilinear":
-            keys = query_summary if key_summary is None else key_summary
             q = rearrange(self.net(query_summary), "b n (h e) -> b h n e", h=scored)
             k = rearrange(self.key_net(keys), "b m (h e) -> b h m e", h=scored)
             logits = torch.einsum("bhne,bhme->bhnm", q, k) * self.d_sort**-0.5

@@ -147,7 +147,8 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     }
     config: LanguageModelConfig | ClassifierConfig
     model: LanguageModel | Classifier
-    if isinstance(spec, KeyedLookup):  # the encoder: a classifier reading position 0
+    if TASKS[task].encoder:  # a classifier reading position 0
+        assert isinstance(spec, KeyedLookup)  # the one encoder task
         config = ClassifierConfig(**sizes, n_classes=spec.n_classes, pooling="first")
         model = Classifier(config)
     else:

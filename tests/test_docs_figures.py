@@ -194,3 +194,43 @@ def test_the_image_table_and_the_readme_row_are_the_result_file() -> None:
         "image/fashion-mnist-150steps.json", "cifar10_bits_per_dim", "image.md",
         "bits_per_dim", "Fashion-MNIST | 3.197 (3.198), CIFAR-10 |", valid=False,
     )  # fmt: skip
+
+
+STEP_FILE = ROOT / "benchmarks" / "results" / "recall_step.json"
+
+
+def _recall_step_paragraphs() -> list[tuple[str, str]]:
+    """``(page, paragraph)`` of every docs paragraph that cites the retrieval step benchmark,
+    whitespace collapsed."""
+    found = []
+    for page in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        for para in re.split(r"\n\s*\n", page.read_text()):
+            if "recall_step" in para:
+                found.append((page.name, " ".join(para.split())))
+    return found
+
+
+def test_the_recall_step_ratios_in_the_docs_are_the_benchmark_file() -> None:
+    """Each ``0.67×`` in a paragraph citing ``benchmarks.recall_step`` is a step-time ratio
+    to dense of the committed benchmark file, and one that follows a kind's name is that
+    kind's, at the file's lengths in order."""
+    data = json.loads(STEP_FILE.read_text())
+    dense = {r["length"]: r["time_s"] for r in data["results"] if r["kind"] == "dense"}
+    ratios: dict[str, list[str]] = {}
+    for r in sorted(data["results"], key=lambda r: r["length"]):
+        ratios.setdefault(r["kind"], []).append(f"{r['time_s'] / dense[r['length']]:.2f}")
+    every = {x for xs in ratios.values() for x in xs}
+    checked = 0
+    for page, para in _recall_step_paragraphs():
+        kind, seen = None, {}  # kind -> the ratios that follow its name
+        for name, plain, ratio in re.findall(r"`([\w-]+)`|\b(local)\b|(\d\.\d\d)×", para):
+            if name or plain:
+                kind = name or plain
+            else:
+                assert ratio in every, f"{page}: {ratio}× is no ratio of {STEP_FILE.name}"
+                checked += 1
+                if kind in ratios:
+                    seen.setdefault(kind, []).append(ratio)
+        for k, shown in seen.items():
+            assert shown == ratios[k][: len(shown)], f"{page}: {k} {shown} != {ratios[k]}"
+    assert checked >= 10  # the paragraphs that cite the file were found

@@ -10,7 +10,7 @@ from sparse_sinkhorn.nn import AttentionConfig, SinkhornSelfAttention
 from sparse_sinkhorn.nn.cache import AttentionCache, DecodingCache
 from sparse_sinkhorn.nn.kinds import kind_fields
 
-SORT_NETS = ("linear", "mlp", "bilinear", "qk")
+SORT_NETS = ("linear", "mlp", "bilinear", "qk", "qk-bound")
 # (kind, sort net, hard, pooling, sparse mode); sort options exist for sinkhorn kinds only.
 VARIANTS = [
     ("dense", "linear", False, "sum", "fixed"),
@@ -25,6 +25,7 @@ VARIANTS = [
     for hard in (False, True)
     for pool in ("sum", "mean", "max")
     if not (net == "qk" and pool == "sum")  # qk refuses sum pooling
+    if not (net == "qk-bound" and pool != "max")  # qk-bound reads max-pooled summaries
 ]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

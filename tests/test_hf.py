@@ -538,6 +538,8 @@ def test_convert_errors() -> None:
         hf.convert(_plain_gpt2(), block_size=4, shared_routing="layers")
     with pytest.raises(ValueError, match="sort_net='qk' needs this project's models"):
         hf.convert(_plain_gpt2(), block_size=4, sort_net="qk")
+    with pytest.raises(ValueError, match="sort_net='qk-bound' needs this project's models"):
+        hf.convert(_plain_gpt2(), block_size=4, sort_net="qk-bound")
     model = hf.convert(_plain_gpt2(), block_size=4, max_len=16, sort_net="linear")
     with pytest.raises(ValueError, match="already converted"):
         hf.convert(model, block_size=4)

@@ -18,14 +18,16 @@ from sparse_sinkhorn.nn import (
 from sparse_sinkhorn.nn.kinds import kind_fields
 
 D_MODEL, HEADS = 16, 2
-SORT_NETS = ["linear", "mlp", "bilinear", "qk"]
+SORT_NETS = ["linear", "mlp", "bilinear", "qk", "qk-bound"]
 
 
 def _layer(causal: bool, **kw: object) -> SinkhornSelfAttention:
     cfg: dict = dict(block_size=4, max_len=64, kind="sinkhorn")
     cfg.update(kw)
-    if cfg.get("sort_net") == "qk":
-        cfg.setdefault("pooling", "max")  # qk refuses sum pooling
+    if cfg.get("sort_net") in ("qk", "qk-bound"):
+        cfg.setdefault("pooling", "max")  # qk refuses sum pooling, qk-bound all but max
+    if cfg.get("sort_net") == "qk-bound":
+        cfg["pooling"] = "max"
     cfg = kind_fields(cfg["kind"], cfg)  # routing options only where the kind reads them
     return SinkhornSelfAttention(D_MODEL, HEADS, causal=causal, **cfg).double()
 
@@ -130,11 +132,42 @@ def test_qk_sort_net_routes_by_the_layers_own_pooled_queries_and_keys(
     assert layer.qkv.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_qk_bound_sort_net_is_quest_s_bound_at_block_level(causal: bool) -> None:
+    """``sort_net="qk-bound"``: ``R_ij`` is the largest ``q · k / √E`` that per-feature
+    minima and maxima of block ``i``'s queries (causal: the prefix up to ``i*W``) and block
+    ``j``'s keys allow: equal to a loop over the four corners, and never below any real
+    pair's ``q · k / √E``."""
+    layer = _layer(causal, sort_net="qk-bound")
+    x = torch.randn(2, 12, D_MODEL, dtype=torch.float64)
+    logits = layer.sort_logits(x)  # (B, H, N, N)
+    q, k = layer.qkv(x)[..., :D_MODEL], layer.qkv(x)[..., D_MODEL : 2 * D_MODEL]
+    w, e = 4, D_MODEL // HEADS
+    for i in range(3):
+        rows = q[:, : i * w + 1] if causal else q[:, i * w : (i + 1) * w]
+        for j in range(3):
+            cols = k[:, j * w : (j + 1) * w]
+            for h in range(HEADS):
+                qh, kh = rows[..., h * e : (h + 1) * e], cols[..., h * e : (h + 1) * e]
+                corners = [
+                    a * b for a in (qh.amax(1), qh.amin(1)) for b in (kh.amax(1), kh.amin(1))
+                ]
+                want = torch.stack(corners).amax(0).sum(-1) / e**0.5
+                got = logits[:, h, i, j]
+                torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+                pairs = torch.einsum("bte,bse->bts", qh, kh) / e**0.5
+                assert (pairs.flatten(1).amax(1) <= got + 1e-12).all()
+    logits.sum().backward()
+    assert layer.qkv.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0
+
+
 def test_qk_sort_net_refuses_what_it_cannot_do() -> None:
     with pytest.raises(ValueError, match="use pooling='mean' or 'max'"):
         AttentionConfig(sort_net="qk")
     with pytest.raises(ValueError, match="sort_net='qk' has none"):
         AttentionConfig(sort_net="qk", pooling="max", routing_loss=1.0)
+    with pytest.raises(ValueError, match="it needs pooling='max'"):
+        AttentionConfig(sort_net="qk-bound", pooling="mean")
     assert AttentionConfig(sort_net="qk", pooling="max", max_len=8).length_limit is None
     with pytest.raises(ValueError, match=r"reads \(B, N, 2\*16\) summaries"):
         SortNet(D_MODEL, HEADS, None, kind="qk")(torch.randn(1, 3, D_MODEL))

@@ -126,6 +126,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # weights): the paper's balancing, and rows normalised only
     "sinkhorn-qk": {"kind": "sinkhorn", "sort_net": "qk", "pooling": "max"},
     "softmax-qk": {"kind": "sinkhorn", "sort_net": "qk", "balance": "softmax", "pooling": "max"},
+    # softmax-qk scored by Quest's bound at block level (per-feature minima and maxima)
+    "softmax-qk-bound": {
+        "kind": "sinkhorn",
+        "sort_net": "qk-bound",
+        "balance": "softmax",
+        "pooling": "max",
+    },
     # MoBA's parameter-free gate: own block + the best earlier block(s) by q . mean(K)
     "topk": {"kind": "topk", "top_k": 1},
     "topk-2": {"kind": "topk", "top_k": 2},

@@ -76,7 +76,7 @@ from torch import nn
 
 from ..nn.config import AttentionConfig
 from ..nn.kinds import KINDS
-from ..nn.sortnet import SortNet
+from ..nn.sortnet import PROJECTED, SortNet
 from ..renamed import renamed_keywords
 from .attention import (
     ATTN_IMPLEMENTATION,
@@ -186,10 +186,11 @@ def convert(model: PreTrainedModel, *, block_size: int, **attention_options: Any
             "shared_routing='layers' needs this project's models (a converted model's layers "
             "route one by one); use shared_routing='heads' or 'none'"
         )
-    if att.sort_net == "qk":
+    if att.sort_net in PROJECTED:
         raise ValueError(
-            "sort_net='qk' needs this project's models (a converted model's routing reads "
-            "its value states, not the queries and keys); use 'bilinear', 'linear' or 'mlp'"
+            f"sort_net={att.sort_net!r} needs this project's models (a converted model's "
+            "routing reads its value states, not the queries and keys); use 'bilinear', "
+            "'linear' or 'mlp'"
         )
     positions = _max_positions(config, required=False)
     if positions is not None and att.max_len > positions:

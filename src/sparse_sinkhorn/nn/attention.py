@@ -18,7 +18,7 @@ from .cache import AttentionCache
 from .config import AttentionConfig
 from .kinds import KINDS, Call
 from .routing import Routing
-from .sortnet import SortNet
+from .sortnet import PROJECTED, SortNet
 
 
 def check_sizes(d_model: int, n_heads: int, dropout: float) -> None:
@@ -126,7 +126,8 @@ class SinkhornSelfAttention(nn.Module):
 
     def sort_logits(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``(B, H, N, N)`` routing logits from the layer input ``x`` ``(B, L, D)`` (the
-        one place a forward takes them from; ``sort_net="qk"`` projects ``x`` again)."""
+        one place a forward takes them from; ``sort_net="qk"``/``"qk-bound"`` project ``x``
+        again)."""
         if self.sort_net is None:
             raise ValueError(
                 "this layer has no sort net (a baseline kind, or a later layer under "
@@ -137,13 +138,15 @@ class SinkhornSelfAttention(nn.Module):
         )
 
     def _routing_input(self, x: Tensor, projected: Tensor | None = None) -> Tensor:
-        """What the sort net summarises: the layer input ``x``, or for ``sort_net="qk"`` the
-        layer's projected ``[Q | K]`` ``(B, L, 2D)`` (``projected``: ``self.qkv(x)``, when
-        the caller has it)."""
-        if self.config.sort_net != "qk":
+        """What the sort net summarises: the layer input ``x``, or the layer's projected
+        ``[Q | K]`` ``(B, L, 2D)`` (``sort_net="qk"``; ``[Q | K | -Q | -K]`` for
+        ``"qk-bound"``); ``projected``: ``self.qkv(x)``, when the caller has it."""
+        parts = PROJECTED.get(self.config.sort_net)
+        if parts is None:
             return x
         projected = self.qkv(x) if projected is None else projected
-        return projected[..., : 2 * self.d_model]
+        qk = projected[..., : 2 * self.d_model]
+        return qk if parts == 2 else torch.cat([qk, -qk], dim=-1)
 
     def forward(
         self,

@@ -13,7 +13,7 @@ from ..ops.options import SinkhornOptions
 from ..ops.topk import GATES
 from .kinds import KINDS, users
 from .routing import SHARED_ROUTINGS
-from .sortnet import LENGTH_AGNOSTIC, SORT_NETS
+from .sortnet import LENGTH_AGNOSTIC, PROJECTED, SORT_NETS
 
 ATTENTION_KINDS = tuple(KINDS)  # the names in the kind registry (`nn.kinds.KINDS`)
 
@@ -68,7 +68,7 @@ class AttentionConfig:
         max_len: the attention's length bound, in tokens: it sizes the ``linear``/``mlp``
             sort net (``N_max = max_len / W``), which then takes no longer sequence (see
             [`length_limit`][sparse_sinkhorn.nn.AttentionConfig.length_limit]; the other
-            kinds and the ``bilinear`` and ``qk`` nets take any length).
+            kinds and the ``bilinear``, ``qk`` and ``qk-bound`` nets take any length).
         n_sortcut: SortCut budget in blocks (``"sinkhorn"`` encoders only), or None.
         hard: straight-through hard routing (the argmax block of each row forward, the soft
             plan's gradient backward).
@@ -80,9 +80,11 @@ class AttentionConfig:
             balancing with columns over all rows: **not causal**, a comparison only;
             ``generate`` refuses it).
         sort_net: ``"linear"`` (the paper's), ``"mlp"`` (two layers), ``"bilinear"``
-            (length-agnostic) or ``"qk"`` (length-agnostic, no parameters: the layer's own
+            (length-agnostic), ``"qk"`` (length-agnostic, no parameters: the layer's own
             query and key projections pooled per block score the pairs; needs ``pooling``
-            ``"mean"`` or ``"max"`` and no ``routing_loss``).
+            ``"mean"`` or ``"max"`` and no ``routing_loss``) or ``"qk-bound"`` (the same
+            projections scored by Quest's bound, the largest ``q · k`` their per-feature
+            minima and maxima allow; needs ``pooling="max"``).
         pooling: block summaries read by the sort net: ``"sum"`` (the paper's), ``"mean"``
             over the real tokens, or ``"max"`` (per feature, so one token marks its block).
         shared_routing: sinkhorn and mixture: ``"none"`` (the paper: every head of every layer
@@ -137,17 +139,8 @@ class AttentionConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.routing_loss >= 0:
             raise ValueError(f"routing_loss must be >= 0, got {self.routing_loss}")
-        if self.sort_net == "qk":  # only routed kinds may set sort_net (_check_kind)
-            if self.pooling == "sum":
-                raise ValueError(
-                    "sort_net='qk' scores pooled queries against pooled keys; summed over a "
-                    "block they grow as block_size squared: use pooling='mean' or 'max'"
-                )
-            if self.routing_loss:
-                raise ValueError(
-                    "routing_loss trains a sort net's own weights; sort_net='qk' has none "
-                    "(it routes by the layer's query and key projections)"
-                )
+        if self.sort_net in PROJECTED:  # only routed kinds may set sort_net (_check_kind)
+            self._check_projected_sort_net()
         if self.shared_routing not in SHARED_ROUTINGS:
             raise ValueError(
                 f"shared_routing must be one of {SHARED_ROUTINGS}, got {self.shared_routing!r}"
@@ -163,6 +156,24 @@ class AttentionConfig:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.sparse_mode not in ("fixed", "strided"):
             raise ValueError(f"sparse_mode must be 'fixed' or 'strided', got {self.sparse_mode!r}")
+
+    def _check_projected_sort_net(self) -> None:
+        net = self.sort_net
+        if net == "qk" and self.pooling == "sum":
+            raise ValueError(
+                "sort_net='qk' scores pooled queries against pooled keys; summed over a "
+                "block they grow as block_size squared: use pooling='mean' or 'max'"
+            )
+        if net == "qk-bound" and self.pooling != "max":
+            raise ValueError(
+                "sort_net='qk-bound' bounds q . k by per-feature minima and maxima: it needs "
+                "pooling='max'"
+            )
+        if self.routing_loss:
+            raise ValueError(
+                f"routing_loss trains a sort net's own weights; sort_net={net!r} has none "
+                "(it routes by the layer's query and key projections)"
+            )
 
     def _check_kind(self) -> None:
         """A known kind, and every field it does not read at its default."""
@@ -227,8 +238,8 @@ class AttentionConfig:
     def length_limit(self) -> int | None:
         """The longest sequence this attention takes: ``max_len`` when a sort net with one
         weight row per block bounds it (``linear``/``mlp`` in ``sinkhorn``/``mixture``), None
-        when any length works (the baselines, or a length-agnostic sort net, ``bilinear`` or
-        ``qk``)."""
+        when any length works (the baselines, or a length-agnostic sort net: ``bilinear``,
+        ``qk``, ``qk-bound``)."""
         if self.uses_sorting and self.sort_net not in LENGTH_AGNOSTIC:
             return self.max_len
         return None

@@ -16,9 +16,12 @@ from ..ops.blocks import POOLINGS, check_block_size, routing_block_summaries
 if TYPE_CHECKING:
     from .config import AttentionConfig
 
-SORT_NETS = ("linear", "mlp", "bilinear", "qk")
+SORT_NETS = ("linear", "mlp", "bilinear", "qk", "qk-bound")
 # sort nets with no weight row per block, which take any number of blocks
-LENGTH_AGNOSTIC = ("bilinear", "qk")
+LENGTH_AGNOSTIC = ("bilinear", "qk", "qk-bound")
+# sort nets that score the layer's own projections: how many D-wide parts their input has
+# ([Q | K], or [Q | K | -Q | -K] whose max-pooling gives per-feature maxima and minima)
+PROJECTED = {"qk": 2, "qk-bound": 4}
 
 
 class SortNet(nn.Module):
@@ -35,6 +38,11 @@ class SortNet(nn.Module):
       MoBA's gate). Its input is the layer's ``(B, L, 2D)`` projected ``[Q | K]``, not the
       layer input (`SinkhornSelfAttention` feeds it so); with one routing for all heads the
       heads' logits are averaged.
+    * ``"qk-bound"`` (as ``qk``, with ``pooling="max"``): Quest's bound at block level, the
+      largest ``q · k / √E`` any query of block ``i`` could have with any key of block ``j``
+      given their per-feature minima and maxima (``Σ_e`` of the largest of the four corner
+      products); its input is ``[Q | K | -Q | -K]`` ``(B, L, 4D)``. Its scores take
+      ``B·H·N²·E`` memory.
 
     Args:
         d_model: summary width ``D``.
@@ -118,26 +126,19 @@ class SortNet(nn.Module):
 
     def forward(self, query_summary: Tensor, key_summary: Tensor | None = None) -> Tensor:
         """``(B, N, D)`` row summaries (and key summaries for bilinear) -> ``(B, H, N, N)``
-        (``(B, N, 2D)`` summaries of ``[Q | K]`` for ``qk``).
+        (summaries of the layer's projections for ``qk`` and ``qk-bound``).
 
-        ``key_summary`` defaults to ``query_summary``; only ``bilinear`` and ``qk`` read it
+        ``key_summary`` defaults to ``query_summary``; only ``bilinear`` and the projected
+        nets read it
         (the linear nets score columns by learned weights).
         """
         n, scored = query_summary.shape[1], self.n_scored
         keys = query_summary if key_summary is None else key_summary
-        if self.kind == "qk":
-            d, h = self.d_model, self.n_heads
-            if query_summary.shape[-1] != 2 * d or keys.shape[-1] != 2 * d:
-                raise ValueError(
-                    f"sort net 'qk' reads (B, N, 2*{d}) summaries of the projected [Q | K], "
-                    f"got {tuple(query_summary.shape)} and {tuple(keys.shape)}"
-                )
-            q = rearrange(query_summary[..., :d], "b n (h e) -> b h n e", h=h)
-            k = rearrange(keys[..., d:], "b m (h e) -> b h m e", h=h)
-            logits = torch.einsum("bhne,bhme->bhnm", q, k) * (d // h) ** -0.5
+        if self.kind in PROJECTED:
+            logits = self._projected_logits(query_summary, keys)
             if scored == 1:
-                logits = logits.mean(1, keepdim=True).expand(-1, h, -1, -1)
-            return logits
+                logits = logits.mean(1, keepdim=True)
+            return logits.expand(-1, self.n_heads, -1, -1)
         assert self.net is not None
         if self.kind == "bilinear":
             q = rearrange(self.net(query_summary), "b n (h e) -> b h n e", h=scored)
@@ -153,6 +154,29 @@ class SortNet(nn.Module):
             )
         scores = rearrange(self.net(query_summary), "b n (h m) -> b h n m", h=scored)
         return scores[..., :n].expand(-1, self.n_heads, -1, -1)  # (B, H, N, N)
+
+    def _projected_logits(self, rows: Tensor, keys: Tensor) -> Tensor:
+        """``qk`` / ``qk-bound``: ``(B, H, N, M)`` logits from summaries of the layer's
+        projections (`PROJECTED` says which)."""
+        d, h = self.d_model, self.n_heads
+        width = PROJECTED[self.kind] * d
+        if rows.shape[-1] != width or keys.shape[-1] != width:
+            raise ValueError(
+                f"sort net {self.kind!r} reads (B, N, {PROJECTED[self.kind]}*{d}) summaries of "
+                f"the layer's projections, got {tuple(rows.shape)} and {tuple(keys.shape)}"
+            )
+
+        def heads(t: Tensor, part: int) -> Tensor:
+            return rearrange(t[..., part * d : (part + 1) * d], "b n (h e) -> b h n e", h=h)
+
+        scale = (d // h) ** -0.5
+        if self.kind == "qk":
+            return torch.einsum("bhne,bhme->bhnm", heads(rows, 0), heads(keys, 1)) * scale
+        # max-pooled [Q | K | -Q | -K]: per-feature maxima and (negated) minima
+        q_hi, q_lo = heads(rows, 0)[:, :, :, None], -heads(rows, 2)[:, :, :, None]
+        k_hi, k_lo = heads(keys, 1)[:, :, None], -heads(keys, 3)[:, :, None]
+        corners = torch.stack([q_hi * k_hi, q_hi * k_lo, q_lo * k_hi, q_lo * k_lo])
+        return corners.amax(0).sum(-1) * scale  # (B, H, N, M)
 
 
 def routing_summaries(

@@ -234,3 +234,15 @@ def test_the_recall_step_ratios_in_the_docs_are_the_benchmark_file() -> None:
         for k, shown in seen.items():
             assert shown == ratios[k][: len(shown)], f"{page}: {k} {shown} != {ratios[k]}"
     assert checked >= 10  # the paragraphs that cite the file were found
+
+
+def test_the_long_context_kinds_table_names_every_recall_kind() -> None:
+    """Every name ``recall --attention`` takes has a row in the long-context page's kinds
+    table."""
+    from sparse_sinkhorn.experiments.recall_kinds import CONTROL_KINDS, RECALL_KINDS
+
+    text = (DOCS / "long-context.md").read_text()
+    table = text[text.index("## Kinds") : text.index("## What the measurements say")]
+    cells = re.findall(r"^\| ([^|]+) \|", table, re.M)
+    listed = set(re.findall(r"`([\w-]+)`", " ".join(cells)))
+    assert not ({*RECALL_KINDS, *CONTROL_KINDS} - listed)

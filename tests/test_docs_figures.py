@@ -212,8 +212,8 @@ def _recall_step_paragraphs() -> list[tuple[str, str]]:
 
 def test_the_recall_step_ratios_in_the_docs_are_the_benchmark_file() -> None:
     """Each ``0.67×`` in a paragraph citing ``benchmarks.recall_step`` is a step-time ratio
-    to dense of the committed benchmark file, and one that follows a kind's name is that
-    kind's, at the file's lengths in order."""
+    to dense of the committed benchmark file, and those that follow a kind's name are that
+    kind's, in the order of the file's lengths."""
     data = json.loads(STEP_FILE.read_text())
     dense = {r["length"]: r["time_s"] for r in data["results"] if r["kind"] == "dense"}
     ratios: dict[str, list[str]] = {}
@@ -231,8 +231,9 @@ def test_the_recall_step_ratios_in_the_docs_are_the_benchmark_file() -> None:
                 checked += 1
                 if kind in ratios:
                     seen.setdefault(kind, []).append(ratio)
-        for k, shown in seen.items():
-            assert shown == ratios[k][: len(shown)], f"{page}: {k} {shown} != {ratios[k]}"
+        for k, shown in seen.items():  # the kind's own ratios, in length order
+            rest = iter(ratios[k])
+            assert all(x in rest for x in shown), f"{page}: {k} {shown} not in {ratios[k]}"
     assert checked >= 10  # the paragraphs that cite the file were found
 
 

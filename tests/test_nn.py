@@ -105,6 +105,27 @@ def test_return_plan_and_gradients_reach_the_sort_net() -> None:
     assert grad is not None and grad.abs().sum() > 0  # the sort net is really trained
 
 
+def _projected_blocks(
+    layer: SinkhornSelfAttention, causal: bool
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """The sort logits of a ``qk``/``qk-bound`` layer on random input, and per (row block
+    ``i``, key block ``j``, head) the logit with the queries it summarises (causal: the prefix
+    up to position ``i*W``) and the keys of block ``j``, from the layer's own projections."""
+    x = torch.randn(2, 12, D_MODEL, dtype=torch.float64)
+    logits = layer.sort_logits(x)  # (B, H, N, N)
+    q, k = layer.qkv(x)[..., :D_MODEL], layer.qkv(x)[..., D_MODEL : 2 * D_MODEL]
+    w, e = 4, D_MODEL // HEADS
+    found = []
+    for i in range(3):
+        rows = q[:, : i * w + 1] if causal else q[:, i * w : (i + 1) * w]
+        for j in range(3):
+            cols = k[:, j * w : (j + 1) * w]
+            for h in range(HEADS):
+                head = slice(h * e, (h + 1) * e)
+                found.append((logits[:, h, i, j], rows[..., head], cols[..., head]))
+    return logits, found
+
+
 @pytest.mark.parametrize("pooling", ["mean", "max"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_qk_sort_net_routes_by_the_layers_own_pooled_queries_and_keys(
@@ -115,19 +136,11 @@ def test_qk_sort_net_routes_by_the_layers_own_pooled_queries_and_keys(
     loop; and the routing trains those projections (it has no weights of its own)."""
     layer = _layer(causal, sort_net="qk", pooling=pooling)
     assert layer.sort_net is not None and not list(layer.sort_net.parameters())
-    x = torch.randn(2, 12, D_MODEL, dtype=torch.float64)
-    logits = layer.sort_logits(x)  # (B, H, N, N)
-    q, k = layer.qkv(x)[..., :D_MODEL], layer.qkv(x)[..., D_MODEL : 2 * D_MODEL]
+    logits, blocks = _projected_blocks(layer, causal)
     reduce = (lambda t: t.mean(1)) if pooling == "mean" else (lambda t: t.amax(1))
-    w, e = 4, D_MODEL // HEADS
-    for i in range(3):
-        rows = q[:, : i * w + 1] if causal else q[:, i * w : (i + 1) * w]
-        for j in range(3):
-            cols = k[:, j * w : (j + 1) * w]
-            for h in range(HEADS):
-                head = slice(h * e, (h + 1) * e)
-                want = (reduce(rows[..., head]) * reduce(cols[..., head])).sum(-1) / e**0.5
-                torch.testing.assert_close(logits[:, h, i, j], want, atol=1e-12, rtol=0)
+    for got, qh, kh in blocks:
+        want = (reduce(qh) * reduce(kh)).sum(-1) / qh.shape[-1] ** 0.5
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     logits.square().sum().backward()
     assert layer.qkv.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0
 
@@ -139,24 +152,14 @@ def test_qk_bound_sort_net_is_quest_s_bound_at_block_level(causal: bool) -> None
     ``j``'s keys allow: equal to a loop over the four corners, and never below any real
     pair's ``q · k / √E``."""
     layer = _layer(causal, sort_net="qk-bound")
-    x = torch.randn(2, 12, D_MODEL, dtype=torch.float64)
-    logits = layer.sort_logits(x)  # (B, H, N, N)
-    q, k = layer.qkv(x)[..., :D_MODEL], layer.qkv(x)[..., D_MODEL : 2 * D_MODEL]
-    w, e = 4, D_MODEL // HEADS
-    for i in range(3):
-        rows = q[:, : i * w + 1] if causal else q[:, i * w : (i + 1) * w]
-        for j in range(3):
-            cols = k[:, j * w : (j + 1) * w]
-            for h in range(HEADS):
-                qh, kh = rows[..., h * e : (h + 1) * e], cols[..., h * e : (h + 1) * e]
-                corners = [
-                    a * b for a in (qh.amax(1), qh.amin(1)) for b in (kh.amax(1), kh.amin(1))
-                ]
-                want = torch.stack(corners).amax(0).sum(-1) / e**0.5
-                got = logits[:, h, i, j]
-                torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-                pairs = torch.einsum("bte,bse->bts", qh, kh) / e**0.5
-                assert (pairs.flatten(1).amax(1) <= got + 1e-12).all()
+    logits, blocks = _projected_blocks(layer, causal)
+    for got, qh, kh in blocks:
+        scale = qh.shape[-1] ** -0.5
+        corners = [a * b for a in (qh.amax(1), qh.amin(1)) for b in (kh.amax(1), kh.amin(1))]
+        want = torch.stack(corners).amax(0).sum(-1) * scale
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        pairs = torch.einsum("bte,bse->bts", qh, kh) * scale
+        assert (pairs.flatten(1).amax(1) <= got + 1e-12).all()
     logits.sum().backward()
     assert layer.qkv.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0
 

@@ -154,7 +154,7 @@ def route_logits(sort_net: SortNet, rows: Tensor, keys: Tensor, block: int, bala
     n = block + 1
     if sort_net.max_blocks is None or n > sort_net.max_blocks:
         return sort_net(rows[:, :n], keys)[:, :, block : block + 1]  # its own length error
-    assert sort_net.net is not None  # hf.convert refuses the parameter-free "qk"
+    assert sort_net.net is not None  # hf.convert refuses the parameter-free projected nets
     scores = rearrange(sort_net.net(row), "b n (h m) -> b h n m", h=sort_net.n_scored)
     return scores[..., :n].expand(-1, sort_net.n_heads, -1, -1)  # as SortNet.forward slices
 

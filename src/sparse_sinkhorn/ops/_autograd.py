@@ -8,7 +8,7 @@ Axes: B batch, H heads, N blocks, R rows of the plan, W block size, G = B*H.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
@@ -59,13 +59,51 @@ def _row_chunks(n: int, causal: bool) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def _mix_rows(p3: Tensor, x3: Tensor, idx3: Tensor | None, chunks: list[tuple[int, int]]) -> Tensor:
-    """`_mix` by row chunks (see `_row_chunks`)."""
-    if idx3 is not None or len(chunks) == 1:
-        return _mix(p3, x3, idx3)
-    out = x3.new_empty(x3.shape[0], p3.shape[1], x3.shape[-1])
-    for r0, r1 in chunks:
-        torch.bmm(p3[:, r0:r1, :r1], x3[:, :r1], out=out[:, r0:r1])
+# The two-part path processes at most this many query elements (rows x W x D of the flattened
+# (G*N, 1, W, D) blocks) at a time when the input is larger: whole heads, or row ranges of one
+# head. Its memory beyond the inputs, the output and the three gradients is then a few buffers
+# of this size, whatever L and H.
+_ATTENTION_CHUNK_ELEMENTS = 1 << 24
+
+
+class _Chunk(NamedTuple):
+    """Heads ``g0:g1`` and, of each, plan rows (query blocks) ``r0:r1``: flat block rows
+    ``g0*N + r0 .. (g1-1)*N + r1`` (contiguous: whole heads, or part of one head)."""
+
+    g0: int
+    g1: int
+    r0: int
+    r1: int
+
+    def rows(self, n: int) -> slice:
+        return slice(self.g0 * n + self.r0, (self.g1 - 1) * n + self.r1)
+
+
+def _chunks(g: int, n: int, block_elements: int) -> list[_Chunk]:
+    """Memory chunks of `_ATTENTION_CHUNK_ELEMENTS`: all heads at once when they fit, else
+    whole heads together, else row ranges of one head (``block_elements`` = W*D)."""
+    per_head = n * block_elements
+    if g * per_head <= _ATTENTION_CHUNK_ELEMENTS:
+        return [_Chunk(0, g, 0, n)]
+    heads = _ATTENTION_CHUNK_ELEMENTS // per_head
+    if heads >= 1:
+        return [_Chunk(a, min(a + heads, g), 0, n) for a in range(0, g, heads)]
+    rows = max(1, _ATTENTION_CHUNK_ELEMENTS // block_elements)
+    return [_Chunk(a, a + 1, r, min(r + rows, n)) for a in range(g) for r in range(0, n, rows)]
+
+
+def _sorted(p3: Tensor, x3: Tensor, idx3: Tensor | None, c: _Chunk, causal: bool) -> Tensor:
+    """The sorted blocks of chunk ``c``: ``(g1-g0, r1-r0, F)`` rows of ``P @ x`` (a gather
+    when hard; causal: the rows of `_row_chunks` read only the columns before them)."""
+    heads = slice(c.g0, c.g1)
+    if idx3 is not None:
+        return _mix(p3[heads, c.r0 : c.r1], x3[heads], idx3[heads, c.r0 : c.r1])
+    out = x3.new_empty(c.g1 - c.g0, c.r1 - c.r0, x3.shape[-1])
+    for a, b in _row_chunks(p3.shape[1], causal):
+        a, b = max(a, c.r0), min(b, c.r1)
+        if a < b:
+            cols = b if causal else p3.shape[2]
+            torch.bmm(p3[heads, a:b, :cols], x3[heads, :cols], out=out[:, a - c.r0 : b - c.r0])
     return out
 
 
@@ -79,9 +117,12 @@ class TwoPartSinkhorn(torch.autograd.Function):
         out_i = softmax([q_i k_i^T ; q_i ks_i^T] * scale) [v_i ; vs_i]   via lse_merge
 
     Blocks are flattened to ``(B*H*N, 1, W, D)`` rows for the attention kernels (no copy
-    for contiguous inputs). Saved: q, k, v, P, ``ks``, ``vs``, ``out`` and the ``lse``. The
-    backward adds ``P^T dks`` into ``dk`` in place (a scatter-add when hard) and returns
-    the soft ``dP = dks k^T + dvs v^T`` (straight-through for hard routing).
+    for contiguous inputs), and processed in `_chunks` of at most
+    `_ATTENTION_CHUNK_ELEMENTS` query elements (one chunk below that size). Saved: q, k, v,
+    P, ``out`` and the ``lse``; soft routing also keeps ``ks``, ``vs`` (hard routing
+    gathers them again in the backward, an O(L·D) copy). The backward adds ``P^T dks`` into
+    ``dk`` (a scatter-add when hard) and returns the soft ``dP = dks k^T + dvs v^T``
+    (straight-through for hard routing).
     """
 
     @staticmethod
@@ -103,68 +144,126 @@ class TwoPartSinkhorn(torch.autograd.Function):
         q4, k4, v4 = (
             t.reshape(g * n, 1, w, t.shape[-1]).contiguous() for t in (q, k, v)
         )  # (G*N, 1, W, D); no copy for contiguous inputs
-        chunks = _row_chunks(n, causal)
-        ks = _mix_rows(p3, k4.view(g, n, -1), idx3, chunks).view(k4.shape)  # (G*N, 1, W, D)
-        vs = _mix_rows(p3, v4.view(g, n, -1), idx3, chunks).view(v4.shape)  # (G*N, 1, W, Dv)
         no_sorted = None  # causal: blocks that receive no sorted block (block 0)
         if causal:
             no_sorted = (idx3 < 0) if idx3 is not None else (p3 == 0).all(-1)  # (G, N)
             no_sorted = no_sorted.reshape(g * n, 1, 1)
-        out, lse, info = merged_forward(q4, k4, v4, ks, vs, causal, scale, no_sorted)
+        chunks = _chunks(g, n, w * q.shape[-1])
+        out = lse = None
+        kept: list[tuple[Tensor, Tensor]] = []  # soft routing: each chunk's ks, vs
+        infos = []
+        for c in chunks:
+            rows = c.rows(n)
+            ks, vs = (
+                _sorted(p3, x.view(g, n, -1), idx3, c, causal).view(-1, *x.shape[1:])
+                for x in (k4, v4)
+            )  # (rows, 1, W, D)
+            part = None if no_sorted is None else no_sorted[rows]
+            o, l, info = merged_forward(q4[rows], k4[rows], v4[rows], ks, vs, causal, scale, part)
+            if len(chunks) == 1:
+                out, lse = o, l
+            else:
+                if out is None or lse is None:
+                    out = o.new_empty(g * n, *o.shape[1:])
+                    lse = l.new_empty(g * n, *l.shape[1:])
+                out[rows], lse[rows] = o, l
+            infos.append(info)
+            if idx3 is None:
+                kept.append((ks, vs))
         ctx.save_for_backward(q4, k4, v4, p3, idx3, out, lse, no_sorted)
-        # Intermediates, kept on ctx so that the backward can drop them as soon as the
-        # sorted part's gradients are out (saved tensors live until the backward returns).
-        ctx.sorted_kv = [ks, vs]
-        ctx.opts = (causal, scale, info, q.shape)
+        # Intermediates, kept on ctx so that the backward can drop them as soon as a chunk's
+        # sorted-part gradients are out (saved tensors live until the backward returns).
+        ctx.sorted_kv = kept
+        ctx.opts = (causal, scale, infos, chunks, q.shape)
+        assert out is not None
         return out.view(b, h, n * w, -1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q4, k4, v4, p3, idx3, out, lse, no_sorted = ctx.saved_tensors
-        causal, scale, info, q_shape = ctx.opts
+        causal, scale, infos, chunks, q_shape = ctx.opts
         g, n = p3.shape[:2]
         b, h, length, _ = q_shape
         dout = grad.reshape(out.shape)  # (G*N, 1, W, Dv)
-        # Sorted part first: its keys/values are freed before the local part's gradients
-        # exist (peak: out, dq2, dks, dvs, dq, dk, dv -- not also ks, vs).
-        chunks = _row_chunks(n, causal)
-        kv, ctx.sorted_kv = ctx.sorted_kv, None
-        if kv is None:  # a second backward through the graph (retain_graph): rebuild them
-            kv = [_mix_rows(p3, x.view(g, n, -1), idx3, chunks).view(x.shape) for x in (k4, v4)]
-        ks, vs = kv
-        del kv
-        dq2, dks, dvs = sorted_part_backward(dout, q4, ks, vs, out, lse, scale, no_sorted, info)
-        del ks, vs
-        dks3, dvs3 = dks.view(g, n, -1), dvs.view(g, n, -1)  # (G, N, W*D)
+        kept, ctx.sorted_kv = ctx.sorted_kv, []
         k3, v3 = k4.view(g, n, -1), v4.view(g, n, -1)
         grad_p = None
-        if ctx.needs_input_grad[3]:  # soft dP = dks k^T + dvs v^T (straight-through if hard)
-            grad_p = p3.new_zeros(g, n, n) if len(chunks) > 1 else p3.new_empty(g, n, n)
-            for r0, r1 in chunks:  # causal: row i needs columns j < i only
-                part = grad_p[:, r0:r1, :r1]
-                torch.bmm(dks3[:, r0:r1], k3[:, :r1].mT, out=part)
-                part.baddbmm_(dvs3[:, r0:r1], v3[:, :r1].mT)
-            grad_p = grad_p.view(*q_shape[:2], n, n)
-        dq, dk, dv = part_backward(dout, q4, k4, v4, out, lse, causal, scale, info)  # local
-        dq += dq2
-        del dq2
-        # dk += P^T dks, dv += P^T dvs (dks = 0 on blocks without a sorted block)
-        if idx3 is None:
-            for c0, c1 in chunks:  # causal: column j receives rows i > j only
-                dk.view(g, n, -1)[:, c0:c1].baddbmm_(p3[:, c0:, c0:c1].mT, dks3[:, c0:])
-                dv.view(g, n, -1)[:, c0:c1].baddbmm_(p3[:, c0:, c0:c1].mT, dvs3[:, c0:])
-        else:
-            _add_mix_backward_x(dk.view(g, n, -1), p3, dks3, idx3, zero_if_no_block=True)
-            _add_mix_backward_x(dv.view(g, n, -1), p3, dvs3, idx3, zero_if_no_block=True)
+        if ctx.needs_input_grad[3]:
+            grad_p = p3.new_zeros(g, n, n) if causal else p3.new_empty(g, n, n)
+        dq = dk = dv = None
+        if len(chunks) > 1:
+            dq, dk, dv = torch.empty_like(q4), torch.zeros_like(k4), torch.zeros_like(v4)
+        for i, c in enumerate(chunks):
+            rows, heads = c.rows(n), slice(c.g0, c.g1)
+            if kept:  # soft routing: this chunk's sorted blocks from the forward
+                ks, vs = kept[i]
+                kept[i] = None
+            else:  # hard routing, or a second backward (retain_graph): gather or mix again
+                ks, vs = (
+                    _sorted(p3, x.view(g, n, -1), idx3, c, causal).view(-1, *x.shape[1:])
+                    for x in (k4, v4)
+                )
+            part = None if no_sorted is None else no_sorted[rows]
+            # Sorted part first: its keys/values are freed before the local part's gradients
+            # exist (peak: out, dq2, dks, dvs, dq, dk, dv -- not also ks, vs).
+            dq2, dks, dvs = sorted_part_backward(
+                dout[rows], q4[rows], ks, vs, out[rows], lse[rows], scale, part, infos[i]
+            )
+            del ks, vs
+            dks3 = dks.view(c.g1 - c.g0, c.r1 - c.r0, -1)  # (heads, rows, W*D)
+            dvs3 = dvs.view(dks3.shape[0], dks3.shape[1], -1)
+            if grad_p is not None:  # soft dP = dks k^T + dvs v^T (straight-through if hard)
+                for a, e in _row_chunks(n, causal):  # causal: row i needs columns j < i only
+                    a, e = max(a, c.r0), min(e, c.r1)
+                    if a < e:
+                        cols = e if causal else n
+                        target = grad_p[heads, a:e, :cols]
+                        torch.bmm(dks3[:, a - c.r0 : e - c.r0], k3[heads, :cols].mT, out=target)
+                        target.baddbmm_(dvs3[:, a - c.r0 : e - c.r0], v3[heads, :cols].mT)
+            local = part_backward(
+                dout[rows], q4[rows], k4[rows], v4[rows], out[rows], lse[rows], causal, scale,
+                infos[i],
+            )  # fmt: skip
+            if dq is None or dk is None or dv is None:  # one chunk: the local gradients
+                dq, dk, dv = local
+                dq += dq2
+            else:
+                dq[rows] = local[0].add_(dq2)
+                dk[rows] += local[1]
+                dv[rows] += local[2]
+            del dq2, local
+            # dk += P^T dks, dv += P^T dvs (dks = 0 on blocks without a sorted block)
+            _add_sorted_backward(dk.view(g, n, -1), p3, dks3, idx3, c, causal)
+            _add_sorted_backward(dv.view(g, n, -1), p3, dvs3, idx3, c, causal)
+        assert dq is not None and dk is not None and dv is not None
         return (
             dq.view(q_shape),
             dk.view(b, h, length, -1),
             dv.view(b, h, length, -1),
-            grad_p,
+            None if grad_p is None else grad_p.view(*q_shape[:2], n, n),
             None,
             None,
             None,
         )
+
+
+def _add_sorted_backward(
+    acc3: Tensor, p3: Tensor, g3: Tensor, idx3: Tensor | None, c: _Chunk, causal: bool
+) -> None:
+    """``acc += P^T g`` for chunk ``c``'s rows ``g`` (``(heads, rows, F)``) of the sorted
+    blocks, in place into the ``(G, N, F)`` accumulator; a scatter-add when hard (``g`` is
+    0 on rows without a block). Causal: column ``j`` receives rows ``i > j`` only."""
+    heads = slice(c.g0, c.g1)
+    if idx3 is not None:
+        _add_mix_backward_x(acc3[heads], p3, g3, idx3[heads, c.r0 : c.r1], zero_if_no_block=True)
+        return
+    for c0, c1 in _row_chunks(p3.shape[1], causal):
+        if causal:  # only columns j < r1 receive from these rows, only from rows i > j
+            c1, r0 = min(c1, c.r1), max(c0, c.r0)
+        else:
+            r0 = c.r0
+        if c0 < c1 and r0 < c.r1:
+            acc3[heads, c0:c1].baddbmm_(p3[heads, r0 : c.r1, c0:c1].mT, g3[:, r0 - c.r0 :])
 
 
 class SortedBlocks(torch.autograd.Function):

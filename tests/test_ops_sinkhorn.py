@@ -72,34 +72,6 @@ def test_backward_matches_reference(mode: dict) -> None:
         torch.testing.assert_close(fast, ref, atol=1e-9, rtol=1e-8)
 
 
-@pytest.mark.parametrize("mode", op_modes(sortcut=(None,)), ids=mode_id)
-@pytest.mark.parametrize(
-    "chunk", [1 << 24, 2 * 9 * 4 * D, 3 * 4 * D, 1], ids=["one", "heads", "rows", "one-block"]
-)  # the input: 4 heads (B x H) x 9 blocks x 4 x D elements
-def test_two_part_path_in_memory_chunks_matches_reference(
-    mode: dict, chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The two-part path, computed all at once, two heads at a time or a few query blocks of
-    one head at a time (`_ATTENTION_CHUNK_ELEMENTS`), equals the float64 reference forward
-    and backward, and a second backward through the same graph gives the same gradients."""
-    from sparse_sinkhorn.ops import _autograd
-
-    monkeypatch.setattr(_autograd, "_ATTENTION_CHUNK_ELEMENTS", chunk)
-    q, k, v, logits = _inputs(36, 4)  # 9 whole blocks: the two-part path, causal row chunks
-    inputs = [t.requires_grad_() for t in (q, k, v, logits)]
-    out = sinkhorn_attention(*inputs, block_size=4, **mode)
-    ref = reference_sinkhorn_attention(*inputs, block_size=4, **mode)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
-    cotangent = torch.randn_like(out)
-    fast = torch.autograd.grad(out, inputs, cotangent, retain_graph=True)
-    again = torch.autograd.grad(out, inputs, cotangent)
-    for a, b, expected in zip(
-        fast, again, torch.autograd.grad(ref, inputs, cotangent), strict=True
-    ):
-        torch.testing.assert_close(a, expected, atol=1e-9, rtol=1e-8)
-        assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("mode", op_modes(), ids=mode_id)
 def test_gradcheck(mode: dict) -> None:
     q, k, v, logits = _inputs(9, 4, batch=1)

@@ -22,13 +22,13 @@ def test_tiny_ablation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main([*flags, "--variants", "linear,0-iters,kv-tied"]) == 0
     printed = capsys.readouterr().out
     assert "| 0-iters |" in printed and "52.4" in printed and " ± " in printed
-    assert "runs diverged (loss NaN)" in printed
+    assert "runs diverged (stopped at a non-finite loss; no metrics)" in printed
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "sort" and res["settings"]["n_seeds"] == 2
     assert [r["variant"] for r in res["results"]] == ["linear", "0-iters", "kv-tied"]
     for r in res["results"]:
         assert [run["seed"] for run in r["runs"]] == [0, 1]
-        assert r["diverged"] == sum(run["train_loss"] != run["train_loss"] for run in r["runs"])
+        assert r["diverged"] == sum("diverged" in run for run in r["runs"]) == 0
         values = [run["eval"]["dev/exact_match"] for run in r["runs"]]
         assert r["eval"]["dev/exact_match"] == pytest.approx(sum(values) / 2)
     for name, overrides in VARIANTS.items():
@@ -43,11 +43,44 @@ def test_tiny_ablation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_diverged_runs_are_counted_and_shown() -> None:
-    run = {"eval": {"dev/exact_match": 0.0}, "train_loss": float("nan")}
+    run = {"seed": 0, "eval": {}, "train_loss": None, "diverged": "step 36: the training loss"}
     fine = {"eval": {"dev/exact_match": 30.0}, "train_loss": 0.2}
-    result = summarize_variant("0-iters", [run, fine, dict(fine)], [0, 1, 2])
-    assert result["diverged"] == 1
-    assert "| 1 / 3 |" in results_table([result], "sort", 3)
+    result = summarize_variant(
+        "0-iters", [run, fine, {**fine, "eval": {"dev/exact_match": 32.0}}], [0, 1, 2]
+    )
+    assert result["diverged"] == 1 and result["finished"] == 2
+    assert result["eval"] == {"dev/exact_match": 31.0}  # the runs that finished
+    assert "| 31.0 ± 1.4 |" in results_table([result], "sort") and "| 1 / 3 |" in results_table(
+        [result], "sort"
+    )
+    everyone = summarize_variant("0-iters", [run, dict(run)], [0, 1])
+    assert everyone["eval"] == {} and "| 0-iters | – | – | – | 2 / 2 |" in results_table(
+        [everyone], "sort"
+    )
+
+
+def test_a_diverging_variant_does_not_stop_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training stops at the first non-finite loss or gradient (NonFiniteLossError); the
+    ablation records that run as diverged and trains the others. A variant with τ = 1e-30
+    (logits / τ overflow) makes that certain at the first step."""
+    import sparse_sinkhorn.experiments.ablate as ablate_mod
+
+    monkeypatch.setitem(ablate_mod.VARIANTS, "tau-tiny", {"temperature": 1e-30})
+    out = tmp_path / "ab"
+    flags = ["ablate", "--out", str(out), "--steps", "3", "--seeds", "2", "--no-progress"]
+    flags += ["--length", "8", "--block-size", "4", "--n-eval", "12", "--jobs", "2"]
+    assert main([*flags, "--variants", "tau-tiny,linear"]) == 0
+    printed = capsys.readouterr().out
+    assert "| tau-tiny | – | – | – | 2 / 2 |" in printed
+    res = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert res["tau-tiny"]["eval"] == {} and res["tau-tiny"]["finished"] == 0
+    assert all(
+        run["diverged"].startswith("step 1: the training") for run in res["tau-tiny"]["runs"]
+    )
+    assert res["linear"]["diverged"] == 0 and res["linear"]["finished"] == 2
+    assert "dev/exact_match" in res["linear"]["eval"]  # the finished runs' mean
 
 
 def test_share_kv_uses_keys_as_values() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from functools import partial
@@ -33,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..train import cleanup_distributed, init_distributed
+from ..train import NonFiniteLossError, cleanup_distributed, init_distributed
 from . import flags, lm, sorting
-from .driver import Runner, grid_options, train_grid
+from .driver import Run, Runner, grid_options, train_grid
 from .presets import (
     ABLATE_LM_PRESET,
     ABLATE_SEEDS,
@@ -73,20 +72,38 @@ PAPER_NAMES = {
 def summarize_variant(
     name: str, runs: Sequence[dict[str, Any]], seeds: Sequence[int]
 ) -> dict[str, Any]:
-    """Mean ± std over the seeds, and how many runs diverged (a non-finite final training loss:
-    their metrics are those of broken weights, and the table says so)."""
-    mean, std = mean_and_std([r["eval"] for r in runs])
-    diverged = sum(not math.isfinite(r["train_loss"] or 0.0) for r in runs)
-    return {"variant": name, "eval": mean, "eval_std": std, "diverged": diverged, "runs": runs}
+    """Mean ± std over the runs that finished, and how many runs diverged (training stopped
+    at a non-finite loss: `train_or_diverge`; such a run has no evaluation)."""
+    finished = [r for r in runs if "diverged" not in r]
+    mean, std = mean_and_std([r["eval"] for r in finished]) if finished else ({}, {})
+    return {
+        "variant": name,
+        "eval": mean,
+        "eval_std": std,
+        "finished": len(finished),
+        "diverged": len(runs) - len(finished),
+        "runs": runs,
+    }
 
 
-def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str:
+def train_or_diverge(runner: Runner, run: Run) -> dict[str, Any]:
+    """``runner(run)``, or the record of a run that diverged: a variant of the ablation may
+    make training unstable (0 balancing rounds), and that is one of its results, not a reason
+    to stop the others."""
+    try:
+        return runner(run)
+    except NonFiniteLossError as error:
+        return {"seed": run.seed, "train_loss": None, "eval": {}, "diverged": str(error)}
+
+
+def results_table(results: list[dict[str, Any]], task: str) -> str:
     rows: list[list[Any]] = []
     for r in results:
         mean, std, v = r["eval"], r["eval_std"], r["variant"]
+        finished = r["finished"]
         if task == "sort":
             cells = [
-                mean_std_cell(mean.get(k), std.get(k), d, n_seeds)
+                mean_std_cell(mean.get(k), std.get(k), d, finished)
                 for k, d in (
                     ("dev/exact_match", 1),
                     ("dev/edit_distance", 3),
@@ -95,7 +112,7 @@ def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str
             ]
         else:
             cells = [
-                mean_std_cell(mean.get(k), std.get(k), 2, n_seeds)
+                mean_std_cell(mean.get(k), std.get(k), 2, finished)
                 for k in ("valid/perplexity", "test/perplexity")
             ]
         diverged = f"{r['diverged']} / {len(r['runs'])}"
@@ -107,7 +124,7 @@ def results_table(results: list[dict[str, Any]], task: str, n_seeds: int) -> str
     headers = [
         "variant",
         *metrics,
-        "runs diverged (loss NaN)",
+        "runs diverged (stopped at a non-finite loss; no metrics)",
         "paper row (Table 8)",
         "paper LM1B ppl (b=32)",
     ]
@@ -181,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         runners, settings = _sort_runners(args.preset, changes, variants, len(seeds))
     else:
         runners, settings = _lm_runners(args, changes, variants)
-    results = train_grid(runners, seeds, options, summarize=summarize_variant)
+    tolerant = {name: partial(train_or_diverge, runner) for name, runner in runners.items()}
+    results = train_grid(tolerant, seeds, options, summarize=summarize_variant)
     cleanup_distributed()
     if dist.rank != 0:
         return 0
@@ -198,5 +216,5 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
         "paper": {"perplexity": PAPER_PPL, "setting": "LM1B subwords, b = 32"},
     }
-    report(Path(args.out), title, results_table(results, task, len(seeds)), payload)
+    report(Path(args.out), title, results_table(results, task), payload)
     return 0

@@ -127,6 +127,27 @@ def test_the_sorting_table_and_the_readme_row_are_the_make_run_file() -> None:
     assert f"| {ours} | 49.24 (45.69) |" in readme
 
 
+def test_the_ablation_table_and_the_readme_row_are_the_ablation_file() -> None:
+    """docs/experiments/ablation.md's table is ``docs/results/ablate/sort-cpu.json`` rendered
+    by the command's own table code, and the README's T8 row quotes its linear and K = V
+    figures and its diverged count for 0 rounds."""
+    from sparse_sinkhorn.experiments.ablate import results_table
+
+    data = json.loads((RESULTS / "ablate" / "sort-cpu.json").read_text())
+    page = (DOCS / "experiments" / "ablation.md").read_text()
+    assert results_table(data["results"], data["task"]) in page
+    by_variant = {r["variant"]: r for r in data["results"]}
+
+    def exact(variant: str) -> str:
+        r = by_variant[variant]
+        return f"{r['eval']['dev/exact_match']:.1f} ± {r['eval_std']['dev/exact_match']:.1f}"
+
+    zero = by_variant["0-iters"]
+    diverged = f"{zero['diverged']} / {len(zero['runs'])}"
+    cell = f"linear {exact('linear')}, K = V {exact('kv-tied')}, 0 rounds: diverged ({diverged})"
+    assert f"| {cell} |" in (ROOT / "README.md").read_text()
+
+
 LM_LABELS = {
     "dense": "Transformer",
     "local": "Local",

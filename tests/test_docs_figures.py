@@ -168,11 +168,19 @@ def _seeds_figure(result: dict, metric: str, digits: int) -> str:
 
 
 def _check_decoder_table(
-    file: str, paper_key: str, page: str, metric: str, readme_tail: str, *, valid: bool
+    file: str,
+    paper_key: str,
+    page: str,
+    metric: str,
+    readme_tail: str,
+    *,
+    valid: bool,
+    digits: int = 3,
 ) -> None:
     """The page's table of the seven decoder kinds is the result ``file``: (``valid/`` and)
-    ``test/`` ``metric``, the routing shape and the paper's figure, mean ± std over 3 seeds;
-    the README's row is Sinkhorn's (the Transformer's) test figure, then ``readme_tail``."""
+    ``test/`` ``metric``, the routing shape and the paper's figure (or figures), mean ± std
+    over 3 seeds, ``digits`` decimals; the README's row is Sinkhorn's (the Transformer's)
+    test figure, then ``readme_tail``."""
     data = json.loads((RESULTS / file).read_text())
     paper = data["paper"][paper_key]
     text = (DOCS / "experiments" / page).read_text()
@@ -180,20 +188,22 @@ def _check_decoder_table(
     assert set(by_kind) == set(LM_LABELS)
     splits = ("valid", "test") if valid else ("test",)
     for kind, result in by_kind.items():
+        figures = paper.get(kind)
+        figures = figures if isinstance(figures, list) else [figures]
         cells = [
             LM_LABELS[kind],
-            *(_seeds_figure(result, f"{split}/{metric}", 3) for split in splits),
+            *(_seeds_figure(result, f"{split}/{metric}", digits) for split in splits),
             _seeds_figure(result, "routing/prev_block_mass", 2),
             _seeds_figure(result, "routing/row_entropy", 2),
-            "–" if paper.get(kind) is None else f"{paper[kind]:.3f}",
+            *("–" if x is None else f"{x:.{digits}f}" for x in figures),
         ]
         row = "| " + " | ".join(cells) + " |"
         assert row in text, row
         assert len(result["runs"]) == 3
     readme = (ROOT / "README.md").read_text()
     test = "test/" + metric
-    sinkhorn = _seeds_figure(by_kind["sinkhorn"], test, 3)
-    ours = f"{sinkhorn} ({_seeds_figure(by_kind['dense'], test, 3)})"
+    sinkhorn = _seeds_figure(by_kind["sinkhorn"], test, digits)
+    ours = f"{sinkhorn} ({_seeds_figure(by_kind['dense'], test, digits)})"
     assert f"| {ours}, {readme_tail}" in readme
 
 
@@ -204,6 +214,16 @@ def test_the_char_lm_table_and_the_readme_row_are_the_result_file() -> None:
     _check_decoder_table(
         "lm/char-300steps.json", "char_bits_per_char_big", "language-modelling.md",
         "bits_per_char", "Shakespeare | 1.132 (1.121), LM1B |", valid=True,
+    )  # fmt: skip
+
+
+def test_the_subword_lm_table_and_the_readme_row_are_the_result_file() -> None:
+    """docs/experiments/language-modelling.md's subword table (paper Table 2) and the README's
+    T2 row are ``docs/results/lm/subword-300steps.json``: perplexity and routing shape, mean
+    ± std over its seeds."""
+    _check_decoder_table(
+        "lm/subword-300steps.json", "subword_ppl_base_big", "language-modelling.md",
+        "perplexity", "Shakespeare | 40.79 (41.57), LM1B |", valid=True, digits=2,
     )  # fmt: skip
 
 

@@ -237,6 +237,56 @@ def test_the_image_table_and_the_readme_row_are_the_result_file() -> None:
     )  # fmt: skip
 
 
+# The classification and NLI pages' row labels, in the order of the commands' results
+ENCODER_LABELS = [
+    "Transformer",
+    "Local (b=16 IMDb, 8 MR/SNLI)",
+    "Sinkhorn (same b)",
+    "SortCut 2×8",
+    "SortCut 2×16",
+    "SortCut 2×32",
+]
+
+
+def _accuracy(result: dict, split: str) -> str:
+    mean, std = result["accuracy_by_split"][split], result["accuracy_by_split_std"][split]
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def test_the_classification_and_nli_tables_and_the_readme_rows_are_the_result_files() -> None:
+    """docs/experiments/classification.md (IMDb and MR, paper Table 6) and nli.md (SNLI, Table
+    7), and the README's T6 and T7 rows, are ``docs/results/classify/*.json``: accuracy mean ±
+    std over 3 seeds per variant, and the paper's figure."""
+    imdb, mr, snli = (
+        json.loads((RESULTS / "classify" / name).read_text())
+        for name in ("imdb-word.json", "mr-word.json", "snli-word.json")
+    )
+    classify_page = (DOCS / "experiments" / "classification.md").read_text()
+    nli_page = (DOCS / "experiments" / "nli.md").read_text()
+
+    def paper(data: dict, attention: str) -> str:
+        value = data["paper"].get(attention)
+        return "–" if value is None else f"{value:.2f}"
+
+    rows = zip(ENCODER_LABELS, imdb["results"], mr["results"], snli["results"], strict=True)
+    for label, a, b, c in rows:
+        assert a["attention"] == b["attention"] == c["attention"]
+        assert len(a["runs"]) == len(b["runs"]) == len(c["runs"]) == 3
+        cells = [label, _accuracy(a, "test"), _accuracy(b, "test"), paper(imdb, a["attention"])]
+        assert "| " + " | ".join(cells) + " |" in classify_page, cells
+        held_out = _accuracy(c, "dev (held out from train)")
+        cells = [label, _accuracy(c, "test"), held_out, paper(snli, c["attention"])]
+        assert "| " + " | ".join(cells) + " |" in nli_page, cells
+
+    def pair(data: dict, routed: str) -> str:
+        by = {r["attention"]: r for r in data["results"]}
+        return f"{_accuracy(by[routed], 'test')} ({_accuracy(by['dense'], 'test')})"
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"| SortCut 2×32: {pair(imdb, 'sortcut-2x32')} |" in readme
+    assert f"| SortCut 2×16: {pair(snli, 'sortcut-2x16')} |" in readme
+
+
 STEP_FILE = ROOT / "benchmarks" / "results" / "recall_step.json"
 
 

@@ -148,6 +148,31 @@ def test_the_ablation_table_and_the_readme_row_are_the_ablation_file() -> None:
     assert f"| {cell} |" in (ROOT / "README.md").read_text()
 
 
+def test_the_sorting_budget_table_is_the_two_budget_files() -> None:
+    """docs/experiments/sorting.md's budget table is ``docs/results/sort/budget-1300.json`` and
+    ``budget-2600.json``: exact match mean ± std per kind at both budgets, and each file's
+    ranking, best first."""
+    budget, doubled = (
+        json.loads((RESULTS / "sort" / f"budget-{n}.json").read_text()) for n in (1300, 2600)
+    )
+    page = (DOCS / "experiments" / "sorting.md").read_text()
+
+    def exact(result: dict) -> str:
+        mean = result["eval"]["dev/exact_match"]
+        return f"{mean:.1f} ± {result['eval_std']['dev/exact_match']:.1f}"
+
+    first = {r["kind"]: r for r in budget["results"]}
+    assert set(first) == {r["kind"] for r in doubled["results"]}
+    for result in doubled["results"]:
+        kind = result["kind"]
+        assert len(result["runs"]) == len(first[kind]["runs"]) == 3
+        row = f"| `{kind}` | {exact(first[kind])} | {exact(result)} |"
+        assert row in page, row
+    flat = " ".join(page.split())  # a ranking may wrap across lines
+    for data in (budget, doubled):
+        assert " > ".join(f"`{k}`" for k in data["ranking"]["order"]) in flat
+
+
 LM_LABELS = {
     "dense": "Transformer",
     "local": "Local",

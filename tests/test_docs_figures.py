@@ -363,3 +363,26 @@ def test_the_long_context_kinds_table_names_every_recall_kind() -> None:
     cells = re.findall(r"^\| ([^|]+) \|", table, re.M)
     listed = set(re.findall(r"`([\w-]+)`", " ".join(cells)))
     assert not ({*RECALL_KINDS, *CONTROL_KINDS} - listed)
+
+
+def test_the_long_context_cost_at_length_sentence_is_the_benchmark_file() -> None:
+    """The long-context page's sentence on the op at 1M tokens quotes
+    ``benchmarks/results/long.json``: hard routing's time and peak memory at 1M with 8 heads,
+    and the growth exponents of hard routing (16K to 1M, 256K to 1M) and of local attention."""
+    data = json.loads((ROOT / "benchmarks" / "results" / "long.json").read_text())
+    (row,) = [
+        r
+        for r in data["results"]
+        if r["level"] == "op" and r["contender"] == "sinkhorn_hard" and r["length"] == 1048576
+    ]
+    assert row["heads"] == 8 and row["status"] == "ok"
+    hard, local = data["exponents"]["op/sinkhorn_hard"], data["exponents"]["op/local"]
+    text = " ".join((DOCS / "long-context.md").read_text().split())
+    expected = (
+        f"8 heads on this 2-core, 24 GiB machine: {row['time_s']:.0f} s and "
+        f"{row['peak_mem_mb']:,.0f} MiB above its inputs. Its time grows as "
+        f"L^{hard['overall']['exponent']:.2f} from 16K to 1M tokens "
+        f"(L^{hard['pairs'][-1]['exponent']:.2f} from 256K to 1M"
+    )
+    assert expected in text, expected
+    assert f"local attention's as L^{local['overall']['exponent']:.2f}" in text

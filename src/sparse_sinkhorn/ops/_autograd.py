@@ -107,6 +107,18 @@ def _sorted(p3: Tensor, x3: Tensor, idx3: Tensor | None, c: _Chunk, causal: bool
     return out
 
 
+def _sorted_kv(
+    p3: Tensor, k4: Tensor, v4: Tensor, idx3: Tensor | None, c: _Chunk, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """Chunk ``c``'s sorted keys and values (`_sorted`) in the ``(rows, 1, W, D)`` layout of
+    the flattened ``(G*N, 1, W, D)`` blocks ``k4``, ``v4``."""
+    g, n = p3.shape[:2]
+    ks, vs = (
+        _sorted(p3, x.view(g, n, -1), idx3, c, causal).view(-1, *x.shape[1:]) for x in (k4, v4)
+    )
+    return ks, vs
+
+
 class TwoPartSinkhorn(torch.autograd.Function):
     """The common path in one autograd node: sorted blocks, two merged attention parts.
 
@@ -154,10 +166,7 @@ class TwoPartSinkhorn(torch.autograd.Function):
         infos = []
         for c in chunks:
             rows = c.rows(n)
-            ks, vs = (
-                _sorted(p3, x.view(g, n, -1), idx3, c, causal).view(-1, *x.shape[1:])
-                for x in (k4, v4)
-            )  # (rows, 1, W, D)
+            ks, vs = _sorted_kv(p3, k4, v4, idx3, c, causal)  # (rows, 1, W, D)
             part = None if no_sorted is None else no_sorted[rows]
             o, l, info = merged_forward(q4[rows], k4[rows], v4[rows], ks, vs, causal, scale, part)
             if len(chunks) == 1:
@@ -199,10 +208,7 @@ class TwoPartSinkhorn(torch.autograd.Function):
                 ks, vs = kept[i]
                 kept[i] = None
             else:  # hard routing, or a second backward (retain_graph): gather or mix again
-                ks, vs = (
-                    _sorted(p3, x.view(g, n, -1), idx3, c, causal).view(-1, *x.shape[1:])
-                    for x in (k4, v4)
-                )
+                ks, vs = _sorted_kv(p3, k4, v4, idx3, c, causal)
             part = None if no_sorted is None else no_sorted[rows]
             # Sorted part first: its keys/values are freed before the local part's gradients
             # exist (peak: out, dq2, dks, dvs, dq, dk, dv -- not also ks, vs).

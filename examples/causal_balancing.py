@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparse_sinkhorn.ops import sinkhorn_plan
-from sparse_sinkhorn.ops.routing import causal_log_targets
-from sparse_sinkhorn.ops.sinkhorn import causal_block_mask
+from sparse_sinkhorn.ops.sinkhorn import causal_block_mask, causal_log_targets
 
 BLOCKS = 16
 

@@ -19,7 +19,6 @@ from sparse_sinkhorn.ops import (
     sinkhorn_attention_with_plan,
     sinkhorn_balance,
 )
-from sparse_sinkhorn.ops.routing import leaky_sinkhorn_balance, target_sinkhorn_balance
 from sparse_sinkhorn.ops.sinkhorn import causal_block_mask
 
 B, H, D = 2, 2, 4
@@ -97,19 +96,24 @@ def test_balance_matches_loop_reference() -> None:
         fast = sinkhorn_balance(logits, causal=causal, n_iters=5)
         ref = reference_sinkhorn_balance(logits, causal=causal, n_iters=5)
         torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
-        for fn, kw in ((target_sinkhorn_balance, "targets"), (leaky_sinkhorn_balance, "leaky")):
-            fast = fn(logits, causal=causal, n_iters=5)
-            ref = reference_sinkhorn_balance(logits, causal=causal, n_iters=5, **{kw: True})
+        for columns in ("reachable", "all-rows"):
+            fast = sinkhorn_balance(logits, causal=causal, n_iters=5, columns=columns)
+            ref = reference_sinkhorn_balance(logits, causal=causal, n_iters=5, columns=columns)
             torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
 
 
+def test_balance_refuses_unknown_columns() -> None:
+    with pytest.raises(ValueError, match="columns must be one of"):
+        sinkhorn_balance(torch.randn(4, 4), causal=True, columns="targets")
+
+
 @pytest.mark.parametrize(
-    ("causal", "targets"), [(False, False), (True, False), (True, True)],
+    ("causal", "columns"), [(False, "unit"), (True, "unit"), (True, "reachable")],
     ids=["encoder", "causal", "causal-targets"],
 )  # fmt: skip
 @pytest.mark.parametrize("n_iters", [0, 1, 8])
 def test_balance_backward_in_chunks_and_segments_is_the_reference_gradient(
-    causal: bool, targets: bool, n_iters: int, monkeypatch: pytest.MonkeyPatch
+    causal: bool, columns: str, n_iters: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The balancing's backward recomputes its rounds from checkpoints, one chunk of
     matrices at a time: its gradient is the loop reference's (autograd, float64), and the
@@ -121,14 +125,13 @@ def test_balance_backward_in_chunks_and_segments_is_the_reference_gradient(
     valid[1, 5:] = False  # padding: the last blocks of the second sequence
     allowed = valid[:, None, :, None] & valid[:, None, None, :]
     cotangent = torch.randn(2, 3, 7, 7, dtype=torch.float64)
-    kw = {"n_iters": n_iters, "causal": causal, "allowed": allowed}
-    ref = reference_sinkhorn_balance(logits, targets=targets, **kw)
+    kw = {"n_iters": n_iters, "causal": causal, "allowed": allowed, "columns": columns}
+    ref = reference_sinkhorn_balance(logits, **kw)
     (expected,) = torch.autograd.grad(ref, logits, cotangent)
     grads = []
-    balance = target_sinkhorn_balance if targets else sinkhorn_balance
     for chunk in (1 << 24, 49, 1):  # everything at once, one matrix per chunk, the minimum
         monkeypatch.setattr(_balance_backward, "_CHUNK_ELEMENTS", chunk)
-        (grad,) = torch.autograd.grad(balance(logits, **kw), logits, cotangent)
+        (grad,) = torch.autograd.grad(sinkhorn_balance(logits, **kw), logits, cotangent)
         grads.append(grad)
     torch.testing.assert_close(grads[0], expected, atol=1e-10, rtol=1e-8)
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
@@ -143,10 +146,10 @@ def test_rows_and_columns_sum_to_one() -> None:
     torch.testing.assert_close(p.sum(-1), torch.ones(2, 3, 8), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("balance", [sinkhorn_balance, target_sinkhorn_balance])
-def test_causal_balance_rows_are_convex_and_prefix_only(balance) -> None:
+@pytest.mark.parametrize("columns", ["unit", "reachable"])
+def test_causal_balance_rows_are_convex_and_prefix_only(columns: str) -> None:
     logits = torch.randn(1, 1, 7, 7, dtype=torch.float64)
-    p = balance(logits, causal=True)
+    p = sinkhorn_balance(logits, causal=True, columns=columns)
     assert torch.all(p[0, 0][~causal_block_mask(7)] == 0)  # only strictly earlier blocks
     assert torch.all(p[0, 0, 0] == 0)  # block 0 receives nothing
     torch.testing.assert_close(p[0, 0, 1:].sum(-1), torch.ones(6, dtype=torch.float64))
@@ -154,7 +157,10 @@ def test_causal_balance_rows_are_convex_and_prefix_only(balance) -> None:
         changed = logits.clone()
         changed[..., i + 1 :, :] = torch.randn_like(changed[..., i + 1 :, :])
         torch.testing.assert_close(
-            balance(changed, causal=True)[..., : i + 1, :], p[..., : i + 1, :], atol=0, rtol=0
+            sinkhorn_balance(changed, causal=True, columns=columns)[..., : i + 1, :],
+            p[..., : i + 1, :],
+            atol=0,
+            rtol=0,
         )
 
 

@@ -24,7 +24,6 @@ from .reference import (
     reference_softmax_routing,
     reference_topk_block_attention,
 )
-from .routing import leaky_sinkhorn_balance, target_sinkhorn_balance
 from .sinkhorn import hard_routing, sample_gumbel, sinkhorn_balance
 from .topk import topk_block_attention, topk_block_selection
 
@@ -37,7 +36,6 @@ __all__ = [
     "block_summaries",
     "dense_attention",
     "hard_routing",
-    "leaky_sinkhorn_balance",
     "local_attention",
     "num_blocks",
     "pad_to_blocks",
@@ -53,7 +51,6 @@ __all__ = [
     "sinkhorn_plan",
     "sparse_attention",
     "sparse_pattern",
-    "target_sinkhorn_balance",
     "topk_block_attention",
     "topk_block_selection",
 ]

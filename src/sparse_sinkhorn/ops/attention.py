@@ -133,10 +133,11 @@ def sinkhorn_attention(*args: Any, **kwargs: Any) -> Tensor:
             out over the query blocks, one-to-one in the limit) or ``"softmax"`` (each row a
             softmax over its allowed key blocks, no column normalisation: many query blocks
             may take the same key block; see `softmax_routing`), ``"sinkhorn-targets"``
-            (causal: prefix balancing towards column targets a causal plan can meet, see
-            [`target_sinkhorn_balance`][sparse_sinkhorn.ops.target_sinkhorn_balance]) or
+            (causal: prefix balancing towards column targets a causal plan can meet,
+            ``columns="reachable"`` in
+            [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance]) or
             ``"sinkhorn-leaky"`` (**not causal**: the paper's causal balancing with columns
-            over all rows, a comparison only).
+            over all rows, ``columns="all-rows"``, a comparison only).
         n_iters, temperature, gumbel_noise, generator: see
             [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance]
             (``n_iters`` is unused with ``balance="softmax"``).

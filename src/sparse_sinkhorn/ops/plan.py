@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .blocks import block_validity, num_blocks, repeat_kv
 from .options import SinkhornOptions, resolve_options
-from .routing import leaky_sinkhorn_balance, softmax_routing, target_sinkhorn_balance
+from .routing import SINKHORN_COLUMNS, softmax_routing
 from .sinkhorn import allowed_entries, hard_routing, sinkhorn_balance
 
 if TYPE_CHECKING:
@@ -97,9 +97,9 @@ def sinkhorn_plan(
     ``options`` (or its fields as keywords, see
     [`SinkhornOptions`][sparse_sinkhorn.ops.SinkhornOptions]) say how:
     ``block_size``, ``is_causal``, ``n_sortcut``, ``hard``, ``balance`` (``"softmax"``:
-    normalise rows only; ``"sinkhorn-targets"``: causal column targets, see
-    [`target_sinkhorn_balance`][sparse_sinkhorn.ops.target_sinkhorn_balance];
-    ``"sinkhorn-leaky"``: not causal, a comparison), ``n_iters``, ``temperature``,
+    normalise rows only; ``"sinkhorn-targets"``: causal column targets, and
+    ``"sinkhorn-leaky"``: not causal, a comparison, see ``columns`` in
+    [`sinkhorn_balance`][sparse_sinkhorn.ops.sinkhorn_balance]), ``n_iters``, ``temperature``,
     ``gumbel_noise``; ``generator`` draws the Gumbel noise. ``key_mask`` is the ``(B, N*W)``
     bool mask of real tokens after internal padding (see
     `sparse_sinkhorn.ops.blocks.padded_mask`); padding-only blocks are dropped from the
@@ -114,15 +114,9 @@ def sinkhorn_plan(
         block_valid=block_validity(key_mask, opts.block_size),
         device=sort_logits.device,
     )
-    balancings = {
-        "sinkhorn": sinkhorn_balance,
-        "sinkhorn-targets": target_sinkhorn_balance,  # causal column targets
-        "sinkhorn-leaky": leaky_sinkhorn_balance,  # not causal: a comparison
-    }
-    # "softmax": rows only, a key block may serve many query blocks
-    route = (
-        partial(balancings[opts.balance], n_iters=opts.n_iters)
-        if opts.balance in balancings
+    route = (  # "softmax": rows only, a key block may serve many query blocks
+        partial(sinkhorn_balance, n_iters=opts.n_iters, columns=SINKHORN_COLUMNS[opts.balance])
+        if opts.balance in SINKHORN_COLUMNS
         else softmax_routing
     )
     p = route(

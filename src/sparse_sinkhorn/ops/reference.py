@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .blocks import num_blocks, repeat_kv
 from .options import SinkhornOptions, resolve_options
+from .routing import SINKHORN_COLUMNS
 from .sinkhorn import sample_gumbel
 
 if TYPE_CHECKING:
@@ -34,17 +35,16 @@ def reference_sinkhorn_balance(
     causal: bool = False,
     allowed: Tensor | None = None,
     noise: Tensor | None = None,
-    targets: bool = False,
-    leaky: bool = False,
+    columns: str = "unit",
 ) -> Tensor:
     """Sinkhorn balancing by the definition, one row / column at a time (float64).
 
     ``allowed`` (broadcastable bool) restricts the support; ``causal`` adds ``j < i``.
-    Causal columns are normalised over rows ``<= i`` only (prefix-causal balancing), to 1,
-    or with ``targets`` to ``t(i, j) = R(i) n(i, j) / sum_k n(i, k)``: ``n(i, j)`` the rows
-    ``<= i`` allowed to read column ``j``, ``R(i)`` the rows ``<= i`` with any allowed entry
-    (``balance="sinkhorn-targets"``). ``leaky``: causal entries, but the paper's rounds
-    (rows, then columns over all rows; ``balance="sinkhorn-leaky"``, not causal).
+    Causal columns are normalised over rows ``<= i`` only (prefix-causal balancing), to 1
+    (``columns="unit"``), or (``"reachable"``) to ``t(i, j) = R(i) n(i, j) / sum_k n(i, k)``:
+    ``n(i, j)`` the rows ``<= i`` allowed to read column ``j``, ``R(i)`` the rows ``<= i``
+    with any allowed entry. ``"all-rows"``: causal entries, but the paper's rounds (rows,
+    then columns over all rows; not causal).
     """
     s = logits.double() + (0 if noise is None else noise.double())
     s = s / temperature
@@ -63,8 +63,8 @@ def reference_sinkhorn_balance(
         total = torch.where(keep, x.exp(), torch.zeros_like(x)).sum(dim=dim, keepdim=True)
         return torch.log(torch.where(total > 0, total, torch.ones_like(total)))
 
-    log_t = torch.zeros_like(s)  # the prefix column targets, t = 1 unless `targets`
-    if causal and targets:
+    log_t = torch.zeros_like(s)  # the prefix column targets, t = 1 unless "reachable"
+    if causal and columns == "reachable":
         for row in range(n_rows):
             reach = ok[..., : row + 1, :].double().sum(-2, keepdim=True)  # n(i, j)
             mass = ok[..., : row + 1, :].any(-1).double().sum(-1)[..., None, None]  # R(i)
@@ -72,7 +72,7 @@ def reference_sinkhorn_balance(
             log_t[..., row : row + 1, :] = torch.where(t > 0, t, torch.ones_like(t)).log()
 
     for _ in range(n_iters):
-        if causal and not leaky:  # column sums over rows <= i only, then rows
+        if causal and columns != "all-rows":  # column sums over rows <= i only, then rows
             cols = [lse(s[..., : i + 1, :], ok[..., : i + 1, :], dim=-2) for i in range(n_rows)]
             s = torch.where(ok, s - torch.cat(cols, dim=-2) + log_t, s)
             s = torch.where(ok, s - lse(s, ok, dim=-1), s)
@@ -202,8 +202,7 @@ def _reference_plan(
     )
     if opts.balance != "softmax":  # (B, H, N, N)
         p = reference_sinkhorn_balance(
-            sort_logits, n_iters=opts.n_iters, targets=opts.balance == "sinkhorn-targets",
-            leaky=opts.balance == "sinkhorn-leaky", **where,
+            sort_logits, n_iters=opts.n_iters, columns=SINKHORN_COLUMNS[opts.balance], **where,
         )  # fmt: skip
     else:
         p = reference_softmax_routing(sort_logits, **where)  # rows only

@@ -18,6 +18,9 @@ from . import validate
 from ._balance_backward import _SinkhornRounds
 from ._balance_steps import _BIG, _NEG, _exp, _run_steps
 
+# What causal balancing's column step aims at (`sinkhorn_balance`'s ``columns``).
+COLUMNS = ("unit", "reachable", "all-rows")
+
 
 def sample_gumbel(
     shape: torch.Size | tuple[int, ...],
@@ -71,6 +74,7 @@ def sinkhorn_balance(
     n_iters: int = 8,
     temperature: float = 0.75,
     causal: bool = False,
+    columns: str = "unit",
     gumbel_noise: bool = False,
     generator: torch.Generator | None = None,
     allowed: Tensor | None = None,
@@ -87,11 +91,34 @@ def sinkhorn_balance(
       ends with the row step, so row ``i`` depends on logits rows ``<= i`` only and every row
       ``i >= 1`` is a convex combination of earlier blocks (sums to 1 exactly).
 
+    A causal matrix whose rows and columns all sum to 1 can only be the shift "block ``i``
+    reads block ``i - 1``", so ``columns`` (causal only) says what the column step aims at:
+
+    * ``"unit"``: every prefix column sums to 1 (the paper's targets, made exactly causal);
+      it converges to that shift whatever the logits.
+    * ``"reachable"``: column ``j`` of the prefix of rows ``<= i`` moves to the target
+      `causal_log_targets` gives, proportional to the rows of the prefix that can read it
+      (``2 (i - j) / (i + 1)`` without padding)::
+
+          column step:  S[i, j] -= log sum_{r <= i} exp(S[r, j]) - log t(i, j)
+
+      so a row follows its logits while no key block is read by much more than its share.
+      Still exactly causal and cache-exact in decoding.
+    * ``"all-rows"``: the paper's causal balancing taken literally, ordinary rounds (rows,
+      then columns over *all* rows) on the masked matrix: row ``i`` then depends on the
+      logits of later blocks, and a causal layer using it sees the future
+      (``examples/causal_leak.py`` measures how much). **Not causal**: a comparison only,
+      which incremental decoding refuses.
+
+    Without ``causal`` every ``columns`` is the paper's non-causal balancing.
+
     Args:
         logits: ``(..., N, M)`` scores, any float dtype.
         n_iters: balancing rounds (0 gives the unnormalised ``exp(S)``, masked; the paper
             reports 5–10 rounds suffice).
         temperature: ``tau > 0``; smaller is closer to a hard permutation.
+        causal: route each query block to strictly earlier key blocks only (see above).
+        columns: ``"unit"``, ``"reachable"`` or ``"all-rows"`` (see above; causal only).
         gumbel_noise: add Gumbel noise (training); sampled from ``generator`` if given.
         allowed: optional bool mask broadcastable to ``logits`` (see `allowed_entries`);
             with ``causal=True`` the causal mask is added to it.
@@ -108,10 +135,35 @@ def sinkhorn_balance(
             S = S - S.logsumexp(-2, keepdim=True)
         P = S.exp()
     """
+    if columns not in COLUMNS and not torch.compiler.is_compiling():
+        raise ValueError(f"columns must be one of {COLUMNS}, got {columns!r}")
     s, allowed = _masked_scores(
         logits, n_iters, temperature, causal, gumbel_noise, generator, allowed
     )
-    return _balance_rounds(s, allowed, n_iters, causal)
+    if not causal or columns == "all-rows":  # "all-rows": columns over every row, the leak
+        return _balance_rounds(s, allowed, n_iters, False)
+    assert allowed is not None
+    log_t = causal_log_targets(allowed, s.dtype) if columns == "reachable" else None
+    return _balance_rounds(s, allowed, n_iters, True, log_targets=log_t)
+
+
+def causal_log_targets(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``log t(i, j)``: the column targets of prefix-causal balancing towards reachable sums.
+
+    With ``n(i, j) = #{r <= i : allowed[r, j]}`` (the rows of prefix ``i`` that can read
+    column ``j``) and ``R(i) = #{r <= i : row r has an allowed entry}`` (the prefix's mass)::
+
+        t(i, j) = R(i) * n(i, j) / sum_k n(i, k)
+
+    Without padding ``t(i, j) = 2 (i - j) / (i + 1)`` for ``j < i``. Each prefix's targets
+    sum to its rows' mass, and a set of columns never gets more than the rows that can reach
+    it. Depends on rows ``<= i`` of ``allowed`` only. 0 where ``t`` is 0 (never an allowed
+    entry). ``allowed``: bool ``(..., N, M)``; returns ``dtype``, of the same shape.
+    """
+    reach = allowed.to(dtype).cumsum(dim=-2)  # n(i, j)
+    mass = allowed.any(dim=-1, keepdim=True).to(dtype).cumsum(dim=-2)  # R(i)
+    t = mass * reach / reach.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return torch.where(t > 0, t, torch.ones_like(t)).log()
 
 
 def _masked_scores(

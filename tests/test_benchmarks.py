@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -152,7 +153,8 @@ def test_generate_report_puts_the_ratios_beside_sdpa() -> None:
 
 def test_generate_runs_alternate_and_keep_the_fastest(tmp_path: Path) -> None:
     """A tiny end-to-end run: with --repeats each case runs that often, the report keeps the
-    fastest per-token run of each and puts the ratios beside sdpa."""
+    fastest per-token run of each (and the median of their peaks) and puts the ratios beside
+    sdpa."""
     argv = ["--lengths", "16", "--layers", "1", "--heads", "2", "--block-size", "8",
             "--new-tokens", "9", "--cache", "static", "--repeats", "2",
             "--out", str(tmp_path)]  # fmt: skip
@@ -162,8 +164,12 @@ def test_generate_runs_alternate_and_keep_the_fastest(tmp_path: Path) -> None:
     assert [(r["impl"], r["runs"]) for r in meta["rows"]] == [("sdpa", 2), ("sinkhorn", 2)]
     assert meta["rows"][1]["routing"]["balance"] == "softmax"
     assert all(r["block_start_s"] > 0 for r in meta["rows"])
+    for row in meta["rows"]:  # peak: the median of the runs' peaks
+        assert len(row["peak_mem_mb_runs"]) == 2
+        assert row["peak_mem_mb"] == statistics.median(row["peak_mem_mb_runs"])
     text = (tmp_path / "generate_static.md").read_text()
-    assert "of 2 runs" in text and "| 16 |" in text.split("per token: sinkhorn / sdpa")[1]
+    assert "2 runs (sdpa and Sinkhorn alternating)" in text
+    assert "| 16 |" in text.split("per token: sinkhorn / sdpa")[1]
 
 
 def test_recall_step_times_kinds_side_by_side(tmp_path: Path) -> None:

@@ -148,25 +148,27 @@ def test_the_ablation_table_and_the_readme_row_are_the_ablation_file() -> None:
     assert f"| {cell} |" in (ROOT / "README.md").read_text()
 
 
-def test_the_sorting_budget_table_is_the_two_budget_files() -> None:
-    """docs/experiments/sorting.md's budget table is ``docs/results/sort/budget-1300.json`` and
-    ``budget-2600.json``: exact match mean ± std per kind at both budgets, and each file's
-    ranking, best first."""
-    budget, doubled = (
-        json.loads((RESULTS / "sort" / f"budget-{n}.json").read_text()) for n in (1300, 2600)
-    )
-    page = (DOCS / "experiments" / "sorting.md").read_text()
+# A page's budget table: its two result files (budget B, then 2B), the metric and its digits.
+BUDGET_TABLES = {
+    "sorting": ("sort/budget-1300.json", "sort/budget-2600.json", "dev/exact_match", 1),
+}
 
-    def exact(result: dict) -> str:
-        mean = result["eval"]["dev/exact_match"]
-        return f"{mean:.1f} ± {result['eval_std']['dev/exact_match']:.1f}"
 
+@pytest.mark.parametrize("page_name", sorted(BUDGET_TABLES))
+def test_a_budget_table_is_its_two_result_files(page_name: str) -> None:
+    """docs/experiments/PAGE.md's budget table is its two result files (the budget B and 2B):
+    the metric's mean ± std per kind at both budgets, 3 seeds each, and each file's ranking,
+    best first."""
+    b_file, b2_file, metric, digits = BUDGET_TABLES[page_name]
+    budget, doubled = (json.loads((RESULTS / f).read_text()) for f in (b_file, b2_file))
+    page = (DOCS / "experiments" / f"{page_name}.md").read_text()
     first = {r["kind"]: r for r in budget["results"]}
     assert set(first) == {r["kind"] for r in doubled["results"]}
     for result in doubled["results"]:
         kind = result["kind"]
         assert len(result["runs"]) == len(first[kind]["runs"]) == 3
-        row = f"| `{kind}` | {exact(first[kind])} | {exact(result)} |"
+        cells = [_seeds_figure(r, metric, digits) for r in (first[kind], result)]
+        row = f"| `{kind}` | {cells[0]} | {cells[1]} |"
         assert row in page, row
     flat = " ".join(page.split())  # a ranking may wrap across lines
     for data in (budget, doubled):

@@ -212,9 +212,9 @@ def report(meta: dict[str, Any]) -> str:
         f"- git commit: {p['git_commit']}"
         + ("" if p.get("git_commit_end", p["git_commit"]) == p["git_commit"] else
            f"; at the end: {p['git_commit_end']} (src/ changed during the run)"),
-        f"- load average at start: {p['load_start']:.2f} (at end: {p.get('load_end', 0):.2f}). "
-        "The machine was shared: other jobs may have run on the same cores during the "
-        "measurements, so the times are upper bounds of an idle machine's.",
+        f"- load average at start: {p['load_start']:.2f} (at end: {p.get('load_end', 0):.2f}); "
+        "what else ran on the machine, if anything, is in the notes at the end (times measured "
+        "beside other jobs are upper bounds of an idle machine's).",
         f"- float32, B = 1, D = {meta['head_dim']}, forward + backward (`torch.autograd.grad` "
         "against a fixed cotangent), "
         + ("in one process (--in-process), " if meta.get("in_process") else

@@ -114,7 +114,7 @@ def test_decoding_refuses_the_non_causal_balancing() -> None:
 
 @pytest.mark.parametrize("kind", ["sinkhorn", "mixture", "sparse", "topk"])
 def test_cached_chunks_and_odd_block_sizes(kind: str) -> None:
-    model = _model(kind, "linear", False, "sum", "fixed", torch.float64, block_size=5, n_iters=0)
+    model = _model(kind, "linear", False, "sum", "fixed", torch.float64, block_size=5)
     ids = torch.randint(0, 13, (3, 31))
     full = model(ids)
     torch.testing.assert_close(_cached_logits(model, ids, 2, chunk=3), full, atol=1e-10, rtol=0)

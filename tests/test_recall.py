@@ -240,7 +240,9 @@ def test_recall_cli_writes_results_and_plots(
         assert 0.0 <= record["eval"]["accuracy"] <= 100.0
         # soft routing is also scored with hard routing; the other kinds have no such score
         assert (HARD in record["eval"]) == (record["kind"] == "softmax-max")
-        assert all(run["seconds_per_step"] > 0 for run in record["runs"])
+        steps = [run["seconds_per_step"] for run in record["runs"]]
+        assert all(t > 0 for t in steps)
+        assert record["seconds_per_step"] == sum(steps) / len(steps)  # the mean, as the table
         peaks = [run["peak_mem_mb"] for run in record["runs"]]
         assert all(p >= 0 for p in peaks) and record["peak_mem_mb"] == min(peaks)
     for name in ("accuracy.png", "cost.png", "results.md"):

@@ -155,6 +155,10 @@ BUDGET_TABLES = {
         "language-modelling", "lm/char-300steps.json", "lm/char-600steps.json",
         "test/bits_per_char", 3,
     ),
+    "subword": (
+        "language-modelling", "lm/subword-300steps.json", "lm/subword-600steps.json",
+        "test/perplexity", 2,
+    ),
     "image": (
         "image", "image/fashion-mnist-150steps.json", "image/fashion-mnist-300steps.json",
         "test/bits_per_dim", 3,

@@ -3,7 +3,7 @@
     python -m benchmarks.attention [--lengths 1024 ... 65536] [--out DIR]
 
 Sinkhorn vs dense (SDPA) vs local, B=1, H=8, D=64, b=64, float32, each case in a fresh
-process (see :mod:`benchmarks.case` for the timing and memory method). Writes
+process (see `benchmarks.case` for the timing and memory method). Writes
 ``attention.csv`` / ``attention.json`` under ``--out`` (default ``benchmarks/results``).
 """
 

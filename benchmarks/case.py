@@ -7,7 +7,7 @@ would be exceeded), median reported; memory covers the timed calls. Forward runs
 ``torch.no_grad()`` (inference); forward+backward calls ``torch.autograd.grad`` of the output
 against a fixed random cotangent.
 
-Peak memory, per mode: :mod:`sparse_sinkhorn.train.memory` (CPU: ``VmHWM`` after the runs
+Peak memory, per mode: `sparse_sinkhorn.train.memory` (CPU: ``VmHWM`` after the runs
 minus ``VmRSS`` at a reset of the kernel's peak-RSS counter; CUDA:
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the runs).
 """

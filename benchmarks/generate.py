@@ -3,7 +3,7 @@
 ``python -m benchmarks.generate`` times ``model.generate`` (greedy, transformers'
 ``DynamicCache``, or ``--cache static`` for a preallocated ``StaticCache``) on one randomly
 initialised Llama-shaped model, once with ``attn_implementation="sdpa"`` and once converted
-with :func:`sparse_sinkhorn.hf.convert` (the same weights plus sort nets), for each prompt
+with `sparse_sinkhorn.hf.convert` (the same weights plus sort nets), for each prompt
 length. Per case, in a fresh process:
 
 * **prefill**: the time to the first generated token (the prompt's forward);

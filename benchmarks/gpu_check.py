@@ -87,7 +87,7 @@ def gpu_test_files(tests: Path = ROOT / "tests") -> list[str]:
 
 
 def run_tests(env: dict[str, str], limit: float, results: Path) -> dict[str, Any]:
-    """``pytest -m gpu`` on :func:`gpu_test_files`; the log and a JUnit XML go to ``results``."""
+    """``pytest -m gpu`` on `gpu_test_files`; the log and a JUnit XML go to ``results``."""
     junit = results / "tests.xml"
     cmd = [sys.executable, "-m", "pytest", *gpu_test_files(), "-m", "gpu", "-q", "-rfEs",
            "--durations=15", "-p", "no:cacheprovider", f"--junitxml={junit}"]  # fmt: skip

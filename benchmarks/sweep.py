@@ -58,7 +58,7 @@ def run_subprocess(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]
 
 
 def run_inprocess(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    """Same as :func:`run_subprocess` without the fresh process (tests; memory less exact)."""
+    """Same as `run_subprocess` without the fresh process (tests; memory less exact)."""
     from .case import run_case
 
     return run_case(spec)

@@ -1,7 +1,7 @@
 """Score the trained models of a `sparse-sinkhorn recall` run again from their checkpoints:
 accuracy with the routing they were trained with, accuracy with hard (argmax) routing (the same
 for a kind trained with it), and per routing layer how often a question's routing reads its
-answer's block (:func:`sparse_sinkhorn.experiments.recall_scoring.routing_hits`; n/a
+answer's block (`sparse_sinkhorn.experiments.recall_scoring.routing_hits`; n/a
 where no question qualifies), on the run's held-out examples. The
 task and length come from the directory's name (``<task>-<length>``), the task's sizes from
 the run's ``results.json`` (the cpu preset's when there is none).

@@ -22,7 +22,7 @@ def op_modes(
     mix_dense: Sequence[bool] = (False,),
     balance: Sequence[str] = ("sinkhorn", "softmax", "sinkhorn-targets"),
 ) -> list[dict[str, Any]]:
-    """Keyword arguments of :func:`sinkhorn_attention` for every valid combination
+    """Keyword arguments of `sinkhorn_attention` for every valid combination
     (``balance`` appears only when it is not the default, Sinkhorn balancing)."""
     modes = []
     for is_causal, n_sortcut, is_hard, is_mix, how in itertools.product(

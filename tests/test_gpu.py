@@ -81,7 +81,7 @@ def _dense_in_dtype(
 ) -> Tensor:
     """Sinkhorn attention as one dense problem, computed in the inputs' dtype and device.
 
-    The construction of :func:`reference_sinkhorn_attention` (token-level permutation
+    The construction of `reference_sinkhorn_attention` (token-level permutation
     ``kron(P, I_W)``, one masked softmax over ``[all keys ; sorted keys]``) with every tensor
     op in the input dtype: what PyTorch's plain dense path gives in that precision. ``P`` is
     balanced in float64 (the op balances in float32 whatever the input dtype).

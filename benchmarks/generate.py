@@ -13,7 +13,9 @@ length. Per case, in a fresh process:
 * **block start**: the longest of those intervals whose token opens a block (its position a
   multiple of ``--block-size``: Sinkhorn routes the block there), beside the median;
 * **peak memory**: ``VmHWM`` during generate minus ``VmRSS`` before it (CPU; see
-  ``benchmarks/case.py``), i.e. the cache and the activations, not the weights.
+  ``benchmarks/case.py``), i.e. the cache and the activations, not the weights; each case runs
+  with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (unless the environment sets it), so
+  that freed large blocks go back to the system and the peak is what the run holds.
 
 ``--repeats N`` runs every case N times (sdpa and Sinkhorn alternating) and keeps the times
 of each case's run with the fastest per-token time (on a loaded machine, the closest to an
@@ -168,7 +170,12 @@ def report(meta: dict[str, Any]) -> str:
         "tokens",
         "- prefill: time to the first token; per token: median interval between later tokens "
         "(max in brackets: a block's first token routes it); peak: VmHWM during generate "
-        "minus VmRSS before it (cache and activations, not weights)"
+        "minus VmRSS before it (cache and activations, not weights"
+        + (
+            f"; glibc's mmap threshold fixed at {p['mmap_threshold']} bytes)"
+            if p.get("mmap_threshold")
+            else ")"
+        )
         + (
             f"; each case: {s['repeats']} runs (sdpa and Sinkhorn alternating), times from "
             "the one with the fastest per-token time, peak the median of the runs' peaks"
@@ -352,10 +359,18 @@ def _check_out(out: Path, stem: str, overwrite: bool) -> None:
         raise SystemExit(f"error: --out {out} is not writable")
 
 
+# glibc's malloc moves its mmap threshold up as large blocks are freed, after which freed memory
+# may stay in the heap: identical runs then differ in VmHWM by up to 60 MiB at 16K tokens. A
+# fixed threshold (which also turns the dynamic one off) returns every large block to the
+# system when it is freed, so the peak is what the run holds (`MMAP_THRESHOLD`, bytes).
+MMAP_THRESHOLD = 131072
+
+
 def _run_child(argv: list[str], impl: str, length: int) -> dict[str, Any]:
     """One case in a fresh process; its own error, when it fails, as ours."""
     cmd = [sys.executable, "-m", "benchmarks.generate", *argv, "--case", f"{impl}:{length}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ}  # the caller's wins
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         raise SystemExit(f"error: case {impl} at {length} tokens failed: {lines[-1]}")
@@ -405,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "machine": machine_info("cpu"),
             "transformers": transformers.__version__,
             "load": list(load),
+            "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD)),
         },
     }
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -169,6 +169,8 @@ def test_generate_runs_alternate_and_keep_the_fastest(tmp_path: Path) -> None:
         assert row["peak_mem_mb"] == statistics.median(row["peak_mem_mb_runs"])
     text = (tmp_path / "generate_static.md").read_text()
     assert "2 runs (sdpa and Sinkhorn alternating)" in text
+    assert meta["provenance"]["mmap_threshold"] == "131072"  # freed blocks leave the peak
+    assert "mmap threshold fixed at 131072 bytes" in text
     assert "| 16 |" in text.split("per token: sinkhorn / sdpa")[1]
 
 

@@ -163,7 +163,8 @@ BUDGET_TABLES = {
         "test/perplexity", 2,
     ),
     "image": (
-        "image", ("image/fashion-mnist-150steps.json", "image/fashion-mnist-300steps.json"),
+        "image",
+        tuple(f"image/fashion-mnist-{n}steps.json" for n in (150, 300, 600)),
         "test/bits_per_dim", 3,
     ),
 }  # fmt: skip

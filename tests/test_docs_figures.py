@@ -402,3 +402,34 @@ def test_the_long_context_cost_at_length_sentence_is_the_benchmark_file() -> Non
     )
     assert expected in text, expected
     assert f"local attention's as L^{local['overall']['exponent']:.2f}" in text
+
+
+def test_the_static_cache_decoding_figures_are_the_generate_file() -> None:
+    """docs/huggingface.md's static-cache table and the README's per-token growth are
+    ``benchmarks/results/generate_static.json``: per length, prefill, per-token time and its
+    ratio, block-start / median token and peak memory with its ratio."""
+    meta = json.loads((ROOT / "benchmarks" / "results" / "generate_static.json").read_text())
+    rows = {(r["impl"], r["length"]): r for r in meta["rows"]}
+    page = (DOCS / "huggingface.md").read_text()
+    for n, name in ((1024, "1K"), (4096, "4K"), (16384, "16K")):
+        a, b = rows[("sdpa", n)], rows[("sinkhorn", n)]
+        cells = [
+            f"{a['prefill_s']:.2f} s / {b['prefill_s']:.2f} s",
+            f"{1e3 * a['per_token_s']:.1f} ms / {1e3 * b['per_token_s']:.1f} ms "
+            f"({b['per_token_s'] / a['per_token_s']:.2f}×)",
+            f"{a['block_start_s'] / a['per_token_s']:.1f} / "
+            f"{b['block_start_s'] / b['per_token_s']:.1f}",
+            f"{a['peak_mem_mb']:.0f} / {b['peak_mem_mb']:.0f} MiB "
+            f"({b['peak_mem_mb'] / a['peak_mem_mb']:.2f}×)",
+        ]
+        row = f"| {name} | " + " | ".join(cells) + " |"
+        assert row in page, row
+    growth = [
+        rows[(i, 16384)]["per_token_s"] / rows[(i, 1024)]["per_token_s"]
+        for i in ("sinkhorn", "sdpa")
+    ]
+    flat = " ".join(page.split())
+    assert f"Per-token time at 16K is {growth[0]:.2f}× that at 1K" in flat
+    assert f"({growth[1]:.2f}× with `sdpa`" in flat
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"({growth[0]:.2f}× from 1K to 16K tokens, `sdpa` {growth[1]:.2f}×" in readme

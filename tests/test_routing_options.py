@@ -139,6 +139,39 @@ def test_topk_grouped_query_equals_repeated_kv(kv_heads: int, compressed: bool) 
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+@pytest.mark.parametrize("top_k", [1, 3], ids=["k1", "k3"])
+def test_topk_merged_parts_equal_the_one_softmax_path(
+    causal: bool, top_k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without padding, dropout or the compressed branch (and ``L`` a multiple of ``W``) the
+    op merges its own-block and picked-block parts through their log-sum-exp; an all-True
+    padding mask sends the same inputs through the one-softmax path. Both agree, forward and
+    backward, with grouped-query keys, in float32 on the flash kernels."""
+    from sparse_sinkhorn.ops import topk
+
+    merged = []
+    apply = topk._OwnAndPicked.apply
+    monkeypatch.setattr(topk._OwnAndPicked, "apply", lambda *a: merged.append(1) or apply(*a))
+    q = torch.randn(2, 4, 64, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 64, 8, requires_grad=True) for _ in range(2))
+    opts = dict(block_size=8, top_k=top_k, is_causal=causal, gate="bound")
+    out = topk_block_attention(q, k, v, **opts)
+    assert merged == [1]
+    one = topk_block_attention(
+        q, k, v, key_padding_mask=torch.ones(2, 64, dtype=torch.bool), **opts
+    )
+    assert merged == [1]
+    torch.testing.assert_close(out, one, atol=1e-5, rtol=1e-5)
+    cot = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v), cot),
+        torch.autograd.grad(one, (q, k, v), cot),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_topk_selection_picks_the_best_earlier_blocks() -> None:
     q, k, _ = _qkv(24)
     idx = topk_block_selection(q, k, block_size=4, top_k=2, is_causal=True)  # (B, H, L, 2)

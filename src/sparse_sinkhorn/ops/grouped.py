@@ -31,20 +31,33 @@ def _round_up(n: int) -> int:
 
 
 class _Regroup(torch.autograd.Function):
-    """``cat([x, 0]).index_select(0, forward)`` whose backward is the same gather with the
-    inverse map ``backward``, not a scatter-add: between pairs and tile rows every real entry
-    has exactly one place, and an entry mapped to the appended zero row gets no gradient."""
+    """``x.index_select(0, forward)`` with the rows ``forward_empty`` set to 0, whose backward
+    is the same gather with the inverse map (``backward``, ``backward_empty``), not a
+    scatter-add: between pairs and tile rows every real entry has exactly one place, and an
+    empty entry gets no gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, forward: Tensor, backward: Tensor) -> Tensor:
-        ctx.save_for_backward(backward)
-        return torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, forward)
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        forward: Tensor,
+        forward_empty: Tensor,
+        backward: Tensor,
+        backward_empty: Tensor,
+    ) -> Tensor:
+        ctx.save_for_backward(backward, backward_empty)
+        return _gather_rows(x, forward, forward_empty)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (backward,) = ctx.saved_tensors
-        grad = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])]).index_select(0, backward)
-        return grad, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        backward, backward_empty = ctx.saved_tensors
+        return _gather_rows(grad, backward, backward_empty), None, None, None, None
+
+
+def _gather_rows(x: Tensor, index: Tensor, empty: Tensor) -> Tensor:
+    """``x.index_select(0, index)`` with the rows listed in ``empty`` zeroed (whatever ``x``
+    holds at the row they point to, NaN included)."""
+    return x.index_select(0, index).index_fill_(0, empty, 0.0)
 
 
 class _TileBlocks(torch.autograd.Function):
@@ -66,6 +79,13 @@ class _TileBlocks(torch.autograd.Function):
         return out.view(ctx.shape), None
 
 
+def _unlisted(listed: Tensor, n: int) -> Tensor:
+    """The indices in ``range(n)`` that ``listed`` (distinct indices) does not hold."""
+    free = torch.ones(n, dtype=torch.bool, device=listed.device)
+    free[listed] = False
+    return free.nonzero().squeeze(-1)
+
+
 class BlockGroups:
     """The tiling of ``picked`` ``(G, L, k)`` block indices (-1: no block) over ``n_blocks``
     key blocks per group ``g``. Pairs with no block are left out of every tile (their scores
@@ -76,13 +96,15 @@ class BlockGroups:
         g, length, k = picked.shape
         device = picked.device
         self.shape = (g, length, k)
+        self.has_block = picked >= 0  # (G, L, k)
         flat = picked.reshape(-1)  # (P,)
-        group = torch.arange(g, device=device).repeat_interleave(length * k)  # (P,)
-        real = flat >= 0
-        pair = real.nonzero().squeeze(-1)  # (R,) pairs that read a block
-        key = group[pair] * n_blocks + flat[pair]  # (R,) the (g, block) each reads
-        key, order = torch.sort(key, stable=True)
-        pair = pair[order]
+        group = torch.arange(0, g * n_blocks, n_blocks, device=device)  # (G,) g's first key
+        group = group[:, None].expand(g, length * k).reshape(-1)  # (P,)
+        # the (g, block) each pair reads; pairs without a block sort last (key G*N)
+        key = torch.where(flat >= 0, group + flat, g * n_blocks)
+        key, pair = torch.sort(key, stable=True)
+        n_real = int(self.has_block.sum())
+        key, pair = key[:n_real], pair[:n_real]  # (R,) the pairs that read a block
         counts = torch.bincount(key, minlength=g * n_blocks)  # (G*N,)
         tiles = num_blocks(counts, tile)  # tiles per (g, block)
         tile_start = torch.cumsum(tiles, 0) - tiles  # first tile of each (g, block)
@@ -99,41 +121,61 @@ class BlockGroups:
         )
         spare = torch.zeros(self.n_tiles - len(used), dtype=torch.long, device=device)
         self.tile_block = torch.cat([used, spare])  # spare tiles: empty rows, any block
-        # tile row -> pair (P for an empty row: a zero row appended to the pair table)
-        n_pairs = g * length * k
-        self.row_pair = torch.full((self.n_tiles * tile,), n_pairs, dtype=torch.long, device=device)
+        # tile row -> pair, and the rows without a pair (zeros)
+        n_pairs, n_rows = g * length * k, self.n_tiles * tile
+        self.row_pair = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.row_pair[slot] = pair
-        # pair -> tile row (a pair without a block reads row n_tiles * tile: a zero row)
-        self.pair_row = torch.full((n_pairs,), self.n_tiles * tile, dtype=torch.long, device=device)
+        self.empty_rows = _unlisted(slot, n_rows)
+        # pair -> tile row, and the pairs without a block (zeros)
+        self.pair_row = torch.zeros(n_pairs, dtype=torch.long, device=device)
         self.pair_row[pair] = slot
+        self.blockless_pairs = _unlisted(pair, n_pairs)
 
     def _rows(self, per_pair: Tensor) -> Tensor:
-        """``(P, F)`` -> ``(n_tiles, T, F)``, zeros in empty rows."""
-        rows = _Regroup.apply(per_pair, self.row_pair, self.pair_row)
+        """``(P, F)`` -> ``(n_tiles, T, F)``, zeros in empty rows (differentiable)."""
+        rows = _Regroup.apply(
+            per_pair, self.row_pair, self.empty_rows, self.pair_row, self.blockless_pairs
+        )
         return rows.view(self.n_tiles, self.tile, per_pair.shape[-1])
 
     def _pairs(self, per_row: Tensor) -> Tensor:
         """``(n_tiles, T, F)`` -> ``(P, F)``, zeros for pairs without a block."""
         flat = per_row.reshape(self.n_tiles * self.tile, per_row.shape[-1])  # also 0 tiles
-        return _Regroup.apply(flat, self.pair_row, self.row_pair)
+        return _Regroup.apply(
+            flat, self.pair_row, self.blockless_pairs, self.row_pair, self.empty_rows
+        )
+
+    def per_token_rows(self, x: Tensor) -> Tensor:
+        """``(G, L, F)`` per token -> ``(n_tiles, T, F)``: each (token, pick) pair's copy of
+        its token's row in its tile row, zeros in empty rows."""
+        g, length, k = self.shape
+        per_pair = x[:, :, None, :].expand(g, length, k, x.shape[-1]).reshape(-1, x.shape[-1])
+        return self._rows(per_pair)
+
+    def blocks(self, xb: Tensor) -> Tensor:
+        """``(G, N, W, F)`` blocks -> ``(n_tiles, W, F)``: each tile's block
+        (differentiable: the backward sums each tile's gradient into its block)."""
+        return _TileBlocks.apply(xb.reshape(-1, *xb.shape[2:]), self.tile_block)
 
     def scores(self, q: Tensor, kb: Tensor) -> Tensor:
         """``q`` ``(G, L, D)``, key blocks ``kb`` ``(G, N, W, D)`` -> ``(G, L, k, W)``: each
         token's dot products with the keys of each block it picked (0 where it picked none)."""
         g, length, k = self.shape
-        per_pair = q[:, :, None, :].expand(g, length, k, q.shape[-1]).reshape(-1, q.shape[-1])
-        keys = _TileBlocks.apply(kb.reshape(-1, *kb.shape[2:]), self.tile_block)  # (tiles, W, D)
-        out = torch.bmm(self._rows(per_pair), keys.transpose(1, 2))  # (tiles, T, W)
+        out = torch.bmm(self.per_token_rows(q), self.blocks(kb).transpose(1, 2))  # (tiles, T, W)
         return self._pairs(out).view(g, length, k, -1)
 
     def mix(self, probs: Tensor, vb: Tensor) -> Tensor:
         """``probs`` ``(G, L, k, W)`` over the picked blocks' keys, value blocks ``vb``
         ``(G, N, W, Dv)`` -> ``(G, L, Dv)``: each token's weighted sum of those values."""
         g, length, k = self.shape
-        values = _TileBlocks.apply(vb.reshape(-1, *vb.shape[2:]), self.tile_block)  # (tiles, W, Dv)
         rows = self._rows(probs.reshape(-1, probs.shape[-1]))  # (tiles, T, W)
-        out = self._pairs(torch.bmm(rows, values))  # (P, Dv)
+        out = self._pairs(torch.bmm(rows, self.blocks(vb)))  # (P, Dv)
         return out.view(g, length, k, -1).sum(dim=2)
+
+    def per_pair(self, per_row: Tensor) -> Tensor:
+        """``(n_tiles, T, F)`` -> ``(G, L, k, F)``, zeros for pairs without a block
+        (differentiable)."""
+        return self._pairs(per_row).view(*self.shape, per_row.shape[-1])
 
 
 __all__ = ["TILE", "BlockGroups"]

@@ -60,7 +60,7 @@ def flash_parts_available(x: Tensor) -> bool:
     return False
 
 
-def _part_forward(
+def part_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, flash: bool
 ) -> tuple[Tensor, Tensor, tuple[Any, ...]]:
     """One part: ``(G, N, W, D)`` in -> ``(G, N, W, Dv)`` output, ``(G, N, W)`` float lse,
@@ -150,8 +150,8 @@ def merged_forward(
     """
     # the flash kernels need one head dim for Q, K and V; a value dim of its own takes matmuls
     flash = flash_parts_available(q) and v.shape[-1] == q.shape[-1]
-    out, lse, aux1 = _part_forward(q, k, v, causal, scale, flash)  # local part
-    o2, l2, aux2 = _part_forward(q, ks, vs, False, scale, flash)  # sorted part
+    out, lse, aux1 = part_forward(q, k, v, causal, scale, flash)  # local part
+    o2, l2, aux2 = part_forward(q, ks, vs, False, scale, flash)  # sorted part
     if no_sorted is not None:
         l2 = l2.masked_fill(no_sorted, _NEG_INF)
     merged = torch.logaddexp(lse, l2)  # (..., W)

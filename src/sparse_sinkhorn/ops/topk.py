@@ -3,6 +3,8 @@ each query token attends to its own block and the earlier blocks its gate picks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -11,6 +13,7 @@ from torch import Tensor
 from .baselines import _causal_mask, _check_blocked
 from .blocks import pad_to_blocks, padded_mask, repeat_kv, zero_padding
 from .grouped import BlockGroups
+from .lse_merge import flash_parts_available, part_backward, part_forward
 
 GATES = ("mean", "bound")  # topk block scores: MoBA's q . mean(K), Quest's upper bound
 
@@ -57,11 +60,11 @@ def topk_block_selection(
             k_mean = zero_padding(kb, real).sum(dim=3) / count  # (B, H, N, D)
         score = torch.einsum("bhld,bhnd->bhln", q, k_mean.to(wide))
     else:
-        k_max, k_min = kb.to(wide), kb.to(wide)
-        if real is not None:  # padding never sets a bound; a block without a real key: 0
-            k_max = k_max.masked_fill(~real, float("-inf"))
-            k_min = k_min.masked_fill(~real, float("inf"))
-        k_max, k_min = k_max.amax(dim=3), k_min.amin(dim=3)  # (B, H, N, D)
+        if real is None:
+            k_min, k_max = torch.aminmax(kb.to(wide), dim=3)  # (B, H, N, D)
+        else:  # padding never sets a bound; a block without a real key: 0
+            k_max = kb.to(wide).masked_fill(~real, float("-inf")).amax(dim=3)
+            k_min = kb.to(wide).masked_fill(~real, float("inf")).amin(dim=3)
         if valid is not None:
             k_max = torch.where(valid[..., None], k_max, 0.0)
             k_min = torch.where(valid[..., None], k_min, 0.0)
@@ -75,9 +78,13 @@ def topk_block_selection(
     allowed = allowed[None, None]  # (1, 1, L, N)
     if valid is not None:
         allowed = allowed & valid[:, :, None, :]  # (B, 1, L, N)
-    score = score.masked_fill_(~allowed, float("-inf"))  # a fresh tensor, no gradient
-    if top_k == 1:  # the common case: a max is cheaper than topk
-        best, idx = (t[..., None] for t in score.max(dim=-1))  # (B, H, L, 1)
+    # -inf where not allowed, as an added bias: on CPU much faster than a broadcast masked_fill
+    bias = torch.zeros(allowed.shape, dtype=score.dtype, device=score.device)
+    score = score.add_(bias.masked_fill_(~allowed, float("-inf")))  # a fresh tensor
+    if top_k == 1:  # the common case: the first maximum, from reductions without indices
+        best = score.amax(dim=-1, keepdim=True)  # (B, H, L, 1)
+        rank = torch.arange(n, 0, -1, device=score.device, dtype=score.dtype)  # N - j
+        idx = n - torch.where(score == best, rank, 0.0).amax(dim=-1, keepdim=True).long()
     else:
         best, idx = score.topk(min(top_k, n), dim=-1)  # (B, H, L, k)
     return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1))
@@ -132,6 +139,13 @@ def topk_block_attention(
         key_padding_mask=key_padding_mask,
         gate=gate,
     )  # (B, H, L, k)
+    if mask is None and not compressed and dropout_p == 0.0 and length % w == 0:
+        qb, kb, vb = (
+            rearrange(t, "b h (n w) d -> (b h) n w d", w=w) for t in (query, key, value)
+        )  # (G, N, W, D)
+        groups = BlockGroups(rearrange(idx, "b h l k -> (b h) l k"), length // w)
+        out = _OwnAndPicked.apply(qb, kb, vb, groups, is_causal, scale)  # (G, L, Dv)
+        return rearrange(out, "(b h) l d -> b h l d", b=batch).to(query.dtype)
     q, k, v = (pad_to_blocks(t, w) for t in (query, key, value))  # (B, H, N*W, D)
     if mask is not None:
         real = mask[:, None, :, None]  # (B, 1, N*W, 1)
@@ -171,6 +185,66 @@ def topk_block_attention(
     )
     out = rearrange(out, "(b h) l d -> b h l d", b=batch)
     return out[:, :, :length].to(query.dtype)
+
+
+class _OwnAndPicked(torch.autograd.Function):
+    """One softmax over each query's own block (the causal triangle when causal) and the
+    blocks it picked, computed as attention parts merged through their log-sum-exp
+    (`lse_merge`): the own part is one ``(W, W)`` problem per block, the picked part one
+    ``(T, W)`` problem per tile of `BlockGroups` (queries that read the same block), each
+    on the flash kernel where `flash_parts_available`. No score tensor of a query's whole
+    width is built; the backward hands each part's kernel the merged output and
+    log-sum-exp. Without padding, dropout or the compressed branch, and for ``L`` a
+    multiple of ``W``; `topk_block_attention` takes the general path otherwise.
+
+    ``q, k, v`` ``(G, N, W, D)`` blocks -> ``(G, N*W, Dv)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, groups: BlockGroups, causal: bool, scale: float
+    ) -> Tensor:
+        g, n, w, d = q.shape
+        flash = flash_parts_available(q) and v.shape[-1] == d
+        qb, kb, vb = (t.reshape(g * n, 1, w, t.shape[-1]) for t in (q, k, v))  # a block a row
+        o1, l1, aux1 = part_forward(qb, kb, vb, causal, scale, flash)  # (G*N, 1, W, Dv)
+        q_rows = groups.per_token_rows(q.reshape(g, n * w, d))[:, None]  # (tiles, 1, T, D)
+        k_tiles, v_tiles = groups.blocks(k)[:, None], groups.blocks(v)[:, None]  # (tiles,1,W,D)
+        o2, l2, aux2 = part_forward(q_rows, k_tiles, v_tiles, False, scale, flash)
+        l2 = groups.per_pair(l2.squeeze(1)[..., None]).squeeze(-1)  # (G, L, k)
+        l2 = l2.masked_fill(~groups.has_block, float("-inf"))  # a pair without a block
+        parts = torch.cat([l1.reshape(g, n * w, 1), l2], dim=-1)  # (G, L, 1 + k)
+        lse = torch.logsumexp(parts, dim=-1)  # (G, L)
+        share = (parts - lse[..., None]).exp().to(o1.dtype)  # each part's weight
+        o2 = groups.per_pair(o2.squeeze(1))  # (G, L, k, Dv)
+        out = o1.reshape(g, n * w, -1) * share[..., :1] + (o2 * share[..., 1:, None]).sum(2)
+        ctx.save_for_backward(qb, kb, vb, q_rows, k_tiles, v_tiles, out, lse)
+        ctx.groups, ctx.causal, ctx.scale, ctx.info = groups, causal, scale, (flash, aux1, aux2)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        qb, kb, vb, q_rows, k_tiles, v_tiles, out, lse = ctx.saved_tensors
+        groups, scale, info = ctx.groups, ctx.scale, ctx.info
+        g, length, dv = out.shape
+        gn, _, w, d = qb.shape
+        dout = dout.contiguous()
+        dq, dk, dv_ = part_backward(
+            dout.view(gn, 1, w, dv), qb, kb, vb, out.view(gn, 1, w, dv), lse.view(gn, 1, w),
+            ctx.causal, scale, info, part=0,
+        )  # fmt: skip
+        # the picked part: each pair's row of the merged dout, out and lse, in tiles; an
+        # empty row has dout = 0, so it adds nothing
+        d_rows, o_rows = (groups.per_token_rows(x)[:, None] for x in (dout, out))
+        l_rows = groups.per_token_rows(lse[..., None])[:, None, :, 0]  # (tiles, 1, T)
+        dq2, dk2, dv2 = part_backward(
+            d_rows, q_rows, k_tiles, v_tiles, o_rows, l_rows, False, scale, info, part=1
+        )
+        dq = dq.view(g, length, d).add_(groups.per_pair(dq2.squeeze(1)).sum(2))
+        dk = dk.view(gn, w, d).index_add_(0, groups.tile_block, dk2.squeeze(1))
+        dv_ = dv_.view(gn, w, dv).index_add_(0, groups.tile_block, dv2.squeeze(1))
+        shape = (g, gn // g, w)
+        return dq.view(*shape, d), dk.view(*shape, d), dv_.view(*shape, dv), None, None, None
 
 
 def _compressed_branch(

@@ -110,7 +110,8 @@ class BlockGroups:
         tile_start = torch.cumsum(tiles, 0) - tiles  # first tile of each (g, block)
         pair_start = torch.cumsum(counts, 0) - counts  # first sorted pair of each (g, block)
         rank = torch.arange(len(key), device=device) - pair_start[key]  # rank within its block
-        slot = (tile_start[key] + rank // tile) * tile + rank % tile  # (R,) row of the tiles
+        slot = tile_start[key] * tile + rank  # (R,) row of the tiles: a block's tiles are
+        # consecutive, so its r-th pair sits r rows after its first tile's first row
         # the tile count, rounded up to one of a few sizes (four per octave): a step's shapes
         # repeat across steps, so the allocator reuses its buffers instead of fragmenting
         self.n_tiles = _round_up(int(tiles.sum()))

@@ -50,6 +50,7 @@ def topk_block_selection(
     kb = rearrange(pad_to_blocks(key.detach(), w), "b h (n w) d -> b h n w d", w=w)
     real = None if mask is None else rearrange(mask, "b (n w) -> b 1 n w 1", w=w)
     valid = None if real is None else real.squeeze(-1).any(dim=-1)  # (B, 1, N): a real key
+    n = kb.shape[2]
     wide = torch.promote_types(query.dtype, torch.float32)  # the gate in float32 at least
     q = query.detach().to(wide)
     if gate == "mean":
@@ -68,10 +69,10 @@ def topk_block_selection(
         if valid is not None:
             k_max = torch.where(valid[..., None], k_max, 0.0)
             k_min = torch.where(valid[..., None], k_min, 0.0)
-        # one product: [q+, q-] . [max, min] = sum_d max(q_d min_d, q_d max_d)
-        q_sides = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # (B, H, L, 2D)
-        score = q_sides @ torch.cat([k_max, k_min], dim=-1).mT  # (B, H, L, N)
-    n = kb.shape[2]
+        # sum_d max(q_d min_d, q_d max_d) = q . max + min(q, 0) . (min - max)
+        q3, k3 = q.flatten(0, 1), k_max.flatten(0, 1)  # (B*H, L, D), (B*H, N, D)
+        span = (k_min - k_max).flatten(0, 1)
+        score = torch.baddbmm(q3 @ k3.mT, q3.clamp(max=0), span.mT).view(batch, -1, length, n)
     t_blk = torch.arange(length, device=query.device)[:, None] // w  # (L, 1)
     j = torch.arange(n, device=query.device)[None, :]  # (1, N)
     allowed = (j < t_blk) if is_causal else (j != t_blk)  # (L, N)

@@ -120,7 +120,10 @@ def topk_block_attention(
 
     The selected blocks are multiplied a tile of queries at a time
     (`BlockGroups`): O(L·k·(W + D)) gathered numbers, no per-token copy of a
-    block.
+    block. Without padding, dropout or ``compressed``, and for ``L`` a multiple of the block
+    size, the own block and the picked blocks are separate attention parts (flash kernels
+    where available) merged through their log-sum-exp; otherwise one softmax over the
+    concatenated scores. Both equal the float64 reference.
     """
     _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale, gqa=True)
     bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0

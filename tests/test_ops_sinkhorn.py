@@ -105,6 +105,8 @@ def test_balance_matches_loop_reference() -> None:
 def test_balance_refuses_unknown_columns() -> None:
     with pytest.raises(ValueError, match="columns must be one of"):
         sinkhorn_balance(torch.randn(4, 4), causal=True, columns="targets")
+    with pytest.raises(ValueError, match="columns must be one of"):  # and so does the oracle
+        reference_sinkhorn_balance(torch.randn(4, 4), causal=True, columns="targets")
 
 
 @pytest.mark.parametrize(

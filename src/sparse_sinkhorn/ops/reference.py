@@ -19,7 +19,7 @@ from torch import Tensor
 from .blocks import num_blocks, repeat_kv
 from .options import SinkhornOptions, resolve_options
 from .routing import SINKHORN_COLUMNS
-from .sinkhorn import sample_gumbel
+from .sinkhorn import COLUMNS, sample_gumbel
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -46,6 +46,8 @@ def reference_sinkhorn_balance(
     with any allowed entry. ``"all-rows"``: causal entries, but the paper's rounds (rows,
     then columns over all rows; not causal).
     """
+    if columns not in COLUMNS:
+        raise ValueError(f"columns must be one of {COLUMNS}, got {columns!r}")
     s = logits.double() + (0 if noise is None else noise.double())
     s = s / temperature
     n_rows, n_cols = s.shape[-2:]

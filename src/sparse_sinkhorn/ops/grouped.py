@@ -161,17 +161,14 @@ class BlockGroups:
     def scores(self, q: Tensor, kb: Tensor) -> Tensor:
         """``q`` ``(G, L, D)``, key blocks ``kb`` ``(G, N, W, D)`` -> ``(G, L, k, W)``: each
         token's dot products with the keys of each block it picked (0 where it picked none)."""
-        g, length, k = self.shape
         out = torch.bmm(self.per_token_rows(q), self.blocks(kb).transpose(1, 2))  # (tiles, T, W)
-        return self._pairs(out).view(g, length, k, -1)
+        return self.per_pair(out)
 
     def mix(self, probs: Tensor, vb: Tensor) -> Tensor:
         """``probs`` ``(G, L, k, W)`` over the picked blocks' keys, value blocks ``vb``
         ``(G, N, W, Dv)`` -> ``(G, L, Dv)``: each token's weighted sum of those values."""
-        g, length, k = self.shape
         rows = self._rows(probs.reshape(-1, probs.shape[-1]))  # (tiles, T, W)
-        out = self._pairs(torch.bmm(rows, self.blocks(vb)))  # (P, Dv)
-        return out.view(g, length, k, -1).sum(dim=2)
+        return self.per_pair(torch.bmm(rows, self.blocks(vb))).sum(dim=2)  # (G, L, Dv)
 
     def per_pair(self, per_row: Tensor) -> Tensor:
         """``(n_tiles, T, F)`` -> ``(G, L, k, F)``, zeros for pairs without a block

@@ -1,0 +1,121 @@
+"""MoBA's top-k block attention on PyTorch's FlexAttention: the gate's choice as a block mask.
+
+[`topk_block_attention`][sparse_sinkhorn.ops.topk_block_attention] multiplies the picked blocks
+with the project's own grouped kernels (forward and backward on every device);
+`flex_topk_block_attention` hands the same problem to ``torch.nn.attention.flex_attention``,
+whose compiled kernels (CUDA) skip the tiles no query of a tile reads and evaluate the
+per-token mask inside the rest. It is the GPU path: in torch 2.13 FlexAttention has no backward
+on the CPU, where it runs un-compiled (every score materialised), forward only.
+
+Axes: B batch, H heads, H_kv key/value heads, L length, N blocks, W block size, k picks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from .baselines import _check_blocked, _drop_padding
+from .blocks import num_blocks, repeat_kv
+from .topk import topk_block_selection
+
+_COMPILED: dict[str, Any] = {}  # flex_attention compiled once per process (CUDA)
+
+
+def topk_block_mask(
+    picks: Tensor,
+    *,
+    block_size: int,
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+) -> BlockMask:
+    """The FlexAttention block mask of "own block (causal triangle) or a picked block".
+
+    Args:
+        picks: ``(B, H, L, k)`` block indices, -1 for none (what
+            [`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection] returns).
+        key_padding_mask: ``(B, L)`` bool, True = real key; a padded key is never read.
+
+    Returns:
+        a ``BlockMask`` over ``(L, L)`` whose ``mask_mod`` is exact per token (its tiles of
+        FlexAttention's default size only decide which tiles the kernel visits).
+    """
+    batch, heads, length, _ = picks.shape
+    w = block_size
+    n = num_blocks(length, w)
+    # (B, H, L, N + 1) bool: token t reads block j; column N collects the -1 picks
+    read = torch.zeros(batch, heads, length, n + 1, dtype=torch.bool, device=picks.device)
+    read.scatter_(-1, picks.where(picks >= 0, n), True)
+    read = read[..., :n].contiguous()
+    real = key_padding_mask
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        own = (q_idx // w) == (kv_idx // w)
+        if is_causal:
+            own = own & (kv_idx <= q_idx)
+        keep = own | read[b, h, q_idx, kv_idx // w]
+        return keep if real is None else keep & real[b, kv_idx]
+
+    compile_mask = picks.is_cuda
+    return create_block_mask(
+        mask_mod, batch, heads, length, length, device=picks.device, _compile=compile_mask
+    )
+
+
+def flex_topk_block_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    block_size: int,
+    top_k: int = 1,
+    is_causal: bool = False,
+    gate: str = "mean",
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """[`topk_block_attention`][sparse_sinkhorn.ops.topk_block_attention] (without its
+    ``compressed`` branch and dropout) on FlexAttention: the same gate, the same attention,
+    equal to [`reference_topk_block_attention`][sparse_sinkhorn.ops.reference_topk_block_attention].
+
+    On CUDA ``flex_attention`` is compiled (once per process) and trains; on the CPU it runs
+    un-compiled and forward only: inputs that require a gradient are refused there.
+    """
+    _check_blocked(query, key, value, block_size, key_padding_mask, 0.0, scale, gqa=True)
+    bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0
+    if bad_k:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if wants_grad and not query.is_cuda:
+        raise NotImplementedError(
+            "flex_topk_block_attention: FlexAttention has no backward on the CPU in this "
+            "torch; train with topk_block_attention (the same attention), or run under "
+            "torch.no_grad()"
+        )
+    heads = query.shape[1]
+    picks = topk_block_selection(
+        query,
+        repeat_kv(key, heads),
+        block_size=block_size,
+        top_k=top_k,
+        is_causal=is_causal,
+        key_padding_mask=key_padding_mask,
+        gate=gate,
+    )  # (B, H, L, k)
+    mask = topk_block_mask(
+        picks, block_size=block_size, is_causal=is_causal, key_padding_mask=key_padding_mask
+    )
+    if key_padding_mask is not None:  # no padded value (NaN included) reaches a real output
+        key, value = _drop_padding(key, value, key_padding_mask)
+    attend = flex_attention
+    if query.is_cuda:
+        attend = _COMPILED.setdefault("flex", torch.compile(flex_attention))
+    out = attend(query, key, value, block_mask=mask, scale=scale, enable_gqa=key.shape[1] != heads)
+    assert isinstance(out, Tensor)
+    return out
+
+
+__all__ = ["flex_topk_block_attention", "topk_block_mask"]

@@ -1,0 +1,118 @@
+"""`ops.flex_topk_block_attention`, MoBA's top-k block attention on FlexAttention: equal to the
+float64 reference on the CPU (forward; FlexAttention has no CPU backward in torch 2.13), the
+block mask skips the tiles no query reads, and on CUDA (marker ``gpu``) forward and backward."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from sparse_sinkhorn.ops import (
+    flex_topk_block_attention,
+    reference_topk_block_attention,
+    topk_block_attention,
+    topk_block_mask,
+)
+
+# (length, block size, top_k, causal, gate, padded, key/value heads): every combination of a
+# whole and a partial last block, two block sizes, one and three picks, causal or not, both
+# gates; each unpadded with as many key/value heads as heads, and padded with grouped heads.
+GRID = [
+    (*shape, padded, kv)
+    for shape in itertools.product([64, 70], [8, 16], [1, 3], [False, True], ["mean", "bound"])
+    for padded, kv in [(False, 4), (True, 2)]
+]
+
+
+def _inputs(length: int, kv_heads: int, padded: bool, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, length, 8, generator=g, dtype=dtype)
+    k, v = (torch.randn(2, kv_heads, length, 8, generator=g, dtype=dtype) for _ in range(2))
+    mask = None
+    if padded:  # the second sequence ends 13 tokens early; its padded keys/values are NaN
+        mask = torch.ones(2, length, dtype=torch.bool)
+        mask[1, length - 13 :] = False
+        k[1, :, length - 13 :] = float("nan")
+        v[1, :, length - 13 :] = float("nan")
+    return q, k, v, mask
+
+
+def _flex(*args, **kwargs):
+    with warnings.catch_warnings():  # the CPU's un-compiled FlexAttention says so
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_topk_block_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("length", "block", "top_k", "causal", "gate", "padded", "kv"), GRID)
+def test_flex_equals_the_float64_reference(
+    length: int, block: int, top_k: int, causal: bool, gate: str, padded: bool, kv: int
+) -> None:
+    q, k, v, mask = _inputs(length, kv, padded, torch.float64)
+    options = dict(block_size=block, top_k=top_k, is_causal=causal, gate=gate)
+    with torch.no_grad():
+        out = _flex(q, k, v, key_padding_mask=mask, **options)
+    ref = reference_topk_block_attention(q, k, v, key_padding_mask=mask, **options)
+    real = torch.ones(2, length, dtype=torch.bool) if mask is None else mask
+    real = real[:, None, :, None].expand_as(out)  # padded queries' outputs are not compared
+    assert torch.isfinite(out[real]).all()
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-12, atol=1e-12)
+
+
+def test_flex_equals_the_grouped_op_in_float32() -> None:
+    q, k, v, mask = _inputs(96, 2, True, torch.float32, seed=3)
+    options = dict(block_size=16, top_k=2, is_causal=True, gate="bound", key_padding_mask=mask)
+    with torch.no_grad():
+        out = _flex(q, k, v, **options)
+        ours = topk_block_attention(q, k, v, **options)
+    real = mask[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], ours[real], rtol=1e-5, atol=1e-5)
+
+
+def test_the_block_mask_visits_only_the_tiles_some_query_reads() -> None:
+    """No picks, not causal: each 128-query tile of a 512-token sequence reads its own blocks
+    only, so the mask visits one key tile per query tile; one pick of block 0 by one query
+    of the last tile adds exactly that tile."""
+    picks = torch.full((1, 1, 512, 1), -1, dtype=torch.long)
+    mask = topk_block_mask(picks, block_size=32)
+    assert mask.kv_num_blocks.flatten().tolist() == [1, 1, 1, 1]
+    picks[0, 0, 500, 0] = 0
+    mask = topk_block_mask(picks, block_size=32)
+    assert mask.kv_num_blocks.flatten().tolist() == [1, 1, 1, 2]
+    assert set(mask.kv_indices[0, 0, 3, :2].tolist()) == {0, 3}
+
+
+def test_flex_refuses_a_cpu_gradient_and_a_bad_top_k() -> None:
+    q, k, v, _ = _inputs(64, 4, False, torch.float32)
+    with pytest.raises(NotImplementedError, match="no backward on the CPU"):
+        _flex(q.requires_grad_(), k, v, block_size=16)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        _flex(q.detach(), k, v, block_size=16, top_k=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("causal", "padded", "kv"), [(True, False, 2), (False, True, 4)])
+def test_cuda_flex_forward_and_backward_match_the_reference(
+    causal: bool, padded: bool, kv: int
+) -> None:
+    q, k, v, mask = _inputs(256, kv, padded, torch.float32, seed=5)
+    if mask is not None:  # NaN padding would make the reference's gradients NaN there
+        k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    options = dict(block_size=32, top_k=2, is_causal=causal, gate="bound")
+    cuda = [t.cuda().requires_grad_() for t in (q, k, v)]
+    cmask = None if mask is None else mask.cuda()
+    out = flex_topk_block_attention(*cuda, key_padding_mask=cmask, **options)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference_topk_block_attention(*ref_in, key_padding_mask=mask, **options)
+    real = torch.ones(2, 256, dtype=torch.bool) if mask is None else mask
+    real = real[:, None, :, None].expand_as(ref).double()
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9)).double() * real
+    got = torch.autograd.grad(out, cuda, cot.float().cuda())
+    want = torch.autograd.grad(ref, ref_in, cot)
+    torch.testing.assert_close(
+        (out.cpu().double() * real), ref.detach() * real, atol=1e-4, rtol=1e-4
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.cpu().double(), b, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,7 @@
-"""`ops.flex_topk_block_attention`, MoBA's top-k block attention on FlexAttention: equal to the
-float64 reference on the CPU (forward; FlexAttention has no CPU backward in torch 2.13), the
-block mask skips the tiles no query reads, and on CUDA (marker ``gpu``) forward and backward."""
+"""`ops.topk_block_attention(backend="flex")`, MoBA's top-k block attention on FlexAttention:
+equal to the float64 reference on the CPU (forward; FlexAttention has no CPU backward in torch
+2.13), the block mask skips the tiles no query reads, and on CUDA (marker ``gpu``) forward and
+backward."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 from sparse_sinkhorn.ops import (
-    flex_topk_block_attention,
     reference_topk_block_attention,
     topk_block_attention,
     topk_block_mask,
@@ -43,7 +43,7 @@ def _inputs(length: int, kv_heads: int, padded: bool, dtype: torch.dtype, seed: 
 def _flex(*args, **kwargs):
     with warnings.catch_warnings():  # the CPU's un-compiled FlexAttention says so
         warnings.simplefilter("ignore", UserWarning)
-        return flex_topk_block_attention(*args, **kwargs)
+        return topk_block_attention(*args, backend="flex", **kwargs)
 
 
 @pytest.mark.parametrize(("length", "block", "top_k", "causal", "gate", "padded", "kv"), GRID)
@@ -84,12 +84,17 @@ def test_the_block_mask_visits_only_the_tiles_some_query_reads() -> None:
     assert set(mask.kv_indices[0, 0, 3, :2].tolist()) == {0, 3}
 
 
-def test_flex_refuses_a_cpu_gradient_and_a_bad_top_k() -> None:
+def test_flex_refuses_a_cpu_gradient_and_what_it_does_not_compute() -> None:
     q, k, v, _ = _inputs(64, 4, False, torch.float32)
     with pytest.raises(NotImplementedError, match="no backward on the CPU"):
         _flex(q.requires_grad_(), k, v, block_size=16)
-    with pytest.raises(ValueError, match="top_k must be a positive int"):
-        _flex(q.detach(), k, v, block_size=16, top_k=0)
+    q = q.detach()
+    with pytest.raises(ValueError, match="no compressed branch and no dropout"):
+        _flex(q, k, v, block_size=16, compressed=True)
+    with pytest.raises(ValueError, match="no compressed branch and no dropout"):
+        _flex(q, k, v, block_size=16, dropout_p=0.1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        topk_block_attention(q, k, v, block_size=16, backend="triton")
 
 
 @pytest.mark.gpu
@@ -103,7 +108,7 @@ def test_cuda_flex_forward_and_backward_match_the_reference(
     options = dict(block_size=32, top_k=2, is_causal=causal, gate="bound")
     cuda = [t.cuda().requires_grad_() for t in (q, k, v)]
     cmask = None if mask is None else mask.cuda()
-    out = flex_topk_block_attention(*cuda, key_padding_mask=cmask, **options)
+    out = topk_block_attention(*cuda, key_padding_mask=cmask, backend="flex", **options)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref = reference_topk_block_attention(*ref_in, key_padding_mask=mask, **options)
     real = torch.ones(2, 256, dtype=torch.bool) if mask is None else mask
@@ -116,3 +121,28 @@ def test_cuda_flex_forward_and_backward_match_the_reference(
     )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.cpu().double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_topk_model_with_the_flex_backend_equals_the_grouped_one() -> None:
+    """`AttentionConfig(backend="flex")`: the same language model's logits in eval; training
+    it on the CPU is refused with the reason; the config refuses the compressed branch."""
+    from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
+    from sparse_sinkhorn.nn import AttentionConfig
+
+    def model(backend: str) -> LanguageModel:
+        torch.manual_seed(0)
+        att = AttentionConfig(kind="topk", top_k=2, gate="bound", block_size=8, backend=backend)
+        config = LanguageModelConfig(
+            vocab_size=32, d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0, attention=att
+        )
+        return LanguageModel(config)
+
+    ids = torch.randint(0, 32, (2, 45), generator=torch.Generator().manual_seed(1))
+    grouped, flex = model("grouped").eval(), model("flex").eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.testing.assert_close(flex(ids), grouped(ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="no backward on the CPU"):
+        flex.train()(ids)
+    with pytest.raises(ValueError, match="no compressed branch"):
+        AttentionConfig(kind="topk", compressed=True, backend="flex")

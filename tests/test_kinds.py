@@ -32,6 +32,7 @@ OTHER = {
     "top_k": 2,
     "compressed": True,
     "gate": "bound",
+    "backend": "flex",
     "routing_loss": 0.5,
 }
 FIELDS = [f.name for f in dataclasses.fields(AttentionConfig)]

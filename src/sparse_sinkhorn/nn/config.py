@@ -10,7 +10,7 @@ from typing import Any
 
 from ..ops.blocks import POOLINGS, num_blocks
 from ..ops.options import SinkhornOptions
-from ..ops.topk import GATES
+from ..ops.topk import BACKENDS, GATES
 from .kinds import KINDS, users
 from .routing import SHARED_ROUTINGS
 from .sortnet import LENGTH_AGNOSTIC, PROJECTED, SORT_NETS
@@ -103,6 +103,9 @@ class AttentionConfig:
         gate: topk: how the gate scores a block, ``"mean"`` (MoBA's ``q · mean(K)``) or
             ``"bound"`` (Quest's upper bound on ``q · k`` over the block's keys, from their
             per-feature minimum and maximum).
+        backend: topk: the kernels of the picked blocks, ``"grouped"`` (the project's, forward
+            and backward on every device) or ``"flex"`` (PyTorch's FlexAttention: compiled on
+            CUDA; forward only on the CPU; no ``compressed`` branch, no attention dropout).
         routing_loss: sinkhorn and mixture, training only: the weight of a loss pulling each
             sort-net row towards the layer's own dense block attention mass (see
             [`routing_losses`][sparse_sinkhorn.nn.routing_losses]).
@@ -125,6 +128,7 @@ class AttentionConfig:
     top_k: int = 1
     compressed: bool = False
     gate: str = "mean"
+    backend: str = "grouped"
     routing_loss: float = 0.0
 
     def __post_init__(self) -> None:
@@ -154,6 +158,10 @@ class AttentionConfig:
             raise ValueError(f"top_k must be > 0, got {self.top_k}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "flex" and self.compressed:
+            raise ValueError("backend='flex' has no compressed branch; use backend='grouped'")
         if self.sparse_mode not in ("fixed", "strided"):
             raise ValueError(f"sparse_mode must be 'fixed' or 'strided', got {self.sparse_mode!r}")
 

@@ -135,7 +135,7 @@ def _topk(cfg: AttentionConfig, q: Tensor, k: Tensor, v: Tensor, c: Call) -> tup
     return topk_block_attention(
         q, k, v, block_size=cfg.block_size, top_k=cfg.top_k, compressed=cfg.compressed,
         gate=cfg.gate, is_causal=c.is_causal, key_padding_mask=c.key_padding_mask,
-        dropout_p=c.dropout_p,
+        dropout_p=c.dropout_p, backend=cfg.backend,
     ), None  # fmt: skip
 
 
@@ -256,7 +256,9 @@ KINDS: Mapping[str, Kind] = {
             _reference_masked(_sparse_shape),
         ),
         # MoBA's parameter-free block gate (Quest's bound with gate="bound")
-        Kind("topk", ("top_k", "compressed", "gate"), _topk, _decode_topk, _reference_topk),
+        Kind(
+            "topk", ("top_k", "compressed", "gate", "backend"), _topk, _decode_topk, _reference_topk
+        ),
     )
 }
 

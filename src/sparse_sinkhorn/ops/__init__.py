@@ -15,7 +15,7 @@ from .baselines import (
     sparse_pattern,
 )
 from .blocks import block_summaries, num_blocks, pad_to_blocks
-from .flex import flex_topk_block_attention, topk_block_mask
+from .flex import topk_block_mask
 from .options import SinkhornOptions
 from .plan import SinkhornPlan, block_attention_mass, sinkhorn_plan
 from .reference import (
@@ -36,7 +36,6 @@ __all__ = [
     "block_attention_mass",
     "block_summaries",
     "dense_attention",
-    "flex_topk_block_attention",
     "hard_routing",
     "local_attention",
     "num_blocks",

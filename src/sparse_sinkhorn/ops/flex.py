@@ -1,11 +1,11 @@
 """MoBA's top-k block attention on PyTorch's FlexAttention: the gate's choice as a block mask.
 
 [`topk_block_attention`][sparse_sinkhorn.ops.topk_block_attention] multiplies the picked blocks
-with the project's own grouped kernels (forward and backward on every device);
-`flex_topk_block_attention` hands the same problem to ``torch.nn.attention.flex_attention``,
-whose compiled kernels (CUDA) skip the tiles no query of a tile reads and evaluate the
-per-token mask inside the rest. It is the GPU path: in torch 2.13 FlexAttention has no backward
-on the CPU, where it runs un-compiled (every score materialised), forward only.
+with the project's own grouped kernels by default (forward and backward on every device); with
+``backend="flex"`` it hands the same problem to ``torch.nn.attention.flex_attention`` through
+`flex_attend`, whose compiled kernels (CUDA) skip the tiles no query of a tile reads and
+evaluate the per-token mask inside the rest. It is the GPU path: in torch 2.13 FlexAttention has
+no backward on the CPU, where it runs un-compiled (every score materialised), forward only.
 
 Axes: B batch, H heads, H_kv key/value heads, L length, N blocks, W block size, k picks.
 """
@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .baselines import _check_blocked, _drop_padding
-from .blocks import num_blocks, repeat_kv
-from .topk import topk_block_selection
+from .baselines import _drop_padding
+from .blocks import num_blocks
 
 _COMPILED: dict[str, Any] = {}  # flex_attention compiled once per process (CUDA)
 
@@ -65,46 +64,28 @@ def topk_block_mask(
     )
 
 
-def flex_topk_block_attention(
+def flex_attend(
     query: Tensor,
     key: Tensor,
     value: Tensor,
+    picks: Tensor,
     *,
     block_size: int,
-    top_k: int = 1,
-    is_causal: bool = False,
-    gate: str = "mean",
-    key_padding_mask: Tensor | None = None,
-    scale: float | None = None,
+    is_causal: bool,
+    key_padding_mask: Tensor | None,
+    scale: float | None,
 ) -> Tensor:
-    """[`topk_block_attention`][sparse_sinkhorn.ops.topk_block_attention] (without its
-    ``compressed`` branch and dropout) on FlexAttention: the same gate, the same attention,
-    equal to [`reference_topk_block_attention`][sparse_sinkhorn.ops.reference_topk_block_attention].
-
-    On CUDA ``flex_attention`` is compiled (once per process) and trains; on the CPU it runs
-    un-compiled and forward only: inputs that require a gradient are refused there.
-    """
-    _check_blocked(query, key, value, block_size, key_padding_mask, 0.0, scale, gqa=True)
-    bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0
-    if bad_k:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    """Attention of ``query`` ``(B, H, L, E)`` under `topk_block_mask` of ``picks``, on
+    FlexAttention: ``flex_attention`` compiled (once per process) on CUDA, where it trains;
+    un-compiled and forward only on the CPU, where inputs that need a gradient are refused.
+    ``key``/``value``: ``(B, H_kv, L, E)``, their padded positions not read (NaN included)."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if wants_grad and not query.is_cuda:
         raise NotImplementedError(
-            "flex_topk_block_attention: FlexAttention has no backward on the CPU in this "
-            "torch; train with topk_block_attention (the same attention), or run under "
+            "topk_block_attention(backend='flex'): FlexAttention has no backward on the CPU in "
+            "this torch; train with backend='grouped' (the same attention), or run under "
             "torch.no_grad()"
         )
-    heads = query.shape[1]
-    picks = topk_block_selection(
-        query,
-        repeat_kv(key, heads),
-        block_size=block_size,
-        top_k=top_k,
-        is_causal=is_causal,
-        key_padding_mask=key_padding_mask,
-        gate=gate,
-    )  # (B, H, L, k)
     mask = topk_block_mask(
         picks, block_size=block_size, is_causal=is_causal, key_padding_mask=key_padding_mask
     )
@@ -113,9 +94,11 @@ def flex_topk_block_attention(
     attend = flex_attention
     if query.is_cuda:
         attend = _COMPILED.setdefault("flex", torch.compile(flex_attention))
-    out = attend(query, key, value, block_mask=mask, scale=scale, enable_gqa=key.shape[1] != heads)
+    out = attend(
+        query, key, value, block_mask=mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+    )
     assert isinstance(out, Tensor)
     return out
 
 
-__all__ = ["flex_topk_block_attention", "topk_block_mask"]
+__all__ = ["flex_attend", "topk_block_mask"]

@@ -12,10 +12,12 @@ from torch import Tensor
 
 from .baselines import _causal_mask, _check_blocked
 from .blocks import pad_to_blocks, padded_mask, repeat_kv, zero_padding
+from .flex import flex_attend
 from .grouped import BlockGroups
 from .lse_merge import flash_parts_available, part_backward, part_forward
 
 GATES = ("mean", "bound")  # topk block scores: MoBA's q . mean(K), Quest's upper bound
+BACKENDS = ("grouped", "flex")  # the project's kernels (every device), FlexAttention
 
 
 def topk_block_selection(
@@ -104,6 +106,7 @@ def topk_block_attention(
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    backend: str = "grouped",
 ) -> Tensor:
     """Block attention with MoBA's top-k gate (Lu et al., 2025): no parameters, no sorting.
 
@@ -124,11 +127,19 @@ def topk_block_attention(
     size, the own block and the picked blocks are separate attention parts (flash kernels
     where available) merged through their log-sum-exp; otherwise one softmax over the
     concatenated scores. Both equal the float64 reference.
+
+    ``backend="flex"`` computes the same attention with PyTorch's FlexAttention instead, the
+    picks as a block mask that is exact per token (`sparse_sinkhorn.ops.flex`): compiled on
+    CUDA; on the CPU forward only (no gradient). It has no ``compressed`` branch or dropout.
     """
     _check_blocked(query, key, value, block_size, key_padding_mask, dropout_p, scale, gqa=True)
     bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0
     if bad_k and not torch.compiler.is_compiling():
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "flex" and (compressed or dropout_p > 0.0):
+        raise ValueError("backend='flex' has no compressed branch and no dropout")
     batch, heads, length, _ = query.shape
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)  # grouped-query attention
     w = block_size
@@ -143,6 +154,12 @@ def topk_block_attention(
         key_padding_mask=key_padding_mask,
         gate=gate,
     )  # (B, H, L, k)
+    if backend == "flex":
+        out = flex_attend(
+            query, key, value, idx, block_size=w, is_causal=is_causal,
+            key_padding_mask=key_padding_mask, scale=scale,
+        )  # fmt: skip
+        return out.to(query.dtype)
     if mask is None and not compressed and dropout_p == 0.0 and length % w == 0:
         qb, kb, vb = (
             rearrange(t, "b h (n w) d -> (b h) n w d", w=w) for t in (query, key, value)

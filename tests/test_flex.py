@@ -98,10 +98,10 @@ def test_flex_refuses_a_cpu_gradient_and_what_it_does_not_compute() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("causal", "padded", "kv"), [(True, False, 2), (False, True, 4)])
-def test_cuda_flex_forward_and_backward_match_the_reference(
-    causal: bool, padded: bool, kv: int
-) -> None:
+def test_cuda_flex_forward_and_backward_match_the_reference() -> None:
+    """One case (each compiles FlexAttention, which costs make gpu-check's time): causal,
+    padded, grouped key/value heads."""
+    causal, padded, kv = True, True, 2
     q, k, v, mask = _inputs(256, kv, padded, torch.float32, seed=5)
     if mask is not None:  # NaN padding would make the reference's gradients NaN there
         k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)

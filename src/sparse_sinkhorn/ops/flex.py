@@ -93,7 +93,9 @@ def flex_attend(
         key, value = _drop_padding(key, value, key_padding_mask)
     attend = flex_attention
     if query.is_cuda:
-        attend = _COMPILED.setdefault("flex", torch.compile(flex_attention))
+        if "flex" not in _COMPILED:
+            _COMPILED["flex"] = torch.compile(flex_attention)
+        attend = _COMPILED["flex"]
     out = attend(
         query, key, value, block_mask=mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
     )

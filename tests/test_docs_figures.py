@@ -155,7 +155,8 @@ BUDGET_TABLES = {
         "dev/exact_match", 1,
     ),
     "char": (
-        "language-modelling", ("lm/char-300steps.json", "lm/char-600steps.json"),
+        "language-modelling",
+        ("lm/char-300steps.json", "lm/char-600steps.json", "lm/char-1200steps.json"),
         "test/bits_per_char", 3,
     ),
     "subword": (

@@ -190,6 +190,36 @@ def test_a_budget_table_is_its_result_files(table: str) -> None:
         assert " > ".join(f"`{k}`" for k in data["ranking"]["order"]) in flat
 
 
+# The paper's causal balancing taken literally (not causal) beside the causal one, per level:
+# (causal result file, leaky result file, metric, decimals)
+LEAK_TABLES = {
+    "char": ("lm/char-300steps.json", "lm/char-300steps-leaky.json", "test/bits_per_char", 3),
+    "subword": ("lm/subword-300steps.json", "lm/subword-300steps-leaky.json", "test/perplexity", 2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("level", sorted(LEAK_TABLES))
+def test_the_leaky_comparison_is_its_result_files(level: str) -> None:
+    """docs/experiments/language-modelling.md's rows for ``sinkhorn`` and ``sinkhorn-leaky``
+    are their result files: the test metric and the routing shape, mean ± std over 3 seeds."""
+    causal, leaky, metric, digits = LEAK_TABLES[level]
+    page = (DOCS / "experiments" / "language-modelling.md").read_text()
+    for file, kind in ((causal, "sinkhorn"), (leaky, "sinkhorn-leaky")):
+        data = json.loads((RESULTS / file).read_text())
+        (result,) = [r for r in data["results"] if r["kind"] == kind]
+        assert len(result["runs"]) == 3
+        cells = [
+            level,
+            f"`{kind}`",
+            _seeds_figure(result, metric, digits),
+            _seeds_figure(result, "routing/prev_block_mass", 2),
+            _seeds_figure(result, "routing/row_entropy", 2),
+            f"`{file}`",
+        ]
+        row = "| " + " | ".join(cells) + " |"
+        assert row in page, row
+
+
 LM_LABELS = {
     "dense": "Transformer",
     "local": "Local",

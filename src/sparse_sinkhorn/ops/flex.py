@@ -19,7 +19,6 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .baselines import _drop_padding
-from .blocks import num_blocks
 
 _COMPILED: dict[str, Any] = {}  # flex_attention compiled once per process (CUDA)
 
@@ -40,22 +39,20 @@ def topk_block_mask(
 
     Returns:
         a ``BlockMask`` over ``(L, L)`` whose ``mask_mod`` is exact per token (its tiles of
-        FlexAttention's default size only decide which tiles the kernel visits).
+        FlexAttention's default size only decide which tiles the kernel visits). It reads
+        ``picks`` itself (O(L·k) memory, not an ``(L, N)`` table).
     """
-    batch, heads, length, _ = picks.shape
+    batch, heads, length, k = picks.shape
     w = block_size
-    n = num_blocks(length, w)
-    # (B, H, L, N + 1) bool: token t reads block j; column N collects the -1 picks
-    read = torch.zeros(batch, heads, length, n + 1, dtype=torch.bool, device=picks.device)
-    read.scatter_(-1, picks.where(picks >= 0, n), True)
-    read = read[..., :n].contiguous()
     real = key_padding_mask
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        own = (q_idx // w) == (kv_idx // w)
+        block = kv_idx // w
+        keep = (q_idx // w) == block
         if is_causal:
-            own = own & (kv_idx <= q_idx)
-        keep = own | read[b, h, q_idx, kv_idx // w]
+            keep = keep & (kv_idx <= q_idx)
+        for j in range(k):  # a pick of -1 matches no block
+            keep = keep | (picks[b, h, q_idx, j] == block)
         return keep if real is None else keep & real[b, kv_idx]
 
     compile_mask = picks.is_cuda

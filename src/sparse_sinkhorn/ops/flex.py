@@ -12,6 +12,8 @@ Axes: B batch, H heads, H_kv key/value heads, L length, N blocks, W block size, 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,8 +21,6 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .baselines import _drop_padding
-
-_COMPILED: dict[str, Any] = {}  # flex_attention compiled once per process (CUDA)
 
 
 def topk_block_mask(
@@ -88,16 +88,18 @@ def flex_attend(
     )
     if key_padding_mask is not None:  # no padded value (NaN included) reaches a real output
         key, value = _drop_padding(key, value, key_padding_mask)
-    attend = flex_attention
-    if query.is_cuda:
-        if "flex" not in _COMPILED:
-            _COMPILED["flex"] = torch.compile(flex_attention)
-        attend = _COMPILED["flex"]
+    attend: Callable[..., Any] = _compiled_flex() if query.is_cuda else flex_attention
     out = attend(
         query, key, value, block_mask=mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
     )
     assert isinstance(out, Tensor)
     return out
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Any]:
+    """``flex_attention`` compiled once per process (CUDA)."""
+    return torch.compile(flex_attention)
 
 
 __all__ = ["flex_attend", "topk_block_mask"]

@@ -141,6 +141,7 @@ def topk_block_attention(
     if backend == "flex" and (compressed or dropout_p > 0.0):
         raise ValueError("backend='flex' has no compressed branch and no dropout")
     batch, heads, length, _ = query.shape
+    kv_heads = key, value  # FlexAttention reads grouped key/value heads as they are
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)  # grouped-query attention
     w = block_size
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -156,7 +157,7 @@ def topk_block_attention(
     )  # (B, H, L, k)
     if backend == "flex":
         out = flex_attend(
-            query, key, value, idx, block_size=w, is_causal=is_causal,
+            query, *kv_heads, idx, block_size=w, is_causal=is_causal,
             key_padding_mask=key_padding_mask, scale=scale,
         )  # fmt: skip
         return out.to(query.dtype)

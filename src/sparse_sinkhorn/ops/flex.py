@@ -13,7 +13,6 @@ Axes: B batch, H heads, H_kv key/value heads, L length, N blocks, W block size, 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,7 +87,7 @@ def flex_attend(
     )
     if key_padding_mask is not None:  # no padded value (NaN included) reaches a real output
         key, value = _drop_padding(key, value, key_padding_mask)
-    attend: Callable[..., Any] = _compiled_flex() if query.is_cuda else flex_attention
+    attend = _compiled_flex() if query.is_cuda else flex_attention
     out = attend(
         query, key, value, block_mask=mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
     )
@@ -97,7 +96,7 @@ def flex_attend(
 
 
 @functools.cache
-def _compiled_flex() -> Callable[..., Any]:
+def _compiled_flex() -> Any:
     """``flex_attention`` compiled once per process (CUDA)."""
     return torch.compile(flex_attention)
 

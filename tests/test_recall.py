@@ -158,7 +158,7 @@ def _control(name: str, n_layers: int) -> tuple[Passkey, LanguageModel]:
     sizes = {"d_model": 16, "n_heads": 2, "n_layers": n_layers}
     config = LanguageModelConfig(vocab_size=task.vocab_size, attention=att, **sizes)
     model = LanguageModel(config)
-    CONTROLS[name](model)
+    CONTROLS[name](model, task)
     return task, model
 
 
@@ -183,6 +183,47 @@ def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
                 assert torch.equal(s[b, 0, row], want) and torch.equal(s[b, 1, row], want)
 
 
+def test_oracle_routing_of_the_lookup_sends_every_other_block_to_the_asked_needle() -> None:
+    """In the encoder (`Classifier`), every block but the asked needle's own routes to the
+    block holding the needle whose key stands at position 0, in every layer; the question
+    block's routing hits are 100 %."""
+    from sparse_sinkhorn.data.recall import KeyedLookup
+    from sparse_sinkhorn.models import ClassifierConfig
+
+    task = KeyedLookup(128, reserved=32)
+    att = attention_config("oracle-hard", 16, 128)
+    config = ClassifierConfig(
+        vocab_size=task.vocab_size, d_model=16, n_heads=2, n_layers=2, attention=att,
+        n_classes=task.n_classes, pooling="first",
+    )  # fmt: skip
+    model = Classifier(config).eval()
+    CONTROLS["oracle-hard"](model, task)
+    data = RecallDataset(task, 6, 0)
+    ids = torch.stack([data[i][0] for i in range(6)])
+    logits: list[Tensor] = []
+    for layer in model.modules():
+        if isinstance(layer, SinkhornSelfAttention):
+            layer.register_forward_hook(lambda m, a, o: logits.append(m.sort_logits(a[0])))
+    model(ids)
+    assert len(logits) == 2
+    for b in range(6):
+        asked = int(ids[b, 0]) - task.KEY0
+        at = [p for p, t in enumerate(ids[b].tolist()) if t >= task.needle0 and
+              (t - task.needle0) // task.n_values == asked and t < task.needle0 + 256]  # fmt: skip
+        assert len(at) == 1 and at[0] >= 32
+        needle = at[0] // 16
+        for s in logits:
+            for row in range(8):
+                want = torch.zeros(8)
+                if row != needle:
+                    want[needle] = ORACLE_LOGIT
+                assert torch.equal(s[b, 0, row], want) and torch.equal(s[b, 1, row], want)
+    assert routing_hits(model, RecallDataset(task, 16, 1), 8) == {
+        "routing_hit_layer0": 100.0,
+        "routing_hit_layer1": 100.0,
+    }
+
+
 def test_routing_hits_count_last_blocks_routed_to_the_needle() -> None:
     """The oracle routes to the needle in every layer (100 %); a fresh sort net's last block
     routes by chance; kinds that do not route have no such score."""
@@ -190,7 +231,7 @@ def test_routing_hits_count_last_blocks_routed_to_the_needle() -> None:
     data = RecallDataset(task, 24, 0)
     make = partial(LanguageModelConfig, vocab_size=task.vocab_size, d_model=16, n_heads=2)
     oracle = LanguageModel(make(attention=attention_config("oracle-hard", 16, 128))).eval()
-    install_oracle_routing(oracle)
+    install_oracle_routing(oracle, task)
     assert routing_hits(oracle, data, 8) == {
         "routing_hit_layer0": 100.0,
         "routing_hit_layer1": 100.0,
@@ -335,7 +376,7 @@ def test_recall_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert_one_line_error(["recall", "--token-conv", "1", *out], capsys, "--token-conv")
     assert_one_line_error(["recall", "--token-conv", "-2", *out], capsys, "--token-conv")
     oracle = ["recall", "--task", "mqar", "--attention", "oracle-hard", *out]
-    assert_one_line_error(oracle, capsys, "passkey")
+    assert_one_line_error(oracle, capsys, "passkey or lookup")
     assert_one_line_error(["recall", "--lengths", "64,64", *out], capsys, "twice")
     lookup = ["recall", "--task", "lookup", *out]
     assert_one_line_error([*lookup, "--token-conv", "3"], capsys, "encoder")

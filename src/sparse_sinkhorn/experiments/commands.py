@@ -163,8 +163,8 @@ def _recall(parser: argparse.ArgumentParser) -> None:
         parser,
         list(recall.RECALL_KINDS),
         help=f"kinds from {kinds}, or the controls {controls} (oracle-hard: routing given "
-        "the answer, passkey only; shared-max, shared-max-shared: every layer routes as the "
-        f"first) (comma list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
+        "the answer, passkey and lookup; shared-max, shared-max-shared: every decoder layer "
+        f"routes as the first) (comma list); 'all' (default) = {', '.join(recall.DEFAULT_KINDS)}",
     )
     parser.add_argument("--lengths", default=None, help="comma list (default: the preset's)")
     parser.add_argument(

@@ -53,7 +53,7 @@ from .recall_controls import CONTROLS
 from .recall_kinds import (
     CONTROL_KINDS,
     DEFAULT_KINDS,
-    PASSKEY_CONTROLS,
+    ORACLE_TASKS,
     RECALL_KINDS,
     attention_config,
 )
@@ -154,8 +154,8 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     else:
         config = LanguageModelConfig(**sizes, token_conv=preset.token_conv)
         model = LanguageModel(config)
-        if kind in CONTROLS:  # the decoder's (`run` refuses them for the encoder)
-            CONTROLS[kind](model)
+    if kind in CONTROLS:  # `run` refuses a control where its task or model has no use for it
+        CONTROLS[kind](model, spec)
     train_data = training_data(spec, preset, run.seed)
     held_out = RecallDataset(spec, preset.n_eval, EVAL_SEED)
 
@@ -220,13 +220,14 @@ def run(args: argparse.Namespace) -> int:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
     options = grid_options(args, args.out or f"runs/recall-{args.task}")
     kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *CONTROL_KINDS), DEFAULT_KINDS)
-    if args.task != "passkey" and any(k in PASSKEY_CONTROLS for k in kinds):
-        raise UsageError(f"{', '.join(PASSKEY_CONTROLS)} is a control for --task passkey")
+    if args.task not in ORACLE_TASKS and "oracle-hard" in kinds:
+        raise UsageError(f"oracle-hard is a control for --task {' or '.join(ORACLE_TASKS)}")
     if TASKS[args.task].encoder:
         if preset.token_conv:
             raise UsageError(f"--token-conv is a decoder's; --task {args.task} is an encoder")
-        if any(k in CONTROL_KINDS for k in kinds):
-            raise UsageError(f"the controls ({', '.join(CONTROL_KINDS)}) are the decoder's")
+        shared = [k for k in kinds if k in CONTROL_KINDS and k != "oracle-hard"]
+        if shared:
+            raise UsageError(f"the controls {', '.join(shared)} are a decoder's")
     seeds = flags.seed_list(args)
     runners = {
         f"{args.task}-{length}/{kind}": partial(run_recall, args.task, length, kind, preset)

@@ -18,19 +18,20 @@ RECALL_KINDS = VARIANTS
 DEFAULT_KINDS = ("dense", "local", "sinkhorn", "softmax-max", "softmax-max-layers", "topk")
 # Controls, not methods: a RECALL_KINDS configuration (the value) whose routing is changed
 # once the model is built, to isolate one cause (see CONTROLS for how).
-# - oracle-hard (passkey only): the sort logits are the answer; every query block after the
-#   needle routes to the block that holds the needle's KEY marker. It separates "the routing
-#   is not learned" from "right routing is not enough".
-# - shared-max: every layer routes with the first layer's sort logits (the later layers' sort
-#   nets go unused). It separates "the first layer does not learn to route" from "a later
-#   layer does not".
+# - oracle-hard (passkey and the lookup: ORACLE_TASKS): the sort logits are the answer;
+#   every block that may see the needle routes to the block that holds it (passkey's KEY
+#   marker; the lookup's asked needle). It separates "the routing is not learned" from
+#   "right routing is not enough".
+# - shared-max (a decoder's): every layer routes with the first layer's sort logits (the
+#   later layers' sort nets go unused). It separates "the first layer does not learn to
+#   route" from "a later layer does not".
 # - shared-max-shared: shared-max on softmax-max-shared (one routing for all heads too).
 CONTROL_KINDS: dict[str, str] = {
     "oracle-hard": "softmax-hard",
     "shared-max": "softmax-max",
     "shared-max-shared": "softmax-max-shared",
 }
-PASSKEY_CONTROLS = ("oracle-hard",)
+ORACLE_TASKS = ("passkey", "lookup")  # one needle per sequence: `recall_tasks.needle_source`
 
 
 def attention_config(name: str, block_size: int, length: int) -> AttentionConfig:

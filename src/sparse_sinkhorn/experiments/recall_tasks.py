@@ -79,15 +79,30 @@ def answer_sources(task: Task, ids: Tensor, targets: Tensor) -> tuple[Tensor, Te
     first = (targets != IGNORE) & ~torch.roll(targets != IGNORE, 1, dims=-1)
     row, pos = first.nonzero(as_tuple=True)
     if isinstance(task, Passkey):
-        source = (ids == Passkey.KEY).float().argmax(-1)[row]
-        return row, pos, source
+        return row, pos, needle_source(task, ids)[row]
     if isinstance(task, (KeyedNeedles, KeyedLookup)):
         asked = ids[row, pos] - task.KEY0  # the asked key (the lookup's is at position 0)
-        filler0 = task.needle0 + task.n_keys * task.n_values
-        is_needle = (ids[row] >= task.needle0) & (ids[row] < filler0)
-        key_of = torch.where(is_needle, (ids[row] - task.needle0) // task.n_values, -1)
-        source = (key_of == asked[:, None]).float().argmax(-1)
-        return row, pos, source
+        return row, pos, _keyed_source(task, ids[row], asked)
     # the key token names its needle or pair: its first occurrence in the sequence
     same = ids[row] == ids[row, pos][:, None]  # (Q, L)
     return row, pos, same.float().argmax(-1)
+
+
+def needle_source(task: Task, ids: Tensor) -> Tensor:
+    """``(B,)``: the position every question of a sequence reads its answer from, for the
+    tasks where ``ids`` ``(B, L)`` alone say it: passkey (its ``KEY`` marker) and the lookup
+    (the needle whose key stands at position 0). Other tasks: ValueError."""
+    if isinstance(task, Passkey):
+        return (ids == Passkey.KEY).float().argmax(-1)
+    if isinstance(task, KeyedLookup):
+        return _keyed_source(task, ids, ids[:, 0] - task.KEY0)
+    raise ValueError(f"{type(task).__name__} has no one needle per sequence")
+
+
+def _keyed_source(task: KeyedNeedles | KeyedLookup, ids: Tensor, asked: Tensor) -> Tensor:
+    """``(Q,)``: in each row of ``ids`` ``(Q, L)``, the position of the needle whose key index
+    is ``asked`` ``(Q,)``."""
+    filler0 = task.needle0 + task.n_keys * task.n_values
+    is_needle = (ids >= task.needle0) & (ids < filler0)
+    key_of = torch.where(is_needle, (ids - task.needle0) // task.n_values, -1)
+    return (key_of == asked[:, None]).float().argmax(-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -21,6 +22,7 @@ from sparse_sinkhorn.ops import (
     local_attention,
     sinkhorn_attention,
     sparse_attention,
+    topk_block_attention,
 )
 
 PEER = "peer"  # PyPI sinkhorn-transformer==0.11.4, Gumbel-Sinkhorn path
@@ -34,8 +36,13 @@ CONTENDERS = (
     "dense_materialised",  # softmax(QK^T)V, the (L x L) matrix in memory (the paper's baseline)
     "local",  # own block only
     "sparse",  # Sparse Transformer "fixed", emulated with an (L x L) mask
+    "topk_causal",  # per-token routing, Quest's bound, 1 block, causal (the project's kernel)
     PEER,
 )
+# The same routing through FlexAttention: its backward needs CUDA (torch 2.13 has none on CPU)
+CUDA_ONLY = ("topk_flex_causal",)
+# contender -> FlexAttention or the project's grouped kernel (`topk_block_attention`'s backend)
+TOPK = {"topk_causal": "grouped", "topk_flex_causal": "flex"}
 QUADRATIC = ("mixture", "dense_sdpa", "dense_materialised", "sparse")  # O(L^2) time
 
 
@@ -99,6 +106,11 @@ def op_case(name: str, length: int, sz: Sizes, device: str, dtype: torch.dtype) 
         "local": lambda: local_attention(q, k, v, block_size=w),
         "sparse": lambda: sparse_attention(q, k, v, block_size=w),
     }
+    for topk, backend in TOPK.items():
+        fns[topk] = partial(
+            topk_block_attention, q, k, v, block_size=w, top_k=1, is_causal=True, gate="bound",
+            backend=backend,
+        )  # fmt: skip
     if name == PEER:
         from sinkhorn_transformer.sinkhorn_transformer import SinkhornAttention
 
@@ -144,6 +156,7 @@ _LAYER_KINDS: dict[str, tuple[str, dict[str, object]]] = {
     "dense_sdpa": ("dense", {}),
     "local": ("local", {}),
     "sparse": ("sparse", {}),
+    **{name: ("topk", {"causal": True, "gate": "bound", "backend": b}) for name, b in TOPK.items()},
 }
 
 

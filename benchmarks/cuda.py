@@ -3,10 +3,11 @@
     python -m benchmarks.cuda                                  # the default grid, ~3 min (H200)
     python -m benchmarks.cuda --lengths 4096 16384 --head-dims 64 --time-limit 60
 
-Contenders: Sinkhorn attention (soft, hard, causal, SortCut 2×b), SDPA forced onto its flash
-kernel (``sdpa_kernel(FLASH_ATTENTION)``, non-causal and causal; a case flash cannot run is
-an "error" row, never a silent fallback) and ``sinkhorn-transformer`` 0.11.4 on its
-Gumbel-Sinkhorn path (``peer``, when importable). Op level: ``(B, H, L, D)`` tensors,
+Contenders: Sinkhorn attention (soft, hard, causal, SortCut 2×b), causal per-token routing
+(``topk``, Quest's bound, one block; the project's kernel and FlexAttention), SDPA forced
+onto its flash kernel (``sdpa_kernel(FLASH_ATTENTION)``, non-causal and causal; a case
+flash cannot run is an "error" row, never a silent fallback) and ``sinkhorn-transformer``
+0.11.4 on its Gumbel-Sinkhorn path (``peer``, when importable). Op level: ``(B, H, L, D)`` tensors,
 ``B=1, H=8``, ``D`` = 64 and 128, block 64. Layer level: one self-attention layer of
 ``d_model = H·D`` in train mode (projections included); for SDPA our layer with
 ``kind="dense"``.
@@ -44,9 +45,10 @@ LENGTHS = [4096, 16384, 65536, 262144]
 HEAD_DIMS = [64, 128]
 LEVELS = ["op", "layer"]
 SINKHORN = ("sinkhorn", "sinkhorn_hard", "sinkhorn_causal", "sortcut")
+TOPK = ("topk_causal", "topk_flex_causal")  # the project's kernel, FlexAttention's
 FLASH = ("sdpa_flash", "sdpa_flash_causal")
 PEER = "peer"
-CONTENDERS = (*SINKHORN, *FLASH, PEER)
+CONTENDERS = (*SINKHORN, *TOPK, *FLASH, PEER)
 N_SORTCUT = 2
 
 
@@ -60,14 +62,18 @@ def forward_flops(
 
     Sinkhorn: the sorting contractions ``P @ K``, ``P @ V`` (2 x 2·R·N·W·D, R = N rows, or n
     with SortCut; none with hard routing, which gathers one block per row) and the scores and
-    values over each query's keys (2 x 2·L·S·D, S = 2W, or n·W with SortCut). SDPA: 4·L²·D,
-    half of it causal. The peer: not counted (None).
+    values over each query's keys (2 x 2·L·S·D, S = 2W, or n·W with SortCut). ``topk``: the
+    gate's bound (2 products per feature: 4·L·N·D) and the scores and values over the own and
+    the picked block (2 x 2·L·2W·D; FlexAttention's tiles of 128 are not counted). SDPA:
+    4·L²·D, half of it causal. The peer: not counted (None).
     """
     n = -(-length // block)
     d = head_dim
     if contender in ("sinkhorn", "sinkhorn_hard", "sinkhorn_causal"):
         sort = 0 if contender == "sinkhorn_hard" else 2 * (2 * n * n * block * d)
         per_head = sort + 2 * (2 * length * 2 * block * d)
+    elif contender in TOPK:  # Quest's bound on every block, then own + 1 picked block
+        per_head = 4 * length * n * d + 2 * (2 * length * 2 * block * d)
     elif contender == "sortcut":
         per_head = 2 * (2 * N_SORTCUT * n * block * d) + 2 * (2 * length * N_SORTCUT * block * d)
     elif contender == "sdpa_flash":

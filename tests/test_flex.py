@@ -88,6 +88,9 @@ def test_flex_refuses_a_cpu_gradient_and_what_it_does_not_compute() -> None:
     q, k, v, _ = _inputs(64, 4, False, torch.float32)
     with pytest.raises(NotImplementedError, match="no backward on the CPU"):
         _flex(q.requires_grad_(), k, v, block_size=16)
+    with torch.no_grad():  # as the message says: leaves that need a gradient, none wanted
+        out = _flex(q, k, v, block_size=16)
+        assert torch.equal(out, _flex(q.detach(), k, v, block_size=16))
     q = q.detach()
     with pytest.raises(ValueError, match="no compressed branch and no dropout"):
         _flex(q, k, v, block_size=16, compressed=True)

@@ -17,6 +17,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the root
 
 from benchmarks import cuda, cuda_report, gpu_check
+from benchmarks.contenders import CUDA_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,13 +94,16 @@ def test_flop_counts() -> None:
     assert cuda.forward_flops("sdpa_flash_causal", 4096, 8, d, w) == 8 * 2 * 4096**2 * d
     assert cuda.forward_flops("peer", 4096, 8, d, w) is None
     assert cuda.forward_flops("sinkhorn_hard", 4096, 8, d, w) == 8 * 8 * 4096 * w * d  # a gather
+    topk = 8 * (4 * 4096 * n * d + 8 * 4096 * w * d)  # the bound on N blocks, then 2 blocks
+    assert cuda.forward_flops("topk_causal", 4096, 8, d, w) == topk
+    assert cuda.forward_flops("topk_flex_causal", 4096, 8, d, w) == topk
 
 
 @pytest.fixture(scope="module")
 def group_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """The CUDA benchmark's group runner on the CPU at toy sizes (op and layer level)."""
     rows_path = tmp_path_factory.mktemp("cuda") / "cuda.jsonl"
-    contenders = [c for c in cuda.CONTENDERS if c != cuda.PEER]
+    contenders = [c for c in cuda.CONTENDERS if c not in (cuda.PEER, *CUDA_ONLY)]
     if cuda._peer_version() is not None:
         contenders.append(cuda.PEER)
     for level in ("op", "layer"):

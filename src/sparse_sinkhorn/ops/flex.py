@@ -87,6 +87,8 @@ def flex_attend(
     )
     if key_padding_mask is not None:  # no padded value (NaN included) reaches a real output
         key, value = _drop_padding(key, value, key_padding_mask)
+    if not query.is_cuda:  # no gradient is wanted; torch's CPU path refuses any requires_grad
+        query, key, value = query.detach(), key.detach(), value.detach()
     attend = _compiled_flex() if query.is_cuda else flex_attention
     out = attend(
         query, key, value, block_mask=mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]

@@ -24,14 +24,14 @@ SPEED_TARGETS = (("sinkhorn", "sdpa_flash", 5.0), ("sinkhorn_causal", "sdpa_flas
 
 UNMEASURED = """### GPU (CUDA)
 
-**The GPU figures are still unmeasured**: `make gpu-check` has not yet run on a GPU, and every
-figure above is from a CPU. When it runs (see [Development](#development)) it writes
-`benchmarks/results/cuda/` and regenerates this section from it: the device, torch and CUDA
-versions, the outcome of the `gpu`-marked tests, and op- and layer-level forward+backward time,
-peak memory and achieved TFLOP/s in bf16 for D = 64 and 128 and L = 4K … 256K, for Sinkhorn
-attention (soft, hard, causal, SortCut) against SDPA's flash kernel and `sinkhorn-transformer`
-0.11.4, with the targets at L = 64K: ≥ 5× faster than SDPA flash (non-causal), ≥ 3× (causal),
-peak memory ≤ SDPA's plus one copy of K and V.
+**The GPU figures are still unmeasured**: `make gpu-check` has not yet run on a GPU; every figure
+above is from a CPU. When it runs (see [Development](#development)) it writes
+`benchmarks/results/cuda/` and regenerates this section from it: device, torch and CUDA versions,
+the `gpu`-marked tests' outcome, op- and layer-level forward+backward time, peak memory and TFLOP/s
+in bf16 (D = 64, 128; L = 4K … 256K) for Sinkhorn attention (soft, hard, causal, SortCut) and
+causal per-token routing (`topk`: the project's kernel, FlexAttention) against SDPA's flash kernel
+and `sinkhorn-transformer` 0.11.4, with the targets at L = 64K: ≥ 5× faster than SDPA flash
+(non-causal), ≥ 3× (causal), peak memory ≤ SDPA's plus one copy of K and V.
 """
 
 

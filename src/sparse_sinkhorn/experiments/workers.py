@@ -94,6 +94,11 @@ def _died(
         running[pid] = index
     for process in processes.values():
         process.join(timeout=5)  # the pool terminates the other workers; let them settle
+    # The pool's own thread reaps the workers too: a worker it reaped between our wait and
+    # its recording the status reads as running (None) for an instant, so read until settled.
+    deadline = time.monotonic() + 5
+    while any(p.exitcode is None for p in processes.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     codes = {pid: p.exitcode for pid, p in processes.items()}
     dead = [pid for pid, code in codes.items() if code not in (None, 0, -signal.SIGTERM)]
     dead = dead or [pid for pid, code in codes.items() if code not in (None, 0)]

@@ -16,6 +16,7 @@ from sparse_sinkhorn.ops import (
     topk_block_attention,
     topk_block_mask,
 )
+from sparse_sinkhorn.ops.flex import topk_mask_mod
 
 # (length, block size, top_k, causal, gate, padded, key/value heads): every combination of a
 # whole and a partial last block, two block sizes, one and three picks, causal or not, both
@@ -82,6 +83,39 @@ def test_the_block_mask_visits_only_the_tiles_some_query_reads() -> None:
     mask = topk_block_mask(picks, block_size=32)
     assert mask.kv_num_blocks.flatten().tolist() == [1, 1, 1, 2]
     assert set(mask.kv_indices[0, 0, 3, :2].tolist()) == {0, 3}
+
+
+def test_the_mask_mod_compiles_to_the_same_block_mask() -> None:
+    """CUDA builds the block mask through ``torch.compile(create_block_mask)``: the mask_mod
+    traces (here with the eager backend, on the CPU) and gives the mask built without it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(-1, 8, (2, 2, 256, 2), generator=g)
+    real = torch.ones(2, 256, dtype=torch.bool)
+    real[1, 200:] = False
+    mod = topk_mask_mod(picks, block_size=32, is_causal=True, key_padding_mask=real)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(create_block_mask, backend="eager")(mod, 2, 2, 256, 256, "cpu")
+    eager = topk_block_mask(picks, block_size=32, is_causal=True, key_padding_mask=real)
+    assert torch.equal(compiled.kv_num_blocks, eager.kv_num_blocks)
+    assert torch.equal(compiled.to_dense(), eager.to_dense())
+
+
+def test_the_block_mask_checks_its_inputs() -> None:
+    picks = torch.zeros(1, 1, 64, 1, dtype=torch.long)
+    for bad in (0, -4, 3.5):
+        with pytest.raises((ValueError, TypeError), match="block_size"):
+            topk_block_mask(picks, block_size=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="integer tensor"):
+        topk_block_mask(picks.float(), block_size=16)
+    with pytest.raises(ValueError, match="integer tensor"):
+        topk_block_mask(picks[0], block_size=16)
+    with pytest.raises(TypeError, match="bool"):
+        topk_block_mask(picks, block_size=16, key_padding_mask=torch.ones(1, 64))
+    with pytest.raises(ValueError, match="shape"):
+        topk_block_mask(picks, block_size=16, key_padding_mask=torch.ones(1, 63, dtype=torch.bool))
 
 
 def test_flex_refuses_a_cpu_gradient_and_what_it_does_not_compute() -> None:

@@ -13,6 +13,7 @@ Axes: B batch, H heads, H_kv key/value heads, L length, N blocks, W block size, 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .baselines import _drop_padding
+from .blocks import check_block_size
+from .validate import check_mask, check_tensor
 
 
 def topk_block_mask(
@@ -32,32 +35,49 @@ def topk_block_mask(
     """The FlexAttention block mask of "own block (causal triangle) or a picked block".
 
     Args:
-        picks: ``(B, H, L, k)`` block indices, -1 for none (what
+        picks: ``(B, H, L, k)`` integer block indices, -1 for none (what
             [`topk_block_selection`][sparse_sinkhorn.ops.topk_block_selection] returns).
         key_padding_mask: ``(B, L)`` bool, True = real key; a padded key is never read.
 
     Returns:
         a ``BlockMask`` over ``(L, L)`` whose ``mask_mod`` is exact per token (its tiles of
         FlexAttention's default size only decide which tiles the kernel visits). It reads
-        ``picks`` itself (O(L·k) memory, not an ``(L, N)`` table).
+        ``picks`` itself (O(L·k) memory, not an ``(L, N)`` table); on CUDA the mask is built
+        by ``create_block_mask`` compiled once per process.
     """
-    batch, heads, length, k = picks.shape
-    w = block_size
-    real = key_padding_mask
+    check_block_size(block_size)
+    check_tensor("picks", picks)
+    if picks.dim() != 4 or picks.dtype.is_floating_point or picks.dtype == torch.bool:
+        raise ValueError(
+            f"picks must be a (B, H, L, k) integer tensor, got {tuple(picks.shape)} {picks.dtype}"
+        )
+    batch, heads, length, _ = picks.shape
+    check_mask(key_padding_mask, (batch, length), picks.device)
+    mask_mod = topk_mask_mod(
+        picks, block_size=block_size, is_causal=is_causal, key_padding_mask=key_padding_mask
+    )
+    build = _compiled_block_mask() if picks.is_cuda else create_block_mask
+    return build(mask_mod, batch, heads, length, length, device=picks.device)
+
+
+def topk_mask_mod(
+    picks: Tensor, *, block_size: int, is_causal: bool, key_padding_mask: Tensor | None
+) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """`topk_block_mask`'s ``mask_mod(b, h, q_idx, kv_idx)``: one ``(B, H, L)`` tensor per
+    pick, indexed by the (vmapped) indices only, so ``torch.compile`` traces it."""
+    w, real = block_size, key_padding_mask
+    columns = picks.unbind(-1)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         block = kv_idx // w
         keep = (q_idx // w) == block
         if is_causal:
             keep = keep & (kv_idx <= q_idx)
-        for j in range(k):  # a pick of -1 matches no block
-            keep = keep | (picks[b, h, q_idx, j] == block)
+        for column in columns:  # a pick of -1 matches no block
+            keep = keep | (column[b, h, q_idx] == block)
         return keep if real is None else keep & real[b, kv_idx]
 
-    compile_mask = picks.is_cuda
-    return create_block_mask(
-        mask_mod, batch, heads, length, length, device=picks.device, _compile=compile_mask
-    )
+    return mask_mod
 
 
 def flex_attend(
@@ -98,9 +118,15 @@ def flex_attend(
 
 
 @functools.cache
+def _compiled_block_mask() -> Any:
+    """``create_block_mask`` compiled once per process (CUDA)."""
+    return torch.compile(create_block_mask)
+
+
+@functools.cache
 def _compiled_flex() -> Any:
     """``flex_attention`` compiled once per process (CUDA)."""
     return torch.compile(flex_attention)
 
 
-__all__ = ["flex_attend", "topk_block_mask"]
+__all__ = ["flex_attend", "topk_block_mask", "topk_mask_mod"]

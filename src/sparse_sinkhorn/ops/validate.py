@@ -121,10 +121,10 @@ def check_common(
 def check_padding_mask(key: Tensor, key_padding_mask: object) -> None:
     """None, or a bool ``(B, L)`` tensor on ``key``'s device (``key`` ``(B, H, L, D)``)."""
     batch, _, length, _ = key.shape
-    _check_mask(key_padding_mask, (batch, length), key.device)
+    check_mask(key_padding_mask, (batch, length), key.device)
 
 
-def _check_mask(key_padding_mask: object, shape: tuple[int, ...], device: torch.device) -> None:
+def check_mask(key_padding_mask: object, shape: tuple[int, ...], device: torch.device) -> None:
     """None, or a bool tensor of ``shape`` ``(B, L)`` on ``device``."""
     if key_padding_mask is None:
         return
@@ -216,4 +216,4 @@ def check_layer_input(x: object, key_padding_mask: object, *, d_model: int, weig
             f"x is {x.dtype} but the layer's parameters are {weight.dtype}; convert one "
             f"(layer.to({x.dtype}) or x.to({weight.dtype})) or run under torch.autocast"
         )
-    _check_mask(key_padding_mask, tuple(x.shape[:2]), x.device)
+    check_mask(key_padding_mask, tuple(x.shape[:2]), x.device)

@@ -126,9 +126,9 @@ def test_flex_refuses_a_cpu_gradient_and_what_it_does_not_compute() -> None:
         out = _flex(q, k, v, block_size=16)
         assert torch.equal(out, _flex(q.detach(), k, v, block_size=16))
     q = q.detach()
-    with pytest.raises(ValueError, match="no compressed branch and no dropout"):
+    with pytest.raises(ValueError, match="no compressed branch; use"):
         _flex(q, k, v, block_size=16, compressed=True)
-    with pytest.raises(ValueError, match="no compressed branch and no dropout"):
+    with pytest.raises(ValueError, match=r"no dropout, got dropout_p=0\.1"):
         _flex(q, k, v, block_size=16, dropout_p=0.1)
     with pytest.raises(ValueError, match="backend must be one of"):
         topk_block_attention(q, k, v, block_size=16, backend="triton")
@@ -162,7 +162,8 @@ def test_cuda_flex_forward_and_backward_match_the_reference() -> None:
 
 def test_a_topk_model_with_the_flex_backend_equals_the_grouped_one() -> None:
     """`AttentionConfig(backend="flex")`: the same language model's logits in eval; training
-    it on the CPU is refused with the reason; the config refuses the compressed branch."""
+    it on the CPU is refused with the reason; the config refuses the compressed branch, and
+    the model a dropout the kernel has no place for (at build, not at the first step)."""
     from sparse_sinkhorn.models import LanguageModel, LanguageModelConfig
     from sparse_sinkhorn.nn import AttentionConfig
 
@@ -183,3 +184,6 @@ def test_a_topk_model_with_the_flex_backend_equals_the_grouped_one() -> None:
         flex.train()(ids)
     with pytest.raises(ValueError, match="no compressed branch"):
         AttentionConfig(kind="topk", compressed=True, backend="flex")
+    att = AttentionConfig(kind="topk", block_size=8, backend="flex")
+    with pytest.raises(ValueError, match=r"no attention dropout, got dropout=0\.1"):
+        LanguageModel(LanguageModelConfig(vocab_size=32, d_model=32, n_heads=4, attention=att))

@@ -96,6 +96,11 @@ class SinkhornSelfAttention(nn.Module):
                 "SortCut (n_sortcut) is for encoders only; it cannot be causal (a decoder, "
                 "a LanguageModel or the decoder of a Seq2Seq)"
             )
+        if self.config.backend == "flex" and dropout > 0.0:
+            raise ValueError(
+                f"backend='flex' has no attention dropout, got dropout={dropout}: build the "
+                "layer (or the model's config) with dropout=0.0, or use backend='grouped'"
+            )
         self.d_model, self.n_heads, self.causal, self.dropout = d_model, n_heads, causal, dropout
         # Queries, keys and values; with ``share_kv`` the keys double as values.
         self.qkv = nn.Linear(d_model, (2 if self.config.share_kv else 3) * d_model, bias=bias)

@@ -138,8 +138,12 @@ def topk_block_attention(
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "flex" and (compressed or dropout_p > 0.0):
-        raise ValueError("backend='flex' has no compressed branch and no dropout")
+    if backend == "flex" and compressed:
+        raise ValueError("backend='flex' has no compressed branch; use backend='grouped'")
+    if backend == "flex" and dropout_p > 0.0:
+        raise ValueError(
+            f"backend='flex' has no dropout, got dropout_p={dropout_p}; use backend='grouped'"
+        )
     batch, heads, length, _ = query.shape
     kv_heads = key, value  # FlexAttention reads grouped key/value heads as they are
     key, value = repeat_kv(key, heads), repeat_kv(value, heads)  # grouped-query attention

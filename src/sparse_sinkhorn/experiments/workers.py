@@ -81,17 +81,24 @@ def _job_label(job: Job, i: int) -> str:
     return str(label) if label is not None else f"job {i} ({getattr(job[0], '__name__', job[0])})"
 
 
+def _drain(started: Any, running: dict[int, int]) -> None:
+    """Read the workers' start reports into ``running`` (pid -> the job it started last). The
+    parent reads them as runs finish, so the reports' pipe never fills (a worker blocked on a
+    full pipe would stop the grid without a word)."""
+    while not started.empty():
+        index, pid = started.get()
+        running[pid] = index
+
+
 def _died(
     jobs: Sequence[Job],
     started: Any,
+    running: dict[int, int],
     processes: dict[int, Any],
     done: set[int],
 ) -> WorkerDiedError:
     """Which run's worker died, and how, from the workers' start reports and exit codes."""
-    running: dict[int, int] = {}  # pid -> the job it started last
-    while not started.empty():
-        index, pid = started.get()
-        running[pid] = index
+    _drain(started, running)
     for process in processes.values():
         process.join(timeout=5)  # the pool terminates the other workers; let them settle
     # The pool's own thread reaps the workers too: a worker it reaped between our wait and
@@ -170,15 +177,17 @@ def map_runs(
         for _ in range(workers + 1):  # one queued behind the running ones
             submit_next()
         processes = dict(getattr(pool, "_processes", None) or {})  # pid -> Process
+        running: dict[int, int] = {}  # pid -> the job it started last
         try:
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                _drain(started, running)
                 for future in done:
                     i = pending.pop(future)
                     try:
                         results[i] = future.result()
                     except BrokenProcessPool:
-                        raise _died(jobs, started, processes, finished) from None
+                        raise _died(jobs, started, running, processes, finished) from None
                     finished.add(i)
                     report(i)
                     submit_next()

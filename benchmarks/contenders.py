@@ -43,7 +43,8 @@ CONTENDERS = (
 CUDA_ONLY = ("topk_flex_causal",)
 # contender -> FlexAttention or the project's grouped kernel (`topk_block_attention`'s backend)
 TOPK = {"topk_causal": "grouped", "topk_flex_causal": "flex"}
-QUADRATIC = ("mixture", "dense_sdpa", "dense_materialised", "sparse")  # O(L^2) time
+# O(L^2) time (topk: its gate scores every block for every query, L x L/W)
+QUADRATIC = ("mixture", "dense_sdpa", "dense_materialised", "sparse", "topk_causal")
 
 
 @dataclass(frozen=True)

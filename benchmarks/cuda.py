@@ -18,10 +18,11 @@ lengths first. Per case: 1 warm-up, then up to 3 timed ``torch.autograd.grad`` c
 against a fixed cotangent (median; fewer when over ``--case-budget``); peak memory is
 ``torch.cuda.max_memory_allocated`` during the runs minus the memory allocated before them
 (inputs, weights), so it counts activations, outputs and gradients. A case whose predicted
-time (its time at the previous length × the growth in L squared for SDPA, to the power 1.2
-otherwise) exceeds the case budget or the group's remaining time is "skipped". TFLOP/s: the
-op's own forward FLOP count × 3 (backward = 2 × forward; nothing recomputed counted) over the
-median time.
+time (its time at the previous length × the growth in L squared for SDPA and ``topk``, whose
+gate scores every block for every query, to the power 1.2 otherwise) exceeds the case budget or
+the group's remaining time is "skipped". TFLOP/s: the op's own forward FLOP count × 3
+(backward = 2 × forward; nothing recomputed counted; the ``topk`` gate once, as it has no
+backward) over the median time.
 
 Rows go to ``<out>/cuda.jsonl`` as they are measured (kept only if the driver dies);
 ``<out>/cuda.json`` gathers them with the device name, torch and CUDA versions
@@ -83,6 +84,18 @@ def forward_flops(
     else:
         return None
     return float(heads * per_head)
+
+
+def fwdbwd_flops(
+    contender: str, length: int, heads: int, head_dim: int, block: int
+) -> float | None:
+    """Forward + backward: 3 × `forward_flops` (backward = 2 × forward; nothing recomputed
+    counted), but the ``topk`` gate's bound once (its selection carries no gradient)."""
+    forward = forward_flops(contender, length, heads, head_dim, block)
+    if forward is None:
+        return None
+    gate = 4 * length * -(-length // block) * head_dim * heads if contender in TOPK else 0
+    return 3 * forward - 2 * gate
 
 
 # ---- one group, in its own process --------------------------------------------------------------
@@ -167,11 +180,11 @@ def run_group(spec: dict[str, Any]) -> None:
                 )
                 row.update(heads=heads, block=block)
                 row["kv_mb"] = 2 * heads * length * d * 2 / 2**20  # one bf16 copy of K and V
-                flops = forward_flops(name, length, heads, d, block) if level == "op" else None
+                flops = fwdbwd_flops(name, length, heads, d, block) if level == "op" else None
                 guess = None
                 if name in last:
                     l0, t0 = last[name]
-                    guess = t0 * (length / l0) ** (2.0 if name in FLASH else 1.2)
+                    guess = t0 * (length / l0) ** (2.0 if name in (*FLASH, *TOPK) else 1.2)
                 calls = 1 + spec["repeats"]
                 left = deadline - time.monotonic()
                 if guess is not None and guess * calls > min(spec["case_budget_s"], left):
@@ -201,7 +214,7 @@ def _one_case(
         out: dict[str, Any] = {"status": "ok", "time_s": med, "times_s": times,
                                "peak_mem_mb": max(peak, 0.0)}  # fmt: skip
         if flops is not None:
-            out["tflops"] = 3 * flops / med / 1e12
+            out["tflops"] = flops / med / 1e12
             out["flops_fwd"] = flops
         return out
     except torch.OutOfMemoryError as err:
@@ -334,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         if peer is None
         else f"sinkhorn-transformer {peer}, non_permutative=False, "
         "sinkhorn_iter=8, temperature=0.75",
-        "flop_rule": "forward FLOPs of the op's own kernels x 3 (backward = 2 x forward)",
+        "flop_rule": "forward FLOPs of the op's own kernels x 3 (backward = 2 x forward); "
+        "the topk gate x 1 (no backward)",
         "memory_method": "torch.cuda.max_memory_allocated during the runs minus allocated before",
         "results": rows,
     }

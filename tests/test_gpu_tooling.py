@@ -94,9 +94,12 @@ def test_flop_counts() -> None:
     assert cuda.forward_flops("sdpa_flash_causal", 4096, 8, d, w) == 8 * 2 * 4096**2 * d
     assert cuda.forward_flops("peer", 4096, 8, d, w) is None
     assert cuda.forward_flops("sinkhorn_hard", 4096, 8, d, w) == 8 * 8 * 4096 * w * d  # a gather
-    topk = 8 * (4 * 4096 * n * d + 8 * 4096 * w * d)  # the bound on N blocks, then 2 blocks
-    assert cuda.forward_flops("topk_causal", 4096, 8, d, w) == topk
-    assert cuda.forward_flops("topk_flex_causal", 4096, 8, d, w) == topk
+    gate, attend = 8 * 4 * 4096 * n * d, 8 * 8 * 4096 * w * d  # the bound on N blocks; 2 blocks
+    for topk in ("topk_causal", "topk_flex_causal"):
+        assert cuda.forward_flops(topk, 4096, 8, d, w) == gate + attend
+        assert cuda.fwdbwd_flops(topk, 4096, 8, d, w) == gate + 3 * attend  # no gate backward
+    assert cuda.fwdbwd_flops("sinkhorn", 4096, 8, d, w) == 3 * expected
+    assert cuda.fwdbwd_flops("peer", 4096, 8, d, w) is None
 
 
 @pytest.fixture(scope="module")

@@ -314,6 +314,23 @@ def test_the_lookup_trains_an_encoder_classifier_reading_position_0(
     assert set(by_kind["topk-bound"]["eval"]) == {"accuracy", *hits}
 
 
+def test_the_lookup_never_puts_a_needle_in_the_questions_block() -> None:
+    """The lookup's needles start at the block size or 64, whichever is larger (the cpu
+    preset's b = 32: 64 as before; the paper's b = 128: 128)."""
+    from dataclasses import replace
+
+    from sparse_sinkhorn.experiments.recall import make_task
+
+    for preset in TASKS["lookup"].presets.values():
+        for block in (32, preset.block_size, 256):
+            task = make_task("lookup", 1024, replace(preset, block_size=block))
+            assert task.reserved == max(64, block)
+            data = RecallDataset(task, 32, 0)
+            ids = torch.stack([data[i][0] for i in range(32)])
+            needles = (ids >= task.needle0) & (ids < task.needle0 + task.n_keys * task.n_values)
+            assert not needles[:, :block].any()
+
+
 def test_an_encoder_lookup_is_scored_on_its_class() -> None:
     """`accuracy` of a classifier on the lookup: an oracle reading the needles scores 100 %,
     one that answers a wrong value for even keys about half."""

@@ -63,7 +63,10 @@ TASKS: dict[str, TaskSpec] = {
         lambda n, p: ScatteredMQAR(n, n_pairs=p.n_pairs), True, QUERY_RECALL_PRESETS
     ),
     "lookup": TaskSpec(
-        lambda n, p: KeyedLookup(n, n_needles=p.n_needles, **_filler(p)),
+        # no needle in the question's block, whatever the block size (64 at the cpu preset)
+        lambda n, p: KeyedLookup(
+            n, n_needles=p.n_needles, reserved=max(64, p.block_size), **_filler(p)
+        ),
         True,  # one question a sequence
         QUERY_RECALL_PRESETS,
         encoder=True,

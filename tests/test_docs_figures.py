@@ -160,7 +160,8 @@ BUDGET_TABLES = {
         "test/bits_per_char", 3,
     ),
     "subword": (
-        "language-modelling", ("lm/subword-300steps.json", "lm/subword-600steps.json"),
+        "language-modelling",
+        ("lm/subword-300steps.json", "lm/subword-600steps.json", "lm/subword-1200steps.json"),
         "test/perplexity", 2,
     ),
     "image": (

@@ -162,8 +162,9 @@ def _control(name: str, n_layers: int) -> tuple[Passkey, LanguageModel]:
     return task, model
 
 
-def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
-    task, model = _control("oracle-hard", 2)
+def _routed(model: nn.Module, task) -> tuple[Tensor, list[Tensor]]:
+    """Six held-out sequences of ``task`` and the sort logits each of the model's two
+    Sinkhorn layers routes them by."""
     data = RecallDataset(task, 6, 0)
     ids = torch.stack([data[i][0] for i in range(6)])
     logits: list[Tensor] = []
@@ -172,6 +173,12 @@ def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
             layer.register_forward_hook(lambda m, a, o: logits.append(m.sort_logits(a[0])))
     model(ids)
     assert len(logits) == 2
+    return ids, logits
+
+
+def test_oracle_routing_sends_every_later_block_to_the_needle() -> None:
+    task, model = _control("oracle-hard", 2)
+    ids, logits = _routed(model, task)
     needle = (ids == Passkey.KEY).nonzero()[:, 1] // 16  # (B,)
     for s in logits:
         assert s.shape == (6, 2, 8, 8)
@@ -198,14 +205,7 @@ def test_oracle_routing_of_the_lookup_sends_every_other_block_to_the_asked_needl
     )  # fmt: skip
     model = Classifier(config).eval()
     CONTROLS["oracle-hard"](model, task)
-    data = RecallDataset(task, 6, 0)
-    ids = torch.stack([data[i][0] for i in range(6)])
-    logits: list[Tensor] = []
-    for layer in model.modules():
-        if isinstance(layer, SinkhornSelfAttention):
-            layer.register_forward_hook(lambda m, a, o: logits.append(m.sort_logits(a[0])))
-    model(ids)
-    assert len(logits) == 2
+    ids, logits = _routed(model, task)
     for b in range(6):
         asked = int(ids[b, 0]) - task.KEY0
         at = [p for p, t in enumerate(ids[b].tolist()) if t >= task.needle0 and

@@ -74,7 +74,7 @@ def forward_flops(
         sort = 0 if contender == "sinkhorn_hard" else 2 * (2 * n * n * block * d)
         per_head = sort + 2 * (2 * length * 2 * block * d)
     elif contender in TOPK:  # Quest's bound on every block, then own + 1 picked block
-        per_head = 4 * length * n * d + 2 * (2 * length * 2 * block * d)
+        per_head = _gate_flops(length, d, block) + 2 * (2 * length * 2 * block * d)
     elif contender == "sortcut":
         per_head = 2 * (2 * N_SORTCUT * n * block * d) + 2 * (2 * length * N_SORTCUT * block * d)
     elif contender == "sdpa_flash":
@@ -94,8 +94,13 @@ def fwdbwd_flops(
     forward = forward_flops(contender, length, heads, head_dim, block)
     if forward is None:
         return None
-    gate = 4 * length * -(-length // block) * head_dim * heads if contender in TOPK else 0
+    gate = heads * _gate_flops(length, head_dim, block) if contender in TOPK else 0
     return 3 * forward - 2 * gate
+
+
+def _gate_flops(length: int, head_dim: int, block: int) -> int:
+    """One head's ``topk`` gate: Quest's bound, 2 products per feature, every query × block."""
+    return 4 * length * -(-length // block) * head_dim
 
 
 # ---- one group, in its own process --------------------------------------------------------------

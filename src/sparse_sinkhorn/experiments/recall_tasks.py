@@ -63,9 +63,13 @@ TASKS: dict[str, TaskSpec] = {
         lambda n, p: ScatteredMQAR(n, n_pairs=p.n_pairs), True, QUERY_RECALL_PRESETS
     ),
     "lookup": TaskSpec(
-        # no needle in the question's block, whatever the block size (64 at the cpu preset)
+        # no needle in the question's block, whatever the block size (the task's default
+        # reserved positions at the cpu preset)
         lambda n, p: KeyedLookup(
-            n, n_needles=p.n_needles, reserved=max(64, p.block_size), **_filler(p)
+            n,
+            n_needles=p.n_needles,
+            reserved=max(KeyedLookup.reserved, p.block_size),
+            **_filler(p),
         ),
         True,  # one question a sequence
         QUERY_RECALL_PRESETS,

@@ -34,7 +34,10 @@ OTHER = {
     "gate": "bound",
     "backend": "flex",
     "routing_loss": 0.5,
+    "routing_teacher": "max",
 }
+# a field that only means something beside another one is set with it
+WITH = {"routing_teacher": {"routing_loss": 0.5}}
 FIELDS = [f.name for f in dataclasses.fields(AttentionConfig)]
 
 
@@ -56,7 +59,7 @@ def test_the_table_names_every_field_and_only_fields() -> None:
 def test_a_field_is_accepted_exactly_by_the_kinds_that_read_it(kind: str, field: str) -> None:
     value = OTHER[field]
     if field in KINDS[kind].uses:
-        config = AttentionConfig(kind=kind, **{field: value})
+        config = AttentionConfig(kind=kind, **WITH.get(field, {}), **{field: value})
         assert getattr(config, field) == value
         assert kind_fields(kind, {field: value}) == {field: value}
     else:

@@ -402,10 +402,11 @@ def test_causal_sinkhorn_balancing_sends_every_block_to_its_previous_one(
         assert (far.P[..., 2:, :].argmax(-1) != torch.arange(1, blocks - 1)).float().mean() > 0.5
 
 
+@pytest.mark.parametrize("reduce", ["mean", "max"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 def test_block_attention_mass_is_the_dense_softmax_summed_by_blocks(
-    causal: bool, padded: bool
+    causal: bool, padded: bool, reduce: str
 ) -> None:
     from sparse_sinkhorn.ops import block_attention_mass
 
@@ -415,7 +416,12 @@ def test_block_attention_mass_is_the_dense_softmax_summed_by_blocks(
     if padded:
         mask[1, 7:] = False
     got = block_attention_mass(
-        q, k, block_size=4, is_causal=causal, key_padding_mask=mask if padded else None
+        q,
+        k,
+        block_size=4,
+        is_causal=causal,
+        key_padding_mask=mask if padded else None,
+        reduce=reduce,
     )
     want = torch.zeros(2, 3, 3, 3, dtype=torch.float64)
     for b in range(2):
@@ -425,9 +431,16 @@ def test_block_attention_mass_is_the_dense_softmax_summed_by_blocks(
                 for t in queries:
                     keys = [s for s in range(10) if mask[b, s] and (s <= t or not causal)]
                     w = torch.softmax(torch.stack([q[b, h, t] @ k[b, h, s] for s in keys]) / 2, 0)
+                    mass = torch.zeros(3, dtype=torch.float64)
                     for s, ws in zip(keys, w, strict=True):
-                        want[b, h, i, s // 4] += ws / len(queries)
+                        mass[s // 4] += ws
+                    if reduce == "max":  # the largest mass one query of block i puts there
+                        want[b, h, i] = torch.maximum(want[b, h, i], mass)
+                    else:
+                        want[b, h, i] += mass / len(queries)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        block_attention_mass(q, k, block_size=4, reduce="min")
 
 
 def test_routing_loss_trains_only_the_sort_net_and_leaves_the_output_alone() -> None:
@@ -455,6 +468,41 @@ def test_routing_loss_trains_only_the_sort_net_and_leaves_the_output_alone() -> 
     assert routing_losses(with_loss) is None  # eval: no loss
     with pytest.raises(ValueError, match="kind='dense' does not use routing_loss"):
         AttentionConfig(kind="dense", routing_loss=1.0)
+
+
+def test_the_max_teacher_marks_the_block_one_query_reads() -> None:
+    """A block whose one query reads block 2 and the rest read their own: the mean teacher's
+    row is mostly the own block, the max teacher's has block 2 at that query's mass."""
+    from sparse_sinkhorn.ops import block_attention_mass
+
+    length, w = 12, 4
+    q = torch.zeros(1, 1, length, 2, dtype=torch.float64)
+    k = torch.zeros(1, 1, length, 2, dtype=torch.float64)
+    k[0, 0, :, 0] = torch.tensor([1.0] * 8 + [0.0] * 4)  # feature 0: blocks 0 and 1
+    k[0, 0, 8:, 1] = 1.0  # feature 1: block 2
+    q[0, 0, :, 0] = 20.0  # every query reads blocks 0 and 1 ...
+    q[0, 0, 0] = torch.tensor([0.0, 40.0])  # ... but query 0 reads block 2
+    mean = block_attention_mass(q, k, block_size=w)[0, 0, 0]
+    top = block_attention_mass(q, k, block_size=w, reduce="max")[0, 0, 0]
+    assert mean[2] == pytest.approx(0.25, abs=1e-6)  # one query of four
+    assert top[2] == pytest.approx(1.0, abs=1e-6) and top.argmax() != mean.argmax()
+    with pytest.raises(ValueError, match="routing_teacher chooses routing_loss's target"):
+        AttentionConfig(sort_net="bilinear", routing_teacher="max")
+    from sparse_sinkhorn.nn import routing_losses
+
+    x = torch.randn(2, length, 8)
+    losses = {}
+    for teacher in ("mean", "max"):  # the same layer, each teacher
+        torch.manual_seed(0)
+        layer = SinkhornSelfAttention(
+            8, 2, kind="sinkhorn", block_size=w, max_len=16, sort_net="bilinear",
+            balance="softmax", routing_loss=1.0, routing_teacher=teacher,
+        ).train()  # fmt: skip
+        layer(x)
+        aux = routing_losses(layer)
+        assert aux is not None and torch.isfinite(aux)
+        losses[teacher] = float(aux.detach())
+    assert losses["mean"] != losses["max"]  # the layer reads its teacher option
 
 
 def _stack(shared: str, kind: str = "sinkhorn") -> LanguageModel:

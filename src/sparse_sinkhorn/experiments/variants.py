@@ -108,6 +108,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "pooling": "max",
         "gumbel_noise": False,
     },
+    # softmax-max whose sort net also learns from the layer's own dense block attention: the
+    # mean over a block's queries (distill), or the largest mass one of them puts on a block
+    # (distill-max: one query that reads a block marks it)
+    "softmax-max-distill": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "pooling": "max",
+        "routing_loss": 1.0,
+    },
+    "softmax-max-distill-max": {
+        "kind": "sinkhorn",
+        "sort_net": "bilinear",
+        "balance": "softmax",
+        "pooling": "max",
+        "routing_loss": 1.0,
+        "routing_teacher": "max",
+    },
     "softmax-mean": {
         "kind": "sinkhorn",
         "sort_net": "bilinear",

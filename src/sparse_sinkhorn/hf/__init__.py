@@ -104,8 +104,11 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
 # The convert() options beyond block_size, with their defaults: the AttentionConfig fields
 # the sinkhorn and mixture kinds read (`nn.kinds.KINDS`: a field added there is an option
 # here), and ``mix_dense`` for the kind; not SortCut (encoders only), share_kv (the model
-# keeps its own projections) or routing_loss (the layers' distillation loss).
-_NOT_OPTIONS = ("kind", "block_size", "n_sortcut", "share_kv", "routing_loss")
+# keeps its own projections) or routing_loss and routing_teacher (the layers' distillation
+# loss).
+_NOT_OPTIONS = (
+    "kind", "block_size", "n_sortcut", "share_kv", "routing_loss", "routing_teacher"
+)  # fmt: skip
 _ROUTED = KINDS["sinkhorn"].uses | KINDS["mixture"].uses
 OPTIONS: dict[str, Any] = {
     **{

@@ -258,7 +258,12 @@ class SinkhornSelfAttention(nn.Module):
         cfg = self.config
         assert self.sort_net is not None
         target = block_attention_mass(
-            q, k, block_size=cfg.block_size, is_causal=self.causal, key_padding_mask=mask
+            q,
+            k,
+            block_size=cfg.block_size,
+            is_causal=self.causal,
+            key_padding_mask=mask,
+            reduce=cfg.routing_teacher,
         )  # (B, H, N, N)
         n = target.shape[-1]
         allowed = torch.ones(n, n, dtype=torch.bool, device=x.device)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..ops.blocks import POOLINGS, num_blocks
 from ..ops.options import SinkhornOptions
+from ..ops.plan import TEACHERS
 from ..ops.topk import BACKENDS, GATES
 from .kinds import KINDS, users
 from .routing import SHARED_ROUTINGS
@@ -109,6 +110,11 @@ class AttentionConfig:
         routing_loss: sinkhorn and mixture, training only: the weight of a loss pulling each
             sort-net row towards the layer's own dense block attention mass (see
             [`routing_losses`][sparse_sinkhorn.nn.routing_losses]).
+        routing_teacher: with ``routing_loss``, how the target row of block ``i`` reads the
+            dense attention of block ``i``'s queries: ``"mean"`` (their mean mass on each
+            block) or ``"max"`` (the largest mass one of them puts on each block, so one
+            query that reads a block marks it; SeerAttention's gate is distilled from block
+            maxima too).
     """
 
     kind: str = "sinkhorn"
@@ -130,6 +136,7 @@ class AttentionConfig:
     gate: str = "mean"
     backend: str = "grouped"
     routing_loss: float = 0.0
+    routing_teacher: str = "mean"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -143,6 +150,14 @@ class AttentionConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.routing_loss >= 0:
             raise ValueError(f"routing_loss must be >= 0, got {self.routing_loss}")
+        if self.routing_teacher not in TEACHERS:
+            raise ValueError(
+                f"routing_teacher must be one of {TEACHERS}, got {self.routing_teacher!r}"
+            )
+        if self.routing_teacher != "mean" and not self.routing_loss:
+            raise ValueError(
+                "routing_teacher chooses routing_loss's target; it does nothing with routing_loss=0"
+            )
         if self.sort_net in PROJECTED:  # only routed kinds may set sort_net (_check_kind)
             self._check_projected_sort_net()
         if self.shared_routing not in SHARED_ROUTINGS:

@@ -54,7 +54,7 @@ COMMON_FIELDS = ("kind", "block_size", "max_len", "share_kv")
 # What a kind routed by a sort net reads (sinkhorn and mixture).
 ROUTING_FIELDS = (
     "hard", "balance", "sort_net", "pooling", "shared_routing", "n_iters", "temperature",
-    "gumbel_noise", "routing_loss",
+    "gumbel_noise", "routing_loss", "routing_teacher",
 )  # fmt: skip
 
 

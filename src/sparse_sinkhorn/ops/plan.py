@@ -182,6 +182,9 @@ def keep_mask(plan: SinkhornPlan) -> tuple[Tensor | None, Tensor | None]:
     return local, weight > 0
 
 
+TEACHERS = ("mean", "max")  # block_attention_mass's reduction over a block's queries
+
+
 def block_attention_mass(
     query: Tensor,
     key: Tensor,
@@ -190,14 +193,19 @@ def block_attention_mass(
     is_causal: bool = False,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
+    reduce: str = "mean",
 ) -> Tensor:
     """Where dense attention puts its weight, per pair of blocks: ``(B, H, N, N)``.
 
-    Entry ``[i, j]`` is the mean, over the real queries of block ``i``, of the softmax weight
-    ``softmax(q kᵀ · scale)`` puts on the real keys of block ``j`` (causal: keys ``<= t``). A
-    routing target (what a sort net row should score), computed without gradient. O(L²):
-    for training-time distillation at moderate lengths.
+    Entry ``[i, j]`` is the mean (``reduce="mean"``) or the largest (``reduce="max"``), over
+    the real queries of block ``i``, of the softmax weight ``softmax(q kᵀ · scale)`` puts on
+    the real keys of block ``j`` (causal: keys ``<= t``): with ``"max"`` one query that reads
+    block ``j`` marks it, however many queries of block ``i`` read elsewhere. A routing target
+    (what a sort net row should score), computed without gradient. O(L²): for training-time
+    distillation at moderate lengths.
     """
+    if reduce not in TEACHERS:
+        raise ValueError(f"reduce must be one of {TEACHERS}, got {reduce!r}")
     w = block_size
     batch, heads, length, _ = query.shape
     key = repeat_kv(key, heads)  # grouped-query attention
@@ -219,7 +227,9 @@ def block_attention_mass(
         else:
             q_real = key_padding_mask.float()
         q_real = torch.nn.functional.pad(q_real, (0, pad)).view(batch, 1, n, w, 1)
-        mass = rearrange(mass, "b h (n w) m -> b h n w m", w=w) * q_real
+        mass = rearrange(mass, "b h (n w) m -> b h n w m", w=w) * q_real  # weights >= 0
+        if reduce == "max":
+            return mass.amax(3)  # (B, H, N, N); a padded query's row is 0 here
         return mass.sum(3) / q_real.sum(3).clamp_min(1.0)  # (B, H, N, N)
 
 

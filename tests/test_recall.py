@@ -590,3 +590,70 @@ def test_resuming_with_another_token_conv_is_refused(
     assert code == 0, err
     code, err = run_cli([*argv, "--resume", "--steps", "3", "--token-conv", "3"], capsys)
     assert code != 0 and "token_conv: saved 0, current 3" in err, err
+
+
+def _lookup_argv(out: Path, *extra: str) -> list[str]:
+    argv = ["recall", "--task", "lookup", "--lengths", "128", "--block-size", "16"]
+    argv += ["--steps", "2", "--batch-size", "2", "--d-model", "16", "--no-progress"]
+    return [*argv, "--out", str(out), *extra]
+
+
+def test_init_from_starts_each_run_from_the_same_seeds_weights_of_another_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    from sparse_sinkhorn.cli import main
+    from sparse_sinkhorn.experiments.recall import start_from
+    from sparse_sinkhorn.models import ClassifierConfig, build_model
+    from sparse_sinkhorn.nn import AttentionConfig
+    from sparse_sinkhorn.train import read_config, resolve_checkpoint
+
+    code, err = run_cli(_lookup_argv(tmp_path / "dense", "--attention", "dense", "--seeds", "2"),
+                        capsys)  # fmt: skip
+    assert code == 0, err
+    source = tmp_path / "dense" / "lookup-128" / "dense"
+    # the loading itself: every stored weight lands, the sort nets keep their start
+    saved = read_config(source / "seed1")["model_config"]
+    attention = AttentionConfig(**{**saved["attention"], "kind": "sinkhorn",
+                                   "sort_net": "bilinear", "balance": "softmax"})  # fmt: skip
+    config = ClassifierConfig.from_dict({**saved, "attention": attention.__dict__})
+    model = build_model(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start_from(model, config.to_dict(), source / "seed1")
+    stored = load_file(resolve_checkpoint(source / "seed1") / "model.safetensors")
+    for name, value in model.state_dict().items():
+        if ".sort_net." in name:
+            assert name not in stored and torch.equal(value, before[name]), name
+        else:
+            assert torch.equal(value, stored[name]), name
+    assert any(not torch.equal(stored[n], before[n]) for n in stored)  # it did load something
+    # end to end: the grid records where it started
+    out = tmp_path / "routed"
+    argv = _lookup_argv(out, "--attention", "softmax-max-distill-max", "--seeds", "2")
+    capsys.readouterr()
+    assert main([*argv, "--init-from", str(source)]) == 0
+    assert f"started from the weights of {source}/seed<s>" in capsys.readouterr().out  # title
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["settings"]["init_from"] == str(source)
+
+
+def test_init_from_refuses_what_it_cannot_start_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, err = run_cli(_lookup_argv(tmp_path / "dense", "--attention", "dense"), capsys)
+    assert code == 0, err
+    source = str(tmp_path / "dense" / "lookup-128" / "dense")
+    routed = _lookup_argv(tmp_path / "r", "--attention", "softmax-max", "--init-from", source)
+    assert_one_line_error([*routed, "--seeds", "2"], capsys, "no weights for seed 1")
+    two = [*routed[:4], "128,256", *routed[5:]]
+    assert_one_line_error(two, capsys, "one --lengths")
+    wider = [*routed[:-2], "--d-model", "32", "--init-from", source]
+    assert_one_line_error(wider, capsys, "another model", "d_model")
+    # a run stopped before its last step is not "its final weights"
+    from sparse_sinkhorn.experiments import recall as recall_mod
+
+    monkeypatch.setattr(
+        recall_mod, "read_config", lambda _: {"step": 1, "train_config": {"steps": 2}}
+    )
+    assert_one_line_error(routed, capsys, "has not finished (step 1 of 2)")

@@ -175,6 +175,15 @@ def _recall(parser: argparse.ArgumentParser) -> None:
         "preset's min_span, padded; curriculum: one length per step, from min_span up "
         "(default: the preset's)",
     )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="KIND_DIR",
+        help="start each run from the final weights of KIND_DIR/seed<s>, the same seed's run "
+        "of another kind on the same task, length and model (e.g. "
+        "runs/recall-lookup/lookup-512/dense); the weights the kind adds (its sort nets) "
+        "start fresh; one length only",
+    )
     _runs(parser, recall, "runs/recall-<task>", out=None)
 
 

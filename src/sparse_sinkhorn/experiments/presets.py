@@ -190,6 +190,9 @@ class RecallPreset(Preset):
     curriculum: tuple[float, float] | None = None
     # width of the models' causal convolution over the embeddings (`LanguageModelConfig`), 0: none
     token_conv: int = 0
+    # a kind directory of an earlier grid whose run seed<s> gives each run its starting weights
+    # (`recall --init-from`; None: every run from scratch)
+    init_from: str | None = None
 
 
 # head dim 16 (CPU attention kernels are slow for smaller head dims); dense needs ~1,500

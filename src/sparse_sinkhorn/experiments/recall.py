@@ -27,6 +27,7 @@ import logging
 import time
 from dataclasses import asdict, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,8 @@ from ..data.recall import (
 from ..errors import UsageError
 from ..models import Classifier, ClassifierConfig, LanguageModel, LanguageModelConfig
 from ..nn import routing_losses
-from ..train import init_distributed
+from ..train import CheckpointError, init_distributed, read_config, warm_start
+from ..train.loading import config_differences
 from ..train.sampling import first_epoch_steps
 from . import flags
 from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
@@ -154,6 +156,8 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     else:
         config = LanguageModelConfig(**sizes, token_conv=preset.token_conv)
         model = LanguageModel(config)
+    if preset.init_from is not None:
+        start_from(model, config.to_dict(), Path(preset.init_from) / f"seed{run.seed}")
     if kind in CONTROLS:  # `run` refuses a control where its task or model has no use for it
         CONTROLS[kind](model, spec)
     train_data = training_data(spec, preset, run.seed)
@@ -184,6 +188,19 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     return {**fitted.record(kind=kind, task=task, length=length), "seconds_per_step": per_step}
 
 
+def start_from(model: nn.Module, model_config: dict[str, Any], run_dir: Path) -> None:
+    """``model`` (of ``model_config``) with the final weights of the run in ``run_dir``, a
+    run of the same model but for its attention; only sort-net weights may start fresh."""
+    saved = read_config(run_dir).get("model_config") or {}
+    other = {k: v for k, v in saved.items() if k != "attention"}
+    diffs = config_differences(other, {k: v for k, v in model_config.items() if k != "attention"})
+    if diffs:
+        raise UsageError(f"--init-from {run_dir}: another model ({'; '.join(diffs)})")
+    fresh = [n for n in warm_start(run_dir, model) if ".sort_net." not in f".{n}"]
+    if fresh:
+        raise UsageError(f"--init-from {run_dir}: holds no {', '.join(fresh)}")
+
+
 def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     if value is None:
         return default
@@ -198,6 +215,25 @@ def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...
     if max(lengths) > MAX_LENGTH:  # before any run directory is made
         raise UsageError(f"--lengths: {max(lengths):,} is longer than {MAX_LENGTH:,} tokens")
     return lengths
+
+
+def initial_runs(kind_dir: str, preset: RecallPreset, seeds: list[int]) -> str:
+    """``--init-from``'s directory, checked before any run: one length, and a finished
+    checkpoint in ``seed<s>`` for every seed."""
+    if len(preset.lengths) != 1:
+        raise UsageError("--init-from starts one length's runs: pass one --lengths")
+    for seed in seeds:
+        run_dir = Path(kind_dir) / f"seed{seed}"
+        try:
+            saved = read_config(run_dir)
+        except (CheckpointError, FileNotFoundError) as err:
+            raise UsageError(f"--init-from: no weights for seed {seed} ({err})") from None
+        steps = (saved.get("train_config") or {}).get("steps")
+        if saved.get("step") != steps:
+            raise UsageError(
+                f"--init-from: {run_dir} has not finished (step {saved.get('step')} of {steps})"
+            )
+    return kind_dir
 
 
 def run(args: argparse.Namespace) -> int:
@@ -218,6 +254,9 @@ def run(args: argparse.Namespace) -> int:
         )
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
+    seeds = flags.seed_list(args)
+    if args.init_from is not None:
+        preset = replace(preset, init_from=initial_runs(args.init_from, preset, seeds))
     options = grid_options(args, args.out or f"runs/recall-{args.task}")
     kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *CONTROL_KINDS), DEFAULT_KINDS)
     if args.task not in ORACLE_TASKS and "oracle-hard" in kinds:
@@ -228,7 +267,6 @@ def run(args: argparse.Namespace) -> int:
         shared = [k for k in kinds if k in CONTROL_KINDS and k != "oracle-hard"]
         if shared:
             raise UsageError(f"the controls {', '.join(shared)} are a decoder's")
-    seeds = flags.seed_list(args)
     runners = {
         f"{args.task}-{length}/{kind}": partial(run_recall, args.task, length, kind, preset)
         for length in preset.lengths
@@ -244,6 +282,8 @@ def run(args: argparse.Namespace) -> int:
         f"{args.task} (preset {args.preset}, b={preset.block_size}, {preset.steps} steps of "
         f"{preset.batch_size}, mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s)"
     )
+    if preset.init_from is not None:
+        title += f"; each run started from the weights of {preset.init_from}/seed<s>"
     out = options.out
     figures = plot(results, out, f"{args.task}, {len(seeds)} seed(s)")
     payload = {

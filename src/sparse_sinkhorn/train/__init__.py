@@ -29,6 +29,7 @@ from .loading import (
     read_config,
     resolve_checkpoint,
     verify_checkpoint,
+    warm_start,
 )
 from .loop import TrainResult, train
 from .metrics import plot_metrics, read_metrics
@@ -61,4 +62,5 @@ __all__ = [
     "train",
     "unwrap_model",
     "verify_checkpoint",
+    "warm_start",
 ]

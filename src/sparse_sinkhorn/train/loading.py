@@ -232,7 +232,8 @@ def check_model_config(ckpt: Path, saved: Any, expected: Mapping[str, Any]) -> N
         )
 
 
-def _load_weights(ckpt: Path, model: nn.Module) -> None:
+def _load_into(ckpt: Path, model: nn.Module) -> tuple[list[str], list[str]]:
+    """Every stored weight the model has into it: ``(missing, unexpected)`` names."""
     from safetensors.torch import load_model
 
     target = unwrap_model(model)
@@ -243,6 +244,11 @@ def _load_weights(ckpt: Path, model: nn.Module) -> None:
         )
     except Exception as err:  # safetensors / shape errors
         raise CheckpointError(f"{ckpt / MODEL_FILE}: cannot load weights ({err})") from err
+    return list(missing), list(unexpected)
+
+
+def _load_weights(ckpt: Path, model: nn.Module) -> None:
+    missing, unexpected = _load_into(ckpt, model)
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt / MODEL_FILE} does not match the model: missing {sorted(missing)}, "
@@ -266,6 +272,21 @@ def load_model_weights(path: str | Path, model: nn.Module) -> Path:
     ckpt = resolve_checkpoint(path)
     _load_weights(ckpt, model)
     return ckpt
+
+
+def warm_start(path: str | Path, model: nn.Module) -> list[str]:
+    """Load the weights of the checkpoint at ``path`` into ``model``, which may have more
+    (a routed kind started from a dense run: its sort nets); returns the names of the
+    model's weights the checkpoint does not hold, left as they were. A stored weight the
+    model has no place for, or of another shape, raises
+    [`CheckpointError`][sparse_sinkhorn.train.CheckpointError]."""
+    ckpt = resolve_checkpoint(path)
+    missing, unexpected = _load_into(ckpt, model)
+    if unexpected:
+        raise CheckpointError(
+            f"{ckpt / MODEL_FILE} holds weights this model has no place for: {sorted(unexpected)}"
+        )
+    return sorted(missing)
 
 
 def load_checkpoint(

@@ -599,61 +599,97 @@ def _lookup_argv(out: Path, *extra: str) -> list[str]:
 
 
 def test_init_from_starts_each_run_from_the_same_seeds_weights_of_another_kind(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from safetensors.torch import load_file
 
     from sparse_sinkhorn.cli import main
-    from sparse_sinkhorn.experiments.recall import start_from
-    from sparse_sinkhorn.models import ClassifierConfig, build_model
-    from sparse_sinkhorn.nn import AttentionConfig
+    from sparse_sinkhorn.errors import UsageError
+    from sparse_sinkhorn.experiments import recall as recall_mod
+    from sparse_sinkhorn.experiments.recall_init import INIT_FILE, start_from
     from sparse_sinkhorn.train import read_config, resolve_checkpoint
 
     code, err = run_cli(_lookup_argv(tmp_path / "dense", "--attention", "dense", "--seeds", "2"),
                         capsys)  # fmt: skip
     assert code == 0, err
     source = tmp_path / "dense" / "lookup-128" / "dense"
-    # the loading itself: every stored weight lands, the sort nets keep their start
-    saved = read_config(source / "seed1")["model_config"]
-    attention = AttentionConfig(**{**saved["attention"], "kind": "sinkhorn",
-                                   "sort_net": "bilinear", "balance": "softmax"})  # fmt: skip
-    config = ClassifierConfig.from_dict({**saved, "attention": attention.__dict__})
-    model = build_model(config)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    start_from(model, config.to_dict(), source / "seed1")
-    stored = load_file(resolve_checkpoint(source / "seed1") / "model.safetensors")
-    for name, value in model.state_dict().items():
-        if ".sort_net." in name:
-            assert name not in stored and torch.equal(value, before[name]), name
-        else:
-            assert torch.equal(value, stored[name]), name
-    assert any(not torch.equal(stored[n], before[n]) for n in stored)  # it did load something
-    # end to end: the grid records where it started
+    started: list[tuple[Path, dict[str, Tensor]]] = []
+
+    def recording(model: nn.Module, run_dir: Path) -> None:
+        start_from(model, run_dir)
+        started.append((run_dir, {k: v.clone() for k, v in model.state_dict().items()}))
+
+    monkeypatch.setattr(recall_mod, "start_from", recording)
     out = tmp_path / "routed"
     argv = _lookup_argv(out, "--attention", "softmax-max-distill-max", "--seeds", "2")
     capsys.readouterr()
-    assert main([*argv, "--init-from", str(source)]) == 0
+    assert main([*argv, "--init-from", str(source)]) == 0  # --jobs 1: runs in this process
     assert f"started from the weights of {source}/seed<s>" in capsys.readouterr().out  # title
     payload = json.loads((out / "results.json").read_text())
     assert payload["settings"]["init_from"] == str(source)
+    # each seed from its own seed's final weights; the sort nets are the kind's own
+    assert [d for d, _ in started] == [source / "seed0", source / "seed1"]
+    for seed, (run_dir, weights) in enumerate(started):
+        stored = load_file(resolve_checkpoint(run_dir) / "model.safetensors")
+        assert {k for k in weights if ".sort_net." not in f".{k}"} == set(stored)
+        for name, value in stored.items():
+            assert torch.equal(weights[name], value), name
+        run = out / "lookup-128" / "softmax-max-distill-max" / f"seed{seed}"
+        assert (run / INIT_FILE).read_text() == str(source)
+    other = load_file(resolve_checkpoint(source / "seed0") / "model.safetensors")
+    assert any(not torch.equal(other[k], started[1][1][k]) for k in other)  # seeds differ
+    # a model with a weight the source lacks (not a sort net's) is refused, untouched
+    config = recall_mod.ClassifierConfig.from_dict(read_config(source / "seed0")["model_config"])
+    model = recall_mod.Classifier(config)
+    model.register_parameter("extra", nn.Parameter(torch.zeros(1)))
+    with pytest.raises(UsageError, match="holds no extra"):
+        start_from(model, source / "seed0")
+    # weights of another shape: refused before any weight changes
+    from dataclasses import replace
+
+    from sparse_sinkhorn.train import CheckpointError, warm_start
+
+    wide = recall_mod.Classifier(replace(config, d_model=32, d_ff=128))
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(CheckpointError, match="weights of another shape"):
+        warm_start(source / "seed0", wide)
+    assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items())
 
 
 def test_init_from_refuses_what_it_cannot_start_from(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import shutil
+
     code, err = run_cli(_lookup_argv(tmp_path / "dense", "--attention", "dense"), capsys)
     assert code == 0, err
     source = str(tmp_path / "dense" / "lookup-128" / "dense")
     routed = _lookup_argv(tmp_path / "r", "--attention", "softmax-max", "--init-from", source)
-    assert_one_line_error([*routed, "--seeds", "2"], capsys, "no weights for seed 1")
+    assert_one_line_error([*routed, "--seeds", "2"], capsys, "no run for seed 1")
     two = [*routed[:4], "128,256", *routed[5:]]
     assert_one_line_error(two, capsys, "one --lengths")
+    longer = [*routed[:4], "256", *routed[5:]]
+    assert_one_line_error(longer, capsys, "not a kind directory of a lookup-256 grid")
+    moved = tmp_path / "moved" / "lookup-256" / "dense"
+    shutil.copytree(source, moved)
+    longer = [*longer[:-1], str(moved)]
+    assert_one_line_error(longer, capsys, "another model", "attention.max_len")
     wider = [*routed[:-2], "--d-model", "32", "--init-from", source]
     assert_one_line_error(wider, capsys, "another model", "d_model")
+    itself = [*routed[:-3], "dense", "--out", str(tmp_path / "dense"), "--overwrite",
+              "--init-from", source]  # fmt: skip
+    assert_one_line_error(itself, capsys, "this grid writes that directory")
+    # --resume continues only runs that started the same way
+    code, err = run_cli(routed, capsys)
+    assert code == 0, err
+    cold = [*routed[:-2], "--resume"]
+    assert_one_line_error(
+        cold, capsys, "started from " + source, "this command starts from scratch"
+    )
     # a run stopped before its last step is not "its final weights"
-    from sparse_sinkhorn.experiments import recall as recall_mod
+    from sparse_sinkhorn.experiments import recall_init
 
     monkeypatch.setattr(
-        recall_mod, "read_config", lambda _: {"step": 1, "train_config": {"steps": 2}}
+        recall_init, "read_config", lambda _: {"step": 1, "train_config": {"steps": 2}}
     )
     assert_one_line_error(routed, capsys, "has not finished (step 1 of 2)")

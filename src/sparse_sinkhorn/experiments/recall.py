@@ -45,13 +45,13 @@ from ..data.recall import (
 from ..errors import UsageError
 from ..models import Classifier, ClassifierConfig, LanguageModel, LanguageModelConfig
 from ..nn import routing_losses
-from ..train import CheckpointError, init_distributed, read_config, warm_start
-from ..train.loading import config_differences
+from ..train import init_distributed
 from ..train.sampling import first_epoch_steps
 from . import flags
 from .driver import Plan, Run, fit, grid_options, model_sizes, train_grid
 from .presets import SCHEDULES, RecallPreset
 from .recall_controls import CONTROLS
+from .recall_init import check_sources, check_started_as, mark_start, start_from, the_length
 from .recall_kinds import (
     CONTROL_KINDS,
     DEFAULT_KINDS,
@@ -138,8 +138,10 @@ def recall_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor,
     return loss, metrics
 
 
-def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run) -> dict[str, Any]:
-    """Train one kind at one length as ``run``; a runner of `train_grid`."""
+def model_config(
+    task: str, length: int, kind: str, preset: RecallPreset
+) -> LanguageModelConfig | ClassifierConfig:
+    """The model ``run_recall`` trains for ``kind`` on ``task`` at ``length``."""
     spec = make_task(task, length, preset)
     sizes = {
         "vocab_size": spec.vocab_size,
@@ -147,17 +149,20 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
         "pad_id": PAD,
         "attention": attention_config(kind, preset.block_size, length),
     }
-    config: LanguageModelConfig | ClassifierConfig
-    model: LanguageModel | Classifier
     if TASKS[task].encoder:  # a classifier reading position 0
         assert isinstance(spec, KeyedLookup)  # the one encoder task
-        config = ClassifierConfig(**sizes, n_classes=spec.n_classes, pooling="first")
-        model = Classifier(config)
-    else:
-        config = LanguageModelConfig(**sizes, token_conv=preset.token_conv)
-        model = LanguageModel(config)
+        return ClassifierConfig(**sizes, n_classes=spec.n_classes, pooling="first")
+    return LanguageModelConfig(**sizes, token_conv=preset.token_conv)
+
+
+def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run) -> dict[str, Any]:
+    """Train one kind at one length as ``run``; a runner of `train_grid`."""
+    spec = make_task(task, length, preset)
+    config = model_config(task, length, kind, preset)
+    model = Classifier(config) if isinstance(config, ClassifierConfig) else LanguageModel(config)
     if preset.init_from is not None:
-        start_from(model, config.to_dict(), Path(preset.init_from) / f"seed{run.seed}")
+        start_from(model, Path(preset.init_from) / f"seed{run.seed}")
+    mark_start(run.dir, preset.init_from, run.resume)
     if kind in CONTROLS:  # `run` refuses a control where its task or model has no use for it
         CONTROLS[kind](model, spec)
     train_data = training_data(spec, preset, run.seed)
@@ -188,19 +193,6 @@ def run_recall(task: str, length: int, kind: str, preset: RecallPreset, run: Run
     return {**fitted.record(kind=kind, task=task, length=length), "seconds_per_step": per_step}
 
 
-def start_from(model: nn.Module, model_config: dict[str, Any], run_dir: Path) -> None:
-    """``model`` (of ``model_config``) with the final weights of the run in ``run_dir``, a
-    run of the same model but for its attention; only sort-net weights may start fresh."""
-    saved = read_config(run_dir).get("model_config") or {}
-    other = {k: v for k, v in saved.items() if k != "attention"}
-    diffs = config_differences(other, {k: v for k, v in model_config.items() if k != "attention"})
-    if diffs:
-        raise UsageError(f"--init-from {run_dir}: another model ({'; '.join(diffs)})")
-    fresh = [n for n in warm_start(run_dir, model) if ".sort_net." not in f".{n}"]
-    if fresh:
-        raise UsageError(f"--init-from {run_dir}: holds no {', '.join(fresh)}")
-
-
 def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     if value is None:
         return default
@@ -215,25 +207,6 @@ def parse_lengths(value: str | None, default: tuple[int, ...]) -> tuple[int, ...
     if max(lengths) > MAX_LENGTH:  # before any run directory is made
         raise UsageError(f"--lengths: {max(lengths):,} is longer than {MAX_LENGTH:,} tokens")
     return lengths
-
-
-def initial_runs(kind_dir: str, preset: RecallPreset, seeds: list[int]) -> str:
-    """``--init-from``'s directory, checked before any run: one length, and a finished
-    checkpoint in ``seed<s>`` for every seed."""
-    if len(preset.lengths) != 1:
-        raise UsageError("--init-from starts one length's runs: pass one --lengths")
-    for seed in seeds:
-        run_dir = Path(kind_dir) / f"seed{seed}"
-        try:
-            saved = read_config(run_dir)
-        except (CheckpointError, FileNotFoundError) as err:
-            raise UsageError(f"--init-from: no weights for seed {seed} ({err})") from None
-        steps = (saved.get("train_config") or {}).get("steps")
-        if saved.get("step") != steps:
-            raise UsageError(
-                f"--init-from: {run_dir} has not finished (step {saved.get('step')} of {steps})"
-            )
-    return kind_dir
 
 
 def run(args: argparse.Namespace) -> int:
@@ -255,10 +228,14 @@ def run(args: argparse.Namespace) -> int:
     for length in preset.lengths:
         make_task(args.task, length, preset)  # a length the task cannot use fails here
     seeds = flags.seed_list(args)
-    if args.init_from is not None:
-        preset = replace(preset, init_from=initial_runs(args.init_from, preset, seeds))
     options = grid_options(args, args.out or f"runs/recall-{args.task}")
     kinds = flags.parse_kinds(args.attention, (*RECALL_KINDS, *CONTROL_KINDS), DEFAULT_KINDS)
+    if args.init_from is not None:
+        length = the_length(preset)
+        wanted = {k: model_config(args.task, length, k, preset).to_dict() for k in kinds}
+        writes = [options.out / f"{args.task}-{length}" / k for k in kinds]
+        check_sources(args.init_from, f"{args.task}-{length}", wanted, seeds, writes)
+        preset = replace(preset, init_from=args.init_from)
     if args.task not in ORACLE_TASKS and "oracle-hard" in kinds:
         raise UsageError(f"oracle-hard is a control for --task {' or '.join(ORACLE_TASKS)}")
     if TASKS[args.task].encoder:
@@ -267,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
         shared = [k for k in kinds if k in CONTROL_KINDS and k != "oracle-hard"]
         if shared:
             raise UsageError(f"the controls {', '.join(shared)} are a decoder's")
+    names = [f"{args.task}-{n}/{k}" for n in preset.lengths for k in kinds]
+    if options.resume:
+        check_started_as(options.out, names, seeds, preset.init_from)
     runners = {
         f"{args.task}-{length}/{kind}": partial(run_recall, args.task, length, kind, preset)
         for length in preset.lengths

@@ -279,13 +279,19 @@ def warm_start(path: str | Path, model: nn.Module) -> list[str]:
     (a routed kind started from a dense run: its sort nets); returns the names of the
     model's weights the checkpoint does not hold, left as they were. A stored weight the
     model has no place for, or of another shape, raises
-    [`CheckpointError`][sparse_sinkhorn.train.CheckpointError]."""
+    [`CheckpointError`][sparse_sinkhorn.train.CheckpointError] before any weight is loaded."""
     ckpt = resolve_checkpoint(path)
-    missing, unexpected = _load_into(ckpt, model)
+    own = {k: tuple(v.shape) for k, v in unwrap_model(model).state_dict().items()}
+    stored = stored_shapes(ckpt)
+    unexpected = sorted(k for k in stored if k not in own)
     if unexpected:
         raise CheckpointError(
-            f"{ckpt / MODEL_FILE} holds weights this model has no place for: {sorted(unexpected)}"
+            f"{ckpt / MODEL_FILE} holds weights this model has no place for: {unexpected}"
         )
+    shapes = [f"{k} {stored[k]} vs {own[k]}" for k in sorted(stored) if stored[k] != own[k]]
+    if shapes:
+        raise CheckpointError(f"{ckpt / MODEL_FILE}: weights of another shape: {shapes}")
+    missing, _ = _load_into(ckpt, model)
     return sorted(missing)
 
 

@@ -9,6 +9,13 @@ the run's ``results.json`` (the cpu preset's when there is none).
     python examples/recall_checkpoints.py runs/recall-passkey/passkey-512/softmax-max
     python examples/recall_checkpoints.py runs/recall-passkey/passkey-512/softmax-max --per-head
     python examples/recall_checkpoints.py runs/recall-mqar/mqar-512/softmax-max
+    python examples/recall_checkpoints.py runs/lookup-distill/lookup-512/softmax-max-distill-max \
+        --teacher --json teacher.json
+
+``--teacher`` adds, per layer, how often the layer's own dense attention (the routing
+distillation's teacher, `recall_scoring.teacher_hits`, with the largest and with the mean mass
+of a block's queries) puts its largest block mass on the answer's block; ``--json FILE`` also
+writes the rows with the command, commit, machine and wall time.
 
 Runs made since the `recall` experiment records these scores itself need no second pass; this
 reads older run directories (one `seed*/checkpoints` per seed).
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,8 +35,11 @@ from torch import nn
 from sparse_sinkhorn.data.recall import RecallDataset
 from sparse_sinkhorn.experiments import recall, recall_scoring
 from sparse_sinkhorn.experiments.presets import RecallPreset
+from sparse_sinkhorn.experiments.provenance import begin_invocation, provenance
 from sparse_sinkhorn.experiments.recall_tasks import TASKS
+from sparse_sinkhorn.experiments.results import machine_info
 from sparse_sinkhorn.models import build_model, config_from_dict
+from sparse_sinkhorn.ops.plan import TEACHERS
 from sparse_sinkhorn.train import load_model_weights, read_config, resolve_checkpoint
 
 
@@ -62,6 +73,10 @@ def main() -> None:
     parser.add_argument(
         "--per-head", action="store_true", help="routing hits per layer and head (% of sequences)"
     )
+    parser.add_argument(
+        "--teacher", action="store_true", help="also the teacher hits per layer (max, mean)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this file")
     args = parser.parse_args()
     task, _, length = args.kind_dir.resolve().parent.name.rpartition("-")
     if task not in TASKS or not length.isdigit():
@@ -70,18 +85,57 @@ def main() -> None:
     spec = recall.make_task(task, int(length), preset)
     held_out = RecallDataset(spec, preset.n_eval, recall.EVAL_SEED)
     per = "per layer, head" if args.per_head else "per layer"
+    columns = ["seed", "accuracy %", "with hard routing %", f"routing hits % ({per})"]
+    if args.teacher:
+        columns += [f"teacher hits %, {r} ({per})" for r in TEACHERS]
     print(f"{task} at {int(length):,} tokens")
-    print(f"| seed | accuracy % | with hard routing % | routing hits % ({per}) |")
-    print("|---|---|---|---|")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    rows = []
     for seed_dir in sorted(args.kind_dir.glob("seed*")):
         trained, hard = load(seed_dir), load(seed_dir, hard=True)
-        acc = recall_scoring.accuracy(trained, held_out, task, 16)["accuracy"]
-        acc_hard = recall_scoring.accuracy(hard, held_out, task, 16)["accuracy"]
-        hits = recall_scoring.routing_hits(trained, held_out, 16, per_head=args.per_head)
-        per_layer = ", ".join("n/a" if v is None else f"{v:.1f}" for v in hits.values()) or "–"
-        print(f"| {seed_dir.name} | {acc:.1f} | {acc_hard:.1f} | {per_layer} |")
+        scores: dict[str, object] = {
+            "seed": seed_dir.name,
+            "accuracy": recall_scoring.accuracy(trained, held_out, task, 16)["accuracy"],
+            "accuracy_hard_routing": recall_scoring.accuracy(hard, held_out, task, 16)["accuracy"],
+            "routing_hits": recall_scoring.routing_hits(
+                trained, held_out, 16, per_head=args.per_head
+            ),
+        }
+        if args.teacher:
+            for r in TEACHERS:
+                scores[f"teacher_hits_{r}"] = recall_scoring.teacher_hits(
+                    trained, held_out, 16, reduce=r, per_head=args.per_head
+                )
+        rows.append(scores)
+        cells = [
+            seed_dir.name,
+            f"{scores['accuracy']:.1f}",
+            f"{scores['accuracy_hard_routing']:.1f}",
+        ]
+        for key in ("routing_hits", *(f"teacher_hits_{r}" for r in TEACHERS if args.teacher)):
+            values = scores[key]
+            assert isinstance(values, dict)
+            cells.append(
+                ", ".join("n/a" if v is None else f"{v:.1f}" for v in values.values()) or "–"
+            )
+        print("| " + " | ".join(cells) + " |")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "kind_dir": str(args.kind_dir),
+                    "rows": rows,
+                    "machine": machine_info(),
+                    "provenance": provenance(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    begin_invocation(sys.argv[1:], program=("python", sys.argv[0]))
     main()

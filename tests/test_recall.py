@@ -22,9 +22,11 @@ from sparse_sinkhorn.experiments.recall import (
     CONTROL_KINDS,
     CONTROLS,
     DEFAULT_KINDS,
+    EVAL_SEED,
     HARD,
     RECALL_KINDS,
     attention_config,
+    make_task,
 )
 from sparse_sinkhorn.experiments.recall_controls import ORACLE_LOGIT, install_oracle_routing
 from sparse_sinkhorn.experiments.recall_scoring import accuracy, hard_twin, routing_hits
@@ -693,3 +695,83 @@ def test_init_from_refuses_what_it_cannot_start_from(
         recall_init, "read_config", lambda _: {"step": 1, "train_config": {"steps": 2}}
     )
     assert_one_line_error(routed, capsys, "has not finished (step 1 of 2)")
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_teacher_hits_is_a_loop_over_questions_heads_and_queries(reduce: str) -> None:
+    """`teacher_hits` against a plain loop: for each question and head, the dense attention
+    of every query of the question's block, summed per key block, maxed or meaned over the
+    queries; a hit when its largest block holds the answer."""
+    from sparse_sinkhorn.data.recall import KeyedLookup
+    from sparse_sinkhorn.experiments.recall_scoring import teacher_hits
+    from sparse_sinkhorn.models import Classifier, ClassifierConfig
+    from sparse_sinkhorn.nn import AttentionConfig
+    from sparse_sinkhorn.ops.blocks import num_blocks
+
+    torch.manual_seed(0)
+    task = KeyedLookup(length=96, reserved=16)
+    att = AttentionConfig(kind="sinkhorn", block_size=16, max_len=96)
+    model = Classifier(ClassifierConfig(vocab_size=task.vocab_size, d_model=16, n_heads=2,
+                                        n_layers=2, d_ff=32, attention=att, n_classes=16,
+                                        pooling="first")).eval()  # fmt: skip
+    data = RecallDataset(task, 12, seed=3)
+    got = teacher_hits(model, data, 5, reduce=reduce, per_head=True)
+    inputs: dict[int, Tensor] = {}
+    layers = model.encoder.layers.attentions()
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda _m, a, i=i: inputs.__setitem__(i, a[0]))
+    hits = torch.zeros(2, 2)
+    ids = torch.stack([data[j][0] for j in range(len(data))])
+    targets = torch.stack([data[j][1] for j in range(len(data))])
+    with torch.no_grad():
+        model(ids)
+        for i, layer in enumerate(layers):
+            q, k, _ = layer.qkv(inputs[i]).chunk(3, dim=-1)
+            for b in range(len(data)):
+                needle = int(((ids[b] - task.needle0) // task.n_values == ids[b, 0] - task.KEY0)
+                             .logical_and(ids[b] >= task.needle0).nonzero()[0])  # fmt: skip
+                assert targets[b, 0] >= 0
+                for h in range(2):
+                    qh, kh = q[b, :, 8 * h : 8 * h + 8], k[b, :, 8 * h : 8 * h + 8]
+                    rows = []
+                    for t in range(16):  # block 0: the question's
+                        w = torch.softmax(qh[t] @ kh.T / 8**0.5, 0)
+                        rows.append(torch.stack([w[16 * j : 16 * j + 16].sum() for j in range(6)]))
+                    mass = torch.stack(rows)
+                    row = mass.amax(0) if reduce == "max" else mass.mean(0)
+                    hits[i, h] += float(int(row.argmax()) in (needle // 16, (needle + 1) // 16))
+    assert num_blocks(96, 16) == 6
+    for i in range(2):
+        for h in range(2):
+            assert got[f"teacher_hit_layer{i}_head{h}"] == pytest.approx(100 * hits[i, h] / 12)
+
+
+def test_recall_checkpoints_example_writes_the_teacher_hits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--teacher --json``: each seed's teacher hits (max and mean) are `teacher_hits` of
+    its checkpoint, written with the command and commit."""
+    from sparse_sinkhorn.experiments.recall_scoring import teacher_hits
+
+    out = tmp_path / "recall"
+    code, err = run_cli(_lookup_argv(out, "--attention", "softmax-max-distill-max"), capsys)
+    assert code == 0, err
+    kind_dir = out / "lookup-128" / "softmax-max-distill-max"
+    script = Path(__file__).parents[1] / "examples" / "recall_checkpoints.py"
+    file = tmp_path / "teacher.json"
+    argv = [str(script), str(kind_dir), "--teacher", "--json", str(file)]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    assert "teacher hits %, max (per layer)" in capsys.readouterr().out
+    written = json.loads(file.read_text())
+    assert written["provenance"]["command"].endswith(f"--teacher --json {file}")
+    (row,) = written["rows"]
+    model = runpy.run_path(str(script))["load"](kind_dir / "seed0")
+    payload = json.loads((out / "results.json").read_text())
+    from sparse_sinkhorn.experiments.presets import RecallPreset
+
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["settings"].items()}
+    preset = RecallPreset(**settings)
+    held_out = RecallDataset(make_task("lookup", 128, preset), preset.n_eval, EVAL_SEED)
+    for reduce in ("max", "mean"):
+        assert row[f"teacher_hits_{reduce}"] == teacher_hits(model, held_out, 16, reduce=reduce)

@@ -22,10 +22,11 @@ _INVOCATION: dict[str, Any] = {"argv": None, "started": time.monotonic(), "git":
 _GIT_LOCATION = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR")
 
 
-def begin_invocation(argv: Sequence[str]) -> None:
-    """Note the ``sparse-sinkhorn`` arguments, the start time and the source tree's git state
-    (the code this invocation imported: a commit made while a long grid trains is not it)."""
-    _INVOCATION.update(argv=["sparse-sinkhorn", *argv], started=time.monotonic(), git=None)
+def begin_invocation(argv: Sequence[str], program: Sequence[str] = ("sparse-sinkhorn",)) -> None:
+    """Note the arguments of ``program`` (the CLI; a script: ``("python", path)``), the start
+    time and the source tree's git state (the code this invocation imported: a commit made
+    while a long grid trains is not it)."""
+    _INVOCATION.update(argv=[*program, *argv], started=time.monotonic(), git=None)
     _INVOCATION["git"] = _git_state()
 
 

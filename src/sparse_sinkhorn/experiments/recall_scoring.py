@@ -20,7 +20,7 @@ from ..models import (
     build_model,
 )
 from ..nn import SinkhornSelfAttention
-from ..ops import sinkhorn_plan, topk_block_selection
+from ..ops import block_attention_mass, sinkhorn_plan, topk_block_selection
 from .recall_tasks import TASKS, answer_sources
 
 
@@ -68,6 +68,53 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
 
 
 @torch.no_grad()
+def _questions(
+    model: LanguageModel | Classifier, data: RecallDataset, batch_size: int
+) -> Iterator[tuple[dict[int, Tensor], Tensor, Tensor, Tensor, Tensor]]:
+    """Per batch of held-out questions whose needle lies in another block than the question
+    (in a decoder: an earlier one, with at least two earlier blocks to choose from): every
+    attention layer's input ``{i: (B, L, D)}`` and, per question, its batch row, position,
+    block and the answer's blocks ``(Q, 2)`` (`recall_tasks.answer_sources`: the needle's
+    first token's and the next token's)."""
+    causal = isinstance(model, LanguageModel)
+    every = _stack(model).attentions()
+    inputs: dict[int, Tensor] = {}
+
+    def keep(i: int) -> Any:
+        return lambda _module, args: inputs.__setitem__(i, args[0])
+
+    hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(every)]
+    w = every[0].config.block_size
+    try:
+        for ids, targets in batches(data, batch_size):
+            forward(model, ids)
+            row, pos, source = answer_sources(data.task, ids, targets)
+            asked = pos // w  # the question's block
+            earlier = (source // w < asked) & (asked >= 2)  # an earlier block, among >= 2
+            ok = earlier if causal else source // w != asked  # encoder: another block
+            goal = torch.stack([source[ok] // w, (source[ok] + 1) // w], -1)  # (Q, 2)
+            yield dict(inputs), row[ok], pos[ok], asked[ok], goal
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _stack(model: LanguageModel | Classifier) -> Any:
+    return model.encoder.layers if isinstance(model, Classifier) else model.decoder.layers
+
+
+def _shares(hits: Tensor, total: int, prefix: str, per_head: bool) -> dict[str, float | None]:
+    """``hits`` ``(layers, H)`` counts over ``total`` questions as % per layer (or head)."""
+    share = 100.0 * hits / max(total, 1)  # (layers, H): % of questions per head
+    if per_head:
+        return {
+            f"{prefix}{i}_head{h}": float(share[i, h]) if total else None
+            for i in range(share.shape[0])
+            for h in range(share.shape[1])
+        }
+    return {f"{prefix}{i}": float(share[i].mean()) if total else None for i in range(len(share))}
+
+
 def routing_hits(
     model: LanguageModel | Classifier,
     data: RecallDataset,
@@ -86,8 +133,7 @@ def routing_hits(
     decoder, are questions with fewer than two earlier blocks to choose from, where any
     routing would score 100 %. ``per_head``: ``routing_hit_layer{i}_head{h}`` instead.
     Empty for kinds without routing; None (n/a) when no question qualifies."""
-    causal = isinstance(model, LanguageModel)
-    stack = model.encoder.layers if isinstance(model, Classifier) else model.decoder.layers
+    stack = _stack(model)
     every = stack.attentions()
     # (the layer reported, the layer whose routing it uses: `Routing.source`)
     chosen = [
@@ -97,43 +143,46 @@ def routing_hits(
     ]
     if not chosen:
         return {}
-    layers = [every[i] for i, _ in chosen]
-    inputs: dict[int, Tensor] = {}
+    hits, total = torch.zeros(len(chosen), every[0].n_heads, dtype=torch.float64), 0
+    for inputs, row, pos, asked, goal in _questions(model, data, batch_size):
+        for i, (_, by) in enumerate(chosen):
+            picked = _routed_blocks(every[by], inputs[by], row, pos, asked)  # (Q, H, k)
+            hit = (picked[..., None] == goal[:, None, None, :]).any(-1).any(-1)  # (Q, H)
+            hits[i] += hit.sum(0)
+        total += len(row)
+    return _shares(hits, total, "routing_hit_layer", per_head)
 
-    def keep(i: int) -> Any:
-        return lambda _module, args: inputs.__setitem__(i, args[0])
 
-    hooks = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(every)]
-    w = layers[0].config.block_size
-    hits, total = torch.zeros(len(layers), layers[0].n_heads, dtype=torch.float64), 0
-    try:
-        for ids, targets in batches(data, batch_size):
-            forward(model, ids)
-            row, pos, source = answer_sources(data.task, ids, targets)
-            asked = pos // w  # the question's block
-            earlier = (source // w < asked) & (asked >= 2)  # an earlier block, among >= 2
-            ok = earlier if causal else source // w != asked  # encoder: another block
-            row, pos, asked = row[ok], pos[ok], asked[ok]
-            goal = torch.stack([source[ok] // w, (source[ok] + 1) // w], -1)  # (Q, 2)
-            for i, (_, by) in enumerate(chosen):
-                picked = _routed_blocks(every[by], inputs[by], row, pos, asked)  # (Q, H, k)
-                hit = (picked[..., None] == goal[:, None, None, :]).any(-1).any(-1)  # (Q, H)
-                hits[i] += hit.sum(0)
-            total += int(ok.sum())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    share = 100.0 * hits / max(total, 1)  # (layers, H): % of questions per head
-    if per_head:
-        return {
-            f"routing_hit_layer{i}_head{h}": float(share[i, h]) if total else None
-            for i in range(len(layers))
-            for h in range(share.shape[1])
-        }
-    return {
-        f"routing_hit_layer{i}": float(share[i].mean()) if total else None
-        for i in range(len(layers))
-    }
+def teacher_hits(
+    model: LanguageModel | Classifier,
+    data: RecallDataset,
+    batch_size: int,
+    *,
+    reduce: str = "max",
+    per_head: bool = False,
+) -> dict[str, float | None]:
+    """How often each layer's own dense attention, the routing distillation's teacher
+    (`ops.block_attention_mass` with ``reduce``, over the blocks a routing row may take:
+    strictly earlier ones in a decoder), puts its largest block mass for a question's block
+    on the answer's block: ``teacher_hit_layer{i}``, % of (question, head) pairs, questions
+    as `routing_hits`. It says whether distilling the routing from the layer's attention
+    could teach it the answer's block; every attention layer, routed or not."""
+    every = _stack(model).attentions()
+    hits, total = torch.zeros(len(every), every[0].n_heads, dtype=torch.float64), 0
+    for inputs, row, _, asked, goal in _questions(model, data, batch_size):
+        for i, layer in enumerate(every):
+            x = inputs[i]
+            e = layer.d_model // layer.n_heads
+            parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, e)
+            q, k = parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)  # (B, H, L, E)
+            w = layer.config.block_size
+            mass = block_attention_mass(q, k, block_size=w, is_causal=layer.causal, reduce=reduce)
+            if layer.causal:  # a causal routing row takes strictly earlier blocks only
+                mass = mass * torch.ones_like(mass[0, 0], dtype=torch.bool).tril(-1)
+            top = mass[row, :, asked].argmax(-1)  # (Q, H)
+            hits[i] += (top[..., None] == goal[:, None, :]).any(-1).sum(0)
+        total += len(row)
+    return _shares(hits, total, "teacher_hit_layer", per_head)
 
 
 def _routed_blocks(

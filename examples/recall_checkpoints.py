@@ -38,17 +38,20 @@ from sparse_sinkhorn.experiments.presets import RecallPreset
 from sparse_sinkhorn.experiments.provenance import begin_invocation, provenance
 from sparse_sinkhorn.experiments.recall_tasks import TASKS
 from sparse_sinkhorn.experiments.results import machine_info
-from sparse_sinkhorn.models import build_model, config_from_dict
+from sparse_sinkhorn.models import Classifier, LanguageModel, build_model, config_from_dict
 from sparse_sinkhorn.ops.plan import TEACHERS
 from sparse_sinkhorn.train import load_model_weights, read_config, resolve_checkpoint
 
 
-def load(seed_dir: Path, hard: bool | None = None) -> nn.Module:
+def load(seed_dir: Path, hard: bool | None = None) -> nn.Module | None:
     """The seed's latest verified checkpoint (a `LanguageModel`, or the lookup's `Classifier`);
-    ``hard``: its routing set hard or soft (None: as trained)."""
+    ``hard``: its routing set hard or soft (None: as trained; a kind without block routing
+    has none to set: None)."""
     ckpt = resolve_checkpoint(seed_dir)
     config = config_from_dict(read_config(ckpt / "config.json")["model_config"])
     if hard is not None:
+        if not config.attention.uses_sorting:
+            return None
         config = replace(config, attention=replace(config.attention, hard=hard))
     model = build_model(config)
     load_model_weights(ckpt, model)
@@ -94,10 +97,13 @@ def main() -> None:
     rows = []
     for seed_dir in sorted(args.kind_dir.glob("seed*")):
         trained, hard = load(seed_dir), load(seed_dir, hard=True)
+        assert isinstance(trained, (LanguageModel, Classifier))
         scores: dict[str, object] = {
             "seed": seed_dir.name,
             "accuracy": recall_scoring.accuracy(trained, held_out, task, 16)["accuracy"],
-            "accuracy_hard_routing": recall_scoring.accuracy(hard, held_out, task, 16)["accuracy"],
+            "accuracy_hard_routing": None
+            if hard is None
+            else recall_scoring.accuracy(hard, held_out, task, 16)["accuracy"],
             "routing_hits": recall_scoring.routing_hits(
                 trained, held_out, 16, per_head=args.per_head
             ),
@@ -111,7 +117,7 @@ def main() -> None:
         cells = [
             seed_dir.name,
             f"{scores['accuracy']:.1f}",
-            f"{scores['accuracy_hard_routing']:.1f}",
+            "–" if hard is None else f"{scores['accuracy_hard_routing']:.1f}",
         ]
         for key in ("routing_hits", *(f"teacher_hits_{r}" for r in TEACHERS if args.teacher)):
             values = scores[key]

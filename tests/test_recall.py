@@ -754,7 +754,8 @@ def test_recall_checkpoints_example_writes_the_teacher_hits(
     from sparse_sinkhorn.experiments.recall_scoring import teacher_hits
 
     out = tmp_path / "recall"
-    code, err = run_cli(_lookup_argv(out, "--attention", "softmax-max-distill-max"), capsys)
+    argv = _lookup_argv(out, "--attention", "softmax-max-distill-max,dense")
+    code, err = run_cli(argv, capsys)
     assert code == 0, err
     kind_dir = out / "lookup-128" / "softmax-max-distill-max"
     script = Path(__file__).parents[1] / "examples" / "recall_checkpoints.py"
@@ -775,3 +776,9 @@ def test_recall_checkpoints_example_writes_the_teacher_hits(
     held_out = RecallDataset(make_task("lookup", 128, preset), preset.n_eval, EVAL_SEED)
     for reduce in ("max", "mean"):
         assert row[f"teacher_hits_{reduce}"] == teacher_hits(model, held_out, 16, reduce=reduce)
+    # dense attention: no routing to set hard, no routing hits; its teacher hits all the same
+    dense = [str(script), str(out / "lookup-128" / "dense"), "--teacher"]
+    monkeypatch.setattr("sys.argv", dense)
+    runpy.run_path(str(script), run_name="__main__")
+    cells = [c.strip() for c in capsys.readouterr().out.strip().splitlines()[-1].split("|")]
+    assert cells[1] == "seed0" and cells[3:5] == ["–", "–"] and len(cells[5].split(",")) == 2

@@ -104,6 +104,36 @@ def test_table_figures_are_the_result_files(page: Path) -> None:
             _check_row(header, row)
 
 
+TEACHER = "teacher hits % ({})"  # a teacher-hits table's columns, "max" and "mean"
+
+
+def test_teacher_hits_tables_are_their_files() -> None:
+    """A table with ``teacher hits % (max)`` and ``file`` columns: each row's first-layer
+    teacher hits, mean ± std over the file's seeds, and each seed's (``max per seed``,
+    ``mean per seed``), are those of the ``examples/recall_checkpoints.py --json`` file."""
+    found = 0
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            header = _cells(line)
+            if TEACHER.format("max") not in header or "file" not in header:
+                continue
+            j = i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                cell = dict(zip(header, _cells(lines[j]), strict=True))
+                rows = json.loads(_file(cell["file"]).read_text())["rows"]
+                for reduce in ("max", "mean"):
+                    hits = [r[f"teacher_hits_{reduce}"]["teacher_hit_layer0"] for r in rows]
+                    mean = sum(hits) / len(hits)
+                    std = (sum((h - mean) ** 2 for h in hits) / (len(hits) - 1)) ** 0.5
+                    assert cell[TEACHER.format(reduce)] == _mean(mean, std), (page, cell)
+                    per_seed = ", ".join(f"{h:.1f}" for h in hits)
+                    assert cell[f"{reduce} per seed"] == per_seed, (page, cell)
+                found += 1
+                j += 1
+    assert found
+
+
 def test_the_sorting_table_and_the_readme_row_are_the_make_run_file() -> None:
     """docs/experiments/sorting.md's table and the README's T1 row (paper Table 1) are
     ``docs/results/sort/make-run.json``: exact match and edit distance, mean ± std."""

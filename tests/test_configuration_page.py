@@ -15,7 +15,7 @@ PYTHON_BLOCKS = blocks(PAGE, ("python",))
 
 
 def test_the_page_has_a_snippet_per_configuration() -> None:
-    assert len(PYTHON_BLOCKS) == 7
+    assert len(PYTHON_BLOCKS) == 8
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -55,5 +55,8 @@ def test_snippet_runs_and_prints_what_it_says(
             "sum",
             "linear",
         )
+    if "routing_teacher" in block.code:  # the distillation trains the routed model's sort nets
+        grads = [p.grad for n, p in ns["routed"].named_parameters() if ".sort_net." in n]
+        assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
     if "hard=True" in block.code:
         assert ns["serving"].config.attention.hard and not ns["model"].config.attention.hard

@@ -36,6 +36,7 @@ from sparse_sinkhorn.data.recall import RecallDataset
 from sparse_sinkhorn.experiments import recall, recall_scoring
 from sparse_sinkhorn.experiments.presets import RecallPreset
 from sparse_sinkhorn.experiments.provenance import begin_invocation, provenance
+from sparse_sinkhorn.experiments.recall_controls import CONTROLS
 from sparse_sinkhorn.experiments.recall_tasks import TASKS
 from sparse_sinkhorn.experiments.results import machine_info
 from sparse_sinkhorn.models import Classifier, LanguageModel, build_model, config_from_dict
@@ -97,6 +98,10 @@ def main() -> None:
     rows = []
     for seed_dir in sorted(args.kind_dir.glob("seed*")):
         trained, hard = load(seed_dir), load(seed_dir, hard=True)
+        if args.kind_dir.name in CONTROLS:  # a control's routing, as the run scored it
+            for model in (trained, hard):
+                if isinstance(model, (LanguageModel, Classifier)):
+                    CONTROLS[args.kind_dir.name](model, spec)
         assert isinstance(trained, (LanguageModel, Classifier))
         scores: dict[str, object] = {
             "seed": seed_dir.name,

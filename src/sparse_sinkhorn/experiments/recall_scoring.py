@@ -67,15 +67,14 @@ def accuracy(model: nn.Module, data: RecallDataset, task: str, batch_size: int) 
     return {"accuracy": 100.0 * right / total}
 
 
-@torch.no_grad()
 def _questions(
     model: LanguageModel | Classifier, data: RecallDataset, batch_size: int
-) -> Iterator[tuple[dict[int, Tensor], Tensor, Tensor, Tensor, Tensor]]:
+) -> Iterator[tuple[dict[int, Tensor], Tensor | None, Tensor, Tensor, Tensor, Tensor]]:
     """Per batch of held-out questions whose needle lies in another block than the question
     (in a decoder: an earlier one, with at least two earlier blocks to choose from): every
-    attention layer's input ``{i: (B, L, D)}`` and, per question, its batch row, position,
-    block and the answer's blocks ``(Q, 2)`` (`recall_tasks.answer_sources`: the needle's
-    first token's and the next token's)."""
+    attention layer's input ``{i: (B, L, D)}``, the key padding mask (None: no padding)
+    and, per question, its batch row, position, block and the answer's blocks ``(Q, 2)``
+    (`recall_tasks.answer_sources`: the needle's first token's and the next token's)."""
     causal = isinstance(model, LanguageModel)
     every = _stack(model).attentions()
     inputs: dict[int, Tensor] = {}
@@ -93,7 +92,9 @@ def _questions(
             earlier = (source // w < asked) & (asked >= 2)  # an earlier block, among >= 2
             ok = earlier if causal else source // w != asked  # encoder: another block
             goal = torch.stack([source[ok] // w, (source[ok] + 1) // w], -1)  # (Q, 2)
-            yield dict(inputs), row[ok], pos[ok], asked[ok], goal
+            real = ids != PAD
+            mask = None if bool(real.all()) else real  # as `forward` passes it
+            yield dict(inputs), mask, row[ok], pos[ok], asked[ok], goal
     finally:
         for hook in hooks:
             hook.remove()
@@ -115,6 +116,7 @@ def _shares(hits: Tensor, total: int, prefix: str, per_head: bool) -> dict[str, 
     return {f"{prefix}{i}": float(share[i].mean()) if total else None for i in range(len(share))}
 
 
+@torch.no_grad()
 def routing_hits(
     model: LanguageModel | Classifier,
     data: RecallDataset,
@@ -144,7 +146,7 @@ def routing_hits(
     if not chosen:
         return {}
     hits, total = torch.zeros(len(chosen), every[0].n_heads, dtype=torch.float64), 0
-    for inputs, row, pos, asked, goal in _questions(model, data, batch_size):
+    for inputs, _, row, pos, asked, goal in _questions(model, data, batch_size):
         for i, (_, by) in enumerate(chosen):
             picked = _routed_blocks(every[by], inputs[by], row, pos, asked)  # (Q, H, k)
             hit = (picked[..., None] == goal[:, None, None, :]).any(-1).any(-1)  # (Q, H)
@@ -153,6 +155,7 @@ def routing_hits(
     return _shares(hits, total, "routing_hit_layer", per_head)
 
 
+@torch.no_grad()
 def teacher_hits(
     model: LanguageModel | Classifier,
     data: RecallDataset,
@@ -169,14 +172,16 @@ def teacher_hits(
     could teach it the answer's block; every attention layer, routed or not."""
     every = _stack(model).attentions()
     hits, total = torch.zeros(len(every), every[0].n_heads, dtype=torch.float64), 0
-    for inputs, row, _, asked, goal in _questions(model, data, batch_size):
+    for inputs, mask, row, _, asked, goal in _questions(model, data, batch_size):
         for i, layer in enumerate(every):
             x = inputs[i]
             e = layer.d_model // layer.n_heads
             parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, e)
             q, k = parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)  # (B, H, L, E)
             w = layer.config.block_size
-            mass = block_attention_mass(q, k, block_size=w, is_causal=layer.causal, reduce=reduce)
+            mass = block_attention_mass(
+                q, k, block_size=w, is_causal=layer.causal, key_padding_mask=mask, reduce=reduce
+            )
             if layer.causal:  # a causal routing row takes strictly earlier blocks only
                 mass = mass * torch.ones_like(mass[0, 0], dtype=torch.bool).tril(-1)
             top = mass[row, :, asked].argmax(-1)  # (Q, H)

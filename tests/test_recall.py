@@ -754,7 +754,7 @@ def test_recall_checkpoints_example_writes_the_teacher_hits(
     from sparse_sinkhorn.experiments.recall_scoring import teacher_hits
 
     out = tmp_path / "recall"
-    argv = _lookup_argv(out, "--attention", "softmax-max-distill-max,dense")
+    argv = _lookup_argv(out, "--attention", "softmax-max-distill-max,dense,oracle-hard")
     code, err = run_cli(argv, capsys)
     assert code == 0, err
     kind_dir = out / "lookup-128" / "softmax-max-distill-max"
@@ -782,3 +782,12 @@ def test_recall_checkpoints_example_writes_the_teacher_hits(
     runpy.run_path(str(script), run_name="__main__")
     cells = [c.strip() for c in capsys.readouterr().out.strip().splitlines()[-1].split("|")]
     assert cells[1] == "seed0" and cells[3:5] == ["–", "–"] and len(cells[5].split(",")) == 2
+    # a control is scored with its control installed: the accuracy its run recorded
+    oracle = [str(script), str(out / "lookup-128" / "oracle-hard")]
+    monkeypatch.setattr("sys.argv", oracle)
+    runpy.run_path(str(script), run_name="__main__")
+    cells = [c.strip() for c in capsys.readouterr().out.strip().splitlines()[-1].split("|")]
+    recorded = next(r for r in payload["results"] if r["kind"] == "oracle-hard")["eval"]
+    assert float(cells[2]) == pytest.approx(recorded["accuracy"], abs=0.05)
+    hits = [float(x) for x in cells[4].split(",")]
+    assert hits[0] == pytest.approx(recorded["routing_hit_layer0"], abs=0.05)

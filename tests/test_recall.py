@@ -791,3 +791,55 @@ def test_recall_checkpoints_example_writes_the_teacher_hits(
     assert float(cells[2]) == pytest.approx(recorded["accuracy"], abs=0.05)
     hits = [float(x) for x in cells[4].split(",")]
     assert hits[0] == pytest.approx(recorded["routing_hit_layer0"], abs=0.05)
+
+
+def test_teacher_hits_of_a_decoder_reads_strictly_earlier_blocks() -> None:
+    """In a decoder, `teacher_hits` is the loop over questions and heads of the causal dense
+    attention of the question block's queries (keys up to each query), summed per key block
+    and maxed over the queries, its largest block among the strictly earlier ones; questions
+    with fewer than two earlier blocks, or whose needle is in their own block, left out."""
+    from sparse_sinkhorn.data.recall import KeyedNeedles
+    from sparse_sinkhorn.experiments.recall_scoring import teacher_hits
+    from sparse_sinkhorn.experiments.recall_tasks import answer_sources
+    from sparse_sinkhorn.nn import AttentionConfig
+
+    torch.manual_seed(0)
+    task = KeyedNeedles(length=96, query_window=32)
+    att = AttentionConfig(kind="sinkhorn", block_size=16, max_len=96)
+    config = LanguageModelConfig(
+        vocab_size=task.vocab_size, d_model=16, n_heads=2, n_layers=2, d_ff=32, attention=att
+    )
+    model = LanguageModel(config).eval()
+    data = RecallDataset(task, 16, seed=5)
+    got = teacher_hits(model, data, 6, per_head=True)
+    inputs: dict[int, Tensor] = {}
+    layers = model.decoder.layers.attentions()
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda _m, a, i=i: inputs.__setitem__(i, a[0]))
+    ids = torch.stack([data[j][0] for j in range(len(data))])
+    targets = torch.stack([data[j][1] for j in range(len(data))])
+    rows, positions, sources = answer_sources(task, ids, targets)
+    hits, total = torch.zeros(2, 2), 0
+    with torch.no_grad():
+        model(ids)
+        for b, t, src in zip(rows.tolist(), positions.tolist(), sources.tolist(), strict=True):
+            a = t // 16
+            if not (src // 16 < a and a >= 2):
+                continue
+            total += 1
+            for i, layer in enumerate(layers):
+                q, k, _ = layer.qkv(inputs[i][b]).chunk(3, dim=-1)
+                for h in range(2):
+                    qh, kh = q[:, 8 * h : 8 * h + 8], k[:, 8 * h : 8 * h + 8]
+                    best = torch.zeros(6)
+                    for u in range(16 * a, min(16 * a + 16, 96)):
+                        w = torch.softmax(qh[u] @ kh[: u + 1].T / 8**0.5, 0)
+                        mass = torch.stack([w[16 * j : 16 * j + 16].sum() for j in range(6)])
+                        best = torch.maximum(best, mass)
+                    top = int(best[:a].argmax())  # strictly earlier blocks only
+                    hits[i, h] += float(top in (src // 16, (src + 1) // 16))
+    assert total > 0
+    for i in range(2):
+        for h in range(2):
+            want = 100 * float(hits[i, h]) / total
+            assert got[f"teacher_hit_layer{i}_head{h}"] == pytest.approx(want)

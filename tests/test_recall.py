@@ -810,10 +810,15 @@ def test_teacher_hits_of_a_decoder_reads_strictly_earlier_blocks() -> None:
         vocab_size=task.vocab_size, d_model=16, n_heads=2, n_layers=2, d_ff=32, attention=att
     )
     model = LanguageModel(config).eval()
+    layers = model.decoder.layers.attentions()
+    with torch.no_grad():  # queries = 3 x keys: each query reads itself most, in its own block
+        for layer in layers:
+            layer.qkv.weight[:16] = 3 * layer.qkv.weight[16:32]
+            if layer.qkv.bias is not None:
+                layer.qkv.bias[:16] = 3 * layer.qkv.bias[16:32]
     data = RecallDataset(task, 16, seed=5)
     got = teacher_hits(model, data, 6, per_head=True)
     inputs: dict[int, Tensor] = {}
-    layers = model.decoder.layers.attentions()
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(lambda _m, a, i=i: inputs.__setitem__(i, a[0]))
     ids = torch.stack([data[j][0] for j in range(len(data))])

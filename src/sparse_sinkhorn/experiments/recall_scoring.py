@@ -174,10 +174,7 @@ def teacher_hits(
     hits, total = torch.zeros(len(every), every[0].n_heads, dtype=torch.float64), 0
     for inputs, mask, row, _, asked, goal in _questions(model, data, batch_size):
         for i, layer in enumerate(every):
-            x = inputs[i]
-            e = layer.d_model // layer.n_heads
-            parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, e)
-            q, k = parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)  # (B, H, L, E)
+            q, k = _queries_keys(layer, inputs[i])
             w = layer.config.block_size
             mass = block_attention_mass(
                 q, k, block_size=w, is_causal=layer.causal, key_padding_mask=mask, reduce=reduce
@@ -190,6 +187,12 @@ def teacher_hits(
     return _shares(hits, total, "teacher_hit_layer", per_head)
 
 
+def _queries_keys(layer: SinkhornSelfAttention, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``layer``'s queries and keys ``(B, H, L, E)`` of its input ``x`` ``(B, L, D)``."""
+    parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, layer.d_model // layer.n_heads)
+    return parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)
+
+
 def _routed_blocks(
     layer: SinkhornSelfAttention, x: Tensor, row: Tensor, pos: Tensor, block: Tensor
 ) -> Tensor:
@@ -198,8 +201,7 @@ def _routed_blocks(
     (``k = 1``), without attending again; a ``topk`` gate's picks at the position."""
     cfg = layer.config
     if cfg.kind == "topk":
-        parts = layer.qkv(x).view(*x.shape[:2], -1, layer.n_heads, layer.d_model // layer.n_heads)
-        q, k = parts[:, :, 0].transpose(1, 2), parts[:, :, 1].transpose(1, 2)  # (B, H, L, E)
+        q, k = _queries_keys(layer, x)
         picks = topk_block_selection(
             q, k, block_size=cfg.block_size, top_k=cfg.top_k, is_causal=layer.causal, gate=cfg.gate
         )

@@ -137,6 +137,19 @@ def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from err
 
 
+def _shape_mismatches(
+    stored: dict[str, tuple[int, ...]], model: nn.Module, label: str
+) -> list[str]:
+    """``"name: <label> X, stored Y"`` for every stored weight ``model`` has in another shape
+    (or not at all: ``None``)."""
+    expected = {k: tuple(v.shape) for k, v in unwrap_model(model).state_dict().items()}
+    return [
+        f"{k}: {label} {expected.get(k)}, stored {shape}"
+        for k, shape in stored.items()
+        if expected.get(k) != shape
+    ]
+
+
 def check_shapes_match(ckpt: Path, factory: Callable[[], nn.Module]) -> None:
     """Build ``factory()`` on the meta device (no memory) and compare its weight shapes with
     the ones stored in ``ckpt``; a config whose sizes disagree is a
@@ -147,13 +160,7 @@ def check_shapes_match(ckpt: Path, factory: Callable[[], nn.Module]) -> None:
             meta = factory()
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: unusable model config ({err})") from err
-    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    stored = stored_shapes(ckpt)
-    bad = [
-        f"{k}: config gives {expected.get(k)}, stored {shape}"
-        for k, shape in stored.items()
-        if expected.get(k) != shape
-    ]
+    bad = _shape_mismatches(stored_shapes(ckpt), meta, "config gives")
     if bad:
         raise CheckpointError(
             f"{ckpt}: config.json does not match the stored weights ({'; '.join(bad[:3])}"
@@ -281,16 +288,12 @@ def warm_start(path: str | Path, model: nn.Module) -> list[str]:
     model has no place for, or of another shape, raises
     [`CheckpointError`][sparse_sinkhorn.train.CheckpointError] before any weight is loaded."""
     ckpt = resolve_checkpoint(path)
-    own = {k: tuple(v.shape) for k, v in unwrap_model(model).state_dict().items()}
-    stored = stored_shapes(ckpt)
-    unexpected = sorted(k for k in stored if k not in own)
-    if unexpected:
+    bad = _shape_mismatches(stored_shapes(ckpt), model, "model has")
+    if bad:
         raise CheckpointError(
-            f"{ckpt / MODEL_FILE} holds weights this model has no place for: {unexpected}"
+            f"{ckpt / MODEL_FILE}: weights of another shape, or that this model has no place "
+            f"for (None): {'; '.join(bad)}"
         )
-    shapes = [f"{k} {stored[k]} vs {own[k]}" for k in sorted(stored) if stored[k] != own[k]]
-    if shapes:
-        raise CheckpointError(f"{ckpt / MODEL_FILE}: weights of another shape: {shapes}")
     missing, _ = _load_into(ckpt, model)
     return sorted(missing)
 
